@@ -1,0 +1,62 @@
+"""Typed dependencies: the process's services and the authenticated caller."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+import asyncpg
+from fastapi import Depends, Request
+
+from api.errors import ApiError
+from api.lead_state import LeadStateClient
+from api.tenants import Principal, PrincipalCache, find_principal
+from flexoraa.kafka import EventPublisher
+from flexoraa.settings import Settings
+from schemas.topics import TopicNames
+
+
+@dataclass
+class Services:
+    """Built once per process in the lifespan (the API's composition root)."""
+
+    settings: Settings
+    topics: TopicNames
+    pool: asyncpg.Pool
+    publisher: EventPublisher
+    lead_state: LeadStateClient
+    principals: PrincipalCache
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+_UNAUTHORIZED_HEADERS = {"WWW-Authenticate": "Bearer"}
+
+
+async def authenticate(request: Request, services: ServicesDep) -> Principal:
+    header = request.headers.get("authorization", "")
+    scheme, _, api_key = header.partition(" ")
+    if scheme.lower() != "bearer" or not api_key.strip():
+        raise ApiError(
+            401, "missing API key: send Authorization: Bearer <api key>",
+            headers=_UNAUTHORIZED_HEADERS,
+        )  # fmt: skip
+    api_key = api_key.strip()
+    principal = services.principals.get(api_key)
+    if principal is None:
+        try:
+            principal = await find_principal(services.pool, api_key)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise ApiError(503, "cannot verify the API key: database unavailable") from exc
+        if principal is None:
+            raise ApiError(401, "invalid or revoked API key", headers=_UNAUTHORIZED_HEADERS)
+        services.principals.put(api_key, principal)
+    return principal
+
+
+PrincipalDep = Annotated[Principal, Depends(authenticate)]

@@ -1,0 +1,56 @@
+"""The API's composition root: `create_app(settings)` builds every client in the lifespan."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from api import errors
+from api.deps import Services
+from api.lead_state import LeadStateClient
+from api.middleware import BodyLimitMiddleware, MetricsMiddleware
+from api.routes import events, health, leads
+from api.tenants import PrincipalCache
+from flexoraa.db import create_pool
+from flexoraa.kafka import EventPublisher
+from flexoraa.settings import Settings
+from schemas.topics import TopicNames
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        pool = await create_pool(settings)
+        publisher = EventPublisher(settings)
+        lead_state = LeadStateClient(settings.worker_url)
+        app.state.services = Services(
+            settings=settings,
+            topics=TopicNames(settings.topic_prefix),
+            pool=pool,
+            publisher=publisher,
+            lead_state=lead_state,
+            principals=PrincipalCache(settings.api_key_cache_ttl_s),
+        )
+        try:
+            yield
+        finally:
+            await publisher.close()
+            await lead_state.close()
+            await pool.close()
+
+    app = FastAPI(
+        title="Flexoraa Streams API",
+        version="0.1.0",
+        description="Leads, messages and live pipeline state. Authenticate with "
+        "`Authorization: Bearer <api key>`.",
+        lifespan=lifespan,
+    )
+    errors.install(app)
+    app.include_router(health.router)
+    app.include_router(events.router)
+    app.include_router(leads.router)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware)
+    return app

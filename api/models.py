@@ -1,0 +1,77 @@
+"""Request and response bodies of the public API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from schemas.events import MAX_TEXT_CHARS, Channel
+
+
+class InboundMessageRequest(BaseModel):
+    """A customer message from a channel connector that is not built in."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    channel: Channel
+    contact: str = Field(min_length=1, max_length=320, description="phone, e-mail or channel id")
+    text: str = Field(max_length=MAX_TEXT_CHARS)
+    occurred_at: AwareDatetime | None = Field(
+        None, description="when the customer sent it (ISO 8601 with a time zone); default now"
+    )
+    channel_message_id: str | None = Field(
+        None, min_length=1, max_length=256, description="the channel's id; repeats are ignored"
+    )
+    contact_name: str | None = Field(None, max_length=200)
+
+
+class InboundAccepted(BaseModel):
+    event_id: str
+    lead_id: str
+
+
+class WindowView(BaseModel):
+    applies: bool = Field(description="whether the channel has a 24-hour customer-service window")
+    open: bool
+    closes_at: datetime | None
+
+
+class LeadView(BaseModel):
+    lead_id: str
+    channel: str
+    contact: str
+    contact_name: str | None
+    first_message_at: datetime
+    last_customer_message_at: datetime
+    message_count: int
+    window: WindowView
+
+
+class LeadSummary(BaseModel):
+    lead_id: str
+    channel: str
+    contact: str
+    contact_name: str | None
+    first_seen_at: datetime
+    last_activity_at: datetime
+
+
+class LeadPage(BaseModel):
+    items: list[LeadSummary]
+    next_cursor: str | None
+
+
+class MessageView(BaseModel):
+    event_id: str
+    direction: str
+    channel: str
+    message_type: str
+    text: str
+    channel_message_id: str | None
+    occurred_at: datetime
+
+
+class MessagePage(BaseModel):
+    items: list[MessageView]
+    next_cursor: str | None

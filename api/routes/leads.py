@@ -1,0 +1,181 @@
+"""Leads: live state from the workers' tables, history from PostgreSQL."""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import asyncpg
+from fastapi import APIRouter, Query
+
+from api.deps import PrincipalDep, ServicesDep
+from api.errors import ApiError
+from api.lead_state import StateUnavailable
+from api.models import LeadPage, LeadSummary, LeadView, MessagePage, MessageView, WindowView
+from streams.rules.window import window_state
+
+router = APIRouter(tags=["leads"])
+
+_NOT_FOUND = "lead not found"
+LimitQuery = Annotated[int, Query(ge=1, le=200, description="items per page")]
+CursorQuery = Annotated[str | None, Query(max_length=200, description="next_cursor of a page")]
+
+
+def _parse_lead_id(lead_id: str) -> str:
+    # A malformed id is answered like an unknown one: a 404 reveals nothing either way.
+    try:
+        return str(uuid.UUID(lead_id))
+    except ValueError as exc:
+        raise ApiError(404, _NOT_FOUND) from exc
+
+
+def _from_ms(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+def _encode_cursor(*parts: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps(parts).encode()).decode()
+
+
+def _decode_cursor(cursor: str, arity: int) -> list[str]:
+    try:
+        parts = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "cursor: not a cursor returned by this API") from exc
+    if not isinstance(parts, list) or len(parts) != arity:
+        raise ApiError(400, "cursor: not a cursor returned by this API")
+    return [str(part) for part in parts]
+
+
+def _database_unavailable(exc: Exception) -> ApiError:
+    return ApiError(503, "lead history is unavailable: database unreachable, retry later")
+
+
+_DB_ERRORS = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, TimeoutError)
+
+
+@router.get("/api/leads/{lead_id}", response_model=LeadView, responses={404: {}, 503: {}})
+async def get_lead(lead_id: str, principal: PrincipalDep, services: ServicesDep) -> LeadView:
+    """A lead's live state, read from the sessions table of the worker that owns it."""
+    lead_id = _parse_lead_id(lead_id)
+    try:
+        session: dict[str, Any] | None = await services.lead_state.session(lead_id)
+    except StateUnavailable as exc:
+        raise ApiError(503, "live lead state is unavailable: no worker answered") from exc
+    if session is None or session["tenant_id"] != principal.tenant_id:
+        raise ApiError(404, _NOT_FOUND)
+    now_ms = int(datetime.now(UTC).timestamp() * 1000)
+    window = window_state(session["channel"], session["last_customer_message_ms"], now_ms)
+    return LeadView(
+        lead_id=lead_id,
+        channel=session["channel"],
+        contact=session["contact"],
+        contact_name=session["contact_name"],
+        first_message_at=_from_ms(session["first_message_ms"]),
+        last_customer_message_at=_from_ms(session["last_customer_message_ms"]),
+        message_count=session["message_count"],
+        window=WindowView(
+            applies=window.applies,
+            open=window.open,
+            closes_at=_from_ms(window.closes_at_ms) if window.closes_at_ms is not None else None,
+        ),
+    )
+
+
+@router.get("/api/leads", response_model=LeadPage, responses={400: {}, 503: {}})
+async def list_leads(
+    principal: PrincipalDep,
+    services: ServicesDep,
+    limit: LimitQuery = 50,
+    cursor: CursorQuery = None,
+) -> LeadPage:
+    """The tenant's leads, newest activity first."""
+    after: tuple[datetime, str] | None = None
+    if cursor is not None:
+        activity, lead = _decode_cursor(cursor, 2)
+        try:
+            after = (datetime.fromisoformat(activity), str(uuid.UUID(lead)))
+        except ValueError as exc:
+            raise ApiError(400, "cursor: not a cursor returned by this API") from exc
+    try:
+        rows = await services.pool.fetch(
+            """SELECT lead_id, channel, contact, contact_name, first_seen_at, last_activity_at
+               FROM leads
+               WHERE tenant_id = $1
+                 AND ($2::timestamptz IS NULL OR (last_activity_at, lead_id) < ($2, $3::uuid))
+               ORDER BY last_activity_at DESC, lead_id DESC
+               LIMIT $4""",
+            principal.tenant_id,
+            after[0] if after else None,
+            after[1] if after else None,
+            limit + 1,
+        )
+    except _DB_ERRORS as exc:
+        raise _database_unavailable(exc) from exc
+    items = [LeadSummary(**{**dict(row), "lead_id": str(row["lead_id"])}) for row in rows[:limit]]
+    next_cursor = None
+    if len(rows) > limit:
+        last = items[-1]
+        next_cursor = _encode_cursor(last.last_activity_at.isoformat(), last.lead_id)
+    return LeadPage(items=items, next_cursor=next_cursor)
+
+
+@router.get(
+    "/api/leads/{lead_id}/messages", response_model=MessagePage, responses={404: {}, 503: {}}
+)
+async def list_messages(
+    lead_id: str,
+    principal: PrincipalDep,
+    services: ServicesDep,
+    limit: LimitQuery = 100,
+    cursor: CursorQuery = None,
+) -> MessagePage:
+    """A lead's messages in the order they happened."""
+    lead_id = _parse_lead_id(lead_id)
+    after: tuple[datetime, str] | None = None
+    if cursor is not None:
+        occurred, event = _decode_cursor(cursor, 2)
+        try:
+            after = (datetime.fromisoformat(occurred), str(uuid.UUID(event)))
+        except ValueError as exc:
+            raise ApiError(400, "cursor: not a cursor returned by this API") from exc
+    try:
+        async with services.pool.acquire() as conn:
+            owner = await conn.fetchval("SELECT tenant_id FROM leads WHERE lead_id = $1", lead_id)
+            if owner is None or str(owner) != principal.tenant_id:
+                raise ApiError(404, _NOT_FOUND)
+            rows = await conn.fetch(
+                """SELECT event_id, direction, channel, message_type, body, channel_message_id,
+                          occurred_at
+                   FROM messages
+                   WHERE lead_id = $1
+                     AND ($2::timestamptz IS NULL OR (occurred_at, event_id) > ($2, $3::uuid))
+                   ORDER BY occurred_at, event_id
+                   LIMIT $4""",
+                lead_id,
+                after[0] if after else None,
+                after[1] if after else None,
+                limit + 1,
+            )
+    except _DB_ERRORS as exc:
+        raise _database_unavailable(exc) from exc
+    items = [
+        MessageView(
+            event_id=str(row["event_id"]),
+            direction=row["direction"],
+            channel=row["channel"],
+            message_type=row["message_type"],
+            text=row["body"],
+            channel_message_id=row["channel_message_id"],
+            occurred_at=row["occurred_at"],
+        )
+        for row in rows[:limit]
+    ]
+    next_cursor = None
+    if len(rows) > limit:
+        last = items[-1]
+        next_cursor = _encode_cursor(last.occurred_at.isoformat(), last.event_id)
+    return MessagePage(items=items, next_cursor=next_cursor)

@@ -1,0 +1,91 @@
+"""Tenants and their API keys. Keys are shown once, stored as SHA-256 hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+
+import asyncpg
+
+KEY_PREFIX = "fxk_"
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    tenant_id: str
+    key_id: str
+    role: str
+
+
+@dataclass(frozen=True, slots=True)
+class NewTenant:
+    tenant_id: str
+    api_key: str
+
+
+def generate_api_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_api_key(api_key: str) -> bytes:
+    return hashlib.sha256(api_key.encode()).digest()
+
+
+async def create_tenant(conn: asyncpg.Connection, name: str) -> NewTenant:
+    tenant_id = str(uuid.uuid4())
+    async with conn.transaction():
+        await conn.execute("INSERT INTO tenants (tenant_id, name) VALUES ($1, $2)", tenant_id, name)
+        api_key = await create_api_key(conn, tenant_id)
+    return NewTenant(tenant_id=tenant_id, api_key=api_key)
+
+
+async def create_api_key(conn: asyncpg.Connection, tenant_id: str, role: str = "admin") -> str:
+    api_key = generate_api_key()
+    await conn.execute(
+        "INSERT INTO api_keys (key_id, tenant_id, key_hash, key_prefix, role)"
+        " VALUES ($1, $2, $3, $4, $5)",
+        uuid.uuid4(),
+        tenant_id,
+        hash_api_key(api_key),
+        api_key[: len(KEY_PREFIX) + 6],
+        role,
+    )
+    return api_key
+
+
+async def find_principal(conn: asyncpg.Connection | asyncpg.Pool, api_key: str) -> Principal | None:
+    row = await conn.fetchrow(
+        "SELECT key_id, tenant_id, role FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
+        hash_api_key(api_key),
+    )
+    if row is None:
+        return None
+    return Principal(tenant_id=str(row["tenant_id"]), key_id=str(row["key_id"]), role=row["role"])
+
+
+class PrincipalCache:
+    """Verified keys for a short TTL, so a request costs no database round trip.
+
+    Revoking a key therefore takes effect within the TTL on every API replica.
+    """
+
+    def __init__(self, ttl_s: float, max_entries: int = 10_000) -> None:
+        self._ttl_s = ttl_s
+        self._max_entries = max_entries
+        self._entries: dict[bytes, tuple[float, Principal]] = {}
+
+    def get(self, api_key: str) -> Principal | None:
+        entry = self._entries.get(hash_api_key(api_key))
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        return entry[1]
+
+    def put(self, api_key: str, principal: Principal) -> None:
+        if self._ttl_s <= 0:
+            return
+        if len(self._entries) >= self._max_entries:
+            self._entries.clear()
+        self._entries[hash_api_key(api_key)] = (time.monotonic() + self._ttl_s, principal)

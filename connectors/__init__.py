@@ -1,0 +1,1 @@
+"""Channel bridges and clients of outside services."""

@@ -1,0 +1,3 @@
+from flexoraa.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,275 @@
+"""`flexoraa`: the command-line entry point (stack, migrations, tenants, worker, API, run)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+from flexoraa.settings import Settings
+
+logger = logging.getLogger("flexoraa")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {}
+    if getattr(args, "web_port", None) is not None:
+        overrides["worker_web_port"] = args.web_port
+    if getattr(args, "port", None) is not None:
+        overrides["api_port"] = args.port
+    return Settings(**overrides)
+
+
+def _print_json(value: object) -> None:
+    print(json.dumps(value, indent=2))
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_stack(args: argparse.Namespace) -> int:
+    from flexoraa import stack
+
+    settings = _settings(args)
+    actions = {"up": stack.stack_up, "stop": stack.stack_down, "status": stack.stack_status}
+    try:
+        statuses = actions[args.action](settings)
+    except stack.StackError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(stack.describe(statuses))
+    if args.action == "up":
+        _migrate_and_create_topics(settings)
+    return 0
+
+
+def _migrate_and_create_topics(settings: Settings) -> None:
+    from flexoraa.kafka import ensure_topics
+    from schemas.migrate import migrate
+
+    applied = asyncio.run(migrate(settings.database_url))
+    created = asyncio.run(ensure_topics(settings))
+    logger.info("migrations applied: %s; topics created: %s", applied or "none", created or "none")
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from schemas.migrate import migrate
+
+    applied = asyncio.run(migrate(_settings(args).database_url))
+    _print_json({"applied": applied})
+    return 0
+
+
+def cmd_topics(args: argparse.Namespace) -> int:
+    from flexoraa.kafka import ensure_topics
+
+    created = asyncio.run(ensure_topics(_settings(args)))
+    _print_json({"created": created})
+    return 0
+
+
+def cmd_tenants_create(args: argparse.Namespace) -> int:
+    import asyncpg
+
+    from api.tenants import create_tenant
+
+    async def create() -> dict[str, str]:
+        conn = await asyncpg.connect(_settings(args).database_url)
+        try:
+            tenant = await create_tenant(conn, args.name)
+        finally:
+            await conn.close()
+        return {"tenant_id": tenant.tenant_id, "api_key": tenant.api_key}
+
+    _print_json(asyncio.run(create()))
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from faust import Worker
+
+    from streams.app import create_worker_app
+
+    settings = _settings(args)
+    app = create_worker_app(settings)
+    worker = Worker(app, loglevel=settings.log_level.lower())
+    worker.execute_from_commandline()
+    return 0
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from api.main import create_app
+
+    settings = _settings(args)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.api_host,
+        port=settings.api_port,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+    )
+    return 0
+
+
+def ensure_demo_tenant(settings: Settings) -> dict[str, str]:
+    """The demo tenant of `make run`; its key is kept in the stack directory for the next run."""
+    import asyncpg
+
+    from api.tenants import create_tenant, find_principal
+
+    path = settings.stack_dir / "demo-tenant.json"
+
+    async def ensure() -> dict[str, str]:
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            if path.exists():
+                saved = json.loads(path.read_text())
+                if await find_principal(conn, saved["api_key"]) is not None:
+                    return {"tenant_id": saved["tenant_id"], "api_key": saved["api_key"]}
+            tenant = await create_tenant(conn, "Demo tenant")
+        finally:
+            await conn.close()
+        saved = {"tenant_id": tenant.tenant_id, "api_key": tenant.api_key}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(saved))
+        path.chmod(0o600)
+        return saved
+
+    return asyncio.run(ensure())
+
+
+def _wait_healthy(url: str, process: subprocess.Popen[bytes], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{url} exited with {process.returncode} before it was healthy")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{url} was not healthy after {timeout_s:.0f}s")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Everything `make run` promises: the stack, the schema, topics, a worker and the API."""
+    from flexoraa import stack
+
+    settings = _settings(args)
+    print(stack.describe(stack.stack_up(settings)), flush=True)
+    _migrate_and_create_topics(settings)
+    demo = ensure_demo_tenant(settings)
+    python = [sys.executable, "-m", "flexoraa"]
+    children = {
+        "worker": subprocess.Popen([*python, "worker"]),
+        "api": subprocess.Popen([*python, "api"]),
+    }
+
+    def stop_children(*_: object) -> None:
+        for child in children.values():
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, lambda *_: stop_children())
+    try:
+        _wait_healthy(
+            f"http://127.0.0.1:{settings.worker_web_port}/health", children["worker"], 180
+        )
+        base = f"http://127.0.0.1:{settings.api_port}"
+        _wait_healthy(f"{base}/health", children["api"], 60)
+        print(
+            "\n"
+            f"  Flexoraa Streams is running.\n"
+            f"  API:          {base}\n"
+            f"  API docs:     {base}/docs\n"
+            f"  Worker:       http://127.0.0.1:{settings.worker_web_port} (metrics at /metrics)\n"
+            f"  Demo tenant:  {demo['tenant_id']}\n"
+            f"  Demo API key: {demo['api_key']}\n\n"
+            f"  Try: curl -s -X POST {base}/api/events/inbound \\\n"
+            f"         -H 'Authorization: Bearer {demo['api_key']}' \\\n"
+            "         -H 'Content-Type: application/json' \\\n"
+            '         -d \'{"channel": "whatsapp", "contact": "+919800000001", '
+            '"text": "Hi, what does the Pro plan cost?"}\'\n'
+            "  Stop with Ctrl-C.\n",
+            flush=True,
+        )
+        while all(child.poll() is None for child in children.values()):
+            time.sleep(0.5)
+        failed = [name for name, child in children.items() if child.returncode not in (None, 0)]
+        return 1 if failed else 0
+    except KeyboardInterrupt:
+        return 0
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        stop_children()
+        for child in children.values():
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flexoraa", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    stack_parser = commands.add_parser("stack", help="the local Kafka broker and PostgreSQL")
+    stack_parser.add_argument("action", choices=["up", "stop", "status"])
+    stack_parser.set_defaults(func=cmd_stack)
+
+    commands.add_parser("migrate", help="apply the SQL schema").set_defaults(func=cmd_migrate)
+
+    topics = commands.add_parser("topics", help="Kafka topics of the pipeline")
+    topics.add_argument("action", choices=["create"])
+    topics.set_defaults(func=cmd_topics)
+
+    tenants = commands.add_parser("tenants", help="tenants and their API keys")
+    tenant_commands = tenants.add_subparsers(dest="tenant_command", required=True)
+    create = tenant_commands.add_parser("create", help="create a tenant and print its API key")
+    create.add_argument("--name", required=True)
+    create.set_defaults(func=cmd_tenants_create)
+
+    worker = commands.add_parser("worker", help="run a stream worker (Faust)")
+    worker.add_argument("--web-port", type=int, help="port of the worker's web server")
+    worker.set_defaults(func=cmd_worker)
+
+    api = commands.add_parser("api", help="run the HTTP API (uvicorn)")
+    api.add_argument("--port", type=int)
+    api.set_defaults(func=cmd_api)
+
+    run = commands.add_parser("run", help="stack, schema, topics, a worker and the API")
+    run.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # One line per request from the API's worker client would drown the useful lines.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,126 @@
+"""Kafka plumbing shared by the processes: topic creation and the acknowledged publisher."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError
+
+from flexoraa.settings import Settings
+from schemas.topics import TopicNames
+
+logger = logging.getLogger(__name__)
+
+
+class TopicMismatch(RuntimeError):
+    """A topic exists with a partition count other than the co-partitioned one."""
+
+
+async def ensure_topics(settings: Settings) -> list[str]:
+    """Create every topic of the pipeline that is missing; returns the names created.
+
+    Lead-keyed topics must share one partition count so that one worker owns a lead's whole
+    state, so an existing topic with another count is an error, not something to live with.
+    """
+    names = TopicNames(settings.topic_prefix).all()
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.kafka_bootstrap_servers, request_timeout_ms=10_000
+    )
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        present = [name for name in names if name in existing]
+        if present:
+            for description in await admin.describe_topics(present):
+                count = len(description["partitions"])
+                if count != settings.kafka_partitions:
+                    raise TopicMismatch(
+                        f"topic {description['topic']} has {count} partitions, "
+                        f"KAFKA_PARTITIONS is {settings.kafka_partitions}"
+                    )
+        missing = [name for name in names if name not in existing]
+        if missing:
+            await admin.create_topics(
+                [
+                    NewTopic(
+                        name=name,
+                        num_partitions=settings.kafka_partitions,
+                        replication_factor=settings.kafka_replication_factor,
+                    )
+                    for name in missing
+                ]
+            )
+        return missing
+    finally:
+        await admin.close()
+
+
+class PublishUnavailable(RuntimeError):
+    """Kafka did not acknowledge the event in time; the caller must not report success."""
+
+
+class EventPublisher:
+    """Produces events and returns only once Kafka acknowledged them (acks=all).
+
+    The producer is started lazily and restarted after a failure, so an API that came up while
+    Kafka was down starts accepting events as soon as Kafka is back.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._producer: AIOKafkaProducer | None = None
+        self._lock = asyncio.Lock()
+        self._timeout_s = settings.kafka_produce_timeout_ms / 1000
+
+    async def _ensure_started(self) -> AIOKafkaProducer:
+        if self._producer is not None:
+            return self._producer
+        async with self._lock:
+            if self._producer is None:
+                producer = AIOKafkaProducer(
+                    bootstrap_servers=self._settings.kafka_bootstrap_servers,
+                    acks="all",
+                    enable_idempotence=True,
+                    # Concurrent requests share a batch; a couple of ms buys throughput
+                    # without being visible next to the broker's own round trip.
+                    linger_ms=2,
+                    request_timeout_ms=self._settings.kafka_produce_timeout_ms,
+                )
+                try:
+                    await asyncio.wait_for(producer.start(), self._timeout_s)
+                except (KafkaError, OSError, TimeoutError) as exc:
+                    await _close_quietly(producer)
+                    raise PublishUnavailable(f"Kafka is unreachable: {exc!r}") from exc
+                self._producer = producer
+        return self._producer
+
+    async def publish(self, topic: str, key: bytes, value: bytes) -> None:
+        producer = await self._ensure_started()
+        try:
+            await asyncio.wait_for(producer.send_and_wait(topic, value, key=key), self._timeout_s)
+        except (KafkaError, OSError, TimeoutError) as exc:
+            logger.warning("publish to %s failed: %r", topic, exc)
+            raise PublishUnavailable(f"Kafka did not acknowledge the event: {exc!r}") from exc
+
+    async def is_reachable(self) -> bool:
+        try:
+            producer = await self._ensure_started()
+            await asyncio.wait_for(producer.client.fetch_all_metadata(), self._timeout_s)
+        except (PublishUnavailable, KafkaError, OSError, TimeoutError):
+            return False
+        return True
+
+    async def close(self) -> None:
+        if self._producer is not None:
+            await _close_quietly(self._producer)
+            self._producer = None
+
+
+async def _close_quietly(producer: AIOKafkaProducer) -> None:
+    try:
+        await producer.stop()
+    except Exception:
+        logger.debug("producer stop failed", exc_info=True)

@@ -1,0 +1,109 @@
+"""The one settings object of the platform.
+
+Every process (worker, API, CLI) builds a `Settings` once at start-up and passes it on
+explicitly; no other module reads the environment.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    """Configuration read from environment variables (and an optional `.env` file)."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    environment: Literal["development", "test", "production"] = Field(
+        "development", description="production refuses development-only defaults"
+    )
+    log_level: str = Field("INFO", description="log level of worker and API")
+
+    # Kafka
+    kafka_bootstrap_servers: str = Field(
+        "127.0.0.1:9092", description="Kafka bootstrap servers, comma separated"
+    )
+    kafka_partitions: int = Field(
+        8, ge=1, description="partitions of every lead-keyed topic (all co-partitioned)"
+    )
+    kafka_replication_factor: int = Field(1, ge=1, description="replication of created topics")
+    kafka_produce_timeout_ms: int = Field(
+        5000, ge=100, description="how long the API waits for Kafka's ack before answering 503"
+    )
+    topic_prefix: str = Field(
+        "flexoraa",
+        pattern=r"^[A-Za-z0-9._-]+$",
+        description="prefix of every topic; also the Faust app id and consumer group",
+    )
+
+    # PostgreSQL
+    database_url: str = Field(
+        "postgresql://flexoraa@127.0.0.1:55432/flexoraa", description="PostgreSQL DSN"
+    )
+    database_pool_max: int = Field(10, ge=1, description="connections per process")
+
+    # Worker
+    worker_web_host: str = Field("127.0.0.1", description="host the worker's web server binds")
+    worker_web_port: int = Field(6066, description="port of the worker's web server")
+    worker_canonical_url: str | None = Field(
+        None,
+        description="URL other workers use to reach this one (default http://WORKER_WEB_HOST:PORT)",
+    )
+    worker_url: str = Field(
+        "http://127.0.0.1:6066",
+        description="where the API reads live table state (any worker; it routes to the owner)",
+    )
+    processing_guarantee: Literal["at_least_once", "exactly_once"] = Field(
+        "at_least_once",
+        description="Faust processing guarantee; effects are idempotent by event id either way",
+    )
+    table_store: str = Field("memory://", description="Faust table store (memory:// or rocksdb://)")
+    sink_batch_size: int = Field(500, ge=1, description="rows per PostgreSQL sink write")
+    sink_batch_window_ms: int = Field(200, ge=1, description="longest wait to fill a sink batch")
+
+    # API
+    api_host: str = Field("127.0.0.1", description="host the API binds")
+    api_port: int = Field(8000, description="port of the API")
+    max_body_bytes: int = Field(65536, ge=1024, description="largest accepted request body")
+    api_key_cache_ttl_s: float = Field(
+        30.0, ge=0, description="how long a verified API key is cached (revocation delay)"
+    )
+
+    # Feature flags of the background capabilities (as the seed has).
+    enable_ai_qualification: bool = Field(True, description="run the AI qualification interview")
+    enable_cold_recovery: bool = Field(True, description="run cold-lead recovery sequences")
+    enable_leakage_prevention: bool = Field(True, description="run lead leakage timers")
+    enable_sla_monitoring: bool = Field(True, description="compute SLA windows and violations")
+    enable_gmail_polling: bool = Field(True, description="poll connected Gmail mailboxes")
+
+    # Local stack (`flexoraa stack`): where servers keep data and where downloads are cached.
+    stack_dir: Path = Field(PROJECT_ROOT / ".stack", description="data, logs and pids of the stack")
+    cache_dir: Path = Field(
+        Path.home() / ".cache" / "flexoraa", description="Kafka jars resolved by Maven"
+    )
+    kafka_version: str = Field("3.9.1", description="Apache Kafka broker version of the stack")
+    kafka_controller_port: int = Field(9093, description="KRaft controller port of the stack")
+    postgres_port: int = Field(55432, description="port of the stack's PostgreSQL")
+
+    @model_validator(mode="after")
+    def _refuse_dev_defaults_in_production(self) -> Settings:
+        if self.environment == "production" and "127.0.0.1" in self.kafka_bootstrap_servers:
+            raise ValueError("KAFKA_BOOTSTRAP_SERVERS must be set explicitly in production")
+        return self
+
+    @property
+    def worker_advertised_url(self) -> str:
+        return self.worker_canonical_url or f"http://{self.worker_web_host}:{self.worker_web_port}"
+
+    @cached_property
+    def kafka_port(self) -> int:
+        """Port of the first bootstrap server (the stack's broker listens there)."""
+        first = self.kafka_bootstrap_servers.split(",")[0]
+        return int(first.rsplit(":", 1)[1])

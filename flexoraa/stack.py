@@ -1,0 +1,490 @@
+"""The local stack: a real Kafka broker and a real PostgreSQL server on 127.0.0.1.
+
+Machines here have Java and Maven but no Docker, Kafka or PostgreSQL server, so the project
+provisions them itself:
+
+* Kafka: the official `org.apache.kafka:kafka_2.13` artifacts from Maven Central, resolved with
+  Maven into a cache outside git, formatted for single-node KRaft and started with `kafka.Kafka`.
+* PostgreSQL: Debian's server packages (installed with apt when missing), a cluster of our own
+  under the stack directory, trust authentication on loopback only.
+
+Every `start_*` is idempotent: a server that already answers on its port is left alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from flexoraa.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+_POM_TEMPLATE = """<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>io.flexoraa.local</groupId>
+  <artifactId>kafka-runtime</artifactId>
+  <version>1</version>
+  <packaging>pom</packaging>
+  <dependencies>
+    <dependency>
+      <groupId>org.apache.kafka</groupId>
+      <artifactId>kafka_2.13</artifactId>
+      <version>{version}</version>
+    </dependency>
+    <!-- The binary distribution ships this slf4j binding; without it the broker logs nothing. -->
+    <dependency>
+      <groupId>org.slf4j</groupId>
+      <artifactId>slf4j-reload4j</artifactId>
+      <version>1.7.36</version>
+    </dependency>
+  </dependencies>
+</project>
+"""
+
+_LOG4J_PROPERTIES = """log4j.rootLogger=WARN, stdout
+log4j.logger.kafka.server.KafkaServer=INFO
+log4j.logger.kafka.server.KafkaRaftServer=INFO
+log4j.appender.stdout=org.apache.log4j.ConsoleAppender
+log4j.appender.stdout.layout=org.apache.log4j.PatternLayout
+log4j.appender.stdout.layout.ConversionPattern=[%d] %p %m (%c)%n
+"""
+
+_READY_TIMEOUT_S = 120.0
+
+
+class StackError(RuntimeError):
+    """A server of the local stack could not be provisioned or started."""
+
+
+@dataclass(frozen=True)
+class ServerStatus:
+    name: str
+    running: bool
+    address: str
+    pid: int | None
+    detail: str
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _read_pid(pid_file: Path) -> int | None:
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid
+    return pid
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+# --------------------------------------------------------------------------- Kafka
+
+
+def kafka_dir(settings: Settings) -> Path:
+    return settings.stack_dir / "kafka"
+
+
+def kafka_libs_dir(settings: Settings) -> Path:
+    return settings.cache_dir / f"kafka-{settings.kafka_version}" / "libs"
+
+
+def ensure_kafka_libs(settings: Settings) -> Path:
+    """Resolve the broker's jars from Maven Central once; later calls reuse the cache."""
+    libs = kafka_libs_dir(settings)
+    marker = libs / ".complete"
+    if marker.exists():
+        return libs
+    mvn = shutil.which("mvn")
+    if mvn is None:
+        raise StackError("Maven (mvn) is needed to fetch Apache Kafka from Maven Central")
+    work = libs.parent
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "pom.xml").write_text(_POM_TEMPLATE.format(version=settings.kafka_version))
+    logger.info("resolving Apache Kafka %s from Maven Central", settings.kafka_version)
+    result = subprocess.run(
+        [
+            mvn,
+            "-q",
+            "-B",
+            "-f",
+            str(work / "pom.xml"),
+            "dependency:copy-dependencies",
+            f"-DoutputDirectory={libs}",
+            "-DincludeScope=runtime",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise StackError(
+            f"mvn could not resolve Kafka:\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
+        )
+    marker.write_text(settings.kafka_version)
+    return libs
+
+
+def _kafka_properties(settings: Settings, data_dir: Path) -> str:
+    port = settings.kafka_port
+    ctrl = settings.kafka_controller_port
+    partitions = settings.kafka_partitions
+    return f"""process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:{ctrl}
+listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{ctrl}
+advertised.listeners=PLAINTEXT://127.0.0.1:{port}
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+log.dirs={data_dir}
+num.partitions={partitions}
+# Topics are created explicitly with the co-partitioned count; a typo must not create one.
+auto.create.topics.enable=false
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=8
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+transaction.state.log.num.partitions=8
+# A single local broker has no other members to wait for; rebalance at once.
+group.initial.rebalance.delay.ms=0
+log.retention.hours=168
+"""
+
+
+def _java_command(libs: Path, *args: str, log4j: Path | None = None) -> list[str]:
+    java = shutil.which("java")
+    if java is None:
+        raise StackError("Java 17 is needed to run the Kafka broker")
+    command = [java, "-Xms256m", "-Xmx768m", "-XX:+UseG1GC", "-cp", f"{libs}/*"]
+    if log4j is not None:
+        command.append(f"-Dlog4j.configuration=file:{log4j}")
+    return [*command, *args]
+
+
+def kafka_status(settings: Settings) -> ServerStatus:
+    pid = _read_pid(kafka_dir(settings) / "kafka.pid")
+    address = f"127.0.0.1:{settings.kafka_port}"
+    running = port_open("127.0.0.1", settings.kafka_port)
+    if running:
+        detail = "running" if pid else "answering (not started by this stack)"
+    else:
+        detail = "starting" if pid else "stopped"
+    return ServerStatus("kafka", running, address, pid, detail)
+
+
+def start_kafka(settings: Settings) -> ServerStatus:
+    status = kafka_status(settings)
+    if status.running:
+        return status
+    libs = ensure_kafka_libs(settings)
+    root = kafka_dir(settings)
+    data_dir = root / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    properties = root / "server.properties"
+    properties.write_text(_kafka_properties(settings, data_dir))
+    log4j = root / "log4j.properties"
+    log4j.write_text(_LOG4J_PROPERTIES)
+    log_file = root / "kafka.log"
+    if not (data_dir / "meta.properties").exists():
+        # Kafka's Uuid.toString(): URL-safe base64 of 16 random bytes, without padding.
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        formatted = subprocess.run(
+            _java_command(
+                libs,
+                "kafka.tools.StorageTool",
+                "format",
+                "-t",
+                cluster_id,
+                "-c",
+                str(properties),
+                "--ignore-formatted",
+                log4j=log4j,
+            ),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if formatted.returncode != 0:
+            raise StackError(f"formatting KRaft storage failed:\n{formatted.stderr[-3000:]}")
+    with log_file.open("ab") as log:
+        process = subprocess.Popen(
+            _java_command(libs, "kafka.Kafka", str(properties), log4j=log4j),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    (root / "kafka.pid").write_text(str(process.pid))
+    deadline = time.monotonic() + _READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise StackError(f"Kafka exited with {process.returncode}:\n{_tail(log_file)}")
+        if port_open("127.0.0.1", settings.kafka_port) and _kafka_answers_metadata(settings):
+            return kafka_status(settings)
+        time.sleep(0.3)
+    raise StackError(f"Kafka did not become ready in {_READY_TIMEOUT_S:.0f}s:\n{_tail(log_file)}")
+
+
+def _kafka_answers_metadata(settings: Settings) -> bool:
+    """A broker that accepts TCP may still be electing its controller; ask it for metadata."""
+    import asyncio
+
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    async def probe() -> bool:
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=settings.kafka_bootstrap_servers, request_timeout_ms=3000
+        )
+        try:
+            await admin.start()
+            await admin.list_topics()
+            return True
+        except Exception:  # noqa: BLE001 - any failure means "not ready yet"
+            return False
+        finally:
+            await admin.close()
+
+    return asyncio.run(probe())
+
+
+def stop_kafka(settings: Settings) -> ServerStatus:
+    pid_file = kafka_dir(settings) / "kafka.pid"
+    pid = _read_pid(pid_file)
+    if pid is not None:
+        _terminate(pid, grace_s=30.0)
+    pid_file.unlink(missing_ok=True)
+    return kafka_status(settings)
+
+
+def _terminate(pid: int, grace_s: float) -> None:
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+
+def _pg_bin_dir() -> Path | None:
+    candidates = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+        key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0,
+    )
+    return candidates[-1].parent if candidates else None
+
+
+def ensure_postgres_installed() -> Path:
+    """Debian's PostgreSQL server binaries, installed with apt when missing."""
+    bin_dir = _pg_bin_dir()
+    if bin_dir is not None:
+        return bin_dir
+    apt = shutil.which("apt-get")
+    if apt is None:
+        raise StackError("PostgreSQL is not installed and apt-get is not available to install it")
+    prefix = [] if os.geteuid() == 0 else ["sudo", "-n"]
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    logger.info("installing PostgreSQL from Debian packages")
+    for command in (
+        [*prefix, apt, "-qq", "update"],
+        [*prefix, apt, "-qq", "install", "-y", "--no-install-recommends", "postgresql"],
+    ):
+        done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+        if done.returncode != 0:
+            raise StackError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    bin_dir = _pg_bin_dir()
+    if bin_dir is None:
+        raise StackError(
+            "apt installed postgresql but no initdb was found under /usr/lib/postgresql"
+        )
+    return bin_dir
+
+
+def postgres_dir(settings: Settings) -> Path:
+    return settings.stack_dir / "postgres"
+
+
+def _as_server_user(command: list[str]) -> list[str]:
+    # PostgreSQL refuses to run as root; Debian's package creates the `postgres` user.
+    if os.geteuid() == 0:
+        return ["runuser", "-u", "postgres", "--", *command]
+    return command
+
+
+def postgres_status(settings: Settings) -> ServerStatus:
+    root = postgres_dir(settings)
+    pid: int | None = None
+    try:
+        pid = int((root / "data" / "postmaster.pid").read_text().splitlines()[0])
+    except (OSError, ValueError, IndexError):
+        pid = None
+    running = port_open("127.0.0.1", settings.postgres_port)
+    detail = "running" if running else "stopped"
+    if running and pid is None:
+        detail = "answering (not started by this stack)"
+    return ServerStatus("postgres", running, f"127.0.0.1:{settings.postgres_port}", pid, detail)
+
+
+def start_postgres(settings: Settings) -> ServerStatus:
+    status = postgres_status(settings)
+    if not status.running:
+        bin_dir = ensure_postgres_installed()
+        root = postgres_dir(settings)
+        data_dir = root / "data"
+        root.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            shutil.chown(root, "postgres", "postgres")
+        if not (data_dir / "PG_VERSION").exists():
+            initdb = subprocess.run(
+                _as_server_user(
+                    [
+                        str(bin_dir / "initdb"),
+                        "-D",
+                        str(data_dir),
+                        "-U",
+                        "postgres",
+                        "--auth=trust",
+                        "--encoding=UTF8",
+                        "--locale=C",
+                    ]
+                ),
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if initdb.returncode != 0:
+                raise StackError(
+                    f"initdb failed (is {root} reachable by the postgres user?):\n"
+                    f"{initdb.stderr[-3000:]}"
+                )
+        options = (
+            f"-p {settings.postgres_port} -c listen_addresses=127.0.0.1 "
+            f"-c unix_socket_directories={root} -c max_connections=200 -c fsync=on"
+        )
+        started = subprocess.run(
+            _as_server_user(
+                [
+                    str(bin_dir / "pg_ctl"),
+                    "-D",
+                    str(data_dir),
+                    "-l",
+                    str(root / "postgres.log"),
+                    "-o",
+                    options,
+                    "-w",
+                    "-t",
+                    "60",
+                    "start",
+                ]
+            ),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if started.returncode != 0:
+            raise StackError(
+                f"PostgreSQL did not start:\n{started.stderr[-2000:]}\n"
+                f"{_tail(root / 'postgres.log')}"
+            )
+    _ensure_role_and_database(settings)
+    return postgres_status(settings)
+
+
+def _ensure_role_and_database(settings: Settings) -> None:
+    """Create the application's role and database named in DATABASE_URL, if missing."""
+    import asyncio
+
+    import asyncpg
+
+    url = urlsplit(settings.database_url)
+    role = url.username or "flexoraa"
+    database = (url.path or "/flexoraa").lstrip("/") or "flexoraa"
+
+    async def ensure() -> None:
+        conn = await asyncpg.connect(
+            host="127.0.0.1", port=settings.postgres_port, user="postgres", database="postgres"
+        )
+        try:
+            if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role):
+                await conn.execute(f'CREATE ROLE "{role}" LOGIN CREATEDB')
+            if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", database):
+                await conn.execute(f'CREATE DATABASE "{database}" OWNER "{role}"')
+        finally:
+            await conn.close()
+
+    asyncio.run(ensure())
+
+
+def stop_postgres(settings: Settings) -> ServerStatus:
+    bin_dir = _pg_bin_dir()
+    data_dir = postgres_dir(settings) / "data"
+    if bin_dir is not None and (data_dir / "postmaster.pid").exists():
+        subprocess.run(
+            _as_server_user(
+                [str(bin_dir / "pg_ctl"), "-D", str(data_dir), "-m", "fast", "-w", "stop"]
+            ),
+            capture_output=True,
+            check=False,
+        )
+    return postgres_status(settings)
+
+
+# --------------------------------------------------------------------------- the stack
+
+
+def stack_up(settings: Settings) -> list[ServerStatus]:
+    return [start_kafka(settings), start_postgres(settings)]
+
+
+def stack_down(settings: Settings) -> list[ServerStatus]:
+    return [stop_kafka(settings), stop_postgres(settings)]
+
+
+def stack_status(settings: Settings) -> list[ServerStatus]:
+    return [kafka_status(settings), postgres_status(settings)]
+
+
+def describe(statuses: list[ServerStatus]) -> str:
+    return json.dumps([s.as_dict() for s in statuses], indent=2)

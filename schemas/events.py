@@ -1,0 +1,54 @@
+"""Events carried on the topics.
+
+Every event has `event_id` (unique; effects are deduplicated on it), `tenant_id` and
+`occurred_at` (event time, UTC). Models are strict and frozen: an event that does not validate is
+a dead letter, never a half-read record.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+Channel = Literal["whatsapp", "email", "instagram", "facebook", "sms", "webchat"]
+CHANNELS: tuple[str, ...] = ("whatsapp", "email", "instagram", "facebook", "sms", "webchat")
+
+MAX_TEXT_CHARS = 16_384
+
+
+class Event(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    event_id: str = Field(min_length=1, max_length=64)
+    tenant_id: str = Field(min_length=1, max_length=64)
+    occurred_at: AwareDatetime
+
+
+class InboundMessage(Event):
+    """A customer's message from any channel, normalised."""
+
+    kind: Literal["inbound_message"] = "inbound_message"
+    lead_id: str = Field(min_length=1, max_length=64)
+    channel: Channel
+    contact: str = Field(min_length=1, max_length=320)
+    contact_name: str | None = Field(None, max_length=200)
+    text: str = Field(max_length=MAX_TEXT_CHARS)
+    message_type: str = Field("text", max_length=32)
+    channel_message_id: str | None = Field(None, max_length=256)
+    received_at: AwareDatetime
+
+
+class DeadLetter(BaseModel):
+    """An undecodable or rejected record, kept with the reason and its raw bytes."""
+
+    model_config = ConfigDict(frozen=True)
+
+    source_topic: str
+    partition: int | None
+    offset: int | None
+    reason: str
+    raw_base64: str
+    key_base64: str | None = None
+    dead_lettered_at: datetime

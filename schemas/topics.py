@@ -1,0 +1,64 @@
+"""Topic names, derived from one prefix so a test or a second deployment can run beside another."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class TopicNames:
+    prefix: str
+
+    @property
+    def inbound_messages(self) -> str:
+        return f"{self.prefix}.inbound-messages"
+
+    @property
+    def outbound_commands(self) -> str:
+        return f"{self.prefix}.outbound-commands"
+
+    @property
+    def outbound_messages(self) -> str:
+        return f"{self.prefix}.outbound-messages"
+
+    @property
+    def delivery_status(self) -> str:
+        return f"{self.prefix}.delivery-status"
+
+    @property
+    def lead_events(self) -> str:
+        return f"{self.prefix}.lead-events"
+
+    @property
+    def token_usage(self) -> str:
+        return f"{self.prefix}.token-usage"
+
+    @property
+    def token_credits(self) -> str:
+        return f"{self.prefix}.token-credits"
+
+    @property
+    def latency(self) -> str:
+        return f"{self.prefix}.latency"
+
+    @property
+    def notifications(self) -> str:
+        return f"{self.prefix}.notifications"
+
+    @property
+    def dead_letters(self) -> str:
+        return f"{self.prefix}.dead-letters"
+
+    def all(self) -> list[str]:
+        return [
+            self.inbound_messages,
+            self.outbound_commands,
+            self.outbound_messages,
+            self.delivery_status,
+            self.lead_events,
+            self.token_usage,
+            self.token_credits,
+            self.latency,
+            self.notifications,
+            self.dead_letters,
+        ]

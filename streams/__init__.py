@@ -1,0 +1,1 @@
+"""The Faust worker: agents, tables and timers. Pure rules live in `streams.rules`."""

@@ -1,0 +1,50 @@
+"""The sessions agent: one inbound message at a time into the sessions table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from faust.types import AppT, StreamT, TableT, TopicT
+from pydantic import ValidationError
+
+from schemas.events import InboundMessage
+from streams.dead_letters import dead_letter_event, describe_validation_error
+from streams.metrics import DUPLICATE_EVENTS, INBOUND_EVENTS
+from streams.rules.session import apply_inbound
+
+
+def register(
+    app: AppT, *, inbound: TopicT, dead_letters: TopicT, sessions: TableT[str, Any]
+) -> None:
+    @app.agent(inbound, name="sessions")
+    async def apply_inbound_messages(stream: StreamT[bytes]) -> None:
+        async for event in stream.events():
+            try:
+                message = InboundMessage.model_validate_json(event.value)
+            except ValidationError as exc:
+                await dead_letter_event(
+                    dead_letters, event, describe_validation_error(exc), "invalid_event"
+                )
+                continue
+            if event.key is not None and event.key != message.lead_id.encode():
+                # A record on another lead's key would update state on a worker that does
+                # not own the lead; refusing it keeps the tables co-partitioned.
+                await dead_letter_event(
+                    dead_letters, event, "record key is not the event's lead_id", "wrong_key"
+                )
+                continue
+            updated = apply_inbound(
+                sessions.get(message.lead_id),
+                event_id=message.event_id,
+                lead_id=message.lead_id,
+                tenant_id=message.tenant_id,
+                channel=message.channel,
+                contact=message.contact,
+                contact_name=message.contact_name,
+                occurred_ms=int(message.occurred_at.timestamp() * 1000),
+            )
+            if updated is None:
+                DUPLICATE_EVENTS.labels("inbound").inc()
+                continue
+            sessions[message.lead_id] = updated
+            INBOUND_EVENTS.labels(message.channel).inc()

@@ -1,0 +1,59 @@
+"""Dead letters: an undecodable or rejected record is kept with the reason and its raw bytes."""
+
+from __future__ import annotations
+
+import base64
+from datetime import UTC, datetime
+
+from faust.types import EventT, TopicT
+from pydantic import ValidationError
+
+from schemas.events import DeadLetter
+from streams.metrics import DEAD_LETTERS
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """A one-line reason naming each failing field, short enough for a log line."""
+    parts = []
+    for error in exc.errors()[:5]:
+        location = ".".join(str(part) for part in error["loc"]) or "record"
+        parts.append(f"{location}: {error['msg']}")
+    return "invalid event: " + "; ".join(parts)
+
+
+async def send_dead_letter(
+    topic: TopicT,
+    *,
+    source_topic: str,
+    partition: int | None,
+    offset: int | None,
+    key: bytes | None,
+    raw: bytes,
+    reason: str,
+    kind: str,
+) -> None:
+    letter = DeadLetter(
+        source_topic=source_topic,
+        partition=partition,
+        offset=offset,
+        reason=reason,
+        raw_base64=base64.b64encode(raw).decode(),
+        key_base64=base64.b64encode(key).decode() if key is not None else None,
+        dead_lettered_at=datetime.now(UTC),
+    )
+    await topic.send(key=key, value=letter.model_dump_json().encode())
+    DEAD_LETTERS.labels(kind).inc()
+
+
+async def dead_letter_event(topic: TopicT, event: EventT[bytes], reason: str, kind: str) -> None:
+    message = event.message
+    await send_dead_letter(
+        topic,
+        source_topic=message.topic,
+        partition=message.partition,
+        offset=message.offset,
+        key=message.key if isinstance(message.key, bytes) else None,
+        raw=message.value if isinstance(message.value, bytes) else b"",
+        reason=reason,
+        kind=kind,
+    )

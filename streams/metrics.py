@@ -1,0 +1,17 @@
+"""Prometheus metrics of the worker (exported on its `/metrics` page with Faust's own)."""
+
+from prometheus_client import Counter
+
+INBOUND_EVENTS = Counter(
+    "flexoraa_inbound_events",
+    "Inbound customer messages applied to the sessions table",
+    ["channel"],
+)
+DUPLICATE_EVENTS = Counter(
+    "flexoraa_duplicate_events",
+    "Events skipped because their event id was already applied",
+    ["topic"],
+)
+DEAD_LETTERS = Counter("flexoraa_dead_letters", "Records sent to the dead-letter topic", ["reason"])
+SINK_ROWS = Counter("flexoraa_sink_rows", "Rows written to PostgreSQL by the sink", ["table"])
+SINK_RETRIES = Counter("flexoraa_sink_retries", "PostgreSQL sink writes retried after a failure")

@@ -1,0 +1,1 @@
+"""Pure rules: no Kafka, no database, no web framework; `now` is always an argument."""
