@@ -49,6 +49,9 @@ def create_worker_app(settings: Settings) -> faust.App:
         web_port=settings.worker_web_port,
         canonical_url=settings.worker_advertised_url,
         web_in_thread=False,
+        # Faust's table browser would show any lead's state to whoever reaches the port.
+        web_tables_enabled=False,
+        web_graph_enabled=False,
     )
 
     def lead_topic(name: str) -> faust.TopicT:

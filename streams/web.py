@@ -17,6 +17,17 @@ def register(app: AppT, *, sessions: TableT[str, Any]) -> None:
     async def health(self: View, request: Request) -> Response:
         return self.json({"status": "ok"})
 
+    @app.page("/ready")
+    async def ready(self: View, request: Request) -> Response:
+        # Serving table reads before recovery finished would answer from partial state.
+        assigned = len(app.consumer.assignment()) if app.consumer else 0
+        if app.rebalancing or getattr(app, "in_recovery", False) or not assigned:
+            return self.json(
+                {"status": "unavailable", "detail": "rebalancing or recovering tables"},
+                status=503,
+            )
+        return self.json({"status": "ready", "assigned_partitions": assigned})
+
     @app.page("/internal/leads/{lead_id}")
     @app.table_route(table=sessions, match_info="lead_id")
     async def lead_state(self: View, request: Request, lead_id: str) -> Response:

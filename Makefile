@@ -1,0 +1,62 @@
+# The README's commands. `make run` and `make test` work on a fresh machine and a second time.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
+APT_INSTALL := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends
+PYTEST_ARGS ?=
+
+.PHONY: setup system-deps run test lint typecheck unit integration e2e stack stack-stop \
+        stack-status bench clean
+
+setup: $(INSTALLED) system-deps
+
+$(INSTALLED): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+# Debian packages: PostgreSQL's server (the stack starts its own cluster) and docker-compose,
+# which validates docker-compose.yml without a Docker engine. Kafka comes from Maven Central
+# when the stack first starts.
+system-deps:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ! command -v docker-compose >/dev/null; then \
+		$(SUDO) apt-get update -qq && $(APT_INSTALL) postgresql docker-compose; \
+	fi
+
+stack: setup
+	$(BIN)/flexoraa stack up
+
+stack-stop: $(INSTALLED)
+	$(BIN)/flexoraa stack stop
+
+stack-status: $(INSTALLED)
+	$(BIN)/flexoraa stack status
+
+run: setup
+	$(BIN)/flexoraa run
+
+lint: $(INSTALLED)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(INSTALLED)
+	$(BIN)/mypy .
+
+unit: $(INSTALLED)
+	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
+
+integration: setup
+	$(BIN)/pytest tests/integration $(PYTEST_ARGS)
+
+e2e: setup
+	$(BIN)/pytest tests/e2e $(PYTEST_ARGS)
+
+# The whole suite: lint, types, unit, integration (real Kafka and PostgreSQL) and end to end.
+test: setup lint typecheck
+	$(BIN)/pytest tests $(PYTEST_ARGS)
+
+clean: stack-stop
+	rm -rf .stack

@@ -1,0 +1,298 @@
+"""The inbound path end to end on the real broker: API → Kafka → worker tables → API reads,
+and the sink → PostgreSQL → history reads."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from flexoraa.settings import Settings
+from schemas.events import DeadLetter, InboundMessage
+from schemas.topics import TopicNames
+from tests.conftest import ManagedProcess, MakeTenant, StartProcess, Tenant, free_port, start_worker
+from tests.integration.conftest import ApiFactory
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def worker(processes: StartProcess, test_settings: Settings) -> ManagedProcess:
+    return start_worker(processes, test_settings)
+
+
+@pytest.fixture
+async def api(api_factory: ApiFactory, worker: ManagedProcess) -> AsyncIterator[httpx.AsyncClient]:
+    async with api_factory(worker_url=f"http://127.0.0.1:{worker.ports['web']}") as client:
+        yield client
+
+
+async def eventually(
+    check: Callable[[], Awaitable[Any]], timeout_s: float = 15.0, what: str = "condition"
+) -> Any:
+    """Polls until `check` returns a truthy value (state arrives asynchronously)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = await check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def post(api: httpx.AsyncClient, tenant: Tenant, **body: Any) -> dict[str, str]:
+    response = await api.post("/api/events/inbound", headers=tenant.headers, json=body)
+    assert response.status_code == 202, response.text
+    result: dict[str, str] = response.json()
+    return result
+
+
+async def lead_state(api: httpx.AsyncClient, tenant: Tenant, lead_id: str, count: int) -> Any:
+    async def check() -> Any:
+        response = await api.get(f"/api/leads/{lead_id}", headers=tenant.headers)
+        if response.status_code == 200 and response.json()["message_count"] >= count:
+            return response.json()
+        return None
+
+    return await eventually(check, what=f"lead {lead_id} with {count} messages")
+
+
+async def messages(api: httpx.AsyncClient, tenant: Tenant, lead_id: str, count: int) -> Any:
+    async def check() -> Any:
+        response = await api.get(f"/api/leads/{lead_id}/messages", headers=tenant.headers)
+        if response.status_code == 200 and len(response.json()["items"]) >= count:
+            return response.json()["items"]
+        return None
+
+    return await eventually(check, what=f"{count} messages of lead {lead_id} in PostgreSQL")
+
+
+async def test_live_state_reflects_inbound_messages(
+    api: httpx.AsyncClient, make_tenant: MakeTenant
+) -> None:
+    tenant = await make_tenant()
+    sent_at = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=3)
+    accepted = await post(
+        api,
+        tenant,
+        channel="whatsapp",
+        contact="+91 98000 00011",
+        contact_name="Asha",
+        text="Hi, what does the Pro plan cost?",
+        occurred_at=sent_at.isoformat(),
+    )
+    state = await lead_state(api, tenant, accepted["lead_id"], 1)
+    assert state["channel"] == "whatsapp"
+    assert state["contact"] == "919800000011"
+    assert state["contact_name"] == "Asha"
+    assert datetime.fromisoformat(state["last_customer_message_at"]) == sent_at
+    assert state["window"] == {
+        "applies": True,
+        "open": True,
+        "closes_at": (sent_at + timedelta(hours=24)).isoformat().replace("+00:00", "Z"),
+    }
+
+
+async def test_a_window_older_than_24_hours_is_closed(
+    api: httpx.AsyncClient, make_tenant: MakeTenant
+) -> None:
+    tenant = await make_tenant()
+    old = datetime.now(UTC) - timedelta(hours=24, seconds=1)
+    accepted = await post(
+        api, tenant, channel="instagram", contact="1784", text="hi", occurred_at=old.isoformat()
+    )
+    state = await lead_state(api, tenant, accepted["lead_id"], 1)
+    assert state["window"]["applies"] is True
+    assert state["window"]["open"] is False
+
+
+async def test_messages_are_listed_in_order_and_duplicates_are_dropped(
+    api: httpx.AsyncClient, make_tenant: MakeTenant
+) -> None:
+    tenant = await make_tenant()
+    base = datetime.now(UTC) - timedelta(hours=1)
+    # Sent out of order, with one retried delivery of the same channel message.
+    for minute, message_id in [(3, "m3"), (1, "m1"), (2, "m2"), (1, "m1")]:
+        accepted = await post(
+            api,
+            tenant,
+            channel="email",
+            contact="Buyer@Example.com",
+            text=f"message {minute}",
+            occurred_at=(base + timedelta(minutes=minute)).isoformat(),
+            channel_message_id=message_id,
+        )
+    lead_id = accepted["lead_id"]
+    items = await messages(api, tenant, lead_id, 3)
+    assert [item["text"] for item in items] == ["message 1", "message 2", "message 3"]
+    assert [item["channel_message_id"] for item in items] == ["m1", "m2", "m3"]
+    state = await lead_state(api, tenant, lead_id, 3)
+    assert state["message_count"] == 3
+    assert state["window"]["applies"] is False  # e-mail has no 24-hour window
+    await asyncio.sleep(0.5)  # the duplicate would have landed by now
+    assert len(await messages(api, tenant, lead_id, 3)) == 3
+    page = (await api.get(f"/api/leads/{lead_id}/messages?limit=2", headers=tenant.headers)).json()
+    assert [item["text"] for item in page["items"]] == ["message 1", "message 2"]
+    rest = (
+        await api.get(
+            f"/api/leads/{lead_id}/messages?limit=2&cursor={page['next_cursor']}",
+            headers=tenant.headers,
+        )
+    ).json()
+    assert [item["text"] for item in rest["items"]] == ["message 3"]
+    assert rest["next_cursor"] is None
+
+
+async def test_leads_are_listed_newest_activity_first_with_a_cursor(
+    api: httpx.AsyncClient, make_tenant: MakeTenant
+) -> None:
+    tenant = await make_tenant()
+    base = datetime.now(UTC) - timedelta(hours=2)
+    lead_ids = []
+    for i in range(5):
+        accepted = await post(
+            api,
+            tenant,
+            channel="sms",
+            contact=f"55500000{i:02d}",
+            text="hi",
+            occurred_at=(base + timedelta(minutes=i)).isoformat(),
+        )
+        lead_ids.append(accepted["lead_id"])
+    for lead_id in lead_ids:
+        await messages(api, tenant, lead_id, 1)
+    seen: list[str] = []
+    cursor = None
+    while True:
+        url = "/api/leads?limit=2" + (f"&cursor={cursor}" if cursor else "")
+        page = (await api.get(url, headers=tenant.headers)).json()
+        seen += [item["lead_id"] for item in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == list(reversed(lead_ids))
+    bad = await api.get("/api/leads?cursor=garbage", headers=tenant.headers)
+    assert bad.status_code == 400
+    assert "cursor" in bad.json()["detail"]
+
+
+async def test_another_tenants_lead_is_a_404(
+    api: httpx.AsyncClient, make_tenant: MakeTenant
+) -> None:
+    owner, stranger = await make_tenant("Owner"), await make_tenant("Stranger")
+    accepted = await post(api, owner, channel="whatsapp", contact="919800000099", text="secret")
+    lead_id = accepted["lead_id"]
+    await lead_state(api, owner, lead_id, 1)
+    await messages(api, owner, lead_id, 1)
+    for path in (f"/api/leads/{lead_id}", f"/api/leads/{lead_id}/messages"):
+        response = await api.get(path, headers=stranger.headers)
+        assert response.status_code == 404
+        assert response.json() == {"detail": "lead not found"}
+        unknown = await api.get(path.replace(lead_id, "00000000-0000-4000-8000-000000000000"),
+                                headers=stranger.headers)  # fmt: skip
+        assert unknown.json() == response.json()  # the same answer as for an id that does not exist
+    listed = (await api.get("/api/leads", headers=stranger.headers)).json()
+    assert listed["items"] == []
+
+
+async def test_undecodable_records_go_to_dead_letters_and_the_agent_goes_on(
+    api: httpx.AsyncClient, make_tenant: MakeTenant, test_settings: Settings
+) -> None:
+    tenant = await make_tenant()
+    names = TopicNames(test_settings.topic_prefix)
+    # First learn the lead id so the garbage lands on the same partition as the next message.
+    first = await post(api, tenant, channel="sms", contact="5550009999", text="one")
+    lead_id = first["lead_id"]
+    await lead_state(api, tenant, lead_id, 1)
+    garbage = b"\x00\x01 definitely not an event"
+    producer = AIOKafkaProducer(bootstrap_servers=test_settings.kafka_bootstrap_servers)
+    await producer.start()
+    try:
+        await producer.send_and_wait(names.inbound_messages, garbage, key=lead_id.encode())
+        await producer.send_and_wait(
+            names.inbound_messages, b'{"kind": "inbound_message"}', key=lead_id.encode()
+        )
+    finally:
+        await producer.stop()
+    await post(api, tenant, channel="sms", contact="5550009999", text="two")
+    state = await lead_state(api, tenant, lead_id, 2)
+    assert state["message_count"] == 2
+
+    letters = await read_dead_letters(test_settings, lead_id.encode(), 2)
+    assert base64.b64decode(letters[0].raw_base64) == garbage
+    assert letters[0].source_topic == names.inbound_messages
+    assert letters[0].offset is not None
+    assert "invalid event" in letters[0].reason
+    assert "event_id" in letters[1].reason  # names the missing field
+
+
+async def test_a_record_on_the_wrong_key_is_dead_lettered(
+    api: httpx.AsyncClient, make_tenant: MakeTenant, test_settings: Settings
+) -> None:
+    tenant = await make_tenant()
+    first = await post(api, tenant, channel="sms", contact="5550008888", text="one")
+    record = InboundMessage(
+        event_id="00000000-0000-4000-8000-00000000abcd",
+        tenant_id=tenant.tenant_id,
+        occurred_at=datetime.now(UTC),
+        lead_id=first["lead_id"],
+        channel="sms",
+        contact="5550008888",
+        text="smuggled",
+        received_at=datetime.now(UTC),
+    )
+    wrong_key = b"some-other-lead"
+    producer = AIOKafkaProducer(bootstrap_servers=test_settings.kafka_bootstrap_servers)
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            TopicNames(test_settings.topic_prefix).inbound_messages,
+            record.model_dump_json().encode(),
+            key=wrong_key,
+        )
+    finally:
+        await producer.stop()
+    letters = await read_dead_letters(test_settings, wrong_key, 1)
+    assert "key" in letters[0].reason
+    state = await lead_state(api, tenant, first["lead_id"], 1)
+    assert state["message_count"] == 1
+
+
+async def read_dead_letters(settings: Settings, key: bytes, count: int) -> list[DeadLetter]:
+    consumer = AIOKafkaConsumer(
+        TopicNames(settings.topic_prefix).dead_letters,
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    found: list[DeadLetter] = []
+    try:
+        deadline = time.monotonic() + 20
+        while len(found) < count and time.monotonic() < deadline:
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                found += [DeadLetter.model_validate_json(r.value) for r in records if r.key == key]
+    finally:
+        await consumer.stop()
+    assert len(found) >= count, f"expected {count} dead letters, found {len(found)}"
+    return found
+
+
+async def test_no_worker_means_503_for_live_state(
+    api_factory: ApiFactory, make_tenant: MakeTenant
+) -> None:
+    tenant = await make_tenant()
+    async with api_factory(worker_url=f"http://127.0.0.1:{free_port()}") as client:
+        response = await client.get(
+            "/api/leads/00000000-0000-4000-8000-000000000000", headers=tenant.headers
+        )
+    assert response.status_code == 503
+    assert "no worker answered" in response.json()["detail"]

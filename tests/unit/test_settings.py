@@ -1,0 +1,33 @@
+import pytest
+from pydantic import ValidationError
+
+from flexoraa.settings import Settings
+
+
+def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "broker-a:9092,broker-b:9092")
+    monkeypatch.setenv("KAFKA_PARTITIONS", "12")
+    monkeypatch.setenv("ENABLE_GMAIL_POLLING", "false")
+    settings = Settings()
+    assert settings.kafka_bootstrap_servers == "broker-a:9092,broker-b:9092"
+    assert settings.kafka_port == 9092
+    assert settings.kafka_partitions == 12
+    assert settings.enable_gmail_polling is False
+    assert settings.enable_ai_qualification is True
+
+
+def test_production_refuses_the_local_broker_default() -> None:
+    with pytest.raises(ValidationError, match="KAFKA_BOOTSTRAP_SERVERS"):
+        Settings(environment="production")
+
+
+def test_topic_prefix_is_validated() -> None:
+    with pytest.raises(ValidationError):
+        Settings(topic_prefix="has spaces")
+
+
+def test_worker_advertised_url_defaults_to_its_bind_address() -> None:
+    settings = Settings(worker_web_host="10.0.0.5", worker_web_port=6070)
+    assert settings.worker_advertised_url == "http://10.0.0.5:6070"
+    override = Settings(worker_canonical_url="http://worker-1:6066")
+    assert override.worker_advertised_url == "http://worker-1:6066"
