@@ -66,11 +66,10 @@ def create_worker_app(settings: Settings) -> faust.App:
 
     inbound = lead_topic(names.inbound_messages)
     dead_letters = lead_topic(names.dead_letters)
-    sessions = app.Table(
-        "sessions",
-        schema=faust.Schema(key_type=str, key_serializer="raw", value_serializer="json"),
-        partitions=settings.kafka_partitions,
-    )
+    # Keys are the lead id's bytes, exactly as producers key the lead topics: Faust picks a
+    # table's key codec from its key type (raw only for bytes), and table_route hashes the
+    # key with that codec, so any other type would route reads to the wrong partition owner.
+    sessions = app.Table("sessions", key_type=bytes, partitions=settings.kafka_partitions)
 
     sessions_agent.register(app, inbound=inbound, dead_letters=dead_letters, sessions=sessions)
     sink_agent.register(

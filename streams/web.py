@@ -12,7 +12,7 @@ from faust.types import AppT, TableT
 from faust.web import Request, Response, View
 
 
-def register(app: AppT, *, sessions: TableT[str, Any]) -> None:
+def register(app: AppT, *, sessions: TableT[bytes, Any]) -> None:
     @app.page("/health")
     async def health(self: View, request: Request) -> Response:
         return self.json({"status": "ok"})
@@ -31,7 +31,7 @@ def register(app: AppT, *, sessions: TableT[str, Any]) -> None:
     @app.page("/internal/leads/{lead_id}")
     @app.table_route(table=sessions, match_info="lead_id")
     async def lead_state(self: View, request: Request, lead_id: str) -> Response:
-        state: Any = sessions.get(lead_id)
+        state: Any = sessions.get(lead_id.encode())
         if state is None:
             return self.json({"error": "lead not found"}, status=404)
         return self.json({"session": state})

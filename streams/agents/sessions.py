@@ -14,7 +14,7 @@ from streams.rules.session import apply_inbound
 
 
 def register(
-    app: AppT, *, inbound: TopicT, dead_letters: TopicT, sessions: TableT[str, Any]
+    app: AppT, *, inbound: TopicT, dead_letters: TopicT, sessions: TableT[bytes, Any]
 ) -> None:
     @app.agent(inbound, name="sessions")
     async def apply_inbound_messages(stream: StreamT[bytes]) -> None:
@@ -26,7 +26,8 @@ def register(
                     dead_letters, event, describe_validation_error(exc), "invalid_event"
                 )
                 continue
-            if event.key is not None and event.key != message.lead_id.encode():
+            lead_key = message.lead_id.encode()
+            if event.key != lead_key:
                 # A record on another lead's key would update state on a worker that does
                 # not own the lead; refusing it keeps the tables co-partitioned.
                 await dead_letter_event(
@@ -34,7 +35,7 @@ def register(
                 )
                 continue
             updated = apply_inbound(
-                sessions.get(message.lead_id),
+                sessions.get(lead_key),
                 event_id=message.event_id,
                 lead_id=message.lead_id,
                 tenant_id=message.tenant_id,
@@ -46,5 +47,5 @@ def register(
             if updated is None:
                 DUPLICATE_EVENTS.labels("inbound").inc()
                 continue
-            sessions[message.lead_id] = updated
+            sessions[lead_key] = updated
             INBOUND_EVENTS.labels(message.channel).inc()
