@@ -17,7 +17,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from flexoraa.settings import Settings
 from schemas.events import DeadLetter, InboundMessage
 from schemas.topics import TopicNames
-from tests.conftest import ManagedProcess, MakeTenant, StartProcess, Tenant, free_port, start_worker
+from tests.conftest import MakeTenant, ManagedProcess, StartProcess, Tenant, free_port, start_worker
 from tests.integration.conftest import ApiFactory
 
 pytestmark = pytest.mark.integration

@@ -9,8 +9,8 @@ import pytest
 
 from flexoraa.settings import Settings
 from tests.conftest import (
-    ManagedProcess,
     MakeTenant,
+    ManagedProcess,
     StartProcess,
     http_get_json,
     start_worker,
