@@ -27,7 +27,7 @@ class LeadStateClient:
         if response.status_code == 404:
             return None
         if response.status_code != 200:
-            raise StateUnavailable(f"worker answered {response.status_code}")
+            raise StateUnavailable(f"worker answered {response.status_code}: {response.text[:200]}")
         session: dict[str, Any] = response.json()["session"]
         return session
 

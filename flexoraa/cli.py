@@ -184,9 +184,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, lambda *_: stop_children())
     try:
-        _wait_healthy(
-            f"http://127.0.0.1:{settings.worker_web_port}/health", children["worker"], 180
-        )
+        # Ready, not just up: tables are recovered and partitions assigned before we say so.
+        worker_ready = f"http://127.0.0.1:{settings.worker_web_port}/ready"
+        _wait_healthy(worker_ready, children["worker"], 180)
         base = f"http://127.0.0.1:{settings.api_port}"
         _wait_healthy(f"{base}/health", children["api"], 60)
         print(

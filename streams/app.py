@@ -80,6 +80,6 @@ def create_worker_app(settings: Settings) -> faust.App:
         batch_size=settings.sink_batch_size,
         batch_window_s=settings.sink_batch_window_ms / 1000,
     )
-    web.register(app, sessions=sessions)
+    web.register(app, sessions=sessions, partitions=settings.kafka_partitions)
     setup_prometheus_sensors(app, name_prefix="faust")
     return app

@@ -1,18 +1,47 @@
-"""The worker's own web pages: health and live table lookups routed to the partition owner.
+"""The worker's own web pages: health, readiness and live table reads.
 
-The API reads live state here. Any worker can be asked: `table_route` forwards the request to
-the worker that owns the lead's partition, so the answer is the owner's current state.
+The API reads live state here. Any worker can be asked: a read for a lead whose partition
+another worker owns is forwarded to that worker, so the answer is the owner's current state.
+
+Faust's `table_route` is not used: it finds the partition through the producer's metadata,
+which a worker that has not yet produced to the changelog does not have (the read fails), so
+the owner is computed here with the same murmur2 partitioner every Kafka producer uses.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from aiokafka.partitioner import DefaultPartitioner
 from faust.types import AppT, TableT
 from faust.web import Request, Response, View
+from yarl import URL
+
+_partitioner = DefaultPartitioner()
 
 
-def register(app: AppT, *, sessions: TableT[bytes, Any]) -> None:
+def partition_of(key: bytes, partitions: int) -> int:
+    """The partition a Kafka producer's default partitioner puts `key` on."""
+    every = list(range(partitions))
+    return int(_partitioner(key, every, every))
+
+
+def _owners(app: AppT, table: TableT[bytes, Any]) -> dict[int, str]:
+    """Partition number → URL of the worker that owns it (active, not standby)."""
+    owners: dict[int, str] = {}
+    for url, topics in app.router.table_metadata(table.name).items():
+        for partitions in topics.values():
+            for partition in partitions:
+                owners[partition] = url
+    return owners
+
+
+def _same_worker(url: str, own: URL) -> bool:
+    other = URL(url)
+    return (other.host, other.port) == (own.host, own.port)
+
+
+def register(app: AppT, *, sessions: TableT[bytes, Any], partitions: int) -> None:
     @app.page("/health")
     async def health(self: View, request: Request) -> Response:
         return self.json({"status": "ok"})
@@ -21,7 +50,9 @@ def register(app: AppT, *, sessions: TableT[bytes, Any]) -> None:
     async def ready(self: View, request: Request) -> Response:
         # Serving table reads before recovery finished would answer from partial state.
         assigned = len(app.consumer.assignment()) if app.consumer else 0
-        if app.rebalancing or getattr(app, "in_recovery", False) or not assigned:
+        recovering = app.rebalancing or getattr(app, "in_recovery", False)
+        routable = len(_owners(app, sessions)) == partitions
+        if recovering or not assigned or not routable:
             return self.json(
                 {"status": "unavailable", "detail": "rebalancing or recovering tables"},
                 status=503,
@@ -29,9 +60,16 @@ def register(app: AppT, *, sessions: TableT[bytes, Any]) -> None:
         return self.json({"status": "ready", "assigned_partitions": assigned})
 
     @app.page("/internal/leads/{lead_id}")
-    @app.table_route(table=sessions, match_info="lead_id")
     async def lead_state(self: View, request: Request, lead_id: str) -> Response:
-        state: Any = sessions.get(lead_id.encode())
+        key = lead_id.encode()
+        owner = _owners(app, sessions).get(partition_of(key, partitions))
+        if owner is None:
+            return self.json({"error": "partition owner unknown (rebalancing)"}, status=503)
+        if not _same_worker(owner, URL(str(app.conf.canonical_url))):
+            forward_to = f"{owner.rstrip('/')}/internal/leads/{lead_id}"
+            async with app.http_client.get(forward_to) as forwarded:
+                return self.json(await forwarded.json(), status=forwarded.status)
+        state: Any = sessions.get(key)
         if state is None:
             return self.json({"error": "lead not found"}, status=404)
         return self.json({"session": state})
