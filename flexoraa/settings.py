@@ -64,7 +64,9 @@ class Settings(BaseSettings):
         "at_least_once",
         description="Faust processing guarantee; effects are idempotent by event id either way",
     )
-    table_store: str = Field("memory://", description="Faust table store (memory:// or rocksdb://)")
+    table_store: str = Field(
+        "memory://", description="Faust table store; memory:// rebuilds tables from changelogs"
+    )
     sink_batch_size: int = Field(500, ge=1, description="rows per PostgreSQL sink write")
     sink_batch_window_ms: int = Field(200, ge=1, description="longest wait to fill a sink batch")
 

@@ -1,0 +1,35 @@
+"""Every API route except health, readiness, metrics and the docs requires an API key."""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+import pytest
+
+from api.main import create_app
+from flexoraa.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+PUBLIC = {"/health", "/ready"}
+
+
+def documented_routes(settings: Settings) -> list[tuple[str, str]]:
+    paths = create_app(settings).openapi()["paths"]
+    return [
+        (method.upper(), path)
+        for path, operations in paths.items()
+        if path not in PUBLIC
+        for method in operations
+    ]
+
+
+async def test_every_route_requires_a_key(api: httpx.AsyncClient, test_settings: Settings) -> None:
+    routes = documented_routes(test_settings)
+    assert ("POST", "/api/events/inbound") in routes
+    assert ("GET", "/api/leads/{lead_id}") in routes
+    for method, path in routes:
+        concrete = re.sub(r"\{[^}]+\}", "00000000-0000-4000-8000-000000000000", path)
+        response = await api.request(method, concrete, json={})
+        assert response.status_code == 401, (method, path, response.status_code)
