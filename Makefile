@@ -60,3 +60,8 @@ test: setup lint typecheck
 
 clean: stack-stop
 	rm -rf .stack
+
+# Benchmarks against the real local broker; results (with machine facts) in bench/results/.
+bench: setup
+	$(BIN)/python -m bench.freshness --workers 1 --rate 200 --seconds 20
+	$(BIN)/python -m bench.freshness --workers 2 --rate 200 --seconds 20

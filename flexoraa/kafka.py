@@ -84,9 +84,10 @@ class EventPublisher:
                     bootstrap_servers=self._settings.kafka_bootstrap_servers,
                     acks="all",
                     enable_idempotence=True,
-                    # Concurrent requests share a batch; a couple of ms buys throughput
-                    # without being visible next to the broker's own round trip.
-                    linger_ms=2,
+                    # No linger: a lone request would wait it out (measured: 2 ms of linger
+                    # cost 3.7 ms at p50), and under load requests already share batches
+                    # while the previous one is in flight.
+                    linger_ms=0,
                     request_timeout_ms=self._settings.kafka_produce_timeout_ms,
                 )
                 try:
@@ -124,3 +125,17 @@ async def _close_quietly(producer: AIOKafkaProducer) -> None:
         await producer.stop()
     except Exception:
         logger.debug("producer stop failed", exc_info=True)
+
+
+async def delete_topics(settings: Settings) -> list[str]:
+    """Delete every topic of this prefix: the pipeline's ("<prefix>.") and Faust's ("<prefix>-")."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        prefixes = (f"{settings.topic_prefix}.", f"{settings.topic_prefix}-")
+        names = [name for name in await admin.list_topics() if name.startswith(prefixes)]
+        if names:
+            await admin.delete_topics(names)
+        return names
+    finally:
+        await admin.close()

@@ -24,10 +24,9 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient
 
 from flexoraa import stack
-from flexoraa.kafka import ensure_topics
+from flexoraa.kafka import delete_topics, ensure_topics
 from flexoraa.settings import Settings
 from schemas.migrate import migrate
 
@@ -123,23 +122,7 @@ async def test_settings(
         await conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
     finally:
         await conn.close()
-    await _delete_topics(settings)
-
-
-async def _delete_topics(settings: Settings) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
-    await admin.start()
-    try:
-        # The pipeline's topics are "<prefix>.", Faust's own are "<prefix>-".
-        names = [
-            name
-            for name in await admin.list_topics()
-            if name.startswith((f"{settings.topic_prefix}.", f"{settings.topic_prefix}-"))
-        ]
-        if names:
-            await admin.delete_topics(names)
-    finally:
-        await admin.close()
+    await delete_topics(settings)
 
 
 @pytest.fixture
