@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -13,14 +14,16 @@ from typing import Any
 import httpx
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from prometheus_client.parser import text_string_to_metric_families
 
-from flexoraa.settings import Settings
+from flexoraa.settings import PROJECT_ROOT, Settings
 from schemas.events import DeadLetter, InboundMessage
 from schemas.topics import TopicNames
 from tests.conftest import MakeTenant, ManagedProcess, StartProcess, Tenant, free_port, start_worker
 from tests.integration.conftest import ApiFactory
 
 pytestmark = pytest.mark.integration
+DASHBOARDS = PROJECT_ROOT / "dashboards"
 
 
 @pytest.fixture(scope="module")
@@ -296,3 +299,30 @@ async def test_no_worker_means_503_for_live_state(
         )
     assert response.status_code == 503
     assert "no worker answered" in response.json()["detail"]
+
+
+def exported_names(*texts: str) -> set[str]:
+    names: set[str] = set()
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            names.add(family.name)
+            names.update(sample.name for sample in family.samples)
+    return names
+
+
+async def test_every_metric_on_a_dashboard_or_alert_is_exported(
+    api: httpx.AsyncClient, worker: ManagedProcess, make_tenant: MakeTenant
+) -> None:
+    """Dashboards and alert rules cannot drift from the code: every series they use exists."""
+    tenant = await make_tenant()
+    await post(api, tenant, channel="sms", contact="5550007777", text="for the metrics")
+    await api.get("/api/leads/not-a-uuid", headers=tenant.headers)
+    async with httpx.AsyncClient() as client:
+        worker_metrics = (await client.get(f"http://127.0.0.1:{worker.ports['web']}/metrics")).text
+    api_metrics = (await api.get("/metrics")).text
+    exported = exported_names(worker_metrics, api_metrics)
+    referenced: set[str] = set()
+    for path in [*DASHBOARDS.rglob("*.json"), *DASHBOARDS.rglob("*.yml")]:
+        referenced.update(re.findall(r"\b((?:flexoraa|faust)_[a-z_]+)\b", path.read_text()))
+    assert referenced, "no metrics referenced by the dashboards"
+    assert sorted(referenced - exported) == []
