@@ -79,13 +79,19 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> No
 
 
 @pytest.fixture(scope="session")
-def running_stack() -> Settings:
+def running_stack() -> Iterator[Settings]:
+    """The stack of `flexoraa stack up`; what this session started, it stops at the end."""
     settings = Settings(environment="test")
+    already_running = {status.name for status in stack.stack_status(settings) if status.running}
     try:
         stack.stack_up(settings)
     except stack.StackError as exc:
         pytest.fail(f"the local stack (Kafka, PostgreSQL) could not start: {exc}")
-    return settings
+    yield settings
+    if "kafka" not in already_running:
+        stack.stop_kafka(settings)
+    if "postgres" not in already_running:
+        stack.stop_postgres(settings)
 
 
 async def _superuser(settings: Settings) -> asyncpg.Connection:
