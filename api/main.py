@@ -51,6 +51,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(health.router)
     app.include_router(events.router)
     app.include_router(leads.router)
+    # --- WhatsApp and Meta channels (issue 3) ---
+    # --- Tokens and Razorpay (issue 6) ---
+    # --- SLA monitoring (issue 8) ---
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware)
     return app

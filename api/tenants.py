@@ -34,10 +34,19 @@ def hash_api_key(api_key: str) -> bytes:
     return hashlib.sha256(api_key.encode()).digest()
 
 
-async def create_tenant(conn: asyncpg.Connection, name: str) -> NewTenant:
+async def create_tenant(
+    conn: asyncpg.Connection, name: str, admin_emails: list[str] | None = None
+) -> NewTenant:
     tenant_id = str(uuid.uuid4())
     async with conn.transaction():
         await conn.execute("INSERT INTO tenants (tenant_id, name) VALUES ($1, $2)", tenant_id, name)
+        for email in admin_emails or []:
+            await conn.execute(
+                "INSERT INTO tenant_admins (tenant_id, email) VALUES ($1, $2)"
+                " ON CONFLICT DO NOTHING",
+                tenant_id,
+                email.strip().lower(),
+            )
         api_key = await create_api_key(conn, tenant_id)
     return NewTenant(tenant_id=tenant_id, api_key=api_key)
 

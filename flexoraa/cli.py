@@ -84,7 +84,7 @@ def cmd_tenants_create(args: argparse.Namespace) -> int:
     async def create() -> dict[str, str]:
         conn = await asyncpg.connect(_settings(args).database_url)
         try:
-            tenant = await create_tenant(conn, args.name)
+            tenant = await create_tenant(conn, args.name, args.admin_email)
         finally:
             await conn.close()
         return {"tenant_id": tenant.tenant_id, "api_key": tenant.api_key}
@@ -244,6 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     tenant_commands = tenants.add_subparsers(dest="tenant_command", required=True)
     create = tenant_commands.add_parser("create", help="create a tenant and print its API key")
     create.add_argument("--name", required=True)
+    create.add_argument(
+        "--admin-email",
+        action="append",
+        default=[],
+        help="an admin notified of alerts (repeatable)",
+    )
     create.set_defaults(func=cmd_tenants_create)
 
     worker = commands.add_parser("worker", help="run a stream worker (Faust)")

@@ -94,6 +94,14 @@ class Settings(BaseSettings):
     kafka_controller_port: int = Field(9093, description="KRaft controller port of the stack")
     postgres_port: int = Field(55432, description="port of the stack's PostgreSQL")
 
+    # --- Notifications: SMTP mailer ---
+
+    # --- WhatsApp and Meta channels (issue 3) ---
+
+    # --- Tokens and Razorpay (issue 6) ---
+
+    # --- SLA monitoring (issue 8) ---
+
     @model_validator(mode="after")
     def _refuse_dev_defaults_in_production(self) -> Settings:
         if self.environment == "production" and "127.0.0.1" in self.kafka_bootstrap_servers:

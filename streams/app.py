@@ -80,6 +80,9 @@ def create_worker_app(settings: Settings) -> faust.App:
         batch_size=settings.sink_batch_size,
         batch_window_s=settings.sink_batch_window_ms / 1000,
     )
+    # --- WhatsApp and Meta channels (issue 3) ---
+    # --- Tokens and notifications (issue 6) ---
+    # --- SLA monitoring (issue 8) ---
     web.register(app, sessions=sessions, partitions=settings.kafka_partitions)
     setup_prometheus_sensors(app, name_prefix="faust")
     return app
