@@ -8,9 +8,12 @@ from typing import Annotated
 import asyncpg
 from fastapi import Depends, Request
 
+from api.dedup import RecentIds
 from api.errors import ApiError
 from api.lead_state import LeadStateClient
 from api.tenants import Principal, PrincipalCache, find_principal
+from connectors.channels import ChannelDirectory
+from flexoraa.crypto import SecretBox
 from flexoraa.kafka import EventPublisher
 from flexoraa.settings import Settings
 from schemas.topics import TopicNames
@@ -26,6 +29,9 @@ class Services:
     publisher: EventPublisher
     lead_state: LeadStateClient
     principals: PrincipalCache
+    secret_box: SecretBox
+    channels: ChannelDirectory
+    recent_message_ids: RecentIds
 
 
 def get_services(request: Request) -> Services:

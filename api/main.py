@@ -2,21 +2,32 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
+import asyncpg
 from fastapi import FastAPI
 
 from api import errors
+from api.dedup import RecentIds
 from api.deps import Services
 from api.lead_state import LeadStateClient
 from api.middleware import BodyLimitMiddleware, MetricsMiddleware
-from api.routes import events, health, leads
+from api.routes import channels, events, health, leads, meta_webhooks
 from api.tenants import PrincipalCache
+from connectors.channels import ChannelDirectory
+from flexoraa.crypto import load_secret_box
 from flexoraa.db import create_pool
 from flexoraa.kafka import EventPublisher
 from flexoraa.settings import Settings
 from schemas.topics import TopicNames
+
+
+def _constant(pool: asyncpg.Pool) -> Callable[[], Awaitable[asyncpg.Pool]]:
+    async def factory() -> asyncpg.Pool:
+        return pool
+
+    return factory
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -25,6 +36,7 @@ def create_app(settings: Settings) -> FastAPI:
         pool = await create_pool(settings)
         publisher = EventPublisher(settings)
         lead_state = LeadStateClient(settings.worker_url)
+        secret_box = load_secret_box(settings)
         app.state.services = Services(
             settings=settings,
             topics=TopicNames(settings.topic_prefix),
@@ -32,6 +44,9 @@ def create_app(settings: Settings) -> FastAPI:
             publisher=publisher,
             lead_state=lead_state,
             principals=PrincipalCache(settings.api_key_cache_ttl_s),
+            secret_box=secret_box,
+            channels=ChannelDirectory(_constant(pool), secret_box),
+            recent_message_ids=RecentIds(settings.webhook_dedup_cache_size),
         )
         try:
             yield
@@ -52,6 +67,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(events.router)
     app.include_router(leads.router)
     # --- WhatsApp and Meta channels (issue 3) ---
+    app.include_router(channels.router)
+    app.include_router(meta_webhooks.router)
     # --- Tokens and Razorpay (issue 6) ---
     # --- SLA monitoring (issue 8) ---
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)

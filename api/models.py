@@ -70,6 +70,25 @@ class MessageView(BaseModel):
     text: str
     channel_message_id: str | None
     occurred_at: datetime
+    send_kind: str | None = Field(None, description="outbound: freeform or template")
+    sent_by: str | None = Field(None, description="outbound: sdr or ai")
+    status: str | None = Field(
+        None, description="outbound: accepted/failed, then sent/delivered/read/failed"
+    )
+    status_at: datetime | None = None
+    error_code: str | None = None
+    error: str | None = None
+
+
+class SendRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = Field(min_length=1, max_length=4096)
+
+
+class SendAccepted(BaseModel):
+    command_id: str
+    lead_id: str
 
 
 class MessagePage(BaseModel):

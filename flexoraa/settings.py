@@ -10,7 +10,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -97,6 +97,37 @@ class Settings(BaseSettings):
     # --- Notifications: SMTP mailer ---
 
     # --- WhatsApp and Meta channels (issue 3) ---
+    secrets_encryption_key: SecretStr | None = Field(
+        None,
+        description="base64 of 32 random bytes: AES-GCM key of stored channel and OAuth secrets "
+        "(required in production; locally generated into STACK_DIR/secrets.key)",
+    )
+    whatsapp_graph_api_url: str = Field(
+        "https://graph.facebook.com", description="Graph API base URL (tests use a local server)"
+    )
+    whatsapp_graph_api_version: str = Field("v21.0", description="Graph API version")
+    whatsapp_template_name: str | None = Field(
+        None, description="approved template sent outside the 24-hour window (none: fail)"
+    )
+    whatsapp_template_language: str = Field("en_US", description="language code of the template")
+    whatsapp_template_parameters: str = Field(
+        "contact_name,text",
+        description="comma-separated body parameters of the template, in order, from: "
+        "contact_name, text, contact",
+    )
+    whatsapp_send_max_attempts: int = Field(
+        4, ge=1, le=10, description="attempts of a send that gets 429 or 5xx"
+    )
+    whatsapp_send_backoff_ms: int = Field(
+        200, ge=0, description="first retry delay of a send; doubles each attempt"
+    )
+    window_closing_notice_min: int = Field(
+        60, ge=1, le=1439, description="minutes before a 24-hour window closes to emit a notice"
+    )
+    timer_tick_ms: int = Field(1000, ge=50, description="how often workers check due deadlines")
+    webhook_dedup_cache_size: int = Field(
+        100_000, ge=0, description="recent message ids each API process remembers"
+    )
 
     # --- Tokens and Razorpay (issue 6) ---
 

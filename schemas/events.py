@@ -37,6 +37,8 @@ class InboundMessage(Event):
     text: str = Field(max_length=MAX_TEXT_CHARS)
     message_type: str = Field("text", max_length=32)
     channel_message_id: str | None = Field(None, max_length=256)
+    # The business account that received it: WhatsApp phone_number_id, Instagram or page id.
+    channel_account_id: str | None = Field(None, max_length=64)
     received_at: AwareDatetime
 
 

@@ -46,6 +46,11 @@ class TopicNames:
         return f"{self.prefix}.notifications"
 
     @property
+    def deadlines(self) -> str:
+        """Internal: "deadline reached" commands from the timers, keyed by lead."""
+        return f"{self.prefix}.deadlines"
+
+    @property
     def dead_letters(self) -> str:
         return f"{self.prefix}.dead-letters"
 
@@ -60,5 +65,6 @@ class TopicNames:
             self.token_credits,
             self.latency,
             self.notifications,
+            self.deadlines,
             self.dead_letters,
         ]

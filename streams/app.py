@@ -2,17 +2,35 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import asyncpg
 import faust
 from faust.sensors.prometheus import setup_prometheus_sensors
 
+from connectors.channels import ChannelDirectory
+from connectors.whatsapp import GraphApiClient
+from flexoraa.crypto import load_secret_box
 from flexoraa.db import create_pool
 from flexoraa.settings import Settings
+from schemas.events import InboundMessage
+from schemas.messaging import DeliveryStatus, LeadEvent, OutboundMessage
 from schemas.topics import TopicNames
 from streams import web
+from streams.agents import deadlines as deadlines_agent
+from streams.agents import outbound as outbound_agent
 from streams.agents import sessions as sessions_agent
 from streams.agents import sink as sink_agent
-from streams.sink import InboundMessageSink
+from streams.agents import window as window_agent
+from streams.agents.outbound import Sender
+from streams.agents.sink import SinkSpec
+from streams.sink import (
+    DeliveryStatusSink,
+    InboundMessageSink,
+    LeadEventSink,
+    OutboundMessageSink,
+)
+from streams.timers import DeadlineIndex, Scheduler
 
 
 class _LazyPool:
@@ -66,21 +84,67 @@ def create_worker_app(settings: Settings) -> faust.App:
 
     inbound = lead_topic(names.inbound_messages)
     dead_letters = lead_topic(names.dead_letters)
-    # Keys are the lead id's bytes, exactly as producers key the lead topics: Faust picks a
-    # table's key codec from its key type (raw only for bytes), and table_route hashes the
-    # key with that codec, so any other type would route reads to the wrong partition owner.
+    outbound_commands = lead_topic(names.outbound_commands)
+    outbound_messages = lead_topic(names.outbound_messages)
+    delivery_status = lead_topic(names.delivery_status)
+    lead_events = lead_topic(names.lead_events)
+    deadlines_topic = lead_topic(names.deadlines)
+    # Keys are the lead id's bytes, exactly as producers key the lead topics, so the partition
+    # of a key is the same murmur2 hash everywhere (the web page routes reads with it; Faust
+    # would serialise any other key type with its JSON codec and hash something else).
     sessions = app.Table("sessions", key_type=bytes, partitions=settings.kafka_partitions)
+    deadlines = app.Table("deadlines", key_type=bytes, partitions=settings.kafka_partitions)
+    scheduler = Scheduler(deadlines, DeadlineIndex())
+    pool = _LazyPool(settings)
+    secret_box = load_secret_box(settings)
+    channels = ChannelDirectory(pool, secret_box)
+    graph = GraphApiClient(settings.whatsapp_graph_api_url, settings.whatsapp_graph_api_version)
 
-    sessions_agent.register(app, inbound=inbound, dead_letters=dead_letters, sessions=sessions)
-    sink_agent.register(
+    sessions_agent.register(
         app,
         inbound=inbound,
         dead_letters=dead_letters,
-        sink=InboundMessageSink(_LazyPool(settings)),
-        batch_size=settings.sink_batch_size,
-        batch_window_s=settings.sink_batch_window_ms / 1000,
+        sessions=sessions,
+        scheduler=scheduler,
+        closing_notice_ms=settings.window_closing_notice_min * 60_000,
     )
+    sinks: list[SinkSpec[Any]] = [
+        # The sessions agent dead-letters undecodable inbound records; one letter per record.
+        SinkSpec(
+            "inbound", inbound, InboundMessage, InboundMessageSink(pool), dead_letter_invalid=False
+        ),
+        SinkSpec("outbound", outbound_messages, OutboundMessage, OutboundMessageSink(pool)),
+        SinkSpec("statuses", delivery_status, DeliveryStatus, DeliveryStatusSink(pool)),
+        SinkSpec("lead-events", lead_events, LeadEvent, LeadEventSink(pool)),
+    ]
+    for spec in sinks:
+        sink_agent.register(
+            app,
+            spec,
+            dead_letters=dead_letters,
+            batch_size=settings.sink_batch_size,
+            batch_window_s=settings.sink_batch_window_ms / 1000,
+        )
+
     # --- WhatsApp and Meta channels (issue 3) ---
+    outbound_agent.register(
+        app,
+        outbound_commands=outbound_commands,
+        dead_letters=dead_letters,
+        sessions=sessions,
+        sender=Sender(settings, graph, channels, outbound_messages),
+    )
+    deadlines_agent.register(
+        app,
+        source_topic=inbound,
+        deadlines_topic=deadlines_topic,
+        dead_letters=dead_letters,
+        scheduler=scheduler,
+        sessions=sessions,
+        handlers=window_agent.handlers(lead_events),
+        partitions=settings.kafka_partitions,
+        tick_s=settings.timer_tick_ms / 1000,
+    )
     # --- Tokens and notifications (issue 6) ---
     # --- SLA monitoring (issue 8) ---
     web.register(app, sessions=sessions, partitions=settings.kafka_partitions)

@@ -15,3 +15,9 @@ DUPLICATE_EVENTS = Counter(
 DEAD_LETTERS = Counter("flexoraa_dead_letters", "Records sent to the dead-letter topic", ["reason"])
 SINK_ROWS = Counter("flexoraa_sink_rows", "Rows written to PostgreSQL by the sink", ["table"])
 SINK_RETRIES = Counter("flexoraa_sink_retries", "PostgreSQL sink writes retried after a failure")
+DEADLINES_FIRED = Counter("flexoraa_deadlines_fired", "Per-lead deadlines acted on", ["deadline"])
+OUTBOUND_SENDS = Counter(
+    "flexoraa_outbound_sends",
+    "Send attempts by channel, kind and outcome",
+    ["channel", "kind", "outcome"],
+)

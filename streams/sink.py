@@ -6,17 +6,22 @@ keyed by event id (and by the channel's message id), so a replayed batch changes
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import asyncpg
 from tenacity import AsyncRetrying, before_sleep_log, retry_if_exception, wait_exponential
 
-from schemas.events import InboundMessage
+from schemas.events import Event, InboundMessage
+from schemas.messaging import DeliveryStatus, LeadEvent, OutboundMessage
 from streams.metrics import SINK_RETRIES, SINK_ROWS
+from streams.rules.delivery import RANK, supersedes
 
 logger = logging.getLogger(__name__)
+E = TypeVar("E", bound=Event)
 
 # A lead row exists before its messages (foreign key); activity times move only for messages
 # actually inserted, so a duplicate never changes a lead.
@@ -67,16 +72,18 @@ def _is_transient(exc: BaseException) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
-class RejectedRow:
-    message: InboundMessage
+class RejectedRow(Generic[E]):
+    message: E
     reason: str
 
 
-class InboundMessageSink:
+class BatchSink(Generic[E]):
+    """Writes batches of events; connection trouble is retried, refused rows are returned."""
+
     def __init__(self, pool_factory: Callable[[], Awaitable[asyncpg.Pool]]) -> None:
         self._pool_factory = pool_factory
 
-    async def write(self, batch: Sequence[InboundMessage]) -> list[RejectedRow]:
+    async def write(self, batch: Sequence[E]) -> list[RejectedRow[E]]:
         """Write a batch; returns the rows PostgreSQL refused (they are not retried)."""
         if not batch:
             return []
@@ -100,9 +107,7 @@ class InboundMessageSink:
                     return await self._write_rows(pool, batch)
         raise AssertionError("unreachable: AsyncRetrying either returns or raises")
 
-    async def _write_rows(
-        self, pool: asyncpg.Pool, batch: Sequence[InboundMessage]
-    ) -> list[RejectedRow]:
+    async def _write_rows(self, pool: asyncpg.Pool, batch: Sequence[E]) -> list[RejectedRow[E]]:
         rejected = []
         for message in batch:
             try:
@@ -113,8 +118,12 @@ class InboundMessageSink:
                 rejected.append(RejectedRow(message, f"database refused the row: {exc}"))
         return rejected
 
-    @staticmethod
-    async def _write_batch(pool: asyncpg.Pool, batch: Sequence[InboundMessage]) -> None:
+    async def _write_batch(self, pool: asyncpg.Pool, batch: Sequence[E]) -> None:
+        raise NotImplementedError
+
+
+class InboundMessageSink(BatchSink[InboundMessage]):
+    async def _write_batch(self, pool: asyncpg.Pool, batch: Sequence[InboundMessage]) -> None:
         # One row per lead: an upsert may touch a row only once per statement.
         first_of_lead: dict[str, InboundMessage] = {}
         for message in batch:
@@ -145,3 +154,106 @@ class InboundMessageSink:
             )
         SINK_ROWS.labels("leads").inc(len(leads))
         SINK_ROWS.labels("messages").inc(inserted)
+
+
+class OutboundMessageSink(BatchSink[OutboundMessage]):
+    """Final outcomes of sends (accepted or failed) as outbound rows of `messages`."""
+
+    async def _write_batch(self, pool: asyncpg.Pool, batch: Sequence[OutboundMessage]) -> None:
+        final = [m for m in batch if m.status != "retrying"]
+        if not final:
+            return
+        status = await pool.execute(
+            """INSERT INTO messages (event_id, tenant_id, lead_id, direction, channel, message_type,
+                                     body, channel_message_id, occurred_at, command_id, send_kind,
+                                     sent_by, send_status, error_code, error_message)
+               SELECT e, t, l, 'outbound', c, coalesce(k, 'text'), b, cm, o, cmd, k, sb, st, ec, em
+               FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[],
+                           $7::text[], $8::timestamptz[], $9::uuid[], $10::text[], $11::text[],
+                           $12::text[], $13::text[])
+                    AS u(e, t, l, c, b, cm, o, cmd, k, sb, st, ec, em)
+               ON CONFLICT DO NOTHING""",
+            [m.event_id for m in final],
+            [m.tenant_id for m in final],
+            [m.lead_id for m in final],
+            [m.channel for m in final],
+            [m.text for m in final],
+            [m.channel_message_id for m in final],
+            [m.occurred_at for m in final],
+            [m.command_id for m in final],
+            [m.send_kind for m in final],
+            [m.sent_by for m in final],
+            [m.status for m in final],
+            [m.error_code for m in final],
+            [m.error_message for m in final],
+        )
+        SINK_ROWS.labels("outbound_messages").inc(int(status.rsplit(" ", 1)[-1]))
+
+
+def latest_statuses(batch: Sequence[DeliveryStatus]) -> list[DeliveryStatus]:
+    """One status per channel message: the one that supersedes the others in the batch."""
+    winners: dict[tuple[str, str, str], DeliveryStatus] = {}
+    for update in batch:
+        key = (update.tenant_id, update.channel, update.channel_message_id)
+        known = winners.get(key)
+        if known is None or supersedes(
+            known.status, known.occurred_at, update.status, update.occurred_at
+        ):
+            winners[key] = update
+    return list(winners.values())
+
+
+# The SQL twin of `streams.rules.delivery.supersedes`, for rows already in PostgreSQL.
+_RANK_SQL = "CASE {col} " + " ".join(f"WHEN '{s}' THEN {r}" for s, r in RANK.items()) + " END"
+_NEW_RANK = _RANK_SQL.format(col="EXCLUDED.status")
+_OLD_RANK = _RANK_SQL.format(col="message_statuses.status")
+_UPSERT_STATUS = f"""
+INSERT INTO message_statuses (tenant_id, channel, channel_message_id, status, status_at,
+                              error_code, error_title)
+SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[],
+                     $6::text[], $7::text[])
+ON CONFLICT (tenant_id, channel, channel_message_id) DO UPDATE SET
+    status = EXCLUDED.status, status_at = EXCLUDED.status_at, error_code = EXCLUDED.error_code,
+    error_title = EXCLUDED.error_title, updated_at = now()
+WHERE message_statuses.status <> 'read' AND (
+    EXCLUDED.status = 'read'
+    OR (EXCLUDED.status_at > message_statuses.status_at
+        AND NOT (message_statuses.status = 'delivered' AND EXCLUDED.status = 'sent'))
+    OR (EXCLUDED.status_at = message_statuses.status_at
+        AND {_NEW_RANK} > {_OLD_RANK})
+)
+"""
+
+
+class DeliveryStatusSink(BatchSink[DeliveryStatus]):
+    async def _write_batch(self, pool: asyncpg.Pool, batch: Sequence[DeliveryStatus]) -> None:
+        rows = latest_statuses(batch)
+        await pool.execute(
+            _UPSERT_STATUS,
+            [r.tenant_id for r in rows],
+            [r.channel for r in rows],
+            [r.channel_message_id for r in rows],
+            [r.status for r in rows],
+            [r.occurred_at for r in rows],
+            [r.error_code for r in rows],
+            [r.error_title for r in rows],
+        )
+        SINK_ROWS.labels("message_statuses").inc(len(rows))
+
+
+class LeadEventSink(BatchSink[LeadEvent]):
+    async def _write_batch(self, pool: asyncpg.Pool, batch: Sequence[LeadEvent]) -> None:
+        status = await pool.execute(
+            """INSERT INTO lead_events (event_id, tenant_id, lead_id, type, data, occurred_at)
+               SELECT e, t, l, ty, d::jsonb, o
+               FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[],
+                           $6::timestamptz[]) AS u(e, t, l, ty, d, o)
+               ON CONFLICT DO NOTHING""",
+            [e.event_id for e in batch],
+            [e.tenant_id for e in batch],
+            [e.lead_id for e in batch],
+            [e.type for e in batch],
+            [json.dumps(e.data) for e in batch],
+            [e.occurred_at for e in batch],
+        )
+        SINK_ROWS.labels("lead_events").inc(int(status.rsplit(" ", 1)[-1]))

@@ -14,7 +14,18 @@ from fastapi import APIRouter, Query
 from api.deps import PrincipalDep, ServicesDep
 from api.errors import ApiError
 from api.lead_state import StateUnavailable
-from api.models import LeadPage, LeadSummary, LeadView, MessagePage, MessageView, WindowView
+from api.models import (
+    LeadPage,
+    LeadSummary,
+    LeadView,
+    MessagePage,
+    MessageView,
+    SendAccepted,
+    SendRequest,
+    WindowView,
+)
+from flexoraa.kafka import PublishUnavailable
+from schemas.messaging import OutboundCommand
 from streams.rules.window import window_state
 
 router = APIRouter(tags=["leads"])
@@ -85,6 +96,42 @@ async def get_lead(lead_id: str, principal: PrincipalDep, services: ServicesDep)
     )
 
 
+@router.post(
+    "/api/leads/{lead_id}/messages",
+    status_code=202,
+    response_model=SendAccepted,
+    responses={404: {}, 422: {}, 503: {}},
+)
+async def send_message(
+    lead_id: str, body: SendRequest, principal: PrincipalDep, services: ServicesDep
+) -> SendAccepted:
+    """An SDR's reply: queued as an outbound command; the 24-hour window decides how it goes."""
+    lead_id = _parse_lead_id(lead_id)
+    try:
+        session = await services.lead_state.session(lead_id)
+    except StateUnavailable as exc:
+        raise ApiError(503, "live lead state is unavailable: no worker answered") from exc
+    if session is None or session["tenant_id"] != principal.tenant_id:
+        raise ApiError(404, _NOT_FOUND)
+    command = OutboundCommand(
+        event_id=str(uuid.uuid4()),
+        tenant_id=principal.tenant_id,
+        occurred_at=datetime.now(UTC),
+        lead_id=lead_id,
+        text=body.text,
+        sent_by="sdr",
+    )
+    try:
+        await services.publisher.publish(
+            services.topics.outbound_commands,
+            key=lead_id.encode(),
+            value=command.model_dump_json().encode(),
+        )
+    except PublishUnavailable as exc:
+        raise ApiError(503, "message not queued: Kafka is unavailable, retry later") from exc
+    return SendAccepted(command_id=command.event_id, lead_id=lead_id)
+
+
 @router.get("/api/leads", response_model=LeadPage, responses={400: {}, 503: {}})
 async def list_leads(
     principal: PrincipalDep,
@@ -148,12 +195,18 @@ async def list_messages(
             if owner is None or str(owner) != principal.tenant_id:
                 raise ApiError(404, _NOT_FOUND)
             rows = await conn.fetch(
-                """SELECT event_id, direction, channel, message_type, body, channel_message_id,
-                          occurred_at
-                   FROM messages
-                   WHERE lead_id = $1
-                     AND ($2::timestamptz IS NULL OR (occurred_at, event_id) > ($2, $3::uuid))
-                   ORDER BY occurred_at, event_id
+                """SELECT m.event_id, m.direction, m.channel, m.message_type, m.body,
+                          m.channel_message_id, m.occurred_at, m.send_kind, m.sent_by,
+                          coalesce(s.status, m.send_status) AS status, s.status_at,
+                          coalesce(s.error_code, m.error_code) AS error_code,
+                          coalesce(s.error_title, m.error_message) AS error
+                   FROM messages m
+                   LEFT JOIN message_statuses s
+                     ON m.direction = 'outbound' AND s.tenant_id = m.tenant_id
+                        AND s.channel = m.channel AND s.channel_message_id = m.channel_message_id
+                   WHERE m.lead_id = $1
+                     AND ($2::timestamptz IS NULL OR (m.occurred_at, m.event_id) > ($2, $3::uuid))
+                   ORDER BY m.occurred_at, m.event_id
                    LIMIT $4""",
                 lead_id,
                 after[0] if after else None,
@@ -171,6 +224,12 @@ async def list_messages(
             text=row["body"],
             channel_message_id=row["channel_message_id"],
             occurred_at=row["occurred_at"],
+            send_kind=row["send_kind"],
+            sent_by=row["sent_by"],
+            status=row["status"],
+            status_at=row["status_at"],
+            error_code=row["error_code"],
+            error=row["error"],
         )
         for row in rows[:limit]
     ]

@@ -11,10 +11,18 @@ from schemas.events import InboundMessage
 from streams.dead_letters import dead_letter_event, describe_validation_error
 from streams.metrics import DUPLICATE_EVENTS, INBOUND_EVENTS
 from streams.rules.session import apply_inbound
+from streams.rules.window import window_deadlines
+from streams.timers import Scheduler
 
 
 def register(
-    app: AppT, *, inbound: TopicT, dead_letters: TopicT, sessions: TableT[bytes, Any]
+    app: AppT,
+    *,
+    inbound: TopicT,
+    dead_letters: TopicT,
+    sessions: TableT[bytes, Any],
+    scheduler: Scheduler,
+    closing_notice_ms: int,
 ) -> None:
     @app.agent(inbound, name="sessions")
     async def apply_inbound_messages(stream: StreamT[bytes]) -> None:
@@ -43,9 +51,17 @@ def register(
                 contact=message.contact,
                 contact_name=message.contact_name,
                 occurred_ms=int(message.occurred_at.timestamp() * 1000),
+                account_id=message.channel_account_id,
             )
             if updated is None:
                 DUPLICATE_EVENTS.labels("inbound").inc()
                 continue
             sessions[lead_key] = updated
+            # Each customer message moves the window's deadlines (if it is the latest one).
+            scheduler.set(
+                lead_key,
+                window_deadlines(
+                    updated["channel"], updated["last_customer_message_ms"], closing_notice_ms
+                ),
+            )
             INBOUND_EVENTS.labels(message.channel).inc()

@@ -1,40 +1,69 @@
-"""The sink agent: inbound messages to PostgreSQL in batches."""
+"""Sink agents: a topic's events to PostgreSQL in batches, idempotently."""
 
 from __future__ import annotations
 
+from typing import Generic, TypeVar, cast
+
+from faust import Stream
 from faust.types import AppT, StreamT, TopicT
 from pydantic import ValidationError
 
-from schemas.events import InboundMessage
-from streams.dead_letters import send_dead_letter
-from streams.sink import InboundMessageSink
+from schemas.events import Event
+from streams.dead_letters import dead_letter_event, describe_validation_error, send_dead_letter
+from streams.sink import BatchSink
+
+E = TypeVar("E", bound=Event)
+
+
+class SinkSpec(Generic[E]):
+    """What one sink agent reads and how it writes."""
+
+    def __init__(
+        self,
+        name: str,
+        topic: TopicT,
+        model: type[E],
+        sink: BatchSink[E],
+        *,
+        dead_letter_invalid: bool = True,
+    ) -> None:
+        self.name = name
+        self.topic = topic
+        self.model = model
+        self.sink = sink
+        # Off where another agent of the same topic already dead-letters undecodable records.
+        self.dead_letter_invalid = dead_letter_invalid
 
 
 def register(
     app: AppT,
+    spec: SinkSpec[E],
     *,
-    inbound: TopicT,
     dead_letters: TopicT,
-    sink: InboundMessageSink,
     batch_size: int,
     batch_window_s: float,
 ) -> None:
-    @app.agent(inbound, name="postgres-sink")
-    async def write_inbound_messages(stream: StreamT[bytes]) -> None:
-        async for values in stream.take(batch_size, within=batch_window_s):
+    @app.agent(spec.topic, name=f"sink-{spec.name}")
+    async def write_batches(stream: StreamT[bytes]) -> None:
+        # take_events (not take): a dead letter needs the record's partition and offset.
+        batches = cast(Stream[bytes], stream).take_events(batch_size, within=batch_window_s)
+        async for events in batches:
             batch = []
-            for value in values:
+            for event in events:
                 try:
-                    batch.append(InboundMessage.model_validate_json(value))
-                except ValidationError:
-                    continue  # the sessions agent dead-letters it; one letter per record
-            for rejected in await sink.write(batch):
+                    batch.append(spec.model.model_validate_json(event.value))
+                except ValidationError as exc:
+                    if spec.dead_letter_invalid:
+                        await dead_letter_event(
+                            dead_letters, event, describe_validation_error(exc), "invalid_event"
+                        )
+            for rejected in await spec.sink.write(batch):
                 await send_dead_letter(
                     dead_letters,
-                    source_topic=inbound.get_topic_name(),
+                    source_topic=spec.topic.get_topic_name(),
                     partition=None,
                     offset=None,
-                    key=rejected.message.lead_id.encode(),
+                    key=getattr(rejected.message, "lead_id", rejected.message.tenant_id).encode(),
                     raw=rejected.message.model_dump_json().encode(),
                     reason=rejected.reason,
                     kind="sink_rejected",

@@ -18,6 +18,9 @@ class SessionState(TypedDict):
     channel: str
     contact: str
     contact_name: str | None
+    # The business account (WhatsApp phone_number_id, page id) the customer last wrote to:
+    # replies go out from it.
+    account_id: str | None
     first_message_ms: int
     last_customer_message_ms: int
     last_event_ms: int
@@ -35,6 +38,7 @@ def apply_inbound(
     contact: str,
     contact_name: str | None,
     occurred_ms: int,
+    account_id: str | None = None,
 ) -> SessionState | None:
     """The session after an inbound message, or None when the message was already applied.
 
@@ -48,6 +52,7 @@ def apply_inbound(
             channel=channel,
             contact=contact,
             contact_name=contact_name,
+            account_id=account_id,
             first_message_ms=occurred_ms,
             last_customer_message_ms=occurred_ms,
             last_event_ms=occurred_ms,
@@ -63,6 +68,11 @@ def apply_inbound(
         channel=state["channel"],
         contact=state["contact"],
         contact_name=contact_name or state["contact_name"],
+        account_id=(
+            account_id
+            if account_id and occurred_ms >= state["last_customer_message_ms"]
+            else state.get("account_id")
+        ),
         first_message_ms=min(state["first_message_ms"], occurred_ms),
         last_customer_message_ms=max(state["last_customer_message_ms"], occurred_ms),
         last_event_ms=max(state["last_event_ms"], occurred_ms),

@@ -41,3 +41,13 @@ def window_state(channel: str, last_customer_message_ms: int | None, now_ms: int
         open=is_window_open(last_customer_message_ms, now_ms),
         closes_at_ms=closes_at,
     )
+
+
+def window_deadlines(
+    channel: str, last_customer_message_ms: int, closing_notice_ms: int
+) -> dict[str, int]:
+    """The window's deadlines: a notice before it closes, and the close itself."""
+    if channel not in WINDOWED_CHANNELS:
+        return {}
+    closes_at = window_closes_at_ms(last_customer_message_ms)
+    return {"window_closing": closes_at - closing_notice_ms, "window_expired": closes_at}

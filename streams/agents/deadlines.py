@@ -1,0 +1,95 @@
+"""The timer that finds due deadlines and the agent that acts on them (see streams.timers)."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from faust.types import AppT, StreamT, TableT, TopicT
+from pydantic import ValidationError
+
+from schemas.messaging import DeadlineReached
+from streams.dead_letters import dead_letter_event, describe_validation_error
+from streams.metrics import DEADLINES_FIRED
+from streams.timers import Scheduler
+from streams.web import partition_of
+
+logger = logging.getLogger(__name__)
+_DEADLINE_EVENT_NAMESPACE = uuid.UUID("3e1d8a4c-94b6-4f52-8a41-6b0f2c7d9e13")
+
+# A handler gets the lead's key, the fired deadline and the lead's session (None if unknown).
+DeadlineHandler = Callable[[bytes, DeadlineReached, dict[str, Any] | None], Awaitable[None]]
+
+
+def deadline_event_id(lead_id: str, name: str, due_ms: int) -> str:
+    """The same deadline always yields the same event id, so a re-fire is deduplicated."""
+    return str(uuid.uuid5(_DEADLINE_EVENT_NAMESPACE, f"{lead_id}|{name}|{due_ms}"))
+
+
+def register(
+    app: AppT,
+    *,
+    source_topic: TopicT,
+    deadlines_topic: TopicT,
+    dead_letters: TopicT,
+    scheduler: Scheduler,
+    sessions: TableT[bytes, Any],
+    handlers: dict[str, DeadlineHandler],
+    partitions: int,
+    tick_s: float,
+) -> None:
+    source_name = source_topic.get_topic_name()
+
+    @scheduler.table.on_recover
+    async def rebuild_index() -> None:
+        # Overdue deadlines of the partitions just assigned fire on the next tick.
+        scheduler.rebuild_index()
+        logger.info("deadline index rebuilt: %d pending", len(scheduler.index))
+
+    @app.timer(interval=tick_s)
+    async def fire_due_deadlines() -> None:
+        if app.rebalancing:
+            return
+        owned = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == source_name}
+        now_ms = int(time.time() * 1000)
+        for key, name, due_ms in scheduler.index.pop_due(now_ms):
+            if partition_of(key, partitions) not in owned:
+                continue
+            if scheduler.pending(key).get(name) != due_ms:
+                continue  # moved or cancelled since it was indexed
+            session = sessions.get(key) or {}
+            command = DeadlineReached(
+                event_id=deadline_event_id(key.decode(), name, due_ms),
+                tenant_id=session.get("tenant_id", ""),
+                occurred_at=datetime.fromtimestamp(due_ms / 1000, tz=UTC),
+                lead_id=key.decode(),
+                deadline=name,
+                due_ms=due_ms,
+                fired_at=datetime.now(UTC),
+            )
+            await deadlines_topic.send(key=key, value=command.model_dump_json().encode())
+
+    @app.agent(deadlines_topic, name="deadlines")
+    async def act_on_deadlines(stream: StreamT[bytes]) -> None:
+        async for event in stream.events():
+            try:
+                command = DeadlineReached.model_validate_json(event.value)
+            except ValidationError as exc:
+                await dead_letter_event(
+                    dead_letters, event, describe_validation_error(exc), "invalid_event"
+                )
+                continue
+            key = command.lead_id.encode()
+            if scheduler.pending(key).get(command.deadline) != command.due_ms:
+                continue  # already fired, moved, or cancelled: firing is idempotent
+            scheduler.cancel(key, command.deadline)
+            handler = handlers.get(command.deadline)
+            if handler is None:
+                logger.warning("no handler for deadline %s", command.deadline)
+                continue
+            DEADLINES_FIRED.labels(command.deadline).inc()
+            await handler(key, command, sessions.get(key))

@@ -1,0 +1,197 @@
+"""The outbound agent: every "send this to the lead" command, obeying the channel's window."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from faust.types import AppT, StreamT, TableT, TopicT
+from pydantic import ValidationError
+
+from connectors.channels import Channel, ChannelDirectory
+from connectors.whatsapp import OUTSIDE_WINDOW_ERROR, GraphApiClient, GraphApiError, Template
+from flexoraa.settings import Settings
+from schemas.messaging import OutboundCommand, OutboundMessage
+from streams.dead_letters import dead_letter_event, describe_validation_error
+from streams.metrics import OUTBOUND_SENDS
+from streams.rules.sending import plan_send, template_parameters
+from streams.rules.window import is_window_open
+
+logger = logging.getLogger(__name__)
+_ATTEMPT_NAMESPACE = uuid.UUID("a4b1c7e2-5d3f-4e6a-9b8c-1d2e3f4a5b6c")
+
+
+class Sender:
+    """Sends one command: picks free-form or template, retries, reports every attempt."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        graph: GraphApiClient,
+        channels: ChannelDirectory,
+        outbound_messages: TopicT,
+    ) -> None:
+        self._settings = settings
+        self._graph = graph
+        self._channels = channels
+        self._outbound_messages = outbound_messages
+
+    async def send(self, command: OutboundCommand, session: dict[str, Any] | None) -> None:
+        if session is None or session["tenant_id"] != command.tenant_id:
+            await self._report(
+                command, 1, "unknown", None, "failed", error=("no_lead", "unknown lead")
+            )
+            return
+        channel_kind = session["channel"]
+        now_ms = int(time.time() * 1000)
+        plan = plan_send(
+            channel_kind,
+            is_window_open(session["last_customer_message_ms"], now_ms),
+            self._settings.whatsapp_template_name is not None,
+        )
+        if plan.kind is None:
+            await self._report(
+                command, 1, channel_kind, None, "failed", error=("not_sendable", plan.failure or "")
+            )
+            return
+        channel = await self._channel_for(
+            command.tenant_id, channel_kind, session.get("account_id")
+        )
+        if channel is None:
+            await self._report(
+                command, 1, channel_kind, plan.kind, "failed",
+                error=("no_channel", f"no registered {channel_kind} channel for this tenant"),
+            )  # fmt: skip
+            return
+        kind = plan.kind
+        delay_s = self._settings.whatsapp_send_backoff_ms / 1000
+        for attempt in range(1, self._settings.whatsapp_send_max_attempts + 1):
+            try:
+                message_id = await self._attempt(channel, kind, command, session)
+            except GraphApiError as exc:
+                error = (exc.code or str(exc.status), exc.message)
+                if (
+                    exc.code == OUTSIDE_WINDOW_ERROR
+                    and kind == "freeform"
+                    and channel_kind == "whatsapp"
+                ):
+                    # Meta says the window is closed (clocks differ): fall back to the template.
+                    if self._settings.whatsapp_template_name is None:
+                        await self._report(
+                            command, attempt, channel_kind, kind, "failed", error=error
+                        )
+                        return
+                    await self._report(
+                        command, attempt, channel_kind, kind, "retrying", error=error
+                    )
+                    kind = "template"
+                    continue
+                last = attempt == self._settings.whatsapp_send_max_attempts
+                if exc.retryable and not last:
+                    await self._report(
+                        command, attempt, channel_kind, kind, "retrying", error=error
+                    )
+                    await asyncio.sleep(delay_s)
+                    delay_s *= 2
+                    continue
+                await self._report(command, attempt, channel_kind, kind, "failed", error=error)
+                return
+            await self._report(
+                command, attempt, channel_kind, kind, "accepted", message_id=message_id
+            )
+            return
+
+    async def _channel_for(
+        self, tenant_id: str, kind: str, account_id: str | None
+    ) -> Channel | None:
+        if account_id:
+            channel = await self._channels.find(kind, account_id)
+            if channel is not None and channel.tenant_id == tenant_id:
+                return channel
+        # A lead that arrived through the generic inbound API: the tenant's first channel.
+        candidates = await self._channels.for_tenant(tenant_id, kind)
+        return candidates[0] if candidates else None
+
+    async def _attempt(
+        self, channel: Channel, kind: str, command: OutboundCommand, session: dict[str, Any]
+    ) -> str:
+        contact = session["contact"]
+        if channel.kind != "whatsapp":
+            return await self._graph.send_page_text(
+                channel.external_id, channel.access_token, contact, command.text
+            )
+        if kind == "freeform":
+            return await self._graph.send_whatsapp_text(
+                channel.external_id, channel.access_token, contact, command.text
+            )
+        assert self._settings.whatsapp_template_name is not None
+        template = Template(
+            name=self._settings.whatsapp_template_name,
+            language=self._settings.whatsapp_template_language,
+            parameters=template_parameters(
+                self._settings.whatsapp_template_parameters,
+                contact_name=session.get("contact_name"),
+                text=command.text,
+                contact=contact,
+            ),
+        )
+        return await self._graph.send_whatsapp_template(
+            channel.external_id, channel.access_token, contact, template
+        )
+
+    async def _report(
+        self,
+        command: OutboundCommand,
+        attempt: int,
+        channel: str,
+        kind: str | None,
+        status: str,
+        *,
+        message_id: str | None = None,
+        error: tuple[str, str] | None = None,
+    ) -> None:
+        OUTBOUND_SENDS.labels(channel, kind or "none", status).inc()
+        message = OutboundMessage(
+            event_id=str(uuid.uuid5(_ATTEMPT_NAMESPACE, f"{command.event_id}|{attempt}|{kind}")),
+            tenant_id=command.tenant_id,
+            occurred_at=datetime.now(UTC),
+            lead_id=command.lead_id,
+            command_id=command.event_id,
+            attempt=attempt,
+            channel=channel,
+            send_kind=kind,
+            status=status,
+            channel_message_id=message_id,
+            text=command.text,
+            sent_by=command.sent_by,
+            error_code=error[0] if error else None,
+            error_message=error[1][:1000] if error else None,
+        )
+        await self._outbound_messages.send(
+            key=command.lead_id.encode(), value=message.model_dump_json().encode()
+        )
+
+
+def register(
+    app: AppT,
+    *,
+    outbound_commands: TopicT,
+    dead_letters: TopicT,
+    sessions: TableT[bytes, Any],
+    sender: Sender,
+) -> None:
+    @app.agent(outbound_commands, name="outbound")
+    async def send_outbound(stream: StreamT[bytes]) -> None:
+        async for event in stream.events():
+            try:
+                command = OutboundCommand.model_validate_json(event.value)
+            except ValidationError as exc:
+                await dead_letter_event(
+                    dead_letters, event, describe_validation_error(exc), "invalid_event"
+                )
+                continue
+            await sender.send(command, sessions.get(command.lead_id.encode()))

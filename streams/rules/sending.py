@@ -1,0 +1,40 @@
+"""How a message goes out: free-form inside the customer-service window, a template outside."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+TEMPLATE_FIELDS = ("contact_name", "text", "contact")
+
+
+@dataclass(frozen=True, slots=True)
+class SendPlan:
+    kind: Literal["freeform", "template"] | None
+    failure: str | None = None
+
+
+def plan_send(channel: str, window_open: bool, template_configured: bool) -> SendPlan:
+    if channel == "whatsapp":
+        if window_open:
+            return SendPlan("freeform")
+        if template_configured:
+            return SendPlan("template")
+        return SendPlan(None, "outside the 24-hour window and no approved template is configured")
+    if channel in {"instagram", "facebook"}:
+        if window_open:
+            return SendPlan("freeform")
+        return SendPlan(None, "outside the 24-hour standard messaging window")
+    return SendPlan(None, f"no sender for the {channel} channel")
+
+
+def template_parameters(
+    spec: str, *, contact_name: str | None, text: str, contact: str
+) -> list[str]:
+    """The template's body parameters, in the configured order."""
+    values = {"contact_name": contact_name or "there", "text": text, "contact": contact}
+    fields = [field.strip() for field in spec.split(",") if field.strip()]
+    unknown = [field for field in fields if field not in values]
+    if unknown:
+        raise ValueError(f"unknown template parameter(s): {', '.join(unknown)}")
+    return [values[field] for field in fields]

@@ -1,0 +1,86 @@
+"""Per-lead deadlines that fire within a tick (DESIGN.md, "Timers").
+
+Faust has no per-key timers, so:
+* an agent that sets a deadline stores it in the `deadlines` table (lead → {name: due_ms}) and
+  in this worker's in-memory index;
+* a timer ticking every `timer_tick_ms` on every worker pops the due entries of the partitions
+  it actively owns and sends a "deadline reached" command, keyed by lead, to a co-partitioned
+  topic;
+* the agent of that topic re-checks the table (the deadline may have moved or been answered),
+  removes it and calls the deadline's handler.
+
+Firing is therefore idempotent, survives restarts (the index is rebuilt from the table after
+every recovery, so overdue deadlines fire on the first tick) and is at most a tick late.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable
+from typing import Any
+
+from faust.types import TableT
+
+
+class DeadlineIndex:
+    """Due times of this worker's pending deadlines; stale entries are dropped when popped."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[int, bytes, str]] = []
+
+    def schedule(self, key: bytes, name: str, due_ms: int) -> None:
+        heapq.heappush(self._heap, (due_ms, key, name))
+
+    def pop_due(self, now_ms: int) -> list[tuple[bytes, str, int]]:
+        due = []
+        while self._heap and self._heap[0][0] <= now_ms:
+            due_ms, key, name = heapq.heappop(self._heap)
+            due.append((key, name, due_ms))
+        return due
+
+    def reset(self, entries: Iterable[tuple[bytes, str, int]]) -> None:
+        self._heap = [(due_ms, key, name) for key, name, due_ms in entries]
+        heapq.heapify(self._heap)
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+
+class Scheduler:
+    """Sets and cancels a lead's deadlines; call only from an agent processing that lead."""
+
+    def __init__(self, table: TableT[bytes, Any], index: DeadlineIndex) -> None:
+        self.table = table
+        self.index = index
+
+    def pending(self, key: bytes) -> dict[str, int]:
+        return dict(self.table.get(key) or {})
+
+    def set(self, key: bytes, deadlines: dict[str, int]) -> None:
+        """Set (or move) several deadlines of one lead at once."""
+        pending = self.pending(key)
+        changed = {name: due for name, due in deadlines.items() if pending.get(name) != due}
+        if not changed:
+            return
+        pending.update(changed)
+        self.table[key] = pending
+        for name, due_ms in changed.items():
+            self.index.schedule(key, name, due_ms)
+
+    def cancel(self, key: bytes, *names: str) -> None:
+        pending = self.pending(key)
+        if not any(name in pending for name in names):
+            return
+        for name in names:
+            pending.pop(name, None)
+        if pending:
+            self.table[key] = pending
+        else:
+            del self.table[key]
+
+    def rebuild_index(self) -> None:
+        self.index.reset(
+            (key, name, due_ms)
+            for key, pending in self.table.items()
+            for name, due_ms in (pending or {}).items()
+        )
