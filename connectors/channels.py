@@ -105,33 +105,33 @@ class ChannelDirectory:
         self._refresh_s = refresh_s
         self._miss_refresh_s = miss_refresh_s
         self._by_external: dict[tuple[str, str], Channel] = {}
+        self._misses: dict[tuple[str, str], float] = {}
         self._loaded_at = float("-inf")
         self._lock = asyncio.Lock()
 
+    _COLUMNS = """channel_id, tenant_id, kind, external_id, waba_id, display_phone_number,
+                  encrypted_app_secret, encrypted_access_token"""
+
+    def _decode(self, row: asyncpg.Record) -> Channel:
+        channel_id = str(row["channel_id"])
+        return Channel(
+            channel_id=channel_id,
+            tenant_id=str(row["tenant_id"]),
+            kind=row["kind"],
+            external_id=row["external_id"],
+            waba_id=row["waba_id"],
+            display_phone_number=row["display_phone_number"],
+            app_secret=self._box.decrypt(row["encrypted_app_secret"], f"{channel_id}:app_secret"),
+            access_token=self._box.decrypt(
+                row["encrypted_access_token"], f"{channel_id}:access_token"
+            ),
+        )
+
     async def _reload(self) -> None:
         pool = await self._pool_factory()
-        rows = await pool.fetch(
-            """SELECT channel_id, tenant_id, kind, external_id, waba_id, display_phone_number,
-                      encrypted_app_secret, encrypted_access_token FROM channels"""
-        )
-        channels = {}
-        for row in rows:
-            channel_id = str(row["channel_id"])
-            channels[(row["kind"], row["external_id"])] = Channel(
-                channel_id=channel_id,
-                tenant_id=str(row["tenant_id"]),
-                kind=row["kind"],
-                external_id=row["external_id"],
-                waba_id=row["waba_id"],
-                display_phone_number=row["display_phone_number"],
-                app_secret=self._box.decrypt(
-                    row["encrypted_app_secret"], f"{channel_id}:app_secret"
-                ),
-                access_token=self._box.decrypt(
-                    row["encrypted_access_token"], f"{channel_id}:access_token"
-                ),
-            )
-        self._by_external = channels
+        rows = await pool.fetch(f"SELECT {self._COLUMNS} FROM channels")
+        self._by_external = {(row["kind"], row["external_id"]): self._decode(row) for row in rows}
+        self._misses.clear()
         self._loaded_at = time.monotonic()
 
     async def _fresh(self, max_age_s: float) -> None:
@@ -140,6 +140,10 @@ class ChannelDirectory:
         async with self._lock:
             if time.monotonic() - self._loaded_at > max_age_s:
                 await self._reload()
+
+    def invalidate(self) -> None:
+        """Forget everything, e.g. after this process registered a channel."""
+        self._loaded_at = float("-inf")
 
     async def app_secrets(self) -> set[str]:
         await self._fresh(self._refresh_s)
@@ -151,15 +155,44 @@ class ChannelDirectory:
         return {channel.app_secret for channel in self._by_external.values()}
 
     async def find(self, kind: str, external_id: str) -> Channel | None:
+        """A channel by its Meta id; a miss asks PostgreSQL for that row (one indexed read),
+        and is remembered briefly so unknown numbers cannot turn into a query per request."""
         await self._fresh(self._refresh_s)
-        channel = self._by_external.get((kind, external_id))
-        if channel is None:
-            await self._fresh(self._miss_refresh_s)
-            channel = self._by_external.get((kind, external_id))
+        key = (kind, external_id)
+        channel = self._by_external.get(key)
+        if channel is not None:
+            return channel
+        missed_at = self._misses.get(key)
+        if missed_at is not None and time.monotonic() - missed_at < self._miss_refresh_s:
+            return None
+        pool = await self._pool_factory()
+        row = await pool.fetchrow(
+            f"SELECT {self._COLUMNS} FROM channels WHERE kind = $1 AND external_id = $2",
+            kind,
+            external_id,
+        )
+        if row is None:
+            self._misses[key] = time.monotonic()
+            return None
+        channel = self._decode(row)
+        self._by_external[key] = channel
         return channel
 
     async def for_tenant(self, tenant_id: str, kind: str) -> list[Channel]:
         await self._fresh(self._refresh_s)
-        return [
+        known = [
             c for c in self._by_external.values() if c.tenant_id == tenant_id and c.kind == kind
         ]
+        if known:
+            return known
+        pool = await self._pool_factory()
+        rows = await pool.fetch(
+            f"SELECT {self._COLUMNS} FROM channels WHERE tenant_id = $1 AND kind = $2"
+            " ORDER BY created_at",
+            tenant_id,
+            kind,
+        )
+        channels = [self._decode(row) for row in rows]
+        for channel in channels:
+            self._by_external[(channel.kind, channel.external_id)] = channel
+        return channels

@@ -169,7 +169,7 @@ class OutboundMessageSink(BatchSink[OutboundMessage]):
                                      sent_by, send_status, error_code, error_message)
                SELECT e, t, l, 'outbound', c, coalesce(k, 'text'), b, cm, o, cmd, k, sb, st, ec, em
                FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[],
-                           $7::text[], $8::timestamptz[], $9::uuid[], $10::text[], $11::text[],
+                           $7::timestamptz[], $8::uuid[], $9::text[], $10::text[], $11::text[],
                            $12::text[], $13::text[])
                     AS u(e, t, l, c, b, cm, o, cmd, k, sb, st, ec, em)
                ON CONFLICT DO NOTHING""",

@@ -72,6 +72,7 @@ async def _register(
         )
     except ChannelTaken as exc:
         raise ApiError(409, str(exc)) from exc
+    services.channels.invalidate()
     return JSONResponse(
         {"channel_id": channel_id, "kind": kind, "external_id": external_id},
         status_code=201 if created else 200,
@@ -130,16 +131,21 @@ async def session_stats(
 ) -> SessionStats:
     """The tenant's WhatsApp customer-service windows and sends."""
     now = datetime.now(UTC)
+    day_ago, hour_left, two_days_ago = (
+        now - timedelta(hours=24),
+        now - timedelta(hours=23),
+        now - timedelta(hours=48),
+    )
     windows = await services.pool.fetchrow(
         """SELECT
-             count(*) FILTER (WHERE last_activity_at > $2 - interval '24 hours') AS open,
-             count(*) FILTER (WHERE last_activity_at > $2 - interval '24 hours'
-                                AND last_activity_at <= $2 - interval '23 hours') AS expiring,
-             count(*) FILTER (WHERE last_activity_at > $2 - interval '48 hours'
-                                AND last_activity_at <= $2 - interval '24 hours') AS expired
+             count(*) FILTER (WHERE last_activity_at > $2) AS open,
+             count(*) FILTER (WHERE last_activity_at > $2 AND last_activity_at <= $3) AS expiring,
+             count(*) FILTER (WHERE last_activity_at > $4 AND last_activity_at <= $2) AS expired
            FROM leads WHERE tenant_id = $1 AND channel = 'whatsapp'""",
         principal.tenant_id,
-        now,
+        day_ago,
+        hour_left,
+        two_days_ago,
     )
     since = now - timedelta(hours=hours)
     sends = await services.pool.fetch(

@@ -1,0 +1,483 @@
+"""WhatsApp, Instagram and Messenger end to end: signed webhooks in, sends out through a local
+server speaking the Graph API, delivery statuses, the 24-hour window and its timer events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from connectors.meta import signature_for
+from flexoraa.settings import Settings
+from streams.rules.identity import lead_id_for
+from tests.conftest import (
+    MakeTenant,
+    ManagedProcess,
+    StartProcess,
+    Tenant,
+    free_port,
+    http_get_json,
+    settings_env,
+    wait_until,
+)
+from tests.fakes.graph_api import GraphApiFake
+from tests.fakes.meta_payloads import (
+    messaging_payload,
+    whatsapp_change,
+    whatsapp_message,
+    whatsapp_payload,
+    whatsapp_status,
+)
+from tests.integration.conftest import ApiFactory
+from tests.integration.test_pipeline import eventually, lead_state
+
+pytestmark = pytest.mark.integration
+
+TEMPLATE = "cold_recovery"
+
+
+@pytest.fixture(scope="module")
+async def graph() -> AsyncIterator[GraphApiFake]:
+    fake = GraphApiFake()
+    await fake.start(free_port())
+    yield fake
+    await fake.stop()
+
+
+@pytest.fixture(scope="module")
+def worker(processes: StartProcess, test_settings: Settings, graph: GraphApiFake) -> ManagedProcess:
+    port = free_port()
+    env = settings_env(
+        test_settings,
+        WORKER_WEB_PORT=str(port),
+        WORKER_URL=f"http://127.0.0.1:{port}",
+        WHATSAPP_GRAPH_API_URL=graph.url,
+        WHATSAPP_TEMPLATE_NAME=TEMPLATE,
+        WHATSAPP_TEMPLATE_PARAMETERS="contact_name,text",
+        WHATSAPP_SEND_BACKOFF_MS="50",
+        TIMER_TICK_MS="200",
+    )
+    process = processes("whatsapp-worker", ["worker"], env)
+    process.ports["web"] = port
+    wait_until(
+        lambda: http_get_json(f"http://127.0.0.1:{port}/ready")[0] == 200, 120, "worker ready"
+    )
+    return process
+
+
+@pytest.fixture
+async def api(api_factory: ApiFactory, worker: ManagedProcess) -> AsyncIterator[httpx.AsyncClient]:
+    async with api_factory(worker_url=f"http://127.0.0.1:{worker.ports['web']}") as client:
+        yield client
+
+
+class Business:
+    """A tenant with a registered WhatsApp number."""
+
+    def __init__(self, tenant: Tenant, phone_number_id: str, app_secret: str) -> None:
+        self.tenant = tenant
+        self.phone_number_id = phone_number_id
+        self.app_secret = app_secret
+
+    def lead(self, contact: str, channel: str = "whatsapp") -> str:
+        return lead_id_for(self.tenant.tenant_id, channel, contact)
+
+
+_numbers = iter(range(10**9, 2 * 10**9, 7919))
+
+
+async def register(
+    api: httpx.AsyncClient, tenant: Tenant, app_secret: str = "app-secret-1"
+) -> Business:
+    phone_number_id = str(next(_numbers))
+    response = await api.post(
+        "/api/channels/whatsapp",
+        headers=tenant.headers,
+        json={
+            "phone_number_id": phone_number_id,
+            "waba_id": "102290129340398",
+            "display_phone_number": "15550001111",
+            "app_secret": app_secret,
+            "verify_token": f"verify-{phone_number_id}",
+            "access_token": f"EAAG-token-{phone_number_id}",
+        },
+    )
+    assert response.status_code == 201, response.text
+    return Business(tenant, phone_number_id, app_secret)
+
+
+async def deliver(
+    api: httpx.AsyncClient, payload: dict[str, Any], secret: str, *, header: str | None = None
+) -> httpx.Response:
+    body = json.dumps(payload).encode()
+    signature = header if header is not None else signature_for(body, secret)
+    headers = {"Content-Type": "application/json", "X-Hub-Signature-256": signature}
+    return await api.post("/webhooks/whatsapp", content=body, headers=headers)
+
+
+def now_s() -> int:
+    return int(time.time())
+
+
+# --------------------------------------------------------------------------- channels
+
+
+async def test_channels_keep_secrets_encrypted_and_never_return_them(
+    api: httpx.AsyncClient, make_tenant: MakeTenant, db: asyncpg.Connection
+) -> None:
+    tenant = await make_tenant()
+    business = await register(api, tenant, app_secret="very-secret-app-secret")
+    listed = await api.get("/api/channels", headers=tenant.headers)
+    assert listed.status_code == 200
+    (channel,) = listed.json()
+    assert channel["external_id"] == business.phone_number_id
+    text = listed.text
+    for secret in ("very-secret-app-secret", "EAAG-token", "verify-"):
+        assert secret not in text
+    row = await db.fetchrow(
+        "SELECT * FROM channels WHERE external_id = $1", business.phone_number_id
+    )
+    assert row is not None
+    stored = b"".join(v for v in dict(row).values() if isinstance(v, bytes))
+    assert b"very-secret-app-secret" not in stored
+    assert b"EAAG-token" not in stored
+    other = await make_tenant("Other")
+    taken = await api.post(
+        "/api/channels/whatsapp",
+        headers=other.headers,
+        json={"phone_number_id": business.phone_number_id, "app_secret": "x",
+              "verify_token": "y", "access_token": "z"},
+    )  # fmt: skip
+    assert taken.status_code == 409
+
+
+async def test_verification_handshake(api: httpx.AsyncClient, make_tenant: MakeTenant) -> None:
+    business = await register(api, await make_tenant())
+    token = f"verify-{business.phone_number_id}"
+    ok = await api.get(
+        "/webhooks/whatsapp",
+        params={"hub.mode": "subscribe", "hub.verify_token": token, "hub.challenge": "1158201444"},
+    )
+    assert ok.status_code == 200
+    assert ok.text == "1158201444"
+    assert ok.headers["content-type"].startswith("text/plain")
+    for params in (
+        {"hub.mode": "subscribe", "hub.verify_token": "wrong", "hub.challenge": "1"},
+        {"hub.mode": "unsubscribe", "hub.verify_token": token, "hub.challenge": "1"},
+        {},
+    ):
+        assert (await api.get("/webhooks/whatsapp", params=params)).status_code == 403
+
+
+# --------------------------------------------------------------------------- inbound
+
+
+async def test_signed_webhook_with_many_entries_reaches_every_lead(
+    api: httpx.AsyncClient, make_tenant: MakeTenant
+) -> None:
+    business = await register(api, await make_tenant())
+    t = now_s() - 60
+    payload = whatsapp_payload(
+        [
+            whatsapp_change(
+                business.phone_number_id,
+                [
+                    whatsapp_message("wamid.A1", "919811100001", t, body="Hi"),
+                    whatsapp_message(
+                        "wamid.A2", "919811100001", t + 1, "image", id="m", caption="x"
+                    ),
+                ],
+                names={"919811100001": "Asha"},
+            ),
+            whatsapp_change(
+                business.phone_number_id,
+                [whatsapp_message("wamid.B1", "919811100002", t + 2, "location",
+                                  latitude=1.0, longitude=2.0)],
+            ),
+        ],
+        [
+            whatsapp_change(
+                business.phone_number_id, [whatsapp_message("wamid.C1", "919811100003", t)]
+            )
+        ],
+    )  # fmt: skip
+    response = await deliver(api, payload, business.app_secret)
+    assert response.status_code == 200, response.text
+    assert response.json()["accepted"] == 4
+    asha = await lead_state(api, business.tenant, business.lead("919811100001"), 2)
+    assert asha["contact_name"] == "Asha"
+    assert asha["window"]["open"] is True
+    assert datetime.fromisoformat(asha["last_customer_message_at"]) == datetime.fromtimestamp(
+        t + 1, tz=UTC
+    )
+    await lead_state(api, business.tenant, business.lead("919811100002"), 1)
+    await lead_state(api, business.tenant, business.lead("919811100003"), 1)
+
+    # Meta retries the same webhook: nothing new is produced or counted.
+    replay = await deliver(api, payload, business.app_secret)
+    assert replay.status_code == 200
+    assert replay.json()["accepted"] == 0
+    await asyncio.sleep(0.5)
+    again = await lead_state(api, business.tenant, business.lead("919811100001"), 2)
+    assert again["message_count"] == 2
+
+
+@pytest.mark.parametrize(
+    "header",
+    [None, "", "sha256=" + "0" * 64, "md5=abc", "WRONG_SECRET", "OTHER_BODY"],
+    ids=["missing", "empty", "zeros", "wrong-prefix", "wrong-secret", "other-body"],
+)
+async def test_bad_signatures_are_401_and_nothing_is_processed(
+    api: httpx.AsyncClient, make_tenant: MakeTenant, header: str | None
+) -> None:
+    business = await register(api, await make_tenant())
+    payload = whatsapp_payload(
+        [
+            whatsapp_change(
+                business.phone_number_id, [whatsapp_message("wamid.X", "919822200001", now_s())]
+            )
+        ]
+    )
+    body = json.dumps(payload).encode()
+    headers = {"Content-Type": "application/json"}
+    if header == "WRONG_SECRET":
+        headers["X-Hub-Signature-256"] = signature_for(body, "not-the-app-secret")
+    elif header == "OTHER_BODY":
+        headers["X-Hub-Signature-256"] = signature_for(b"{}", business.app_secret)
+    elif header is not None:
+        headers["X-Hub-Signature-256"] = header
+    response = await api.post("/webhooks/whatsapp", content=body, headers=headers)
+    assert response.status_code == 401
+    await asyncio.sleep(0.5)
+    lookup = await api.get(
+        f"/api/leads/{business.lead('919822200001')}", headers=business.tenant.headers
+    )
+    assert lookup.status_code == 404
+
+
+async def test_unknown_number_is_acknowledged_and_dropped(
+    api: httpx.AsyncClient, make_tenant: MakeTenant
+) -> None:
+    business = await register(api, await make_tenant())
+    payload = whatsapp_payload(
+        [whatsapp_change("999000111", [whatsapp_message("wamid.U", "919833300001", now_s())])]
+    )
+    response = await deliver(api, payload, business.app_secret)
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok", "accepted": 0, "dropped": 1}
+    metrics = (await api.get("/metrics")).text
+    assert 'flexoraa_webhook_records_total{channel="whatsapp",outcome="unknown_account"}' in metrics
+
+
+@pytest.mark.parametrize(("kind", "channel"), [("instagram", "instagram"), ("page", "facebook")])
+async def test_instagram_and_messenger_messages(
+    api: httpx.AsyncClient, make_tenant: MakeTenant, kind: str, channel: str
+) -> None:
+    tenant = await make_tenant()
+    page_id = str(next(_numbers))
+    registered = await api.post(
+        f"/api/channels/{channel}",
+        headers=tenant.headers,
+        json={"page_id": page_id, "app_secret": "page-secret", "verify_token": f"v{page_id}",
+              "access_token": "PAGE-TOKEN"},
+    )  # fmt: skip
+    assert registered.status_code == 201
+    payload = messaging_payload(kind, page_id, "PSID42", f"m_{page_id}", int(time.time() * 1000))
+    response = await deliver(api, payload, "page-secret")
+    assert response.status_code == 200
+    assert response.json()["accepted"] == 1
+    state = await lead_state(api, tenant, lead_id_for(tenant.tenant_id, channel, "PSID42"), 1)
+    assert state["channel"] == channel
+    assert state["window"] == {**state["window"], "applies": True, "open": True}
+
+
+# --------------------------------------------------------------------------- sending
+
+
+async def inbound(
+    api: httpx.AsyncClient, business: Business, contact: str, at: int, wamid: str
+) -> str:
+    payload = whatsapp_payload(
+        [whatsapp_change(business.phone_number_id, [whatsapp_message(wamid, contact, at)],
+                         names={contact: "Asha"})]
+    )  # fmt: skip
+    assert (await deliver(api, payload, business.app_secret)).status_code == 200
+    lead_id = business.lead(contact)
+    await lead_state(api, business.tenant, lead_id, 1)
+    return lead_id
+
+
+async def reply(api: httpx.AsyncClient, business: Business, lead_id: str, text: str) -> None:
+    response = await api.post(
+        f"/api/leads/{lead_id}/messages", headers=business.tenant.headers, json={"text": text}
+    )
+    assert response.status_code == 202, response.text
+
+
+async def outbound_rows(api: httpx.AsyncClient, business: Business, lead_id: str) -> list[Any]:
+    async def check() -> Any:
+        response = await api.get(f"/api/leads/{lead_id}/messages", headers=business.tenant.headers)
+        if response.status_code != 200:
+            return None
+        rows = [m for m in response.json()["items"] if m["direction"] == "outbound"]
+        return rows or None
+
+    result: list[Any] = await eventually(check, what="an outbound message")
+    return result
+
+
+async def test_inside_the_window_a_freeform_text_goes_out(
+    api: httpx.AsyncClient, make_tenant: MakeTenant, graph: GraphApiFake
+) -> None:
+    business = await register(api, await make_tenant())
+    lead_id = await inbound(api, business, "919844400001", now_s() - 60, "wamid.S1")
+    await reply(api, business, lead_id, "Pro is $49 a month.")
+    (row,) = await outbound_rows(api, business, lead_id)
+    assert row["send_kind"] == "freeform"
+    assert row["status"] == "accepted"
+    assert row["channel_message_id"].startswith("wamid.FAKE")
+    (request,) = graph.sent_to(business.phone_number_id)
+    assert request["authorization"] == f"Bearer EAAG-token-{business.phone_number_id}"
+    assert request["body"]["type"] == "text"
+    assert request["body"]["to"] == "919844400001"
+    assert request["body"]["text"]["body"] == "Pro is $49 a month."
+
+
+@pytest.mark.parametrize(
+    ("age", "kind"),
+    [(timedelta(hours=24) - timedelta(seconds=30), "freeform"), (timedelta(hours=24), "template")],
+    ids=["just-inside", "at-24h"],
+)
+async def test_the_window_boundary_decides_freeform_or_template(
+    api: httpx.AsyncClient,
+    make_tenant: MakeTenant,
+    graph: GraphApiFake,
+    age: timedelta,
+    kind: str,
+) -> None:
+    business = await register(api, await make_tenant())
+    at = now_s() - int(age.total_seconds())
+    lead_id = await inbound(api, business, "919844400002", at, "wamid.S2")
+    await reply(api, business, lead_id, "Following up")
+    (row,) = await outbound_rows(api, business, lead_id)
+    assert row["send_kind"] == kind
+    (request,) = graph.sent_to(business.phone_number_id)
+    if kind == "template":
+        template = request["body"]["template"]
+        assert request["body"]["type"] == "template"
+        assert template["name"] == TEMPLATE
+        assert template["components"][0]["parameters"] == [
+            {"type": "text", "text": "Asha"},
+            {"type": "text", "text": "Following up"},
+        ]
+    else:
+        assert request["body"]["type"] == "text"
+
+
+async def test_error_131047_falls_back_to_the_template(
+    api: httpx.AsyncClient, make_tenant: MakeTenant, graph: GraphApiFake
+) -> None:
+    business = await register(api, await make_tenant())
+    lead_id = await inbound(api, business, "919844400003", now_s() - 60, "wamid.S3")
+    graph.script(business.phone_number_id, GraphApiFake.error(131047, "Re-engagement message"))
+    await reply(api, business, lead_id, "Are you still there?")
+    (row,) = await outbound_rows(api, business, lead_id)
+    assert row["send_kind"] == "template"
+    assert row["status"] == "accepted"
+    kinds = [r["body"]["type"] for r in graph.sent_to(business.phone_number_id)]
+    assert kinds == ["text", "template"]
+
+
+async def test_500_twice_then_200_is_retried(
+    api: httpx.AsyncClient, make_tenant: MakeTenant, graph: GraphApiFake
+) -> None:
+    business = await register(api, await make_tenant())
+    lead_id = await inbound(api, business, "919844400004", now_s() - 60, "wamid.S4")
+    unavailable = GraphApiFake.error(2, "Service temporarily unavailable", http_status=500)
+    graph.script(business.phone_number_id, unavailable, unavailable)
+    await reply(api, business, lead_id, "Retry me")
+    (row,) = await outbound_rows(api, business, lead_id)
+    assert row["status"] == "accepted"
+    assert len(graph.sent_to(business.phone_number_id)) == 3
+
+
+async def test_other_errors_are_recorded_with_metas_code(
+    api: httpx.AsyncClient, make_tenant: MakeTenant, graph: GraphApiFake
+) -> None:
+    business = await register(api, await make_tenant())
+    lead_id = await inbound(api, business, "919844400005", now_s() - 60, "wamid.S5")
+    graph.script(business.phone_number_id, GraphApiFake.error(131026, "Message undeliverable"))
+    await reply(api, business, lead_id, "Hello?")
+    (row,) = await outbound_rows(api, business, lead_id)
+    assert row["status"] == "failed"
+    assert row["error_code"] == "131026"
+    assert "undeliverable" in row["error"]
+    assert len(graph.sent_to(business.phone_number_id)) == 1
+    stats = (await api.get("/api/whatsapp/sessions/stats", headers=business.tenant.headers)).json()
+    assert stats["failures_by_error_code"] == {"131026": 1}
+    assert stats["open_windows"] == 1
+
+
+async def test_statuses_out_of_order_never_go_back_from_read(
+    api: httpx.AsyncClient, make_tenant: MakeTenant
+) -> None:
+    business = await register(api, await make_tenant())
+    contact = "919844400006"
+    lead_id = await inbound(api, business, contact, now_s() - 60, "wamid.S6")
+    await reply(api, business, lead_id, "Status test")
+    (row,) = await outbound_rows(api, business, lead_id)
+    wamid = row["channel_message_id"]
+    t = now_s()
+    for status, at in [("read", t + 2), ("sent", t), ("delivered", t + 1)]:
+        payload = whatsapp_payload(
+            [whatsapp_change(business.phone_number_id,
+                             statuses=[whatsapp_status(wamid, status, at, contact)])]
+        )  # fmt: skip
+        assert (await deliver(api, payload, business.app_secret)).status_code == 200
+
+    async def read() -> Any:
+        (current,) = await outbound_rows(api, business, lead_id)
+        return current if current["status"] == "read" else None
+
+    current = await eventually(read, what="the read status")
+    await asyncio.sleep(0.5)
+    (current,) = await outbound_rows(api, business, lead_id)
+    assert current["status"] == "read"
+    assert datetime.fromisoformat(current["status_at"]) == datetime.fromtimestamp(t + 2, tz=UTC)
+
+
+# --------------------------------------------------------------------------- window timers
+
+
+async def test_window_closing_and_expired_events_fire_from_timers(
+    api: httpx.AsyncClient, make_tenant: MakeTenant, db: asyncpg.Connection
+) -> None:
+    business = await register(api, await make_tenant())
+    # The window closes 3 seconds from now; the 60-minute notice is already due.
+    at = now_s() - 24 * 3600 + 3
+    lead_id = await inbound(api, business, "919855500001", at, "wamid.W1")
+
+    async def fired() -> Any:
+        rows = await db.fetch(
+            "SELECT type, occurred_at, data FROM lead_events WHERE lead_id = $1"
+            " ORDER BY occurred_at",
+            lead_id,
+        )
+        return rows if len(rows) == 2 else None
+
+    rows = await eventually(fired, timeout_s=20, what="window_closing and window_expired")
+    assert [r["type"] for r in rows] == ["window_closing", "window_expired"]
+    assert rows[1]["occurred_at"] == datetime.fromtimestamp(at + 24 * 3600, tz=UTC)
+    data = json.loads(rows[1]["data"])
+    assert data["channel"] == "whatsapp"
+    assert datetime.fromisoformat(data["closes_at"]) == rows[1]["occurred_at"]
+    await asyncio.sleep(1)  # nothing fires twice
+    count = await db.fetchval("SELECT count(*) FROM lead_events WHERE lead_id = $1", lead_id)
+    assert count == 2

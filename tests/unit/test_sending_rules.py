@@ -1,0 +1,89 @@
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from streams.rules.delivery import supersedes
+from streams.rules.sending import plan_send, template_parameters
+from streams.rules.window import WINDOW_MS, window_deadlines
+from streams.timers import DeadlineIndex
+
+T = datetime(2026, 11, 24, 10, 0, tzinfo=UTC)
+LATER = T + timedelta(seconds=5)
+
+
+@pytest.mark.parametrize(
+    ("channel", "window_open", "template", "kind"),
+    [
+        ("whatsapp", True, True, "freeform"),
+        ("whatsapp", True, False, "freeform"),
+        ("whatsapp", False, True, "template"),
+        ("whatsapp", False, False, None),
+        ("instagram", True, False, "freeform"),
+        ("instagram", False, True, None),
+        ("facebook", False, True, None),
+        ("email", True, True, None),
+    ],
+)
+def test_plan_send(channel: str, window_open: bool, template: bool, kind: str | None) -> None:
+    plan = plan_send(channel, window_open, template)
+    assert plan.kind == kind
+    assert (plan.failure is None) == (kind is not None)
+
+
+def test_outside_the_window_never_freeform() -> None:
+    for template in (True, False):
+        assert plan_send("whatsapp", False, template).kind != "freeform"
+
+
+def test_template_parameters_in_order() -> None:
+    assert template_parameters(
+        "contact_name, text", contact_name="Asha", text="See you", contact="9198"
+    ) == ["Asha", "See you"]
+    assert template_parameters("contact_name", contact_name=None, text="x", contact="9") == [
+        "there"
+    ]
+    with pytest.raises(ValueError, match="favourite_colour"):
+        template_parameters("favourite_colour", contact_name=None, text="x", contact="9")
+
+
+@pytest.mark.parametrize(
+    ("current", "current_at", "new", "new_at", "applies"),
+    [
+        (None, None, "sent", T, True),
+        ("sent", T, "delivered", LATER, True),
+        ("delivered", T, "read", LATER, True),
+        ("read", T, "delivered", LATER, False),  # read is never overwritten by delivered
+        ("read", LATER, "delivered", T, False),
+        ("delivered", LATER, "read", T, True),  # read may arrive stamped earlier
+        ("delivered", LATER, "sent", T, False),  # older
+        ("delivered", T, "sent", LATER, False),  # never back to sent
+        ("sent", T, "delivered", T, True),  # same second: the further state
+        ("delivered", T, "sent", T, False),
+        ("sent", T, "failed", LATER, True),
+        ("delivered", LATER, "failed", T, False),
+    ],
+)
+def test_status_precedence(
+    current: str | None, current_at: datetime | None, new: str, new_at: datetime, applies: bool
+) -> None:
+    assert supersedes(current, current_at, new, new_at) is applies
+
+
+def test_window_deadlines() -> None:
+    assert window_deadlines("whatsapp", 0, 3_600_000) == {
+        "window_closing": WINDOW_MS - 3_600_000,
+        "window_expired": WINDOW_MS,
+    }
+    assert window_deadlines("email", 0, 3_600_000) == {}
+
+
+def test_deadline_index_pops_in_order() -> None:
+    index = DeadlineIndex()
+    index.schedule(b"b", "x", 20)
+    index.schedule(b"a", "x", 10)
+    index.schedule(b"c", "x", 30)
+    assert index.pop_due(5) == []
+    assert index.pop_due(20) == [(b"a", "x", 10), (b"b", "x", 20)]
+    index.reset([(b"d", "y", 1), (b"e", "y", 40)])
+    assert len(index) == 2
+    assert index.pop_due(100) == [(b"d", "y", 1), (b"e", "y", 40)]
