@@ -63,5 +63,7 @@ clean: stack-stop
 
 # Benchmarks against the real local broker; results (with machine facts) in bench/results/.
 bench: setup
+	@command -v wrk >/dev/null || ($(SUDO) apt-get update -qq && $(APT_INSTALL) wrk)
 	$(BIN)/python -m bench.freshness --workers 1 --rate 200 --seconds 20
 	$(BIN)/python -m bench.freshness --workers 2 --rate 200 --seconds 20
+	$(BIN)/python -m bench.webhooks --seconds 10 --connections 16

@@ -34,7 +34,9 @@ class Services:
     recent_message_ids: RecentIds
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
+    # async on purpose: FastAPI runs a plain `def` dependency in a thread pool, a thread hop
+    # on every request for a dictionary lookup.
     services: Services = request.app.state.services
     return services
 

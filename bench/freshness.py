@@ -12,68 +12,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import platform
 import statistics
-import subprocess
-import sys
 import time
-import uuid
-from datetime import UTC, datetime
-from typing import Any
 
 import aiohttp
-import asyncpg
-import httpx
 
-from api.tenants import create_tenant
-from flexoraa import stack
-from flexoraa.kafka import delete_topics, ensure_topics
-from flexoraa.settings import PROJECT_ROOT, Settings
-from schemas.migrate import migrate
-
-RESULTS = PROJECT_ROOT / "bench" / "results"
-
-
-def machine_facts() -> dict[str, Any]:
-    return {
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-    }
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))
-    return ordered[index]
-
-
-def _env(settings: Settings, **extra: str) -> dict[str, str]:
-    return {
-        **os.environ,
-        "TOPIC_PREFIX": settings.topic_prefix,
-        "DATABASE_URL": settings.database_url,
-        "STACK_DIR": str(settings.stack_dir),
-        "WORKER_URL": settings.worker_url,
-        "API_PORT": str(settings.api_port),
-        "LOG_LEVEL": "WARNING",
-        **extra,
-    }
-
-
-def _wait(url: str, timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"{url} not ready")
+from bench.common import bench_environment, percentile, wait_ready, write_result
 
 
 async def measure(base: str, api_key: str, rate: float, seconds: float) -> list[float]:
@@ -117,17 +61,6 @@ async def measure(base: str, api_key: str, rate: float, seconds: float) -> list[
     return latencies
 
 
-async def cleanup(settings: Settings, base_settings: Settings, database: str) -> None:
-    await delete_topics(settings)
-    admin = await asyncpg.connect(
-        host="127.0.0.1", port=base_settings.postgres_port, user="postgres", database="postgres"
-    )
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-    finally:
-        await admin.close()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=1)
@@ -135,63 +68,30 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=20)
     args = parser.parse_args()
 
-    base_settings = Settings()
-    stack.stack_up(base_settings)
-    run_id = uuid.uuid4().hex[:8]
-    database = f"flexoraa_bench_{run_id}"
-
-    async def prepare() -> str:
-        admin = await asyncpg.connect(
-            host="127.0.0.1", port=base_settings.postgres_port, user="postgres", database="postgres"
-        )
-        await admin.execute(f'CREATE DATABASE "{database}" OWNER flexoraa')
-        await admin.close()
-        await migrate(settings.database_url)
-        await ensure_topics(settings)
-        conn = await asyncpg.connect(settings.database_url)
-        tenant = await create_tenant(conn, "bench")
-        await conn.close()
-        return tenant.api_key
-
-    api_port = 18000
     worker_ports = [16066 + i for i in range(args.workers)]
-    settings = base_settings.model_copy(
-        update={
-            "topic_prefix": f"bench-{run_id}",
-            "database_url": base_settings.database_url.rsplit("/", 1)[0] + f"/{database}",
-            "stack_dir": PROJECT_ROOT / ".stack" / f"bench-{run_id}",
-            "api_port": api_port,
-            "worker_url": f"http://127.0.0.1:{worker_ports[0]}",
-        }
-    )
-    api_key = asyncio.run(prepare())
-    python = [sys.executable, "-m", "flexoraa"]
-    children = [
-        subprocess.Popen([*python, "worker"], env=_env(settings, WORKER_WEB_PORT=str(port)))
-        for port in worker_ports
-    ]
-    children.append(subprocess.Popen([*python, "api"], env=_env(settings)))
-    try:
-        for port in worker_ports:
-            _wait(f"http://127.0.0.1:{port}/ready")
-        time.sleep(3 if args.workers > 1 else 0)  # let the last rebalance settle
-        for port in worker_ports:
-            _wait(f"http://127.0.0.1:{port}/ready")
-        _wait(f"http://127.0.0.1:{api_port}/health")
-        latencies = asyncio.run(
-            measure(f"http://127.0.0.1:{api_port}", api_key, args.rate, args.seconds)
-        )
-    finally:
-        for child in children:
-            child.terminate()
-        for child in children:
-            child.wait(timeout=30)
-        asyncio.run(cleanup(settings, base_settings, database))
+    with bench_environment(worker_port=worker_ports[0]) as environment:
+        children = [environment.start("worker", WORKER_WEB_PORT=str(port)) for port in worker_ports]
+        children.append(environment.start("api"))
+        api_port = environment.settings.api_port
+        try:
+            for port in worker_ports:
+                wait_ready(f"http://127.0.0.1:{port}/ready")
+            time.sleep(3 if args.workers > 1 else 0)  # let the last rebalance settle
+            for port in worker_ports:
+                wait_ready(f"http://127.0.0.1:{port}/ready")
+            wait_ready(f"http://127.0.0.1:{api_port}/health")
+            latencies = asyncio.run(
+                measure(
+                    f"http://127.0.0.1:{api_port}", environment.api_key, args.rate, args.seconds
+                )
+            )
+        finally:
+            for child in children:
+                child.terminate()
+            for child in children:
+                child.wait(timeout=30)
 
     result = {
-        "benchmark": "freshness",
-        "at": datetime.now(UTC).isoformat(),
-        "machine": machine_facts(),
         "workers": args.workers,
         "rate_per_s": args.rate,
         "messages": len(latencies),
@@ -200,16 +100,14 @@ def main() -> int:
         "max_ms": round(max(latencies), 2),
         "within_1s": sum(1 for value in latencies if value <= 1000) / len(latencies),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"freshness-{args.workers}w-{run_id}.json"
-    path.write_text(json.dumps(result, indent=2))
+    path = write_result(f"freshness-{args.workers}w", result)
     header = ("workers", "rate/s", "n", "p50 ms", "p99 ms", "max ms", "<=1s")
     print("{:>8} {:>8} {:>6} {:>8} {:>8} {:>8} {:>6}".format(*header))
     print(
         f"{args.workers:>8} {args.rate:>8.0f} {result['messages']:>6} {result['p50_ms']:>8} "
         f"{result['p99_ms']:>8} {result['max_ms']:>8} {result['within_1s']:>6.1%}"
     )
-    print(f"written {path.relative_to(PROJECT_ROOT)}")
+    print(f"written {path}")
     return 0
 
 

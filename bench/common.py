@@ -1,0 +1,145 @@
+"""What every benchmark shares: a throw-away environment on the real local stack, and results."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+
+from api.tenants import create_tenant
+from flexoraa import stack
+from flexoraa.kafka import delete_topics, ensure_topics
+from flexoraa.settings import PROJECT_ROOT, Settings
+from schemas.migrate import migrate
+
+RESULTS = PROJECT_ROOT / "bench" / "results"
+
+
+def machine_facts() -> dict[str, Any]:
+    return {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+    }
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))
+    return ordered[index]
+
+
+def write_result(name: str, result: dict[str, Any]) -> Path:
+    result = {
+        "benchmark": name,
+        "at": datetime.now(UTC).isoformat(),
+        "machine": machine_facts(),
+        **result,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}-{datetime.now(UTC):%Y%m%dT%H%M%S}.json"
+    path.write_text(json.dumps(result, indent=2))
+    return path
+
+
+@dataclass
+class BenchEnvironment:
+    settings: Settings
+    tenant_id: str
+    api_key: str
+    database: str
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return {
+            **os.environ,
+            "TOPIC_PREFIX": self.settings.topic_prefix,
+            "DATABASE_URL": self.settings.database_url,
+            "STACK_DIR": str(self.settings.stack_dir),
+            "WORKER_URL": self.settings.worker_url,
+            "API_PORT": str(self.settings.api_port),
+            "LOG_LEVEL": "WARNING",
+            **extra,
+        }
+
+    def start(self, *args: str, **env: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "flexoraa", *args],
+            env=self.env(**env),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+
+def wait_ready(url: str, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{url} not ready after {timeout_s}s")
+
+
+@contextmanager
+def bench_environment(
+    api_port: int = 18000, worker_port: int = 16066
+) -> Iterator[BenchEnvironment]:
+    """The local stack, plus a fresh database, topic prefix and tenant; removed afterwards."""
+    base = Settings()
+    stack.stack_up(base)
+    run_id = uuid.uuid4().hex[:8]
+    database = f"flexoraa_bench_{run_id}"
+    settings = base.model_copy(
+        update={
+            "topic_prefix": f"bench-{run_id}",
+            "database_url": base.database_url.rsplit("/", 1)[0] + f"/{database}",
+            "stack_dir": PROJECT_ROOT / ".stack" / f"bench-{run_id}",
+            "api_port": api_port,
+            "worker_url": f"http://127.0.0.1:{worker_port}",
+        }
+    )
+
+    async def superuser() -> asyncpg.Connection:
+        return await asyncpg.connect(
+            host="127.0.0.1", port=base.postgres_port, user="postgres", database="postgres"
+        )
+
+    async def prepare() -> tuple[str, str]:
+        admin = await superuser()
+        await admin.execute(f'CREATE DATABASE "{database}" OWNER flexoraa')
+        await admin.close()
+        await migrate(settings.database_url)
+        await ensure_topics(settings)
+        conn = await asyncpg.connect(settings.database_url)
+        tenant = await create_tenant(conn, "bench")
+        await conn.close()
+        return tenant.tenant_id, tenant.api_key
+
+    async def cleanup() -> None:
+        await delete_topics(settings)
+        admin = await superuser()
+        await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        await admin.close()
+
+    tenant_id, api_key = asyncio.run(prepare())
+    try:
+        yield BenchEnvironment(settings, tenant_id, api_key, database)
+    finally:
+        asyncio.run(cleanup())
