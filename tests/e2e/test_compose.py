@@ -14,6 +14,11 @@ from flexoraa.settings import PROJECT_ROOT, Settings
 
 pytestmark = pytest.mark.e2e
 COMPOSE = PROJECT_ROOT / "docker-compose.yml"
+SECRETS = {
+    "POSTGRES_PASSWORD": "dummy",
+    "GRAFANA_ADMIN_PASSWORD": "dummy",
+    "SECRETS_ENCRYPTION_KEY": "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
+}
 
 
 def compose_config(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -30,16 +35,17 @@ def compose_config(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 
 def test_compose_file_is_valid() -> None:
-    env = {**os.environ, "POSTGRES_PASSWORD": "dummy", "GRAFANA_ADMIN_PASSWORD": "dummy"}
+    env = {**os.environ, **SECRETS}
     result = compose_config(env)
     assert result.returncode == 0, result.stderr
 
 
 def test_secrets_are_required_variables() -> None:
-    env = {k: v for k, v in os.environ.items() if k != "POSTGRES_PASSWORD"}
-    result = compose_config({**env, "GRAFANA_ADMIN_PASSWORD": "dummy"})
-    assert result.returncode != 0
-    assert "POSTGRES_PASSWORD" in result.stderr
+    for missing in SECRETS:
+        env = {k: v for k, v in {**os.environ, **SECRETS}.items() if k != missing}
+        result = compose_config(env)
+        assert result.returncode != 0, missing
+        assert missing in result.stderr
 
 
 def test_compose_runs_the_same_kafka_version_as_the_stack() -> None:
