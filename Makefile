@@ -8,7 +8,7 @@ APT_INSTALL := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --n
 PYTEST_ARGS ?=
 
 .PHONY: setup system-deps run test lint typecheck unit integration e2e stack stack-stop \
-        stack-status bench clean
+        stack-status bench eval-extractor clean
 
 setup: $(INSTALLED) system-deps
 
@@ -18,12 +18,14 @@ $(INSTALLED): pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
-# Debian packages: PostgreSQL's server (the stack starts its own cluster) and docker-compose,
-# which validates docker-compose.yml without a Docker engine. Kafka comes from Maven Central
-# when the stack first starts.
+# Debian packages: PostgreSQL's server (the stack starts its own cluster), docker-compose,
+# which validates docker-compose.yml without a Docker engine, and Prometheus (promtool checks
+# the alert rules; a real server scrapes the processes in a test). Kafka comes from Maven
+# Central when the stack first starts.
 system-deps:
-	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ! command -v docker-compose >/dev/null; then \
-		$(SUDO) apt-get update -qq && $(APT_INSTALL) postgresql docker-compose; \
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ! command -v docker-compose >/dev/null \
+	    || ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then \
+		$(SUDO) apt-get update -qq && $(APT_INSTALL) postgresql docker-compose prometheus; \
 	fi
 
 stack: setup
@@ -60,6 +62,10 @@ test: setup lint typecheck
 
 clean: stack-stop
 	rm -rf .stack
+
+# Precision and recall per slot of the built-in qualification extractor.
+eval-extractor: $(INSTALLED)
+	$(BIN)/python -m bench.extractor_eval
 
 # Benchmarks against the real local broker; results (with machine facts) in bench/results/.
 bench: setup

@@ -15,6 +15,7 @@ from api.tenants import Principal, PrincipalCache, find_principal
 from connectors.channels import ChannelDirectory
 from flexoraa.crypto import SecretBox
 from flexoraa.kafka import EventPublisher
+from flexoraa.latency import LatencyRecorder
 from flexoraa.settings import Settings
 from schemas.topics import TopicNames
 
@@ -32,6 +33,8 @@ class Services:
     secret_box: SecretBox
     channels: ChannelDirectory
     recent_message_ids: RecentIds
+    # SLA monitoring (issue 8): `latency.measure(operation, tenant_id=...)` times an operation.
+    latency: LatencyRecorder
 
 
 async def get_services(request: Request) -> Services:
@@ -64,6 +67,8 @@ async def authenticate(request: Request, services: ServicesDep) -> Principal:
         if principal is None:
             raise ApiError(401, "invalid or revoked API key", headers=_UNAUTHORIZED_HEADERS)
         services.principals.put(api_key, principal)
+    # The metrics middleware attributes the request's latency event to this tenant.
+    request.state.tenant_id = principal.tenant_id
     return principal
 
 

@@ -20,6 +20,11 @@ class LeadStateClient:
         )
 
     async def session(self, lead_id: str) -> dict[str, Any] | None:
+        state = await self.lead(lead_id)
+        return None if state is None else state["session"]
+
+    async def lead(self, lead_id: str) -> dict[str, Any] | None:
+        """The lead's live tables: {"session": …, "qualification": … or None}."""
         try:
             response = await self._client.get(f"/internal/leads/{lead_id}")
         except httpx.HTTPError as exc:
@@ -28,8 +33,8 @@ class LeadStateClient:
             return None
         if response.status_code != 200:
             raise StateUnavailable(f"worker answered {response.status_code}: {response.text[:200]}")
-        session: dict[str, Any] = response.json()["session"]
-        return session
+        state: dict[str, Any] = response.json()
+        return state
 
     async def is_reachable(self) -> bool:
         try:

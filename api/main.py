@@ -14,12 +14,13 @@ from api.dedup import RecentIds
 from api.deps import Services
 from api.lead_state import LeadStateClient
 from api.middleware import BodyLimitMiddleware, MetricsMiddleware
-from api.routes import channels, events, health, leads, meta_webhooks
+from api.routes import channels, events, health, leads, leakage, meta_webhooks, monitoring, sdrs
 from api.tenants import PrincipalCache
 from connectors.channels import ChannelDirectory
 from flexoraa.crypto import load_secret_box
 from flexoraa.db import create_pool
 from flexoraa.kafka import EventPublisher
+from flexoraa.latency import LatencyRecorder
 from flexoraa.settings import Settings
 from schemas.topics import TopicNames
 
@@ -48,13 +49,16 @@ def create_app(settings: Settings) -> FastAPI:
             secret_box=secret_box,
             channels=ChannelDirectory(_constant(pool), secret_box),
             recent_message_ids=RecentIds(settings.webhook_dedup_cache_size),
+            latency=latency,
         )
+        await latency.start()
         # Everything allocated so far lives as long as the process: keep it out of the
         # collector's generations so full collections (tail latency) stay short.
         gc.freeze()
         try:
             yield
         finally:
+            await latency.close()
             await publisher.close()
             await lead_state.close()
             await pool.close()
@@ -73,8 +77,15 @@ def create_app(settings: Settings) -> FastAPI:
     # --- WhatsApp and Meta channels (issue 3) ---
     app.include_router(channels.router)
     app.include_router(meta_webhooks.router)
+    # --- AI qualification (issue 4) ---
+    app.include_router(sdrs.router)
+    # --- Leakage prevention (issue 5) ---
+    app.include_router(leakage.router)
     # --- Tokens and Razorpay (issue 6) ---
     # --- SLA monitoring (issue 8) ---
+    app.include_router(monitoring.router)
+    # Built here (no I/O until the lifespan starts it) so the middleware can hold it.
+    latency = LatencyRecorder(settings, TopicNames(settings.topic_prefix).latency)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(MetricsMiddleware)
+    app.add_middleware(MetricsMiddleware, latency=latency)
     return app

@@ -8,6 +8,8 @@ import time
 from prometheus_client import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from flexoraa.latency import LatencyRecorder
+
 REQUESTS = Counter("flexoraa_api_requests", "API requests answered", ["method", "route", "status"])
 REQUEST_DURATION = Histogram(
     "flexoraa_api_request_duration_seconds",
@@ -15,6 +17,9 @@ REQUEST_DURATION = Histogram(
     ["method", "route"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+
+
+_SLA_ROUTE_PREFIXES = ("/api/", "/webhooks/")
 
 
 class _BodyTooLarge(Exception):
@@ -71,8 +76,10 @@ class BodyLimitMiddleware:
 
 
 class MetricsMiddleware:
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, latency: LatencyRecorder | None = None) -> None:
         self.app = app
+        # SLA latency events (issue 8): `record` only appends to a bounded buffer.
+        self.latency = latency
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -95,7 +102,17 @@ class MetricsMiddleware:
             label = getattr(route, "path", "unmatched")
             method = scope["method"]
             REQUESTS.labels(method, label, str(status)).inc()
-            REQUEST_DURATION.labels(method, label).observe(time.perf_counter() - started)
+            elapsed_s = time.perf_counter() - started
+            REQUEST_DURATION.labels(method, label).observe(elapsed_s)
+            # Only the product's endpoints count towards the API's SLA, not probes and scrapes.
+            if self.latency is not None and label.startswith(_SLA_ROUTE_PREFIXES):
+                self.latency.record(
+                    "api_request",
+                    elapsed_s * 1000,
+                    ok=status < 500,
+                    tenant_id=scope.get("state", {}).get("tenant_id"),
+                    detail=f"{method} {label} {status}",
+                )
 
 
 async def _send_json(send: Send, status: int, detail: str) -> None:

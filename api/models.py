@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
@@ -37,6 +38,25 @@ class WindowView(BaseModel):
     closes_at: datetime | None
 
 
+class QualificationView(BaseModel):
+    status: str
+    turn: int
+    facts: dict[str, Any]
+    score: float
+    escalated: bool
+    sdr_id: str | None
+
+
+class QualificationStepView(BaseModel):
+    turn: int
+    status: str
+    facts: dict[str, Any]
+    score: float
+    sdr_id: str | None
+    source: str = Field(description="model or builtin")
+    occurred_at: datetime
+
+
 class LeadView(BaseModel):
     lead_id: str
     channel: str
@@ -46,6 +66,7 @@ class LeadView(BaseModel):
     last_customer_message_at: datetime
     message_count: int
     window: WindowView
+    qualification: QualificationView | None = None
 
 
 class LeadSummary(BaseModel):

@@ -129,9 +129,84 @@ class Settings(BaseSettings):
         100_000, ge=0, description="recent message ids each API process remembers"
     )
 
+    # --- AI qualification (issue 4) ---
+    openai_api_key: SecretStr | None = Field(
+        None, description="OpenAI (or compatible) key; unset: the built-in extractor answers"
+    )
+    openai_base_url: str | None = Field(
+        None, description="OpenAI-compatible base URL (vLLM, Ollama, a test server)"
+    )
+    openai_model: str = Field("gpt-4o-mini", description="model of extraction and questions")
+    openai_timeout_s: float = Field(10.0, gt=0, description="timeout of one model call")
+    openai_max_retries: int = Field(2, ge=0, description="client retries on 429/5xx")
+    ai_breaker_failures: int = Field(
+        3, ge=1, description="consecutive model failures that open the circuit breaker"
+    )
+    ai_breaker_cooldown_s: float = Field(
+        60.0, gt=0, description="how long the built-in extractor answers after the breaker opens"
+    )
+    qualification_budget_threshold: float = Field(
+        5000, gt=0, description="budget at which a lead counts as high value"
+    )
+    qualification_budget_currency: str = Field("USD", description="currency of the threshold")
+    qualification_escalation_days: int = Field(
+        30, ge=0, description="a high-value lead with a timeline within this many days escalates"
+    )
+
+    # --- Leakage prevention (issue 5) ---
+    leak_threshold_s: int = Field(
+        1800,
+        ge=1,
+        description="an unanswered customer message becomes a leak after this long "
+        "(tenants.leak_threshold_s overrides it per tenant)",
+    )
+
     # --- Tokens and Razorpay (issue 6) ---
 
     # --- SLA monitoring (issue 8) ---
+    sla_target_ai_message_p90_ms: float = Field(
+        1000, gt=0, description="SLA target: P90 of an AI model call stays below this"
+    )
+    sla_target_verification_p90_ms: float = Field(
+        500, gt=0, description="SLA target: P90 of a webhook signature or payment check"
+    )
+    sla_target_routing_p90_ms: float = Field(
+        5000, gt=0, description="SLA target: P90 from first inbound message to SDR assigned"
+    )
+    sla_target_error_rate: float = Field(
+        0.001, ge=0, le=1, description="SLA target: error rate of every operation (0.001 = 0.1 %)"
+    )
+    sla_target_uptime: float = Field(
+        0.999, ge=0, le=1, description="SLA target: uptime of API, workers, Kafka, PostgreSQL"
+    )
+    sla_violation_window_min: int = Field(
+        5, ge=1, le=60, description="minutes of the rolling window a target is judged over"
+    )
+    sla_min_calls: int = Field(
+        20, ge=1, description="calls a window needs before its P90 or error rate is judged"
+    )
+    sla_lateness_allowance_s: int = Field(
+        120, ge=0, le=3600, description="how late (event time) a latency event is still counted"
+    )
+    sla_evaluate_interval_s: float = Field(
+        10.0, ge=0.2, description="how often workers store minute aggregates and judge targets"
+    )
+    sla_probe_interval_s: float = Field(
+        5.0, ge=0.2, description="how often the leader worker probes API, workers, Kafka, PG"
+    )
+    sla_probe_api_url: str = Field(
+        "http://127.0.0.1:8000", description="base URL of the API the uptime prober checks"
+    )
+    sla_alert_tenant_id: str | None = Field(
+        None, description="tenant whose admins are alerted of platform-wide violations (none: "
+        "Prometheus alerts only)",
+    )  # fmt: skip
+    latency_buffer_max: int = Field(
+        10_000, ge=1, description="latency events a process buffers for Kafka before dropping"
+    )
+    latency_flush_interval_ms: int = Field(
+        200, ge=10, description="how often buffered latency events are produced"
+    )
 
     @model_validator(mode="after")
     def _refuse_dev_defaults_in_production(self) -> Settings:

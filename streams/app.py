@@ -8,7 +8,10 @@ import asyncpg
 import faust
 from faust.sensors.prometheus import setup_prometheus_sensors
 
+from connectors.ai import QualificationAI
 from connectors.channels import ChannelDirectory
+from connectors.sdrs import SdrRouter
+from connectors.tenants import TenantSettings
 from connectors.whatsapp import GraphApiClient
 from flexoraa.crypto import load_secret_box
 from flexoraa.db import create_pool
@@ -18,12 +21,17 @@ from schemas.messaging import DeliveryStatus, LeadEvent, OutboundMessage
 from schemas.topics import TopicNames
 from streams import web
 from streams.agents import deadlines as deadlines_agent
+from streams.agents import leakage as leakage_agent
 from streams.agents import outbound as outbound_agent
+from streams.agents import qualification as qualification_agent
 from streams.agents import sessions as sessions_agent
 from streams.agents import sink as sink_agent
 from streams.agents import window as window_agent
+from streams.agents.leakage import LeakActions
 from streams.agents.outbound import Sender
+from streams.agents.qualification import Interviewer, QualificationTopics
 from streams.agents.sink import SinkSpec
+from streams.rules.qualification import Policy
 from streams.sink import (
     DeliveryStatusSink,
     InboundMessageSink,
@@ -89,6 +97,8 @@ def create_worker_app(settings: Settings) -> faust.App:
     delivery_status = lead_topic(names.delivery_status)
     lead_events = lead_topic(names.lead_events)
     deadlines_topic = lead_topic(names.deadlines)
+    notifications = lead_topic(names.notifications)
+    latency = lead_topic(names.latency)
     # Keys are the lead id's bytes, exactly as producers key the lead topics, so the partition
     # of a key is the same murmur2 hash everywhere (the web page routes reads with it; Faust
     # would serialise any other key type with its JSON codec and hash something else).
@@ -134,6 +144,51 @@ def create_worker_app(settings: Settings) -> faust.App:
         sessions=sessions,
         sender=Sender(settings, graph, channels, outbound_messages),
     )
+    deadline_handlers = window_agent.handlers(lead_events)
+    # --- AI qualification (issue 4) ---
+    qualification = app.Table("qualification", key_type=bytes, partitions=settings.kafka_partitions)
+    router = SdrRouter(pool)
+    if settings.enable_ai_qualification:
+        qualification_agent.register(
+            app,
+            inbound=inbound,
+            qualification=qualification,
+            interviewer=Interviewer(
+                QualificationAI(settings),
+                router,
+                Policy(
+                    budget_threshold=settings.qualification_budget_threshold,
+                    budget_currency=settings.qualification_budget_currency,
+                    escalation_days=settings.qualification_escalation_days,
+                ),
+                QualificationTopics(
+                    lead_events=lead_events,
+                    outbound_commands=outbound_commands,
+                    notifications=notifications,
+                    latency=latency,
+                ),
+            ),
+        )
+    # --- Leakage prevention (issue 5) ---
+    leakage = app.Table("leakage", key_type=bytes, partitions=settings.kafka_partitions)
+    if settings.enable_leakage_prevention:
+        leakage_agent.register(
+            app,
+            inbound=inbound,
+            outbound_messages=outbound_messages,
+            lead_events=lead_events,
+            leakage=leakage,
+            scheduler=scheduler,
+            tenants=TenantSettings(pool, settings.leak_threshold_s),
+        )
+        deadline_handlers |= LeakActions(
+            leakage=leakage,
+            qualification=qualification,
+            router=router,
+            lead_events=lead_events,
+            outbound_commands=outbound_commands,
+            notifications=notifications,
+        ).handlers()
     deadlines_agent.register(
         app,
         source_topic=inbound,
@@ -141,12 +196,18 @@ def create_worker_app(settings: Settings) -> faust.App:
         dead_letters=dead_letters,
         scheduler=scheduler,
         sessions=sessions,
-        handlers=window_agent.handlers(lead_events),
+        handlers=deadline_handlers,
         partitions=settings.kafka_partitions,
         tick_s=settings.timer_tick_ms / 1000,
     )
     # --- Tokens and notifications (issue 6) ---
     # --- SLA monitoring (issue 8) ---
-    web.register(app, sessions=sessions, partitions=settings.kafka_partitions)
+    if settings.enable_sla_monitoring:
+        from streams.agents import sla as sla_agent
+
+        sla_agent.install(app, settings, pool=pool, dead_letters=dead_letters)
+    web.register(
+        app, sessions=sessions, qualification=qualification, partitions=settings.kafka_partitions
+    )
     setup_prometheus_sensors(app, name_prefix="faust")
     return app

@@ -21,3 +21,18 @@ OUTBOUND_SENDS = Counter(
     "Send attempts by channel, kind and outcome",
     ["channel", "kind", "outcome"],
 )
+QUALIFICATION_STEPS = Counter(
+    "flexoraa_qualification_steps",
+    "Qualification interview steps by extraction source and resulting status",
+    ["source", "status"],
+)
+LEAKS = Counter(
+    "flexoraa_leaks", "Leads that waited past their reply deadline", ["temperature", "action"]
+)
+
+# Label sets known up front are exported at zero from the start, so a dashboard or alert shows
+# "none yet" instead of "no data".
+for _kind in ("invalid_event", "wrong_key", "sink_rejected"):
+    DEAD_LETTERS.labels(_kind)
+for _table in ("leads", "messages", "outbound_messages", "message_statuses", "lead_events"):
+    SINK_ROWS.labels(_table)

@@ -257,3 +257,55 @@ class LeadEventSink(BatchSink[LeadEvent]):
             [e.occurred_at for e in batch],
         )
         SINK_ROWS.labels("lead_events").inc(int(status.rsplit(" ", 1)[-1]))
+        await self._write_leakage(pool, batch)
+        steps = [e for e in batch if e.type == "qualification_updated"]
+        if steps:
+            # Every interview step is also a row of the seed's qualification history table.
+            await pool.execute(
+                """INSERT INTO lead_qualification_state (event_id, tenant_id, lead_id, turn,
+                                                         status, facts, score, assigned_sdr_id,
+                                                         source, occurred_at)
+                   SELECT e, t, l, tu, st, f::jsonb, sc, sdr, so, o
+                   FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::smallint[], $5::text[],
+                               $6::text[], $7::numeric[], $8::uuid[], $9::text[],
+                               $10::timestamptz[]) AS u(e, t, l, tu, st, f, sc, sdr, so, o)
+                   ON CONFLICT DO NOTHING""",
+                [e.event_id for e in steps],
+                [e.tenant_id for e in steps],
+                [e.lead_id for e in steps],
+                [e.data["turn"] for e in steps],
+                [e.data["status"] for e in steps],
+                [json.dumps(e.data["facts"]) for e in steps],
+                [e.data["score"] for e in steps],
+                [e.data.get("sdr_id") for e in steps],
+                [e.data.get("source", "builtin") for e in steps],
+                [e.occurred_at for e in steps],
+            )
+
+    @staticmethod
+    async def _write_leakage(pool: asyncpg.Pool, batch: Sequence[LeadEvent]) -> None:
+        """Leaks and reassignments are also rows of the seed's leakage and reassignment logs."""
+        for event in batch:
+            if event.type == "leak_detected":
+                data = event.data
+                await pool.execute(
+                    """INSERT INTO lead_leakage_events (event_id, tenant_id, lead_id, temperature,
+                                                        action, waiting_since, deadline_at,
+                                                        detected_at, details)
+                       VALUES ($1, $2, $3, $4, $5, to_timestamp($6 / 1000.0),
+                               to_timestamp($7 / 1000.0), $8, $9::jsonb)
+                       ON CONFLICT DO NOTHING""",
+                    event.event_id, event.tenant_id, event.lead_id, data["temperature"],
+                    data["action"], data["waiting_since_ms"], data["deadline_ms"],
+                    event.occurred_at, data,
+                )  # fmt: skip
+            elif event.type == "reassigned":
+                await pool.execute(
+                    """INSERT INTO lead_reassignment_log (event_id, tenant_id, lead_id,
+                                                          from_sdr_id, to_sdr_id, reason,
+                                                          occurred_at)
+                       VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING""",
+                    event.event_id, event.tenant_id, event.lead_id,
+                    event.data.get("from_sdr_id"), event.data.get("to_sdr_id"),
+                    event.data.get("reason", "leak"), event.occurred_at,
+                )  # fmt: skip

@@ -67,6 +67,13 @@ class Scheduler:
         for name, due_ms in changed.items():
             self.index.schedule(key, name, due_ms)
 
+    def set_if_absent(self, key: bytes, name: str, due_ms: int) -> bool:
+        """Set a deadline unless one of that name is pending; whether it was set."""
+        if name in self.pending(key):
+            return False
+        self.set(key, {name: due_ms})
+        return True
+
     def cancel(self, key: bytes, *names: str) -> None:
         pending = self.pending(key)
         if not any(name in pending for name in names):

@@ -41,7 +41,13 @@ def _same_worker(url: str, own: URL) -> bool:
     return (other.host, other.port) == (own.host, own.port)
 
 
-def register(app: AppT, *, sessions: TableT[bytes, Any], partitions: int) -> None:
+def register(
+    app: AppT,
+    *,
+    sessions: TableT[bytes, Any],
+    qualification: TableT[bytes, Any],
+    partitions: int,
+) -> None:
     @app.page("/health")
     async def health(self: View, request: Request) -> Response:
         return self.json({"status": "ok"})
@@ -72,4 +78,4 @@ def register(app: AppT, *, sessions: TableT[bytes, Any], partitions: int) -> Non
         state: Any = sessions.get(key)
         if state is None:
             return self.json({"error": "lead not found"}, status=404)
-        return self.json({"session": state})
+        return self.json({"session": state, "qualification": qualification.get(key)})

@@ -219,12 +219,14 @@ def start_worker(
     settings: Settings,
     name: str = "worker",
     web_port: int | None = None,
+    **extra_env: str,
 ) -> ManagedProcess:
     port = web_port or free_port()
     env = settings_env(
         settings,
         WORKER_WEB_PORT=str(port),
         WORKER_URL=f"http://127.0.0.1:{port}",
+        **extra_env,
     )
     worker = processes(name, ["worker"], env)
     worker.ports["web"] = port

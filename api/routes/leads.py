@@ -20,6 +20,8 @@ from api.models import (
     LeadView,
     MessagePage,
     MessageView,
+    QualificationStepView,
+    QualificationView,
     SendAccepted,
     SendRequest,
     WindowView,
@@ -73,11 +75,13 @@ async def get_lead(lead_id: str, principal: PrincipalDep, services: ServicesDep)
     """A lead's live state, read from the sessions table of the worker that owns it."""
     lead_id = _parse_lead_id(lead_id)
     try:
-        session: dict[str, Any] | None = await services.lead_state.session(lead_id)
+        state: dict[str, Any] | None = await services.lead_state.lead(lead_id)
     except StateUnavailable as exc:
         raise ApiError(503, "live lead state is unavailable: no worker answered") from exc
-    if session is None or session["tenant_id"] != principal.tenant_id:
+    if state is None or state["session"]["tenant_id"] != principal.tenant_id:
         raise ApiError(404, _NOT_FOUND)
+    session = state["session"]
+    qualification = state.get("qualification")
     now_ms = int(datetime.now(UTC).timestamp() * 1000)
     window = window_state(session["channel"], session["last_customer_message_ms"], now_ms)
     return LeadView(
@@ -93,7 +97,48 @@ async def get_lead(lead_id: str, principal: PrincipalDep, services: ServicesDep)
             open=window.open,
             closes_at=_from_ms(window.closes_at_ms) if window.closes_at_ms is not None else None,
         ),
+        qualification=QualificationView(**qualification) if qualification else None,
     )
+
+
+@router.get(
+    "/api/leads/{lead_id}/qualification/history",
+    response_model=list[QualificationStepView],
+    responses={404: {}, 503: {}},
+)
+async def qualification_history(
+    lead_id: str, principal: PrincipalDep, services: ServicesDep
+) -> list[QualificationStepView]:
+    """Each step of the lead's interview, with its time and source (model or built-in)."""
+    lead_id = _parse_lead_id(lead_id)
+    try:
+        rows = await services.pool.fetch(
+            """SELECT turn, status, facts, score, assigned_sdr_id, source, occurred_at
+               FROM lead_qualification_state WHERE lead_id = $1 AND tenant_id = $2
+               ORDER BY occurred_at, event_id""",
+            lead_id,
+            principal.tenant_id,
+        )
+    except _DB_ERRORS as exc:
+        raise _database_unavailable(exc) from exc
+    if not rows:
+        owner = await services.pool.fetchval(
+            "SELECT tenant_id FROM leads WHERE lead_id = $1", lead_id
+        )
+        if owner is None or str(owner) != principal.tenant_id:
+            raise ApiError(404, _NOT_FOUND)
+    return [
+        QualificationStepView(
+            turn=row["turn"],
+            status=row["status"],
+            facts=row["facts"],
+            score=float(row["score"]),
+            sdr_id=str(row["assigned_sdr_id"]) if row["assigned_sdr_id"] else None,
+            source=row["source"],
+            occurred_at=row["occurred_at"],
+        )
+        for row in rows
+    ]
 
 
 @router.post(

@@ -24,8 +24,10 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def workers(processes: StartProcess, test_settings: Settings) -> list[ManagedProcess]:
-    first = start_worker(processes, test_settings, name="worker-a")
-    second = start_worker(processes, test_settings, name="worker-b")
+    first = start_worker(processes, test_settings, name="worker-a", ENABLE_AI_QUALIFICATION="false")
+    second = start_worker(
+        processes, test_settings, name="worker-b", ENABLE_AI_QUALIFICATION="false"
+    )
     urls = {f"http://127.0.0.1:{w.ports['web']}" for w in (first, second)}
 
     def both_own_partitions() -> bool:

@@ -63,6 +63,8 @@ def worker(processes: StartProcess, test_settings: Settings, graph: GraphApiFake
         WHATSAPP_TEMPLATE_PARAMETERS="contact_name,text",
         WHATSAPP_SEND_BACKOFF_MS="50",
         TIMER_TICK_MS="200",
+        # Only the SDR replies these tests send; AI questions have their own tests.
+        ENABLE_AI_QUALIFICATION="false",
     )
     process = processes("whatsapp-worker", ["worker"], env)
     process.ports["web"] = port
@@ -467,7 +469,7 @@ async def test_window_closing_and_expired_events_fire_from_timers(
     async def fired() -> Any:
         rows = await db.fetch(
             "SELECT type, occurred_at, data FROM lead_events WHERE lead_id = $1"
-            " ORDER BY occurred_at",
+            " AND type LIKE 'window_%' ORDER BY occurred_at",
             lead_id,
         )
         return rows if len(rows) == 2 else None
@@ -479,5 +481,7 @@ async def test_window_closing_and_expired_events_fire_from_timers(
     assert data["channel"] == "whatsapp"
     assert datetime.fromisoformat(data["closes_at"]) == rows[1]["occurred_at"]
     await asyncio.sleep(1)  # nothing fires twice
-    count = await db.fetchval("SELECT count(*) FROM lead_events WHERE lead_id = $1", lead_id)
+    count = await db.fetchval(
+        "SELECT count(*) FROM lead_events WHERE lead_id = $1 AND type LIKE 'window_%'", lead_id
+    )
     assert count == 2

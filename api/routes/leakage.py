@@ -1,0 +1,79 @@
+"""Leakage statistics for the caller's tenant."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from pydantic import BaseModel
+
+from api.deps import PrincipalDep, ServicesDep
+from api.errors import ApiError
+
+router = APIRouter(tags=["monitoring"])
+
+
+class LeakageStats(BaseModel):
+    since: datetime
+    until: datetime
+    leaks: int
+    by_temperature: dict[str, int]
+    by_action: dict[str, int]
+    first_replies: int
+    median_time_to_first_reply_s: float | None
+    reassignments_per_sdr: dict[str, int]
+
+
+@router.get("/api/monitoring/leakage/stats", response_model=LeakageStats, responses={400: {}})
+async def leakage_stats(
+    principal: PrincipalDep,
+    services: ServicesDep,
+    since: Annotated[datetime | None, Query(alias="from")] = None,
+    until: Annotated[datetime | None, Query(alias="to")] = None,
+) -> LeakageStats:
+    """Leaks by temperature and action, median time to first reply, reassignments per SDR."""
+    until = until or datetime.now(UTC)
+    since = since or until - timedelta(days=7)
+    if since.tzinfo is None or until.tzinfo is None:
+        raise ApiError(400, "from and to need a time zone (ISO 8601, e.g. 2026-11-24T00:00:00Z)")
+    if since >= until:
+        raise ApiError(400, "from must be before to")
+    tenant = principal.tenant_id
+    leaks = await services.pool.fetch(
+        """SELECT temperature, action, count(*) AS n FROM lead_leakage_events
+           WHERE tenant_id = $1 AND detected_at >= $2 AND detected_at < $3
+           GROUP BY temperature, action""",
+        tenant, since, until,
+    )  # fmt: skip
+    replies = await services.pool.fetchrow(
+        """SELECT count(*) AS n,
+                  percentile_cont(0.5) WITHIN GROUP (ORDER BY (data->>'waited_ms')::bigint)
+                      AS median_ms
+           FROM lead_events WHERE tenant_id = $1 AND type = 'first_reply'
+             AND occurred_at >= $2 AND occurred_at < $3""",
+        tenant, since, until,
+    )  # fmt: skip
+    moved = await services.pool.fetch(
+        """SELECT to_sdr_id, count(*) AS n FROM lead_reassignment_log
+           WHERE tenant_id = $1 AND occurred_at >= $2 AND occurred_at < $3
+           GROUP BY to_sdr_id""",
+        tenant, since, until,
+    )  # fmt: skip
+    by_temperature: dict[str, int] = {}
+    by_action: dict[str, int] = {}
+    for row in leaks:
+        by_temperature[row["temperature"]] = by_temperature.get(row["temperature"], 0) + row["n"]
+        by_action[row["action"]] = by_action.get(row["action"], 0) + row["n"]
+    assert replies is not None
+    median = replies["median_ms"]
+    return LeakageStats(
+        since=since,
+        until=until,
+        leaks=sum(by_temperature.values()),
+        by_temperature=by_temperature,
+        by_action=by_action,
+        first_replies=replies["n"],
+        median_time_to_first_reply_s=None if median is None else round(median / 1000, 3),
+        reassignments_per_sdr={str(row["to_sdr_id"]): row["n"] for row in moved},
+    )

@@ -1,0 +1,186 @@
+"""Qualification extraction: an OpenAI-compatible model with structured outputs, or the
+built-in extractor when there is no key or the circuit breaker is open."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import openai
+from openai import AsyncOpenAI
+
+from flexoraa.settings import Settings
+from streams.rules.extraction import extract
+from streams.rules.qualification import QUESTIONS, SLOTS
+
+logger = logging.getLogger(__name__)
+
+_NULLABLE_STRING = {"type": ["string", "null"]}
+OBJECTION_KINDS = [
+    "price", "competitor", "timing", "security", "integration", "contract", "trust", "none",
+]  # fmt: skip
+
+# Strict structured outputs: every property required, no additional properties, null for
+# "not in this message".
+LEAD_FACTS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["need", "budget", "timeline", "authority", "objections", "next_step",
+                 "next_question"],
+    "properties": {
+        "need": _NULLABLE_STRING,
+        "budget": {"anyOf": [{"type": "null"}, {
+            "type": "object", "additionalProperties": False,
+            "required": ["min", "max", "currency"],
+            "properties": {"min": {"type": ["number", "null"]}, "max": {"type": ["number", "null"]},
+                           "currency": _NULLABLE_STRING},
+        }]},
+        "timeline": {"anyOf": [{"type": "null"}, {
+            "type": "object", "additionalProperties": False, "required": ["days", "text"],
+            "properties": {"days": {"type": ["integer", "null"]}, "text": {"type": "string"}},
+        }]},
+        "authority": {"anyOf": [{"type": "null"}, {
+            "type": "object", "additionalProperties": False,
+            "required": ["decision_maker", "approver"],
+            "properties": {"decision_maker": {"type": "boolean"}, "approver": _NULLABLE_STRING},
+        }]},
+        "objections": {"type": "array", "items": {"type": "string", "enum": OBJECTION_KINDS}},
+        "next_step": {"anyOf": [{"type": "null"}, {
+            "type": "object", "additionalProperties": False, "required": ["action", "when"],
+            "properties": {"action": {"type": "string",
+                                      "enum": ["call", "demo", "meeting", "proposal"]},
+                           "when": _NULLABLE_STRING},
+        }]},
+        "next_question": _NULLABLE_STRING,
+    },
+}  # fmt: skip
+
+_SYSTEM = (
+    "You qualify sales leads for a business. From the customer's latest message extract only "
+    "what it states: need (their problem), budget (amounts and currency code), timeline (days "
+    "from today until they want to start), authority (are they the decision maker, who "
+    "approves), objections, next step. Use null for anything not stated. Then write "
+    "next_question: one short, friendly question asking for the slot named by the user, or "
+    "null if none is named."
+)
+
+
+class CircuitBreaker:
+    """Opens after `failures` consecutive failures; while open, calls are skipped until the
+    cool-down has passed, then one trial call decides (half-open)."""
+
+    def __init__(self, failures: int, cooldown_s: float) -> None:
+        self._threshold = failures
+        self._cooldown_s = cooldown_s
+        self._consecutive = 0
+        self._open_until = 0.0
+
+    def allows(self, now_s: float) -> bool:
+        return now_s >= self._open_until
+
+    def record_success(self) -> None:
+        self._consecutive = 0
+        self._open_until = 0.0
+
+    def record_failure(self, now_s: float) -> None:
+        self._consecutive += 1
+        if self._consecutive >= self._threshold:
+            self._open_until = now_s + self._cooldown_s
+            self._consecutive = 0
+
+    @property
+    def is_open(self) -> bool:
+        return time.monotonic() < self._open_until
+
+
+@dataclass(frozen=True)
+class ModelCall:
+    """What a model call cost and how it went, for the token and latency events."""
+
+    duration_ms: float
+    ok: bool
+    prompt_tokens: int
+    completion_tokens: int
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Extraction:
+    found: dict[str, Any]
+    question: str | None
+    source: str  # model | builtin
+    call: ModelCall | None
+
+
+class QualificationAI:
+    def __init__(self, settings: Settings) -> None:
+        self._model = settings.openai_model
+        self._client: AsyncOpenAI | None = None
+        key = settings.openai_api_key
+        if key is not None:
+            self._client = AsyncOpenAI(
+                api_key=key.get_secret_value(),
+                base_url=settings.openai_base_url,
+                timeout=settings.openai_timeout_s,
+                max_retries=settings.openai_max_retries,
+            )
+        self.breaker = CircuitBreaker(settings.ai_breaker_failures, settings.ai_breaker_cooldown_s)
+
+    @property
+    def uses_model(self) -> bool:
+        return self._client is not None
+
+    async def extract(self, text: str, expecting: str | None, now: datetime) -> Extraction:
+        builtin = extract(text, now, expecting=expecting).slots()
+        if self._client is None or not self.breaker.allows(time.monotonic()):
+            return Extraction(builtin, None, "builtin", None)
+        started = time.perf_counter()
+        try:
+            response = await self._client.chat.completions.create(
+                model=self._model,
+                messages=[
+                    {"role": "system", "content": _SYSTEM},
+                    {
+                        "role": "user",
+                        "content": f"Today is {now.date().isoformat()}. Slot to ask next: "
+                        f"{expecting or 'need'}.\nCustomer message:\n{text}",
+                    },
+                ],
+                response_format={
+                    "type": "json_schema",
+                    "json_schema": {
+                        "name": "lead_facts",
+                        "schema": LEAD_FACTS_SCHEMA,
+                        "strict": True,
+                    },
+                },
+            )
+            content = response.choices[0].message.content or "{}"
+            parsed = json.loads(content)
+        except (openai.OpenAIError, ValueError, IndexError) as exc:
+            duration_ms = (time.perf_counter() - started) * 1000
+            self.breaker.record_failure(time.monotonic())
+            logger.warning("model extraction failed (%r); using the built-in extractor", exc)
+            call = ModelCall(duration_ms, False, 0, 0, error=type(exc).__name__)
+            return Extraction(builtin, None, "builtin", call)
+        duration_ms = (time.perf_counter() - started) * 1000
+        self.breaker.record_success()
+        usage = response.usage
+        call = ModelCall(
+            duration_ms,
+            True,
+            usage.prompt_tokens if usage else 0,
+            usage.completion_tokens if usage else 0,
+        )
+        found = {slot: parsed[slot] for slot in SLOTS if parsed.get(slot) not in (None, [], "")}
+        question = parsed.get("next_question") or None
+        return Extraction(found, question, "model", call)
+
+
+def question_for(slot: str, generated: str | None) -> str:
+    """The model's question when it wrote one, else the template for the slot."""
+    return generated or QUESTIONS[slot]

@@ -1,0 +1,122 @@
+"""SDR routing: round robin among the tenant's active SDRs that are under their maximum."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    sdr_id: str
+    name: str
+    email: str
+    newly_assigned: bool
+
+
+class SdrRouter:
+    def __init__(self, pool_factory: Callable[[], Awaitable[asyncpg.Pool]]) -> None:
+        self._pool_factory = pool_factory
+
+    async def assign(self, tenant_id: str, lead_id: str, reason: str) -> Assignment | None:
+        """The lead's SDR: its existing assignment, else the least recently assigned eligible
+        SDR. Idempotent per lead, so a replayed event never assigns twice."""
+        pool = await self._pool_factory()
+        async with pool.acquire() as conn, conn.transaction():
+            existing = await conn.fetchrow(
+                """SELECT s.sdr_id, s.name, s.email FROM sdr_assignments a
+                   JOIN sdrs s USING (sdr_id) WHERE a.lead_id = $1""",
+                lead_id,
+            )
+            if existing is not None:
+                return Assignment(
+                    str(existing["sdr_id"]), existing["name"], existing["email"], False
+                )
+            # FOR UPDATE serialises concurrent assignments for the tenant's rotation.
+            chosen = await conn.fetchrow(
+                """SELECT sdr_id, name, email FROM sdrs
+                   WHERE tenant_id = $1 AND active AND open_leads < max_open_leads
+                   ORDER BY last_assigned_at NULLS FIRST, created_at, sdr_id
+                   LIMIT 1 FOR UPDATE""",
+                tenant_id,
+            )
+            if chosen is None:
+                return None
+            await conn.execute(
+                "INSERT INTO sdr_assignments (lead_id, tenant_id, sdr_id, reason)"
+                " VALUES ($1, $2, $3, $4)",
+                lead_id,
+                tenant_id,
+                chosen["sdr_id"],
+                reason,
+            )
+            await conn.execute(
+                "UPDATE sdrs SET open_leads = open_leads + 1, last_assigned_at = clock_timestamp()"
+                " WHERE sdr_id = $1",
+                chosen["sdr_id"],
+            )
+            return Assignment(str(chosen["sdr_id"]), chosen["name"], chosen["email"], True)
+
+    async def reassign(self, tenant_id: str, lead_id: str, reason: str) -> Reassignment | None:
+        """Move the lead to another eligible SDR (round robin); None if there is none."""
+        pool = await self._pool_factory()
+        async with pool.acquire() as conn, conn.transaction():
+            return await _reassign(conn, tenant_id, lead_id, reason)
+
+
+@dataclass(frozen=True, slots=True)
+class Reassignment:
+    from_sdr: Assignment | None
+    to_sdr: Assignment
+
+
+async def _reassign(
+    conn: PoolConnectionProxy[asyncpg.Record], tenant_id: str, lead_id: str, reason: str
+) -> Reassignment | None:
+    current = await conn.fetchrow(
+        """SELECT s.sdr_id, s.name, s.email FROM sdr_assignments a JOIN sdrs s USING (sdr_id)
+           WHERE a.lead_id = $1 FOR UPDATE OF a""",
+        lead_id,
+    )
+    chosen = await conn.fetchrow(
+        """SELECT sdr_id, name, email FROM sdrs
+           WHERE tenant_id = $1 AND active AND open_leads < max_open_leads
+             AND ($2::uuid IS NULL OR sdr_id <> $2::uuid)
+           ORDER BY last_assigned_at NULLS FIRST, created_at, sdr_id
+           LIMIT 1 FOR UPDATE""",
+        tenant_id,
+        current["sdr_id"] if current else None,
+    )
+    if chosen is None:
+        return None
+    await conn.execute(
+        """INSERT INTO sdr_assignments (lead_id, tenant_id, sdr_id, reason)
+           VALUES ($1, $2, $3, $4)
+           ON CONFLICT (lead_id) DO UPDATE SET sdr_id = EXCLUDED.sdr_id,
+               reason = EXCLUDED.reason, assigned_at = now()""",
+        lead_id,
+        tenant_id,
+        chosen["sdr_id"],
+        reason,
+    )
+    if current is not None:
+        await conn.execute(
+            "UPDATE sdrs SET open_leads = greatest(open_leads - 1, 0) WHERE sdr_id = $1",
+            current["sdr_id"],
+        )
+    await conn.execute(
+        "UPDATE sdrs SET open_leads = open_leads + 1, last_assigned_at = clock_timestamp()"
+        " WHERE sdr_id = $1",
+        chosen["sdr_id"],
+    )
+    previous = (
+        Assignment(str(current["sdr_id"]), current["name"], current["email"], False)
+        if current
+        else None
+    )
+    return Reassignment(
+        previous, Assignment(str(chosen["sdr_id"]), chosen["name"], chosen["email"], True)
+    )

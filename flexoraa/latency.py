@@ -1,0 +1,246 @@
+"""Latency events for the SLA windows, produced fire-and-forget with bounded buffering.
+
+Any process times an operation and hands the result to a `LatencyRecorder`:
+
+    with recorder.measure("verification", tenant_id=tenant_id) as measured:
+        if not secret_matches:
+            measured.fail("signature mismatch")   # only if the *operation* failed
+
+`record` and `measure` only append to an in-memory buffer: they never wait for Kafka, so a
+request or an agent is never slowed by the broker. A background task produces the buffer every
+`LATENCY_FLUSH_INTERVAL_MS`; when Kafka is unreachable the buffer keeps the newest
+`LATENCY_BUFFER_MAX` events and drops the oldest (counted), so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import deque
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import NamedTuple
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from prometheus_client import Counter
+
+from flexoraa.settings import Settings
+from schemas.latency import LatencyEvent, Operation
+from streams.rules.sla import NO_TENANT
+
+logger = logging.getLogger(__name__)
+
+LATENCY_EVENTS_SENT = Counter(
+    "flexoraa_latency_events_sent", "Latency events acknowledged by Kafka", ["operation"]
+)
+LATENCY_EVENTS_DROPPED = Counter(
+    "flexoraa_latency_events_dropped",
+    "Latency events dropped: buffer full or Kafka unreachable",
+    ["reason"],
+)
+
+for _reason in ("buffer_full", "kafka"):
+    LATENCY_EVENTS_DROPPED.labels(_reason)  # zero from the start: rate() is 0, not "no data"
+
+
+class _Pending(NamedTuple):
+    operation: Operation
+    duration_ms: float
+    ok: bool
+    tenant_id: str
+    detail: str | None
+    occurred_ms: int
+
+
+class Measurement:
+    """Times a block (sync or async); an exception or `fail()` makes the outcome an error."""
+
+    def __init__(
+        self, recorder: LatencyRecorder, operation: Operation, tenant_id: str | None
+    ) -> None:
+        self._recorder = recorder
+        self._operation = operation
+        self.tenant_id = tenant_id
+        self._failed: str | None = None
+        self._started = 0.0
+
+    def fail(self, detail: str = "failed") -> None:
+        self._failed = detail
+
+    def __enter__(self) -> Measurement:
+        self._started = time.perf_counter()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        duration_ms = (time.perf_counter() - self._started) * 1000
+        if exc_type is not None and self._failed is None:
+            self._failed = exc_type.__name__
+        self._recorder.record(
+            self._operation, duration_ms, ok=self._failed is None,
+            tenant_id=self.tenant_id, detail=self._failed,
+        )  # fmt: skip
+
+    async def __aenter__(self) -> Measurement:
+        return self.__enter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.__exit__(exc_type, exc, tb)
+
+
+class LatencyRecorder:
+    """Buffers latency events and produces them in the background (see the module doc)."""
+
+    def __init__(self, settings: Settings, topic: str) -> None:
+        self._settings = settings
+        self._topic = topic
+        self._buffer: deque[_Pending] = deque(maxlen=settings.latency_buffer_max)
+        self._interval_s = settings.latency_flush_interval_ms / 1000
+        self._producer: AIOKafkaProducer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._next_connect = 0.0
+        # With SLA monitoring off nothing consumes the events, so none are made.
+        self.enabled = settings.enable_sla_monitoring
+
+    def record(
+        self,
+        operation: Operation,
+        duration_ms: float,
+        *,
+        ok: bool = True,
+        tenant_id: str | None = None,
+        detail: str | None = None,
+        occurred_ms: int | None = None,
+    ) -> None:
+        """Queue one measurement; O(1), never blocks."""
+        if not self.enabled:
+            return
+        if len(self._buffer) == self._buffer.maxlen:
+            LATENCY_EVENTS_DROPPED.labels("buffer_full").inc()  # the oldest one goes
+        self._buffer.append(
+            _Pending(
+                operation,
+                max(duration_ms, 0.0),
+                ok,
+                tenant_id or NO_TENANT,
+                detail[:200] if detail else None,
+                occurred_ms if occurred_ms is not None else int(time.time() * 1000),
+            )
+        )
+
+    def measure(self, operation: Operation, *, tenant_id: str | None = None) -> Measurement:
+        return Measurement(self, operation, tenant_id)
+
+    def __len__(self) -> int:
+        return len(self._buffer)
+
+    async def start(self) -> None:
+        if self._task is None and self.enabled:
+            self._task = asyncio.create_task(self._run(), name="latency-recorder")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        # What is still buffered gets one bounded chance to leave.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.flush(), self._settings.kafka_produce_timeout_ms / 1000)
+        if self._producer is not None:
+            with contextlib.suppress(Exception):
+                await self._producer.stop()
+            self._producer = None
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval_s)
+            try:
+                await self.flush()
+            except Exception:  # the recorder must outlive any one bad batch
+                logger.exception("latency flush failed")
+
+    async def _ensure_producer(self) -> AIOKafkaProducer | None:
+        if self._producer is not None:
+            return self._producer
+        if time.monotonic() < self._next_connect:
+            return None
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self._settings.kafka_bootstrap_servers,
+            acks="all",
+            enable_idempotence=True,
+            # The events are already batched here; a short linger lets one batch be one request.
+            linger_ms=5,
+            request_timeout_ms=self._settings.kafka_produce_timeout_ms,
+        )
+        try:
+            await asyncio.wait_for(producer.start(), self._settings.kafka_produce_timeout_ms / 1000)
+        except (KafkaError, OSError, TimeoutError) as exc:
+            with contextlib.suppress(Exception):
+                await producer.stop()
+            # Not every tick: a down broker would otherwise cost a connect attempt per flush.
+            self._next_connect = time.monotonic() + 5.0
+            logger.warning("latency events held back: Kafka unreachable (%r)", exc)
+            return None
+        self._producer = producer
+        return producer
+
+    async def flush(self) -> None:
+        """Produce everything buffered now; on failure the batch is counted as dropped."""
+        if not self._buffer:
+            return
+        producer = await self._ensure_producer()
+        if producer is None:
+            return  # kept in the bounded buffer until Kafka is back
+        batch = [self._buffer.popleft() for _ in range(len(self._buffer))]
+        futures = []
+        try:
+            for item in batch:
+                event = LatencyEvent(
+                    event_id=str(uuid.uuid4()),
+                    tenant_id=item.tenant_id,
+                    occurred_at=datetime.fromtimestamp(item.occurred_ms / 1000, tz=UTC),
+                    operation=item.operation,
+                    duration_ms=item.duration_ms,
+                    outcome="ok" if item.ok else "error",
+                    detail=item.detail,
+                )
+                # Keyed by operation: one operation's windows live on one partition.
+                futures.append(
+                    await producer.send(
+                        self._topic, event.model_dump_json().encode(), key=item.operation.encode()
+                    )
+                )
+            results = await asyncio.wait_for(
+                asyncio.gather(*futures, return_exceptions=True),
+                self._settings.kafka_produce_timeout_ms / 1000,
+            )
+        except (KafkaError, OSError, TimeoutError) as exc:
+            LATENCY_EVENTS_DROPPED.labels("kafka").inc(len(batch))
+            logger.warning("dropped %d latency events: %r", len(batch), exc)
+            await self._reset_producer()
+            return
+        for item, result in zip(batch, results, strict=True):
+            if isinstance(result, BaseException):
+                LATENCY_EVENTS_DROPPED.labels("kafka").inc()
+            else:
+                LATENCY_EVENTS_SENT.labels(item.operation).inc()
+
+    async def _reset_producer(self) -> None:
+        if self._producer is not None:
+            with contextlib.suppress(Exception):
+                await self._producer.stop()
+            self._producer = None

@@ -1,0 +1,196 @@
+"""Leakage timers: an unanswered customer message becomes a leak when its deadline passes.
+
+The leakage table holds, per lead, the first unanswered message time; its "leak" deadline
+lives in the deadlines table (streams.timers). A reply (an accepted outbound message, SDR or
+AI) clears both; the deadline handler decides temperature and action.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from faust.types import AppT, StreamT, TableT, TopicT
+from pydantic import ValidationError
+
+from connectors.sdrs import SdrRouter
+from connectors.tenants import TenantSettings
+from schemas.events import InboundMessage
+from schemas.messaging import DeadlineReached, LeadEvent, OutboundCommand, OutboundMessage
+from schemas.notifications import Notification
+from streams.agents.deadlines import DeadlineHandler
+from streams.metrics import LEAKS
+from streams.rules.leakage import ACTIONS, REENGAGEMENT_TEXT, leak_due_ms, temperature
+from streams.timers import Scheduler
+
+_NAMESPACE = uuid.UUID("9d7c6b5a-4e3f-4a2b-9c1d-0e9f8a7b6c5d")
+
+
+def _id(*parts: object) -> str:
+    return str(uuid.uuid5(_NAMESPACE, "|".join(str(p) for p in parts)))
+
+
+def register(
+    app: AppT,
+    *,
+    inbound: TopicT,
+    outbound_messages: TopicT,
+    lead_events: TopicT,
+    leakage: TableT[bytes, Any],
+    scheduler: Scheduler,
+    tenants: TenantSettings,
+) -> None:
+    @app.agent(inbound, name="leakage-waits")
+    async def start_waiting(stream: StreamT[bytes]) -> None:
+        async for value in stream:
+            try:
+                message = InboundMessage.model_validate_json(value)
+            except ValidationError:
+                continue  # the sessions agent dead-letters it
+            key = message.lead_id.encode()
+            if leakage.get(key) is not None:
+                continue  # already waiting: the wait starts at the first unanswered message
+            occurred_ms = int(message.occurred_at.timestamp() * 1000)
+            threshold_s = await tenants.leak_threshold_s(message.tenant_id)
+            due_ms = leak_due_ms(occurred_ms, threshold_s)
+            leakage[key] = {"waiting_since_ms": occurred_ms, "due_ms": due_ms, "fired": False}
+            scheduler.set(key, {"leak": due_ms})
+
+    @app.agent(outbound_messages, name="leakage-replies")
+    async def stop_waiting(stream: StreamT[bytes]) -> None:
+        async for value in stream:
+            try:
+                sent = OutboundMessage.model_validate_json(value)
+            except ValidationError:
+                continue  # the outbound sink dead-letters it
+            if sent.status != "accepted":
+                continue
+            key = sent.lead_id.encode()
+            waiting = leakage.get(key)
+            if waiting is None:
+                continue
+            del leakage[key]
+            scheduler.cancel(key, "leak")
+            waited_ms = max(
+                0, int(sent.occurred_at.timestamp() * 1000) - waiting["waiting_since_ms"]
+            )
+            reply = LeadEvent(
+                event_id=_id(sent.lead_id, "first_reply", waiting["waiting_since_ms"]),
+                tenant_id=sent.tenant_id,
+                occurred_at=sent.occurred_at,
+                lead_id=sent.lead_id,
+                type="first_reply",
+                data={"waited_ms": waited_ms, "sent_by": sent.sent_by,
+                      "leaked": waiting["fired"]},
+            )  # fmt: skip
+            await lead_events.send(key=key, value=reply.model_dump_json().encode())
+
+
+class LeakActions:
+    """What a fired leak does; built once by the composition root."""
+
+    def __init__(
+        self,
+        *,
+        leakage: TableT[bytes, Any],
+        qualification: TableT[bytes, Any],
+        router: SdrRouter,
+        lead_events: TopicT,
+        outbound_commands: TopicT,
+        notifications: TopicT,
+    ) -> None:
+        self._leakage = leakage
+        self._qualification = qualification
+        self._router = router
+        self._lead_events = lead_events
+        self._outbound_commands = outbound_commands
+        self._notifications = notifications
+
+    def handlers(self) -> dict[str, DeadlineHandler]:
+        return {"leak": self.on_leak}
+
+    async def _send(self, topic: TopicT, key: str, event: Any) -> None:
+        await topic.send(key=key.encode(), value=event.model_dump_json().encode())
+
+    async def on_leak(
+        self, key: bytes, fired: DeadlineReached, session: dict[str, Any] | None
+    ) -> None:
+        waiting = self._leakage.get(key)
+        if waiting is None or session is None or waiting["fired"]:
+            return
+        self._leakage[key] = {**waiting, "fired": True}
+        lead_id, tenant_id = fired.lead_id, session["tenant_id"]
+        state = self._qualification.get(key) or {}
+        followed_up = session["last_customer_message_ms"] > waiting["waiting_since_ms"]
+        temp = temperature(state.get("score"), followed_up)
+        action = ACTIONS[temp]
+        sdr_id = state.get("sdr_id")
+        details: dict[str, Any] = {"score": state.get("score"), "followed_up": followed_up}
+        now = datetime.now(UTC)
+        if action == "ai_reengagement":
+            command = OutboundCommand(
+                event_id=_id(lead_id, "reengage", fired.due_ms),
+                tenant_id=tenant_id,
+                occurred_at=now,
+                lead_id=lead_id,
+                text=REENGAGEMENT_TEXT,
+                sent_by="ai",
+                purpose="re_engagement",
+            )
+            await self._send(self._outbound_commands, lead_id, command)
+            details["command_id"] = command.event_id
+        elif action == "reassign":
+            moved = await self._router.reassign(tenant_id, lead_id, "leak")
+            if moved is None:
+                details["reassigned"] = False
+            else:
+                previous = moved.from_sdr.sdr_id if moved.from_sdr else None
+                details.update(reassigned=True, to_sdr_id=moved.to_sdr.sdr_id, from_sdr_id=previous)
+                sdr_id = moved.to_sdr.sdr_id
+                await self._send(self._lead_events, lead_id, LeadEvent(
+                    event_id=_id(lead_id, "reassigned", fired.due_ms), tenant_id=tenant_id,
+                    occurred_at=now, lead_id=lead_id, type="reassigned",
+                    data={"from_sdr_id": details["from_sdr_id"], "to_sdr_id": sdr_id,
+                          "reason": "leak"},
+                ))  # fmt: skip
+                if moved.from_sdr is not None:
+                    await self._notify(fired, tenant_id, "sdr", moved.from_sdr.sdr_id,
+                                       "Lead reassigned", "A lead you did not answer in time "
+                                       "was moved to another SDR.")  # fmt: skip
+        await self._send(self._lead_events, lead_id, LeadEvent(
+            event_id=_id(lead_id, "leak", fired.due_ms), tenant_id=tenant_id,
+            occurred_at=fired.occurred_at, lead_id=lead_id, type="leak_detected",
+            data={"temperature": temp, "action": action,
+                  "waiting_since_ms": waiting["waiting_since_ms"], "deadline_ms": fired.due_ms,
+                  **details},
+        ))  # fmt: skip
+        LEAKS.labels(temp, action).inc()
+        title = f"{temp} lead waiting without a reply"
+        body = f"A {session['channel']} lead has waited past its reply deadline ({action})."
+        if action == "escalate_admins" or sdr_id is None:
+            await self._notify(fired, tenant_id, "admins", None, title, body)
+        if sdr_id is not None:
+            await self._notify(fired, tenant_id, "sdr", sdr_id, title, body)
+
+    async def _notify(
+        self,
+        fired: DeadlineReached,
+        tenant_id: str,
+        audience: str,
+        sdr_id: str | None,
+        title: str,
+        body: str,
+    ) -> None:
+        notification = Notification(
+            event_id=_id(fired.lead_id, "notify", fired.due_ms, audience, sdr_id),
+            tenant_id=tenant_id,
+            occurred_at=datetime.now(UTC),
+            audience=audience,
+            sdr_id=sdr_id,
+            category="lead_leak",
+            title=title,
+            body=body,
+            data={"lead_id": fired.lead_id},
+        )
+        await self._send(self._notifications, tenant_id, notification)

@@ -1,0 +1,274 @@
+"""The qualification agent: each inbound message of a lead advances its six-turn interview."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from faust.types import AppT, StreamT, TableT, TopicT
+from pydantic import ValidationError
+
+from connectors.ai import Extraction, QualificationAI, question_for
+from connectors.sdrs import Assignment, SdrRouter
+from schemas.events import InboundMessage
+from schemas.latency import LatencyEvent
+from schemas.messaging import LeadEvent, OutboundCommand
+from schemas.notifications import Notification
+from streams.metrics import QUALIFICATION_STEPS
+from streams.rules.qualification import Policy, Step, advance, new_state
+
+logger = logging.getLogger(__name__)
+_NAMESPACE = uuid.UUID("5c0e7f1a-2b3d-4c5e-8f9a-0b1c2d3e4f5a")
+
+
+def derived_id(event_id: str, what: str) -> str:
+    """Ids of everything one message causes are derived from it: a replay produces duplicates
+    that every consumer recognises."""
+    return str(uuid.uuid5(_NAMESPACE, f"{event_id}|{what}"))
+
+
+@dataclass
+class QualificationTopics:
+    lead_events: TopicT
+    outbound_commands: TopicT
+    notifications: TopicT
+    latency: TopicT
+
+
+class Interviewer:
+    """Applies one message: extraction, the state machine, escalation and routing effects."""
+
+    def __init__(
+        self,
+        ai: QualificationAI,
+        router: SdrRouter,
+        policy: Policy,
+        topics: QualificationTopics,
+    ) -> None:
+        self._ai = ai
+        self._router = router
+        self._policy = policy
+        self._topics = topics
+
+    async def handle(
+        self, message: InboundMessage, state: dict[str, Any] | None
+    ) -> dict[str, Any] | None:
+        now = datetime.now(UTC)
+        now_ms = int(now.timestamp() * 1000)
+        current = state or new_state(
+            message.lead_id, message.tenant_id, int(message.occurred_at.timestamp() * 1000)
+        )
+        if current["status"] != "in_progress" or message.event_id in current["recent_event_ids"]:
+            return None
+        extraction = await self._ai.extract(message.text, current["asked"] or "need", now)
+        step = advance(
+            current,  # type: ignore[arg-type]
+            extraction.found,
+            event_id=message.event_id,
+            now_ms=now_ms,
+            policy=self._policy,
+        )
+        if step is None:
+            return None
+        updated: dict[str, Any] = dict(step.state)
+        await self._report_model_call(message, extraction)
+        assignment = None
+        if step.escalate or step.completed:
+            reason = "escalated" if step.escalate else "qualified"
+            assignment = await self._router.assign(message.tenant_id, message.lead_id, reason)
+            if assignment is not None:
+                updated["sdr_id"] = assignment.sdr_id
+        await self._lead_event(message, "qualification_updated", updated, extraction.source, step)
+        if step.escalate:
+            await self._escalated(message, updated, assignment)
+        if assignment is not None and assignment.newly_assigned:
+            await self._assigned(message, updated, assignment)
+        if step.question_slot is not None:
+            await self._ask(message, question_for(step.question_slot, extraction.question))
+        QUALIFICATION_STEPS.labels(extraction.source, updated["status"]).inc()
+        return updated
+
+    async def _send(self, topic: TopicT, key: str, event: Any) -> None:
+        await topic.send(key=key.encode(), value=event.model_dump_json().encode())
+
+    async def _lead_event(
+        self,
+        message: InboundMessage,
+        kind: str,
+        state: dict[str, Any],
+        source: str,
+        step: Step,
+    ) -> None:
+        await self._send(
+            self._topics.lead_events,
+            message.lead_id,
+            LeadEvent(
+                event_id=derived_id(message.event_id, kind),
+                tenant_id=message.tenant_id,
+                occurred_at=datetime.now(UTC),
+                lead_id=message.lead_id,
+                type=kind,
+                data={
+                    "turn": state["turn"],
+                    "status": state["status"],
+                    "facts": state["facts"],
+                    "score": state["score"],
+                    "sdr_id": state["sdr_id"],
+                    "source": source,
+                    "asked": step.question_slot,
+                },
+            ),
+        )
+
+    async def _escalated(
+        self, message: InboundMessage, state: dict[str, Any], assignment: Assignment | None
+    ) -> None:
+        await self._send(
+            self._topics.lead_events,
+            message.lead_id,
+            LeadEvent(
+                event_id=derived_id(message.event_id, "escalated"),
+                tenant_id=message.tenant_id,
+                occurred_at=datetime.now(UTC),
+                lead_id=message.lead_id,
+                type="escalated",
+                data={"score": state["score"], "facts": state["facts"],
+                      "sdr_id": assignment.sdr_id if assignment else None},
+            ),
+        )  # fmt: skip
+        await self._notify(
+            message,
+            "lead_escalated",
+            assignment,
+            title="High-value lead escalated",
+            body=f"A lead on {message.channel} scored {state['score']:.0f}: "
+            f"{_summary(state['facts'])}. Reply soon.",
+        )
+
+    async def _assigned(
+        self, message: InboundMessage, state: dict[str, Any], assignment: Assignment
+    ) -> None:
+        await self._send(
+            self._topics.lead_events,
+            message.lead_id,
+            LeadEvent(
+                event_id=derived_id(message.event_id, "sdr_assigned"),
+                tenant_id=message.tenant_id,
+                occurred_at=datetime.now(UTC),
+                lead_id=message.lead_id,
+                type="sdr_assigned",
+                data={"sdr_id": assignment.sdr_id, "sdr_email": assignment.email,
+                      "score": state["score"]},
+            ),
+        )  # fmt: skip
+        await self._notify(
+            message,
+            "lead_assigned",
+            assignment,
+            title="New qualified lead assigned to you",
+            body=f"{_summary(state['facts'])} (score {state['score']:.0f}).",
+        )
+        routing_ms = max(0.0, time.time() * 1000 - state["first_message_ms"])
+        await self._send(
+            self._topics.latency,
+            "routing",
+            LatencyEvent(
+                event_id=derived_id(message.event_id, "routing-latency"),
+                tenant_id=message.tenant_id,
+                occurred_at=datetime.now(UTC),
+                operation="routing",
+                duration_ms=routing_ms,
+                outcome="ok",
+            ),
+        )
+
+    async def _notify(
+        self,
+        message: InboundMessage,
+        category: str,
+        assignment: Assignment | None,
+        *,
+        title: str,
+        body: str,
+    ) -> None:
+        notification = Notification(
+            event_id=derived_id(message.event_id, f"notify-{category}"),
+            tenant_id=message.tenant_id,
+            occurred_at=datetime.now(UTC),
+            # No SDR free: the tenant's admins hear about it instead.
+            audience="sdr" if assignment else "admins",
+            sdr_id=assignment.sdr_id if assignment else None,
+            category=category,
+            title=title,
+            body=body,
+            data={"lead_id": message.lead_id},
+        )
+        await self._send(self._topics.notifications, message.tenant_id, notification)
+
+    async def _ask(self, message: InboundMessage, question: str) -> None:
+        await self._send(
+            self._topics.outbound_commands,
+            message.lead_id,
+            OutboundCommand(
+                event_id=derived_id(message.event_id, "question"),
+                tenant_id=message.tenant_id,
+                occurred_at=datetime.now(UTC),
+                lead_id=message.lead_id,
+                text=question,
+                sent_by="ai",
+                purpose="qualification",
+            ),
+        )
+
+    async def _report_model_call(self, message: InboundMessage, extraction: Extraction) -> None:
+        call = extraction.call
+        if call is None:
+            return
+        await self._send(
+            self._topics.latency,
+            "ai_message",
+            LatencyEvent(
+                event_id=derived_id(message.event_id, "ai-latency"),
+                tenant_id=message.tenant_id,
+                occurred_at=datetime.now(UTC),
+                operation="ai_message",
+                duration_ms=call.duration_ms,
+                outcome="ok" if call.ok else "error",
+                detail=call.error,
+            ),
+        )
+
+
+def _summary(facts: dict[str, Any]) -> str:
+    parts = []
+    if (budget := facts.get("budget")) is not None:
+        parts.append(f"budget {budget.get('text') or budget.get('max') or budget.get('min')}")
+    if (timeline := facts.get("timeline")) is not None:
+        parts.append(f"timeline {timeline.get('text')}")
+    if (authority := facts.get("authority")) is not None:
+        parts.append("decision maker" if authority.get("decision_maker") else "needs approval")
+    return ", ".join(parts) or "no facts yet"
+
+
+def register(
+    app: AppT,
+    *,
+    inbound: TopicT,
+    qualification: TableT[bytes, Any],
+    interviewer: Interviewer,
+) -> None:
+    @app.agent(inbound, name="qualification")
+    async def interview(stream: StreamT[bytes]) -> None:
+        async for value in stream:
+            try:
+                message = InboundMessage.model_validate_json(value)
+            except ValidationError:
+                continue  # the sessions agent dead-letters it
+            key = message.lead_id.encode()
+            updated = await interviewer.handle(message, qualification.get(key))
+            if updated is not None:
+                qualification[key] = updated

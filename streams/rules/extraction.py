@@ -1,0 +1,382 @@
+# ruff: noqa: E501, RUF001  (pattern tables read best one per line; the en dash is matched on purpose)
+"""The built-in extractor: qualification facts from a message, with no model and no I/O.
+
+It favours precision over recall: a budget is read only from an amount that carries a currency
+or a money multiplier (k, lakh, crore, million) or sits next to a budget word, so "a team of 50"
+or "in 2 weeks" never become budgets.
+
+Known limits: one budget and one timeline per message (the first found); spelled-out numbers
+("fifty thousand") and relative dates beyond the patterns below ("after Diwali") are not read;
+negations ("we do NOT have a budget of 5k") are not understood; objections and next steps are
+keyword classes, not intent.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from typing import Any
+
+# ----------------------------------------------------------------------------- budget
+
+_CURRENCY_WORDS = {
+    "$": "USD", "usd": "USD", "dollar": "USD", "dollars": "USD", "bucks": "USD",
+    "₹": "INR", "rs": "INR", "rs.": "INR", "inr": "INR", "rupee": "INR", "rupees": "INR",
+    "€": "EUR", "eur": "EUR", "euro": "EUR", "euros": "EUR",
+    "£": "GBP", "gbp": "GBP", "pound": "GBP", "pounds": "GBP",
+}  # fmt: skip
+_MULTIPLIERS = {
+    "k": 1_000, "thousand": 1_000, "grand": 1_000,
+    "m": 1_000_000, "mn": 1_000_000, "million": 1_000_000, "mil": 1_000_000,
+    "lakh": 100_000, "lakhs": 100_000, "lac": 100_000, "lacs": 100_000, "l": 100_000,
+    "crore": 10_000_000, "crores": 10_000_000, "cr": 10_000_000,
+}  # fmt: skip
+_INDIAN_MULTIPLIERS = {"lakh", "lakhs", "lac", "lacs", "l", "crore", "crores", "cr"}
+
+_PREFIX = r"(?P<cur1>\$|₹|€|£|rs\.?|inr|usd|eur|gbp)?\s*"
+_NUMBER = r"(?P<num{n}>\d{{1,3}}(?:,\d{{2,3}})+|\d+(?:\.\d+)?)"
+_MULT = r"\s*(?P<mult{n}>k|thousand|grand|mn|million|mil|m|lakhs?|lacs?|l|crores?|cr)?\b"
+_SUFFIX = r"\s*(?P<cur2>dollars?|bucks|usd|rupees?|inr|euros?|eur|pounds?|gbp)?"
+_AMOUNT_RE = re.compile(
+    _PREFIX
+    + _NUMBER.format(n=1)
+    + _MULT.format(n=1)
+    + r"(?:\s*(?:-|–|to|and)\s*(?P<cur3>\$|₹|€|£|rs\.?)?\s*"
+    + _NUMBER.format(n=2)
+    + _MULT.format(n=2)
+    + r")?"
+    + _SUFFIX,
+    re.IGNORECASE,
+)
+_UNITS_AFTER = re.compile(
+    r"^\s*(?:days?|weeks?|months?|years?|yrs?|hours?|hrs?|mins?|minutes?|people|persons?|users?|"
+    r"seats?|employees?|agents?|reps?|members?|leads?|messages?|%|percent|x\b|pm|am|th|st|nd|rd)",
+    re.IGNORECASE,
+)
+_BUDGET_WORDS = re.compile(
+    r"\b(budget|spend|afford|pay|price|pricing|cost|invest|allocated?|range|ballpark)\b",
+    re.IGNORECASE,
+)
+_UPPER = re.compile(
+    r"(under|below|less than|up ?to|max(?:imum)?|within|not more than|no more than)\s*$", re.I
+)
+_LOWER = re.compile(r"(at least|minimum|min|over|above|more than|starting at|from)\s*$", re.I)
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    min_amount: float | None
+    max_amount: float | None
+    currency: str | None
+    text: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "min": self.min_amount,
+            "max": self.max_amount,
+            "currency": self.currency,
+            "text": self.text,
+        }
+
+    @property
+    def upper(self) -> float | None:
+        return self.max_amount if self.max_amount is not None else self.min_amount
+
+
+def _number(text: str) -> float:
+    return float(text.replace(",", ""))
+
+
+def extract_budget(text: str) -> Budget | None:
+    for match in _AMOUNT_RE.finditer(text):
+        raw1, raw2 = match["num1"], match["num2"]
+        mult1 = (match["mult1"] or "").lower()
+        mult2 = (match["mult2"] or "").lower()
+        currency_mark = match["cur1"] or match["cur2"] or match["cur3"]
+        after = text[match.end() :]
+        if not raw2 and not mult1 and _UNITS_AFTER.match(after):
+            continue
+        if mult1 == "m" and _UNITS_AFTER.match(after):
+            continue
+        before = text[max(0, match.start() - 40) : match.start()]
+        has_context = bool(_BUDGET_WORDS.search(before + " " + after[:20]))
+        if not (currency_mark or mult1 or mult2 or has_context):
+            continue
+        # "l" and "m" alone are too ambiguous without a currency or budget word.
+        if mult1 in {"l", "m"} and not (currency_mark or has_context):
+            continue
+        value1 = _number(raw1)
+        if value1 == 0:
+            continue
+        # In "5-10k" the multiplier of the upper bound applies to the lower one too.
+        factor1 = _MULTIPLIERS.get(mult1) or _MULTIPLIERS.get(mult2, 1)
+        amount1 = value1 * factor1
+        amount2 = _number(raw2) * _MULTIPLIERS.get(mult2 or mult1, 1) if raw2 else None
+        currency = _CURRENCY_WORDS.get((currency_mark or "").lower().rstrip())
+        if currency is None and (mult1 in _INDIAN_MULTIPLIERS or mult2 in _INDIAN_MULTIPLIERS):
+            currency = "INR"
+        phrase = match.group(0).strip()
+        if amount2 is not None:
+            low, high = sorted((amount1, amount2))
+            return Budget(low, high, currency, phrase)
+        if _UPPER.search(before):
+            return Budget(None, amount1, currency, phrase)
+        if _LOWER.search(before):
+            return Budget(amount1, None, currency, phrase)
+        return Budget(amount1, amount1, currency, phrase)
+    return None
+
+
+# ----------------------------------------------------------------------------- timeline
+
+_MONTHS = {
+    name: index
+    for index, names in enumerate(
+        [
+            ("january", "jan"), ("february", "feb"), ("march", "mar"), ("april", "apr"),
+            ("may",), ("june", "jun"), ("july", "jul"), ("august", "aug"),
+            ("september", "sep", "sept"), ("october", "oct"), ("november", "nov"),
+            ("december", "dec"),
+        ],
+        start=1,
+    )
+    for name in names
+}  # fmt: skip
+_WORD_NUMBERS = {
+    "a": 1, "an": 1, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6,
+    "couple of": 2, "a couple of": 2, "few": 3, "a few": 3, "couple": 2,
+}  # fmt: skip
+_UNIT_DAYS = {"day": 1, "week": 7, "month": 30, "year": 365}
+
+
+@dataclass(frozen=True, slots=True)
+class Timeline:
+    days: int | None
+    text: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"days": self.days, "text": self.text}
+
+
+def _days_until(today: date, target: date) -> int:
+    return max(0, (target - today).days)
+
+
+def extract_timeline(text: str, now: datetime) -> Timeline | None:
+    lowered = text.lower()
+    today = now.date()
+    patterns: list[tuple[str, Any]] = [
+        (r"\b(asap|as soon as possible|immediately|urgent(?:ly)?|right away)\b", 3),
+        (r"\bthis week\b", 5),
+        (r"\bnext week\b", 10),
+        (r"\b(?:this month|end of (?:the |this )?month)\b", 20),
+        (r"\bnext month\b", 45),
+        (r"\bnext quarter\b", 100),
+        (r"\b(?:this|end of (?:the )?)quarter\b", 60),
+        (r"\bnext year\b", 365),
+        (r"\b(?:by |before )?(?:the )?end of (?:the |this )?year\b", _days_until(today, date(today.year, 12, 31))),
+        (r"\b(no rush|no hurry|not (?:in a|any) hurry|just exploring|just looking|no timeline|not sure when)\b", None),
+    ]  # fmt: skip
+    relative = re.search(
+        r"\b(?:in|within|next|over the next|in the next|about|around|have|got|only)\s+"
+        r"(\d+|a few|a couple of|couple of|few|a|an|one|two|three|four|five|six)\s+"
+        r"(day|week|month|year)s?\b",
+        lowered,
+    )
+    if relative:
+        count = relative[1]
+        number = int(count) if count.isdigit() else _WORD_NUMBERS[count]
+        return Timeline(number * _UNIT_DAYS[relative[2]], relative.group(0))
+    quarter = re.search(r"\b(?:in |by |during |for )?q([1-4])\b", lowered)
+    if quarter:
+        q = int(quarter[1])
+        start = date(today.year, 3 * (q - 1) + 1, 1)
+        if start < date(today.year, 3 * ((today.month - 1) // 3) + 1, 1):
+            start = date(today.year + 1, start.month, 1)
+        return Timeline(_days_until(today, start), quarter.group(0).strip())
+    month = re.search(
+        r"\b(?:by|before|in|from|starting|start of|early|mid|end of)\s+("
+        + "|".join(_MONTHS)
+        + r")\b",
+        lowered,
+    )
+    if month:
+        number = _MONTHS[month[1]]
+        year = today.year if number >= today.month else today.year + 1
+        return Timeline(_days_until(today, date(year, number, 1)), month.group(0))
+    for pattern, days in patterns:
+        found = re.search(pattern, lowered)
+        if found:
+            return Timeline(days, found.group(0))
+    return None
+
+
+# ----------------------------------------------------------------------------- authority
+
+_NEEDS_APPROVAL = re.compile(
+    r"\b(check with|ask|talk to|speak (?:to|with)|run it by|discuss with|consult|loop in|"
+    r"get approval|need approval|needs approval|approval from|sign[- ]off|not my (?:call|decision)|"
+    r"not the decision maker|i don'?t decide|(?:my|our) (?:boss|manager|ceo|cfo|cto|founder|"
+    r"director|head|team lead|partner|management|committee|board) (?:decides|will decide|"
+    r"has to|needs to|approves|signs))",
+    re.IGNORECASE,
+)
+_APPROVER = re.compile(
+    r"\b(boss|manager|ceo|cfo|cto|founder|co-?founder|director|partner|management|committee|"
+    r"board|team|head of \w+|finance|procurement|owner)\b",
+    re.IGNORECASE,
+)
+_DECIDES = re.compile(
+    r"\b(i'?m|i am|am the|as the|being the)\s+(?:the\s+)?(founder|co-?founder|ceo|cto|cfo|coo|owner|"
+    r"proprietor|md|managing director|director|president|vp|head of [a-z]+|decision[- ]maker)\b|"
+    r"\b(i decide|i make the (?:call|decision)|my (?:call|decision)|i own the budget|i sign off|"
+    r"i can sign|i have (?:the )?authority|final say is mine|i have the final say|i approve)\b",
+    re.IGNORECASE,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Authority:
+    decision_maker: bool
+    approver: str | None
+    text: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"decision_maker": self.decision_maker, "approver": self.approver, "text": self.text}
+
+
+def extract_authority(text: str) -> Authority | None:
+    needs = _NEEDS_APPROVAL.search(text)
+    if needs and not re.search(
+        r"\b(?:not|n't)\s+need\b", text[max(0, needs.start() - 12) : needs.start()], re.I
+    ):
+        approver = _APPROVER.search(text, needs.start())
+        return Authority(False, approver[1].lower() if approver else None, needs.group(0))
+    decides = _DECIDES.search(text)
+    if decides:
+        return Authority(True, None, decides.group(0))
+    return None
+
+
+# ----------------------------------------------------------------------------- objections
+
+_OBJECTIONS = {
+    "price": r"too (?:expensive|costly|pricey|much)|expensive|costly|pricey|over (?:our|my) budget|"
+    r"out of (?:our|my) budget|can'?t afford|cheaper|discount",
+    "competitor": r"already (?:use|using|have)|competitor|currently (?:use|using)|switch(?:ing)? from|"
+    r"current (?:tool|solution|vendor|provider|system|crm)|"
+    r"compared to|vs\.?|versus|other vendor|another vendor|hubspot|salesforce|zoho|freshworks",
+    "timing": r"not (?:right )?now|not a priority|bad time|too busy|maybe later|next year maybe|"
+    r"maybe next year|not ready",
+    "security": r"security|privacy|gdpr|data protection|compliance|secure|breach",
+    "integration": r"integrat|compatib|work with our|api|migration|migrate",
+    "contract": r"contract|lock[- ]?in|long[- ]term commitment|cancel(?:lation)?|annual commitment",
+    "trust": r"not sure (?:if|it|this) (?:will )?work|skeptic|doubt|proof|case stud|references?|"
+    r"guarantee|refund",
+}  # fmt: skip
+_OBJECTION_RES = {
+    name: re.compile(rf"\b(?:{pattern})", re.IGNORECASE) for name, pattern in _OBJECTIONS.items()
+}
+
+
+def extract_objections(text: str) -> list[str]:
+    return [name for name, pattern in _OBJECTION_RES.items() if pattern.search(text)]
+
+
+# ----------------------------------------------------------------------------- next step
+
+_NEXT_STEPS = [
+    ("demo", r"\bdemo\b|walk ?through|show me (?:how|the product)|trial"),
+    ("proposal", r"\b(proposal|quote|quotation|pricing sheet|send (?:me|us) (?:the )?(?:details|pricing|deck))\b"),
+    ("meeting", r"\b(meeting|meet|catch up|sit down)\b"),
+    ("call", r"\b(call|ring|phone|zoom|google meet|teams)\b"),
+]  # fmt: skip
+_WHEN = re.compile(
+    r"\b(today|tomorrow|monday|tuesday|wednesday|thursday|friday|saturday|sunday|next week|"
+    r"this week|(?:at )?\d{1,2}(?::\d{2})?\s*(?:am|pm)|morning|afternoon|evening)\b",
+    re.IGNORECASE,
+)
+_SCHEDULING = re.compile(
+    r"\b(schedule|book|set up|arrange|let'?s|can we|could we|happy to|free|available)\b", re.I
+)
+
+
+@dataclass(frozen=True, slots=True)
+class NextStep:
+    action: str
+    when: str | None
+    text: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"action": self.action, "when": self.when, "text": self.text}
+
+
+def extract_next_step(text: str) -> NextStep | None:
+    when = _WHEN.search(text)
+    for action, pattern in _NEXT_STEPS:
+        found = re.search(pattern, text, re.IGNORECASE)
+        if found and (when or _SCHEDULING.search(text) or action in {"demo", "proposal"}):
+            return NextStep(action, when.group(0) if when else None, found.group(0))
+    return None
+
+
+# ----------------------------------------------------------------------------- all slots
+
+_GREETING = re.compile(
+    r"^\s*(hi|hello|hey|hii+|namaste|good (?:morning|afternoon|evening)|ok|okay|thanks?|thank you)[\s!.,]*$",
+    re.I,
+)
+
+
+@dataclass(frozen=True)
+class Extracted:
+    """Facts found in one message; a slot left None was not answered by it."""
+
+    need: str | None = None
+    budget: dict[str, Any] | None = None
+    timeline: dict[str, Any] | None = None
+    authority: dict[str, Any] | None = None
+    objections: list[str] = field(default_factory=list)
+    next_step: dict[str, Any] | None = None
+
+    def slots(self) -> dict[str, Any]:
+        filled: dict[str, Any] = {}
+        for name in ("need", "budget", "timeline", "authority", "next_step"):
+            value = getattr(self, name)
+            if value is not None:
+                filled[name] = value
+        if self.objections:
+            filled["objections"] = list(self.objections)
+        return filled
+
+
+def extract(text: str, now: datetime, *, expecting: str | None = None) -> Extracted:
+    """Every slot a message answers. `expecting` is the slot the last question asked for:
+    a free-text answer to "what problem are you solving?" is the need even without keywords."""
+    budget = extract_budget(text)
+    timeline = extract_timeline(text, now)
+    authority = extract_authority(text)
+    objections = extract_objections(text)
+    next_step = extract_next_step(text)
+    if timeline and next_step and next_step.when and next_step.when in timeline.text:
+        # "Happy to meet next week": the date of the meeting, not of the purchase.
+        timeline = None
+    need = None
+    stripped = text.strip()
+    if expecting == "need" and stripped and not _GREETING.match(stripped):
+        need = stripped[:500]
+    if (
+        expecting == "objections"
+        and not objections
+        and re.search(r"\b(no|none|nothing|all good|no concerns|not really)\b", text, re.IGNORECASE)
+    ):
+        objections = ["none"]
+    return Extracted(
+        need=need,
+        budget=budget.as_dict() if budget else None,
+        timeline=timeline.as_dict() if timeline else None,
+        authority=authority.as_dict() if authority else None,
+        objections=objections,
+        next_step=next_step.as_dict() if next_step else None,
+    )

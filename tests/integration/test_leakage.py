@@ -1,0 +1,137 @@
+"""Leakage timers on a worker: leaks fire after the threshold, replies cancel them, later
+customer messages do not move the deadline, and the temperature picks the action."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from flexoraa.settings import Settings
+from tests.conftest import MakeTenant, ManagedProcess, StartProcess, free_port, start_worker
+from tests.fakes.graph_api import GraphApiFake
+from tests.integration.conftest import ApiFactory
+from tests.integration.test_pipeline import eventually, post
+from tests.integration.test_whatsapp import inbound, outbound_rows, register, reply
+
+pytestmark = pytest.mark.integration
+THRESHOLD_S = 2
+
+
+@pytest.fixture(scope="module")
+async def graph() -> AsyncIterator[GraphApiFake]:
+    fake = GraphApiFake()
+    await fake.start(free_port())
+    yield fake
+    await fake.stop()
+
+
+@pytest.fixture(scope="module")
+def worker(processes: StartProcess, test_settings: Settings, graph: GraphApiFake) -> ManagedProcess:
+    return start_worker(
+        processes,
+        test_settings,
+        name="leakage-worker",
+        LEAK_THRESHOLD_S=str(THRESHOLD_S),
+        TIMER_TICK_MS="100",
+        WHATSAPP_GRAPH_API_URL=graph.url,
+        # AI replies would answer every message; these tests control the replies.
+        ENABLE_AI_QUALIFICATION="false",
+    )
+
+
+@pytest.fixture
+async def api(api_factory: ApiFactory, worker: ManagedProcess) -> AsyncIterator[httpx.AsyncClient]:
+    async with api_factory(worker_url=f"http://127.0.0.1:{worker.ports['web']}") as client:
+        yield client
+
+
+async def leaks(db: asyncpg.Connection, lead_id: str, count: int = 1) -> list[Any]:
+    async def check() -> Any:
+        rows = await db.fetch("SELECT * FROM lead_leakage_events WHERE lead_id = $1", lead_id)
+        return rows if len(rows) >= count else None
+
+    result: list[Any] = await eventually(check, what="a leakage event")
+    return result
+
+
+async def test_an_unanswered_message_leaks_once_and_is_escalated_when_cold(
+    api: httpx.AsyncClient, make_tenant: MakeTenant, db: asyncpg.Connection
+) -> None:
+    tenant = await make_tenant()
+    first_at = datetime.now(UTC).replace(microsecond=0)
+    accepted = await post(api, tenant, channel="webchat", contact=f"v-{uuid.uuid4().hex[:8]}",
+                          text="anyone there?", occurred_at=first_at.isoformat())  # fmt: skip
+    (row,) = await leaks(db, accepted["lead_id"])
+    assert row["temperature"] == "COLD"
+    assert row["action"] == "escalate_admins"
+    assert row["waiting_since"] == first_at
+    assert (row["deadline_at"] - row["waiting_since"]).total_seconds() == THRESHOLD_S
+    await asyncio.sleep(1)
+    count = await db.fetchval(
+        "SELECT count(*) FROM lead_leakage_events WHERE lead_id = $1", accepted["lead_id"]
+    )
+    assert count == 1
+
+
+async def test_a_follow_up_does_not_move_the_deadline_and_warms_the_lead(
+    api: httpx.AsyncClient, make_tenant: MakeTenant, db: asyncpg.Connection
+) -> None:
+    tenant = await make_tenant()
+    sdrs = [
+        (await api.post("/api/sdrs", headers=tenant.headers,
+                        json={"name": name, "email": f"{name}@example.com"})).json()["sdr_id"]
+        for name in ("a", "b")
+    ]  # fmt: skip
+    contact = f"v-{uuid.uuid4().hex[:8]}"
+    first_at = datetime.now(UTC).replace(microsecond=0)
+    accepted = await post(api, tenant, channel="webchat", contact=contact, text="hello?",
+                          occurred_at=first_at.isoformat())  # fmt: skip
+    await post(api, tenant, channel="webchat", contact=contact, text="still there?")
+    (row,) = await leaks(db, accepted["lead_id"])
+    assert row["waiting_since"] == first_at  # the first unanswered message started the wait
+    assert row["temperature"] == "WARM"
+    assert row["action"] == "reassign"
+
+    async def logged() -> Any:
+        return await db.fetchrow(
+            "SELECT * FROM lead_reassignment_log WHERE lead_id = $1", accepted["lead_id"]
+        )
+
+    moved = await eventually(logged, what="a reassignment log row")
+    assert str(moved["to_sdr_id"]) in sdrs
+    assert json.loads(row["details"])["reassigned"] is True  # the test connection has no codec
+
+
+async def test_a_reply_before_the_deadline_cancels_the_leak(
+    api: httpx.AsyncClient, make_tenant: MakeTenant, db: asyncpg.Connection
+) -> None:
+    business = await register(api, await make_tenant())
+    lead_id = await inbound(api, business, "919866600001", int(time.time()), "wamid.L1")
+    await reply(api, business, lead_id, "Hi! Happy to help.")
+    (sent,) = await outbound_rows(api, business, lead_id)
+    assert sent["status"] == "accepted"
+
+    async def replied() -> Any:
+        return await db.fetchrow(
+            "SELECT data FROM lead_events WHERE lead_id = $1 AND type = 'first_reply'", lead_id
+        )
+
+    event = await eventually(replied, what="the first reply event")
+    assert json.loads(event["data"])["leaked"] is False
+    await asyncio.sleep(THRESHOLD_S + 1)
+    assert (
+        await db.fetchval("SELECT count(*) FROM lead_leakage_events WHERE lead_id = $1", lead_id)
+        == 0
+    )
+    stats = (await api.get("/api/monitoring/leakage/stats", headers=business.tenant.headers)).json()
+    assert stats["first_replies"] == 1
+    assert stats["leaks"] == 0

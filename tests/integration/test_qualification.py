@@ -1,0 +1,267 @@
+"""AI qualification: the real `openai` client against a local compatible server, SDR routing
+against real PostgreSQL, and the interview end to end through a worker."""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from pydantic import SecretStr
+
+from connectors.ai import LEAD_FACTS_SCHEMA, QualificationAI
+from connectors.sdrs import SdrRouter
+from flexoraa.settings import Settings
+from tests.conftest import MakeTenant, ManagedProcess, StartProcess, Tenant, free_port, start_worker
+from tests.fakes.openai_api import OpenAIFake
+from tests.integration.conftest import ApiFactory
+from tests.integration.test_pipeline import eventually, post
+
+pytestmark = pytest.mark.integration
+NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+async def openai_fake() -> AsyncIterator[OpenAIFake]:
+    fake = OpenAIFake()
+    await fake.start(free_port())
+    yield fake
+    await fake.stop()
+
+
+def ai(settings: Settings, fake: OpenAIFake, **overrides: Any) -> QualificationAI:
+    return QualificationAI(
+        settings.model_copy(
+            update={
+                "openai_api_key": SecretStr("sk-test"),
+                "openai_base_url": fake.url,
+                **overrides,
+            }
+        )
+    )
+
+
+async def test_the_request_carries_the_strict_schema_and_usage_is_exact(
+    test_settings: Settings, openai_fake: OpenAIFake
+) -> None:
+    openai_fake.usage = (321, 54)
+    openai_fake.script.append(
+        ("ok", {"budget": {"min": 5000, "max": 10000, "currency": "USD"},
+                "next_question": "When would you like to start?"})
+    )  # fmt: skip
+    result = await ai(test_settings, openai_fake).extract("$5k-10k", "budget", NOW)
+    (request,) = openai_fake.requests
+    response_format = request["response_format"]
+    assert response_format["type"] == "json_schema"
+    assert response_format["json_schema"]["strict"] is True
+    assert response_format["json_schema"]["schema"] == LEAD_FACTS_SCHEMA
+    assert result.source == "model"
+    assert result.found == {"budget": {"min": 5000, "max": 10000, "currency": "USD"}}
+    assert result.question == "When would you like to start?"
+    assert result.call is not None
+    assert (result.call.prompt_tokens, result.call.completion_tokens) == (321, 54)
+    assert result.call.ok
+
+
+def test_the_schema_is_strict_everywhere() -> None:
+    def check(node: Any) -> None:
+        if isinstance(node, dict):
+            if node.get("type") == "object":
+                assert node["additionalProperties"] is False
+                assert set(node["required"]) == set(node["properties"])
+            for value in node.values():
+                check(value)
+        elif isinstance(node, list):
+            for value in node:
+                check(value)
+
+    check(LEAD_FACTS_SCHEMA)
+
+
+async def test_a_500_then_200_is_retried_by_the_client(
+    test_settings: Settings, openai_fake: OpenAIFake
+) -> None:
+    openai_fake.script.extend([("status", 500), ("ok", {"need": "a CRM"})])
+    result = await ai(test_settings, openai_fake, openai_max_retries=2).extract("x", "need", NOW)
+    assert len(openai_fake.requests) == 2
+    assert result.source == "model"
+    assert result.found == {"need": "a CRM"}
+
+
+async def test_timeouts_trip_the_breaker_and_the_builtin_extractor_answers(
+    test_settings: Settings, openai_fake: OpenAIFake
+) -> None:
+    openai_fake.script.extend([("hang", 2.0), ("hang", 2.0)])
+    model = ai(
+        test_settings, openai_fake, openai_timeout_s=0.3, openai_max_retries=0,
+        ai_breaker_failures=2, ai_breaker_cooldown_s=60,
+    )  # fmt: skip
+    for _ in range(2):
+        failed = await model.extract("budget is $8k", "budget", NOW)
+        assert failed.source == "builtin"
+        assert failed.call is not None
+        assert not failed.call.ok
+        assert failed.found["budget"]["max"] == 8000  # the built-in extractor answered
+    calls = len(openai_fake.requests)
+    skipped = await model.extract("budget is $9k", "budget", NOW)
+    assert len(openai_fake.requests) == calls  # open: no call at all
+    assert skipped.source == "builtin"
+    assert skipped.call is None
+
+
+async def add_sdr(db: asyncpg.Connection, tenant_id: str, name: str, **values: Any) -> str:
+    sdr_id = str(uuid.uuid4())
+    await db.execute(
+        "INSERT INTO sdrs (sdr_id, tenant_id, name, email, active, max_open_leads)"
+        " VALUES ($1, $2, $3, $4, $5, $6)",
+        sdr_id, tenant_id, name, f"{name}-{sdr_id[:6]}@example.com",
+        values.get("active", True), values.get("max_open_leads", 100),
+    )  # fmt: skip
+    return sdr_id
+
+
+@pytest.fixture
+async def router(test_settings: Settings) -> AsyncIterator[SdrRouter]:
+    pool = await asyncpg.create_pool(test_settings.database_url, min_size=0)
+    assert pool is not None
+
+    async def factory() -> asyncpg.Pool:
+        return pool
+
+    yield SdrRouter(factory)
+    await pool.close()
+
+
+async def test_round_robin_is_fair_and_respects_limits(
+    router: SdrRouter, make_tenant: MakeTenant, db: asyncpg.Connection
+) -> None:
+    tenant = await make_tenant()
+    a = await add_sdr(db, tenant.tenant_id, "a")
+    b = await add_sdr(db, tenant.tenant_id, "b")
+    c = await add_sdr(db, tenant.tenant_id, "c", max_open_leads=3)
+    await add_sdr(db, tenant.tenant_id, "inactive", active=False)
+    counts: Counter[str] = Counter()
+    for _ in range(30):
+        assignment = await router.assign(tenant.tenant_id, str(uuid.uuid4()), "qualified")
+        assert assignment is not None
+        counts[assignment.sdr_id] += 1
+    assert counts[c] == 3
+    assert abs(counts[a] - counts[b]) <= 1
+    assert counts[a] + counts[b] == 27
+    lead = str(uuid.uuid4())
+    first = await router.assign(tenant.tenant_id, lead, "qualified")
+    again = await router.assign(tenant.tenant_id, lead, "qualified")
+    assert first is not None
+    assert again is not None
+    assert again.sdr_id == first.sdr_id
+    assert not again.newly_assigned
+    nobody = await make_tenant("Nobody")
+    assert await router.assign(nobody.tenant_id, str(uuid.uuid4()), "qualified") is None
+
+
+# --------------------------------------------------------------------------- through a worker
+
+
+@pytest.fixture(scope="module")
+def worker(processes: StartProcess, test_settings: Settings) -> ManagedProcess:
+    return start_worker(processes, test_settings, name="qualification-worker")
+
+
+@pytest.fixture
+async def api(api_factory: ApiFactory, worker: ManagedProcess) -> AsyncIterator[httpx.AsyncClient]:
+    async with api_factory(worker_url=f"http://127.0.0.1:{worker.ports['web']}") as client:
+        yield client
+
+
+async def qualification(api: httpx.AsyncClient, tenant: Tenant, lead_id: str, turn: int) -> Any:
+    async def check() -> Any:
+        response = await api.get(f"/api/leads/{lead_id}", headers=tenant.headers)
+        state = response.json().get("qualification") if response.status_code == 200 else None
+        return (
+            state if state and (state["turn"] >= turn or state["status"] != "in_progress") else None
+        )
+
+    return await eventually(check, what=f"qualification turn {turn}")
+
+
+async def test_the_interview_escalates_a_high_value_lead_and_routes_it(
+    api: httpx.AsyncClient, make_tenant: MakeTenant, db: asyncpg.Connection
+) -> None:
+    tenant = await make_tenant()
+    sdr = (await api.post("/api/sdrs", headers=tenant.headers,
+                          json={"name": "Priya", "email": "priya@example.com"})).json()  # fmt: skip
+    contact = f"a{uuid.uuid4().hex[:6]}@example.com"
+    first = await post(api, tenant, channel="webchat", contact=contact, text="hello")
+    lead_id = first["lead_id"]
+    state = await qualification(api, tenant, lead_id, 1)
+    assert state["turn"] == 1  # a greeting answers nothing: the need is asked
+    await post(api, tenant, channel="webchat", contact=contact,
+               text="We lose WhatsApp leads at night and need a CRM")  # fmt: skip
+    state = await qualification(api, tenant, lead_id, 2)
+    assert state["facts"]["need"].startswith("We lose WhatsApp leads")
+    await post(api, tenant, channel="webchat", contact=contact,
+               text="Budget is $8k and we want it live in 2 weeks, I'm the founder")  # fmt: skip
+    state = await qualification(api, tenant, lead_id, 5)
+    assert state["turn"] == 5  # budget, timeline and authority in one answer: objections next
+    assert state["escalated"] is True
+    assert state["sdr_id"] == sdr["sdr_id"]
+    assert state["score"] >= 90
+
+    async def history() -> Any:
+        response = await api.get(
+            f"/api/leads/{lead_id}/qualification/history", headers=tenant.headers
+        )
+        steps = response.json() if response.status_code == 200 else []
+        return steps if len(steps) == 3 else None
+
+    steps = await eventually(history, what="three qualification steps in PostgreSQL")
+    assert [s["turn"] for s in steps] == [1, 2, 5]
+    assert {s["source"] for s in steps} == {"builtin"}
+
+    async def events() -> Any:
+        rows = await db.fetch("SELECT type FROM lead_events WHERE lead_id = $1", lead_id)
+        types = {row["type"] for row in rows}
+        return types if {"escalated", "sdr_assigned"} <= types else None
+
+    await eventually(events, what="escalated and sdr_assigned lead events")
+
+    async def questions() -> Any:
+        rows = await db.fetch(
+            "SELECT body FROM messages WHERE lead_id = $1 AND sent_by = 'ai'", lead_id
+        )
+        return rows if len(rows) == 3 else None
+
+    # One question per answer, sent as outbound commands (recorded as failed sends: no
+    # webchat sender exists).
+    await eventually(questions, what="three AI questions")
+    other = await make_tenant("Other")
+    hidden = await api.get(f"/api/leads/{lead_id}/qualification/history", headers=other.headers)
+    assert hidden.status_code == 404
+
+
+async def test_sdr_roster_api(api: httpx.AsyncClient, make_tenant: MakeTenant) -> None:
+    tenant = await make_tenant()
+    ravi = {"name": "Ravi", "email": "Ravi@Example.com", "max_open_leads": 5}
+    created = await api.post("/api/sdrs", headers=tenant.headers, json=ravi)
+    assert created.status_code == 201
+    body = created.json()
+    assert body["email"] == "ravi@example.com"
+    duplicate = await api.post("/api/sdrs", headers=tenant.headers,
+                               json={"name": "Ravi", "email": "ravi@example.com"})  # fmt: skip
+    assert duplicate.status_code == 409
+    bad = await api.post("/api/sdrs", headers=tenant.headers, json={"name": "X", "email": "nope"})
+    assert bad.status_code == 422
+    change = {"name": "Ravi K", "email": "ravi@example.com", "active": False}
+    updated = await api.put(f"/api/sdrs/{body['sdr_id']}", headers=tenant.headers, json=change)
+    assert updated.json()["active"] is False
+    listed = (await api.get("/api/sdrs", headers=tenant.headers)).json()
+    assert [s["name"] for s in listed] == ["Ravi K"]
+    other = await make_tenant("Other")
+    stranger = {"name": "x", "email": "x@example.com"}
+    response = await api.put(f"/api/sdrs/{body['sdr_id']}", headers=other.headers, json=stranger)
+    assert response.status_code == 404

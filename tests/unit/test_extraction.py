@@ -1,0 +1,103 @@
+from datetime import UTC, datetime
+
+import pytest
+
+from bench.extractor_eval import evaluate
+from streams.rules.extraction import (
+    extract,
+    extract_authority,
+    extract_budget,
+    extract_objections,
+    extract_timeline,
+)
+
+NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("text", "low", "high", "currency"),
+    [
+        ("$5k-10k", 5_000, 10_000, "USD"),
+        ("under 2 lakh", None, 200_000, "INR"),
+        ("around 50,000 rupees", 50_000, 50_000, "INR"),
+        ("budget of 3 crore", 30_000_000, 30_000_000, "INR"),
+        ("₹40k per month", 40_000, 40_000, "INR"),
+        ("at least €2,000", 2_000, None, "EUR"),
+        ("5 to 10 lakhs", 500_000, 1_000_000, "INR"),
+    ],
+)
+def test_budgets(text: str, low: float | None, high: float | None, currency: str) -> None:
+    budget = extract_budget(text)
+    assert budget is not None
+    assert (budget.min_amount, budget.max_amount, budget.currency) == (low, high, currency)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["a team of 50 people", "in 2 weeks", "we get 300 leads a day", "Q3", "at 3pm", "version 2"],
+)
+def test_numbers_that_are_not_budgets(text: str) -> None:
+    assert extract_budget(text) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "days"),
+    [
+        ("next month", 45),
+        ("Q3", 219),
+        ("in 2 weeks", 14),
+        ("asap", 3),
+        ("within a month", 30),
+        ("in a couple of weeks", 14),
+        ("by March", 97),
+    ],
+)
+def test_timelines(text: str, days: int) -> None:
+    timeline = extract_timeline(text, NOW)
+    assert timeline is not None
+    assert timeline.days == days
+
+
+def test_no_rush_is_a_timeline_without_a_date() -> None:
+    timeline = extract_timeline("no rush, just exploring", NOW)
+    assert timeline is not None
+    assert timeline.days is None
+
+
+@pytest.mark.parametrize(
+    ("text", "decides", "approver"),
+    [
+        ("I need to check with my boss", False, "boss"),
+        ("I'm the founder", True, None),
+        ("will run it by our CFO", False, "cfo"),
+        ("it's my call", True, None),
+    ],
+)
+def test_authority(text: str, decides: bool, approver: str | None) -> None:
+    authority = extract_authority(text)
+    assert authority is not None
+    assert authority.decision_maker is decides
+    assert authority.approver == approver
+
+
+def test_objections_and_a_message_filling_several_slots() -> None:
+    assert extract_objections("too expensive and we already use Zoho") == ["price", "competitor"]
+    found = extract(
+        "Budget approx 15 lakhs, decision by end of this month, I am the MD. Can we do a demo "
+        "on Friday?",
+        NOW,
+    ).slots()
+    assert set(found) == {"budget", "timeline", "authority", "next_step"}
+
+
+def test_the_free_text_answer_to_the_need_question_is_the_need() -> None:
+    assert extract("We lose WhatsApp leads at night", NOW, expecting="need").need
+    assert extract("hello!", NOW, expecting="need").need is None
+    assert extract("We lose WhatsApp leads at night", NOW, expecting="budget").need is None
+
+
+def test_labelled_set_precision() -> None:
+    scores = evaluate()
+    assert scores["budget"].precision >= 0.9
+    assert scores["timeline"].precision >= 0.9
+    assert all(score.recall >= 0.8 for score in scores.values())
