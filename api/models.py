@@ -105,11 +105,25 @@ class SendRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     text: str = Field(min_length=1, max_length=4096)
+    send_at: AwareDatetime | None = Field(
+        None, description="schedule for later (ISO 8601 with a time zone); default: now"
+    )
 
 
 class SendAccepted(BaseModel):
     command_id: str
     lead_id: str
+    send_at: datetime | None = None
+
+
+class ScheduledMessageView(BaseModel):
+    scheduled_id: str
+    lead_id: str
+    text: str
+    send_at: datetime
+    status: str = Field(description="scheduled, sent, failed or cancelled")
+    error: str | None
+    created_at: datetime
 
 
 class MessagePage(BaseModel):

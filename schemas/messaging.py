@@ -20,6 +20,16 @@ class OutboundCommand(Event):
     text: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
     sent_by: Sender = "sdr"
     purpose: str = Field("reply", max_length=64, description="reply, re-engagement, recovery…")
+    # Scheduled messages: held by the outbound agent until send_at, on the timer mechanism.
+    send_at: AwareDatetime | None = None
+
+
+class CancelScheduled(Event):
+    """Cancel a scheduled message that has not gone out yet. Keyed by lead."""
+
+    kind: Literal["cancel_scheduled"] = "cancel_scheduled"
+    lead_id: str
+    command_id: str
 
 
 class OutboundMessage(Event):

@@ -28,7 +28,7 @@ from streams.agents import sessions as sessions_agent
 from streams.agents import sink as sink_agent
 from streams.agents import window as window_agent
 from streams.agents.leakage import LeakActions
-from streams.agents.outbound import Sender
+from streams.agents.outbound import ScheduledSends, Sender
 from streams.agents.qualification import Interviewer, QualificationTopics
 from streams.agents.sink import SinkSpec
 from streams.rules.qualification import Policy
@@ -137,14 +137,21 @@ def create_worker_app(settings: Settings) -> faust.App:
         )
 
     # --- WhatsApp and Meta channels (issue 3) ---
+    sender = Sender(settings, graph, channels, outbound_messages)
+    scheduled = ScheduledSends(
+        app.Table("scheduled", key_type=bytes, partitions=settings.kafka_partitions),
+        scheduler,
+        sender,
+    )
     outbound_agent.register(
         app,
         outbound_commands=outbound_commands,
         dead_letters=dead_letters,
         sessions=sessions,
-        sender=Sender(settings, graph, channels, outbound_messages),
+        sender=sender,
+        scheduled=scheduled,
     )
-    deadline_handlers = window_agent.handlers(lead_events)
+    deadline_handlers = window_agent.handlers(lead_events) | scheduled.handlers()
     # --- AI qualification (issue 4) ---
     qualification = app.Table("qualification", key_type=bytes, partitions=settings.kafka_partitions)
     router = SdrRouter(pool)

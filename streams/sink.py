@@ -188,6 +188,17 @@ class OutboundMessageSink(BatchSink[OutboundMessage]):
             [m.error_message for m in final],
         )
         SINK_ROWS.labels("outbound_messages").inc(int(status.rsplit(" ", 1)[-1]))
+        # A scheduled message's outcome; a send that raced its cancellation is still "sent".
+        await pool.execute(
+            """UPDATE scheduled_messages s SET
+                   status = CASE WHEN u.st = 'accepted' THEN 'sent' ELSE 'failed' END,
+                   error = u.em, updated_at = now()
+               FROM unnest($1::uuid[], $2::text[], $3::text[]) AS u(cmd, st, em)
+               WHERE s.scheduled_id = u.cmd AND s.status IN ('scheduled', 'cancelled')""",
+            [m.command_id for m in final],
+            [m.status for m in final],
+            [m.error_message for m in final],
+        )
 
 
 def latest_statuses(batch: Sequence[DeliveryStatus]) -> list[DeliveryStatus]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 import asyncpg
@@ -22,17 +22,19 @@ from api.models import (
     MessageView,
     QualificationStepView,
     QualificationView,
+    ScheduledMessageView,
     SendAccepted,
     SendRequest,
     WindowView,
 )
 from flexoraa.kafka import PublishUnavailable
-from schemas.messaging import OutboundCommand
+from schemas.messaging import CancelScheduled, OutboundCommand
 from streams.rules.window import window_state
 
 router = APIRouter(tags=["leads"])
 
 _NOT_FOUND = "lead not found"
+_MAX_SCHEDULE_AHEAD = timedelta(days=90)
 LimitQuery = Annotated[int, Query(ge=1, le=200, description="items per page")]
 CursorQuery = Annotated[str | None, Query(max_length=200, description="next_cursor of a page")]
 
@@ -158,14 +160,26 @@ async def send_message(
         raise ApiError(503, "live lead state is unavailable: no worker answered") from exc
     if session is None or session["tenant_id"] != principal.tenant_id:
         raise ApiError(404, _NOT_FOUND)
+    now = datetime.now(UTC)
+    if body.send_at is not None and body.send_at <= now:
+        raise ApiError(422, "send_at: must be in the future (omit it to send now)")
+    if body.send_at is not None and body.send_at > now + _MAX_SCHEDULE_AHEAD:
+        raise ApiError(422, "send_at: at most 90 days ahead")
     command = OutboundCommand(
         event_id=str(uuid.uuid4()),
         tenant_id=principal.tenant_id,
-        occurred_at=datetime.now(UTC),
+        occurred_at=now,
         lead_id=lead_id,
         text=body.text,
         sent_by="sdr",
+        send_at=body.send_at,
     )
+    if body.send_at is not None:
+        await services.pool.execute(
+            "INSERT INTO scheduled_messages (scheduled_id, tenant_id, lead_id, body, send_at)"
+            " VALUES ($1, $2, $3, $4, $5)",
+            command.event_id, principal.tenant_id, lead_id, body.text, body.send_at,
+        )  # fmt: skip
     try:
         await services.publisher.publish(
             services.topics.outbound_commands,
@@ -173,8 +187,94 @@ async def send_message(
             value=command.model_dump_json().encode(),
         )
     except PublishUnavailable as exc:
+        if body.send_at is not None:
+            await services.pool.execute(
+                "DELETE FROM scheduled_messages WHERE scheduled_id = $1", command.event_id
+            )
         raise ApiError(503, "message not queued: Kafka is unavailable, retry later") from exc
-    return SendAccepted(command_id=command.event_id, lead_id=lead_id)
+    return SendAccepted(command_id=command.event_id, lead_id=lead_id, send_at=body.send_at)
+
+
+def _scheduled_id(scheduled_id: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(scheduled_id)
+    except ValueError as exc:
+        raise ApiError(404, "scheduled message not found") from exc
+
+
+_SCHEDULED_COLUMNS = "scheduled_id, lead_id, body, send_at, status, error, created_at"
+
+
+def _scheduled_view(row: Any) -> ScheduledMessageView:
+    return ScheduledMessageView(
+        scheduled_id=str(row["scheduled_id"]),
+        lead_id=str(row["lead_id"]),
+        text=row["body"],
+        send_at=row["send_at"],
+        status=row["status"],
+        error=row["error"],
+        created_at=row["created_at"],
+    )
+
+
+@router.get(
+    "/api/scheduled-messages/{scheduled_id}",
+    response_model=ScheduledMessageView,
+    responses={404: {}},
+)
+async def get_scheduled(
+    scheduled_id: str, principal: PrincipalDep, services: ServicesDep
+) -> ScheduledMessageView:
+    row = await services.pool.fetchrow(
+        f"SELECT {_SCHEDULED_COLUMNS} FROM scheduled_messages"
+        " WHERE scheduled_id = $1 AND tenant_id = $2",
+        _scheduled_id(scheduled_id),
+        principal.tenant_id,
+    )
+    if row is None:
+        raise ApiError(404, "scheduled message not found")
+    return _scheduled_view(row)
+
+
+@router.delete(
+    "/api/scheduled-messages/{scheduled_id}",
+    response_model=ScheduledMessageView,
+    responses={404: {}, 409: {"description": "already sent, failed or cancelled"}, 503: {}},
+)
+async def cancel_scheduled(
+    scheduled_id: str, principal: PrincipalDep, services: ServicesDep
+) -> ScheduledMessageView:
+    """Cancel a scheduled message that has not gone out yet."""
+    parsed = _scheduled_id(scheduled_id)
+    row = await services.pool.fetchrow(
+        f"""UPDATE scheduled_messages SET status = 'cancelled', updated_at = now()
+            WHERE scheduled_id = $1 AND tenant_id = $2 AND status = 'scheduled'
+            RETURNING {_SCHEDULED_COLUMNS}""",
+        parsed,
+        principal.tenant_id,
+    )
+    if row is None:
+        current = await get_scheduled(scheduled_id, principal, services)
+        raise ApiError(409, f"the message is {current.status} already")
+    cancel = CancelScheduled(
+        event_id=str(uuid.uuid4()),
+        tenant_id=principal.tenant_id,
+        occurred_at=datetime.now(UTC),
+        lead_id=str(row["lead_id"]),
+        command_id=str(parsed),
+    )
+    try:
+        await services.publisher.publish(
+            services.topics.outbound_commands,
+            key=cancel.lead_id.encode(),
+            value=cancel.model_dump_json().encode(),
+        )
+    except PublishUnavailable as exc:
+        await services.pool.execute(
+            "UPDATE scheduled_messages SET status = 'scheduled' WHERE scheduled_id = $1", parsed
+        )
+        raise ApiError(503, "not cancelled: Kafka is unavailable, retry later") from exc
+    return _scheduled_view(row)
 
 
 @router.get("/api/leads", response_model=LeadPage, responses={400: {}, 503: {}})

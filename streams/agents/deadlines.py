@@ -87,9 +87,11 @@ def register(
             if scheduler.pending(key).get(command.deadline) != command.due_ms:
                 continue  # already fired, moved, or cancelled: firing is idempotent
             scheduler.cancel(key, command.deadline)
-            handler = handlers.get(command.deadline)
+            # "scheduled:<id>" deadlines share the handler of their kind.
+            kind = command.deadline.split(":", 1)[0]
+            handler = handlers.get(kind)
             if handler is None:
                 logger.warning("no handler for deadline %s", command.deadline)
                 continue
-            DEADLINES_FIRED.labels(command.deadline).inc()
+            DEADLINES_FIRED.labels(kind).inc()
             await handler(key, command, sessions.get(key))

@@ -7,19 +7,26 @@ import logging
 import time
 import uuid
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
 from faust.types import AppT, StreamT, TableT, TopicT
-from pydantic import ValidationError
+from pydantic import Field, TypeAdapter, ValidationError
 
 from connectors.channels import Channel, ChannelDirectory
 from connectors.whatsapp import OUTSIDE_WINDOW_ERROR, GraphApiClient, GraphApiError, Template
 from flexoraa.settings import Settings
-from schemas.messaging import OutboundCommand, OutboundMessage
+from schemas.messaging import (
+    CancelScheduled,
+    DeadlineReached,
+    OutboundCommand,
+    OutboundMessage,
+)
+from streams.agents.deadlines import DeadlineHandler
 from streams.dead_letters import dead_letter_event, describe_validation_error
 from streams.metrics import OUTBOUND_SENDS
 from streams.rules.sending import plan_send, template_parameters
 from streams.rules.window import is_window_open
+from streams.timers import Scheduler
 
 logger = logging.getLogger(__name__)
 _ATTEMPT_NAMESPACE = uuid.UUID("a4b1c7e2-5d3f-4e6a-9b8c-1d2e3f4a5b6c")
@@ -176,6 +183,51 @@ class Sender:
         )
 
 
+OutboundRequest = Annotated[OutboundCommand | CancelScheduled, Field(discriminator="kind")]
+_requests: TypeAdapter[OutboundCommand | CancelScheduled] = TypeAdapter(OutboundRequest)
+
+
+class ScheduledSends:
+    """Commands with a future `send_at`, held per lead until their deadline fires."""
+
+    def __init__(self, table: TableT[bytes, Any], scheduler: Scheduler, sender: Sender) -> None:
+        self._table = table
+        self._scheduler = scheduler
+        self._sender = sender
+
+    def hold(self, command: OutboundCommand) -> None:
+        assert command.send_at is not None
+        key = command.lead_id.encode()
+        held = dict(self._table.get(key) or {})
+        held[command.event_id] = command.model_dump_json()
+        self._table[key] = held
+        due_ms = int(command.send_at.timestamp() * 1000)
+        self._scheduler.set(key, {f"scheduled:{command.event_id}": due_ms})
+
+    def cancel(self, request: CancelScheduled) -> None:
+        key = request.lead_id.encode()
+        held = dict(self._table.get(key) or {})
+        if held.pop(request.command_id, None) is None:
+            return
+        self._table[key] = held
+        self._scheduler.cancel(key, f"scheduled:{request.command_id}")
+
+    def handlers(self) -> dict[str, DeadlineHandler]:
+        return {"scheduled": self._due}
+
+    async def _due(
+        self, key: bytes, fired: DeadlineReached, session: dict[str, Any] | None
+    ) -> None:
+        command_id = fired.deadline.split(":", 1)[1]
+        held = dict(self._table.get(key) or {})
+        raw = held.pop(command_id, None)
+        if raw is None:
+            return  # cancelled
+        self._table[key] = held
+        # The window is judged now, at send time, not when the message was scheduled.
+        await self._sender.send(OutboundCommand.model_validate_json(raw), session)
+
+
 def register(
     app: AppT,
     *,
@@ -183,15 +235,21 @@ def register(
     dead_letters: TopicT,
     sessions: TableT[bytes, Any],
     sender: Sender,
+    scheduled: ScheduledSends,
 ) -> None:
     @app.agent(outbound_commands, name="outbound")
     async def send_outbound(stream: StreamT[bytes]) -> None:
         async for event in stream.events():
             try:
-                command = OutboundCommand.model_validate_json(event.value)
+                request = _requests.validate_json(event.value)
             except ValidationError as exc:
                 await dead_letter_event(
                     dead_letters, event, describe_validation_error(exc), "invalid_event"
                 )
                 continue
-            await sender.send(command, sessions.get(command.lead_id.encode()))
+            if isinstance(request, CancelScheduled):
+                scheduled.cancel(request)
+            elif request.send_at is not None and request.send_at > datetime.now(UTC):
+                scheduled.hold(request)
+            else:
+                await sender.send(request, sessions.get(request.lead_id.encode()))

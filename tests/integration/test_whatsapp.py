@@ -485,3 +485,87 @@ async def test_window_closing_and_expired_events_fire_from_timers(
         "SELECT count(*) FROM lead_events WHERE lead_id = $1 AND type LIKE 'window_%'", lead_id
     )
     assert count == 2
+
+
+# --------------------------------------------------------------------------- scheduled messages
+
+
+async def schedule(
+    api: httpx.AsyncClient, business: Business, lead_id: str, text: str, in_s: float
+) -> dict[str, Any]:
+    send_at = datetime.now(UTC) + timedelta(seconds=in_s)
+    response = await api.post(
+        f"/api/leads/{lead_id}/messages",
+        headers=business.tenant.headers,
+        json={"text": text, "send_at": send_at.isoformat()},
+    )
+    assert response.status_code == 202, response.text
+    result: dict[str, Any] = response.json()
+    return result
+
+
+async def scheduled_status(
+    api: httpx.AsyncClient, business: Business, scheduled_id: str, status: str
+) -> Any:
+    async def check() -> Any:
+        response = await api.get(
+            f"/api/scheduled-messages/{scheduled_id}", headers=business.tenant.headers
+        )
+        body = response.json()
+        return body if response.status_code == 200 and body["status"] == status else None
+
+    return await eventually(check, what=f"scheduled message {status}")
+
+
+async def test_a_scheduled_message_goes_out_at_send_at(
+    api: httpx.AsyncClient, make_tenant: MakeTenant, graph: GraphApiFake
+) -> None:
+    business = await register(api, await make_tenant())
+    lead_id = await inbound(api, business, "919877700001", now_s() - 60, "wamid.T1")
+    accepted = await schedule(api, business, lead_id, "Reminder: our call is at 3pm", 2)
+    await asyncio.sleep(0.5)
+    assert graph.sent_to(business.phone_number_id) == []  # held until send_at
+    sent = await scheduled_status(api, business, accepted["command_id"], "sent")
+    assert sent["text"] == "Reminder: our call is at 3pm"
+    (request,) = graph.sent_to(business.phone_number_id)
+    assert request["body"]["type"] == "text"
+    other = await make_tenant("Other")
+    hidden = await api.get(
+        f"/api/scheduled-messages/{accepted['command_id']}", headers=other.headers
+    )
+    assert hidden.status_code == 404
+
+
+async def test_the_window_is_judged_at_send_time(
+    api: httpx.AsyncClient, make_tenant: MakeTenant, graph: GraphApiFake
+) -> None:
+    business = await register(api, await make_tenant())
+    # Open now, closed in 2 seconds; the message is due in 4.
+    lead_id = await inbound(api, business, "919877700002", now_s() - 24 * 3600 + 2, "wamid.T2")
+    accepted = await schedule(api, business, lead_id, "Checking in", 4)
+    await scheduled_status(api, business, accepted["command_id"], "sent")
+    (request,) = graph.sent_to(business.phone_number_id)
+    assert request["body"]["type"] == "template"
+
+
+async def test_a_cancelled_message_never_goes_out(
+    api: httpx.AsyncClient, make_tenant: MakeTenant, graph: GraphApiFake
+) -> None:
+    business = await register(api, await make_tenant())
+    lead_id = await inbound(api, business, "919877700003", now_s() - 60, "wamid.T3")
+    accepted = await schedule(api, business, lead_id, "Never mind", 2)
+    path = f"/api/scheduled-messages/{accepted['command_id']}"
+    cancelled = await api.delete(path, headers=business.tenant.headers)
+    assert cancelled.status_code == 200
+    assert cancelled.json()["status"] == "cancelled"
+    await asyncio.sleep(3)
+    assert graph.sent_to(business.phone_number_id) == []
+    again = await api.delete(path, headers=business.tenant.headers)
+    assert again.status_code == 409
+    past = await api.post(
+        f"/api/leads/{lead_id}/messages",
+        headers=business.tenant.headers,
+        json={"text": "too late", "send_at": "2020-01-01T00:00:00Z"},
+    )
+    assert past.status_code == 422
+    assert "send_at" in past.json()["detail"]
