@@ -18,16 +18,26 @@ class TenantSettings:
         self._pool_factory = pool_factory
         self._default = default_leak_threshold_s
         self._ttl_s = ttl_s
-        self._cache: dict[str, tuple[float, int]] = {}
+        self._cache: dict[str, tuple[float, int, str]] = {}
 
-    async def leak_threshold_s(self, tenant_id: str) -> int:
+    async def _load(self, tenant_id: str) -> tuple[int, str]:
         cached = self._cache.get(tenant_id)
         if cached is not None and cached[0] > time.monotonic():
-            return cached[1]
+            return cached[1], cached[2]
         pool = await self._pool_factory()
-        value = await pool.fetchval(
-            "SELECT leak_threshold_s FROM tenants WHERE tenant_id = $1", tenant_id
+        row = await pool.fetchrow(
+            "SELECT leak_threshold_s, time_zone FROM tenants WHERE tenant_id = $1", tenant_id
         )
-        threshold = int(value) if value is not None else self._default
-        self._cache[tenant_id] = (time.monotonic() + self._ttl_s, threshold)
-        return threshold
+        threshold = self._default
+        time_zone = "UTC"
+        if row is not None:
+            threshold = int(row["leak_threshold_s"] or self._default)
+            time_zone = row["time_zone"] or "UTC"
+        self._cache[tenant_id] = (time.monotonic() + self._ttl_s, threshold, time_zone)
+        return threshold, time_zone
+
+    async def leak_threshold_s(self, tenant_id: str) -> int:
+        return (await self._load(tenant_id))[0]
+
+    async def time_zone(self, tenant_id: str) -> str:
+        return (await self._load(tenant_id))[1]

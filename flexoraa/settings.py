@@ -19,7 +19,8 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 class Settings(BaseSettings):
     """Configuration read from environment variables (and an optional `.env` file)."""
 
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+    # "none" in the environment unsets an optional setting (e.g. RECOVERY_LOCAL_HOUR=none).
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", env_parse_none_str="none")
 
     environment: Literal["development", "test", "production"] = Field(
         "development", description="production refuses development-only defaults"
@@ -159,6 +160,23 @@ class Settings(BaseSettings):
         ge=1,
         description="an unanswered customer message becomes a leak after this long "
         "(tenants.leak_threshold_s overrides it per tenant)",
+    )
+
+    recovery_silence_s: int = Field(
+        86_400, ge=1, description="a COLD lead silent this long enters cold recovery"
+    )
+    recovery_delays_s: str = Field(
+        "0,172800,345600,604800",
+        pattern=r"^\d+(,\d+){3}$",
+        description="seconds after recovery starts of its four steps (re-engagement, curiosity, "
+        "educational, soft call to action); default 0, 2, 4 and 7 days",
+    )
+    recovery_local_hour: int | None = Field(
+        10,
+        ge=0,
+        le=23,
+        description="recovery messages wait for this hour, tenant local time "
+        "(none: send as soon as due)",
     )
 
     # --- Tokens and Razorpay (issue 6) ---

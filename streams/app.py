@@ -24,12 +24,14 @@ from streams.agents import deadlines as deadlines_agent
 from streams.agents import leakage as leakage_agent
 from streams.agents import outbound as outbound_agent
 from streams.agents import qualification as qualification_agent
+from streams.agents import recovery as recovery_agent
 from streams.agents import sessions as sessions_agent
 from streams.agents import sink as sink_agent
 from streams.agents import window as window_agent
 from streams.agents.leakage import LeakActions
 from streams.agents.outbound import ScheduledSends, Sender
 from streams.agents.qualification import Interviewer, QualificationTopics
+from streams.agents.recovery import Recovery
 from streams.agents.sink import SinkSpec
 from streams.rules.qualification import Policy
 from streams.sink import (
@@ -178,6 +180,7 @@ def create_worker_app(settings: Settings) -> faust.App:
         )
     # --- Leakage prevention (issue 5) ---
     leakage = app.Table("leakage", key_type=bytes, partitions=settings.kafka_partitions)
+    tenants = TenantSettings(pool, settings.leak_threshold_s)
     if settings.enable_leakage_prevention:
         leakage_agent.register(
             app,
@@ -186,7 +189,7 @@ def create_worker_app(settings: Settings) -> faust.App:
             lead_events=lead_events,
             leakage=leakage,
             scheduler=scheduler,
-            tenants=TenantSettings(pool, settings.leak_threshold_s),
+            tenants=tenants,
         )
         deadline_handlers |= LeakActions(
             leakage=leakage,
@@ -196,6 +199,20 @@ def create_worker_app(settings: Settings) -> faust.App:
             outbound_commands=outbound_commands,
             notifications=notifications,
         ).handlers()
+    if settings.enable_cold_recovery:
+        recovery = Recovery(
+            table=app.Table("recovery", key_type=bytes, partitions=settings.kafka_partitions),
+            qualification=qualification,
+            scheduler=scheduler,
+            tenants=tenants,
+            lead_events=lead_events,
+            outbound_commands=outbound_commands,
+            silence_ms=settings.recovery_silence_s * 1000,
+            delays_s=tuple(int(d) for d in settings.recovery_delays_s.split(",")),
+            local_hour=settings.recovery_local_hour,
+        )
+        recovery_agent.register(app, inbound=inbound, recovery=recovery)
+        deadline_handlers |= recovery.handlers()
     deadlines_agent.register(
         app,
         source_topic=inbound,

@@ -310,6 +310,20 @@ class LeadEventSink(BatchSink[LeadEvent]):
                     data["action"], data["waiting_since_ms"], data["deadline_ms"],
                     event.occurred_at, data,
                 )  # fmt: skip
+            elif event.type == "recovery_attempt":
+                await pool.execute(
+                    """INSERT INTO lead_recovery_log (event_id, tenant_id, lead_id, step, strategy,
+                                                      status, sent_at, occurred_at)
+                       VALUES ($1, $2, $3, $4, $5, 'sent', $6, $6) ON CONFLICT DO NOTHING""",
+                    event.event_id, event.tenant_id, event.lead_id, event.data["step"],
+                    event.data["strategy"], event.occurred_at,
+                )  # fmt: skip
+            elif event.type == "recovery_replied":
+                await pool.execute(
+                    """UPDATE lead_recovery_log SET status = 'replied', replied_at = $3
+                       WHERE lead_id = $1 AND step = $2 AND replied_at IS NULL""",
+                    event.lead_id, event.data["step"], event.occurred_at,
+                )  # fmt: skip
             elif event.type == "reassigned":
                 await pool.execute(
                     """INSERT INTO lead_reassignment_log (event_id, tenant_id, lead_id,

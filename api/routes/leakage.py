@@ -77,3 +77,71 @@ async def leakage_stats(
         median_time_to_first_reply_s=None if median is None else round(median / 1000, 3),
         reassignments_per_sdr={str(row["to_sdr_id"]): row["n"] for row in moved},
     )
+
+
+class RecoveryStep(BaseModel):
+    step: int
+    strategy: str
+    attempts: int
+    replies: int
+    success_rate: float
+
+
+class RecoveryStats(BaseModel):
+    since: datetime
+    until: datetime
+    attempts: int
+    replies: int
+    success_rate: float
+    median_time_to_reply_s: float | None
+    steps: list[RecoveryStep]
+
+
+@router.get("/api/monitoring/recovery/stats", response_model=RecoveryStats, responses={400: {}})
+async def recovery_stats(
+    principal: PrincipalDep,
+    services: ServicesDep,
+    since: Annotated[datetime | None, Query(alias="from")] = None,
+    until: Annotated[datetime | None, Query(alias="to")] = None,
+) -> RecoveryStats:
+    """Cold-recovery attempts, replies and success rate per step."""
+    until = until or datetime.now(UTC)
+    since = since or until - timedelta(days=30)
+    if since.tzinfo is None or until.tzinfo is None or since >= until:
+        raise ApiError(400, "from and to need a time zone and from must be before to")
+    rows = await services.pool.fetch(
+        """SELECT step, strategy, count(*) AS attempts, count(replied_at) AS replies
+           FROM lead_recovery_log
+           WHERE tenant_id = $1 AND occurred_at >= $2 AND occurred_at < $3
+           GROUP BY step, strategy ORDER BY step""",
+        principal.tenant_id, since, until,
+    )  # fmt: skip
+    steps = [
+        RecoveryStep(
+            step=row["step"],
+            strategy=row["strategy"],
+            attempts=row["attempts"],
+            replies=row["replies"],
+            success_rate=round(row["replies"] / row["attempts"], 4) if row["attempts"] else 0.0,
+        )
+        for row in rows
+    ]
+    attempts = sum(s.attempts for s in steps)
+    replies = sum(s.replies for s in steps)
+    median = await services.pool.fetchval(
+        """SELECT percentile_cont(0.5) WITHIN GROUP (
+                      ORDER BY extract(epoch FROM replied_at - sent_at))
+           FROM lead_recovery_log
+           WHERE tenant_id = $1 AND occurred_at >= $2 AND occurred_at < $3
+             AND replied_at IS NOT NULL""",
+        principal.tenant_id, since, until,
+    )  # fmt: skip
+    return RecoveryStats(
+        since=since,
+        until=until,
+        attempts=attempts,
+        replies=replies,
+        success_rate=round(replies / attempts, 4) if attempts else 0.0,
+        median_time_to_reply_s=None if median is None else round(float(median), 3),
+        steps=steps,
+    )

@@ -42,6 +42,9 @@ def worker(processes: StartProcess, test_settings: Settings, graph: GraphApiFake
         name="leakage-worker",
         LEAK_THRESHOLD_S=str(THRESHOLD_S),
         TIMER_TICK_MS="100",
+        RECOVERY_SILENCE_S="3",
+        RECOVERY_DELAYS_S="0,1,2,3",
+        RECOVERY_LOCAL_HOUR="none",
         WHATSAPP_GRAPH_API_URL=graph.url,
         # AI replies would answer every message; these tests control the replies.
         ENABLE_AI_QUALIFICATION="false",
@@ -135,3 +138,57 @@ async def test_a_reply_before_the_deadline_cancels_the_leak(
     stats = (await api.get("/api/monitoring/leakage/stats", headers=business.tenant.headers)).json()
     assert stats["first_replies"] == 1
     assert stats["leaks"] == 0
+
+
+async def recovery_rows(db: asyncpg.Connection, lead_id: str, count: int) -> list[Any]:
+    async def check() -> Any:
+        rows = await db.fetch(
+            "SELECT step, strategy, status, replied_at FROM lead_recovery_log"
+            " WHERE lead_id = $1 ORDER BY step",
+            lead_id,
+        )
+        return rows if len(rows) >= count else None
+
+    result: list[Any] = await eventually(check, timeout_s=20, what=f"{count} recovery attempts")
+    return result
+
+
+async def test_a_silent_cold_lead_gets_the_recovery_sequence_in_order(
+    api: httpx.AsyncClient, make_tenant: MakeTenant, db: asyncpg.Connection
+) -> None:
+    tenant = await make_tenant()
+    accepted = await post(api, tenant, channel="webchat", contact=f"r-{uuid.uuid4().hex[:8]}",
+                          text="just browsing")  # fmt: skip
+    rows = await recovery_rows(db, accepted["lead_id"], 4)
+    assert [(r["step"], r["strategy"]) for r in rows] == [
+        (0, "re_engagement"), (1, "curiosity"), (2, "educational"), (3, "soft_cta"),
+    ]  # fmt: skip
+    await asyncio.sleep(2)
+    assert len(await recovery_rows(db, accepted["lead_id"], 4)) == 4  # stops after the last step
+    texts = await db.fetch(
+        "SELECT body FROM messages WHERE lead_id = $1 AND sent_by = 'ai'", accepted["lead_id"]
+    )
+    assert len(texts) == 4  # each attempt went out as an outbound command
+
+
+async def test_a_reply_ends_recovery_as_a_success(
+    api: httpx.AsyncClient, make_tenant: MakeTenant, db: asyncpg.Connection
+) -> None:
+    tenant = await make_tenant()
+    contact = f"r-{uuid.uuid4().hex[:8]}"
+    accepted = await post(api, tenant, channel="webchat", contact=contact, text="hmm")
+    await recovery_rows(db, accepted["lead_id"], 1)
+    await post(api, tenant, channel="webchat", contact=contact, text="oh yes, tell me more")
+
+    async def replied() -> Any:
+        return await db.fetchrow(
+            "SELECT * FROM lead_recovery_log WHERE lead_id = $1 AND status = 'replied'",
+            accepted["lead_id"],
+        )
+
+    row = await eventually(replied, what="a replied recovery attempt")
+    assert row["replied_at"] is not None
+    stats = (await api.get("/api/monitoring/recovery/stats", headers=tenant.headers)).json()
+    assert stats["replies"] == 1
+    assert stats["attempts"] >= 1
+    assert stats["steps"][row["step"]]["success_rate"] > 0

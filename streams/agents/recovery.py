@@ -1,0 +1,138 @@
+"""Cold recovery: COLD leads silent for a day get a spaced sequence of AI messages.
+
+Every customer message moves the lead's "silence" deadline; when it fires and the lead is
+COLD, recovery starts and each step is a "recovery" deadline at the tenant's local hour. A
+customer message during recovery ends it as a success, with the time to reply.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from faust.types import AppT, StreamT, TableT, TopicT
+from pydantic import ValidationError
+
+from connectors.tenants import TenantSettings
+from schemas.events import InboundMessage
+from schemas.messaging import DeadlineReached, LeadEvent, OutboundCommand
+from streams.agents.deadlines import DeadlineHandler
+from streams.rules.leakage import temperature
+from streams.rules.recovery import STRATEGIES, recovery_text, step_due_ms
+from streams.timers import Scheduler
+
+_NAMESPACE = uuid.UUID("1f2e3d4c-5b6a-4978-8695-a4b3c2d1e0f9")
+
+
+def _id(*parts: object) -> str:
+    return str(uuid.uuid5(_NAMESPACE, "|".join(str(p) for p in parts)))
+
+
+class Recovery:
+    def __init__(
+        self,
+        *,
+        table: TableT[bytes, Any],
+        qualification: TableT[bytes, Any],
+        scheduler: Scheduler,
+        tenants: TenantSettings,
+        lead_events: TopicT,
+        outbound_commands: TopicT,
+        silence_ms: int,
+        delays_s: tuple[int, ...],
+        local_hour: int | None,
+    ) -> None:
+        self._table = table
+        self._qualification = qualification
+        self._scheduler = scheduler
+        self._tenants = tenants
+        self._lead_events = lead_events
+        self._outbound_commands = outbound_commands
+        self._silence_ms = silence_ms
+        self._delays_s = delays_s
+        self._local_hour = local_hour
+
+    def handlers(self) -> dict[str, DeadlineHandler]:
+        return {"silence": self._silent, "recovery": self._step}
+
+    async def _event(self, lead_id: str, tenant_id: str, kind: str, data: dict[str, Any],
+                     event_id: str, at: datetime) -> None:  # fmt: skip
+        event = LeadEvent(event_id=event_id, tenant_id=tenant_id, occurred_at=at,
+                          lead_id=lead_id, type=kind, data=data)  # fmt: skip
+        await self._lead_events.send(key=lead_id.encode(), value=event.model_dump_json().encode())
+
+    async def on_customer_message(self, message: InboundMessage) -> None:
+        key = message.lead_id.encode()
+        state = self._table.get(key)
+        occurred_ms = int(message.occurred_at.timestamp() * 1000)
+        if state is not None and occurred_ms >= state["started_ms"]:
+            del self._table[key]
+            self._scheduler.cancel(key, "recovery")
+            last_step = max(0, state["step"] - 1)
+            await self._event(
+                message.lead_id, message.tenant_id, "recovery_replied",
+                {"step": last_step, "time_to_reply_ms": occurred_ms - state["last_sent_ms"]},
+                _id(message.lead_id, "replied", state["started_ms"]), message.occurred_at,
+            )  # fmt: skip
+        self._scheduler.set(key, {"silence": occurred_ms + self._silence_ms})
+
+    async def _silent(
+        self, key: bytes, fired: DeadlineReached, session: dict[str, Any] | None
+    ) -> None:
+        if session is None or self._table.get(key) is not None:
+            return
+        score = (self._qualification.get(key) or {}).get("score")
+        if temperature(score, followed_up=False) != "COLD":
+            return
+        now_ms = int(datetime.now(UTC).timestamp() * 1000)
+        time_zone = await self._tenants.time_zone(session["tenant_id"])
+        self._table[key] = {"step": 0, "started_ms": now_ms, "last_sent_ms": now_ms,
+                            "time_zone": time_zone}  # fmt: skip
+        due = step_due_ms(now_ms, 0, self._delays_s, time_zone, self._local_hour)
+        self._scheduler.set(key, {"recovery": due})
+
+    async def _step(
+        self, key: bytes, fired: DeadlineReached, session: dict[str, Any] | None
+    ) -> None:
+        state = self._table.get(key)
+        if state is None or session is None:
+            return
+        step = state["step"]
+        lead_id, tenant_id = fired.lead_id, session["tenant_id"]
+        now = datetime.now(UTC)
+        command = OutboundCommand(
+            event_id=_id(lead_id, "recovery", state["started_ms"], step),
+            tenant_id=tenant_id,
+            occurred_at=now,
+            lead_id=lead_id,
+            text=recovery_text(step, session.get("contact_name")),
+            sent_by="ai",
+            purpose="recovery",
+        )
+        await self._outbound_commands.send(key=key, value=command.model_dump_json().encode())
+        await self._event(
+            lead_id, tenant_id, "recovery_attempt",
+            {"step": step, "strategy": STRATEGIES[step], "command_id": command.event_id},
+            _id(lead_id, "attempt", state["started_ms"], step), now,
+        )  # fmt: skip
+        now_ms = int(now.timestamp() * 1000)
+        if step + 1 < len(STRATEGIES):
+            self._table[key] = {**state, "step": step + 1, "last_sent_ms": now_ms}
+            due = step_due_ms(state["started_ms"], step + 1, self._delays_s, state["time_zone"],
+                              self._local_hour)  # fmt: skip
+            self._scheduler.set(key, {"recovery": max(due, now_ms)})
+        else:
+            # Keep the state until the silence ends: a late reply still counts as a success.
+            self._table[key] = {**state, "step": step + 1, "last_sent_ms": now_ms}
+
+
+def register(app: AppT, *, inbound: TopicT, recovery: Recovery) -> None:
+    @app.agent(inbound, name="recovery-watch")
+    async def watch(stream: StreamT[bytes]) -> None:
+        async for value in stream:
+            try:
+                message = InboundMessage.model_validate_json(value)
+            except ValidationError:
+                continue  # the sessions agent dead-letters it
+            await recovery.on_customer_message(message)

@@ -1,0 +1,50 @@
+"""Cold-lead recovery: a short sequence of AI messages at the tenant's local morning.
+
+A lead whose temperature is COLD and who has been silent for 24 hours enters recovery. Step
+k is sent `delays_s[k]` seconds after recovery starts, moved to the next `local_hour` in the
+tenant's time zone (people answer in their morning, not at 03:00). A reply ends it (success);
+so does the last step.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
+
+SILENCE_MS = 24 * 60 * 60 * 1000
+
+# The seed's order: re-engagement, curiosity, educational, soft call to action.
+STRATEGIES = ("re_engagement", "curiosity", "educational", "soft_cta")
+MESSAGES = {
+    "re_engagement": "Hi {name}, we spoke a little while ago — is finding the right tool still "
+    "on your list? Happy to pick up where we left off.",
+    "curiosity": "Hi {name}, three things are changing how teams like yours answer leads this "
+    "year. Want me to share what we're seeing?",
+    "educational": "Hi {name}, here's what we see working: replying within five minutes "
+    "doubles conversion. Glad to show you how others set that up.",
+    "soft_cta": "Hi {name}, should I keep sending you the occasional insight, or is now not "
+    "the right time? Either answer is fine.",
+}
+
+
+def next_local_hour(after_ms: int, time_zone: str, hour: int) -> int:
+    """The first `hour`:00 in `time_zone` at or after `after_ms` (epoch ms)."""
+    zone = ZoneInfo(time_zone)
+    local = datetime.fromtimestamp(after_ms / 1000, tz=zone)
+    candidate = local.replace(hour=hour, minute=0, second=0, microsecond=0)
+    if candidate < local:
+        candidate += timedelta(days=1)
+        # Re-anchor on the wall clock: a DST change must not shift the hour.
+        candidate = candidate.replace(hour=hour)
+    return int(candidate.timestamp() * 1000)
+
+
+def step_due_ms(
+    started_ms: int, step: int, delays_s: tuple[int, ...], time_zone: str, hour: int | None
+) -> int:
+    due = started_ms + delays_s[step] * 1000
+    return due if hour is None else next_local_hour(due, time_zone, hour)
+
+
+def recovery_text(step: int, contact_name: str | None) -> str:
+    return MESSAGES[STRATEGIES[step]].format(name=contact_name or "there")

@@ -1,0 +1,45 @@
+from datetime import UTC, datetime
+
+import pytest
+
+from streams.rules.recovery import STRATEGIES, next_local_hour, recovery_text, step_due_ms
+
+
+def ms(text: str) -> int:
+    return int(datetime.fromisoformat(text).timestamp() * 1000)
+
+
+@pytest.mark.parametrize(
+    ("after", "zone", "expected"),
+    [
+        ("2026-11-24T03:00:00+00:00", "UTC", "2026-11-24T10:00:00+00:00"),
+        ("2026-11-24T10:00:00+00:00", "UTC", "2026-11-24T10:00:00+00:00"),
+        ("2026-11-24T10:00:01+00:00", "UTC", "2026-11-25T10:00:00+00:00"),
+        # 10:00 in Kolkata is 04:30 UTC.
+        ("2026-11-24T03:00:00+00:00", "Asia/Kolkata", "2026-11-24T04:30:00+00:00"),
+        ("2026-11-24T05:00:00+00:00", "Asia/Kolkata", "2026-11-25T04:30:00+00:00"),
+        # Across the US spring-forward: still 10:00 local (14:00 UTC after, 15:00 before).
+        ("2026-03-07T16:00:00+00:00", "America/New_York", "2026-03-08T14:00:00+00:00"),
+    ],
+)
+def test_next_local_hour(after: str, zone: str, expected: str) -> None:
+    assert next_local_hour(ms(after), zone, 10) == ms(expected)
+
+
+def test_steps_follow_the_delays_at_the_local_hour() -> None:
+    start = ms("2026-11-24T12:00:00+00:00")
+    delays = (0, 48 * 3600, 96 * 3600, 168 * 3600)
+    dues = [step_due_ms(start, k, delays, "UTC", 10) for k in range(4)]
+    assert [datetime.fromtimestamp(d / 1000, tz=UTC).isoformat() for d in dues] == [
+        "2026-11-25T10:00:00+00:00",
+        "2026-11-27T10:00:00+00:00",
+        "2026-11-29T10:00:00+00:00",
+        "2026-12-02T10:00:00+00:00",
+    ]
+    assert step_due_ms(start, 1, (0, 5, 9, 12), "UTC", None) == start + 5000
+
+
+def test_the_seed_order_and_texts() -> None:
+    assert STRATEGIES == ("re_engagement", "curiosity", "educational", "soft_cta")
+    assert recovery_text(0, "Asha").startswith("Hi Asha,")
+    assert recovery_text(3, None).startswith("Hi there,")
