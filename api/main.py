@@ -14,7 +14,17 @@ from api.dedup import RecentIds
 from api.deps import Services
 from api.lead_state import LeadStateClient
 from api.middleware import BodyLimitMiddleware, MetricsMiddleware
-from api.routes import channels, events, health, leads, leakage, meta_webhooks, monitoring, sdrs
+from api.routes import (
+    channels,
+    events,
+    health,
+    leads,
+    leakage,
+    meta_webhooks,
+    monitoring,
+    notifications,
+    sdrs,
+)
 from api.tenants import PrincipalCache
 from connectors.channels import ChannelDirectory
 from flexoraa.crypto import load_secret_box
@@ -82,6 +92,7 @@ def create_app(settings: Settings) -> FastAPI:
     # --- Leakage prevention (issue 5) ---
     app.include_router(leakage.router)
     # --- Tokens and Razorpay (issue 6) ---
+    app.include_router(notifications.router)
     # --- SLA monitoring (issue 8) ---
     app.include_router(monitoring.router)
     # Built here (no I/O until the lifespan starts it) so the middleware can hold it.

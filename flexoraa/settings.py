@@ -96,6 +96,15 @@ class Settings(BaseSettings):
     postgres_port: int = Field(55432, description="port of the stack's PostgreSQL")
 
     # --- Notifications: SMTP mailer ---
+    smtp_host: str | None = Field(
+        None, description="SMTP server for notification e-mails (unset: in-app only)"
+    )
+    smtp_port: int = Field(587, description="SMTP port")
+    smtp_username: str | None = Field(None, description="SMTP login")
+    smtp_password: SecretStr | None = Field(None, description="SMTP password")
+    smtp_from: str = Field("Flexoraa <alerts@localhost>", description="From: of notification mail")
+    smtp_starttls: bool = Field(True, description="upgrade the SMTP connection with STARTTLS")
+    smtp_timeout_s: float = Field(10.0, gt=0, description="SMTP connection and send timeout")
 
     # --- WhatsApp and Meta channels (issue 3) ---
     secrets_encryption_key: SecretStr | None = Field(

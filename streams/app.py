@@ -10,6 +10,7 @@ from faust.sensors.prometheus import setup_prometheus_sensors
 
 from connectors.ai import QualificationAI
 from connectors.channels import ChannelDirectory
+from connectors.mailer import Mailer
 from connectors.sdrs import SdrRouter
 from connectors.tenants import TenantSettings
 from connectors.whatsapp import GraphApiClient
@@ -22,6 +23,7 @@ from schemas.topics import TopicNames
 from streams import web
 from streams.agents import deadlines as deadlines_agent
 from streams.agents import leakage as leakage_agent
+from streams.agents import notifications as notifications_agent
 from streams.agents import outbound as outbound_agent
 from streams.agents import qualification as qualification_agent
 from streams.agents import recovery as recovery_agent
@@ -29,6 +31,7 @@ from streams.agents import sessions as sessions_agent
 from streams.agents import sink as sink_agent
 from streams.agents import window as window_agent
 from streams.agents.leakage import LeakActions
+from streams.agents.notifications import NotificationStore
 from streams.agents.outbound import ScheduledSends, Sender
 from streams.agents.qualification import Interviewer, QualificationTopics
 from streams.agents.recovery import Recovery
@@ -139,7 +142,7 @@ def create_worker_app(settings: Settings) -> faust.App:
         )
 
     # --- WhatsApp and Meta channels (issue 3) ---
-    sender = Sender(settings, graph, channels, outbound_messages)
+    sender = Sender(settings, graph, channels, outbound_messages, latency)
     scheduled = ScheduledSends(
         app.Table("scheduled", key_type=bytes, partitions=settings.kafka_partitions),
         scheduler,
@@ -225,6 +228,13 @@ def create_worker_app(settings: Settings) -> faust.App:
         tick_s=settings.timer_tick_ms / 1000,
     )
     # --- Tokens and notifications (issue 6) ---
+    notifications_agent.register(
+        app,
+        notifications=notifications,
+        dead_letters=dead_letters,
+        store=NotificationStore(pool),
+        mailer=Mailer(settings),
+    )
     # --- SLA monitoring (issue 8) ---
     if settings.enable_sla_monitoring:
         from streams.agents import sla as sla_agent

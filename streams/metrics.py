@@ -36,3 +36,21 @@ for _kind in ("invalid_event", "wrong_key", "sink_rejected"):
     DEAD_LETTERS.labels(_kind)
 for _table in ("leads", "messages", "outbound_messages", "message_statuses", "lead_events"):
     SINK_ROWS.labels(_table)
+for _temperature, _action in (
+    ("HOT", "ai_reengagement"),
+    ("WARM", "reassign"),
+    ("COLD", "escalate_admins"),
+):
+    LEAKS.labels(_temperature, _action)
+for _deadline in ("leak", "window_closing", "window_expired", "scheduled", "silence", "recovery"):
+    DEADLINES_FIRED.labels(_deadline)
+for _source in ("builtin", "model"):
+    for _status in ("in_progress", "completed"):
+        QUALIFICATION_STEPS.labels(_source, _status)
+for _channel in ("whatsapp", "instagram", "facebook"):
+    for _kind in ("freeform", "template"):
+        for _outcome in ("accepted", "retrying", "failed"):
+            OUTBOUND_SENDS.labels(_channel, _kind, _outcome)
+NOTIFICATIONS = Counter(
+    "flexoraa_notifications", "Notifications delivered by channel", ["category", "delivery"]
+)

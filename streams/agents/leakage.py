@@ -163,6 +163,8 @@ class LeakActions:
             occurred_at=fired.occurred_at, lead_id=lead_id, type="leak_detected",
             data={"temperature": temp, "action": action,
                   "waiting_since_ms": waiting["waiting_since_ms"], "deadline_ms": fired.due_ms,
+                  # How late the action ran (the SLO: within about a second).
+                  "lateness_ms": int(now.timestamp() * 1000) - fired.due_ms,
                   **details},
         ))  # fmt: skip
         LEAKS.labels(temp, action).inc()

@@ -15,6 +15,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 from connectors.channels import Channel, ChannelDirectory
 from connectors.whatsapp import OUTSIDE_WINDOW_ERROR, GraphApiClient, GraphApiError, Template
 from flexoraa.settings import Settings
+from schemas.latency import LatencyEvent
 from schemas.messaging import (
     CancelScheduled,
     DeadlineReached,
@@ -41,7 +42,9 @@ class Sender:
         graph: GraphApiClient,
         channels: ChannelDirectory,
         outbound_messages: TopicT,
+        latency: TopicT,
     ) -> None:
+        self._latency_topic = latency
         self._settings = settings
         self._graph = graph
         self._channels = channels
@@ -77,9 +80,11 @@ class Sender:
         kind = plan.kind
         delay_s = self._settings.whatsapp_send_backoff_ms / 1000
         for attempt in range(1, self._settings.whatsapp_send_max_attempts + 1):
+            started = time.perf_counter()
             try:
                 message_id = await self._attempt(channel, kind, command, session)
             except GraphApiError as exc:
+                await self._latency(command, started, ok=False, detail=exc.code)
                 error = (exc.code or str(exc.status), exc.message)
                 if (
                     exc.code == OUTSIDE_WINDOW_ERROR
@@ -111,6 +116,21 @@ class Sender:
                 command, attempt, channel_kind, kind, "accepted", message_id=message_id
             )
             return
+
+    async def _latency(
+        self, command: OutboundCommand, started: float, *, ok: bool, detail: str | None
+    ) -> None:
+        """One SLA latency event per channel call (operation outbound_send)."""
+        event = LatencyEvent(
+            event_id=str(uuid.uuid4()),
+            tenant_id=command.tenant_id,
+            occurred_at=datetime.now(UTC),
+            operation="outbound_send",
+            duration_ms=(time.perf_counter() - started) * 1000,
+            outcome="ok" if ok else "error",
+            detail=detail,
+        )
+        await self._latency_topic.send(key=b"outbound_send", value=event.model_dump_json().encode())
 
     async def _channel_for(
         self, tenant_id: str, kind: str, account_id: str | None

@@ -1,0 +1,131 @@
+"""Notifications: the in-app row once per event, and e-mail through a real SMTP server."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+from email import message_from_bytes
+from email.message import Message
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from aiokafka import AIOKafkaProducer
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from flexoraa.settings import Settings
+from schemas.notifications import Notification
+from schemas.topics import TopicNames
+from tests.conftest import MakeTenant, ManagedProcess, StartProcess, free_port, start_worker
+from tests.integration.conftest import ApiFactory
+from tests.integration.test_pipeline import eventually
+
+pytestmark = pytest.mark.integration
+
+
+class Inbox:
+    def __init__(self) -> None:
+        self.messages: list[tuple[list[str], Message]] = []
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        content = envelope.original_content or b""
+        self.messages.append((list(envelope.rcpt_tos), message_from_bytes(content)))
+        return "250 Message accepted for delivery"
+
+
+@pytest.fixture(scope="module")
+def smtp() -> Iterator[tuple[Inbox, int]]:
+    inbox = Inbox()
+    port = free_port()
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    yield inbox, port
+    controller.stop()
+
+
+@pytest.fixture(scope="module")
+def worker(
+    processes: StartProcess, test_settings: Settings, smtp: tuple[Inbox, int]
+) -> ManagedProcess:
+    return start_worker(
+        processes, test_settings, name="notifications-worker",
+        SMTP_HOST="127.0.0.1", SMTP_PORT=str(smtp[1]), SMTP_STARTTLS="false",
+        ENABLE_AI_QUALIFICATION="false", ENABLE_LEAKAGE_PREVENTION="false",
+    )  # fmt: skip
+
+
+@pytest.fixture
+async def api(api_factory: ApiFactory, worker: ManagedProcess) -> AsyncIterator[httpx.AsyncClient]:
+    async with api_factory(worker_url=f"http://127.0.0.1:{worker.ports['web']}") as client:
+        yield client
+
+
+async def publish(settings: Settings, notification: Notification, times: int = 1) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await producer.start()
+    try:
+        for _ in range(times):
+            await producer.send_and_wait(
+                TopicNames(settings.topic_prefix).notifications,
+                notification.model_dump_json().encode(),
+                key=notification.tenant_id.encode(),
+            )
+    finally:
+        await producer.stop()
+
+
+async def test_admins_get_one_in_app_row_and_an_email(
+    api: httpx.AsyncClient,
+    make_tenant: MakeTenant,
+    db: asyncpg.Connection,
+    test_settings: Settings,
+    smtp: tuple[Inbox, int],
+) -> None:
+    tenant = await make_tenant()
+    for email in ("owner@example.com", "ops@example.com"):
+        await db.execute(
+            "INSERT INTO tenant_admins (tenant_id, email) VALUES ($1, $2)", tenant.tenant_id, email
+        )
+    notification = Notification(
+        event_id=str(uuid.uuid4()),
+        tenant_id=tenant.tenant_id,
+        occurred_at=datetime.now(UTC),
+        audience="admins",
+        category="token_threshold",
+        title="80 % of your tokens are used",
+        body="Top up to keep the AI assistant running.",
+        data={"percent": 80},
+    )
+    await publish(test_settings, notification, times=3)  # redelivered: stored and mailed once
+
+    async def listed() -> Any:
+        rows = (await api.get("/api/notifications", headers=tenant.headers)).json()
+        return rows or None
+
+    (row,) = await eventually(listed, what="the in-app notification")
+    assert row["title"] == "80 % of your tokens are used"
+    assert row["recipient"] == "admins"
+    assert row["data"] == {"percent": 80}
+    inbox, _ = smtp
+    mails = await eventually(
+        lambda: _mails_for(inbox, "owner@example.com"), what="the notification e-mail"
+    )
+    (recipients, mail) = mails[0]
+    assert sorted(recipients) == ["ops@example.com", "owner@example.com"]
+    assert mail["Subject"] == "80 % of your tokens are used"
+    assert len(mails) == 1
+    read = await api.post(
+        f"/api/notifications/{row['notification_id']}/read", headers=tenant.headers
+    )
+    assert read.json()["read_at"] is not None
+    assert (await api.get("/api/notifications?unread=true", headers=tenant.headers)).json() == []
+    other = await make_tenant("Other")
+    assert (await api.get("/api/notifications", headers=other.headers)).json() == []
+
+
+async def _mails_for(inbox: Inbox, address: str) -> Any:
+    found = [(to, mail) for to, mail in inbox.messages if address in to]
+    return found or None
