@@ -65,6 +65,9 @@ class Settings(BaseSettings):
         "at_least_once",
         description="Faust processing guarantee; effects are idempotent by event id either way",
     )
+    worker_producer_linger_ms: int = Field(
+        5, ge=0, le=1000, description="how long the worker's producer gathers records per request"
+    )
     table_store: str = Field(
         "memory://", description="Faust table store; memory:// rebuilds tables from changelogs"
     )

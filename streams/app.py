@@ -74,6 +74,10 @@ def create_worker_app(settings: Settings) -> faust.App:
         topic_replication_factor=settings.kafka_replication_factor,
         processing_guarantee=settings.processing_guarantee,
         producer_acks=-1,
+        # One inbound message fans out into about a dozen records (changelogs, commands, lead
+        # events); without a linger each is its own produce request, and the socket writes
+        # alone took the worker's core (measured: 8 s freshness at 200 messages/s).
+        producer_linger=settings.worker_producer_linger_ms / 1000,
         consumer_auto_offset_reset="earliest",
         web_enabled=True,
         web_host=settings.worker_web_host,
