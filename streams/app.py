@@ -243,7 +243,14 @@ def create_worker_app(settings: Settings) -> faust.App:
     if settings.enable_sla_monitoring:
         from streams.agents import sla as sla_agent
 
-        sla_agent.install(app, settings, pool=pool, dead_letters=dead_letters)
+        sla_agent.install(
+            app,
+            settings,
+            pool=pool,
+            dead_letters=dead_letters,
+            latency=latency,
+            notifications=notifications,
+        )
     web.register(
         app, sessions=sessions, qualification=qualification, partitions=settings.kafka_partitions
     )

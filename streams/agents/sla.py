@@ -29,7 +29,6 @@ from flexoraa.kafka import EventPublisher
 from flexoraa.settings import Settings
 from schemas.latency import LatencyEvent
 from schemas.notifications import Notification
-from schemas.topics import TopicNames
 from streams.agents.sla_metrics import (
     LATENCY_EVENTS,
     OPERATION_DURATION,
@@ -477,19 +476,10 @@ def install(
     *,
     pool: PoolFactory,
     dead_letters: TopicT,
+    latency: TopicT,
+    notifications: TopicT,
 ) -> None:
     """Builds what SLA monitoring needs and registers it (called by the composition root)."""
-    names = TopicNames(settings.topic_prefix)
-
-    def raw_topic(name: str) -> TopicT:
-        return app.topic(
-            name,
-            key_type=bytes,
-            value_type=bytes,
-            key_serializer="raw",
-            value_serializer="raw",
-            partitions=settings.kafka_partitions,
-        )
 
     # Keys are window keys ("operation|tenant|minute"); each is written while processing an
     # event of its operation, so it lands on that operation's partition of the changelog.
@@ -506,8 +496,8 @@ def install(
     register(
         app,
         settings=settings,
-        latency=raw_topic(names.latency),
-        notifications=raw_topic(names.notifications),
+        latency=latency,
+        notifications=notifications,
         dead_letters=dead_letters,
         table=table,
         store=SlaStore(pool),

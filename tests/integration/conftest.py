@@ -8,6 +8,8 @@ import pytest
 
 from api.main import create_app
 from flexoraa.settings import Settings
+from tests.conftest import free_port
+from tests.fakes.graph_api import GraphApiFake
 
 pytestmark = pytest.mark.integration
 
@@ -37,3 +39,12 @@ def api_factory(test_settings: Settings) -> ApiFactory:
 async def api(api_factory: ApiFactory) -> AsyncIterator[httpx.AsyncClient]:
     async with api_factory() as client:
         yield client
+
+
+@pytest.fixture(scope="module")
+async def graph() -> AsyncIterator[GraphApiFake]:
+    """A local server speaking the Graph API's send endpoints, one per test module."""
+    fake = GraphApiFake()
+    await fake.start(free_port())
+    yield fake
+    await fake.stop()

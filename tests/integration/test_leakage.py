@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from flexoraa.settings import Settings
-from tests.conftest import MakeTenant, ManagedProcess, StartProcess, free_port, start_worker
+from tests.conftest import MakeTenant, ManagedProcess, StartProcess, start_worker
 from tests.fakes.graph_api import GraphApiFake
 from tests.integration.conftest import ApiFactory
 from tests.integration.test_pipeline import eventually, post
@@ -24,14 +24,6 @@ from tests.integration.test_whatsapp import inbound, outbound_rows, register, re
 
 pytestmark = pytest.mark.integration
 THRESHOLD_S = 2
-
-
-@pytest.fixture(scope="module")
-async def graph() -> AsyncIterator[GraphApiFake]:
-    fake = GraphApiFake()
-    await fake.start(free_port())
-    yield fake
-    await fake.stop()
 
 
 @pytest.fixture(scope="module")

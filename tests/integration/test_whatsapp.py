@@ -44,14 +44,6 @@ TEMPLATE = "cold_recovery"
 
 
 @pytest.fixture(scope="module")
-async def graph() -> AsyncIterator[GraphApiFake]:
-    fake = GraphApiFake()
-    await fake.start(free_port())
-    yield fake
-    await fake.stop()
-
-
-@pytest.fixture(scope="module")
 def worker(processes: StartProcess, test_settings: Settings, graph: GraphApiFake) -> ManagedProcess:
     port = free_port()
     env = settings_env(
