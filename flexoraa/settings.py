@@ -65,6 +65,9 @@ class Settings(BaseSettings):
         "at_least_once",
         description="Faust processing guarantee; effects are idempotent by event id either way",
     )
+    worker_session_timeout_s: float = Field(
+        10.0, ge=6, le=300, description="a worker silent this long loses its partitions"
+    )
     worker_producer_linger_ms: int = Field(
         5, ge=0, le=1000, description="how long the worker's producer gathers records per request"
     )

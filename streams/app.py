@@ -74,6 +74,9 @@ def create_worker_app(settings: Settings) -> faust.App:
         topic_replication_factor=settings.kafka_replication_factor,
         processing_guarantee=settings.processing_guarantee,
         producer_acks=-1,
+        # A killed worker's partitions (and their pending deadlines) move to the others only
+        # after this; Faust's 60 s default would leave those leads' timers late by a minute.
+        broker_session_timeout=settings.worker_session_timeout_s,
         # One inbound message fans out into about a dozen records (changelogs, commands, lead
         # events); without a linger each is its own produce request, and the socket writes
         # alone took the worker's core (measured: 8 s freshness at 200 messages/s).
