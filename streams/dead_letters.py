@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import TypeVar
 
-from faust.types import EventT, TopicT
-from pydantic import ValidationError
+from faust.types import EventT, StreamT, TopicT
+from pydantic import BaseModel, ValidationError
 
 from schemas.events import DeadLetter
 from streams.metrics import DEAD_LETTERS
@@ -57,3 +59,19 @@ async def dead_letter_event(topic: TopicT, event: EventT[bytes], reason: str, ki
         reason=reason,
         kind=kind,
     )
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+async def decoded(stream: StreamT[bytes], model: type[M]) -> AsyncIterator[M]:
+    """The stream's records as `model`, skipping the undecodable ones.
+
+    For agents that share a topic with one that dead-letters bad records (one letter per
+    record is enough).
+    """
+    async for value in stream:
+        try:
+            yield model.model_validate_json(value)
+        except ValidationError:
+            continue

@@ -12,7 +12,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from faust.types import AppT, StreamT, TableT, TopicT
-from pydantic import ValidationError
 
 from connectors.sdrs import SdrRouter
 from connectors.tenants import TenantSettings
@@ -20,6 +19,7 @@ from schemas.events import InboundMessage
 from schemas.messaging import DeadlineReached, LeadEvent, OutboundCommand, OutboundMessage
 from schemas.notifications import Notification
 from streams.agents.deadlines import DeadlineHandler
+from streams.dead_letters import decoded
 from streams.metrics import LEAKS
 from streams.rules.leakage import ACTIONS, REENGAGEMENT_TEXT, leak_due_ms, temperature
 from streams.timers import Scheduler
@@ -43,11 +43,7 @@ def register(
 ) -> None:
     @app.agent(inbound, name="leakage-waits")
     async def start_waiting(stream: StreamT[bytes]) -> None:
-        async for value in stream:
-            try:
-                message = InboundMessage.model_validate_json(value)
-            except ValidationError:
-                continue  # the sessions agent dead-letters it
+        async for message in decoded(stream, InboundMessage):
             key = message.lead_id.encode()
             if leakage.get(key) is not None:
                 continue  # already waiting: the wait starts at the first unanswered message
@@ -59,11 +55,7 @@ def register(
 
     @app.agent(outbound_messages, name="leakage-replies")
     async def stop_waiting(stream: StreamT[bytes]) -> None:
-        async for value in stream:
-            try:
-                sent = OutboundMessage.model_validate_json(value)
-            except ValidationError:
-                continue  # the outbound sink dead-letters it
+        async for sent in decoded(stream, OutboundMessage):
             if sent.status != "accepted":
                 continue
             key = sent.lead_id.encode()

@@ -10,7 +10,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from faust.types import AppT, StreamT, TableT, TopicT
-from pydantic import ValidationError
 
 from connectors.ai import Extraction, QualificationAI, question_for
 from connectors.sdrs import Assignment, SdrRouter
@@ -18,6 +17,7 @@ from schemas.events import InboundMessage
 from schemas.latency import LatencyEvent
 from schemas.messaging import LeadEvent, OutboundCommand
 from schemas.notifications import Notification
+from streams.dead_letters import decoded
 from streams.metrics import QUALIFICATION_STEPS
 from streams.rules.qualification import Policy, Step, advance, new_state
 
@@ -263,11 +263,7 @@ def register(
 ) -> None:
     @app.agent(inbound, name="qualification")
     async def interview(stream: StreamT[bytes]) -> None:
-        async for value in stream:
-            try:
-                message = InboundMessage.model_validate_json(value)
-            except ValidationError:
-                continue  # the sessions agent dead-letters it
+        async for message in decoded(stream, InboundMessage):
             key = message.lead_id.encode()
             updated = await interviewer.handle(message, qualification.get(key))
             if updated is not None:

@@ -12,12 +12,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from faust.types import AppT, StreamT, TableT, TopicT
-from pydantic import ValidationError
 
 from connectors.tenants import TenantSettings
 from schemas.events import InboundMessage
 from schemas.messaging import DeadlineReached, LeadEvent, OutboundCommand
 from streams.agents.deadlines import DeadlineHandler
+from streams.dead_letters import decoded
 from streams.rules.leakage import temperature
 from streams.rules.recovery import STRATEGIES, recovery_text, step_due_ms
 from streams.timers import Scheduler
@@ -130,9 +130,5 @@ class Recovery:
 def register(app: AppT, *, inbound: TopicT, recovery: Recovery) -> None:
     @app.agent(inbound, name="recovery-watch")
     async def watch(stream: StreamT[bytes]) -> None:
-        async for value in stream:
-            try:
-                message = InboundMessage.model_validate_json(value)
-            except ValidationError:
-                continue  # the sessions agent dead-letters it
+        async for message in decoded(stream, InboundMessage):
             await recovery.on_customer_message(message)

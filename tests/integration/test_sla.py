@@ -42,6 +42,7 @@ from tests.conftest import (
     wait_until,
 )
 from tests.integration.conftest import ApiFactory
+from tests.integration.test_pipeline import eventually as poll_until
 
 pytestmark = pytest.mark.integration
 DASHBOARDS = PROJECT_ROOT / "dashboards"
@@ -108,14 +109,7 @@ async def pool(test_settings: Settings) -> AsyncIterator[asyncpg.Pool]:
 async def eventually(
     check: Callable[[], Awaitable[Any]], timeout_s: float = 30.0, what: str = "condition"
 ) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = await check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.2)
+    return await poll_until(check, timeout_s=timeout_s, what=what)
 
 
 def latency_event(
