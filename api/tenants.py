@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from flexoraa.credits import grant_trial
+
 KEY_PREFIX = "fxk_"
 
 
@@ -35,7 +37,11 @@ def hash_api_key(api_key: str) -> bytes:
 
 
 async def create_tenant(
-    conn: asyncpg.Connection, name: str, admin_emails: list[str] | None = None
+    conn: asyncpg.Connection,
+    name: str,
+    admin_emails: list[str] | None = None,
+    *,
+    trial_tokens: int = 0,
 ) -> NewTenant:
     tenant_id = str(uuid.uuid4())
     async with conn.transaction():
@@ -48,6 +54,7 @@ async def create_tenant(
                 email.strip().lower(),
             )
         api_key = await create_api_key(conn, tenant_id)
+        await grant_trial(conn, tenant_id, trial_tokens)
     return NewTenant(tenant_id=tenant_id, api_key=api_key)
 
 

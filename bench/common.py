@@ -128,7 +128,7 @@ def bench_environment(
         await migrate(settings.database_url)
         await ensure_topics(settings)
         conn = await asyncpg.connect(settings.database_url)
-        tenant = await create_tenant(conn, "bench")
+        tenant = await create_tenant(conn, "bench", trial_tokens=10**9)
         await conn.close()
         return tenant.tenant_id, tenant.api_key
 

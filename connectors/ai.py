@@ -131,6 +131,10 @@ class QualificationAI:
         self.breaker = CircuitBreaker(settings.ai_breaker_failures, settings.ai_breaker_cooldown_s)
 
     @property
+    def model(self) -> str:
+        return self._model
+
+    @property
     def uses_model(self) -> bool:
         return self._client is not None
 

@@ -82,9 +82,12 @@ def cmd_tenants_create(args: argparse.Namespace) -> int:
     from api.tenants import create_tenant
 
     async def create() -> dict[str, str]:
-        conn = await asyncpg.connect(_settings(args).database_url)
+        settings = _settings(args)
+        conn = await asyncpg.connect(settings.database_url)
         try:
-            tenant = await create_tenant(conn, args.name, args.admin_email)
+            tenant = await create_tenant(
+                conn, args.name, args.admin_email, trial_tokens=settings.token_trial_grant
+            )
         finally:
             await conn.close()
         return {"tenant_id": tenant.tenant_id, "api_key": tenant.api_key}
@@ -126,6 +129,7 @@ def ensure_demo_tenant(settings: Settings) -> dict[str, str]:
     import asyncpg
 
     from api.tenants import create_tenant, find_principal
+    from flexoraa.credits import grant_trial
 
     path = settings.stack_dir / "demo-tenant.json"
 
@@ -135,8 +139,12 @@ def ensure_demo_tenant(settings: Settings) -> dict[str, str]:
             if path.exists():
                 saved = json.loads(path.read_text())
                 if await find_principal(conn, saved["api_key"]) is not None:
+                    # A demo tenant from before the token economy gets its trial too (once).
+                    await grant_trial(conn, saved["tenant_id"], settings.token_trial_grant)
                     return {"tenant_id": saved["tenant_id"], "api_key": saved["api_key"]}
-            tenant = await create_tenant(conn, "Demo tenant")
+            tenant = await create_tenant(
+                conn, "Demo tenant", trial_tokens=settings.token_trial_grant
+            )
         finally:
             await conn.close()
         saved = {"tenant_id": tenant.tenant_id, "api_key": tenant.api_key}

@@ -25,7 +25,8 @@ async def ensure_topics(settings: Settings) -> list[str]:
     Lead-keyed topics must share one partition count so that one worker owns a lead's whole
     state, so an existing topic with another count is an error, not something to live with.
     """
-    names = TopicNames(settings.topic_prefix).all()
+    topics = TopicNames(settings.topic_prefix)
+    names = topics.all()
     admin = AIOKafkaAdminClient(
         bootstrap_servers=settings.kafka_bootstrap_servers, request_timeout_ms=10_000
     )
@@ -49,6 +50,9 @@ async def ensure_topics(settings: Settings) -> list[str]:
                         name=name,
                         num_partitions=settings.kafka_partitions,
                         replication_factor=settings.kafka_replication_factor,
+                        topic_configs={"cleanup.policy": "compact"}
+                        if name in topics.compacted()
+                        else {},
                     )
                     for name in missing
                 ]

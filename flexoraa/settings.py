@@ -195,6 +195,44 @@ class Settings(BaseSettings):
     )
 
     # --- Tokens and Razorpay (issue 6) ---
+    token_packs: str = Field(
+        "starter=100@50,growth=500@200,pro=1000@350,enterprise=5000@1500",
+        pattern=r"^[a-z0-9_-]+=\d+@\d+(\.\d{1,2})?(,[a-z0-9_-]+=\d+@\d+(\.\d{1,2})?)*$",
+        description="token packs on sale: name=tokens@price (price in PAYMENT_CURRENCY units)",
+    )
+    payment_currency: str = Field(
+        "USD", pattern=r"^[A-Z]{3}$", description="currency of pack prices and Razorpay orders"
+    )
+    token_prices: str = Field(
+        "qualification=1,reengagement=1,recovery=1",
+        pattern=r"^[a-z_]+=\d+(,[a-z_]+=\d+)*$",
+        description="platform tokens charged per AI action, by feature",
+    )
+    token_model_tokens_per_token: int = Field(
+        0,
+        ge=0,
+        description="model tokens (prompt + completion) per extra platform token charged on top "
+        "of the action's price (0: flat price per action)",
+    )
+    token_trial_grant: int = Field(
+        100, ge=0, description="tokens credited to a new tenant (its first cycle)"
+    )
+    razorpay_key_id: str | None = Field(
+        None, description="Razorpay API key id (unset: top-up endpoints answer 503)"
+    )
+    razorpay_key_secret: SecretStr | None = Field(None, description="Razorpay API key secret")
+    razorpay_webhook_secret: SecretStr | None = Field(
+        None, description="secret of the Razorpay webhook (not the API key secret)"
+    )
+    razorpay_api_url: str = Field(
+        "https://api.razorpay.com", description="Razorpay API base URL (tests use a local server)"
+    )
+    outbox_poll_interval_ms: int = Field(
+        200, ge=10, description="how often a worker publishes pending credit outbox rows"
+    )
+    token_batch_max: int = Field(
+        2000, ge=1, description="token events the account agent folds per batch"
+    )
 
     # --- SLA monitoring (issue 8) ---
     sla_target_ai_message_p90_ms: float = Field(

@@ -51,6 +51,11 @@ class TopicNames:
         return f"{self.prefix}.deadlines"
 
     @property
+    def tenant_status(self) -> str:
+        """Compacted: each tenant's latest balance and paused flag, read by every worker."""
+        return f"{self.prefix}.tenant-status"
+
+    @property
     def dead_letters(self) -> str:
         return f"{self.prefix}.dead-letters"
 
@@ -66,5 +71,10 @@ class TopicNames:
             self.latency,
             self.notifications,
             self.deadlines,
+            self.tenant_status,
             self.dead_letters,
         ]
+
+    def compacted(self) -> frozenset[str]:
+        """Topics whose latest record per key is all that matters."""
+        return frozenset({self.tenant_status})

@@ -19,6 +19,7 @@ from flexoraa.db import create_pool
 from flexoraa.settings import Settings
 from schemas.events import InboundMessage
 from schemas.messaging import DeliveryStatus, LeadEvent, OutboundMessage
+from schemas.tokens import TokenCredit, TokenUsage
 from schemas.topics import TopicNames
 from streams import web
 from streams.agents import deadlines as deadlines_agent
@@ -29,6 +30,7 @@ from streams.agents import qualification as qualification_agent
 from streams.agents import recovery as recovery_agent
 from streams.agents import sessions as sessions_agent
 from streams.agents import sink as sink_agent
+from streams.agents import tokens as tokens_agent
 from streams.agents import window as window_agent
 from streams.agents.leakage import LeakActions
 from streams.agents.notifications import NotificationStore
@@ -36,12 +38,16 @@ from streams.agents.outbound import ScheduledSends, Sender
 from streams.agents.qualification import Interviewer, QualificationTopics
 from streams.agents.recovery import Recovery
 from streams.agents.sink import SinkSpec
+from streams.agents.tokens import Accounts, AiGate, Meter, TenantStatusView
 from streams.rules.qualification import Policy
+from streams.rules.tokens import parse_prices
 from streams.sink import (
     DeliveryStatusSink,
     InboundMessageSink,
     LeadEventSink,
     OutboundMessageSink,
+    TokenCreditSink,
+    TokenUsageSink,
 )
 from streams.timers import DeadlineIndex, Scheduler
 
@@ -118,6 +124,51 @@ def create_worker_app(settings: Settings) -> faust.App:
     deadlines = app.Table("deadlines", key_type=bytes, partitions=settings.kafka_partitions)
     scheduler = Scheduler(deadlines, DeadlineIndex())
     pool = _LazyPool(settings)
+    # --- Tokens (issue 6): every AI action asks the gate and is charged through the meter ---
+    token_usage = lead_topic(names.token_usage)
+    token_credits = lead_topic(names.token_credits)
+    tenant_status = lead_topic(names.tenant_status)
+    status_view = TenantStatusView(settings.kafka_bootstrap_servers, names.tenant_status)
+    deferred_ai = app.Table("deferred_ai", key_type=bytes, partitions=settings.kafka_partitions)
+    gate = AiGate(status_view, scheduler, deferred_ai, sessions)
+    meter = Meter(
+        token_usage, parse_prices(settings.token_prices), settings.token_model_tokens_per_token
+    )
+    token_accounts = app.Table(
+        "token_accounts", key_type=bytes, partitions=settings.kafka_partitions
+    )
+    tokens_agent.register(
+        app,
+        token_events=app.topic(
+            names.token_usage,
+            names.token_credits,
+            key_type=bytes,
+            value_type=bytes,
+            key_serializer="raw",
+            value_serializer="raw",
+        ),
+        accounts=Accounts(
+            accounts=token_accounts,
+            seen=app.Table("token_seen", key_type=bytes, partitions=settings.kafka_partitions),
+            status_topic=tenant_status,
+            notifications=notifications,
+            dead_letters=dead_letters,
+        ),
+        gate=gate,
+        view=status_view,
+        deferred=deferred_ai,
+        deadlines_topic=deadlines_topic,
+        source_topic_name=names.inbound_messages,
+        partitions=settings.kafka_partitions,
+        batch_max=settings.token_batch_max,
+        tick_s=settings.timer_tick_ms / 1000,
+    )
+    tokens_agent.register_relay(
+        app,
+        pool=pool,
+        credits_topic=token_credits,
+        interval_s=settings.outbox_poll_interval_ms / 1000,
+    )
     secret_box = load_secret_box(settings)
     channels = ChannelDirectory(pool, secret_box)
     graph = GraphApiClient(settings.whatsapp_graph_api_url, settings.whatsapp_graph_api_version)
@@ -138,6 +189,8 @@ def create_worker_app(settings: Settings) -> faust.App:
         SinkSpec("outbound", outbound_messages, OutboundMessage, OutboundMessageSink(pool)),
         SinkSpec("statuses", delivery_status, DeliveryStatus, DeliveryStatusSink(pool)),
         SinkSpec("lead-events", lead_events, LeadEvent, LeadEventSink(pool)),
+        SinkSpec("token-usage", token_usage, TokenUsage, TokenUsageSink(pool)),
+        SinkSpec("token-credits", token_credits, TokenCredit, TokenCreditSink(pool)),
     ]
     for spec in sinks:
         sink_agent.register(
@@ -186,7 +239,10 @@ def create_worker_app(settings: Settings) -> faust.App:
                     notifications=notifications,
                     latency=latency,
                 ),
+                gate,
+                meter,
             ),
+            gate=gate,
         )
     # --- Leakage prevention (issue 5) ---
     leakage = app.Table("leakage", key_type=bytes, partitions=settings.kafka_partitions)
@@ -208,6 +264,8 @@ def create_worker_app(settings: Settings) -> faust.App:
             lead_events=lead_events,
             outbound_commands=outbound_commands,
             notifications=notifications,
+            gate=gate,
+            meter=meter,
         ).handlers()
     if settings.enable_cold_recovery:
         recovery = Recovery(
@@ -220,9 +278,12 @@ def create_worker_app(settings: Settings) -> faust.App:
             silence_ms=settings.recovery_silence_s * 1000,
             delays_s=tuple(int(d) for d in settings.recovery_delays_s.split(",")),
             local_hour=settings.recovery_local_hour,
+            gate=gate,
+            meter=meter,
         )
         recovery_agent.register(app, inbound=inbound, recovery=recovery)
         deadline_handlers |= recovery.handlers()
+    deadline_handlers |= gate.handlers()
     deadlines_agent.register(
         app,
         source_topic=inbound,
@@ -255,7 +316,11 @@ def create_worker_app(settings: Settings) -> faust.App:
             notifications=notifications,
         )
     web.register(
-        app, sessions=sessions, qualification=qualification, partitions=settings.kafka_partitions
+        app,
+        sessions=sessions,
+        qualification=qualification,
+        token_accounts=token_accounts,
+        partitions=settings.kafka_partitions,
     )
     setup_prometheus_sensors(app, name_prefix="faust")
     return app

@@ -1,6 +1,6 @@
 """Prometheus metrics of the worker (exported on its `/metrics` page with Faust's own)."""
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 INBOUND_EVENTS = Counter(
     "flexoraa_inbound_events",
@@ -54,3 +54,22 @@ for _channel in ("whatsapp", "instagram", "facebook"):
 NOTIFICATIONS = Counter(
     "flexoraa_notifications", "Notifications delivered by channel", ["category", "delivery"]
 )
+TOKEN_EVENTS = Counter(
+    "flexoraa_token_events", "Token usage and credit events applied to accounts", ["kind"]
+)
+TOKEN_BALANCE = Gauge("flexoraa_token_balance", "Token balance per tenant", ["tenant_id"])
+TOKEN_CYCLE_USED_PERCENT = Gauge(
+    "flexoraa_token_cycle_used_percent",
+    "Share of the tokens available at the last top-up already used",
+    ["tenant_id"],
+)
+TOKEN_TENANT_PAUSED = Gauge(
+    "flexoraa_token_tenant_paused", "1 while a tenant has no tokens (AI paused)", ["tenant_id"]
+)
+AI_ACTIONS_DEFERRED = Counter(
+    "flexoraa_ai_actions_deferred", "AI actions kept for later: the tenant had no tokens", ["kind"]
+)
+for _kind in ("usage", "credit", "duplicate"):
+    TOKEN_EVENTS.labels(_kind)
+SINK_ROWS.labels("token_ledger")
+DEADLINES_FIRED.labels("ai_resume")

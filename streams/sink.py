@@ -17,6 +17,7 @@ from tenacity import AsyncRetrying, before_sleep_log, retry_if_exception, wait_e
 
 from schemas.events import Event, InboundMessage
 from schemas.messaging import DeliveryStatus, LeadEvent, OutboundMessage
+from schemas.tokens import TokenCredit, TokenUsage
 from streams.metrics import SINK_RETRIES, SINK_ROWS
 from streams.rules.delivery import RANK, supersedes
 
@@ -313,10 +314,10 @@ class LeadEventSink(BatchSink[LeadEvent]):
             elif event.type == "recovery_attempt":
                 await pool.execute(
                     """INSERT INTO lead_recovery_log (event_id, tenant_id, lead_id, step, strategy,
-                                                      status, sent_at, occurred_at)
-                       VALUES ($1, $2, $3, $4, $5, 'sent', $6, $6) ON CONFLICT DO NOTHING""",
+                                                      status, tokens_spent, sent_at, occurred_at)
+                       VALUES ($1, $2, $3, $4, $5, 'sent', $6, $7, $7) ON CONFLICT DO NOTHING""",
                     event.event_id, event.tenant_id, event.lead_id, event.data["step"],
-                    event.data["strategy"], event.occurred_at,
+                    event.data["strategy"], event.data.get("tokens", 0), event.occurred_at,
                 )  # fmt: skip
             elif event.type == "recovery_replied":
                 await pool.execute(
@@ -334,3 +335,58 @@ class LeadEventSink(BatchSink[LeadEvent]):
                     event.data.get("from_sdr_id"), event.data.get("to_sdr_id"),
                     event.data.get("reason", "leak"), event.occurred_at,
                 )  # fmt: skip
+
+
+_INSERT_USAGE = """
+WITH inserted AS (
+    INSERT INTO token_ledger (event_id, tenant_id, kind, feature, lead_id, model, prompt_tokens,
+                              completion_tokens, tokens, occurred_at)
+    SELECT e, t, 'usage', f, l, m, p, c, k, o
+    FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::bigint[],
+                $7::bigint[], $8::bigint[], $9::timestamptz[]) AS u(e, t, f, l, m, p, c, k, o)
+    ON CONFLICT DO NOTHING
+    RETURNING tenant_id, (occurred_at AT TIME ZONE 'UTC')::date AS day, feature, tokens
+)
+INSERT INTO token_usage_daily (tenant_id, day, feature, tokens, actions)
+SELECT tenant_id, day, feature, sum(tokens), count(*) FROM inserted GROUP BY 1, 2, 3
+ON CONFLICT (tenant_id, day, feature) DO UPDATE SET
+    tokens = token_usage_daily.tokens + EXCLUDED.tokens,
+    actions = token_usage_daily.actions + EXCLUDED.actions
+"""
+
+
+class TokenUsageSink(BatchSink[TokenUsage]):
+    """The usage half of the token ledger, and the daily usage it adds up to (only rows actually
+    inserted are added, so a replay changes neither)."""
+
+    async def _write_batch(self, pool: asyncpg.Pool, batch: Sequence[TokenUsage]) -> None:
+        await pool.execute(
+            _INSERT_USAGE,
+            [e.event_id for e in batch],
+            [e.tenant_id for e in batch],
+            [e.feature for e in batch],
+            [e.lead_id for e in batch],
+            [e.model for e in batch],
+            [e.prompt_tokens for e in batch],
+            [e.completion_tokens for e in batch],
+            [e.tokens for e in batch],
+            [e.occurred_at for e in batch],
+        )
+        SINK_ROWS.labels("token_ledger").inc(len(batch))
+
+
+class TokenCreditSink(BatchSink[TokenCredit]):
+    async def _write_batch(self, pool: asyncpg.Pool, batch: Sequence[TokenCredit]) -> None:
+        await pool.execute(
+            """INSERT INTO token_ledger (event_id, tenant_id, kind, source, tokens, occurred_at)
+               SELECT e, t, 'credit', s, k, o
+               FROM unnest($1::text[], $2::uuid[], $3::text[], $4::bigint[], $5::timestamptz[])
+                    AS u(e, t, s, k, o)
+               ON CONFLICT DO NOTHING""",
+            [e.event_id for e in batch],
+            [e.tenant_id for e in batch],
+            [e.source for e in batch],
+            [e.tokens for e in batch],
+            [e.occurred_at for e in batch],
+        )
+        SINK_ROWS.labels("token_ledger").inc(len(batch))

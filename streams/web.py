@@ -17,6 +17,8 @@ from faust.types import AppT, TableT
 from faust.web import Request, Response, View
 from yarl import URL
 
+from streams.rules.tokens import Account
+
 _partitioner = DefaultPartitioner()
 
 
@@ -46,6 +48,7 @@ def register(
     *,
     sessions: TableT[bytes, Any],
     qualification: TableT[bytes, Any],
+    token_accounts: TableT[bytes, Any],
     partitions: int,
 ) -> None:
     @app.page("/health")
@@ -65,16 +68,41 @@ def register(
             )
         return self.json({"status": "ready", "assigned_partitions": assigned})
 
+    async def elsewhere(view: View, key: bytes, path: str) -> Response | None:
+        """The owner's answer when another worker owns `key`'s partition, else None."""
+        owner = _owners(app, sessions).get(partition_of(key, partitions))
+        if owner is None:
+            return view.json({"error": "partition owner unknown (rebalancing)"}, status=503)
+        if _same_worker(owner, URL(str(app.conf.canonical_url))):
+            return None
+        async with app.http_client.get(f"{owner.rstrip('/')}{path}") as forwarded:
+            return view.json(await forwarded.json(), status=forwarded.status)
+
+    @app.page("/internal/tenants/{tenant_id}/tokens")
+    async def tenant_tokens(self: View, request: Request, tenant_id: str) -> Response:
+        key = tenant_id.encode()
+        path = f"/internal/tenants/{tenant_id}/tokens"
+        if (forwarded := await elsewhere(self, key, path)) is not None:
+            return forwarded
+        account = Account.from_dict(token_accounts.get(key))
+        return self.json(
+            {
+                "balance": account.balance,
+                "credited": account.credited,
+                "used": account.used,
+                "used_this_cycle": account.cycle_used,
+                "cycle_base": account.cycle_base,
+                "percent_used": account.cycle_percent,
+                "alerted_thresholds": list(account.alerted),
+                "paused": account.paused,
+            }
+        )
+
     @app.page("/internal/leads/{lead_id}")
     async def lead_state(self: View, request: Request, lead_id: str) -> Response:
         key = lead_id.encode()
-        owner = _owners(app, sessions).get(partition_of(key, partitions))
-        if owner is None:
-            return self.json({"error": "partition owner unknown (rebalancing)"}, status=503)
-        if not _same_worker(owner, URL(str(app.conf.canonical_url))):
-            forward_to = f"{owner.rstrip('/')}/internal/leads/{lead_id}"
-            async with app.http_client.get(forward_to) as forwarded:
-                return self.json(await forwarded.json(), status=forwarded.status)
+        if (forwarded := await elsewhere(self, key, f"/internal/leads/{lead_id}")) is not None:
+            return forwarded
         state: Any = sessions.get(key)
         if state is None:
             return self.json({"error": "lead not found"}, status=404)

@@ -157,8 +157,9 @@ MakeTenant = Callable[..., Awaitable[Tenant]]
 def make_tenant(db: asyncpg.Connection) -> MakeTenant:
     from api.tenants import create_tenant
 
-    async def make(name: str = "Acme") -> Tenant:
-        created = await create_tenant(db, name)
+    async def make(name: str = "Acme", tokens: int = 100_000) -> Tenant:
+        # Plenty of trial tokens: only the token tests run a tenant dry.
+        created = await create_tenant(db, name, trial_tokens=tokens)
         return Tenant(created.tenant_id, created.api_key)
 
     return make

@@ -19,6 +19,7 @@ from schemas.events import InboundMessage
 from schemas.messaging import DeadlineReached, LeadEvent, OutboundCommand, OutboundMessage
 from schemas.notifications import Notification
 from streams.agents.deadlines import DeadlineHandler
+from streams.agents.tokens import AiGate, Meter
 from streams.dead_letters import decoded
 from streams.metrics import LEAKS
 from streams.rules.leakage import ACTIONS, REENGAGEMENT_TEXT, leak_due_ms, temperature
@@ -91,7 +92,11 @@ class LeakActions:
         lead_events: TopicT,
         outbound_commands: TopicT,
         notifications: TopicT,
+        gate: AiGate,
+        meter: Meter,
     ) -> None:
+        self._gate = gate
+        self._meter = meter
         self._leakage = leakage
         self._qualification = qualification
         self._router = router
@@ -120,7 +125,10 @@ class LeakActions:
         sdr_id = state.get("sdr_id")
         details: dict[str, Any] = {"score": state.get("score"), "followed_up": followed_up}
         now = datetime.now(UTC)
-        if action == "ai_reengagement":
+        if action == "ai_reengagement" and not await self._gate.allows(tenant_id):
+            # A paused tenant still gets the alerts below; only the AI message is skipped.
+            details["ai_skipped"] = "tokens_exhausted"
+        elif action == "ai_reengagement":
             command = OutboundCommand(
                 event_id=_id(lead_id, "reengage", fired.due_ms),
                 tenant_id=tenant_id,
@@ -132,6 +140,12 @@ class LeakActions:
             )
             await self._send(self._outbound_commands, lead_id, command)
             details["command_id"] = command.event_id
+            details["tokens"] = await self._meter.charge(
+                event_id=_id(lead_id, "reengage-usage", fired.due_ms),
+                tenant_id=tenant_id,
+                lead_id=lead_id,
+                feature="reengagement",
+            )
         elif action == "reassign":
             moved = await self._router.reassign(tenant_id, lead_id, "leak")
             if moved is None:

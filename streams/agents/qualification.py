@@ -17,6 +17,7 @@ from schemas.events import InboundMessage
 from schemas.latency import LatencyEvent
 from schemas.messaging import LeadEvent, OutboundCommand
 from schemas.notifications import Notification
+from streams.agents.tokens import AiGate, Meter
 from streams.dead_letters import decoded
 from streams.metrics import QUALIFICATION_STEPS
 from streams.rules.qualification import Policy, Step, advance, new_state
@@ -48,11 +49,15 @@ class Interviewer:
         router: SdrRouter,
         policy: Policy,
         topics: QualificationTopics,
+        gate: AiGate,
+        meter: Meter,
     ) -> None:
         self._ai = ai
         self._router = router
         self._policy = policy
         self._topics = topics
+        self._gate = gate
+        self._meter = meter
 
     async def handle(
         self, message: InboundMessage, state: dict[str, Any] | None
@@ -64,7 +69,24 @@ class Interviewer:
         )
         if current["status"] != "in_progress" or message.event_id in current["recent_event_ids"]:
             return None
+        key = message.lead_id.encode()
+        # A lead with kept messages keeps this one too, so answers are read in order.
+        if self._gate.has_deferred(key) or not await self._gate.allows(message.tenant_id):
+            self._gate.defer(
+                key, message.tenant_id, "qualification", message.model_dump(mode="json")
+            )
+            return None
         extraction = await self._ai.extract(message.text, current["asked"] or "need", now)
+        call = extraction.call
+        await self._meter.charge(
+            event_id=derived_id(message.event_id, "token-usage"),
+            tenant_id=message.tenant_id,
+            lead_id=message.lead_id,
+            feature="qualification",
+            model=self._ai.model if call is not None and call.ok else None,
+            prompt_tokens=call.prompt_tokens if call is not None else 0,
+            completion_tokens=call.completion_tokens if call is not None else 0,
+        )
         step = advance(
             current,  # type: ignore[arg-type]
             extraction.found,
@@ -260,11 +282,21 @@ def register(
     inbound: TopicT,
     qualification: TableT[bytes, Any],
     interviewer: Interviewer,
+    gate: AiGate,
 ) -> None:
+    async def process(message: InboundMessage) -> None:
+        key = message.lead_id.encode()
+        updated = await interviewer.handle(message, qualification.get(key))
+        if updated is not None:
+            qualification[key] = updated
+
+    async def resume(key: bytes, payloads: list[Any], session: dict[str, Any] | None) -> None:
+        for payload in payloads:
+            await process(InboundMessage.model_validate(payload))
+
+    gate.add_resumer("qualification", resume)
+
     @app.agent(inbound, name="qualification")
     async def interview(stream: StreamT[bytes]) -> None:
         async for message in decoded(stream, InboundMessage):
-            key = message.lead_id.encode()
-            updated = await interviewer.handle(message, qualification.get(key))
-            if updated is not None:
-                qualification[key] = updated
+            await process(message)

@@ -17,6 +17,7 @@ from connectors.tenants import TenantSettings
 from schemas.events import InboundMessage
 from schemas.messaging import DeadlineReached, LeadEvent, OutboundCommand
 from streams.agents.deadlines import DeadlineHandler
+from streams.agents.tokens import AiGate, Meter
 from streams.dead_letters import decoded
 from streams.rules.leakage import temperature
 from streams.rules.recovery import STRATEGIES, recovery_text, step_due_ms
@@ -42,7 +43,12 @@ class Recovery:
         silence_ms: int,
         delays_s: tuple[int, ...],
         local_hour: int | None,
+        gate: AiGate,
+        meter: Meter,
     ) -> None:
+        self._gate = gate
+        self._meter = meter
+        gate.add_resumer("recovery", self._resume)
         self._table = table
         self._qualification = qualification
         self._scheduler = scheduler
@@ -100,6 +106,12 @@ class Recovery:
             return
         step = state["step"]
         lead_id, tenant_id = fired.lead_id, session["tenant_id"]
+        if step >= len(STRATEGIES):
+            return
+        if not await self._gate.allows(tenant_id):
+            # No tokens: the step waits for the next top-up instead of being lost.
+            self._gate.defer(key, tenant_id, "recovery", fired.model_dump(mode="json"))
+            return
         now = datetime.now(UTC)
         command = OutboundCommand(
             event_id=_id(lead_id, "recovery", state["started_ms"], step),
@@ -111,9 +123,16 @@ class Recovery:
             purpose="recovery",
         )
         await self._outbound_commands.send(key=key, value=command.model_dump_json().encode())
+        tokens = await self._meter.charge(
+            event_id=_id(lead_id, "recovery-usage", state["started_ms"], step),
+            tenant_id=tenant_id,
+            lead_id=lead_id,
+            feature="recovery",
+        )
         await self._event(
             lead_id, tenant_id, "recovery_attempt",
-            {"step": step, "strategy": STRATEGIES[step], "command_id": command.event_id},
+            {"step": step, "strategy": STRATEGIES[step], "command_id": command.event_id,
+             "tokens": tokens},
             _id(lead_id, "attempt", state["started_ms"], step), now,
         )  # fmt: skip
         now_ms = int(now.timestamp() * 1000)
@@ -125,6 +144,12 @@ class Recovery:
         else:
             # Keep the state until the silence ends: a late reply still counts as a success.
             self._table[key] = {**state, "step": step + 1, "last_sent_ms": now_ms}
+
+    async def _resume(
+        self, key: bytes, payloads: list[Any], session: dict[str, Any] | None
+    ) -> None:
+        # Steps never pile up (the next is scheduled only after one is sent): run the last.
+        await self._step(key, DeadlineReached.model_validate(payloads[-1]), session)
 
 
 def register(app: AppT, *, inbound: TopicT, recovery: Recovery) -> None:

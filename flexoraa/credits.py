@@ -1,0 +1,161 @@
+"""Token credits through the transactional outbox (DESIGN.md, "Guarantees").
+
+Whatever earns tokens — an order paid, a subscription cycle, a new tenant's trial — writes its
+state change and a `token_outbox` row in one PostgreSQL transaction. `relay_pending` publishes
+pending rows to the token-credits topic and marks them only after Kafka acknowledged them. A
+crash between commit and publish leaves the row pending (published on the next pass); a crash
+between publish and mark publishes it again with the same event id, which the account ignores.
+"""
+
+from __future__ import annotations
+
+import calendar
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import asyncpg
+
+from schemas.tokens import CreditSource, TokenCredit, credit_event_id
+
+logger = logging.getLogger(__name__)
+
+Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+
+# Publishes one credit (keyed by tenant) and returns once Kafka acknowledged it.
+PublishCredit = Callable[[TokenCredit], Awaitable[None]]
+
+
+async def enqueue_credit(
+    conn: Connection, tenant_id: str, source: CreditSource, reference: str, tokens: int
+) -> TokenCredit:
+    """Adds a credit to the outbox; call inside the transaction of the change that earned it."""
+    credit = TokenCredit(
+        event_id=credit_event_id(source, reference),
+        tenant_id=tenant_id,
+        occurred_at=datetime.now(UTC),
+        source=source,
+        reference=reference,
+        tokens=tokens,
+    )
+    await conn.execute(
+        # text → jsonb in SQL: the same with or without the pool's jsonb codec.
+        "INSERT INTO token_outbox (event_id, tenant_id, payload) VALUES ($1, $2, $3::text::jsonb)"
+        " ON CONFLICT (event_id) DO NOTHING",
+        credit.event_id,
+        tenant_id,
+        credit.model_dump_json(),
+    )
+    return credit
+
+
+async def grant_trial(conn: Connection, tenant_id: str, tokens: int) -> None:
+    """A new tenant's first tokens; idempotent (one trial per tenant)."""
+    if tokens > 0:
+        await enqueue_credit(conn, tenant_id, "trial", tenant_id, tokens)
+
+
+@dataclass(frozen=True)
+class PaidOrder:
+    order_id: str
+    tenant_id: str
+    tokens: int
+    newly_credited: bool
+
+
+async def credit_paid_order(pool: asyncpg.Pool, order_id: str, payment_id: str) -> PaidOrder | None:
+    """Marks our order paid by `payment_id` and enqueues its credit, exactly once.
+
+    The verify call and the webhook may race for the same payment: the row lock of the UPDATE
+    serialises them and the loser sees `status = 'paid'`, so only one transaction enqueues.
+    None when the order is not ours.
+    """
+    async with pool.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(
+            "UPDATE payment_orders SET status = 'paid', payment_id = $2, credited_at = now(),"
+            " failure_reason = NULL, updated_at = now()"
+            " WHERE order_id = $1 AND status <> 'paid'"
+            " RETURNING tenant_id::text, tokens",
+            order_id,
+            payment_id,
+        )
+        if row is not None:
+            await enqueue_credit(conn, row["tenant_id"], "purchase", payment_id, row["tokens"])
+            return PaidOrder(order_id, row["tenant_id"], row["tokens"], newly_credited=True)
+        existing = await conn.fetchrow(
+            "SELECT tenant_id::text, tokens FROM payment_orders WHERE order_id = $1", order_id
+        )
+    if existing is None:
+        return None
+    return PaidOrder(order_id, existing["tenant_id"], existing["tokens"], newly_credited=False)
+
+
+def add_month(moment: datetime) -> datetime:
+    """The same day and time next month, clamped to the month's last day (Jan 31 → Feb 28)."""
+    year, month = (moment.year + 1, 1) if moment.month == 12 else (moment.year, moment.month + 1)
+    day = min(moment.day, calendar.monthrange(year, month)[1])
+    return moment.replace(year=year, month=month, day=day)
+
+
+async def credit_due_subscriptions(pool: asyncpg.Pool, now: datetime) -> int:
+    """Rolls active subscriptions into their current cycle and credits each cycle once."""
+    credited = 0
+    async with pool.acquire() as conn, conn.transaction():
+        rows = await conn.fetch(
+            "SELECT s.subscription_id, s.tenant_id::text AS tenant_id, s.monthly_tokens,"
+            " s.current_period_start, s.current_period_end FROM subscriptions s"
+            " WHERE s.status = 'active' AND (s.current_period_end <= $1 OR NOT EXISTS ("
+            "   SELECT 1 FROM subscription_credits c WHERE c.subscription_id = s.subscription_id"
+            "   AND c.period_start = s.current_period_start))"
+            " FOR UPDATE OF s SKIP LOCKED",
+            now,
+        )
+        for row in rows:
+            start, end = row["current_period_start"], row["current_period_end"]
+            while end <= now:
+                start, end = end, add_month(end)
+            if (start, end) != (row["current_period_start"], row["current_period_end"]):
+                await conn.execute(
+                    "UPDATE subscriptions SET current_period_start = $2, current_period_end = $3"
+                    " WHERE subscription_id = $1",
+                    row["subscription_id"],
+                    start,
+                    end,
+                )
+            inserted = await conn.fetchval(
+                "INSERT INTO subscription_credits (subscription_id, period_start, tokens)"
+                " VALUES ($1, $2, $3) ON CONFLICT DO NOTHING RETURNING 1",
+                row["subscription_id"],
+                start,
+                row["monthly_tokens"],
+            )
+            if inserted and row["monthly_tokens"] > 0:
+                reference = f"{row['subscription_id']}|{start.isoformat()}"
+                await enqueue_credit(
+                    conn, row["tenant_id"], "subscription", reference, row["monthly_tokens"]
+                )
+                credited += 1
+    return credited
+
+
+async def relay_pending(pool: asyncpg.Pool, publish: PublishCredit, limit: int = 500) -> int:
+    """Publishes pending outbox rows in creation order; returns how many were published.
+
+    Rows are locked (SKIP LOCKED) while published, so relays in several processes share the
+    work without publishing one row concurrently.
+    """
+    async with pool.acquire() as conn, conn.transaction():
+        rows = await conn.fetch(
+            "SELECT event_id, payload::text AS payload FROM token_outbox WHERE published_at IS NULL"
+            " ORDER BY created_at LIMIT $1 FOR UPDATE SKIP LOCKED",
+            limit,
+        )
+        for row in rows:
+            await publish(TokenCredit.model_validate_json(row["payload"]))
+        if rows:
+            await conn.execute(
+                "UPDATE token_outbox SET published_at = now() WHERE event_id = ANY($1::text[])",
+                [row["event_id"] for row in rows],
+            )
+    return len(rows)

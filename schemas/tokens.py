@@ -1,0 +1,58 @@
+"""Token economy events: usage (an AI action spent tokens), credits (tokens bought or granted)
+and the tenant status every worker reads before an AI action.
+
+Usage and credits are keyed by tenant on co-partitioned topics, so one worker owns a tenant's
+account. Their `event_id`s are derived from what caused them (the inbound message, the
+payment id, the subscription cycle), so a replay or a racing duplicate carries the same id
+and the account counts it once.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from schemas.events import Event
+
+Feature = Literal["qualification", "reengagement", "recovery"]
+CreditSource = Literal["purchase", "subscription", "trial", "adjustment"]
+
+_CREDIT_NAMESPACE = uuid.UUID("8f7f8a52-1d8e-4d7b-9d5e-4b0a3b8f6c21")
+
+
+def credit_event_id(source: CreditSource, reference: str) -> str:
+    """One credit per payment id (or subscription cycle, or trial): verify and webhook agree."""
+    return str(uuid.uuid5(_CREDIT_NAMESPACE, f"{source}|{reference}"))
+
+
+class TokenUsage(Event):
+    kind: Literal["token_usage"] = "token_usage"
+    feature: Feature
+    lead_id: str | None = Field(None, max_length=64)
+    model: str | None = Field(None, max_length=100, description="None: the built-in extractor")
+    prompt_tokens: int = Field(0, ge=0)
+    completion_tokens: int = Field(0, ge=0)
+    tokens: int = Field(ge=0, description="platform tokens charged")
+
+
+class TokenCredit(Event):
+    kind: Literal["token_credit"] = "token_credit"
+    source: CreditSource
+    reference: str = Field(min_length=1, max_length=128, description="payment id, cycle, …")
+    tokens: int = Field(gt=0)
+
+
+TokenEvent = TokenUsage | TokenCredit
+
+
+class TenantStatus(BaseModel):
+    """A tenant's account as every worker sees it (latest record per tenant, compacted)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tenant_id: str
+    balance: int
+    paused: bool
+    updated_at: AwareDatetime

@@ -1,0 +1,450 @@
+"""Token accounts, the tenant status every worker reads, the AI gate and the credit relay.
+
+* The accounts agent folds usage and credit events (keyed by tenant) into the `token_accounts`
+  table, counting each event id once (the `token_seen` table), alerts at the thresholds and
+  publishes each changed account's balance and paused flag to the compacted tenant-status topic.
+* `TenantStatusView` reads that whole topic on every worker (the lead-keyed agents need the
+  status of any tenant), like a global table but with a plain consumer, so it never joins a
+  consumer-group rebalance.
+* `AiGate` is asked before every AI action. A paused tenant's action is kept (in the
+  `deferred_ai` table, keyed by lead) and an "ai_resume" deadline is set; when the tenant has
+  tokens again the worker owning the lead fires that deadline at once and the action runs.
+* The outbox relay publishes credits committed in PostgreSQL (flexoraa.credits).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, cast
+
+import asyncpg
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
+from faust import Stream
+from faust.types import AppT, EventT, StreamT, TableT, TopicT
+from pydantic import TypeAdapter, ValidationError
+
+from flexoraa.credits import credit_due_subscriptions, relay_pending
+from schemas.messaging import DeadlineReached
+from schemas.notifications import Notification
+from schemas.tokens import Feature, TenantStatus, TokenCredit, TokenEvent, TokenUsage
+from streams.agents.deadlines import DeadlineHandler, deadline_event_id
+from streams.dead_letters import dead_letter_event, describe_validation_error
+from streams.metrics import (
+    AI_ACTIONS_DEFERRED,
+    TOKEN_BALANCE,
+    TOKEN_CYCLE_USED_PERCENT,
+    TOKEN_EVENTS,
+    TOKEN_TENANT_PAUSED,
+)
+from streams.rules.tokens import Account, charge, credit, spend
+from streams.timers import Scheduler
+from streams.web import partition_of
+
+logger = logging.getLogger(__name__)
+
+_TOKEN_EVENT: TypeAdapter[TokenEvent] = TypeAdapter(TokenEvent)
+_ALERT_NAMESPACE = uuid.UUID("b0d8f3e2-6a41-4f7c-9b25-1c3e5d7f9a0b")
+RESUME_DEADLINE = "ai_resume"
+# A deferred action is re-checked at least this often even if no status change is seen.
+_RESUME_RECHECK_MS = 3_600_000
+
+
+def put_in_partition(table: TableT[Any, Any], partition: int, key: Any, value: Any) -> None:
+    """`table[key] = value`, with the changelog record on `partition`.
+
+    Faust writes a change to the partition of the current event; in a batch taken with
+    `take_events` that is the *last* event's partition, not the one the key belongs to.
+    """
+    table.data[key] = value
+    table.send_changelog(partition, key, value)
+
+
+class Accounts:
+    """Folds batches of token events into the account table (pure rule: streams.rules.tokens)."""
+
+    def __init__(
+        self,
+        *,
+        accounts: TableT[bytes, Any],
+        seen: TableT[bytes, Any],
+        status_topic: TopicT,
+        notifications: TopicT,
+        dead_letters: TopicT,
+    ) -> None:
+        self._accounts = accounts
+        self._seen = seen
+        self._status_topic = status_topic
+        self._notifications = notifications
+        self._dead_letters = dead_letters
+
+    def account(self, tenant_id: str) -> Account:
+        return Account.from_dict(self._accounts.get(tenant_id.encode()))
+
+    async def apply(self, events: list[EventT[Any]]) -> None:
+        changed: dict[str, tuple[int, Account]] = {}
+        alerts: list[tuple[TokenUsage, int, Account]] = []
+        for event in events:
+            try:
+                token_event = _TOKEN_EVENT.validate_json(event.value)
+            except ValidationError as exc:
+                await dead_letter_event(
+                    self._dead_letters, event, describe_validation_error(exc), "invalid_event"
+                )
+                continue
+            seen_key = token_event.event_id.encode()
+            if self._seen.get(seen_key) is not None:
+                TOKEN_EVENTS.labels("duplicate").inc()
+                continue
+            partition = event.message.partition
+            put_in_partition(self._seen, partition, seen_key, token_event.tenant_id)
+            tenant = token_event.tenant_id
+            account = changed[tenant][1] if tenant in changed else self.account(tenant)
+            if isinstance(token_event, TokenUsage):
+                outcome = spend(account, token_event.tokens)
+                alerts.extend((token_event, percent, outcome.account) for percent in outcome.alerts)
+                TOKEN_EVENTS.labels("usage").inc()
+            else:
+                outcome = credit(account, token_event.tokens)
+                TOKEN_EVENTS.labels("credit").inc()
+            changed[tenant] = (partition, outcome.account)
+        now = datetime.now(UTC)
+        for tenant, (partition, account) in changed.items():
+            key = tenant.encode()
+            put_in_partition(self._accounts, partition, key, account.as_dict())
+            status = TenantStatus(
+                tenant_id=tenant, balance=account.balance, paused=account.paused, updated_at=now
+            )
+            await self._status_topic.send(key=key, value=status.model_dump_json().encode())
+            TOKEN_BALANCE.labels(tenant).set(account.balance)
+            TOKEN_CYCLE_USED_PERCENT.labels(tenant).set(account.cycle_percent)
+            TOKEN_TENANT_PAUSED.labels(tenant).set(1 if account.paused else 0)
+        for usage, percent, account in alerts:
+            await self._alert(usage, percent, account)
+
+    async def _alert(self, usage: TokenUsage, percent: int, account: Account) -> None:
+        if percent >= 100:
+            title = "Tokens exhausted: AI paused"
+            body = (
+                "Your tokens are used up. AI qualification, re-engagement and recovery are "
+                "paused; messages are still recorded and resume once you top up."
+            )
+        else:
+            title = f"{percent}% of your tokens used"
+            body = (
+                f"{account.cycle_used} of the {account.cycle_base} tokens of your last top-up "
+                f"are used; {max(account.balance, 0)} remain."
+            )
+        notification = Notification(
+            # One alert per threshold and cycle, whichever event crossed it.
+            event_id=str(
+                uuid.uuid5(_ALERT_NAMESPACE, f"{usage.tenant_id}|{account.cycles}|{percent}")
+            ),
+            tenant_id=usage.tenant_id,
+            occurred_at=datetime.now(UTC),
+            audience="admins",
+            category="token_threshold",
+            title=title,
+            body=body,
+            data={
+                "percent": percent,
+                "balance": account.balance,
+                "cycle_used": account.cycle_used,
+                "cycle_base": account.cycle_base,
+            },
+        )
+        await self._notifications.send(
+            key=usage.tenant_id.encode(), value=notification.model_dump_json().encode()
+        )
+
+
+class TenantStatusView:
+    """Every tenant's latest status, read from the compacted tenant-status topic.
+
+    A plain consumer without a group, assigned every partition from the beginning, so each
+    worker (and only this reader) sees all tenants.
+    """
+
+    def __init__(self, bootstrap_servers: str, topic: str) -> None:
+        self._bootstrap = bootstrap_servers
+        self._topic = topic
+        self._statuses: dict[str, TenantStatus] = {}
+        self._loaded = asyncio.Event()
+        self._listeners: list[Callable[[TenantStatus], None]] = []
+
+    def on_change(self, listener: Callable[[TenantStatus], None]) -> None:
+        self._listeners.append(listener)
+
+    def status(self, tenant_id: str) -> TenantStatus | None:
+        return self._statuses.get(tenant_id)
+
+    def is_paused(self, tenant_id: str) -> bool:
+        status = self._statuses.get(tenant_id)
+        # No account yet: the tenant has never had tokens.
+        return status is None or status.paused
+
+    async def wait_loaded(self, timeout_s: float = 30.0) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._loaded.wait(), timeout_s)
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self._consume()
+            except KafkaError as exc:
+                logger.warning("tenant status reader failed (%r); restarting", exc)
+                await asyncio.sleep(1)
+
+    async def _consume(self) -> None:
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self._bootstrap, group_id=None, enable_auto_commit=False
+        )
+        await consumer.start()
+        try:
+            partitions = consumer.partitions_for_topic(self._topic)
+            while not partitions:
+                await consumer.force_metadata_update()
+                partitions = consumer.partitions_for_topic(self._topic)
+                if not partitions:
+                    await asyncio.sleep(0.5)
+            assigned = [TopicPartition(self._topic, p) for p in sorted(partitions)]
+            consumer.assign(assigned)
+            await consumer.seek_to_beginning(*assigned)
+            end_offsets = await consumer.end_offsets(assigned)
+            while True:
+                batches = await consumer.getmany(timeout_ms=200, max_records=5000)
+                for records in batches.values():
+                    for record in records:
+                        self._apply(record.value)
+                if not self._loaded.is_set():
+                    positions = {tp: await consumer.position(tp) for tp in end_offsets}
+                    if all(positions[tp] >= end for tp, end in end_offsets.items()):
+                        self._loaded.set()
+                    logger.info("tenant statuses loaded: %d tenants", len(self._statuses))
+        finally:
+            await consumer.stop()
+
+    def _apply(self, raw: bytes | None) -> None:
+        if raw is None:
+            return
+        try:
+            status = TenantStatus.model_validate_json(raw)
+        except ValidationError:
+            logger.warning("undecodable tenant status skipped")
+            return
+        previous = self._statuses.get(status.tenant_id)
+        if previous is not None and previous.updated_at > status.updated_at:
+            return
+        self._statuses[status.tenant_id] = status
+        if previous is None or previous.paused != status.paused:
+            for listener in self._listeners:
+                listener(status)
+
+
+# Runs a deferred action: (lead key, the payloads deferred for it, the lead's session).
+Resumer = Callable[[bytes, list[Any], dict[str, Any] | None], Awaitable[None]]
+
+
+class AiGate:
+    """Asked before every AI action; keeps a paused tenant's actions and resumes them."""
+
+    def __init__(
+        self,
+        view: TenantStatusView,
+        scheduler: Scheduler,
+        deferred: TableT[bytes, Any],
+        sessions: TableT[bytes, Any],
+    ) -> None:
+        self._view = view
+        self._scheduler = scheduler
+        self._deferred = deferred
+        self._sessions = sessions
+        self._resumers: dict[str, Resumer] = {}
+        # This worker's leads with deferred work, by tenant (rebuilt after every recovery).
+        self._waiting: dict[str, set[bytes]] = defaultdict(set)
+
+    def add_resumer(self, kind: str, resumer: Resumer) -> None:
+        self._resumers[kind] = resumer
+
+    def has_deferred(self, key: bytes) -> bool:
+        return self._deferred.get(key) is not None
+
+    async def allows(self, tenant_id: str) -> bool:
+        await self._view.wait_loaded()
+        return not self._view.is_paused(tenant_id)
+
+    def defer(self, key: bytes, tenant_id: str, kind: str, payload: Any) -> None:
+        """Keeps an action for later; call from the agent processing the lead."""
+        entry = dict(self._deferred.get(key) or {"tenant_id": tenant_id, "actions": {}})
+        actions = {k: list(v) for k, v in entry["actions"].items()}
+        actions.setdefault(kind, []).append(payload)
+        self._deferred[key] = {**entry, "actions": actions}
+        now_ms = int(time.time() * 1000)
+        self._scheduler.set_if_absent(key, RESUME_DEADLINE, now_ms + _RESUME_RECHECK_MS)
+        self._waiting[tenant_id].add(key)
+        AI_ACTIONS_DEFERRED.labels(kind).inc()
+
+    def handlers(self) -> dict[str, DeadlineHandler]:
+        return {RESUME_DEADLINE: self._resume}
+
+    async def _resume(
+        self, key: bytes, fired: DeadlineReached, session: dict[str, Any] | None
+    ) -> None:
+        entry = self._deferred.get(key)
+        if entry is None:
+            return
+        tenant_id = entry["tenant_id"]
+        if self._view.is_paused(tenant_id):
+            now_ms = int(time.time() * 1000)
+            self._scheduler.set(key, {RESUME_DEADLINE: now_ms + _RESUME_RECHECK_MS})
+            self._waiting[tenant_id].add(key)
+            return
+        del self._deferred[key]
+        self._waiting[tenant_id].discard(key)
+        for kind, payloads in entry["actions"].items():
+            resumer = self._resumers.get(kind)
+            if resumer is None:
+                logger.warning("no resumer for deferred %s actions; dropped", kind)
+                continue
+            await resumer(key, payloads, session)
+
+    def rebuild(self) -> None:
+        self._waiting.clear()
+        for key, entry in self._deferred.items():
+            self._waiting[entry["tenant_id"]].add(key)
+
+    async def release_resumed(
+        self, deadlines_topic: TopicT, owned: set[int], partitions: int
+    ) -> None:
+        """Fires the resume deadline now for this worker's leads whose tenant has tokens."""
+        for tenant_id in [t for t, keys in self._waiting.items() if keys]:
+            if self._view.is_paused(tenant_id):
+                continue
+            keys = self._waiting.pop(tenant_id)
+            for key in keys:
+                if partition_of(key, partitions) not in owned:
+                    continue
+                due_ms = self._scheduler.pending(key).get(RESUME_DEADLINE)
+                if due_ms is None:
+                    continue
+                command = DeadlineReached(
+                    event_id=deadline_event_id(key.decode(), RESUME_DEADLINE, due_ms),
+                    tenant_id=tenant_id,
+                    occurred_at=datetime.now(UTC),
+                    lead_id=key.decode(),
+                    deadline=RESUME_DEADLINE,
+                    due_ms=due_ms,
+                    fired_at=datetime.now(UTC),
+                )
+                await deadlines_topic.send(key=key, value=command.model_dump_json().encode())
+
+
+def register(
+    app: AppT,
+    *,
+    token_events: TopicT,
+    accounts: Accounts,
+    gate: AiGate,
+    view: TenantStatusView,
+    deferred: TableT[bytes, Any],
+    deadlines_topic: TopicT,
+    source_topic_name: str,
+    partitions: int,
+    batch_max: int,
+    tick_s: float,
+) -> None:
+    @app.agent(token_events, name="token-accounts")
+    async def fold_token_events(stream: StreamT[bytes]) -> None:
+        batches = cast(Stream[bytes], stream).take_events(batch_max, within=0.02)
+        async for events in batches:
+            await accounts.apply(list(events))
+
+    async def read_tenant_statuses() -> None:
+        await view.run()
+
+    app.task(read_tenant_statuses)
+
+    @deferred.on_recover
+    async def rebuild_waiting() -> None:
+        gate.rebuild()
+
+    @app.timer(interval=tick_s)
+    async def resume_deferred_ai() -> None:
+        if app.rebalancing:
+            return
+        owned = {
+            tp.partition for tp in app.assignor.assigned_actives() if tp.topic == source_topic_name
+        }
+        await gate.release_resumed(deadlines_topic, owned, partitions)
+
+
+PoolFactory = Callable[[], Awaitable[asyncpg.Pool]]
+
+
+def register_relay(
+    app: AppT, *, pool: PoolFactory, credits_topic: TopicT, interval_s: float
+) -> None:
+    """Publishes committed credits (outbox) and credits subscription cycles as they start."""
+
+    async def publish(credit_event: TokenCredit) -> None:
+        sent = await credits_topic.send(
+            key=credit_event.tenant_id.encode(), value=credit_event.model_dump_json().encode()
+        )
+        await sent  # the broker's ack (acks=all), before the row is marked published
+
+    @app.timer(interval=interval_s)
+    async def relay_outbox() -> None:
+        try:
+            db = await pool()
+            await credit_due_subscriptions(db, datetime.now(UTC))
+            while await relay_pending(db, publish) > 0:
+                pass
+        except (OSError, asyncpg.PostgresError, KafkaError) as exc:
+            logger.warning("credit relay pass failed (%r); retried next tick", exc)
+
+
+class Meter:
+    """Charges an AI action: a token-usage event keyed by tenant, priced by the price table."""
+
+    def __init__(
+        self, usage_topic: TopicT, prices: dict[str, int], model_tokens_per_token: int
+    ) -> None:
+        self._topic = usage_topic
+        self._prices = prices
+        self._model_tokens_per_token = model_tokens_per_token
+
+    async def charge(
+        self,
+        *,
+        event_id: str,
+        tenant_id: str,
+        lead_id: str | None,
+        feature: Feature,
+        model: str | None = None,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+    ) -> int:
+        """Produces the usage event; returns the platform tokens charged."""
+        tokens = charge(
+            feature, prompt_tokens, completion_tokens, self._prices, self._model_tokens_per_token
+        )
+        usage = TokenUsage(
+            event_id=event_id,
+            tenant_id=tenant_id,
+            occurred_at=datetime.now(UTC),
+            feature=feature,
+            lead_id=lead_id,
+            model=model,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            tokens=tokens,
+        )
+        await self._topic.send(key=tenant_id.encode(), value=usage.model_dump_json().encode())
+        return tokens

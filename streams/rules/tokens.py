@@ -1,0 +1,147 @@
+"""The token account rule: balance, cycle usage, threshold alerts and the pause at zero. Pure.
+
+* balance = credits - usage, each event counted once by its id (the caller keeps the ids seen),
+  so any order and any duplication of events yields the same balance.
+* A cycle starts at every credit: its base is the balance right after the credit ("the tokens
+  available at the last top-up"); usage in the cycle is measured against that base.
+* Alerts fire when the cycle's usage first reaches 50 %, 80 % and 100 % of the base, each once
+  per cycle, on the usage event that crosses it.
+* A tenant is paused while its balance is zero or less; a credit that makes it positive resumes
+  it. A tenant with no account has no tokens and is paused.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from decimal import Decimal
+from typing import Any
+
+THRESHOLDS_PERCENT: tuple[int, ...] = (50, 80, 100)
+
+
+@dataclass(frozen=True, slots=True)
+class Pack:
+    name: str
+    tokens: int
+    # In the currency's smallest unit (cents, paise), as Razorpay's Orders API wants it.
+    amount_minor: int
+    currency: str
+
+
+def parse_packs(spec: str, currency: str) -> dict[str, Pack]:
+    """`name=tokens@price,…` (prices in major units with at most two decimals)."""
+    packs: dict[str, Pack] = {}
+    for item in spec.split(","):
+        name, rest = item.split("=", 1)
+        tokens, price = rest.split("@", 1)
+        packs[name] = Pack(name, int(tokens), int(Decimal(price) * 100), currency)
+    return packs
+
+
+def parse_prices(spec: str) -> dict[str, int]:
+    """`feature=tokens,…`: platform tokens charged per AI action."""
+    return {feature: int(tokens) for feature, tokens in (p.split("=", 1) for p in spec.split(","))}
+
+
+def charge(
+    feature: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    prices: dict[str, int],
+    model_tokens_per_token: int,
+) -> int:
+    """Platform tokens an AI action costs: the feature's price, plus one per
+    `model_tokens_per_token` model tokens when that is set (0: flat)."""
+    base = prices.get(feature, 0)
+    if model_tokens_per_token <= 0:
+        return base
+    return base + math.ceil((prompt_tokens + completion_tokens) / model_tokens_per_token)
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    credited: int = 0
+    used: int = 0
+    cycle_base: int = 0
+    cycle_used: int = 0
+    alerted: tuple[int, ...] = ()
+    cycles: int = 0
+
+    @property
+    def balance(self) -> int:
+        return self.credited - self.used
+
+    @property
+    def paused(self) -> bool:
+        return self.balance <= 0
+
+    @property
+    def cycle_percent(self) -> float:
+        if self.cycle_base <= 0:
+            return 100.0 if self.cycle_used > 0 else 0.0
+        return round(100 * self.cycle_used / self.cycle_base, 2)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "credited": self.credited,
+            "used": self.used,
+            "cycle_base": self.cycle_base,
+            "cycle_used": self.cycle_used,
+            "alerted": list(self.alerted),
+            "cycles": self.cycles,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> Account:
+        if not data:
+            return cls()
+        return cls(
+            credited=data["credited"],
+            used=data["used"],
+            cycle_base=data["cycle_base"],
+            cycle_used=data["cycle_used"],
+            alerted=tuple(data["alerted"]),
+            cycles=data["cycles"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    account: Account
+    # Thresholds (percent) this event crossed for the first time in the cycle.
+    alerts: tuple[int, ...] = field(default=())
+
+
+def spend(account: Account, tokens: int) -> Outcome:
+    cycle_used = account.cycle_used + tokens
+    updated = replace(account, used=account.used + tokens, cycle_used=cycle_used)
+    crossed = tuple(
+        t
+        for t in THRESHOLDS_PERCENT
+        if t not in account.alerted and _reached(cycle_used, account.cycle_base, t)
+    )
+    if crossed:
+        updated = replace(updated, alerted=account.alerted + crossed)
+    return Outcome(updated, crossed)
+
+
+def credit(account: Account, tokens: int) -> Outcome:
+    credited = account.credited + tokens
+    return Outcome(
+        replace(
+            account,
+            credited=credited,
+            cycle_base=max(0, credited - account.used),
+            cycle_used=0,
+            alerted=(),
+            cycles=account.cycles + 1,
+        )
+    )
+
+
+def _reached(cycle_used: int, cycle_base: int, percent: int) -> bool:
+    if cycle_used <= 0:
+        return False
+    # Integer arithmetic: 80 % of 7 tokens is reached at 6 (5.6 rounded up), never by rounding.
+    return cycle_used * 100 >= percent * cycle_base
