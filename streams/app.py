@@ -128,7 +128,9 @@ def create_worker_app(settings: Settings) -> faust.App:
     token_usage = lead_topic(names.token_usage)
     token_credits = lead_topic(names.token_credits)
     tenant_status = lead_topic(names.tenant_status)
-    status_view = TenantStatusView(settings.kafka_bootstrap_servers, names.tenant_status)
+    status_view = TenantStatusView(
+        settings.kafka_bootstrap_servers, names.tenant_status, settings.kafka_partitions
+    )
     deferred_ai = app.Table("deferred_ai", key_type=bytes, partitions=settings.kafka_partitions)
     gate = AiGate(status_view, scheduler, deferred_ai, sessions)
     meter = Meter(

@@ -172,9 +172,10 @@ class TenantStatusView:
     worker (and only this reader) sees all tenants.
     """
 
-    def __init__(self, bootstrap_servers: str, topic: str) -> None:
+    def __init__(self, bootstrap_servers: str, topic: str, partitions: int) -> None:
         self._bootstrap = bootstrap_servers
         self._topic = topic
+        self._partitions = partitions
         self._statuses: dict[str, TenantStatus] = {}
         self._loaded = asyncio.Event()
         self._listeners: list[Callable[[TenantStatus], None]] = []
@@ -198,8 +199,10 @@ class TenantStatusView:
         while True:
             try:
                 await self._consume()
-            except KafkaError as exc:
-                logger.warning("tenant status reader failed (%r); restarting", exc)
+            # A dead reader would leave every gate on stale statuses: whatever went wrong,
+            # log it and read again.
+            except Exception:
+                logger.exception("tenant status reader failed; restarting")
                 await asyncio.sleep(1)
 
     async def _consume(self) -> None:
@@ -208,13 +211,8 @@ class TenantStatusView:
         )
         await consumer.start()
         try:
-            partitions = consumer.partitions_for_topic(self._topic)
-            while not partitions:
-                await consumer.force_metadata_update()
-                partitions = consumer.partitions_for_topic(self._topic)
-                if not partitions:
-                    await asyncio.sleep(0.5)
-            assigned = [TopicPartition(self._topic, p) for p in sorted(partitions)]
+            # Every topic has the co-partitioned count (flexoraa.kafka.ensure_topics checks).
+            assigned = [TopicPartition(self._topic, p) for p in range(self._partitions)]
             consumer.assign(assigned)
             await consumer.seek_to_beginning(*assigned)
             end_offsets = await consumer.end_offsets(assigned)
