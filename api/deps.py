@@ -13,11 +13,13 @@ from api.errors import ApiError
 from api.lead_state import LeadStateClient
 from api.tenants import Principal, PrincipalCache, find_principal
 from connectors.channels import ChannelDirectory
+from connectors.razorpay import RazorpayGateway
 from flexoraa.crypto import SecretBox
 from flexoraa.kafka import EventPublisher
 from flexoraa.latency import LatencyRecorder
 from flexoraa.settings import Settings
 from schemas.topics import TopicNames
+from streams.rules.tokens import Pack
 
 
 @dataclass
@@ -35,6 +37,9 @@ class Services:
     recent_message_ids: RecentIds
     # SLA monitoring (issue 8): `latency.measure(operation, tenant_id=...)` times an operation.
     latency: LatencyRecorder
+    # Tokens (issue 6)
+    razorpay: RazorpayGateway
+    packs: dict[str, Pack]
 
 
 async def get_services(request: Request) -> Services:

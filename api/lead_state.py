@@ -36,6 +36,17 @@ class LeadStateClient:
         state: dict[str, Any] = response.json()
         return state
 
+    async def tenant_tokens(self, tenant_id: str) -> dict[str, Any]:
+        """The tenant's live token account (zeros before its first credit)."""
+        try:
+            response = await self._client.get(f"/internal/tenants/{tenant_id}/tokens")
+        except httpx.HTTPError as exc:
+            raise StateUnavailable(f"worker unreachable: {exc!r}") from exc
+        if response.status_code != 200:
+            raise StateUnavailable(f"worker answered {response.status_code}: {response.text[:200]}")
+        account: dict[str, Any] = response.json()
+        return account
+
     async def is_reachable(self) -> bool:
         try:
             response = await self._client.get("/health")

@@ -24,15 +24,18 @@ from api.routes import (
     monitoring,
     notifications,
     sdrs,
+    tokens,
 )
 from api.tenants import PrincipalCache
 from connectors.channels import ChannelDirectory
+from connectors.razorpay import RazorpayGateway
 from flexoraa.crypto import load_secret_box
 from flexoraa.db import create_pool
 from flexoraa.kafka import EventPublisher
 from flexoraa.latency import LatencyRecorder
 from flexoraa.settings import Settings
 from schemas.topics import TopicNames
+from streams.rules.tokens import parse_packs
 
 
 def _constant(pool: asyncpg.Pool) -> Callable[[], Awaitable[asyncpg.Pool]]:
@@ -60,6 +63,8 @@ def create_app(settings: Settings) -> FastAPI:
             channels=ChannelDirectory(_constant(pool), secret_box),
             recent_message_ids=RecentIds(settings.webhook_dedup_cache_size),
             latency=latency,
+            razorpay=RazorpayGateway(settings),
+            packs=parse_packs(settings.token_packs, settings.payment_currency),
         )
         await latency.start()
         # Everything allocated so far lives as long as the process: keep it out of the
@@ -93,6 +98,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(leakage.router)
     # --- Tokens and Razorpay (issue 6) ---
     app.include_router(notifications.router)
+    app.include_router(tokens.router)
     # --- SLA monitoring (issue 8) ---
     app.include_router(monitoring.router)
     # Built here (no I/O until the lifespan starts it) so the middleware can hold it.

@@ -64,28 +64,27 @@ class PaidOrder:
     newly_credited: bool
 
 
-async def credit_paid_order(pool: asyncpg.Pool, order_id: str, payment_id: str) -> PaidOrder | None:
-    """Marks our order paid by `payment_id` and enqueues its credit, exactly once.
+async def credit_paid_order(conn: Connection, order_id: str, payment_id: str) -> PaidOrder | None:
+    """Marks our order paid by `payment_id` and enqueues its credit, exactly once; call inside
+    a transaction. None when the order is not ours.
 
     The verify call and the webhook may race for the same payment: the row lock of the UPDATE
     serialises them and the loser sees `status = 'paid'`, so only one transaction enqueues.
-    None when the order is not ours.
     """
-    async with pool.acquire() as conn, conn.transaction():
-        row = await conn.fetchrow(
-            "UPDATE payment_orders SET status = 'paid', payment_id = $2, credited_at = now(),"
-            " failure_reason = NULL, updated_at = now()"
-            " WHERE order_id = $1 AND status <> 'paid'"
-            " RETURNING tenant_id::text, tokens",
-            order_id,
-            payment_id,
-        )
-        if row is not None:
-            await enqueue_credit(conn, row["tenant_id"], "purchase", payment_id, row["tokens"])
-            return PaidOrder(order_id, row["tenant_id"], row["tokens"], newly_credited=True)
-        existing = await conn.fetchrow(
-            "SELECT tenant_id::text, tokens FROM payment_orders WHERE order_id = $1", order_id
-        )
+    row = await conn.fetchrow(
+        "UPDATE payment_orders SET status = 'paid', payment_id = $2, credited_at = now(),"
+        " failure_reason = NULL, updated_at = now()"
+        " WHERE order_id = $1 AND status <> 'paid'"
+        " RETURNING tenant_id::text, tokens",
+        order_id,
+        payment_id,
+    )
+    if row is not None:
+        await enqueue_credit(conn, row["tenant_id"], "purchase", payment_id, row["tokens"])
+        return PaidOrder(order_id, row["tenant_id"], row["tokens"], newly_credited=True)
+    existing = await conn.fetchrow(
+        "SELECT tenant_id::text, tokens FROM payment_orders WHERE order_id = $1", order_id
+    )
     if existing is None:
         return None
     return PaidOrder(order_id, existing["tenant_id"], existing["tokens"], newly_credited=False)

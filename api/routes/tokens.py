@@ -1,0 +1,335 @@
+"""Tokens: packs, Razorpay top-ups (order, checkout verification, webhook), balance and usage.
+
+A payment credits tokens exactly once: the order row is marked paid and the credit is put in
+the outbox in one transaction (flexoraa.credits); the worker's relay publishes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Literal
+
+import asyncpg
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from api.deps import PrincipalDep, ServicesDep
+from api.errors import ApiError
+from api.lead_state import StateUnavailable
+from connectors.razorpay import (
+    PaymentProviderError,
+    PaymentsNotConfigured,
+    new_receipt,
+    webhook_signature_valid,
+)
+from flexoraa.credits import Connection, credit_paid_order
+from streams.rules.sla import NO_TENANT
+
+logger = logging.getLogger(__name__)
+router = APIRouter(tags=["tokens"])
+
+SIGNATURE_HEADER = "x-razorpay-signature"
+EVENT_ID_HEADER = "x-razorpay-event-id"
+
+
+class PackView(BaseModel):
+    name: str
+    tokens: int
+    amount: int = Field(description="in the currency's smallest unit (cents)")
+    price: str = Field(description="in major units, e.g. 350.00")
+    currency: str
+
+
+@router.get("/api/tokens/packs", response_model=list[PackView])
+async def packs(principal: PrincipalDep, services: ServicesDep) -> list[PackView]:
+    return [
+        PackView(
+            name=p.name,
+            tokens=p.tokens,
+            amount=p.amount_minor,
+            price=f"{p.amount_minor / 100:.2f}",
+            currency=p.currency,
+        )
+        for p in services.packs.values()
+    ]
+
+
+class CreateOrderRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    pack: str = Field(min_length=1, max_length=64)
+
+
+class OrderView(BaseModel):
+    order_id: str
+    amount: int
+    currency: str
+    key_id: str
+    receipt: str
+    pack: str
+    tokens: int
+
+
+@router.post(
+    "/api/tokens/topup/create-order",
+    status_code=201,
+    response_model=OrderView,
+    responses={400: {}, 502: {}, 503: {"description": "payments are not configured"}},
+)
+async def create_order(
+    body: CreateOrderRequest, principal: PrincipalDep, services: ServicesDep
+) -> OrderView:
+    pack = services.packs.get(body.pack)
+    if pack is None:
+        raise ApiError(400, f"pack: unknown pack {body.pack!r}; one of {sorted(services.packs)}")
+    receipt = new_receipt()
+    try:
+        order = await services.razorpay.create_order(pack, receipt, principal.tenant_id)
+    except PaymentsNotConfigured as exc:
+        raise ApiError(503, str(exc)) from exc
+    except PaymentProviderError as exc:
+        raise ApiError(502, str(exc)) from exc
+    await services.pool.execute(
+        """INSERT INTO payment_orders (order_id, tenant_id, receipt, pack, tokens, amount,
+                                       currency)
+           VALUES ($1, $2, $3, $4, $5, $6, $7)""",
+        order["id"], principal.tenant_id, receipt, pack.name, pack.tokens, pack.amount_minor,
+        pack.currency,
+    )  # fmt: skip
+    return OrderView(
+        order_id=order["id"],
+        amount=pack.amount_minor,
+        currency=pack.currency,
+        key_id=services.razorpay.key_id or "",
+        receipt=receipt,
+        pack=pack.name,
+        tokens=pack.tokens,
+    )
+
+
+class VerifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    razorpay_order_id: str = Field(min_length=1, max_length=64)
+    razorpay_payment_id: str = Field(min_length=1, max_length=64)
+    razorpay_signature: str = Field(min_length=1, max_length=256)
+
+
+class CreditView(BaseModel):
+    status: Literal["credited", "already_credited"]
+    order_id: str
+    tokens: int
+
+
+@router.post(
+    "/api/tokens/topup/verify",
+    response_model=CreditView,
+    responses={400: {"description": "signature mismatch"}, 404: {}, 503: {}},
+)
+async def verify(body: VerifyRequest, principal: PrincipalDep, services: ServicesDep) -> CreditView:
+    if not services.razorpay.configured:
+        raise ApiError(503, "payments are not configured: set RAZORPAY_KEY_ID and "
+                            "RAZORPAY_KEY_SECRET")  # fmt: skip
+    stored_order_id = await services.pool.fetchval(
+        "SELECT order_id FROM payment_orders WHERE order_id = $1 AND tenant_id = $2",
+        body.razorpay_order_id,
+        principal.tenant_id,
+    )
+    if stored_order_id is None:
+        raise ApiError(404, "razorpay_order_id: no such order of this tenant")
+    with services.latency.measure("verification", tenant_id=principal.tenant_id):
+        valid = services.razorpay.payment_signature_valid(
+            stored_order_id, body.razorpay_payment_id, body.razorpay_signature
+        )
+    if not valid:
+        raise ApiError(400, "razorpay_signature: does not match the order and payment")
+    async with services.pool.acquire() as conn, conn.transaction():
+        paid = await credit_paid_order(conn, stored_order_id, body.razorpay_payment_id)
+    assert paid is not None  # the order exists: we just read it
+    return CreditView(
+        status="credited" if paid.newly_credited else "already_credited",
+        order_id=paid.order_id,
+        tokens=paid.tokens,
+    )
+
+
+@router.post(
+    "/webhooks/razorpay",
+    responses={400: {"description": "missing or wrong X-Razorpay-Signature"}, 503: {}},
+)
+async def razorpay_webhook(request: Request, services: ServicesDep) -> JSONResponse:
+    secret = services.settings.razorpay_webhook_secret
+    if secret is None:
+        raise ApiError(503, "payments are not configured: set RAZORPAY_WEBHOOK_SECRET")
+    body = await request.body()
+    with services.latency.measure("verification", tenant_id=NO_TENANT):
+        valid = webhook_signature_valid(
+            body, request.headers.get(SIGNATURE_HEADER), secret.get_secret_value()
+        )
+    if not valid:
+        raise ApiError(400, "missing or invalid X-Razorpay-Signature")
+    try:
+        event = json.loads(body)
+        event_type = str(event["event"])
+        entities = event.get("payload") or {}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ApiError(400, f"unparseable webhook payload: {exc}") from exc
+    # Razorpay sends the id in a header; a body hash stands in if a proxy dropped it.
+    event_id = request.headers.get(EVENT_ID_HEADER) or hashlib.sha256(body).hexdigest()
+    payment = _entity(entities, "payment")
+    order = _entity(entities, "order")
+    order_id = payment.get("order_id") or order.get("id")
+    payment_id = payment.get("id")
+    async with services.pool.acquire() as conn, conn.transaction():
+        # Recorded in the transaction of its effect: a crash leaves neither, and Razorpay's
+        # redelivery is processed; a redelivery after success is acknowledged and ignored.
+        recorded = await conn.fetchval(
+            """INSERT INTO payment_events (event_id, event_type, order_id, payment_id, payload)
+               VALUES ($1, $2, $3, $4, $5::text::jsonb) ON CONFLICT DO NOTHING RETURNING 1""",
+            event_id, event_type, order_id, payment_id, body.decode("utf-8", "replace"),
+        )  # fmt: skip
+        if recorded is None:
+            return JSONResponse({"status": "duplicate", "event_id": event_id})
+        outcome = await _apply(conn, event_type, order_id, payment_id, payment)
+    return JSONResponse({"status": outcome, "event_id": event_id})
+
+
+def _entity(entities: Any, name: str) -> dict[str, Any]:
+    wrapper = entities.get(name) if isinstance(entities, dict) else None
+    entity = wrapper.get("entity") if isinstance(wrapper, dict) else None
+    return entity if isinstance(entity, dict) else {}
+
+
+async def _apply(
+    conn: Connection,
+    event_type: str,
+    order_id: str | None,
+    payment_id: str | None,
+    payment: dict[str, Any],
+) -> str:
+    if event_type not in {"payment.captured", "order.paid", "payment.failed"}:
+        return "recorded"
+    if not order_id or not payment_id:
+        logger.warning("%s without order or payment id: recorded only", event_type)
+        return "recorded"
+    order = await conn.fetchrow(
+        "SELECT amount, currency, status FROM payment_orders WHERE order_id = $1", order_id
+    )
+    if order is None:
+        # Not one of our orders (Razorpay refunds payments without an order of ours).
+        logger.warning("%s for unknown order %s: recorded only", event_type, order_id)
+        return "unknown_order"
+    if event_type == "payment.failed":
+        await conn.execute(
+            "UPDATE payment_orders SET status = 'failed', failure_reason = $2, updated_at = now()"
+            " WHERE order_id = $1 AND status <> 'paid'",
+            order_id,
+            str(payment.get("error_description") or payment.get("error_code") or "failed")[:500],
+        )
+        return "failed"
+    amount = payment.get("amount")
+    if amount is not None and (amount, payment.get("currency")) != (
+        order["amount"],
+        order["currency"],
+    ):
+        logger.error("payment %s of %s does not match order %s", payment_id, amount, order_id)
+        await conn.execute(
+            "UPDATE payment_orders SET failure_reason = 'amount mismatch', updated_at = now()"
+            " WHERE order_id = $1 AND status <> 'paid'",
+            order_id,
+        )
+        return "amount_mismatch"
+    paid = await credit_paid_order(conn, order_id, payment_id)
+    return "credited" if paid is not None and paid.newly_credited else "already_credited"
+
+
+@router.get("/api/tokens/balance", responses={503: {}})
+async def balance(principal: PrincipalDep, services: ServicesDep) -> dict[str, Any]:
+    try:
+        account = await services.lead_state.tenant_tokens(principal.tenant_id)
+    except StateUnavailable as exc:
+        raise ApiError(503, f"token account unavailable: {exc}") from exc
+    return {
+        "balance": account["balance"],
+        "used_this_cycle": account["used_this_cycle"],
+        "cycle_tokens": account["cycle_base"],
+        "percent_used": account["percent_used"],
+        "paused": account["paused"],
+        "total_credited": account["credited"],
+        "total_used": account["used"],
+    }
+
+
+GroupBy = Literal["day", "feature", "lead"]
+_GROUP_COLUMN = {
+    "day": "((occurred_at AT TIME ZONE 'UTC')::date)::text",
+    "feature": "feature",
+    "lead": "coalesce(lead_id, '')",
+}
+
+
+@router.get("/api/tokens/usage", responses={400: {}})
+async def usage(
+    principal: PrincipalDep,
+    services: ServicesDep,
+    from_: Annotated[AwareDatetime | None, Query(alias="from")] = None,
+    to: AwareDatetime | None = None,
+    group_by: GroupBy = "day",
+) -> dict[str, Any]:
+    until = to or datetime.now(UTC)
+    since = from_ or until - timedelta(days=30)
+    if since >= until:
+        raise ApiError(400, "from: must be before to")
+    column = _GROUP_COLUMN[group_by]  # from a fixed map, never from the request
+    rows = await services.pool.fetch(
+        f"""SELECT {column} AS bucket, sum(tokens)::bigint AS tokens, count(*) AS actions,
+                   sum(prompt_tokens)::bigint AS prompt_tokens,
+                   sum(completion_tokens)::bigint AS completion_tokens
+            FROM token_ledger
+            WHERE tenant_id = $1 AND kind = 'usage' AND occurred_at >= $2 AND occurred_at < $3
+            GROUP BY 1 ORDER BY 1""",
+        principal.tenant_id,
+        since,
+        until,
+    )
+    return {
+        "from": since.isoformat(),
+        "to": until.isoformat(),
+        "group_by": group_by,
+        "total_tokens": sum(r["tokens"] for r in rows),
+        "groups": [
+            {
+                group_by: r["bucket"] or None,
+                "tokens": r["tokens"],
+                "actions": r["actions"],
+                "prompt_tokens": r["prompt_tokens"],
+                "completion_tokens": r["completion_tokens"],
+            }
+            for r in rows
+        ],
+    }
+
+
+@router.get("/api/tokens/payment-history")
+async def payment_history(
+    principal: PrincipalDep,
+    services: ServicesDep,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    before: AwareDatetime | None = None,
+) -> dict[str, Any]:
+    rows: list[asyncpg.Record] = await services.pool.fetch(
+        """SELECT order_id, pack, tokens, amount, currency, status, payment_id, failure_reason,
+                  created_at, credited_at
+           FROM payment_orders WHERE tenant_id = $1 AND ($2::timestamptz IS NULL OR created_at < $2)
+           ORDER BY created_at DESC LIMIT $3""",
+        principal.tenant_id,
+        before,
+        limit,
+    )
+    payments = [dict(r) for r in rows]
+    return {
+        "payments": payments,
+        "next_before": payments[-1]["created_at"].isoformat() if len(rows) == limit else None,
+    }

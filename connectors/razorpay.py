@@ -1,0 +1,95 @@
+"""Razorpay: orders through the official SDK, and the two signature checks (PLATFORM.md).
+
+The SDK is synchronous (requests), so its calls run in a thread and never block the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import uuid
+from typing import Any
+
+import razorpay
+from razorpay.errors import BadRequestError, GatewayError, ServerError, SignatureVerificationError
+from requests import RequestException
+
+from flexoraa.settings import Settings
+from streams.rules.tokens import Pack
+
+
+class PaymentsNotConfigured(RuntimeError):
+    """RAZORPAY_KEY_ID / RAZORPAY_KEY_SECRET are unset."""
+
+
+class PaymentProviderError(RuntimeError):
+    """Razorpay refused or could not be reached."""
+
+
+def new_receipt() -> str:
+    # Razorpay limits receipts to 40 characters; ours are unique per order.
+    return f"tok_{uuid.uuid4().hex}"
+
+
+def webhook_signature_valid(body: bytes, signature: str | None, secret: str) -> bool:
+    """X-Razorpay-Signature = hex HMAC-SHA256 of the raw body with the webhook secret.
+
+    Checked here on the raw bytes (the SDK's helper takes a str and would need the body
+    decoded first), in constant time.
+    """
+    if not signature:
+        return False
+    expected = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected, signature.strip())
+
+
+class RazorpayGateway:
+    def __init__(self, settings: Settings) -> None:
+        self.key_id = settings.razorpay_key_id
+        secret = settings.razorpay_key_secret
+        self._client: Any = None
+        if self.key_id and secret is not None:
+            self._client = razorpay.Client(
+                auth=(self.key_id, secret.get_secret_value()), base_url=settings.razorpay_api_url
+            )
+
+    @property
+    def configured(self) -> bool:
+        return self._client is not None
+
+    def _require(self) -> Any:
+        if self._client is None:
+            raise PaymentsNotConfigured(
+                "payments are not configured: set RAZORPAY_KEY_ID and RAZORPAY_KEY_SECRET"
+            )
+        return self._client
+
+    async def create_order(self, pack: Pack, receipt: str, tenant_id: str) -> dict[str, Any]:
+        client = self._require()
+        data = {
+            "amount": pack.amount_minor,
+            "currency": pack.currency,
+            "receipt": receipt,
+            "notes": {"tenant_id": tenant_id, "pack": pack.name, "tokens": str(pack.tokens)},
+        }
+        try:
+            order: dict[str, Any] = await asyncio.to_thread(client.order.create, data)
+        except (BadRequestError, GatewayError, ServerError, RequestException) as exc:
+            raise PaymentProviderError(f"Razorpay did not create the order: {exc}") from exc
+        return order
+
+    def payment_signature_valid(self, order_id: str, payment_id: str, signature: str) -> bool:
+        """The checkout's signature over *our stored* order id and the payment id."""
+        client = self._require()
+        try:
+            client.utility.verify_payment_signature(
+                {
+                    "razorpay_order_id": order_id,
+                    "razorpay_payment_id": payment_id,
+                    "razorpay_signature": signature,
+                }
+            )
+        except SignatureVerificationError:
+            return False
+        return True
