@@ -32,7 +32,7 @@ async def enqueue_credit(
 ) -> TokenCredit:
     """Adds a credit to the outbox; call inside the transaction of the change that earned it."""
     credit = TokenCredit(
-        event_id=credit_event_id(source, reference),
+        event_id=credit_event_id(tenant_id, source, reference),
         tenant_id=tenant_id,
         occurred_at=datetime.now(UTC),
         source=source,

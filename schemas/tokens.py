@@ -22,9 +22,10 @@ CreditSource = Literal["purchase", "subscription", "trial", "adjustment"]
 _CREDIT_NAMESPACE = uuid.UUID("8f7f8a52-1d8e-4d7b-9d5e-4b0a3b8f6c21")
 
 
-def credit_event_id(source: CreditSource, reference: str) -> str:
-    """One credit per payment id (or subscription cycle, or trial): verify and webhook agree."""
-    return str(uuid.uuid5(_CREDIT_NAMESPACE, f"{source}|{reference}"))
+def credit_event_id(tenant_id: str, source: CreditSource, reference: str) -> str:
+    """One credit per tenant and payment id (or subscription cycle, trial, adjustment
+    reference): the verify call and the webhook derive the same id."""
+    return str(uuid.uuid5(_CREDIT_NAMESPACE, f"{tenant_id}|{source}|{reference}"))
 
 
 class TokenUsage(Event):

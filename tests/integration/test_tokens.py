@@ -1,0 +1,497 @@
+"""The token economy against real Kafka and PostgreSQL, with Razorpay's Orders API served by a
+local server and reached through the `razorpay` SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from pydantic import SecretStr
+
+from flexoraa.credits import enqueue_credit, relay_pending
+from flexoraa.kafka import delete_topics, ensure_topics
+from flexoraa.settings import Settings
+from schemas.tokens import TokenCredit, credit_event_id
+from schemas.topics import TopicNames
+from tests.conftest import (
+    MakeTenant,
+    ManagedProcess,
+    StartProcess,
+    Tenant,
+    free_port,
+    http_get_json,
+    start_worker,
+)
+from tests.fakes.razorpay_api import (
+    RazorpayFake,
+    checkout_signature,
+    webhook_body,
+    webhook_signature,
+)
+from tests.integration.conftest import ApiFactory
+from tests.integration.test_pipeline import eventually, post
+
+pytestmark = pytest.mark.integration
+WEBHOOK_SECRET = "whsec_fake_0123456789"
+
+
+@pytest.fixture(scope="module")
+async def razorpay_fake() -> AsyncIterator[RazorpayFake]:
+    fake = RazorpayFake()
+    await fake.start(free_port())
+    yield fake
+    await fake.stop()
+
+
+def payments(
+    api_factory: ApiFactory, fake: RazorpayFake, **overrides: object
+) -> AbstractAsyncContextManager[httpx.AsyncClient]:
+    return api_factory(
+        razorpay_key_id=fake.key_id,
+        razorpay_key_secret=SecretStr(fake.key_secret),
+        razorpay_webhook_secret=SecretStr(WEBHOOK_SECRET),
+        razorpay_api_url=fake.url,
+        **overrides,
+    )
+
+
+async def create_order(api: httpx.AsyncClient, tenant: Tenant, pack: str = "pro") -> Any:
+    response = await api.post(
+        "/api/tokens/topup/create-order", headers=tenant.headers, json={"pack": pack}
+    )
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+async def deliver_webhook(
+    api: httpx.AsyncClient,
+    event: str,
+    order: Any,
+    payment_id: str,
+    event_id: str | None = None,
+    secret: str = WEBHOOK_SECRET,
+) -> httpx.Response:
+    body = webhook_body(event, order["order_id"], payment_id, order["amount"], order["currency"])
+    return await api.post(
+        "/webhooks/razorpay",
+        content=body,
+        headers={
+            "Content-Type": "application/json",
+            "X-Razorpay-Signature": webhook_signature(body, secret),
+            "X-Razorpay-Event-Id": event_id or f"evt_{uuid.uuid4().hex[:14]}",
+        },
+    )
+
+
+async def purchase_credits(db: asyncpg.Connection, tenant: Tenant) -> list[asyncpg.Record]:
+    return await db.fetch(
+        "SELECT event_id, payload FROM token_outbox WHERE tenant_id = $1"
+        " AND payload->>'source' = 'purchase'",
+        tenant.tenant_id,
+    )
+
+
+async def test_top_ups_answer_503_until_razorpay_is_configured(
+    api: httpx.AsyncClient, make_tenant: MakeTenant
+) -> None:
+    tenant = await make_tenant()
+    packs = (await api.get("/api/tokens/packs", headers=tenant.headers)).json()
+    assert [(p["name"], p["tokens"], p["price"]) for p in packs] == [
+        ("starter", 100, "50.00"), ("growth", 500, "200.00"), ("pro", 1000, "350.00"),
+        ("enterprise", 5000, "1500.00"),
+    ]  # fmt: skip
+    order = await api.post("/api/tokens/topup/create-order", headers=tenant.headers,
+                           json={"pack": "pro"})  # fmt: skip
+    assert order.status_code == 503
+    assert "not configured" in order.json()["detail"]
+    verify = await api.post("/api/tokens/topup/verify", headers=tenant.headers, json={
+        "razorpay_order_id": "order_X", "razorpay_payment_id": "pay_X",
+        "razorpay_signature": "00"})  # fmt: skip
+    assert verify.status_code == 503
+    webhook = await api.post("/webhooks/razorpay", content=b"{}")
+    assert webhook.status_code == 503
+
+
+async def test_an_order_is_created_through_the_sdk_and_verified_once(
+    api_factory: ApiFactory,
+    razorpay_fake: RazorpayFake,
+    make_tenant: MakeTenant,
+    db: asyncpg.Connection,
+) -> None:
+    tenant, other = await make_tenant(), await make_tenant("Other")
+    async with payments(api_factory, razorpay_fake) as api:
+        unknown = await api.post("/api/tokens/topup/create-order", headers=tenant.headers,
+                                 json={"pack": "mega"})  # fmt: skip
+        assert unknown.status_code == 400
+        assert "starter" in unknown.json()["detail"]
+        order = await create_order(api, tenant)
+        assert order["amount"] == 35000
+        assert order["currency"] == "USD"
+        assert order["key_id"] == razorpay_fake.key_id
+        assert order["tokens"] == 1000
+        sent = razorpay_fake.requests[-1]
+        assert sent["amount"] == 35000
+        assert sent["receipt"] == order["receipt"]
+        assert sent["notes"]["tenant_id"] == tenant.tenant_id
+        row = await db.fetchrow("SELECT * FROM payment_orders WHERE order_id = $1",
+                                order["order_id"])  # fmt: skip
+        assert row is not None
+        assert row["status"] == "created"
+        assert row["tokens"] == 1000
+
+        payment_id = f"pay_{uuid.uuid4().hex[:14]}"
+        signature = checkout_signature(order["order_id"], payment_id, razorpay_fake.key_secret)
+        tampered = await api.post("/api/tokens/topup/verify", headers=tenant.headers, json={
+            "razorpay_order_id": order["order_id"], "razorpay_payment_id": payment_id,
+            "razorpay_signature": signature[:-2] + "00"})  # fmt: skip
+        assert tampered.status_code == 400
+        assert await purchase_credits(db, tenant) == []
+        body = {"razorpay_order_id": order["order_id"], "razorpay_payment_id": payment_id,
+                "razorpay_signature": signature}  # fmt: skip
+        # Another tenant cannot redeem this tenant's order.
+        stolen = await api.post("/api/tokens/topup/verify", headers=other.headers, json=body)
+        assert stolen.status_code == 404
+        first = await api.post("/api/tokens/topup/verify", headers=tenant.headers, json=body)
+        again = await api.post("/api/tokens/topup/verify", headers=tenant.headers, json=body)
+        assert first.json()["status"] == "credited"
+        assert first.json()["tokens"] == 1000
+        assert again.json()["status"] == "already_credited"
+        (credit,) = await purchase_credits(db, tenant)
+        assert credit["event_id"] == credit_event_id(tenant.tenant_id, "purchase", payment_id)
+        history = (await api.get("/api/tokens/payment-history", headers=tenant.headers)).json()
+        assert [(p["order_id"], p["status"], p["payment_id"]) for p in history["payments"]] == [
+            (order["order_id"], "paid", payment_id)
+        ]
+
+        razorpay_fake.fail_next = 1
+        failed = await api.post("/api/tokens/topup/create-order", headers=tenant.headers,
+                                json={"pack": "starter"})  # fmt: skip
+        assert failed.status_code == 502
+
+
+async def test_a_webhook_replayed_ten_times_credits_once(
+    api_factory: ApiFactory,
+    razorpay_fake: RazorpayFake,
+    make_tenant: MakeTenant,
+    db: asyncpg.Connection,
+) -> None:
+    tenant = await make_tenant()
+    async with payments(api_factory, razorpay_fake) as api:
+        order = await create_order(api, tenant, "growth")
+        payment_id = f"pay_{uuid.uuid4().hex[:14]}"
+        forged = await deliver_webhook(api, "payment.captured", order, payment_id,
+                                       secret=razorpay_fake.key_secret)  # fmt: skip
+        assert forged.status_code == 400
+        answers = [
+            (await deliver_webhook(api, "payment.captured", order, payment_id, "evt_captured"))
+            for _ in range(10)
+        ]
+        assert [a.status_code for a in answers] == [200] * 10
+        assert [a.json()["status"] for a in answers] == ["credited"] + ["duplicate"] * 9
+        # order.paid for the same payment (another event id) finds it credited.
+        paid = await deliver_webhook(api, "order.paid", order, payment_id, "evt_order_paid")
+        assert paid.json()["status"] == "already_credited"
+        assert len(await purchase_credits(db, tenant)) == 1
+        recorded = await db.fetchval(
+            "SELECT count(*) FROM payment_events WHERE order_id = $1", order["order_id"]
+        )
+        assert recorded == 2
+
+        failing = await create_order(api, tenant, "starter")
+        failed = await deliver_webhook(api, "payment.failed", failing, "pay_failed0001")
+        assert failed.json()["status"] == "failed"
+        row = await db.fetchrow("SELECT status, failure_reason FROM payment_orders"
+                                " WHERE order_id = $1", failing["order_id"])  # fmt: skip
+        assert row is not None
+        assert row["status"] == "failed"
+        assert "insufficient balance" in row["failure_reason"]
+
+
+async def test_verify_and_webhook_racing_credit_each_payment_once(
+    api_factory: ApiFactory,
+    razorpay_fake: RazorpayFake,
+    make_tenant: MakeTenant,
+    db: asyncpg.Connection,
+) -> None:
+    tenant = await make_tenant()
+    async with payments(api_factory, razorpay_fake) as api:
+        orders = [await create_order(api, tenant, "starter") for _ in range(15)]
+
+        async def race(order: Any) -> list[str]:
+            payment_id = f"pay_{uuid.uuid4().hex[:14]}"
+            signature = checkout_signature(order["order_id"], payment_id, razorpay_fake.key_secret)
+            verify = api.post("/api/tokens/topup/verify", headers=tenant.headers, json={
+                "razorpay_order_id": order["order_id"], "razorpay_payment_id": payment_id,
+                "razorpay_signature": signature})  # fmt: skip
+            captured = deliver_webhook(api, "payment.captured", order, payment_id)
+            paid = deliver_webhook(api, "order.paid", order, payment_id)
+            answers = await asyncio.gather(verify, captured, paid)
+            return sorted(a.json()["status"] for a in answers)
+
+        outcomes = await asyncio.gather(*(race(order) for order in orders))
+    assert all(o == ["already_credited", "already_credited", "credited"] for o in outcomes)
+    assert len(await purchase_credits(db, tenant)) == len(orders)
+
+
+async def test_the_outbox_survives_a_crash_between_commit_and_publish(
+    test_settings: Settings, make_tenant: MakeTenant, db: asyncpg.Connection
+) -> None:
+    tenant = await make_tenant(tokens=0)
+    pool = await asyncpg.create_pool(test_settings.database_url, min_size=1, max_size=2)
+    producer = AIOKafkaProducer(bootstrap_servers=test_settings.kafka_bootstrap_servers, acks="all")
+    await producer.start()
+    topic = TopicNames(test_settings.topic_prefix).token_credits
+
+    async def publish(credit: TokenCredit) -> None:
+        await producer.send_and_wait(
+            topic, key=credit.tenant_id.encode(), value=credit.model_dump_json().encode()
+        )
+
+    # Earlier tests' credits (no relay runs in this module yet) go first.
+    await relay_pending(pool, publish)
+    async with db.transaction():
+        credits = [await enqueue_credit(db, tenant.tenant_id, "adjustment", f"adj-{i}", 10 + i)
+                   for i in range(3)]  # fmt: skip
+    # Committed, not published (the process "crashed" here): the rows wait.
+    pending = await db.fetchval(
+        "SELECT count(*) FROM token_outbox WHERE tenant_id = $1 AND published_at IS NULL",
+        tenant.tenant_id,
+    )
+    assert pending == 3
+    published: list[str] = []
+
+    async def publish_then_crash(credit: TokenCredit) -> None:
+        await publish(credit)
+        published.append(credit.event_id)
+        raise ConnectionResetError("crashed after the broker's ack, before marking the row")
+
+    try:
+        with pytest.raises(ConnectionResetError):
+            await relay_pending(pool, publish_then_crash)
+        # The mark rolled back: every row is still pending and is published again.
+        assert await relay_pending(pool, publish) == 3
+        assert await relay_pending(pool, publish) == 0
+    finally:
+        await producer.stop()
+        await pool.close()
+    rows = await db.fetch(
+        "SELECT event_id FROM token_outbox WHERE tenant_id = $1 AND published_at IS NOT NULL",
+        tenant.tenant_id,
+    )
+    assert {r["event_id"] for r in rows} == {c.event_id for c in credits}
+    # On the topic: the first credit twice, with one event id (the account counts it once).
+    on_topic = await read_topic(test_settings, [topic], tenant.tenant_id)
+    ids = [TokenCredit.model_validate_json(value).event_id for _, _, value in on_topic]
+    assert sorted(ids) == sorted([published[0], *(c.event_id for c in credits)])
+
+
+async def read_topic(
+    settings: Settings, topics: list[str], tenant_id: str | None = None
+) -> list[tuple[str, bytes, bytes]]:
+    """Every record of `topics` (optionally one tenant's): (topic, key, value)."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        group_id=None,
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    records: list[tuple[str, bytes, bytes]] = []
+    try:
+        partitions = [
+            TopicPartition(topic, p) for topic in topics for p in range(settings.kafka_partitions)
+        ]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        # Up to the end offsets of now: everything produced before the call.
+        ends = await consumer.end_offsets(partitions)
+        while [tp for tp, end in ends.items() if await consumer.position(tp) < end]:
+            batch = await consumer.getmany(timeout_ms=500)
+            for messages in batch.values():
+                records.extend(
+                    (m.topic, m.key, m.value)
+                    for m in messages
+                    if tenant_id is None or m.key == tenant_id.encode()
+                )
+    finally:
+        await consumer.stop()
+    return records
+
+
+# --------------------------------------------------------------------------- through a worker
+
+
+@pytest.fixture(scope="module")
+def worker(processes: StartProcess, test_settings: Settings) -> ManagedProcess:
+    return start_worker(processes, test_settings, name="tokens-worker")
+
+
+async def balance(api: httpx.AsyncClient, tenant: Tenant, **expected: Any) -> Any:
+    async def check() -> Any:
+        response = await api.get("/api/tokens/balance", headers=tenant.headers)
+        body = response.json() if response.status_code == 200 else {}
+        return body if all(body.get(k) == v for k, v in expected.items()) else None
+
+    return await eventually(check, what=f"token balance {expected}")
+
+
+async def test_usage_pauses_the_tenant_at_zero_and_a_top_up_resumes_the_interview(
+    api_factory: ApiFactory,
+    razorpay_fake: RazorpayFake,
+    worker: ManagedProcess,
+    make_tenant: MakeTenant,
+    db: asyncpg.Connection,
+) -> None:
+    tenant = await make_tenant(tokens=3)
+    await db.execute("INSERT INTO tenant_admins (tenant_id, email) VALUES ($1, 'boss@example.com')",
+                     tenant.tenant_id)  # fmt: skip
+    worker_url = f"http://127.0.0.1:{worker.ports['web']}"
+    async with payments(api_factory, razorpay_fake, worker_url=worker_url) as api:
+        await balance(api, tenant, balance=3, paused=False)
+        contact = f"t{uuid.uuid4().hex[:6]}@example.com"
+        answers = ["hello", "We need a CRM for WhatsApp leads", "Budget is around $3k",
+                   "We want to start next month", "I am the founder"]  # fmt: skip
+        lead_id = ""
+        for text in answers[:3]:
+            lead_id = (await post(api, tenant, channel="webchat", contact=contact, text=text))[
+                "lead_id"
+            ]
+        state = await balance(api, tenant, balance=0, paused=True)
+        assert state["used_this_cycle"] == 3
+        assert state["percent_used"] == 100.0
+
+        async def alerts() -> Any:
+            rows = await db.fetch(
+                "SELECT data->>'percent' AS percent FROM notifications WHERE tenant_id = $1"
+                " AND kind = 'token_threshold' AND recipient = 'admins'",
+                tenant.tenant_id,
+            )
+            return sorted(int(r["percent"]) for r in rows) if len(rows) >= 3 else None
+
+        assert await eventually(alerts, what="threshold alerts") == [50, 80, 100]
+
+        async def turn() -> int:
+            response = await api.get(f"/api/leads/{lead_id}", headers=tenant.headers)
+            qualification = response.json()["qualification"]
+            return int(qualification["turn"]) if qualification else 0
+
+        turn_when_paused = await turn()
+        for text in answers[3:]:
+            await post(api, tenant, channel="webchat", contact=contact, text=text)
+
+        async def recorded() -> Any:
+            count = await db.fetchval("SELECT count(*) FROM messages WHERE lead_id = $1"
+                                      " AND direction = 'inbound'", lead_id)  # fmt: skip
+            return count == 5
+
+        # Paused: the messages are recorded, the interview does not move, nothing is charged.
+        await eventually(recorded, what="messages recorded while paused")
+        await asyncio.sleep(1.5)
+        assert await turn() == turn_when_paused
+        assert (await balance(api, tenant))["balance"] == 0
+
+        order = await create_order(api, tenant, "starter")
+        payment_id = f"pay_{uuid.uuid4().hex[:14]}"
+        signature = checkout_signature(order["order_id"], payment_id, razorpay_fake.key_secret)
+        verified = await api.post("/api/tokens/topup/verify", headers=tenant.headers, json={
+            "razorpay_order_id": order["order_id"], "razorpay_payment_id": payment_id,
+            "razorpay_signature": signature})  # fmt: skip
+        assert verified.json()["status"] == "credited"
+        # The two kept messages are interviewed once the credit arrives (2 tokens).
+        state = await balance(api, tenant, balance=98, paused=False)
+        assert state["used_this_cycle"] == 2
+        assert state["cycle_tokens"] == 100
+
+        async def resumed() -> Any:
+            return await turn() > turn_when_paused
+
+        await eventually(resumed, what="the interview to resume")
+
+        async def usage() -> Any:
+            response = await api.get("/api/tokens/usage?group_by=feature", headers=tenant.headers)
+            body = response.json()
+            return body if body["total_tokens"] == 5 else None
+
+        by_feature = await eventually(usage, what="usage in the ledger")
+        assert by_feature["groups"][0]["feature"] == "qualification"
+        by_lead = (await api.get("/api/tokens/usage?group_by=lead", headers=tenant.headers)).json()
+        assert by_lead["groups"] == [
+            {"lead": lead_id, "tokens": 5, "actions": 5, "prompt_tokens": 0,
+             "completion_tokens": 0}
+        ]  # fmt: skip
+        daily = await db.fetchval(
+            "SELECT sum(tokens) FROM token_usage_daily WHERE tenant_id = $1", tenant.tenant_id
+        )
+        assert daily == 5
+        bad = await api.get("/api/tokens/usage?group_by=week", headers=tenant.headers)
+        assert bad.status_code == 422
+
+
+async def test_the_token_topics_replayed_into_a_fresh_app_give_the_same_balances(
+    test_settings: Settings,
+    processes: StartProcess,
+    worker: ManagedProcess,
+    make_tenant: MakeTenant,
+    db: asyncpg.Connection,
+) -> None:
+    # Some history of our own beside the previous test's: usage, and credits of every kind.
+    tenant = await make_tenant(tokens=50)
+    async with db.transaction():
+        await enqueue_credit(db, tenant.tenant_id, "adjustment", "replay-test", 7)
+    names = TopicNames(test_settings.topic_prefix)
+
+    async def settled() -> Any:
+        pending = await db.fetchval("SELECT count(*) FROM token_outbox WHERE published_at IS NULL")
+        return pending == 0
+
+    await eventually(settled, what="the outbox relayed")
+    records = await read_topic(test_settings, [names.token_usage, names.token_credits])
+    tenants = {key.decode() for _, key, _ in records}
+    assert tenant.tenant_id in tenants
+
+    def account(url: str, tenant_id: str) -> Any:
+        status, body = http_get_json(f"{url}/internal/tenants/{tenant_id}/tokens")
+        assert status == 200, body
+        return body
+
+    original_url = f"http://127.0.0.1:{worker.ports['web']}"
+    original = {t: account(original_url, t)["balance"] for t in tenants}
+    assert original[tenant.tenant_id] == 57
+
+    fresh_settings = test_settings.model_copy(
+        update={"topic_prefix": f"{test_settings.topic_prefix}-replay"}
+    )
+    fresh = TopicNames(fresh_settings.topic_prefix)
+    await ensure_topics(fresh_settings)
+    try:
+        # Every record twice, shuffled: any order and any duplication.
+        replay = records + records
+        random.Random(7).shuffle(replay)
+        producer = AIOKafkaProducer(bootstrap_servers=test_settings.kafka_bootstrap_servers)
+        await producer.start()
+        try:
+            for topic, key, value in replay:
+                target = fresh.token_usage if topic == names.token_usage else fresh.token_credits
+                await producer.send(target, key=key, value=value)
+            await producer.flush()
+        finally:
+            await producer.stop()
+        replica = start_worker(processes, fresh_settings, name="replay-worker")
+        replica_url = f"http://127.0.0.1:{replica.ports['web']}"
+
+        async def same() -> Any:
+            replayed = {t: account(replica_url, t)["balance"] for t in tenants}
+            return replayed if replayed == original else None
+
+        await eventually(same, timeout_s=60, what="the replayed balances")
+        replica.process.terminate()
+        replica.process.wait(30)
+    finally:
+        await delete_topics(fresh_settings)
