@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from datetime import UTC, datetime
 
 from flexoraa.settings import Settings
 
@@ -91,6 +92,28 @@ def cmd_tenants_create(args: argparse.Namespace) -> int:
         finally:
             await conn.close()
         return {"tenant_id": tenant.tenant_id, "api_key": tenant.api_key}
+
+    _print_json(asyncio.run(create()))
+    return 0
+
+
+def cmd_subscriptions_create(args: argparse.Namespace) -> int:
+    import asyncpg
+
+    from flexoraa.credits import create_subscription
+
+    async def create() -> dict[str, str]:
+        conn = await asyncpg.connect(_settings(args).database_url)
+        try:
+            start = datetime.fromisoformat(args.start) if args.start else datetime.now(UTC)
+            if start.tzinfo is None:
+                start = start.replace(tzinfo=UTC)
+            subscription_id = await create_subscription(
+                conn, args.tenant_id, args.plan, args.monthly_tokens, start
+            )
+        finally:
+            await conn.close()
+        return {"subscription_id": subscription_id, "period_start": start.isoformat()}
 
     _print_json(asyncio.run(create()))
     return 0
@@ -259,6 +282,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="an admin notified of alerts (repeatable)",
     )
     create.set_defaults(func=cmd_tenants_create)
+
+    subscriptions = commands.add_parser("subscriptions", help="monthly token plans")
+    subscription_commands = subscriptions.add_subparsers(dest="subscription_command", required=True)
+    subscribe = subscription_commands.add_parser(
+        "create", help="give a tenant a plan with monthly included tokens"
+    )
+    subscribe.add_argument("--tenant-id", required=True)
+    subscribe.add_argument("--plan", required=True)
+    subscribe.add_argument("--monthly-tokens", type=int, required=True)
+    subscribe.add_argument("--start", help="ISO time the first cycle starts (default: now)")
+    subscribe.set_defaults(func=cmd_subscriptions_create)
 
     worker = commands.add_parser("worker", help="run a stream worker (Faust)")
     worker.add_argument("--web-port", type=int, help="port of the worker's web server")

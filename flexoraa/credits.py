@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import calendar
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -95,6 +96,24 @@ def add_month(moment: datetime) -> datetime:
     year, month = (moment.year + 1, 1) if moment.month == 12 else (moment.year, moment.month + 1)
     day = min(moment.day, calendar.monthrange(year, month)[1])
     return moment.replace(year=year, month=month, day=day)
+
+
+async def create_subscription(
+    conn: Connection, tenant_id: str, plan: str, monthly_tokens: int, start: datetime
+) -> str:
+    """A monthly plan from `start`; its first cycle is credited by the next relay pass."""
+    subscription_id = uuid.uuid4()
+    await conn.execute(
+        "INSERT INTO subscriptions (subscription_id, tenant_id, plan, monthly_tokens,"
+        " current_period_start, current_period_end) VALUES ($1, $2, $3, $4, $5, $6)",
+        subscription_id,
+        tenant_id,
+        plan,
+        monthly_tokens,
+        start,
+        add_month(start),
+    )
+    return str(subscription_id)
 
 
 async def credit_due_subscriptions(pool: asyncpg.Pool, now: datetime) -> int:

@@ -4,10 +4,13 @@ local server and reached through the `razorpay` SDK."""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -16,7 +19,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from pydantic import SecretStr
 
-from flexoraa.credits import enqueue_credit, relay_pending
+from flexoraa.credits import credit_due_subscriptions, enqueue_credit, relay_pending
 from flexoraa.kafka import delete_topics, ensure_topics
 from flexoraa.settings import Settings
 from schemas.tokens import TokenCredit, credit_event_id
@@ -28,6 +31,7 @@ from tests.conftest import (
     Tenant,
     free_port,
     http_get_json,
+    settings_env,
     start_worker,
 )
 from tests.fakes.razorpay_api import (
@@ -495,3 +499,51 @@ async def test_the_token_topics_replayed_into_a_fresh_app_give_the_same_balances
         replica.process.wait(30)
     finally:
         await delete_topics(fresh_settings)
+
+
+async def test_a_subscription_credits_each_monthly_cycle_once(
+    test_settings: Settings, make_tenant: MakeTenant, db: asyncpg.Connection
+) -> None:
+    tenant = await make_tenant(tokens=0)
+    started = datetime(2026, 9, 30, 8, tzinfo=UTC)
+    # Through the CLI, as an operator would.
+    created = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "flexoraa", "subscriptions", "create", "--tenant-id",
+        tenant.tenant_id, "--plan", "growth", "--monthly-tokens", "400", "--start",
+        started.isoformat(), env=settings_env(test_settings), stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    stdout, _ = await created.communicate()
+    assert created.returncode == 0
+    subscription_id = json.loads(stdout)["subscription_id"]
+    pool = await asyncpg.create_pool(test_settings.database_url, min_size=1, max_size=4)
+
+    async def subscription_credits() -> list[str]:
+        rows = await db.fetch(
+            "SELECT payload->>'reference' AS reference FROM token_outbox"
+            " WHERE tenant_id = $1 AND payload->>'source' = 'subscription' ORDER BY 1",
+            tenant.tenant_id,
+        )
+        return [r["reference"].split("|")[1] for r in rows]
+
+    try:
+        now = datetime(2026, 11, 24, 12, tzinfo=UTC)
+        # Two passes at once (two workers): the current cycle is credited once.
+        await asyncio.gather(
+            credit_due_subscriptions(pool, now), credit_due_subscriptions(pool, now)
+        )
+        assert await credit_due_subscriptions(pool, now) == 0
+        # Sep 30 → Oct 30 → Nov 30: the cycle of Nov 24 started on Oct 30.
+        assert await subscription_credits() == ["2026-10-30T08:00:00+00:00"]
+        period = await db.fetchrow(
+            "SELECT current_period_start, current_period_end FROM subscriptions"
+            " WHERE subscription_id = $1",
+            uuid.UUID(subscription_id),
+        )
+        assert period is not None
+        assert period["current_period_end"] == datetime(2026, 11, 30, 8, tzinfo=UTC)
+        assert await credit_due_subscriptions(pool, datetime(2026, 12, 1, tzinfo=UTC)) == 1
+        assert await subscription_credits() == [
+            "2026-10-30T08:00:00+00:00", "2026-11-30T08:00:00+00:00",
+        ]  # fmt: skip
+    finally:
+        await pool.close()
