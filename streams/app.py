@@ -38,7 +38,7 @@ from streams.agents.outbound import ScheduledSends, Sender
 from streams.agents.qualification import Interviewer, QualificationTopics
 from streams.agents.recovery import Recovery
 from streams.agents.sink import SinkSpec
-from streams.agents.tokens import Accounts, AiGate, Meter, TenantStatusView
+from streams.agents.tokens import Accounts, AiGate, Meter, SeenIds, TenantStatusView
 from streams.rules.qualification import Policy
 from streams.rules.tokens import parse_prices
 from streams.sink import (
@@ -139,6 +139,9 @@ def create_worker_app(settings: Settings) -> faust.App:
     token_accounts = app.Table(
         "token_accounts", key_type=bytes, partitions=settings.kafka_partitions
     )
+    seen_token_events = SeenIds(
+        app.Table("token_seen", key_type=bytes, partitions=settings.kafka_partitions)
+    )
     tokens_agent.register(
         app,
         token_events=app.topic(
@@ -151,11 +154,12 @@ def create_worker_app(settings: Settings) -> faust.App:
         ),
         accounts=Accounts(
             accounts=token_accounts,
-            seen=app.Table("token_seen", key_type=bytes, partitions=settings.kafka_partitions),
+            seen=seen_token_events,
             status_topic=tenant_status,
             notifications=notifications,
             dead_letters=dead_letters,
         ),
+        seen=seen_token_events,
         gate=gate,
         view=status_view,
         deferred=deferred_ai,

@@ -67,6 +67,27 @@ def put_in_partition(table: TableT[Any, Any], partition: int, key: Any, value: A
     table.send_changelog(partition, key, value)
 
 
+class SeenIds:
+    """The event ids already applied, kept in a table as one record per partition and batch
+    (a record per event would double the changelog traffic) and in memory for lookups."""
+
+    def __init__(self, table: TableT[bytes, Any]) -> None:
+        self.table = table
+        self._ids: set[str] = set()
+
+    def rebuild(self) -> None:
+        """After every recovery: the ids of the partitions this worker now holds."""
+        self._ids = {event_id for ids in self.table.values() for event_id in ids}
+
+    def __contains__(self, event_id: str) -> bool:
+        return event_id in self._ids
+
+    def add(self, by_partition: dict[int, list[str]]) -> None:
+        for partition, ids in by_partition.items():
+            put_in_partition(self.table, partition, uuid.uuid4().bytes, ids)
+            self._ids.update(ids)
+
+
 class Accounts:
     """Folds batches of token events into the account table (pure rule: streams.rules.tokens)."""
 
@@ -74,7 +95,7 @@ class Accounts:
         self,
         *,
         accounts: TableT[bytes, Any],
-        seen: TableT[bytes, Any],
+        seen: SeenIds,
         status_topic: TopicT,
         notifications: TopicT,
         dead_letters: TopicT,
@@ -91,6 +112,8 @@ class Accounts:
     async def apply(self, events: list[EventT[Any]]) -> None:
         changed: dict[str, tuple[int, Account]] = {}
         alerts: list[tuple[TokenUsage, int, Account]] = []
+        applied: dict[int, list[str]] = defaultdict(list)
+        in_batch: set[str] = set()
         for event in events:
             try:
                 token_event = _TOKEN_EVENT.validate_json(event.value)
@@ -99,12 +122,13 @@ class Accounts:
                     self._dead_letters, event, describe_validation_error(exc), "invalid_event"
                 )
                 continue
-            seen_key = token_event.event_id.encode()
-            if self._seen.get(seen_key) is not None:
+            event_id = token_event.event_id
+            if event_id in self._seen or event_id in in_batch:
                 TOKEN_EVENTS.labels("duplicate").inc()
                 continue
+            in_batch.add(event_id)
             partition = event.message.partition
-            put_in_partition(self._seen, partition, seen_key, token_event.tenant_id)
+            applied[partition].append(event_id)
             tenant = token_event.tenant_id
             account = changed[tenant][1] if tenant in changed else self.account(tenant)
             if isinstance(token_event, TokenUsage):
@@ -115,14 +139,20 @@ class Accounts:
                 outcome = credit(account, token_event.tokens)
                 TOKEN_EVENTS.labels("credit").inc()
             changed[tenant] = (partition, outcome.account)
+        self._seen.add(applied)
         now = datetime.now(UTC)
         for tenant, (partition, account) in changed.items():
             key = tenant.encode()
+            before = self._accounts.get(key)
             put_in_partition(self._accounts, partition, key, account.as_dict())
-            status = TenantStatus(
-                tenant_id=tenant, balance=account.balance, paused=account.paused, updated_at=now
-            )
-            await self._status_topic.send(key=key, value=status.model_dump_json().encode())
+            # Workers gate on the paused flag only: a status record when it flips (or for a
+            # new account), not one per batch of a busy tenant.
+            if before is None or Account.from_dict(before).paused != account.paused:
+                status = TenantStatus(
+                    tenant_id=tenant, balance=account.balance, paused=account.paused,
+                    updated_at=now,
+                )  # fmt: skip
+                await self._status_topic.send(key=key, value=status.model_dump_json().encode())
             TOKEN_BALANCE.labels(tenant).set(account.balance)
             TOKEN_CYCLE_USED_PERCENT.labels(tenant).set(account.cycle_percent)
             TOKEN_TENANT_PAUSED.labels(tenant).set(1 if account.paused else 0)
@@ -349,6 +379,7 @@ def register(
     *,
     token_events: TopicT,
     accounts: Accounts,
+    seen: SeenIds,
     gate: AiGate,
     view: TenantStatusView,
     deferred: TableT[bytes, Any],
@@ -372,6 +403,10 @@ def register(
     @deferred.on_recover
     async def rebuild_waiting() -> None:
         gate.rebuild()
+
+    @seen.table.on_recover
+    async def rebuild_seen() -> None:
+        seen.rebuild()
 
     @app.timer(interval=tick_s)
     async def resume_deferred_ai() -> None:
