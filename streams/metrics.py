@@ -72,4 +72,6 @@ AI_ACTIONS_DEFERRED = Counter(
 for _kind in ("usage", "credit", "duplicate"):
     TOKEN_EVENTS.labels(_kind)
 SINK_ROWS.labels("token_ledger")
+for _kind in ("qualification", "recovery"):
+    AI_ACTIONS_DEFERRED.labels(_kind)
 DEADLINES_FIRED.labels("ai_resume")
