@@ -13,6 +13,9 @@ from api.errors import ApiError
 from api.lead_state import LeadStateClient
 from api.tenants import Principal, PrincipalCache, find_principal
 from connectors.channels import ChannelDirectory
+from connectors.gmail import OAuthFlow
+from connectors.gmail_send import EmailSender
+from connectors.gmail_store import GmailStore
 from connectors.razorpay import RazorpayGateway
 from flexoraa.crypto import SecretBox
 from flexoraa.kafka import EventPublisher
@@ -40,6 +43,10 @@ class Services:
     # Tokens (issue 6)
     razorpay: RazorpayGateway
     packs: dict[str, Pack]
+    # Gmail (issue 7)
+    gmail_oauth: OAuthFlow
+    gmail_store: GmailStore
+    email_sender: EmailSender
 
 
 async def get_services(request: Request) -> Services:

@@ -17,6 +17,7 @@ from api.middleware import BodyLimitMiddleware, MetricsMiddleware
 from api.routes import (
     channels,
     events,
+    gmail,
     health,
     leads,
     leakage,
@@ -28,6 +29,9 @@ from api.routes import (
 )
 from api.tenants import PrincipalCache
 from connectors.channels import ChannelDirectory
+from connectors.gmail import OAuthFlow
+from connectors.gmail_send import EmailSender
+from connectors.gmail_store import GmailStore
 from connectors.razorpay import RazorpayGateway
 from flexoraa.crypto import load_secret_box
 from flexoraa.db import create_pool
@@ -52,6 +56,7 @@ def create_app(settings: Settings) -> FastAPI:
         publisher = EventPublisher(settings)
         lead_state = LeadStateClient(settings.worker_url)
         secret_box = load_secret_box(settings)
+        gmail_store = GmailStore(_constant(pool), secret_box)
         app.state.services = Services(
             settings=settings,
             topics=TopicNames(settings.topic_prefix),
@@ -65,6 +70,9 @@ def create_app(settings: Settings) -> FastAPI:
             latency=latency,
             razorpay=RazorpayGateway(settings),
             packs=parse_packs(settings.token_packs, settings.payment_currency),
+            gmail_oauth=OAuthFlow(settings),
+            gmail_store=gmail_store,
+            email_sender=EmailSender(settings, gmail_store),
         )
         await latency.start()
         # Everything allocated so far lives as long as the process: keep it out of the
@@ -99,6 +107,8 @@ def create_app(settings: Settings) -> FastAPI:
     # --- Tokens and Razorpay (issue 6) ---
     app.include_router(notifications.router)
     app.include_router(tokens.router)
+    # --- Gmail (issue 7) ---
+    app.include_router(gmail.router)
     # --- SLA monitoring (issue 8) ---
     app.include_router(monitoring.router)
     # Built here (no I/O until the lifespan starts it) so the middleware can hold it.

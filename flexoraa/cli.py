@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from datetime import UTC, datetime
+from typing import Any
 
 from flexoraa.settings import Settings
 
@@ -119,6 +120,40 @@ def cmd_subscriptions_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gmail_poller(args: argparse.Namespace) -> int:
+    from connectors.gmail_poller import GmailPoller
+    from connectors.gmail_store import GmailStore
+    from flexoraa.crypto import load_secret_box
+    from flexoraa.db import create_pool
+    from flexoraa.kafka import EventPublisher
+
+    settings = _settings(args)
+
+    async def run() -> None:
+        pool = await create_pool(settings)
+        publisher = EventPublisher(settings)
+
+        async def pool_factory() -> Any:
+            return pool
+
+        poller = GmailPoller(
+            settings, GmailStore(pool_factory, load_secret_box(settings)), publisher
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        logging.getLogger(__name__).info("gmail poller %s started", poller.owner)
+        try:
+            await poller.run(stop)
+        finally:
+            await publisher.close()
+            await pool.close()
+
+    asyncio.run(run())
+    return 0
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from faust import Worker
 
@@ -214,6 +249,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         "worker": subprocess.Popen([*python, "worker"]),
         "api": subprocess.Popen([*python, "api"]),
     }
+    if settings.enable_gmail_polling:
+        children["gmail-poller"] = subprocess.Popen([*python, "gmail-poller"])
 
     def stop_children(*_: object) -> None:
         for child in children.values():
@@ -304,6 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="run a stream worker (Faust)")
     worker.add_argument("--web-port", type=int, help="port of the worker's web server")
     worker.set_defaults(func=cmd_worker)
+
+    poller = commands.add_parser(
+        "gmail-poller", help="poll connected Gmail mailboxes (run as many as you like)"
+    )
+    poller.set_defaults(func=cmd_gmail_poller)
 
     api = commands.add_parser("api", help="run the HTTP API (uvicorn)")
     api.add_argument("--port", type=int)

@@ -194,6 +194,41 @@ class Settings(BaseSettings):
         "(none: send as soon as due)",
     )
 
+    # --- Gmail (issue 7) ---
+    gmail_client_id: str | None = Field(
+        None, description="Google OAuth client id (unset: the Gmail endpoints answer 503)"
+    )
+    gmail_client_secret: SecretStr | None = Field(None, description="Google OAuth client secret")
+    gmail_redirect_uri: str = Field(
+        "http://127.0.0.1:8000/api/integrations/gmail/callback",
+        description="OAuth redirect URI registered with Google (the API's callback)",
+    )
+    gmail_auth_url: str = Field(
+        "https://accounts.google.com/o/oauth2/v2/auth", description="Google's consent page"
+    )
+    gmail_token_url: str = Field(
+        "https://oauth2.googleapis.com/token", description="Google's OAuth token endpoint"
+    )
+    gmail_api_url: str = Field(
+        "https://gmail.googleapis.com/", description="Gmail API base URL (tests use a local server)"
+    )
+    gmail_poll_interval_s: float = Field(
+        60.0, ge=1, description="how often each connected mailbox is polled (history.list)"
+    )
+    gmail_resync_days: int = Field(
+        7, ge=1, le=90, description="a full resync (history too old) reads this many days back"
+    )
+    gmail_state_ttl_s: int = Field(
+        600, ge=30, description="how long a consent URL's state is accepted by the callback"
+    )
+    gmail_lease_s: int = Field(
+        120, ge=10, description="a poller holds a mailbox this long at most (a crashed poller's "
+        "mailboxes are taken over after it)",
+    )  # fmt: skip
+    gmail_poll_concurrency: int = Field(
+        8, ge=1, le=256, description="mailboxes one poller polls at the same time"
+    )
+
     # --- Tokens and Razorpay (issue 6) ---
     token_packs: str = Field(
         "starter=100@50,growth=500@200,pro=1000@350,enterprise=5000@1500",

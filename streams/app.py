@@ -10,6 +10,8 @@ from faust.sensors.prometheus import setup_prometheus_sensors
 
 from connectors.ai import QualificationAI
 from connectors.channels import ChannelDirectory
+from connectors.gmail_send import EmailSender
+from connectors.gmail_store import GmailStore
 from connectors.mailer import Mailer
 from connectors.sdrs import SdrRouter
 from connectors.tenants import TenantSettings
@@ -208,7 +210,8 @@ def create_worker_app(settings: Settings) -> faust.App:
         )
 
     # --- WhatsApp and Meta channels (issue 3) ---
-    sender = Sender(settings, graph, channels, outbound_messages, latency)
+    email = EmailSender(settings, GmailStore(pool, secret_box))
+    sender = Sender(settings, graph, channels, outbound_messages, latency, email)
     scheduled = ScheduledSends(
         app.Table("scheduled", key_type=bytes, partitions=settings.kafka_partitions),
         scheduler,

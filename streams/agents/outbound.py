@@ -13,6 +13,8 @@ from faust.types import AppT, StreamT, TableT, TopicT
 from pydantic import Field, TypeAdapter, ValidationError
 
 from connectors.channels import Channel, ChannelDirectory
+from connectors.gmail import GmailApiError, GmailNotConfigured, MailboxRevoked
+from connectors.gmail_send import EmailSender, NoMailbox
 from connectors.whatsapp import OUTSIDE_WINDOW_ERROR, GraphApiClient, GraphApiError, Template
 from flexoraa.settings import Settings
 from schemas.latency import LatencyEvent
@@ -43,7 +45,9 @@ class Sender:
         channels: ChannelDirectory,
         outbound_messages: TopicT,
         latency: TopicT,
+        email: EmailSender,
     ) -> None:
+        self._email = email
         self._latency_topic = latency
         self._settings = settings
         self._graph = graph
@@ -57,6 +61,9 @@ class Sender:
             )
             return
         channel_kind = session["channel"]
+        if channel_kind == "email":
+            await self._send_email(command, session)
+            return
         now_ms = int(time.time() * 1000)
         plan = plan_send(
             channel_kind,
@@ -116,6 +123,26 @@ class Sender:
                 command, attempt, channel_kind, kind, "accepted", message_id=message_id
             )
             return
+
+    async def _send_email(self, command: OutboundCommand, session: dict[str, Any]) -> None:
+        """E-mail has no window: through the tenant's Gmail, in the lead's thread."""
+        started = time.perf_counter()
+        try:
+            sent = await self._email.send(
+                command.tenant_id, to=session["contact"], body=command.text,
+                lead_id=command.lead_id,
+            )  # fmt: skip
+        except NoMailbox as exc:
+            await self._report(command, 1, "email", None, "failed", error=("no_channel", str(exc)))
+            return
+        except (GmailApiError, MailboxRevoked, GmailNotConfigured) as exc:
+            await self._latency(command, started, ok=False, detail=type(exc).__name__)
+            await self._report(command, 1, "email", "freeform", "failed", error=("gmail", str(exc)))
+            return
+        await self._latency(command, started, ok=True, detail=None)
+        await self._report(
+            command, 1, "email", "freeform", "accepted", message_id=sent.gmail_message_id
+        )
 
     async def _latency(
         self, command: OutboundCommand, started: float, *, ok: bool, detail: str | None

@@ -1,0 +1,249 @@
+"""Gmail: the OAuth code flow, and a mailbox client on `google-api-python-client`.
+
+The Google client is synchronous (httplib2), so every call runs in a worker thread; one
+`Mailbox` is used by one task at a time (the client is not thread-safe). Refresh of an expired
+access token is the client's own (google-auth, against `GMAIL_TOKEN_URL`); a refresh token
+Google no longer accepts surfaces as `MailboxRevoked`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from functools import partial
+from typing import Any, TypeVar
+from urllib.parse import urlencode
+
+import httpx
+from google.auth.exceptions import RefreshError
+from google.oauth2.credentials import Credentials
+from googleapiclient.discovery import build
+from googleapiclient.errors import HttpError
+
+from flexoraa.settings import Settings
+
+SCOPES = (
+    "https://www.googleapis.com/auth/gmail.readonly",
+    "https://www.googleapis.com/auth/gmail.send",
+)
+T = TypeVar("T")
+
+
+class GmailNotConfigured(RuntimeError):
+    """GMAIL_CLIENT_ID / GMAIL_CLIENT_SECRET are unset."""
+
+
+class MailboxRevoked(RuntimeError):
+    """Google refused the refresh token (revoked or expired): the mailbox must reconnect."""
+
+
+class HistoryExpired(RuntimeError):
+    """history.list answered 404: the stored historyId is too old; a full sync is needed."""
+
+
+class GmailApiError(RuntimeError):
+    """Any other Gmail API failure (retried on the next poll)."""
+
+
+@dataclass(frozen=True)
+class Tokens:
+    access_token: str
+    refresh_token: str
+    expiry: datetime | None
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "access_token": self.access_token,
+                "refresh_token": self.refresh_token,
+                "expiry": self.expiry.isoformat() if self.expiry else None,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Tokens:
+        data = json.loads(text)
+        expiry = datetime.fromisoformat(data["expiry"]) if data.get("expiry") else None
+        return cls(data["access_token"], data["refresh_token"], expiry)
+
+
+class OAuthFlow:
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+
+    @property
+    def configured(self) -> bool:
+        return bool(self._settings.gmail_client_id and self._settings.gmail_client_secret)
+
+    def _client(self) -> tuple[str, str]:
+        client_id, secret = self._settings.gmail_client_id, self._settings.gmail_client_secret
+        if not client_id or secret is None:
+            raise GmailNotConfigured(
+                "Gmail is not configured: set GMAIL_CLIENT_ID and GMAIL_CLIENT_SECRET"
+            )
+        return client_id, secret.get_secret_value()
+
+    def consent_url(self, state: str) -> str:
+        client_id, _ = self._client()
+        query = urlencode(
+            {
+                "client_id": client_id,
+                "redirect_uri": self._settings.gmail_redirect_uri,
+                "response_type": "code",
+                "scope": " ".join(SCOPES),
+                # A refresh token is issued only with offline access, and again on a reconnect
+                # only when consent is prompted.
+                "access_type": "offline",
+                "prompt": "consent",
+                "include_granted_scopes": "true",
+                "state": state,
+            }
+        )
+        return f"{self._settings.gmail_auth_url}?{query}"
+
+    async def exchange(self, code: str) -> Tokens:
+        client_id, secret = self._client()
+        async with httpx.AsyncClient(timeout=15) as client:
+            response = await client.post(
+                self._settings.gmail_token_url,
+                data={
+                    "code": code,
+                    "client_id": client_id,
+                    "client_secret": secret,
+                    "redirect_uri": self._settings.gmail_redirect_uri,
+                    "grant_type": "authorization_code",
+                },
+            )
+        body = response.json() if response.content else {}
+        if response.status_code != 200:
+            raise MailboxRevoked(f"Google refused the code: {body.get('error', response.text)}")
+        if not body.get("refresh_token"):
+            raise MailboxRevoked("Google issued no refresh token (offline access not granted)")
+        expires_in = int(body.get("expires_in", 3600))
+        return Tokens(
+            body["access_token"],
+            body["refresh_token"],
+            datetime.now(UTC) + timedelta(seconds=expires_in),
+        )
+
+
+class Mailbox:
+    """One connected mailbox ("me" of its tokens)."""
+
+    def __init__(self, settings: Settings, tokens: Tokens) -> None:
+        client_id, secret = settings.gmail_client_id, settings.gmail_client_secret
+        if not client_id or secret is None:
+            raise GmailNotConfigured("Gmail is not configured: set GMAIL_CLIENT_ID")
+        self._credentials = Credentials(  # type: ignore[no-untyped-call]
+            token=tokens.access_token,
+            refresh_token=tokens.refresh_token,
+            token_uri=settings.gmail_token_url,
+            client_id=client_id,
+            client_secret=secret.get_secret_value(),
+            scopes=list(SCOPES),
+            # google-auth compares expiry with a naive UTC now.
+            expiry=tokens.expiry.astimezone(UTC).replace(tzinfo=None) if tokens.expiry else None,
+        )
+        self._service = build(
+            "gmail",
+            "v1",
+            credentials=self._credentials,
+            static_discovery=True,
+            cache_discovery=False,
+            client_options={"api_endpoint": settings.gmail_api_url},
+        )
+        self._initial = tokens
+
+    @property
+    def tokens(self) -> Tokens:
+        """The current tokens (a refresh changes the access token)."""
+        expiry = self._credentials.expiry
+        return Tokens(
+            self._credentials.token or self._initial.access_token,
+            self._credentials.refresh_token or self._initial.refresh_token,
+            expiry.replace(tzinfo=UTC) if expiry else None,
+        )
+
+    async def _call(self, request: Callable[[], T], *, history_id: int | None = None) -> T:
+        try:
+            return await asyncio.to_thread(request)
+        except RefreshError as exc:
+            raise MailboxRevoked(f"Google refused the refresh token: {exc}") from exc
+        except HttpError as exc:
+            if exc.resp.status == 404 and history_id is not None:
+                raise HistoryExpired(f"historyId {history_id} is no longer available") from exc
+            if exc.resp.status == 401:
+                raise MailboxRevoked(f"Gmail refused the credentials: {exc}") from exc
+            raise GmailApiError(f"Gmail API answered {exc.resp.status}: {exc}") from exc
+        except OSError as exc:
+            raise GmailApiError(f"Gmail API unreachable: {exc!r}") from exc
+
+    async def profile(self) -> tuple[str, int]:
+        """The mailbox's address and current historyId."""
+        users = self._service.users()
+        profile = await self._call(lambda: users.getProfile(userId="me").execute(num_retries=2))
+        return str(profile["emailAddress"]).lower(), int(profile["historyId"])
+
+    async def added_since(self, history_id: int) -> tuple[list[str], int]:
+        """Ids of messages added to the INBOX after `history_id` (every page), and the newest
+        historyId seen."""
+        history = self._service.users().history()
+        ids: list[str] = []
+        newest = history_id
+        page_token: str | None = None
+        while True:
+            request = history.list(
+                userId="me",
+                startHistoryId=str(history_id),
+                historyTypes=["messageAdded"],
+                labelId="INBOX",
+                pageToken=page_token,
+            )
+            page: dict[str, Any] = await self._call(
+                partial(request.execute, num_retries=2), history_id=history_id
+            )
+            for record in page.get("history", []):
+                for added in record.get("messagesAdded", []):
+                    message = added.get("message", {})
+                    if "INBOX" in message.get("labelIds", ["INBOX"]) and message["id"] not in ids:
+                        ids.append(message["id"])
+            newest = max(newest, int(page.get("historyId", newest)))
+            page_token = page.get("nextPageToken")
+            if not page_token:
+                return ids, newest
+
+    async def inbox_since(self, since: datetime) -> list[str]:
+        """Ids of INBOX messages received after `since` (every page), for a full resync."""
+        messages = self._service.users().messages()
+        ids: list[str] = []
+        page_token: str | None = None
+        while True:
+            request = messages.list(
+                userId="me",
+                q=f"in:inbox after:{int(since.timestamp())}",
+                pageToken=page_token,
+                maxResults=500,
+            )
+            page: dict[str, Any] = await self._call(partial(request.execute, num_retries=2))
+            ids.extend(m["id"] for m in page.get("messages", []))
+            page_token = page.get("nextPageToken")
+            if not page_token:
+                return ids
+
+    async def fetch(self, message_id: str) -> dict[str, Any]:
+        """The message in `raw` format: {id, threadId, labelIds, raw, internalDate}."""
+        messages = self._service.users().messages()
+        request = messages.get(userId="me", id=message_id, format="raw")
+        result: dict[str, Any] = await self._call(lambda: request.execute(num_retries=2))
+        return result
+
+    async def send(self, raw: str, thread_id: str | None) -> dict[str, Any]:
+        body: dict[str, Any] = {"raw": raw}
+        if thread_id:
+            body["threadId"] = thread_id
+        request = self._service.users().messages().send(userId="me", body=body)
+        result: dict[str, Any] = await self._call(lambda: request.execute(num_retries=2))
+        return result

@@ -1,0 +1,133 @@
+"""E-mail as the pipeline reads and writes it: parsing a fetched message, composing a reply.
+
+Pure: bytes in, values out (stdlib `email` with the modern policy decodes charsets and
+transfer encodings; `html.parser` turns an HTML-only body into text).
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from dataclasses import dataclass, field
+from email import message_from_bytes, policy
+from email.message import EmailMessage, MIMEPart
+from email.utils import getaddresses, make_msgid, parseaddr
+from html.parser import HTMLParser
+
+
+@dataclass(frozen=True)
+class ParsedMail:
+    sender: str  # lower-case address
+    sender_name: str | None
+    to: tuple[str, ...]
+    subject: str
+    text: str
+    message_id: str | None  # RFC 822 Message-ID, with angle brackets
+    references: str | None
+    attachments: tuple[str, ...] = field(default=())
+
+
+class _HtmlText(HTMLParser):
+    _BLOCKS = frozenset({"p", "div", "br", "li", "tr", "h1", "h2", "h3", "h4", "blockquote"})
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self._skip = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in {"script", "style", "head"}:
+            self._skip += 1
+        elif tag in self._BLOCKS:
+            self.parts.append("\n")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in {"script", "style", "head"} and self._skip:
+            self._skip -= 1
+        elif tag in self._BLOCKS:
+            self.parts.append("\n")
+
+    def handle_data(self, data: str) -> None:
+        if not self._skip:
+            self.parts.append(data)
+
+
+def html_to_text(html: str) -> str:
+    parser = _HtmlText()
+    parser.feed(html)
+    parser.close()
+    text = "".join(parser.parts)
+    lines = [re.sub(r"[ \t\xa0]+", " ", line).strip() for line in text.splitlines()]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+def parse_message(raw: bytes) -> ParsedMail:
+    """The sender, subject, text (text/plain preferred, else HTML as text) and attachment names."""
+    message = message_from_bytes(raw, policy=policy.default)
+    assert isinstance(message, EmailMessage)
+    name, address = parseaddr(str(message.get("From", "")))
+    attachments = tuple(
+        part.get_filename() or part.get_content_type()
+        for part in message.iter_attachments()
+        if part.get_content_disposition() == "attachment" or part.get_filename()
+    )
+    body = message.get_body(preferencelist=("plain", "html"))
+    text = ""
+    if body is not None:
+        content = _content(body)
+        text = html_to_text(content) if body.get_content_type() == "text/html" else content
+    return ParsedMail(
+        sender=address.strip().lower(),
+        sender_name=name.strip() or None,
+        to=tuple(a.lower() for _, a in getaddresses([str(v) for v in message.get_all("To", [])])),
+        subject=str(message.get("Subject", "")).strip(),
+        text=text.strip(),
+        message_id=_header(message, "Message-ID"),
+        references=_header(message, "References"),
+        attachments=attachments,
+    )
+
+
+def _content(part: MIMEPart) -> str:
+    try:
+        content = part.get_content()
+    except (LookupError, UnicodeDecodeError):
+        # An unknown or lying charset: keep the text readable rather than lose the message.
+        payload = part.get_payload(decode=True)
+        content = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else ""
+    return content if isinstance(content, str) else ""
+
+
+def _header(message: EmailMessage, name: str) -> str | None:
+    value = message.get(name)
+    return " ".join(str(value).split()) if value else None
+
+
+def compose(
+    *,
+    sender: str,
+    to: str,
+    subject: str,
+    body: str,
+    in_reply_to: str | None = None,
+    references: str | None = None,
+) -> tuple[str, str]:
+    """An RFC 822 message as Gmail's `raw` (base64url) and its Message-ID."""
+    message = EmailMessage()
+    message["From"] = sender
+    message["To"] = to
+    message["Subject"] = subject
+    message_id = make_msgid(domain=sender.rsplit("@", 1)[-1] or None)
+    message["Message-ID"] = message_id
+    if in_reply_to:
+        message["In-Reply-To"] = in_reply_to
+        message["References"] = f"{references} {in_reply_to}" if references else in_reply_to
+    message.set_content(body)
+    return base64.urlsafe_b64encode(message.as_bytes()).decode(), message_id
+
+
+def reply_subject(subject: str | None) -> str:
+    subject = (subject or "").strip()
+    if not subject:
+        return "Re: your message"
+    return subject if subject.lower().startswith("re:") else f"Re: {subject}"
