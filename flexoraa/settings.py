@@ -20,7 +20,10 @@ class Settings(BaseSettings):
     """Configuration read from environment variables (and an optional `.env` file)."""
 
     # "none" in the environment unsets an optional setting (e.g. RECOVERY_LOCAL_HOUR=none).
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", env_parse_none_str="none")
+    # An empty variable counts as unset (compose passes `${RAZORPAY_KEY_ID:-}` as "").
+    model_config = SettingsConfigDict(
+        env_file=".env", extra="ignore", env_parse_none_str="none", env_ignore_empty=True
+    )
 
     environment: Literal["development", "test", "production"] = Field(
         "development", description="production refuses development-only defaults"

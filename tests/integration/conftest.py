@@ -5,6 +5,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import httpx
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from api.main import create_app
 from flexoraa.settings import Settings
@@ -48,3 +49,35 @@ async def graph() -> AsyncIterator[GraphApiFake]:
     await fake.start(free_port())
     yield fake
     await fake.stop()
+
+
+async def read_topic(
+    settings: Settings, topics: list[str], tenant_id: str | None = None
+) -> list[tuple[str, bytes, bytes]]:
+    """Every record of `topics` (optionally one tenant's): (topic, key, value)."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        group_id=None,
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    records: list[tuple[str, bytes, bytes]] = []
+    try:
+        partitions = [
+            TopicPartition(topic, p) for topic in topics for p in range(settings.kafka_partitions)
+        ]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        # Up to the end offsets of now: everything produced before the call.
+        ends = await consumer.end_offsets(partitions)
+        while [tp for tp, end in ends.items() if await consumer.position(tp) < end]:
+            batch = await consumer.getmany(timeout_ms=500)
+            for messages in batch.values():
+                records.extend(
+                    (m.topic, m.key, m.value)
+                    for m in messages
+                    if tenant_id is None or m.key == tenant_id.encode()
+                )
+    finally:
+        await consumer.stop()
+    return records

@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 from pydantic import SecretStr
 
 from flexoraa.credits import credit_due_subscriptions, enqueue_credit, relay_pending
@@ -40,7 +40,7 @@ from tests.fakes.razorpay_api import (
     webhook_body,
     webhook_signature,
 )
-from tests.integration.conftest import ApiFactory
+from tests.integration.conftest import ApiFactory, read_topic
 from tests.integration.test_pipeline import eventually, post
 
 pytestmark = pytest.mark.integration
@@ -295,38 +295,6 @@ async def test_the_outbox_survives_a_crash_between_commit_and_publish(
     on_topic = await read_topic(test_settings, [topic], tenant.tenant_id)
     ids = [TokenCredit.model_validate_json(value).event_id for _, _, value in on_topic]
     assert sorted(ids) == sorted([published[0], *(c.event_id for c in credits)])
-
-
-async def read_topic(
-    settings: Settings, topics: list[str], tenant_id: str | None = None
-) -> list[tuple[str, bytes, bytes]]:
-    """Every record of `topics` (optionally one tenant's): (topic, key, value)."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap_servers,
-        group_id=None,
-        enable_auto_commit=False,
-    )
-    await consumer.start()
-    records: list[tuple[str, bytes, bytes]] = []
-    try:
-        partitions = [
-            TopicPartition(topic, p) for topic in topics for p in range(settings.kafka_partitions)
-        ]
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        # Up to the end offsets of now: everything produced before the call.
-        ends = await consumer.end_offsets(partitions)
-        while [tp for tp, end in ends.items() if await consumer.position(tp) < end]:
-            batch = await consumer.getmany(timeout_ms=500)
-            for messages in batch.values():
-                records.extend(
-                    (m.topic, m.key, m.value)
-                    for m in messages
-                    if tenant_id is None or m.key == tenant_id.encode()
-                )
-    finally:
-        await consumer.stop()
-    return records
 
 
 # --------------------------------------------------------------------------- through a worker

@@ -1,0 +1,442 @@
+"""Gmail through `google-api-python-client` against a local server speaking the Gmail API and
+Google's token endpoint; real PostgreSQL and Kafka."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from email import message_from_bytes, policy
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+import asyncpg
+import pytest
+from pydantic import SecretStr
+
+from connectors.gmail import Tokens
+from connectors.gmail_poller import GmailPoller
+from connectors.gmail_store import GmailStore
+from flexoraa.crypto import load_secret_box
+from flexoraa.kafka import EventPublisher
+from flexoraa.settings import Settings
+from schemas.events import InboundMessage
+from schemas.messaging import OutboundMessage
+from schemas.notifications import Notification
+from schemas.topics import TopicNames
+from tests.conftest import MakeTenant, ManagedProcess, StartProcess, free_port, start_worker
+from tests.fakes.gmail_api import GmailFake
+from tests.integration.conftest import ApiFactory, read_topic
+from tests.integration.test_pipeline import eventually
+from tests.unit.test_gmail_mime import ALTERNATIVE, BASE64_WITH_ATTACHMENT, LATIN1_QP
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+async def gmail() -> AsyncIterator[GmailFake]:
+    fake = GmailFake()
+    await fake.start(free_port())
+    yield fake
+    await fake.stop()
+
+
+@pytest.fixture
+def gmail_settings(test_settings: Settings, gmail: GmailFake) -> Settings:
+    return test_settings.model_copy(
+        update={
+            "gmail_client_id": "123-fake.apps.googleusercontent.com",
+            "gmail_client_secret": SecretStr("GOCSPX-fake"),
+            "gmail_token_url": f"{gmail.url}/token",
+            "gmail_api_url": f"{gmail.url}/",
+            "gmail_auth_url": f"{gmail.url}/o/oauth2/v2/auth",
+            "gmail_redirect_uri": "https://app.example.com/api/integrations/gmail/callback",
+            "gmail_poll_interval_s": 1.0,
+        }
+    )
+
+
+@pytest.fixture
+async def store(gmail_settings: Settings) -> AsyncIterator[GmailStore]:
+    pool = await asyncpg.create_pool(gmail_settings.database_url, min_size=1, max_size=8)
+
+    async def factory() -> asyncpg.Pool:
+        return pool
+
+    yield GmailStore(factory, load_secret_box(gmail_settings))
+    await pool.close()
+
+
+@pytest.fixture
+async def publisher(gmail_settings: Settings) -> AsyncIterator[EventPublisher]:
+    publisher = EventPublisher(gmail_settings)
+    yield publisher
+    await publisher.close()
+
+
+def mail(sender: str, subject: str, body: str, message_id: str | None = None) -> bytes:
+    message_id = message_id or f"<{uuid.uuid4().hex}@mail.example.com>"
+    return (f"From: {sender}\nTo: sales@acme.test\nSubject: {subject}\nMessage-ID: {message_id}\n"
+            f"Content-Type: text/plain; charset=utf-8\n\n{body}\n").encode()  # fmt: skip
+
+
+async def connected(
+    gmail: GmailFake, store: GmailStore, tenant_id: str, email: str | None = None
+) -> tuple[str, str]:
+    """A mailbox connected as the callback would: (mailbox address, integration id)."""
+    email = email or f"sales-{uuid.uuid4().hex[:6]}@acme.test"
+    mailbox = gmail.add_mailbox(email)
+    token, refresh = gmail.grant(email)
+    integration_id = await store.connect(
+        tenant_id, email, Tokens(token, refresh, None), mailbox.history_id
+    )
+    return email, integration_id
+
+
+async def inbound_events(settings: Settings, tenant_id: str) -> list[InboundMessage]:
+    records = await read_topic(settings, [TopicNames(settings.topic_prefix).inbound_messages])
+    events = [InboundMessage.model_validate_json(value) for _, _, value in records]
+    return [e for e in events if e.tenant_id == tenant_id and e.channel == "email"]
+
+
+async def due_now(db: asyncpg.Connection, integration_id: str) -> None:
+    await db.execute("UPDATE gmail_poll_state SET next_poll_at = now() WHERE integration_id = $1",
+                     uuid.UUID(integration_id))  # fmt: skip
+
+
+async def test_the_oauth_flow_connects_a_mailbox_and_a_state_works_once(
+    api_factory: ApiFactory,
+    gmail: GmailFake,
+    gmail_settings: Settings,
+    make_tenant: MakeTenant,
+    db: asyncpg.Connection,
+) -> None:
+    tenant = await make_tenant()
+    overrides = {k: getattr(gmail_settings, k) for k in (
+        "gmail_client_id", "gmail_client_secret", "gmail_token_url", "gmail_api_url",
+        "gmail_auth_url", "gmail_redirect_uri")}  # fmt: skip
+    async with api_factory() as unconfigured:
+        answer = await unconfigured.get("/api/integrations/gmail/auth-url", headers=tenant.headers)
+        assert answer.status_code == 503
+    async with api_factory(**overrides) as api:
+        consent = (await api.get("/api/integrations/gmail/auth-url", headers=tenant.headers)).json()
+        query = {k: v[0] for k, v in parse_qs(urlparse(consent["url"]).query).items()}
+        assert query["access_type"] == "offline"
+        assert query["prompt"] == "consent"
+        assert set(query["scope"].split()) == {
+            "https://www.googleapis.com/auth/gmail.readonly",
+            "https://www.googleapis.com/auth/gmail.send",
+        }
+        assert query["redirect_uri"] == gmail_settings.gmail_redirect_uri
+        assert query["state"] == consent["state"]
+
+        email = f"owner-{uuid.uuid4().hex[:6]}@acme.test"
+        gmail.add_mailbox(email)
+        callback = "/api/integrations/gmail/callback"
+        forged = await api.get(callback, params={"code": gmail.issue_code(email), "state": "x"})
+        assert forged.status_code == 400
+        code = gmail.issue_code(email)
+        done = await api.get("/api/integrations/gmail/callback",
+                             params={"code": code, "state": consent["state"]})  # fmt: skip
+        assert done.status_code == 200, done.text
+        assert done.json()["account"] == email
+        exchange = gmail.token_requests[-1]
+        assert exchange["grant_type"] == "authorization_code"
+        assert exchange["redirect_uri"] == gmail_settings.gmail_redirect_uri
+        reused = await api.get(
+            callback, params={"code": gmail.issue_code(email), "state": consent["state"]}
+        )
+        assert reused.status_code == 400
+
+        expired = (await api.get("/api/integrations/gmail/auth-url", headers=tenant.headers)).json()
+        await db.execute("UPDATE oauth_states SET expires_at = now() - interval '1 second'"
+                         " WHERE state = $1", expired["state"])  # fmt: skip
+        late = await api.get(
+            callback, params={"code": gmail.issue_code(email), "state": expired["state"]}
+        )
+        assert late.status_code == 400
+
+        row = await db.fetchrow(
+            "SELECT c.encrypted_secret, p.history_id FROM integration_credentials c"
+            " JOIN gmail_poll_state p USING (integration_id) WHERE c.account = $1", email
+        )  # fmt: skip
+        assert row is not None
+        assert row["history_id"] == gmail.mailboxes[email].history_id
+        assert gmail.mailboxes[email].refresh_token.encode() not in row["encrypted_secret"]
+        status = (await api.get("/api/integrations/status", headers=tenant.headers)).json()
+        (integration,) = status["integrations"]
+        assert integration["account"] == email
+        assert integration["connected"] is True
+        assert integration["last_successful_poll"] is None
+
+
+async def test_incremental_sync_follows_pages_and_skips_what_the_mailbox_sent(
+    gmail: GmailFake,
+    gmail_settings: Settings,
+    store: GmailStore,
+    publisher: EventPublisher,
+    make_tenant: MakeTenant,
+    db: asyncpg.Connection,
+) -> None:
+    tenant = await make_tenant()
+    email, integration_id = await connected(gmail, store, tenant.tenant_id)
+    raws = [ALTERNATIVE, LATIN1_QP, BASE64_WITH_ATTACHMENT, mail("ana@example.com", "Hi", "1st"),
+            mail("ana@example.com", "Re: Hi", "2nd")]  # fmt: skip
+    ids = [gmail.deliver(email, raw) for raw in raws]
+    gmail.deliver(email, mail(email, "Re: Hello", "our own reply"), labels=("SENT",))
+    gmail.deliver(email, mail("spam@example.com", "Win", "spam"), labels=("SPAM",))
+    poller = GmailPoller(gmail_settings, store, publisher)
+    await poller.poll_due()  # (mailboxes of earlier tests are due as well)
+    events = await inbound_events(gmail_settings, tenant.tenant_id)
+    assert sorted(e.channel_message_id or "" for e in events) == sorted(ids)  # 3 pages of 2
+    by_id = {e.channel_message_id: e for e in events}
+    ravi = by_id[ids[0]]
+    assert ravi.contact == "ravi@example.com"
+    assert ravi.contact_name == "Ravi Kumar"
+    assert ravi.text.startswith("Hi, we need a CRM for 20 seats")
+    assert by_id[ids[1]].text == "Necesitamos información para el próximo año."
+    assert "[attachments: specs.pdf]" in by_id[ids[2]].text
+    assert by_id[ids[3]].lead_id == by_id[ids[4]].lead_id  # one lead per sender
+    state = await db.fetchrow("SELECT history_id, last_success_at, lease_owner FROM"
+                              " gmail_poll_state WHERE integration_id = $1",
+                              uuid.UUID(integration_id))  # fmt: skip
+    assert state is not None
+    assert state["history_id"] == gmail.mailboxes[email].history_id
+    assert state["last_success_at"] is not None
+    assert state["lease_owner"] is None
+    # When due again, nothing new is ingested.
+    await due_now(db, integration_id)
+    await poller.poll_due()
+    polled_again = await db.fetchval(
+        "SELECT last_success_at FROM gmail_poll_state WHERE integration_id = $1",
+        uuid.UUID(integration_id),
+    )
+    assert polled_again > state["last_success_at"]
+    assert len(await inbound_events(gmail_settings, tenant.tenant_id)) == len(ids)
+
+
+async def test_a_too_old_history_id_triggers_a_bounded_full_resync_without_duplicates(
+    gmail: GmailFake,
+    gmail_settings: Settings,
+    store: GmailStore,
+    publisher: EventPublisher,
+    make_tenant: MakeTenant,
+    db: asyncpg.Connection,
+) -> None:
+    tenant = await make_tenant()
+    email, integration_id = await connected(gmail, store, tenant.tenant_id)
+    first = [gmail.deliver(email, mail("bo@example.com", f"m{i}", f"body {i}")) for i in range(3)]
+    poller = GmailPoller(gmail_settings, store, publisher)
+    await poller.poll_due()
+    later = [gmail.deliver(email, mail("cy@example.com", f"n{i}", f"later {i}")) for i in range(2)]
+    # Gmail forgot the history we know: 404, then the full listing (which includes `first`).
+    gmail.mailboxes[email].oldest_history_id = gmail.mailboxes[email].history_id
+    await due_now(db, integration_id)
+    await poller.poll_due()
+    events = await inbound_events(gmail_settings, tenant.tenant_id)
+    ids = Counter(e.event_id for e in events)
+    assert sorted({e.channel_message_id or "" for e in events}) == sorted(first + later)
+    # Resync re-published `first` with the same event ids: downstream they are one event each.
+    assert len(ids) == len(first) + len(later)
+    state = await db.fetchval("SELECT history_id FROM gmail_poll_state WHERE integration_id = $1",
+                              uuid.UUID(integration_id))  # fmt: skip
+    assert state == gmail.mailboxes[email].history_id
+
+
+async def test_an_expired_access_token_is_refreshed_and_stored(
+    gmail: GmailFake,
+    gmail_settings: Settings,
+    store: GmailStore,
+    publisher: EventPublisher,
+    make_tenant: MakeTenant,
+) -> None:
+    tenant = await make_tenant()
+    email, _ = await connected(gmail, store, tenant.tenant_id)
+    gmail.expire_access_tokens(email)
+    message_id = gmail.deliver(email, mail("di@example.com", "Hi", "after expiry"))
+    await GmailPoller(gmail_settings, store, publisher).poll_due()
+    events = await inbound_events(gmail_settings, tenant.tenant_id)
+    assert [e.channel_message_id for e in events] == [message_id]
+    assert gmail.token_requests[-1]["grant_type"] == "refresh_token"
+    saved = await store.mailbox(tenant.tenant_id)
+    assert saved is not None
+    assert gmail.access_tokens.get(saved.tokens.access_token) == email  # the refreshed one
+
+
+async def test_a_revoked_refresh_token_disconnects_and_notifies_the_admins(
+    gmail: GmailFake,
+    gmail_settings: Settings,
+    store: GmailStore,
+    publisher: EventPublisher,
+    make_tenant: MakeTenant,
+    db: asyncpg.Connection,
+) -> None:
+    tenant = await make_tenant()
+    email, integration_id = await connected(gmail, store, tenant.tenant_id)
+    gmail.expire_access_tokens(email)
+    gmail.mailboxes[email].revoked = True
+    poller = GmailPoller(gmail_settings, store, publisher)
+    await poller.poll_due()
+    status = await db.fetchval("SELECT status FROM integration_credentials"
+                               " WHERE integration_id = $1", uuid.UUID(integration_id))  # fmt: skip
+    assert status == "disconnected"
+    records = await read_topic(
+        gmail_settings, [TopicNames(gmail_settings.topic_prefix).notifications], tenant.tenant_id
+    )
+    notices = [Notification.model_validate_json(v) for _, _, v in records]
+    assert [n.category for n in notices] == ["integration_disconnected"]
+    assert notices[0].audience == "admins"
+    await due_now(db, integration_id)
+    claimed = await store.claim_due("someone", 60, 1000)
+    assert integration_id not in {m.integration_id for m in claimed}  # no longer polled
+
+
+async def test_a_crash_before_the_cursor_moves_re_polls_without_ingesting_twice(
+    gmail: GmailFake,
+    gmail_settings: Settings,
+    store: GmailStore,
+    publisher: EventPublisher,
+    make_tenant: MakeTenant,
+    db: asyncpg.Connection,
+) -> None:
+    tenant = await make_tenant()
+    email, integration_id = await connected(gmail, store, tenant.tenant_id)
+    ids = [gmail.deliver(email, mail("ed@example.com", f"s{i}", f"b{i}")) for i in range(3)]
+
+    class Crashed(Exception):
+        pass
+
+    crashing = GmailStore.__new__(GmailStore)
+    crashing.__dict__.update(store.__dict__)
+
+    async def crash(*_: Any, **__: Any) -> bool:
+        raise Crashed("killed after Kafka acknowledged, before the cursor moved")
+
+    crashing.advance = crash  # type: ignore[method-assign]
+    with pytest.raises(Crashed):
+        await GmailPoller(gmail_settings, crashing, publisher).poll_due()
+    # The dead poller's lease expires; another poller takes the mailbox over.
+    await db.execute("UPDATE gmail_poll_state SET lease_expires_at = now() - interval '1 second'"
+                     " WHERE integration_id = $1", uuid.UUID(integration_id))  # fmt: skip
+    await GmailPoller(gmail_settings, store, publisher).poll_due()
+    events = await inbound_events(gmail_settings, tenant.tenant_id)
+    assert len(events) == 2 * len(ids)  # published twice …
+    assert len({e.event_id for e in events}) == len(ids)  # … as the same three events
+    assert {e.channel_message_id for e in events} == set(ids)
+
+
+async def test_two_pollers_never_poll_one_mailbox_at_once(
+    gmail: GmailFake,
+    gmail_settings: Settings,
+    store: GmailStore,
+    publisher: EventPublisher,
+    make_tenant: MakeTenant,
+    db: asyncpg.Connection,
+) -> None:
+    tenants = [await make_tenant(f"T{i}") for i in range(3)]
+    mailboxes = [await connected(gmail, store, t.tenant_id) for t in tenants for _ in range(2)]
+    expected: dict[str, list[str]] = {}
+    for email, _ in mailboxes:
+        expected[email] = [gmail.deliver(email, mail("fay@example.com", "q", f"to {email} {i}"))
+                           for i in range(3)]  # fmt: skip
+    gmail.request_delay_s = 0.02
+    try:
+        pollers = [GmailPoller(gmail_settings, store, publisher, owner=f"poller-{i}")
+                   for i in range(2)]  # fmt: skip
+        for _ in range(3):
+            await asyncio.gather(*(p.poll_due() for p in pollers))
+            for _, integration_id in mailboxes:
+                await due_now(db, integration_id)
+    finally:
+        gmail.request_delay_s = 0.0
+    assert all(gmail.max_in_flight[email] == 1 for email, _ in mailboxes)
+    events = [e for t in tenants for e in await inbound_events(gmail_settings, t.tenant_id)]
+    published = Counter(e.channel_message_id for e in events)
+    assert set(published) == {m for ids in expected.values() for m in ids}
+    assert set(published.values()) == {1}
+
+
+@pytest.fixture(scope="module")
+def gmail_worker(
+    processes: StartProcess, test_settings: Settings, gmail: GmailFake
+) -> ManagedProcess:
+    return start_worker(
+        processes, test_settings, name="gmail-worker",
+        GMAIL_CLIENT_ID="123-fake.apps.googleusercontent.com", GMAIL_CLIENT_SECRET="GOCSPX-fake",
+        GMAIL_TOKEN_URL=f"{gmail.url}/token", GMAIL_API_URL=f"{gmail.url}/",
+        ENABLE_AI_QUALIFICATION="false",
+    )  # fmt: skip
+
+
+async def test_replies_go_out_in_the_leads_thread_from_the_api_and_the_worker(
+    api_factory: ApiFactory,
+    gmail: GmailFake,
+    gmail_settings: Settings,
+    gmail_worker: ManagedProcess,
+    store: GmailStore,
+    publisher: EventPublisher,
+    make_tenant: MakeTenant,
+    db: asyncpg.Connection,
+) -> None:
+    tenant = await make_tenant()
+    email, integration_id = await connected(gmail, store, tenant.tenant_id)
+    original = "<CAF-thread-1@mail.example.com>"
+    gmail.deliver(email, mail("gus@example.com", "Pricing", "How much for 10 seats?", original),
+                  thread_id="thread-gus")  # fmt: skip
+    poller = GmailPoller(gmail_settings, store, publisher)
+
+    async def polled() -> Any:
+        await poller.poll_due()  # a pass takes GMAIL_POLL_CONCURRENCY due mailboxes
+        return await db.fetchval(
+            "SELECT last_success_at FROM gmail_poll_state WHERE integration_id = $1",
+            uuid.UUID(integration_id),
+        )
+
+    await eventually(polled, what="the mailbox polled")
+    (event,) = await inbound_events(gmail_settings, tenant.tenant_id)
+    worker_url = f"http://127.0.0.1:{gmail_worker.ports['web']}"
+    overrides = {k: getattr(gmail_settings, k) for k in (
+        "gmail_client_id", "gmail_client_secret", "gmail_token_url", "gmail_api_url")}  # fmt: skip
+    async with api_factory(worker_url=worker_url, **overrides) as api:
+
+        async def lead_known() -> Any:
+            response = await api.get(f"/api/leads/{event.lead_id}", headers=tenant.headers)
+            return response.status_code == 200
+
+        await eventually(lead_known, what="the e-mail lead in the worker")
+        bad = await api.post("/api/integrations/gmail/send", headers=tenant.headers,
+                             json={"body": "no recipient"})  # fmt: skip
+        assert bad.status_code == 422
+        sent = await api.post(
+            "/api/integrations/gmail/send", headers=tenant.headers,
+            json={"lead_id": event.lead_id, "body": "About 2,000 USD."},
+        )  # fmt: skip
+        assert sent.status_code == 201, sent.text
+        assert sent.json()["thread_id"] == "thread-gus"
+        # An SDR's reply through the pipeline: the outbound agent sends it by Gmail too.
+        reply = await api.post(f"/api/leads/{event.lead_id}/messages", headers=tenant.headers,
+                               json={"text": "Shall we book a demo?"})  # fmt: skip
+        assert reply.status_code == 202
+
+        async def two_sent() -> Any:
+            return gmail.mailboxes[email].sent if len(gmail.mailboxes[email].sent) == 2 else None
+
+        sends = await eventually(two_sent, what="two sends through Gmail")
+    for send in sends:
+        message = message_from_bytes(send["raw"], policy=policy.default)
+        assert send["threadId"] == "thread-gus"
+        assert message["In-Reply-To"] == original
+        assert message["References"] == original
+        assert message["To"] == "gus@example.com"
+        assert message["Subject"] == "Re: Pricing"
+    bodies = [message_from_bytes(s["raw"], policy=policy.default).get_content().strip()
+              for s in sends]  # fmt: skip
+    assert bodies == ["About 2,000 USD.", "Shall we book a demo?"]
+    records = await read_topic(
+        gmail_settings, [TopicNames(gmail_settings.topic_prefix).outbound_messages]
+    )
+    accepted = [OutboundMessage.model_validate_json(v) for _, _, v in records]
+    mine = [m for m in accepted if m.lead_id == event.lead_id and m.status == "accepted"]
+    assert sorted(m.sent_by for m in mine) == ["sdr", "sdr"]
+    assert {m.channel for m in mine} == {"email"}

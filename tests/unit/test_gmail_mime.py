@@ -1,0 +1,106 @@
+"""Parsing fetched e-mail (MIME variety) and composing replies."""
+
+from __future__ import annotations
+
+import base64
+from email import message_from_bytes, policy
+
+from connectors.gmail_mime import compose, html_to_text, parse_message, reply_subject
+
+ALTERNATIVE = b"""From: "Ravi Kumar" <Ravi@Example.com>
+To: sales@acme.test
+Subject: Pricing for 20 seats
+Message-ID: <CAF1@mail.example.com>
+MIME-Version: 1.0
+Content-Type: multipart/alternative; boundary="b1"
+
+--b1
+Content-Type: text/plain; charset="utf-8"
+Content-Transfer-Encoding: quoted-printable
+
+Hi, we need a CRM for 20 seats =E2=80=94 budget around $5k.
+--b1
+Content-Type: text/html; charset="utf-8"
+
+<p>Hi, we need a <b>CRM</b> for 20 seats</p>
+--b1--
+"""
+
+LATIN1_QP = (
+    b"From: =?iso-8859-1?q?Jos=E9_Pe=F1a?= <jose@example.es>\n"
+    b"To: sales@acme.test\n"
+    b"Subject: =?iso-8859-1?q?Informaci=F3n?=\n"
+    b"MIME-Version: 1.0\n"
+    b"Content-Type: text/plain; charset=ISO-8859-1\n"
+    b"Content-Transfer-Encoding: quoted-printable\n\n"
+    b"Necesitamos informaci=F3n para el pr=F3ximo a=F1o.\n"
+)
+
+BASE64_WITH_ATTACHMENT = (
+    b"From: ana@example.com\nTo: sales@acme.test\nSubject: Specs\nMIME-Version: 1.0\n"
+    b'Content-Type: multipart/mixed; boundary="m"\n\n'
+    b"--m\nContent-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: base64\n\n"
+    + base64.encodebytes(b"Attached are our specs. Timeline: Q3.")
+    + b'\n--m\nContent-Type: application/pdf; name="specs.pdf"\n'
+    b'Content-Disposition: attachment; filename="specs.pdf"\nContent-Transfer-Encoding: base64\n\n'
+    + base64.encodebytes(b"%PDF-1.4 fake")
+    + b"\n--m--\n"
+)
+
+HTML_ONLY = (
+    b"From: lee@example.com\nTo: sales@acme.test\nSubject: Re: demo\nMIME-Version: 1.0\n"
+    b"References: <a@x> <b@x>\nContent-Type: text/html; charset=utf-8\n\n"
+    b"<html><head><style>p{color:red}</style></head><body><p>Can we talk&nbsp;tomorrow?</p>"
+    b"<div>I&#39;m the founder</div><script>alert(1)</script></body></html>"
+)
+
+
+def test_multipart_alternative_prefers_the_plain_part() -> None:
+    mail = parse_message(ALTERNATIVE)
+    assert mail.sender == "ravi@example.com"
+    assert mail.sender_name == "Ravi Kumar"
+    assert mail.subject == "Pricing for 20 seats"
+    assert mail.text == "Hi, we need a CRM for 20 seats — budget around $5k."
+    assert mail.message_id == "<CAF1@mail.example.com>"
+    assert mail.to == ("sales@acme.test",)
+
+
+def test_iso_8859_1_quoted_printable_headers_and_body() -> None:
+    mail = parse_message(LATIN1_QP)
+    assert mail.sender_name == "José Peña"
+    assert mail.subject == "Información"
+    assert mail.text == "Necesitamos información para el próximo año."
+
+
+def test_base64_body_and_attachments_named_not_read() -> None:
+    mail = parse_message(BASE64_WITH_ATTACHMENT)
+    assert mail.text == "Attached are our specs. Timeline: Q3."
+    assert mail.attachments == ("specs.pdf",)
+    assert "PDF" not in mail.text
+
+
+def test_html_only_becomes_text_without_scripts_or_styles() -> None:
+    mail = parse_message(HTML_ONLY)
+    assert mail.text == "Can we talk tomorrow?\n\nI'm the founder"
+    assert mail.references == "<a@x> <b@x>"
+    assert html_to_text("<ul><li>one</li><li>two</li></ul>") == "one\n\ntwo"
+
+
+def test_an_unknown_charset_is_read_rather_than_lost() -> None:
+    raw = (b"From: x@example.com\nSubject: s\nContent-Type: text/plain; charset=x-unknown\n\n"
+           b"hello there\n")  # fmt: skip
+    assert parse_message(raw).text == "hello there"
+
+
+def test_a_reply_carries_the_thread_headers() -> None:
+    raw, message_id = compose(
+        sender="sales@acme.test", to="ravi@example.com", subject=reply_subject("Pricing"),
+        body="Thanks Ravi!", in_reply_to="<CAF1@mail.example.com>", references="<CAE0@x>",
+    )  # fmt: skip
+    message = message_from_bytes(base64.urlsafe_b64decode(raw), policy=policy.default)
+    assert message["In-Reply-To"] == "<CAF1@mail.example.com>"
+    assert message["References"] == "<CAE0@x> <CAF1@mail.example.com>"
+    assert message["Subject"] == "Re: Pricing"
+    assert message["Message-ID"] == message_id
+    assert reply_subject("RE: Pricing") == "RE: Pricing"
+    assert reply_subject(None) == "Re: your message"
