@@ -20,6 +20,8 @@ import socket
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
+
 from connectors.gmail import (
     GmailApiError,
     HistoryExpired,
@@ -66,7 +68,8 @@ class GmailPoller:
         while not stop.is_set():
             try:
                 polled = await self.poll_due()
-            except (OSError, PublishUnavailable) as exc:
+            except (OSError, PublishUnavailable, asyncpg.PostgresError) as exc:
+                # PostgreSQL or Kafka away for a moment: the next pass tries again.
                 logger.warning("poll pass failed (%r); trying again", exc)
                 polled = 0
             if not polled:

@@ -12,7 +12,9 @@ from flexoraa.settings import Settings
 
 pytestmark = pytest.mark.integration
 
-PUBLIC = {"/health", "/ready"}
+# Google redirects the browser to the OAuth callback: its one-time state names the tenant
+# (tests/integration/test_gmail.py).
+PUBLIC = {"/health", "/ready", "/api/integrations/gmail/callback"}
 
 
 def documented_routes(settings: Settings) -> list[tuple[str, str]]:
