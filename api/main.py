@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -40,6 +42,8 @@ from flexoraa.latency import LatencyRecorder
 from flexoraa.settings import Settings
 from schemas.topics import TopicNames
 from streams.rules.tokens import parse_packs
+
+SHUTDOWN_STEP_S = 5.0
 
 
 def _constant(pool: asyncpg.Pool) -> Callable[[], Awaitable[asyncpg.Pool]]:
@@ -81,10 +85,15 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             yield
         finally:
-            await latency.close()
-            await publisher.close()
-            await lead_state.close()
-            await pool.close()
+            # Each step bounded: a shutdown that hangs (a broker or database that stopped
+            # answering) would keep the process from exiting at all.
+            for step in (latency.close(), publisher.close(), lead_state.close()):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(step, SHUTDOWN_STEP_S)
+            try:
+                await asyncio.wait_for(pool.close(), SHUTDOWN_STEP_S)
+            except TimeoutError:
+                pool.terminate()
 
     app = FastAPI(
         title="Flexoraa Streams API",

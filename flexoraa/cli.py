@@ -291,11 +291,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     finally:
         stop_children()
+        # One deadline for all: the children stop in parallel, and a stuck one is killed.
+        deadline = time.monotonic() + 20
         for child in children.values():
             try:
-                child.wait(timeout=30)
+                child.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 child.kill()
+                child.wait()
 
 
 # --------------------------------------------------------------------------- parser
