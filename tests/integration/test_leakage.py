@@ -184,3 +184,43 @@ async def test_a_reply_ends_recovery_as_a_success(
     assert stats["replies"] == 1
     assert stats["attempts"] >= 1
     assert stats["steps"][row["step"]]["success_rate"] > 0
+
+
+async def test_a_reply_in_the_same_second_as_the_deadline_is_one_consistent_outcome(
+    api: httpx.AsyncClient, make_tenant: MakeTenant, db: asyncpg.Connection
+) -> None:
+    """Around the deadline the reply and the timer race: the lead either did not leak (the
+    reply cancelled the deadline) or leaked once and its first reply is marked late, never a
+    mix, never twice."""
+    business = await register(api, await make_tenant())
+    offsets_s = (-0.4, -0.15, 0.0, 0.15, 0.4)
+
+    async def race(index: int, offset_s: float) -> str:
+        at = int(time.time())
+        lead_id = await inbound(api, business, f"9198666100{index:02d}", at, f"wamid.S{index}")
+        await asyncio.sleep(max(0.0, at + THRESHOLD_S + offset_s - time.time()))
+        await reply(api, business, lead_id, "Sorry for the wait!")
+        return lead_id
+
+    lead_ids = await asyncio.gather(*(race(i, o) for i, o in enumerate(offsets_s)))
+
+    async def first_replies() -> Any:
+        rows = await db.fetch(
+            "SELECT lead_id::text, data FROM lead_events WHERE type = 'first_reply'"
+            " AND lead_id = ANY($1::uuid[])", list(lead_ids),
+        )  # fmt: skip
+        return rows if len(rows) == len(lead_ids) else None
+
+    replies = {row["lead_id"]: json.loads(row["data"]) for row in await eventually(first_replies)}
+    await asyncio.sleep(THRESHOLD_S + 1)  # any late firing would have happened by now
+    leaks = {
+        str(row["lead_id"]): row["n"]
+        for row in await db.fetch(
+            "SELECT lead_id, count(*) AS n FROM lead_leakage_events"
+            " WHERE lead_id = ANY($1::uuid[]) GROUP BY lead_id",
+            list(lead_ids),
+        )
+    }
+    for lead_id in lead_ids:
+        assert leaks.get(lead_id, 0) in (0, 1)
+        assert replies[lead_id]["leaked"] is (leaks.get(lead_id, 0) == 1), lead_id
