@@ -11,6 +11,7 @@ from fastapi import Depends, Request
 from api.dedup import RecentIds
 from api.errors import ApiError
 from api.lead_state import LeadStateClient
+from api.rate_limits import RateLimiter
 from api.tenants import Principal, PrincipalCache, find_principal
 from connectors.channels import ChannelDirectory
 from connectors.gmail import OAuthFlow
@@ -44,6 +45,7 @@ class Services:
     razorpay: RazorpayGateway
     packs: dict[str, Pack]
     # Gmail (issue 7)
+    rate_limiter: RateLimiter
     gmail_oauth: OAuthFlow
     gmail_store: GmailStore
     email_sender: EmailSender
@@ -81,7 +83,17 @@ async def authenticate(request: Request, services: ServicesDep) -> Principal:
         services.principals.put(api_key, principal)
     # The metrics middleware attributes the request's latency event to this tenant.
     request.state.tenant_id = principal.tenant_id
+    await services.rate_limiter.check_api_key(principal.key_id)
     return principal
+
+
+async def limit_webhook(request: Request, services: ServicesDep) -> None:
+    """Per sender address: a flood from one source cannot crowd out the others."""
+    source = request.client.host if request.client else "unknown"
+    await services.rate_limiter.check_webhook(source)
+
+
+WebhookLimit = Depends(limit_webhook)
 
 
 PrincipalDep = Annotated[Principal, Depends(authenticate)]

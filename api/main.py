@@ -16,6 +16,7 @@ from api.dedup import RecentIds
 from api.deps import Services
 from api.lead_state import LeadStateClient
 from api.middleware import BodyLimitMiddleware, MetricsMiddleware
+from api.rate_limits import RateLimiter
 from api.routes import (
     channels,
     events,
@@ -74,6 +75,7 @@ def create_app(settings: Settings) -> FastAPI:
             latency=latency,
             razorpay=RazorpayGateway(settings),
             packs=parse_packs(settings.token_packs, settings.payment_currency),
+            rate_limiter=RateLimiter(settings.api_rate_limit, settings.webhook_rate_limit),
             gmail_oauth=OAuthFlow(settings),
             gmail_store=gmail_store,
             email_sender=EmailSender(settings, gmail_store),

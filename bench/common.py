@@ -73,6 +73,9 @@ class BenchEnvironment:
             "WORKER_URL": self.settings.worker_url,
             "API_PORT": str(self.settings.api_port),
             "LOG_LEVEL": "WARNING",
+            # The benchmarks measure the pipeline, not the per-key limits.
+            "API_RATE_LIMIT": "1000000/second",
+            "WEBHOOK_RATE_LIMIT": "1000000/second",
             **extra,
         }
 

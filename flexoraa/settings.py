@@ -10,7 +10,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from limits import parse_many
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -84,6 +85,13 @@ class Settings(BaseSettings):
     api_host: str = Field("127.0.0.1", description="host the API binds")
     api_port: int = Field(8000, description="port of the API")
     max_body_bytes: int = Field(65536, ge=1024, description="largest accepted request body")
+    api_rate_limit: str = Field(
+        "1000/second;30000/minute",
+        description="requests per API key (limits notation, ';'-separated), per API process",
+    )
+    webhook_rate_limit: str = Field(
+        "2000/second", description="webhook requests per sender address, per API process"
+    )
     api_key_cache_ttl_s: float = Field(
         30.0, ge=0, description="how long a verified API key is cached (revocation delay)"
     )
@@ -322,6 +330,15 @@ class Settings(BaseSettings):
         if self.environment == "production" and "127.0.0.1" in self.kafka_bootstrap_servers:
             raise ValueError("KAFKA_BOOTSTRAP_SERVERS must be set explicitly in production")
         return self
+
+    @field_validator("api_rate_limit", "webhook_rate_limit")
+    @classmethod
+    def _valid_rate_limit(cls, value: str) -> str:
+        try:
+            parse_many(value)
+        except ValueError as exc:
+            raise ValueError(f"not a rate limit like '100/second;3000/minute': {exc}") from exc
+        return value
 
     @property
     def worker_advertised_url(self) -> str:

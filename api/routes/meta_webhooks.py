@@ -12,7 +12,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import Counter
 
-from api.deps import ServicesDep
+from api.deps import ServicesDep, WebhookLimit
 from api.errors import ApiError
 from connectors.channels import verify_token_hash
 from connectors.meta import (
@@ -64,9 +64,10 @@ async def verify_subscription(
 
 @router.post(
     "/webhooks/whatsapp",
-    responses={401: {"description": "missing or wrong X-Hub-Signature-256"}, 503: {}},
+    responses={401: {"description": "missing or wrong X-Hub-Signature-256"}, 429: {}, 503: {}},
+    dependencies=[WebhookLimit],
 )
-@router.post("/webhooks/meta", include_in_schema=False)
+@router.post("/webhooks/meta", include_in_schema=False, dependencies=[WebhookLimit])
 async def receive(request: Request, services: ServicesDep) -> JSONResponse:
     """Signed Meta events in; answered 200 only once Kafka acknowledged every record."""
     body = await request.body()

@@ -17,7 +17,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from api.deps import PrincipalDep, ServicesDep
+from api.deps import PrincipalDep, ServicesDep, WebhookLimit
 from api.errors import ApiError
 from api.lead_state import StateUnavailable
 from connectors.razorpay import (
@@ -157,7 +157,8 @@ async def verify(body: VerifyRequest, principal: PrincipalDep, services: Service
 
 @router.post(
     "/webhooks/razorpay",
-    responses={400: {"description": "missing or wrong X-Razorpay-Signature"}, 503: {}},
+    responses={400: {"description": "missing or wrong X-Razorpay-Signature"}, 429: {}, 503: {}},
+    dependencies=[WebhookLimit],
 )
 async def razorpay_webhook(request: Request, services: ServicesDep) -> JSONResponse:
     secret = services.settings.razorpay_webhook_secret

@@ -1,0 +1,149 @@
+"""Rate limits, webhook signature attacks and cross-tenant access on every endpoint with an id."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from pydantic import SecretStr
+
+from api.main import create_app
+from connectors.meta import signature_for
+from flexoraa.settings import Settings
+from tests.conftest import MakeTenant, ManagedProcess, StartProcess, start_worker
+from tests.fakes.razorpay_api import webhook_body, webhook_signature
+from tests.integration.conftest import ApiFactory
+from tests.integration.test_pipeline import eventually, post
+
+pytestmark = pytest.mark.integration
+MISSING_ID = "00000000-0000-4000-8000-000000000000"
+
+
+async def test_an_api_key_over_its_limit_gets_429_with_retry_after(
+    api_factory: ApiFactory, make_tenant: MakeTenant
+) -> None:
+    busy, other = await make_tenant(), await make_tenant("Other")
+    async with api_factory(api_rate_limit="5/minute") as api:
+        answers = [(await api.get("/api/sdrs", headers=busy.headers)) for _ in range(7)]
+        assert [a.status_code for a in answers] == [200] * 5 + [429] * 2
+        limited = answers[-1]
+        assert 1 <= int(limited.headers["Retry-After"]) <= 60
+        assert "rate limit" in limited.json()["detail"]
+        # Another key has its own allowance.
+        assert (await api.get("/api/sdrs", headers=other.headers)).status_code == 200
+
+
+async def test_a_webhook_sender_over_its_limit_gets_429(api_factory: ApiFactory) -> None:
+    async with api_factory(
+        webhook_rate_limit="3/minute", razorpay_webhook_secret=SecretStr("whsec_x")
+    ) as api:
+        codes = [(await api.post("/webhooks/razorpay", content=b"{}")).status_code
+                 for _ in range(4)]  # fmt: skip
+    assert codes == [400, 400, 400, 429]
+
+
+async def test_webhook_signature_attacks_are_refused_and_produce_nothing(
+    api_factory: ApiFactory, db: asyncpg.Connection
+) -> None:
+    secret = "whsec_attack"
+    body = webhook_body("payment.captured", "order_ATTACK0001", "pay_ATTACK0001", 5000, "USD")
+    async with api_factory(razorpay_webhook_secret=SecretStr(secret), max_body_bytes=4096) as api:
+        attacks = {
+            "missing": {},
+            "wrong prefix": {"X-Razorpay-Signature": "sha256=" + webhook_signature(body, secret)},
+            "other body": {"X-Razorpay-Signature": webhook_signature(b'{"event":"x"}', secret)},
+            "api secret": {"X-Razorpay-Signature": webhook_signature(body, "rzp_key_secret")},
+        }
+        for name, headers in attacks.items():
+            response = await api.post("/webhooks/razorpay", content=body, headers=headers)
+            assert response.status_code == 400, name
+        huge = b'{"event": "payment.captured", "pad": "' + b"x" * 10_000 + b'"}'
+        oversized = await api.post(
+            "/webhooks/razorpay", content=huge,
+            headers={"X-Razorpay-Signature": webhook_signature(huge, secret)},
+        )  # fmt: skip
+        assert oversized.status_code == 413
+        meta_huge = await api.post(
+            "/webhooks/whatsapp", content=huge,
+            headers={"X-Hub-Signature-256": signature_for(huge, "any")},
+        )  # fmt: skip
+        assert meta_huge.status_code == 413
+    assert await db.fetchval("SELECT count(*) FROM payment_events WHERE order_id = $1",
+                             "order_ATTACK0001") == 0  # fmt: skip
+
+
+# --------------------------------------------------------------------------- cross-tenant
+
+
+@pytest.fixture(scope="module")
+def worker(processes: StartProcess, test_settings: Settings) -> ManagedProcess:
+    return start_worker(processes, test_settings, name="security-worker",
+                        ENABLE_AI_QUALIFICATION="false")  # fmt: skip
+
+
+@pytest.fixture
+async def api(api_factory: ApiFactory, worker: ManagedProcess) -> AsyncIterator[httpx.AsyncClient]:
+    async with api_factory(worker_url=f"http://127.0.0.1:{worker.ports['web']}") as client:
+        yield client
+
+
+def routes_with_ids(settings: Settings) -> list[tuple[str, str]]:
+    paths = create_app(settings).openapi()["paths"]
+    return [(method.upper(), path) for path, operations in paths.items() if "{" in path
+            for method in operations]  # fmt: skip
+
+
+async def test_another_tenants_ids_look_exactly_like_missing_ones(
+    api: httpx.AsyncClient, test_settings: Settings, make_tenant: MakeTenant,
+    db: asyncpg.Connection,
+) -> None:  # fmt: skip
+    owner, intruder = await make_tenant("Owner"), await make_tenant("Intruder")
+    lead_id = (await post(api, owner, channel="sms", contact="5550101010", text="hi"))["lead_id"]
+
+    async def lead_sunk() -> Any:
+        return await db.fetchval("SELECT 1 FROM leads WHERE lead_id = $1", uuid.UUID(lead_id))
+
+    await eventually(lead_sunk, what="the owner's lead")
+    sdr = (await api.post("/api/sdrs", headers=owner.headers,
+                          json={"name": "Owen", "email": "owen@example.com"})).json()  # fmt: skip
+    scheduled = (await api.post(
+        f"/api/leads/{lead_id}/messages", headers=owner.headers,
+        json={"text": "later", "send_at": (datetime.now(UTC) + timedelta(days=1)).isoformat()},
+    )).json()  # fmt: skip
+    notification_id = str(uuid.uuid4())
+    await db.execute(
+        "INSERT INTO notifications (notification_id, tenant_id, recipient, kind, title, body)"
+        " VALUES ($1, $2, 'admins', 'test', 'Owner only', 'secret')",
+        notification_id, owner.tenant_id,
+    )  # fmt: skip
+    ids = {"lead_id": lead_id, "sdr_id": sdr["sdr_id"], "notification_id": notification_id,
+           "scheduled_id": scheduled["command_id"]}  # fmt: skip
+    bodies: dict[str, Any] = {
+        "/api/leads/{lead_id}/messages": {"text": "hello"},
+        "/api/sdrs/{sdr_id}": {"name": "X", "email": "x@example.com"},
+    }
+    routes = routes_with_ids(test_settings)
+    assert len(routes) >= 8
+    for method, path in routes:
+        names = re.findall(r"\{([^}]+)\}", path)
+        real = path.format(**{name: ids[name] for name in names})
+        missing = path.format(**dict.fromkeys(names, MISSING_ID))
+        body = bodies.get(path)
+        theirs = await api.request(method, real, headers=intruder.headers, json=body)
+        nobody = await api.request(method, missing, headers=intruder.headers, json=body)
+        assert theirs.status_code == nobody.status_code == 404, (method, path, theirs.text)
+        assert theirs.json()["detail"] == nobody.json()["detail"], (method, path)
+        # The owner still sees it: the 404 was about the intruder, not the id.
+        if method == "GET":
+            mine = await api.get(real, headers=owner.headers)
+            assert mine.status_code == 200, (path, mine.text)
+    untouched = await db.fetchrow("SELECT name FROM sdrs WHERE sdr_id = $1",
+                                  uuid.UUID(sdr["sdr_id"]))  # fmt: skip
+    assert untouched is not None
+    assert untouched["name"] == "Owen"
