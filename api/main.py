@@ -18,6 +18,7 @@ from api.lead_state import LeadStateClient
 from api.middleware import BodyLimitMiddleware, MetricsMiddleware
 from api.rate_limits import RateLimiter
 from api.routes import (
+    admin,
     channels,
     events,
     gmail,
@@ -108,6 +109,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(health.router)
     app.include_router(events.router)
     app.include_router(leads.router)
+    app.include_router(admin.router)
     # --- WhatsApp and Meta channels (issue 3) ---
     app.include_router(channels.router)
     app.include_router(meta_webhooks.router)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from flexoraa import audit
 from flexoraa.credits import grant_trial
 
 KEY_PREFIX = "fxk_"
@@ -53,23 +54,35 @@ async def create_tenant(
                 tenant_id,
                 email.strip().lower(),
             )
-        api_key = await create_api_key(conn, tenant_id)
+        await audit.record(conn, tenant_id=tenant_id, actor="cli", action="tenant.created",
+                           target=tenant_id, details={"name": name})  # fmt: skip
+        _, api_key = await create_api_key(conn, tenant_id, actor="cli")
         await grant_trial(conn, tenant_id, trial_tokens)
     return NewTenant(tenant_id=tenant_id, api_key=api_key)
 
 
-async def create_api_key(conn: asyncpg.Connection, tenant_id: str, role: str = "admin") -> str:
+async def create_api_key(
+    conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy,
+    tenant_id: str,
+    role: str = "admin",
+    *,
+    actor: str,
+) -> tuple[str, str]:
+    """A new key of the tenant: (key id, the key itself, shown once)."""
     api_key = generate_api_key()
+    key_id = uuid.uuid4()
     await conn.execute(
         "INSERT INTO api_keys (key_id, tenant_id, key_hash, key_prefix, role)"
         " VALUES ($1, $2, $3, $4, $5)",
-        uuid.uuid4(),
+        key_id,
         tenant_id,
         hash_api_key(api_key),
         api_key[: len(KEY_PREFIX) + 6],
         role,
     )
-    return api_key
+    await audit.record(conn, tenant_id=tenant_id, actor=actor, action="api_key.created",
+                       target=str(key_id), details={"role": role})  # fmt: skip
+    return str(key_id), api_key
 
 
 async def find_principal(conn: asyncpg.Connection | asyncpg.Pool, api_key: str) -> Principal | None:
@@ -98,6 +111,10 @@ class PrincipalCache:
         if entry is None or entry[0] < time.monotonic():
             return None
         return entry[1]
+
+    def forget_key(self, key_id: str) -> None:
+        """A revoked key stops working on this replica at once (others: within the TTL)."""
+        self._entries = {h: e for h, e in self._entries.items() if e[1].key_id != key_id}
 
     def put(self, api_key: str, principal: Principal) -> None:
         if self._ttl_s <= 0:

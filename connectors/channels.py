@@ -38,7 +38,7 @@ def verify_token_hash(token: str) -> bytes:
 
 
 async def register_channel(
-    conn: asyncpg.Connection | asyncpg.Pool,
+    conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy | asyncpg.Pool,
     box: SecretBox,
     *,
     tenant_id: str,

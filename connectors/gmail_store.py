@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from connectors.gmail import Tokens
+from flexoraa import audit
 from flexoraa.crypto import SecretBox
 
 PROVIDER = "gmail"
@@ -74,6 +75,9 @@ class GmailStore:
                 " EXCLUDED.history_id)",
                 integration_id, tenant_id, email, history_id,
             )  # fmt: skip
+            await audit.record(conn, tenant_id=tenant_id, actor="google",
+                               action="integration.connected", target=str(integration_id),
+                               details={"provider": PROVIDER, "account": email})  # fmt: skip
         return str(integration_id)
 
     async def claim_due(self, owner: str, lease_s: int, limit: int) -> list[MailboxRow]:
@@ -150,6 +154,10 @@ class GmailStore:
                 " lease_owner = NULL, lease_expires_at = NULL WHERE integration_id = $1",
                 mailbox.integration_id, error[:1000],
             )  # fmt: skip
+            await audit.record(conn, tenant_id=mailbox.tenant_id, actor="google",
+                               action="integration.disconnected", target=mailbox.integration_id,
+                               details={"provider": PROVIDER, "account": mailbox.email,
+                                        "reason": error[:300]})  # fmt: skip
 
     async def remember_threads(self, rows: list[tuple[str, str, str, str, str | None,
                                                       str | None, str]]) -> None:  # fmt: skip

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 
 import asyncpg
 
+from flexoraa import audit
 from schemas.tokens import CreditSource, TokenCredit, credit_event_id
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,9 @@ async def credit_paid_order(conn: Connection, order_id: str, payment_id: str) ->
     )
     if row is not None:
         await enqueue_credit(conn, row["tenant_id"], "purchase", payment_id, row["tokens"])
+        await audit.record(conn, tenant_id=row["tenant_id"], actor="razorpay",
+                           action="payment.credited", target=payment_id,
+                           details={"order_id": order_id, "tokens": row["tokens"]})  # fmt: skip
         return PaidOrder(order_id, row["tenant_id"], row["tokens"], newly_credited=True)
     existing = await conn.fetchrow(
         "SELECT tenant_id::text, tokens FROM payment_orders WHERE order_id = $1", order_id

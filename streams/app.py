@@ -160,6 +160,7 @@ def create_worker_app(settings: Settings) -> faust.App:
             status_topic=tenant_status,
             notifications=notifications,
             dead_letters=dead_letters,
+            pool=pool,
         ),
         seen=seen_token_events,
         gate=gate,

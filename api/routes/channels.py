@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from api.deps import PrincipalDep, ServicesDep
 from api.errors import ApiError
 from connectors.channels import ChannelTaken, register_channel
+from flexoraa import audit
 
 router = APIRouter(tags=["channels"])
 
@@ -58,18 +59,24 @@ async def _register(
 ) -> JSONResponse:
     whatsapp = body if isinstance(body, WhatsAppChannelRequest) else None
     try:
-        channel_id, created = await register_channel(
-            services.pool,
-            services.secret_box,
-            tenant_id=principal.tenant_id,
-            kind=kind,
-            external_id=external_id,
-            app_secret=body.app_secret,
-            verify_token=body.verify_token,
-            access_token=body.access_token,
-            waba_id=whatsapp.waba_id if whatsapp else None,
-            display_phone_number=whatsapp.display_phone_number if whatsapp else None,
-        )
+        async with services.pool.acquire() as conn, conn.transaction():
+            channel_id, created = await register_channel(
+                conn,
+                services.secret_box,
+                tenant_id=principal.tenant_id,
+                kind=kind,
+                external_id=external_id,
+                app_secret=body.app_secret,
+                verify_token=body.verify_token,
+                access_token=body.access_token,
+                waba_id=whatsapp.waba_id if whatsapp else None,
+                display_phone_number=whatsapp.display_phone_number if whatsapp else None,
+            )
+            await audit.record(
+                conn, tenant_id=principal.tenant_id, actor=f"key:{principal.key_id}",
+                action="channel.registered" if created else "channel.updated",
+                target=channel_id, details={"kind": kind, "external_id": external_id},
+            )  # fmt: skip
     except ChannelTaken as exc:
         raise ApiError(409, str(exc)) from exc
     services.channels.invalidate()

@@ -31,6 +31,7 @@ from faust import Stream
 from faust.types import AppT, EventT, StreamT, TableT, TopicT
 from pydantic import TypeAdapter, ValidationError
 
+from flexoraa import audit
 from flexoraa.credits import credit_due_subscriptions, relay_pending
 from schemas.messaging import DeadlineReached
 from schemas.notifications import Notification
@@ -51,6 +52,7 @@ from streams.web import partition_of
 logger = logging.getLogger(__name__)
 
 _TOKEN_EVENT: TypeAdapter[TokenEvent] = TypeAdapter(TokenEvent)
+PoolFactory = Callable[[], Awaitable[asyncpg.Pool]]
 _ALERT_NAMESPACE = uuid.UUID("b0d8f3e2-6a41-4f7c-9b25-1c3e5d7f9a0b")
 RESUME_DEADLINE = "ai_resume"
 # A deferred action is re-checked at least this often even if no status change is seen.
@@ -99,7 +101,9 @@ class Accounts:
         status_topic: TopicT,
         notifications: TopicT,
         dead_letters: TopicT,
+        pool: PoolFactory,
     ) -> None:
+        self._pool = pool
         self._accounts = accounts
         self._seen = seen
         self._status_topic = status_topic
@@ -153,11 +157,22 @@ class Accounts:
                     updated_at=now,
                 )  # fmt: skip
                 await self._status_topic.send(key=key, value=status.model_dump_json().encode())
+                if before is not None:
+                    await self._audit_flip(tenant, account)
             TOKEN_BALANCE.labels(tenant).set(account.balance)
             TOKEN_CYCLE_USED_PERCENT.labels(tenant).set(account.cycle_percent)
             TOKEN_TENANT_PAUSED.labels(tenant).set(1 if account.paused else 0)
         for usage, percent, account in alerts:
             await self._alert(usage, percent, account)
+
+    async def _audit_flip(self, tenant_id: str, account: Account) -> None:
+        await audit.record(
+            await self._pool(), tenant_id=tenant_id, actor="system",
+            action="tenant.paused" if account.paused else "tenant.resumed",
+            target=tenant_id, details={"balance": account.balance},
+            # The account's totals identify the flip: a replayed batch adds no second entry.
+            event_key=f"tenant-status|{tenant_id}|{account.credited}|{account.used}",
+        )  # fmt: skip
 
     async def _alert(self, usage: TokenUsage, percent: int, account: Account) -> None:
         if percent >= 100:
@@ -416,9 +431,6 @@ def register(
             tp.partition for tp in app.assignor.assigned_actives() if tp.topic == source_topic_name
         }
         await gate.release_resumed(deadlines_topic, owned, partitions)
-
-
-PoolFactory = Callable[[], Awaitable[asyncpg.Pool]]
 
 
 def register_relay(

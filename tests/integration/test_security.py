@@ -122,8 +122,9 @@ async def test_another_tenants_ids_look_exactly_like_missing_ones(
         " VALUES ($1, $2, 'admins', 'test', 'Owner only', 'secret')",
         notification_id, owner.tenant_id,
     )  # fmt: skip
-    ids = {"lead_id": lead_id, "sdr_id": sdr["sdr_id"], "notification_id": notification_id,
-           "scheduled_id": scheduled["command_id"]}  # fmt: skip
+    key = (await api.post("/api/keys", headers=owner.headers, json={"role": "sdr"})).json()
+    ids = {"key_id": key["key_id"], "lead_id": lead_id, "sdr_id": sdr["sdr_id"],
+           "notification_id": notification_id, "scheduled_id": scheduled["command_id"]}  # fmt: skip
     bodies: dict[str, Any] = {
         "/api/leads/{lead_id}/messages": {"text": "hello"},
         "/api/sdrs/{sdr_id}": {"name": "X", "email": "x@example.com"},

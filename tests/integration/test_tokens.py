@@ -381,6 +381,18 @@ async def test_usage_pauses_the_tenant_at_zero_and_a_top_up_resumes_the_intervie
         assert state["used_this_cycle"] == 2
         assert state["cycle_tokens"] == 100
 
+        async def audited() -> Any:
+            rows = await db.fetch(
+                "SELECT action FROM audit_log WHERE tenant_id = $1 AND actor = 'system'"
+                " ORDER BY audit_id",
+                tenant.tenant_id,
+            )
+            return [r["action"] for r in rows] if len(rows) >= 2 else None
+
+        assert await eventually(audited, what="pause and resume audited") == [
+            "tenant.paused", "tenant.resumed",
+        ]  # fmt: skip
+
         async def resumed() -> Any:
             return await turn() > turn_when_paused
 
