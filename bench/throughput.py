@@ -101,6 +101,7 @@ def main() -> int:
                 try:
                     now = counters(httpx.get(f"{url}/metrics", timeout=30).text)
                 except httpx.HTTPError:
+                    time.sleep(0.25)
                     continue
                 samples.append((time.monotonic(), now))
                 if min(now.values()) >= args.events:
