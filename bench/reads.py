@@ -1,0 +1,132 @@
+"""Benchmark (e): `GET /api/leads/{id}` latency at a steady request rate, and (g) the worker's
+memory per 100,000 tracked leads.
+
+N leads are produced straight to Kafka; one worker (AI off: the tables under test are sessions,
+deadlines and leakage) applies them, its resident memory is read before and after; then the
+API is asked for random leads at a fixed rate, each answer a live table read routed to the
+partition owner.
+
+    .venv/bin/python -m bench.reads --leads 100000 --rate 500 --seconds 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import re
+import statistics
+import time
+from pathlib import Path
+
+import httpx
+
+from bench.common import bench_environment, percentile, wait_ready, write_result
+from bench.throughput import produce
+from schemas.topics import TopicNames
+from streams.rules.identity import lead_id_for
+
+WORKER_PORT = 16066
+
+
+def resident_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)
+    assert match is not None
+    return int(match.group(1)) / 1024
+
+
+def applied(url: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return sum(float(v) for v in re.findall(r"^flexoraa_inbound_events_total\{[^}]*\} (\S+)$",
+                                            text, re.M))  # fmt: skip
+
+
+async def read_at_rate(
+    base: str, api_key: str, lead_ids: list[str], rate: float, seconds: float
+) -> tuple[list[float], int]:
+    latencies: list[float] = []
+    errors = 0
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    headers = {"Authorization": f"Bearer {api_key}"}
+    async with httpx.AsyncClient(
+        base_url=base, limits=limits, timeout=10, headers=headers
+    ) as client:
+
+        async def one() -> None:
+            nonlocal errors
+            started = time.perf_counter()
+            response = await client.get(f"/api/leads/{random.choice(lead_ids)}")
+            if response.status_code == 200:
+                latencies.append((time.perf_counter() - started) * 1000)
+            else:
+                errors += 1
+
+        tasks = []
+        start = time.perf_counter()
+        for i in range(int(rate * seconds)):
+            delay = start + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one()))
+        await asyncio.gather(*tasks)
+    return latencies, errors
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--leads", type=int, default=100_000)
+    parser.add_argument("--rate", type=float, default=500)
+    parser.add_argument("--seconds", type=float, default=20)
+    args = parser.parse_args()
+    env = {"ENABLE_AI_QUALIFICATION": "false", "ENABLE_SLA_MONITORING": "false",
+           "WORKER_WEB_PORT": str(WORKER_PORT)}  # fmt: skip
+    with bench_environment(worker_port=WORKER_PORT) as environment:
+        settings = environment.settings
+        worker = environment.start("worker", **env)
+        api = environment.start("api")
+        url = f"http://127.0.0.1:{WORKER_PORT}"
+        try:
+            wait_ready(f"{url}/ready")
+            wait_ready(f"http://127.0.0.1:{settings.api_port}/health")
+            idle_mb = resident_mb(worker.pid)
+            topic = TopicNames(settings.topic_prefix).inbound_messages
+            asyncio.run(produce(settings.kafka_bootstrap_servers, topic, environment.tenant_id,
+                                args.leads))  # fmt: skip
+            while applied(url) < args.leads:
+                time.sleep(1)
+            time.sleep(3)
+            loaded_mb = resident_mb(worker.pid)
+            lead_ids = [lead_id_for(environment.tenant_id, "whatsapp", f"+91980{i:07d}")
+                        for i in range(args.leads)]  # fmt: skip
+            latencies, errors = asyncio.run(
+                read_at_rate(f"http://127.0.0.1:{settings.api_port}", environment.api_key,
+                             lead_ids, args.rate, args.seconds)
+            )  # fmt: skip
+        finally:
+            for child in (api, worker):
+                child.terminate()
+            for child in (api, worker):
+                child.wait(timeout=30)
+    per_100k = (loaded_mb - idle_mb) * 100_000 / args.leads
+    result = {
+        "leads": args.leads,
+        "worker_rss_idle_mb": round(idle_mb, 1),
+        "worker_rss_loaded_mb": round(loaded_mb, 1),
+        "mb_per_100k_leads": round(per_100k, 1),
+        "rate_per_s": args.rate,
+        "reads": len(latencies),
+        "errors": errors,
+        "p50_ms": round(statistics.median(latencies), 2),
+        "p99_ms": round(percentile(latencies, 99), 2),
+    }
+    path = write_result("reads", result)
+    print(f"(g) worker memory: {idle_mb:.0f} MB idle, {loaded_mb:.0f} MB with {args.leads} leads "
+          f"= {per_100k:.0f} MB per 100k leads")  # fmt: skip
+    print(f"(e) GET /api/leads/{{id}} at {args.rate:.0f}/s: p50 {result['p50_ms']} ms, "
+          f"p99 {result['p99_ms']} ms, errors {errors}  ({path})")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
