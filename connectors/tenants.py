@@ -4,8 +4,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import asyncpg
+
+
+@dataclass(frozen=True)
+class TenantProfile:
+    leak_threshold_s: int
+    time_zone: str
+    # None: the platform's QUALIFICATION_* setting applies.
+    budget_threshold: float | None
+    escalation_days: int | None
 
 
 class TenantSettings:
@@ -18,26 +28,32 @@ class TenantSettings:
         self._pool_factory = pool_factory
         self._default = default_leak_threshold_s
         self._ttl_s = ttl_s
-        self._cache: dict[str, tuple[float, int, str]] = {}
+        self._cache: dict[str, tuple[float, TenantProfile]] = {}
 
-    async def _load(self, tenant_id: str) -> tuple[int, str]:
+    async def profile(self, tenant_id: str) -> TenantProfile:
         cached = self._cache.get(tenant_id)
         if cached is not None and cached[0] > time.monotonic():
-            return cached[1], cached[2]
+            return cached[1]
         pool = await self._pool_factory()
         row = await pool.fetchrow(
-            "SELECT leak_threshold_s, time_zone FROM tenants WHERE tenant_id = $1", tenant_id
+            "SELECT leak_threshold_s, time_zone, qualification_budget_threshold,"
+            " qualification_escalation_days FROM tenants WHERE tenant_id = $1",
+            tenant_id,
         )
-        threshold = self._default
-        time_zone = "UTC"
+        profile = TenantProfile(self._default, "UTC", None, None)
         if row is not None:
-            threshold = int(row["leak_threshold_s"] or self._default)
-            time_zone = row["time_zone"] or "UTC"
-        self._cache[tenant_id] = (time.monotonic() + self._ttl_s, threshold, time_zone)
-        return threshold, time_zone
+            budget = row["qualification_budget_threshold"]
+            profile = TenantProfile(
+                int(row["leak_threshold_s"] or self._default),
+                row["time_zone"] or "UTC",
+                float(budget) if budget is not None else None,
+                row["qualification_escalation_days"],
+            )
+        self._cache[tenant_id] = (time.monotonic() + self._ttl_s, profile)
+        return profile
 
     async def leak_threshold_s(self, tenant_id: str) -> int:
-        return (await self._load(tenant_id))[0]
+        return (await self.profile(tenant_id)).leak_threshold_s
 
     async def time_zone(self, tenant_id: str) -> str:
-        return (await self._load(tenant_id))[1]
+        return (await self.profile(tenant_id)).time_zone

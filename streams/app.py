@@ -230,6 +230,7 @@ def create_worker_app(settings: Settings) -> faust.App:
     # --- AI qualification (issue 4) ---
     qualification = app.Table("qualification", key_type=bytes, partitions=settings.kafka_partitions)
     router = SdrRouter(pool)
+    tenants = TenantSettings(pool, settings.leak_threshold_s)
     if settings.enable_ai_qualification:
         qualification_agent.register(
             app,
@@ -243,6 +244,7 @@ def create_worker_app(settings: Settings) -> faust.App:
                     budget_currency=settings.qualification_budget_currency,
                     escalation_days=settings.qualification_escalation_days,
                 ),
+                tenants,
                 QualificationTopics(
                     lead_events=lead_events,
                     outbound_commands=outbound_commands,
@@ -256,7 +258,6 @@ def create_worker_app(settings: Settings) -> faust.App:
         )
     # --- Leakage prevention (issue 5) ---
     leakage = app.Table("leakage", key_type=bytes, partitions=settings.kafka_partitions)
-    tenants = TenantSettings(pool, settings.leak_threshold_s)
     if settings.enable_leakage_prevention:
         leakage_agent.register(
             app,

@@ -6,9 +6,10 @@ import json
 import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from fastapi import APIRouter, Query, Response
-from pydantic import AwareDatetime, BaseModel, ConfigDict
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
 from api.deps import PrincipalDep, ServicesDep
 from api.errors import ApiError
@@ -91,3 +92,59 @@ async def audit_log(
     entries = [{**dict(r), "details": json.loads(r["details"])} for r in rows]
     last: datetime | None = entries[-1]["occurred_at"] if len(entries) == limit else None
     return {"entries": entries, "next_before": last.isoformat() if last else None}
+
+
+class TenantSettingsBody(BaseModel):
+    """The tenant's own policy; null restores the platform's setting."""
+
+    model_config = ConfigDict(extra="forbid")
+    time_zone: str = "UTC"
+    leak_threshold_s: int | None = Field(None, gt=0, le=7 * 86_400)
+    qualification_budget_threshold: float | None = Field(None, gt=0)
+    qualification_escalation_days: int | None = Field(None, ge=0, le=3650)
+
+    @field_validator("time_zone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"unknown time zone {value!r} (an IANA name like Asia/Kolkata)"
+            ) from None
+        return value
+
+
+_SETTINGS_COLUMNS = (
+    "time_zone, leak_threshold_s, qualification_budget_threshold::float8"
+    " AS qualification_budget_threshold, qualification_escalation_days"
+)
+
+
+@router.get("/api/tenant/settings", response_model=TenantSettingsBody)
+async def tenant_settings(principal: PrincipalDep, services: ServicesDep) -> TenantSettingsBody:
+    row = await services.pool.fetchrow(
+        f"SELECT {_SETTINGS_COLUMNS} FROM tenants WHERE tenant_id = $1", principal.tenant_id
+    )
+    assert row is not None  # the key's tenant exists
+    return TenantSettingsBody(**dict(row))
+
+
+@router.put("/api/tenant/settings", response_model=TenantSettingsBody, responses={403: {}})
+async def change_tenant_settings(
+    body: TenantSettingsBody, principal: PrincipalDep, services: ServicesDep
+) -> TenantSettingsBody:
+    """Workers pick the change up within a minute (they cache tenant settings)."""
+    _require_admin(principal)
+    async with services.pool.acquire() as conn, conn.transaction():
+        await conn.execute(
+            "UPDATE tenants SET time_zone = $2, leak_threshold_s = $3,"
+            " qualification_budget_threshold = $4, qualification_escalation_days = $5"
+            " WHERE tenant_id = $1",
+            principal.tenant_id, body.time_zone, body.leak_threshold_s,
+            body.qualification_budget_threshold, body.qualification_escalation_days,
+        )  # fmt: skip
+        await audit.record(conn, tenant_id=principal.tenant_id, actor=f"key:{principal.key_id}",
+                           action="tenant.settings_changed", target=principal.tenant_id,
+                           details=body.model_dump())  # fmt: skip
+    return body

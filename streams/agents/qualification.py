@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -13,6 +13,7 @@ from faust.types import AppT, StreamT, TableT, TopicT
 
 from connectors.ai import Extraction, QualificationAI, question_for
 from connectors.sdrs import Assignment, SdrRouter
+from connectors.tenants import TenantSettings
 from schemas.events import InboundMessage
 from schemas.latency import LatencyEvent
 from schemas.messaging import LeadEvent, OutboundCommand
@@ -48,6 +49,7 @@ class Interviewer:
         ai: QualificationAI,
         router: SdrRouter,
         policy: Policy,
+        tenants: TenantSettings,
         topics: QualificationTopics,
         gate: AiGate,
         meter: Meter,
@@ -55,6 +57,7 @@ class Interviewer:
         self._ai = ai
         self._router = router
         self._policy = policy
+        self._tenants = tenants
         self._topics = topics
         self._gate = gate
         self._meter = meter
@@ -92,7 +95,7 @@ class Interviewer:
             extraction.found,
             event_id=message.event_id,
             now_ms=now_ms,
-            policy=self._policy,
+            policy=await self._policy_of(message.tenant_id),
         )
         if step is None:
             return None
@@ -113,6 +116,17 @@ class Interviewer:
             await self._ask(message, question_for(step.question_slot, extraction.question))
         QUALIFICATION_STEPS.labels(extraction.source, updated["status"]).inc()
         return updated
+
+    async def _policy_of(self, tenant_id: str) -> Policy:
+        """The platform's policy with the tenant's own threshold and window, where set."""
+        profile = await self._tenants.profile(tenant_id)
+        return replace(
+            self._policy,
+            budget_threshold=profile.budget_threshold or self._policy.budget_threshold,
+            escalation_days=self._policy.escalation_days
+            if profile.escalation_days is None
+            else profile.escalation_days,
+        )
 
     async def _send(self, topic: TopicT, key: str, event: Any) -> None:
         await topic.send(key=key.encode(), value=event.model_dump_json().encode())

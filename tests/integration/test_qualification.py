@@ -265,3 +265,26 @@ async def test_sdr_roster_api(api: httpx.AsyncClient, make_tenant: MakeTenant) -
     stranger = {"name": "x", "email": "x@example.com"}
     response = await api.put(f"/api/sdrs/{body['sdr_id']}", headers=other.headers, json=stranger)
     assert response.status_code == 404
+
+
+async def test_a_tenants_own_threshold_decides_escalation(
+    api: httpx.AsyncClient, make_tenant: MakeTenant
+) -> None:
+    tenant = await make_tenant()
+    own = {"time_zone": "Asia/Kolkata", "qualification_budget_threshold": 100000,
+           "qualification_escalation_days": 7}  # fmt: skip
+    changed = await api.put("/api/tenant/settings", headers=tenant.headers, json=own)
+    assert changed.status_code == 200, changed.text
+    assert (await api.get("/api/tenant/settings", headers=tenant.headers)).json() == {
+        **own, "leak_threshold_s": None,
+    }  # fmt: skip
+    bad = await api.put("/api/tenant/settings", headers=tenant.headers,
+                        json={"time_zone": "Mars/Olympus"})  # fmt: skip
+    assert bad.status_code == 422
+    contact = f"b{uuid.uuid4().hex[:6]}@example.com"
+    text = "Budget is $8k and we want it live in 2 weeks, I'm the founder"
+    first = await post(api, tenant, channel="webchat", contact=contact, text=text)
+    state = await qualification(api, tenant, first["lead_id"], 2)
+    # $8k escalates under the platform's 5,000 threshold, not under this tenant's 100,000.
+    assert state["facts"]["budget"] is not None
+    assert state["escalated"] is False
