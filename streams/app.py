@@ -313,6 +313,7 @@ def create_worker_app(settings: Settings) -> faust.App:
         dead_letters=dead_letters,
         store=NotificationStore(pool),
         mailer=Mailer(settings),
+        gmail=email,
     )
     # --- SLA monitoring (issue 8) ---
     if settings.enable_sla_monitoring:

@@ -16,6 +16,8 @@ import asyncpg
 from faust.types import AppT, StreamT, TopicT
 from pydantic import ValidationError
 
+from connectors.gmail import GmailApiError, GmailNotConfigured, MailboxRevoked
+from connectors.gmail_send import EmailSender, NoMailbox
 from connectors.mailer import Mailer
 from schemas.notifications import Notification
 from streams.dead_letters import dead_letter_event, describe_validation_error
@@ -70,7 +72,17 @@ def register(
     dead_letters: TopicT,
     store: NotificationStore,
     mailer: Mailer,
+    gmail: EmailSender,
 ) -> None:
+    async def email(notification: Notification, recipients: list[str]) -> str:
+        """SMTP when configured, else the tenant's own connected Gmail; which one it was."""
+        if mailer.configured:
+            await mailer.send(recipients, notification.title, notification.body)
+            return "email"
+        await gmail.send(notification.tenant_id, to=", ".join(recipients),
+                         subject=notification.title, body=notification.body)  # fmt: skip
+        return "gmail"
+
     @app.agent(notifications, name="notifications")
     async def deliver(stream: StreamT[bytes]) -> None:
         async for event in stream.events():
@@ -85,12 +97,15 @@ def register(
             if recipients is None:
                 continue  # delivered before
             NOTIFICATIONS.labels(notification.category, "in_app").inc()
-            if "email" not in notification.deliveries or not mailer.configured:
+            if "email" not in notification.deliveries or not recipients:
                 continue
             try:
-                await mailer.send(recipients, notification.title, notification.body)
-            except (OSError, smtplib.SMTPException) as exc:
+                delivery = await email(notification, recipients)
+            except NoMailbox:
+                continue  # neither SMTP nor a connected Gmail: in-app only
+            except (OSError, smtplib.SMTPException, GmailApiError, MailboxRevoked,
+                    GmailNotConfigured) as exc:  # fmt: skip
                 logger.warning("notification e-mail failed: %r", exc)
                 NOTIFICATIONS.labels(notification.category, "email_failed").inc()
             else:
-                NOTIFICATIONS.labels(notification.category, "email").inc()
+                NOTIFICATIONS.labels(notification.category, delivery).inc()

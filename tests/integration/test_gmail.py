@@ -7,6 +7,7 @@ import asyncio
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from email import message_from_bytes, policy
 from typing import Any
 from urllib.parse import parse_qs, urlparse
@@ -440,3 +441,34 @@ async def test_replies_go_out_in_the_leads_thread_from_the_api_and_the_worker(
     mine = [m for m in accepted if m.lead_id == event.lead_id and m.status == "accepted"]
     assert sorted(m.sent_by for m in mine) == ["sdr", "sdr"]
     assert {m.channel for m in mine} == {"email"}
+
+
+async def test_without_smtp_notifications_are_mailed_through_the_tenants_gmail(
+    gmail: GmailFake,
+    gmail_settings: Settings,
+    gmail_worker: ManagedProcess,
+    store: GmailStore,
+    publisher: EventPublisher,
+    make_tenant: MakeTenant,
+    db: asyncpg.Connection,
+) -> None:
+    tenant = await make_tenant()
+    await db.execute("INSERT INTO tenant_admins (tenant_id, email) VALUES ($1, 'boss@acme.test')",
+                     tenant.tenant_id)  # fmt: skip
+    email, _ = await connected(gmail, store, tenant.tenant_id)
+    notice = Notification(
+        event_id=str(uuid.uuid4()), tenant_id=tenant.tenant_id, occurred_at=datetime.now(UTC),
+        audience="admins", category="token_threshold", title="80% of your tokens used",
+        body="800 of the 1000 tokens of your last top-up are used.",
+    )  # fmt: skip
+    topic = TopicNames(gmail_settings.topic_prefix).notifications
+    await publisher.publish(topic, tenant.tenant_id.encode(), notice.model_dump_json().encode())
+
+    async def mailed() -> Any:
+        return gmail.mailboxes[email].sent or None
+
+    (sent,) = await eventually(mailed, what="the notification sent through Gmail")
+    message = message_from_bytes(sent["raw"], policy=policy.default)
+    assert message["To"] == "boss@acme.test"
+    assert message["From"] == email
+    assert message["Subject"] == "80% of your tokens used"
