@@ -12,6 +12,7 @@ from api.dedup import RecentIds
 from api.errors import ApiError
 from api.lead_state import LeadStateClient
 from api.rate_limits import RateLimiter
+from api.sla_gauges import SlaGauges
 from api.tenants import Principal, PrincipalCache, find_principal
 from connectors.channels import ChannelDirectory
 from connectors.gmail import OAuthFlow
@@ -41,6 +42,7 @@ class Services:
     recent_message_ids: RecentIds
     # SLA monitoring (issue 8): `latency.measure(operation, tenant_id=...)` times an operation.
     latency: LatencyRecorder
+    sla_gauges: SlaGauges
     # Tokens (issue 6)
     razorpay: RazorpayGateway
     packs: dict[str, Pack]

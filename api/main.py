@@ -31,6 +31,7 @@ from api.routes import (
     sdrs,
     tokens,
 )
+from api.sla_gauges import SlaGauges
 from api.tenants import PrincipalCache
 from connectors.channels import ChannelDirectory
 from connectors.gmail import OAuthFlow
@@ -43,6 +44,7 @@ from flexoraa.kafka import EventPublisher
 from flexoraa.latency import LatencyRecorder
 from flexoraa.settings import Settings
 from schemas.topics import TopicNames
+from streams.agents.sla_store import SlaStore
 from streams.rules.tokens import parse_packs
 
 SHUTDOWN_STEP_S = 5.0
@@ -74,6 +76,7 @@ def create_app(settings: Settings) -> FastAPI:
             channels=ChannelDirectory(_constant(pool), secret_box),
             recent_message_ids=RecentIds(settings.webhook_dedup_cache_size),
             latency=latency,
+            sla_gauges=SlaGauges(SlaStore(_constant(pool)), settings.sla_gauge_refresh_s),
             razorpay=RazorpayGateway(settings),
             packs=parse_packs(settings.token_packs, settings.payment_currency),
             rate_limiter=RateLimiter(settings.api_rate_limit, settings.webhook_rate_limit),

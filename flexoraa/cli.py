@@ -267,7 +267,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(
             "\n"
             f"  Flexoraa Streams is running.\n"
-            f"  API:          {base}\n"
+            f"  API:          {base} (metrics at /metrics)\n"
             f"  API docs:     {base}/docs\n"
             f"  Worker:       http://127.0.0.1:{settings.worker_web_port} (metrics at /metrics)\n"
             f"  Demo tenant:  {demo['tenant_id']}\n"

@@ -308,6 +308,10 @@ class Settings(BaseSettings):
     sla_evaluate_interval_s: float = Field(
         10.0, ge=0.2, description="how often workers store minute aggregates and judge targets"
     )
+    sla_gauge_refresh_s: float = Field(
+        5.0, ge=0.0, description="how often the API re-reads its SLA gauges from sla_metrics "
+        "(at most once per interval, on a /metrics scrape)",
+    )  # fmt: skip
     sla_probe_interval_s: float = Field(
         5.0, ge=0.2, description="how often the leader worker probes API, workers, Kafka, PG"
     )

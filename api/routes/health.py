@@ -57,5 +57,6 @@ async def ready(services: ServicesDep) -> JSONResponse:
 
 
 @router.get("/metrics", include_in_schema=False)
-async def metrics() -> Response:
+async def metrics(services: ServicesDep) -> Response:
+    await services.sla_gauges.refresh()
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -8,7 +8,6 @@ it is the one all-tenants figure shown.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Annotated
 
@@ -26,10 +25,9 @@ from streams.rules.sla import (
     Rolling,
     Violation,
     day_bounds_ms,
-    merge_sketches,
     minute_of,
     month_bounds_ms,
-    summarise,
+    summarise_rows,
 )
 
 router = APIRouter(tags=["monitoring"])
@@ -146,14 +144,6 @@ def _figures(summary: Rolling, targets: Targets, operation: str) -> WindowFigure
     )
 
 
-def _summarise(rows: Sequence[MinuteRow]) -> Rolling:
-    return summarise(
-        sum(r.calls for r in rows),
-        sum(r.errors for r in rows),
-        merge_sketches(r.sketch for r in rows),
-    )
-
-
 async def _violations(
     pool: asyncpg.Pool, tenant_id: str, since: datetime, *, open_only: bool
 ) -> list[Violation]:
@@ -207,7 +197,7 @@ async def sla_current(principal: PrincipalDep, services: ServicesDep) -> SlaCurr
             for name, minutes in WINDOWS_MIN.items():
                 first = last_minute - (minutes - 1) * MINUTE_MS
                 chosen = [r for r in rows if r.operation == operation and r.minute_ms >= first]
-                windows[name] = _figures(_summarise(chosen), targets, operation)
+                windows[name] = _figures(summarise_rows(chosen), targets, operation)
             operations[operation] = OperationNow(
                 p90_target_ms=targets.p90_ms.get(operation), windows=windows
             )
@@ -267,7 +257,7 @@ async def sla_dashboard(
         for operation in sorted({r.operation for r in rows}):
             points = []
             for bucket in range(start_ms, end_ms, step_ms):
-                summary = _summarise(buckets.get((operation, bucket), []))
+                summary = summarise_rows(buckets.get((operation, bucket), []))
                 points.append(
                     SeriesPoint(
                         at=from_ms(bucket),

@@ -47,6 +47,7 @@ from streams.agents.sla_metrics import (
     SLA_TARGET_P90,
     SLA_TARGET_UPTIME,
     SLA_UPTIME_RATIO,
+    publish_rolling,
 )
 from streams.agents.sla_probes import Prober
 from streams.agents.sla_store import PoolFactory, SlaStore
@@ -216,11 +217,7 @@ class Evaluator:
         for operation in operations:
             for name, minutes in WINDOWS_MIN.items():
                 summary = self._windows.rolling(operation, PLATFORM, now_ms, minutes)
-                SLA_CALLS.labels(operation, name).set(summary.calls)
-                SLA_P90.labels(operation, name).set(_seconds(summary.p90_ms))
-                SLA_P99.labels(operation, name).set(_seconds(summary.p99_ms))
-                rate = summary.error_rate
-                SLA_ERROR_RATIO.labels(operation, name).set(math.nan if rate is None else rate)
+                publish_rolling(operation, name, summary)
         # An operation whose partition moved to another worker is that worker's to report.
         for operation in self._gauged - operations:
             for name in WINDOWS_MIN:
@@ -234,10 +231,6 @@ class Evaluator:
         SLA_OPEN_VIOLATIONS.clear()
         for (operation, metric), count in counts.items():
             SLA_OPEN_VIOLATIONS.labels(operation, metric).set(count)
-
-
-def _seconds(ms: float | None) -> float:
-    return math.nan if ms is None else ms / 1000
 
 
 class UptimeRecorder:

@@ -4,9 +4,11 @@ Gauges carry the all-tenants view only: a tenant label would multiply every seri
 number of tenants. Per-tenant figures are in PostgreSQL and the monitoring API.
 """
 
+import math
+
 from prometheus_client import Counter, Gauge, Histogram
 
-from streams.rules.sla import OPERATIONS
+from streams.rules.sla import OPERATIONS, Rolling
 
 OPERATION_DURATION = Histogram(
     "flexoraa_operation_duration_seconds",
@@ -66,6 +68,20 @@ SLA_MIN_CALLS = Gauge(
     "flexoraa_sla_min_calls", "Calls a window needs before its P90 or error rate is judged"
 )
 SLA_REPORTS = Counter("flexoraa_sla_daily_reports", "Daily SLA reports written (tenant keys)")
+
+
+def publish_rolling(operation: str, window: str, summary: Rolling) -> None:
+    """Set the rolling gauges of one operation and window (NaN where there is no figure)."""
+    SLA_CALLS.labels(operation, window).set(summary.calls)
+    SLA_P90.labels(operation, window).set(_seconds(summary.p90_ms))
+    SLA_P99.labels(operation, window).set(_seconds(summary.p99_ms))
+    rate = summary.error_rate
+    SLA_ERROR_RATIO.labels(operation, window).set(math.nan if rate is None else rate)
+
+
+def _seconds(ms: float | None) -> float:
+    return math.nan if ms is None else ms / 1000
+
 
 # Every known label set starts at zero, so a rate() over a counter that has not moved yet is 0
 # rather than no data, and the series exist before the first event.

@@ -292,6 +292,16 @@ class Rolling:
         return self.errors / self.calls if self.calls else None
 
 
+def summarise_rows(rows: Iterable[MinuteRow]) -> Rolling:
+    """The rolling figures of persisted minute rows (their sketches merged)."""
+    chosen = list(rows)
+    return summarise(
+        sum(r.calls for r in chosen),
+        sum(r.errors for r in chosen),
+        merge_sketches(r.sketch for r in chosen),
+    )
+
+
 def summarise(calls: int, errors: int, sketch: DDSketch) -> Rolling:
     return Rolling(
         calls=calls,
