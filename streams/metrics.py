@@ -2,6 +2,8 @@
 
 from prometheus_client import Counter, Gauge
 
+from streams.rules.recovery import STRATEGIES
+
 INBOUND_EVENTS = Counter(
     "flexoraa_inbound_events",
     "Inbound customer messages applied to the sessions table",
@@ -29,6 +31,11 @@ QUALIFICATION_STEPS = Counter(
 LEAKS = Counter(
     "flexoraa_leaks", "Leads that waited past their reply deadline", ["temperature", "action"]
 )
+RECOVERY = Counter(
+    "flexoraa_recovery",
+    "Cold-recovery messages sent, and replies to the last message sent, per strategy (step)",
+    ["strategy", "outcome"],
+)
 
 # Label sets known up front are exported at zero from the start, so a dashboard or alert shows
 # "none yet" instead of "no data".
@@ -42,6 +49,9 @@ for _temperature, _action in (
     ("COLD", "escalate_admins"),
 ):
     LEAKS.labels(_temperature, _action)
+for _strategy in STRATEGIES:
+    for _outcome in ("attempt", "replied"):
+        RECOVERY.labels(_strategy, _outcome)
 for _deadline in ("leak", "window_closing", "window_expired", "scheduled", "silence", "recovery"):
     DEADLINES_FIRED.labels(_deadline)
 for _source in ("builtin", "model"):

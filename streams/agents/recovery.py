@@ -19,6 +19,7 @@ from schemas.messaging import DeadlineReached, LeadEvent, OutboundCommand
 from streams.agents.deadlines import DeadlineHandler
 from streams.agents.tokens import AiGate, Meter
 from streams.dead_letters import decoded
+from streams.metrics import RECOVERY
 from streams.rules.leakage import temperature
 from streams.rules.recovery import STRATEGIES, recovery_text, step_due_ms
 from streams.timers import Scheduler
@@ -76,6 +77,7 @@ class Recovery:
             del self._table[key]
             self._scheduler.cancel(key, "recovery")
             last_step = max(0, state["step"] - 1)
+            RECOVERY.labels(STRATEGIES[last_step], "replied").inc()
             await self._event(
                 message.lead_id, message.tenant_id, "recovery_replied",
                 {"step": last_step, "time_to_reply_ms": occurred_ms - state["last_sent_ms"]},
@@ -129,6 +131,7 @@ class Recovery:
             lead_id=lead_id,
             feature="recovery",
         )
+        RECOVERY.labels(STRATEGIES[step], "attempt").inc()
         await self._event(
             lead_id, tenant_id, "recovery_attempt",
             {"step": step, "strategy": STRATEGIES[step], "command_id": command.event_id,

@@ -163,9 +163,25 @@ async def test_a_silent_cold_lead_gets_the_recovery_sequence_in_order(
     assert len(texts) == 4  # each attempt went out as an outbound command
 
 
+def recovery_counts(text: str) -> dict[tuple[str, str], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (sample.labels["strategy"], sample.labels["outcome"]): sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "flexoraa_recovery"
+        for sample in family.samples
+        if sample.name == "flexoraa_recovery_total"
+    }
+
+
 async def test_a_reply_ends_recovery_as_a_success(
-    api: httpx.AsyncClient, make_tenant: MakeTenant, db: asyncpg.Connection
-) -> None:
+    api: httpx.AsyncClient, make_tenant: MakeTenant, db: asyncpg.Connection,
+    worker: ManagedProcess,
+) -> None:  # fmt: skip
+    metrics_url = f"http://127.0.0.1:{worker.ports['web']}/metrics"
+    async with httpx.AsyncClient() as scraper:
+        before = recovery_counts((await scraper.get(metrics_url)).text)
     tenant = await make_tenant()
     contact = f"r-{uuid.uuid4().hex[:8]}"
     accepted = await post(api, tenant, channel="webchat", contact=contact, text="hmm")
@@ -184,6 +200,11 @@ async def test_a_reply_ends_recovery_as_a_success(
     assert stats["replies"] == 1
     assert stats["attempts"] >= 1
     assert stats["steps"][row["step"]]["success_rate"] > 0
+    async with httpx.AsyncClient() as scraper:
+        after = recovery_counts((await scraper.get(metrics_url)).text)
+    strategy = row["strategy"]
+    assert after[(strategy, "replied")] - before[(strategy, "replied")] >= 1
+    assert after[("re_engagement", "attempt")] - before[("re_engagement", "attempt")] >= 1
 
 
 async def test_a_reply_in_the_same_second_as_the_deadline_is_one_consistent_outcome(

@@ -523,8 +523,7 @@ async def test_prometheus_scrapes_the_api_and_worker_and_answers_a_p90_query(
     # the worker persisted to sla_metrics. Both answer the same P90 query.
     for job in ("worker", "api"):
         query = (
-            'flexoraa_sla_latency_p90_seconds{operation="api_request", window="5m",'
-            f' job="{job}"}}'
+            f'flexoraa_sla_latency_p90_seconds{{operation="api_request", window="5m", job="{job}"}}'
         )
 
         async def answered(query: str = query) -> Any:
