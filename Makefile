@@ -8,7 +8,7 @@ APT_INSTALL := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --n
 PYTEST_ARGS ?=
 
 .PHONY: setup system-deps run test lint typecheck unit integration e2e stack stack-stop \
-        stack-status bench eval-extractor clean
+        stack-status bench eval-extractor faults clean
 
 setup: $(INSTALLED) system-deps
 
@@ -55,6 +55,10 @@ integration: setup
 
 e2e: setup
 	$(BIN)/pytest tests/e2e $(PYTEST_ARGS)
+
+# The fault-injection suite at full size (CI runs it within `make test` at 1,200 events).
+faults: setup
+	FAULT_EVENTS=50000 $(BIN)/pytest tests/integration/test_faults.py -m faults $(PYTEST_ARGS)
 
 # The whole suite: lint, types, unit, integration (real Kafka and PostgreSQL) and end to end.
 test: setup lint typecheck

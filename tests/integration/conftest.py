@@ -5,7 +5,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from api.main import create_app
 from flexoraa.settings import Settings
@@ -51,17 +51,16 @@ async def graph() -> AsyncIterator[GraphApiFake]:
     await fake.stop()
 
 
-async def read_topic(
-    settings: Settings, topics: list[str], tenant_id: str | None = None
-) -> list[tuple[str, bytes, bytes]]:
-    """Every record of `topics` (optionally one tenant's): (topic, key, value)."""
+async def read_records(settings: Settings, topics: list[str]) -> list[ConsumerRecord[bytes, bytes]]:
+    """Every record of `topics` up to their end offsets at the call, in offset order per
+    partition."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap_servers,
         group_id=None,
         enable_auto_commit=False,
     )
     await consumer.start()
-    records: list[tuple[str, bytes, bytes]] = []
+    records: list[ConsumerRecord[bytes, bytes]] = []
     try:
         partitions = [
             TopicPartition(topic, p) for topic in topics for p in range(settings.kafka_partitions)
@@ -73,11 +72,18 @@ async def read_topic(
         while [tp for tp, end in ends.items() if await consumer.position(tp) < end]:
             batch = await consumer.getmany(timeout_ms=500)
             for messages in batch.values():
-                records.extend(
-                    (m.topic, m.key, m.value)
-                    for m in messages
-                    if tenant_id is None or m.key == tenant_id.encode()
-                )
+                records.extend(messages)
     finally:
         await consumer.stop()
     return records
+
+
+async def read_topic(
+    settings: Settings, topics: list[str], tenant_id: str | None = None
+) -> list[tuple[str, bytes, bytes]]:
+    """Every record of `topics` (optionally one tenant's): (topic, key, value)."""
+    return [
+        (m.topic, m.key, m.value)
+        for m in await read_records(settings, topics)
+        if tenant_id is None or m.key == tenant_id.encode()
+    ]

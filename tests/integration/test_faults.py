@@ -1,0 +1,482 @@
+"""Fault injection: a worker killed with -9 mid-load, the broker restarted, PostgreSQL down for
+20 s, a rebalance mid-load, and every source topic replayed into a fresh app.
+
+Each test drives a load of inbound messages through the real API (a client that retries a 503
+with the same `channel_message_id`, as connectors do) and then checks that every accepted
+message had its effects exactly once:
+
+- sessions: every lead's message count in the worker's table and in PostgreSQL equals the
+  messages accepted for it;
+- tokens: each AI message was billed once (one usage row per AI message, per lead), and the
+  worker's balance is exactly the credits minus the distinct usage events on the topic;
+- leakage: no unanswered wait produced two leaks (in PostgreSQL or, with another identity, on
+  the lead-events topic).
+
+CI runs them at `FAULT_EVENTS` (default 1200); `make faults` runs 50,000.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from flexoraa import stack
+from flexoraa.kafka import delete_topics, ensure_topics
+from flexoraa.settings import Settings
+from schemas.messaging import LeadEvent
+from schemas.tokens import TokenUsage
+from schemas.topics import TopicNames
+from streams.agents.qualification import derived_id
+from tests.conftest import (
+    MakeTenant,
+    ManagedProcess,
+    StartProcess,
+    Tenant,
+    free_port,
+    http_get_json,
+    start_worker,
+)
+from tests.integration.conftest import ApiFactory, read_records, read_topic
+from tests.integration.test_pipeline import eventually
+
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
+
+EVENTS = int(os.environ.get("FAULT_EVENTS", "1200"))
+MESSAGES_PER_LEAD = 10
+# Every worker: timers checked often, leaks after a few seconds (so deadlines are pending
+# across the faults), no 24-hour cold recovery within a test.
+LEAK_THRESHOLD_S = 5
+WORKER_ENV = {"TIMER_TICK_MS": "200", "LEAK_THRESHOLD_S": str(LEAK_THRESHOLD_S)}
+# An interview (each answer fills a slot), then messages the AI no longer answers.
+TEXTS = (
+    "Hi, we need a CRM for our sales team of twelve",
+    "Budget is around $8k",
+    "We want it live next month",
+    "I'm the founder, I decide",
+    "Only worry is the migration effort",
+    "Let's schedule a call on Monday",
+    "thanks!",
+    "any update?",
+    "hello?",
+    "still there?",
+)
+
+
+@dataclass
+class Load:
+    """What the client sent and the API accepted (202)."""
+
+    run: str
+    tenants: list[Tenant]
+    accepted: Counter[str] = field(default_factory=Counter)  # lead id -> messages
+    lead_tenant: dict[str, str] = field(default_factory=dict)
+    retried: int = 0  # 503s and connection errors retried with the same message id
+
+    def leads_of(self, tenant: Tenant) -> list[str]:
+        return sorted(lead for lead, t in self.lead_tenant.items() if t == tenant.tenant_id)
+
+
+async def drive(
+    api: httpx.AsyncClient,
+    tenants: list[Tenant],
+    events: int,
+    *,
+    progress: dict[float, asyncio.Event] | None = None,
+    concurrency: int = 16,
+) -> Load:
+    """Posts `events` messages, spread over leads of `tenants` (MESSAGES_PER_LEAD each), each
+    retried until accepted. `progress[f]` is set once a fraction `f` was accepted."""
+    load = Load(run=uuid.uuid4().hex[:8], tenants=tenants)
+    leads_per_tenant = max(1, events // (MESSAGES_PER_LEAD * len(tenants)))
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(events):
+        queue.put_nowait(i)
+    done = 0
+
+    async def post(i: int) -> None:
+        nonlocal done
+        tenant = tenants[i % len(tenants)]
+        lead = (i // len(tenants)) % leads_per_tenant
+        turn = i // (len(tenants) * leads_per_tenant)
+        body = {
+            "channel": "webchat",
+            "contact": f"fault-{load.run}-{lead}",
+            "text": TEXTS[turn % len(TEXTS)],
+            "channel_message_id": f"{load.run}-{i}",
+        }
+        for _ in range(600):
+            try:
+                response = await api.post("/api/events/inbound", headers=tenant.headers, json=body)
+            except httpx.TransportError:
+                response = None
+            if response is not None and response.status_code == 202:
+                lead_id = response.json()["lead_id"]
+                load.accepted[lead_id] += 1
+                load.lead_tenant[lead_id] = tenant.tenant_id
+                done += 1
+                for fraction, reached in (progress or {}).items():
+                    if done >= fraction * events:
+                        reached.set()
+                return
+            assert response is None or response.status_code == 503, response.text
+            load.retried += 1
+            await asyncio.sleep(0.5)
+        raise AssertionError(f"message {i} was never accepted")
+
+    async def client() -> None:
+        while not queue.empty():
+            await post(queue.get_nowait())
+
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return load
+
+
+def worker_url(worker: ManagedProcess) -> str:
+    return f"http://127.0.0.1:{worker.ports['web']}"
+
+
+async def sessions_settled(load: Load, url: str, db: asyncpg.Connection) -> None:
+    """Every accepted message is in PostgreSQL and counted once in the worker's table."""
+
+    async def stored() -> bool:
+        rows = await db.fetch(
+            "SELECT lead_id::text AS lead, count(*) AS n FROM messages"
+            " WHERE direction = 'inbound' AND lead_id = ANY($1::uuid[]) GROUP BY lead_id",
+            list(load.accepted),
+        )
+        return {r["lead"]: r["n"] for r in rows} == dict(load.accepted)
+
+    await eventually(stored, timeout_s=300, what="every accepted message in PostgreSQL")
+
+    def counts() -> dict[str, Any]:
+        found = {}
+        for lead in load.accepted:
+            status, state = http_get_json(f"{url}/internal/leads/{lead}", timeout_s=10)
+            found[lead] = state["session"]["message_count"] if status == 200 else status  # type: ignore[index]
+        return found
+
+    async def counted() -> bool:
+        return await asyncio.to_thread(counts) == dict(load.accepted)
+
+    await eventually(counted, timeout_s=120, what="every lead's message count in the worker")
+    assert await asyncio.to_thread(counts) == dict(load.accepted)
+
+
+async def billed_once(load: Load, settings: Settings, url: str, db: asyncpg.Connection) -> None:
+    """Every AI action billed once: each message the interview handled has one usage row (its id
+    derived from the message's), every other AI message (re-engagement, recovery) one usage row;
+    and each tenant's balance is exactly its credits minus the distinct usage on the topic."""
+    tenant_ids = [t.tenant_id for t in load.tenants]
+    mismatches: dict[str, Any] = {}
+
+    async def matched() -> bool:
+        ledger: dict[str, list[tuple[str, str]]] = defaultdict(list)
+        for row in await db.fetch(
+            "SELECT lead_id, event_id, feature FROM token_ledger"
+            " WHERE kind = 'usage' AND tenant_id = ANY($1::uuid[])",
+            tenant_ids,
+        ):
+            ledger[row["lead_id"]].append((row["event_id"], row["feature"]))
+        ai_messages = {
+            r["lead"]: r["n"]
+            for r in await db.fetch(
+                "SELECT lead_id::text AS lead, count(*) AS n FROM messages WHERE direction ="
+                " 'outbound' AND sent_by = 'ai' AND tenant_id = ANY($1::uuid[]) GROUP BY 1",
+                tenant_ids,
+            )
+        }
+        mismatches.clear()
+        for lead in load.accepted:
+            _, state = await asyncio.to_thread(http_get_json, f"{url}/internal/leads/{lead}", 10)
+            interview = (state or {}).get("qualification") or {}  # type: ignore[attr-defined]
+            handled = {derived_id(e, "token-usage") for e in interview.get("recent_event_ids", [])}
+            billed = {e for e, feature in ledger[lead] if feature == "qualification"}
+            other = sum(1 for _, feature in ledger[lead] if feature != "qualification")
+            sent = interview.get("questions_asked", 0) + other
+            if billed != handled or ai_messages.get(lead, 0) != sent:
+                mismatches[lead] = (len(billed), len(handled), ai_messages.get(lead, 0), sent)
+        return not mismatches
+
+    try:
+        await eventually(matched, timeout_s=120, what="one usage row per AI action")
+    except AssertionError:
+        assert mismatches == {}  # (billed, handled, AI messages, AI actions) per lead
+        raise
+    await asyncio.sleep(2)  # nothing more in flight
+    assert await matched(), mismatches
+
+    records = await read_topic(settings, [TopicNames(settings.topic_prefix).token_usage])
+    usage_on_topic: dict[str, dict[str, int]] = defaultdict(dict)
+    for _, _, value in records:
+        event = TokenUsage.model_validate_json(value)
+        if event.tenant_id in tenant_ids:
+            usage_on_topic[event.tenant_id][event.event_id] = event.tokens
+    for tenant_id in tenant_ids:
+        credits = await db.fetchval(
+            "SELECT coalesce(sum(tokens), 0) FROM token_ledger"
+            " WHERE kind = 'credit' AND tenant_id = $1",
+            uuid.UUID(tenant_id),
+        )
+        status, account = http_get_json(f"{url}/internal/tenants/{tenant_id}/tokens", 10)
+        assert status == 200, account
+        expected = credits - sum(usage_on_topic[tenant_id].values())
+        assert account["balance"] == expected, (tenant_id, account)  # type: ignore[index]
+
+
+async def leaks_once(load: Load, settings: Settings, db: asyncpg.Connection) -> int:
+    """No wait leaked twice: one row per (lead, waiting since), one identity on the topic."""
+    leads = list(load.accepted)
+    twice = await db.fetch(
+        "SELECT lead_id, waiting_since, count(*) FROM lead_leakage_events"
+        " WHERE lead_id = ANY($1::uuid[]) GROUP BY 1, 2 HAVING count(*) > 1",
+        leads,
+    )
+    assert twice == []
+    identities: dict[tuple[str, str], set[str]] = defaultdict(set)
+    wanted = set(leads)
+    for _, key, value in await read_topic(
+        settings, [TopicNames(settings.topic_prefix).lead_events]
+    ):
+        if key.decode() not in wanted:
+            continue
+        event = LeadEvent.model_validate_json(value)
+        if event.type == "leak_detected":
+            identities[(event.lead_id, str(event.data.get("waiting_since")))].add(event.event_id)
+    assert {wait: ids for wait, ids in identities.items() if len(ids) > 1} == {}
+    stored: int = await db.fetchval(
+        "SELECT count(*) FROM lead_leakage_events WHERE lead_id = ANY($1::uuid[])", leads
+    )
+    return stored
+
+
+ApiFor = Callable[[ManagedProcess], Awaitable[httpx.AsyncClient]]
+
+
+@pytest.fixture
+async def api_for(api_factory: ApiFactory) -> AsyncIterator[ApiFor]:
+    """An in-process API reading lead state from a given worker."""
+    stack_: list[Any] = []
+
+    async def start(worker: ManagedProcess) -> httpx.AsyncClient:
+        manager = api_factory(worker_url=worker_url(worker))
+        stack_.append(manager)
+        client: httpx.AsyncClient = await manager.__aenter__()
+        return client
+
+    yield start
+    for manager in reversed(stack_):
+        await manager.__aexit__(None, None, None)
+
+
+async def test_kill_9_of_a_worker_mid_load_every_effect_exactly_once(
+    processes: StartProcess,
+    test_settings: Settings,
+    make_tenant: MakeTenant,
+    db: asyncpg.Connection,
+    api_for: ApiFor,
+) -> None:
+    first = start_worker(processes, test_settings, name="fault-kill-a", web_port=free_port(),
+                         **WORKER_ENV)  # fmt: skip
+    api = await api_for(first)
+    tenants = [await make_tenant("Busy"), await make_tenant("Dry", tokens=1)]
+    halfway = asyncio.Event()
+    loading = asyncio.create_task(drive(api, tenants, EVENTS, progress={0.4: halfway}))
+    await halfway.wait()
+    first.stop(signal.SIGKILL)  # deadlines pending, offsets and changelogs mid-flight
+    second = start_worker(processes, test_settings, name="fault-kill-b", web_port=free_port(),
+                          **WORKER_ENV)  # fmt: skip
+    load = await loading
+    await sessions_settled(load, worker_url(second), db)
+    await billed_once(load, test_settings, worker_url(second), db)
+
+    dry_leads = set(load.leads_of(tenants[1]))
+
+    async def dry_leads_leaked() -> bool:
+        rows = await db.fetch(
+            "SELECT DISTINCT lead_id::text AS lead FROM lead_leakage_events WHERE tenant_id = $1",
+            uuid.UUID(tenants[1].tenant_id),
+        )
+        return {r["lead"] for r in rows} == dry_leads
+
+    # The paused tenant's leads are never answered: each leaks.
+    await eventually(dry_leads_leaked, timeout_s=60, what="every unanswered lead to leak")
+    await asyncio.sleep(LEAK_THRESHOLD_S + 2)  # any second firing would have happened
+    assert await leaks_once(load, test_settings, db) >= len(dry_leads)
+
+
+async def test_broker_restarted_mid_load_nothing_lost(
+    processes: StartProcess,
+    test_settings: Settings,
+    running_stack: Settings,
+    make_tenant: MakeTenant,
+    db: asyncpg.Connection,
+    api_for: ApiFor,
+) -> None:
+    worker = start_worker(processes, test_settings, name="fault-broker", web_port=free_port(),
+                          **WORKER_ENV)  # fmt: skip
+    api = await api_for(worker)
+    tenants = [await make_tenant("Broker")]
+    halfway = asyncio.Event()
+    loading = asyncio.create_task(drive(api, tenants, EVENTS // 2, progress={0.4: halfway}))
+    await halfway.wait()
+    await asyncio.to_thread(stack.stop_kafka, running_stack)
+    await asyncio.sleep(3)  # the API refuses (503) while the broker is down; the client retries
+    await asyncio.to_thread(stack.start_kafka, running_stack)
+    load = await loading
+    assert load.retried > 0  # the outage was seen by the client
+    await sessions_settled(load, worker_url(worker), db)
+    await billed_once(load, test_settings, worker_url(worker), db)
+    assert worker.process.poll() is None, worker.log_tail()
+
+
+async def test_postgres_down_for_20_s_reads_503_then_the_sink_catches_up(
+    processes: StartProcess,
+    test_settings: Settings,
+    running_stack: Settings,
+    make_tenant: MakeTenant,
+    api_for: ApiFor,
+) -> None:
+    worker = start_worker(processes, test_settings, name="fault-pg", web_port=free_port(),
+                          **WORKER_ENV)  # fmt: skip
+    api = await api_for(worker)
+    tenant = await make_tenant("Outage")
+    assert (await api.get("/api/leads", headers=tenant.headers)).status_code == 200
+    first = await drive(api, [tenant], EVENTS // 4)
+
+    await asyncio.to_thread(stack.stop_postgres, running_stack)
+    try:
+        # Reads that need PostgreSQL answer 503 (not 500, not a hang); writes go to Kafka and
+        # are accepted (the API key is cached).
+        listing = await api.get("/api/leads", headers=tenant.headers)
+        assert listing.status_code == 503, listing.text
+        assert "database" in listing.json()["detail"]
+        during = await drive(api, [tenant], EVENTS // 4)
+        await asyncio.sleep(20 - 2)
+    finally:
+        await asyncio.to_thread(stack.start_postgres, running_stack)
+
+    async def reads_recovered() -> bool:
+        response = await api.get("/api/leads", headers=tenant.headers)
+        return response.status_code == 200
+
+    await eventually(reads_recovered, timeout_s=60, what="reads to recover")
+    db = await asyncpg.connect(test_settings.database_url)
+    try:
+        both = Load(run="both", tenants=[tenant])
+        for part in (first, during):
+            both.accepted.update(part.accepted)
+            both.lead_tenant.update(part.lead_tenant)
+        await sessions_settled(both, worker_url(worker), db)  # the sink caught up
+        await billed_once(both, test_settings, worker_url(worker), db)
+    finally:
+        await db.close()
+    assert worker.process.poll() is None, worker.log_tail()
+
+
+def digest(load: Load, tenant: Tenant, url: str) -> list[Any]:
+    """The tables' content of one tenant, without ids and times (which differ between runs)."""
+    contacts = {}
+    for lead in load.leads_of(tenant):
+        status, state = http_get_json(f"{url}/internal/leads/{lead}", timeout_s=10)
+        assert status == 200, state
+        session = state["session"]  # type: ignore[index]
+        qualification = state["qualification"] or {}  # type: ignore[index]
+        contacts[session["contact"].rsplit("-", 1)[1]] = {
+            "messages": session["message_count"],
+            **{k: v for k, v in qualification.items() if not k.endswith(("_ms", "_id"))},
+        }
+    status, account = http_get_json(f"{url}/internal/tenants/{tenant.tenant_id}/tokens", 10)
+    assert status == 200
+    return [sorted(contacts.items()), account["balance"]]  # type: ignore[index]
+
+
+async def test_two_workers_with_a_rebalance_end_as_one_worker_and_a_replay_matches(
+    processes: StartProcess,
+    test_settings: Settings,
+    make_tenant: MakeTenant,
+    db: asyncpg.Connection,
+    api_for: ApiFor,
+) -> None:
+    # No leaks here: their timing is wall-clock, the rest must be the same in every run.
+    env = {**WORKER_ENV, "LEAK_THRESHOLD_S": "3600"}
+    one = start_worker(processes, test_settings, name="fault-one", web_port=free_port(), **env)
+    api = await api_for(one)
+    events = EVENTS // 2
+    alone = await drive(api, [await make_tenant("Alone")], events)
+    await sessions_settled(alone, worker_url(one), db)
+
+    halfway = asyncio.Event()
+    shared_tenant = await make_tenant("Shared")
+    loading = asyncio.create_task(drive(api, [shared_tenant], events, progress={0.3: halfway}))
+    await halfway.wait()
+    two = start_worker(processes, test_settings, name="fault-two", web_port=free_port(), **env)
+    shared = await loading
+    await sessions_settled(shared, worker_url(two), db)
+    await billed_once(shared, test_settings, worker_url(two), db)
+    await billed_once(alone, test_settings, worker_url(one), db)
+    # Either worker answers for any lead (it forwards to the owner).
+    assert digest(shared, shared_tenant, worker_url(one)) == digest(
+        alone, alone.tenants[0], worker_url(one)
+    )
+
+    # Every source topic from offset 0 into a fresh app (its own topic prefix, hence its own
+    # consumer group and changelogs): the same tables.
+    fresh = test_settings.model_copy(update={"topic_prefix": f"replay-{uuid.uuid4().hex[:8]}"})
+    await ensure_topics(fresh)
+    replayed: ManagedProcess | None = None
+    try:
+        assert await copy_topics(test_settings, fresh) >= 2 * events
+        replayed = start_worker(processes, fresh, name="fault-replay", web_port=free_port(),
+                                **env)  # fmt: skip
+        for load in (alone, shared):
+            tenant = load.tenants[0]
+            original = digest(load, tenant, worker_url(one))
+
+            async def same(load: Load = load, tenant: Tenant = tenant,
+                           original: list[Any] = original, url: str = worker_url(replayed),
+                           ) -> bool:  # fmt: skip
+                try:
+                    return digest(load, tenant, url) == original
+                except AssertionError:
+                    return False
+
+            await eventually(same, timeout_s=180, what="the replayed tables to match")
+    finally:
+        if replayed is not None:
+            replayed.stop()
+        await delete_topics(fresh)
+
+
+async def copy_topics(source: Settings, target: Settings) -> int:
+    """The topics written from outside the workers (inbound messages, token credits), record
+    by record into the same partitions, keys, values and timestamps."""
+    names, new = TopicNames(source.topic_prefix), TopicNames(target.topic_prefix)
+    copied = 0
+    producer = AIOKafkaProducer(bootstrap_servers=source.kafka_bootstrap_servers, acks="all",
+                                enable_idempotence=True)  # fmt: skip
+    await producer.start()
+    try:
+        for old_topic, new_topic in (
+            (names.inbound_messages, new.inbound_messages),
+            (names.token_credits, new.token_credits),
+        ):
+            for record in await read_records(source, [old_topic]):
+                await producer.send(new_topic, key=record.key, value=record.value,
+                                    partition=record.partition,
+                                    timestamp_ms=record.timestamp)  # fmt: skip
+                copied += 1
+        await producer.flush()
+    finally:
+        await producer.stop()
+    return copied
