@@ -108,7 +108,18 @@ class EventPublisher:
             await asyncio.wait_for(producer.send_and_wait(topic, value, key=key), self._timeout_s)
         except (KafkaError, OSError, TimeoutError) as exc:
             logger.warning("publish to %s failed: %r", topic, exc)
+            await self._discard(producer)
             raise PublishUnavailable(f"Kafka did not acknowledge the event: {exc!r}") from exc
+
+    async def _discard(self, producer: AIOKafkaProducer) -> None:
+        """Replace a producer that failed: after a broker restart an idempotent producer can
+        stay wedged on its old connection and sequence numbers, refusing every later send.
+        Concurrent sends on it fail too (503, the client retries); the next call starts anew."""
+        async with self._lock:
+            if self._producer is not producer:
+                return  # another failed call already replaced it
+            self._producer = None
+        await _close_quietly(producer)
 
     async def is_reachable(self) -> bool:
         try:
@@ -124,9 +135,10 @@ class EventPublisher:
             self._producer = None
 
 
-async def _close_quietly(producer: AIOKafkaProducer) -> None:
+async def _close_quietly(producer: AIOKafkaProducer, timeout_s: float = 10.0) -> None:
     try:
-        await producer.stop()
+        # Bounded: stopping flushes pending batches, which a broker that is down never takes.
+        await asyncio.wait_for(producer.stop(), timeout_s)
     except Exception:
         logger.debug("producer stop failed", exc_info=True)
 
