@@ -3,10 +3,53 @@
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import ParamSpec, TypeVar
 
 import asyncpg
+from tenacity import AsyncRetrying, before_sleep_log, retry_if_exception, wait_exponential
 
 from flexoraa.settings import Settings
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+P = ParamSpec("P")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """PostgreSQL unreachable (down, restarting, out of connections), as opposed to a statement
+    it refused: the first passes, the second would fail again."""
+    return isinstance(
+        exc,
+        OSError
+        | TimeoutError
+        | asyncpg.PostgresConnectionError
+        | asyncpg.InterfaceError
+        | asyncpg.CannotConnectNowError
+        | asyncpg.TooManyConnectionsError,
+    )
+
+
+async def while_unreachable(
+    call: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs
+) -> T:
+    """`call(*args, **kwargs)`, repeated (backing off up to 5 s) while PostgreSQL is unreachable.
+
+    Agents wrap each record's work in it: a record whose processing needs the database waits
+    for it, holding back its partition, instead of being skipped (its effects lost, or half
+    applied). Every effect of a record carries an id derived from it, so the repeated part of a
+    half-done attempt is recognised downstream.
+    """
+    async for attempt in AsyncRetrying(
+        retry=retry_if_exception(is_transient),
+        wait=wait_exponential(multiplier=0.1, max=5),
+        before_sleep=before_sleep_log(logger, logging.WARNING),
+        reraise=True,
+    ):
+        with attempt:
+            return await call(*args, **kwargs)
+    raise AssertionError("unreachable: AsyncRetrying either returns or raises")
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:

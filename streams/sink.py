@@ -15,6 +15,7 @@ from typing import Generic, TypeVar
 import asyncpg
 from tenacity import AsyncRetrying, before_sleep_log, retry_if_exception, wait_exponential
 
+from flexoraa.db import is_transient
 from schemas.events import Event, InboundMessage
 from schemas.messaging import DeliveryStatus, LeadEvent, OutboundMessage
 from schemas.tokens import TokenCredit, TokenUsage
@@ -59,19 +60,6 @@ SELECT coalesce(sum(n), 0)::bigint FROM activity
 """
 
 
-def _is_transient(exc: BaseException) -> bool:
-    """Connection trouble is retried forever; a row PostgreSQL rejects is not retried."""
-    return isinstance(
-        exc,
-        OSError
-        | TimeoutError
-        | asyncpg.PostgresConnectionError
-        | asyncpg.InterfaceError
-        | asyncpg.CannotConnectNowError
-        | asyncpg.TooManyConnectionsError,
-    )
-
-
 @dataclass(frozen=True, slots=True)
 class RejectedRow(Generic[E]):
     message: E
@@ -89,7 +77,7 @@ class BatchSink(Generic[E]):
         if not batch:
             return []
         async for attempt in AsyncRetrying(
-            retry=retry_if_exception(_is_transient),
+            retry=retry_if_exception(is_transient),
             wait=wait_exponential(multiplier=0.1, max=5),
             before_sleep=before_sleep_log(logger, logging.WARNING),
             reraise=True,
@@ -102,7 +90,7 @@ class BatchSink(Generic[E]):
                     await self._write_batch(pool, batch)
                     return []
                 except asyncpg.PostgresError as exc:
-                    if _is_transient(exc):
+                    if is_transient(exc):
                         raise
                     logger.warning("batch refused (%s); writing row by row", exc)
                     return await self._write_rows(pool, batch)
@@ -114,7 +102,7 @@ class BatchSink(Generic[E]):
             try:
                 await self._write_batch(pool, [message])
             except asyncpg.PostgresError as exc:
-                if _is_transient(exc):
+                if is_transient(exc):
                     raise
                 rejected.append(RejectedRow(message, f"database refused the row: {exc}"))
         return rejected

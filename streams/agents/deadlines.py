@@ -12,6 +12,7 @@ from typing import Any
 from faust.types import AppT, StreamT, TableT, TopicT
 from pydantic import ValidationError
 
+from flexoraa.db import while_unreachable
 from schemas.messaging import DeadlineReached
 from streams.dead_letters import dead_letter_event, describe_validation_error
 from streams.metrics import DEADLINES_FIRED
@@ -94,4 +95,4 @@ def register(
                 logger.warning("no handler for deadline %s", command.deadline)
                 continue
             DEADLINES_FIRED.labels(kind).inc()
-            await handler(key, command, sessions.get(key))
+            await while_unreachable(handler, key, command, sessions.get(key))

@@ -15,6 +15,7 @@ from faust.types import AppT, StreamT, TableT, TopicT
 
 from connectors.sdrs import SdrRouter
 from connectors.tenants import TenantSettings
+from flexoraa.db import while_unreachable
 from schemas.events import InboundMessage
 from schemas.messaging import DeadlineReached, LeadEvent, OutboundCommand, OutboundMessage
 from schemas.notifications import Notification
@@ -49,7 +50,7 @@ def register(
             if leakage.get(key) is not None:
                 continue  # already waiting: the wait starts at the first unanswered message
             occurred_ms = int(message.occurred_at.timestamp() * 1000)
-            threshold_s = await tenants.leak_threshold_s(message.tenant_id)
+            threshold_s = await while_unreachable(tenants.leak_threshold_s, message.tenant_id)
             due_ms = leak_due_ms(occurred_ms, threshold_s)
             leakage[key] = {"waiting_since_ms": occurred_ms, "due_ms": due_ms, "fired": False}
             scheduler.set(key, {"leak": due_ms})

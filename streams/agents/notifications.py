@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from connectors.gmail import GmailApiError, GmailNotConfigured, MailboxRevoked
 from connectors.gmail_send import EmailSender, NoMailbox
 from connectors.mailer import Mailer
+from flexoraa.db import while_unreachable
 from schemas.notifications import Notification
 from streams.dead_letters import dead_letter_event, describe_validation_error
 from streams.metrics import NOTIFICATIONS
@@ -93,7 +94,7 @@ def register(
                     dead_letters, event, describe_validation_error(exc), "invalid_event"
                 )
                 continue
-            recipients = await store.record(notification)
+            recipients = await while_unreachable(store.record, notification)
             if recipients is None:
                 continue  # delivered before
             NOTIFICATIONS.labels(notification.category, "in_app").inc()

@@ -16,6 +16,7 @@ from connectors.channels import Channel, ChannelDirectory
 from connectors.gmail import GmailApiError, GmailNotConfigured, MailboxRevoked
 from connectors.gmail_send import EmailSender, NoMailbox
 from connectors.whatsapp import OUTSIDE_WINDOW_ERROR, GraphApiClient, GraphApiError, Template
+from flexoraa.db import while_unreachable
 from flexoraa.settings import Settings
 from schemas.latency import LatencyEvent
 from schemas.messaging import (
@@ -299,4 +300,6 @@ def register(
             elif request.send_at is not None and request.send_at > datetime.now(UTC):
                 scheduled.hold(request)
             else:
-                await sender.send(request, sessions.get(request.lead_id.encode()))
+                await while_unreachable(
+                    sender.send, request, sessions.get(request.lead_id.encode())
+                )

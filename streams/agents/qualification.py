@@ -14,6 +14,7 @@ from faust.types import AppT, StreamT, TableT, TopicT
 from connectors.ai import Extraction, QualificationAI, question_for
 from connectors.sdrs import Assignment, SdrRouter
 from connectors.tenants import TenantSettings
+from flexoraa.db import while_unreachable
 from schemas.events import InboundMessage
 from schemas.latency import LatencyEvent
 from schemas.messaging import LeadEvent, OutboundCommand
@@ -300,7 +301,7 @@ def register(
 ) -> None:
     async def process(message: InboundMessage) -> None:
         key = message.lead_id.encode()
-        updated = await interviewer.handle(message, qualification.get(key))
+        updated = await while_unreachable(interviewer.handle, message, qualification.get(key))
         if updated is not None:
             qualification[key] = updated
 

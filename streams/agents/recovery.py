@@ -14,6 +14,7 @@ from typing import Any
 from faust.types import AppT, StreamT, TableT, TopicT
 
 from connectors.tenants import TenantSettings
+from flexoraa.db import while_unreachable
 from schemas.events import InboundMessage
 from schemas.messaging import DeadlineReached, LeadEvent, OutboundCommand
 from streams.agents.deadlines import DeadlineHandler
@@ -159,4 +160,4 @@ def register(app: AppT, *, inbound: TopicT, recovery: Recovery) -> None:
     @app.agent(inbound, name="recovery-watch")
     async def watch(stream: StreamT[bytes]) -> None:
         async for message in decoded(stream, InboundMessage):
-            await recovery.on_customer_message(message)
+            await while_unreachable(recovery.on_customer_message, message)
