@@ -66,11 +66,11 @@ class Interviewer:
     async def handle(
         self, message: InboundMessage, state: dict[str, Any] | None
     ) -> dict[str, Any] | None:
-        now = datetime.now(UTC)
-        now_ms = int(now.timestamp() * 1000)
-        current = state or new_state(
-            message.lead_id, message.tenant_id, int(message.occurred_at.timestamp() * 1000)
-        )
+        # Event time, not the clock: "next month" means next month from when the lead said it,
+        # and a replay of the topic rebuilds exactly the same interview.
+        said_at = message.occurred_at
+        said_ms = int(said_at.timestamp() * 1000)
+        current = state or new_state(message.lead_id, message.tenant_id, said_ms)
         if current["status"] != "in_progress" or message.event_id in current["recent_event_ids"]:
             return None
         key = message.lead_id.encode()
@@ -80,7 +80,7 @@ class Interviewer:
                 key, message.tenant_id, "qualification", message.model_dump(mode="json")
             )
             return None
-        extraction = await self._ai.extract(message.text, current["asked"] or "need", now)
+        extraction = await self._ai.extract(message.text, current["asked"] or "need", said_at)
         call = extraction.call
         await self._meter.charge(
             event_id=derived_id(message.event_id, "token-usage"),
@@ -95,7 +95,7 @@ class Interviewer:
             current,  # type: ignore[arg-type]
             extraction.found,
             event_id=message.event_id,
-            now_ms=now_ms,
+            now_ms=said_ms,
             policy=await self._policy_of(message.tenant_id),
         )
         if step is None:
