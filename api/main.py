@@ -129,6 +129,10 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(monitoring.router)
     # Built here (no I/O until the lifespan starts it) so the middleware can hold it.
     latency = LatencyRecorder(settings, TopicNames(settings.topic_prefix).latency)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        timeout_s=settings.request_body_timeout_s,
+    )
     app.add_middleware(MetricsMiddleware, latency=latency)
     return app

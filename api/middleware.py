@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -26,12 +27,19 @@ class _BodyTooLarge(Exception):
     pass
 
 
-class BodyLimitMiddleware:
-    """Refuses bodies over the limit with 413, whether or not Content-Length is declared."""
+class _BodyTooSlow(Exception):
+    pass
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+
+class BodyLimitMiddleware:
+    """Refuses bodies over the limit with 413, whether or not Content-Length is declared, and
+    bodies not complete within `timeout_s` of the request with 408: a client dripping a body
+    byte by byte (slowloris) would otherwise hold a connection and a handler indefinitely."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -49,14 +57,23 @@ class BodyLimitMiddleware:
                     return
         received = 0
         started = False
+        body_complete = False
+        deadline = time.monotonic() + self.timeout_s
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_complete
+            if body_complete:
+                return await receive()  # e.g. waiting for a disconnect: no deadline
+            try:
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    message = await receive()
+            except TimeoutError:
+                raise _BodyTooSlow from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
                     raise _BodyTooLarge
+                body_complete = not message.get("more_body", False)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -70,6 +87,11 @@ class BodyLimitMiddleware:
         except _BodyTooLarge:
             if not started:
                 await _send_json(send, 413, self._too_large())
+        except _BodyTooSlow:
+            if not started:
+                await _send_json(
+                    send, 408, f"request body not received within {self.timeout_s:g} s"
+                )
 
     def _too_large(self) -> str:
         return f"request body is larger than {self.max_bytes} bytes"

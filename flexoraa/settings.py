@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     api_host: str = Field("127.0.0.1", description="host the API binds")
     api_port: int = Field(8000, description="port of the API")
     max_body_bytes: int = Field(65536, ge=1024, description="largest accepted request body")
+    request_body_timeout_s: float = Field(
+        10.0, gt=0, description="time a client has to send a whole request body (else 408)"
+    )
     api_rate_limit: str = Field(
         "1000/second;30000/minute",
         description="requests per API key (limits notation, ';'-separated), per API process",

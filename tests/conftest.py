@@ -19,6 +19,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -190,11 +191,10 @@ class ManagedProcess:
 StartProcess = Callable[[str, list[str], dict[str, str]], ManagedProcess]
 
 
-@pytest.fixture(scope="module")
-def processes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartProcess]:
-    """Starts `python -m flexoraa <args>` processes and stops them after the test module."""
+@contextmanager
+def process_starter(logs: Path) -> Iterator[StartProcess]:
+    """Starts `python -m flexoraa <args>` processes; stops them all on exit."""
     started: list[ManagedProcess] = []
-    logs = tmp_path_factory.mktemp("logs")
 
     def start(name: str, args: list[str], env: dict[str, str]) -> ManagedProcess:
         log_path = logs / f"{name}.log"
@@ -210,9 +210,18 @@ def processes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartProcess
         started.append(managed)
         return managed
 
-    yield start
-    for managed in started:
-        managed.stop()
+    try:
+        yield start
+    finally:
+        for managed in started:
+            managed.stop()
+
+
+@pytest.fixture(scope="module")
+def processes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartProcess]:
+    """Processes of a test module, stopped after it."""
+    with process_starter(tmp_path_factory.mktemp("logs")) as start:
+        yield start
 
 
 def start_worker(

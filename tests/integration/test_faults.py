@@ -22,7 +22,7 @@ import os
 import signal
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +45,7 @@ from tests.conftest import (
     Tenant,
     free_port,
     http_get_json,
+    process_starter,
     start_worker,
 )
 from tests.integration.conftest import ApiFactory, read_records, read_topic
@@ -258,6 +259,14 @@ async def leaks_once(load: Load, settings: Settings, db: asyncpg.Connection) -> 
         "SELECT count(*) FROM lead_leakage_events WHERE lead_id = ANY($1::uuid[])", leads
     )
     return stored
+
+
+@pytest.fixture
+def processes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartProcess]:
+    """Each test's workers stop with it: one left running would share the partitions (and
+    the faults) of the next test."""
+    with process_starter(tmp_path_factory.mktemp("logs")) as start:
+        yield start
 
 
 ApiFor = Callable[[ManagedProcess], Awaitable[httpx.AsyncClient]]

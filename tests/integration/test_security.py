@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -16,7 +18,16 @@ from pydantic import SecretStr
 from api.main import create_app
 from connectors.meta import signature_for
 from flexoraa.settings import Settings
-from tests.conftest import MakeTenant, ManagedProcess, StartProcess, start_worker
+from tests.conftest import (
+    MakeTenant,
+    ManagedProcess,
+    StartProcess,
+    free_port,
+    http_get_json,
+    settings_env,
+    start_worker,
+    wait_until,
+)
 from tests.fakes.razorpay_api import webhook_body, webhook_signature
 from tests.integration.conftest import ApiFactory
 from tests.integration.test_pipeline import eventually, post
@@ -76,6 +87,52 @@ async def test_webhook_signature_attacks_are_refused_and_produce_nothing(
         assert meta_huge.status_code == 413
     assert await db.fetchval("SELECT count(*) FROM payment_events WHERE order_id = $1",
                              "order_ATTACK0001") == 0  # fmt: skip
+
+
+async def test_a_slow_body_is_cut_off_with_408_and_produces_nothing(
+    processes: StartProcess, test_settings: Settings, db: asyncpg.Connection
+) -> None:
+    """A client dripping a signed webhook body (slowloris) through the real HTTP server."""
+    secret = "whsec_slow"
+    port = free_port()
+    env = settings_env(test_settings, API_PORT=str(port), REQUEST_BODY_TIMEOUT_S="1.5",
+                       RAZORPAY_WEBHOOK_SECRET=secret)  # fmt: skip
+    server = processes("slow-body-api", ["api"], env)
+    await asyncio.to_thread(
+        wait_until,
+        lambda: http_get_json(f"http://127.0.0.1:{port}/health")[0] == 200,
+        60,
+        "the API to be healthy",
+    )
+    body = webhook_body("payment.captured", "order_SLOW00001", "pay_SLOW00001", 5000, "USD")
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    head = (
+        "POST /webhooks/razorpay HTTP/1.1\r\nHost: api\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nX-Razorpay-Signature: {webhook_signature(body, secret)}"
+        "\r\n\r\n"
+    )
+    writer.write(head.encode())
+    started = time.monotonic()
+
+    async def drip() -> None:
+        for i in range(len(body) - 1):  # never the last byte in time
+            writer.write(body[i : i + 1])
+            await writer.drain()
+            await asyncio.sleep(0.2)
+
+    dripping = asyncio.create_task(drip())
+    try:
+        status_line = await asyncio.wait_for(reader.readline(), timeout=15)
+    finally:
+        dripping.cancel()
+        writer.close()
+    assert status_line.split()[1] == b"408", status_line
+    assert time.monotonic() - started < 10
+    assert server.process.poll() is None
+    # The server still serves, and the dripped webhook credited nothing.
+    assert (await asyncio.to_thread(http_get_json, f"http://127.0.0.1:{port}/health"))[0] == 200
+    assert await db.fetchval("SELECT count(*) FROM payment_events WHERE order_id = $1",
+                             "order_SLOW00001") == 0  # fmt: skip
 
 
 # --------------------------------------------------------------------------- cross-tenant
