@@ -485,7 +485,9 @@ async def test_a_subscription_credits_each_monthly_cycle_once(
     test_settings: Settings, make_tenant: MakeTenant, db: asyncpg.Connection
 ) -> None:
     tenant = await make_tenant(tokens=0)
-    started = datetime(2026, 9, 30, 8, tzinfo=UTC)
+    # In the future: the workers' own subscription pass runs on the real clock, and must find
+    # nothing due while this test moves its clock by hand.
+    started = datetime(2099, 9, 30, 8, tzinfo=UTC)
     # Through the CLI, as an operator would.
     created = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "flexoraa", "subscriptions", "create", "--tenant-id",
@@ -506,24 +508,24 @@ async def test_a_subscription_credits_each_monthly_cycle_once(
         return [r["reference"].split("|")[1] for r in rows]
 
     try:
-        now = datetime(2026, 11, 24, 12, tzinfo=UTC)
+        now = datetime(2099, 11, 24, 12, tzinfo=UTC)
         # Two passes at once (two workers): the current cycle is credited once.
         await asyncio.gather(
             credit_due_subscriptions(pool, now), credit_due_subscriptions(pool, now)
         )
         assert await credit_due_subscriptions(pool, now) == 0
         # Sep 30 → Oct 30 → Nov 30: the cycle of Nov 24 started on Oct 30.
-        assert await subscription_credits() == ["2026-10-30T08:00:00+00:00"]
+        assert await subscription_credits() == ["2099-10-30T08:00:00+00:00"]
         period = await db.fetchrow(
             "SELECT current_period_start, current_period_end FROM subscriptions"
             " WHERE subscription_id = $1",
             uuid.UUID(subscription_id),
         )
         assert period is not None
-        assert period["current_period_end"] == datetime(2026, 11, 30, 8, tzinfo=UTC)
-        assert await credit_due_subscriptions(pool, datetime(2026, 12, 1, tzinfo=UTC)) == 1
+        assert period["current_period_end"] == datetime(2099, 11, 30, 8, tzinfo=UTC)
+        assert await credit_due_subscriptions(pool, datetime(2099, 12, 1, tzinfo=UTC)) == 1
         assert await subscription_credits() == [
-            "2026-10-30T08:00:00+00:00", "2026-11-30T08:00:00+00:00",
+            "2099-10-30T08:00:00+00:00", "2099-11-30T08:00:00+00:00",
         ]  # fmt: skip
     finally:
         await pool.close()
