@@ -127,7 +127,8 @@ async def credit_due_subscriptions(pool: asyncpg.Pool, now: datetime) -> int:
         rows = await conn.fetch(
             "SELECT s.subscription_id, s.tenant_id::text AS tenant_id, s.monthly_tokens,"
             " s.current_period_start, s.current_period_end FROM subscriptions s"
-            " WHERE s.status = 'active' AND (s.current_period_end <= $1 OR NOT EXISTS ("
+            " WHERE s.status = 'active' AND s.current_period_start <= $1"
+            " AND (s.current_period_end <= $1 OR NOT EXISTS ("
             "   SELECT 1 FROM subscription_credits c WHERE c.subscription_id = s.subscription_id"
             "   AND c.period_start = s.current_period_start))"
             " FOR UPDATE OF s SKIP LOCKED",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
@@ -12,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, EmailStr, Field, model_validator
 
 from api.deps import PrincipalDep, ServicesDep
 from api.errors import ApiError
+from api.lead_state import StateUnavailable
 from connectors.gmail import GmailApiError, GmailNotConfigured, Mailbox, MailboxRevoked
 from connectors.gmail_send import NoMailbox
 from flexoraa.kafka import PublishUnavailable
@@ -123,10 +125,20 @@ async def send(body: SendRequest, principal: PrincipalDep, services: ServicesDep
     to = str(body.to) if body.to else None
     lead_id = str(body.lead_id) if body.lead_id else None
     if lead_id is not None:
-        lead = await services.pool.fetchrow(
+        row = await services.pool.fetchrow(
             "SELECT channel, contact FROM leads WHERE lead_id = $1 AND tenant_id = $2",
             body.lead_id, principal.tenant_id,
         )  # fmt: skip
+        lead: Mapping[str, Any] | None = dict(row) if row is not None else None
+        if lead is None:
+            # A lead whose first message the sink has not written yet is already in the
+            # worker's sessions: a reply right after the message must not be a 404.
+            try:
+                session = await services.lead_state.session(lead_id)
+            except StateUnavailable:
+                session = None
+            if session is not None and session["tenant_id"] == principal.tenant_id:
+                lead = session
         if lead is None:
             raise ApiError(404, "lead_id: no such lead")
         if to is None:

@@ -10,7 +10,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -508,6 +508,9 @@ async def test_a_subscription_credits_each_monthly_cycle_once(
         return [r["reference"].split("|")[1] for r in rows]
 
     try:
+        # Not started yet: nothing is credited ahead of the first cycle.
+        assert await credit_due_subscriptions(pool, started - timedelta(seconds=1)) == 0
+        assert await subscription_credits() == []
         now = datetime(2099, 11, 24, 12, tzinfo=UTC)
         # Two passes at once (two workers): the current cycle is credited once.
         await asyncio.gather(
