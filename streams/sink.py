@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import asyncpg
-from tenacity import AsyncRetrying, before_sleep_log, retry_if_exception, wait_exponential
 
-from flexoraa.db import is_transient
+from flexoraa.db import is_transient, while_unreachable
 from schemas.events import Event, InboundMessage
 from schemas.messaging import DeliveryStatus, LeadEvent, OutboundMessage
 from schemas.tokens import TokenCredit, TokenUsage
@@ -76,25 +75,24 @@ class BatchSink(Generic[E]):
         """Write a batch; returns the rows PostgreSQL refused (they are not retried)."""
         if not batch:
             return []
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception(is_transient),
-            wait=wait_exponential(multiplier=0.1, max=5),
-            before_sleep=before_sleep_log(logger, logging.WARNING),
-            reraise=True,
-        ):
-            with attempt:
-                if attempt.retry_state.attempt_number > 1:
-                    SINK_RETRIES.inc()
-                pool = await self._pool_factory()
-                try:
-                    await self._write_batch(pool, batch)
-                    return []
-                except asyncpg.PostgresError as exc:
-                    if is_transient(exc):
-                        raise
-                    logger.warning("batch refused (%s); writing row by row", exc)
-                    return await self._write_rows(pool, batch)
-        raise AssertionError("unreachable: AsyncRetrying either returns or raises")
+        attempts = 0
+
+        async def attempt() -> list[RejectedRow[E]]:
+            nonlocal attempts
+            attempts += 1
+            if attempts > 1:
+                SINK_RETRIES.inc()
+            pool = await self._pool_factory()
+            try:
+                await self._write_batch(pool, batch)
+                return []
+            except asyncpg.PostgresError as exc:
+                if is_transient(exc):
+                    raise
+                logger.warning("batch refused (%s); writing row by row", exc)
+                return await self._write_rows(pool, batch)
+
+        return await while_unreachable(attempt)
 
     async def _write_rows(self, pool: asyncpg.Pool, batch: Sequence[E]) -> list[RejectedRow[E]]:
         rejected = []

@@ -18,6 +18,7 @@ CI runs them at `FAULT_EVENTS` (default 1200); `make faults` runs 50,000.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import uuid
@@ -274,18 +275,13 @@ ApiFor = Callable[[ManagedProcess], Awaitable[httpx.AsyncClient]]
 
 @pytest.fixture
 async def api_for(api_factory: ApiFactory) -> AsyncIterator[ApiFor]:
-    """An in-process API reading lead state from a given worker."""
-    stack_: list[Any] = []
+    """In-process APIs, each reading lead state from a given worker."""
+    async with contextlib.AsyncExitStack() as apis:
 
-    async def start(worker: ManagedProcess) -> httpx.AsyncClient:
-        manager = api_factory(worker_url=worker_url(worker))
-        stack_.append(manager)
-        client: httpx.AsyncClient = await manager.__aenter__()
-        return client
+        async def start(worker: ManagedProcess) -> httpx.AsyncClient:
+            return await apis.enter_async_context(api_factory(worker_url=worker_url(worker)))
 
-    yield start
-    for manager in reversed(stack_):
-        await manager.__aexit__(None, None, None)
+        yield start
 
 
 async def test_kill_9_of_a_worker_mid_load_every_effect_exactly_once(
