@@ -42,9 +42,12 @@ class EmailSender:
         """Sends `body` to `to`; in the lead's Gmail thread when there is one (or the thread of
         the Gmail message `reply_to_message_id`), with In-Reply-To and References."""
         thread = await self._store.thread_of(lead_id) if lead_id else None
-        mailbox_row = await self._store.mailbox(
-            tenant_id, thread.integration_id if thread else None
-        ) or await self._store.mailbox(tenant_id)
+        # The thread's own mailbox if it is still connected, else the tenant's.
+        mailbox_row = None
+        if thread is not None:
+            mailbox_row = await self._store.mailbox(tenant_id, thread.integration_id)
+        if mailbox_row is None:
+            mailbox_row = await self._store.mailbox(tenant_id)
         if mailbox_row is None:
             raise NoMailbox("no connected Gmail mailbox: connect one first")
         mailbox = Mailbox(self._settings, mailbox_row.tokens)

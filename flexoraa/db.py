@@ -27,7 +27,11 @@ def is_transient(exc: BaseException) -> bool:
         | asyncpg.PostgresConnectionError
         | asyncpg.InterfaceError
         | asyncpg.CannotConnectNowError
-        | asyncpg.TooManyConnectionsError,
+        | asyncpg.TooManyConnectionsError
+        # A connection cut mid-query (the server shutting down) can come back from the pool
+        # still "busy": asyncpg refuses it with this error and terminates it on release, so a
+        # retry gets a fresh connection. Seen as a crashed sink in the PostgreSQL-outage test.
+        | asyncpg.exceptions.InternalClientError,
     )
 
 

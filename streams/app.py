@@ -6,6 +6,7 @@ from typing import Any
 
 import asyncpg
 import faust
+import mode
 from faust.sensors.prometheus import setup_prometheus_sensors
 
 from connectors.ai import QualificationAI
@@ -81,6 +82,11 @@ def create_worker_app(settings: Settings) -> faust.App:
         topic_partitions=settings.kafka_partitions,
         topic_replication_factor=settings.kafka_replication_factor,
         processing_guarantee=settings.processing_guarantee,
+        # An agent that raises stops the worker (non-zero exit, for the supervisor to restart
+        # it from the committed offsets). Faust's default restarts only the agent, leaving the
+        # record it crashed on unacknowledged: its partition then never commits again and the
+        # next rebalance waits for it forever (a silent stall seen in the fault tests).
+        agent_supervisor=mode.CrashingSupervisor,
         producer_acks=-1,
         # A killed worker's partitions (and their pending deadlines) move to the others only
         # after this; Faust's 60 s default would leave those leads' timers late by a minute.
@@ -314,6 +320,8 @@ def create_worker_app(settings: Settings) -> faust.App:
         store=NotificationStore(pool),
         mailer=Mailer(settings),
         gmail=email,
+        batch_size=settings.sink_batch_size,
+        batch_window_s=settings.sink_batch_window_ms / 1000,
     )
     # --- SLA monitoring (issue 8) ---
     if settings.enable_sla_monitoring:

@@ -58,6 +58,8 @@ async def read_records(settings: Settings, topics: list[str]) -> list[ConsumerRe
         bootstrap_servers=settings.kafka_bootstrap_servers,
         group_id=None,
         enable_auto_commit=False,
+        # Workers may run with exactly_once: records of aborted transactions are not effects.
+        isolation_level="read_committed",
     )
     await consumer.start()
     records: list[ConsumerRecord[bytes, bytes]] = []
