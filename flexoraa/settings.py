@@ -154,7 +154,7 @@ class Settings(BaseSettings):
     window_closing_notice_min: int = Field(
         60, ge=1, le=1439, description="minutes before a 24-hour window closes to emit a notice"
     )
-    timer_tick_ms: int = Field(1000, ge=50, description="how often workers check due deadlines")
+    timer_tick_ms: int = Field(250, ge=50, description="how often workers check due deadlines")
     webhook_dedup_cache_size: int = Field(
         100_000, ge=0, description="recent message ids each API process remembers"
     )

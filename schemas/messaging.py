@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import AwareDatetime, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from schemas.events import MAX_TEXT_CHARS, Event
 
@@ -78,3 +78,15 @@ class DeadlineReached(Event):
     deadline: str
     due_ms: int
     fired_at: AwareDatetime
+
+
+class DeadlinesReached(BaseModel):
+    """Internal: the deadlines one timer tick found due for the leads of one partition, sent to
+    that partition as one record (a leak storm is hundreds of deadlines a second, and a record
+    per lead cost a produce and a consume each)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["deadlines_reached"] = "deadlines_reached"
+    partition: int = Field(ge=0)
+    deadlines: list[DeadlineReached] = Field(min_length=1)

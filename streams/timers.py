@@ -4,8 +4,8 @@ Faust has no per-key timers, so:
 * an agent that sets a deadline stores it in the `deadlines` table (lead → {name: due_ms}) and
   in this worker's in-memory index;
 * a timer ticking every `timer_tick_ms` on every worker pops the due entries of the partitions
-  it actively owns and sends a "deadline reached" command, keyed by lead, to a co-partitioned
-  topic;
+  it actively owns and sends them, one "deadlines reached" record per partition, to that
+  partition of a co-partitioned topic;
 * the agent of that topic re-checks the table (the deadline may have moved or been answered),
   removes it and calls the deadline's handler.
 

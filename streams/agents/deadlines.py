@@ -5,15 +5,16 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
 from faust.types import AppT, StreamT, TableT, TopicT
-from pydantic import ValidationError
+from pydantic import Field, TypeAdapter, ValidationError
 
 from flexoraa.db import while_unreachable
-from schemas.messaging import DeadlineReached
+from schemas.messaging import DeadlineReached, DeadlinesReached
 from streams.dead_letters import dead_letter_event, describe_validation_error
 from streams.metrics import DEADLINES_FIRED
 from streams.timers import Scheduler
@@ -24,6 +25,12 @@ _DEADLINE_EVENT_NAMESPACE = uuid.UUID("3e1d8a4c-94b6-4f52-8a41-6b0f2c7d9e13")
 
 # A handler gets the lead's key, the fired deadline and the lead's session (None if unknown).
 DeadlineHandler = Callable[[bytes, DeadlineReached, dict[str, Any] | None], Awaitable[None]]
+# Deadlines of one partition per record: a bounded record even when a whole backlog is due.
+DEADLINES_PER_RECORD = 200
+# One lead's deadline (a resume sent by the token gate) or a tick's batch of a partition's.
+_fired: TypeAdapter[DeadlineReached | DeadlinesReached] = TypeAdapter(
+    Annotated[DeadlineReached | DeadlinesReached, Field(discriminator="kind")]
+)
 
 
 def deadline_event_id(lead_id: str, name: str, due_ms: int) -> str:
@@ -57,13 +64,15 @@ def register(
             return
         owned = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == source_name}
         now_ms = int(time.time() * 1000)
+        due: dict[int, list[DeadlineReached]] = defaultdict(list)
         for key, name, due_ms in scheduler.index.pop_due(now_ms):
-            if partition_of(key, partitions) not in owned:
+            partition = partition_of(key, partitions)
+            if partition not in owned:
                 continue
             if scheduler.pending(key).get(name) != due_ms:
                 continue  # moved or cancelled since it was indexed
             session = sessions.get(key) or {}
-            command = DeadlineReached(
+            due[partition].append(DeadlineReached(
                 event_id=deadline_event_id(key.decode(), name, due_ms),
                 tenant_id=session.get("tenant_id", ""),
                 occurred_at=datetime.fromtimestamp(due_ms / 1000, tz=UTC),
@@ -71,28 +80,43 @@ def register(
                 deadline=name,
                 due_ms=due_ms,
                 fired_at=datetime.now(UTC),
-            )
-            await deadlines_topic.send(key=key, value=command.model_dump_json().encode())
+            ))  # fmt: skip
+        for partition, reached in due.items():
+            for start in range(0, len(reached), DEADLINES_PER_RECORD):
+                batch = DeadlinesReached(
+                    partition=partition, deadlines=reached[start : start + DEADLINES_PER_RECORD]
+                )
+                # The leads' own partition: the agent's table writes land in their changelog.
+                await deadlines_topic.send(
+                    value=batch.model_dump_json().encode(), partition=partition
+                )
+
+    async def act_on(command: DeadlineReached) -> None:
+        key = command.lead_id.encode()
+        if scheduler.pending(key).get(command.deadline) != command.due_ms:
+            return  # already fired, moved, or cancelled: firing is idempotent
+        scheduler.cancel(key, command.deadline)
+        # "scheduled:<id>" deadlines share the handler of their kind.
+        kind = command.deadline.split(":", 1)[0]
+        handler = handlers.get(kind)
+        if handler is None:
+            logger.warning("no handler for deadline %s", command.deadline)
+            return
+        DEADLINES_FIRED.labels(kind).inc()
+        await while_unreachable(handler, key, command, sessions.get(key))
 
     @app.agent(deadlines_topic, name="deadlines")
     async def act_on_deadlines(stream: StreamT[bytes]) -> None:
         async for event in stream.events():
             try:
-                command = DeadlineReached.model_validate_json(event.value)
+                fired = _fired.validate_json(event.value)
             except ValidationError as exc:
                 await dead_letter_event(
                     dead_letters, event, describe_validation_error(exc), "invalid_event"
                 )
                 continue
-            key = command.lead_id.encode()
-            if scheduler.pending(key).get(command.deadline) != command.due_ms:
-                continue  # already fired, moved, or cancelled: firing is idempotent
-            scheduler.cancel(key, command.deadline)
-            # "scheduled:<id>" deadlines share the handler of their kind.
-            kind = command.deadline.split(":", 1)[0]
-            handler = handlers.get(kind)
-            if handler is None:
-                logger.warning("no handler for deadline %s", command.deadline)
+            if isinstance(fired, DeadlineReached):
+                await act_on(fired)
                 continue
-            DEADLINES_FIRED.labels(kind).inc()
-            await while_unreachable(handler, key, command, sessions.get(key))
+            for command in fired.deadlines:
+                await act_on(command)

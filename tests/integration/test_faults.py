@@ -263,6 +263,18 @@ async def leaks_once(load: Load, settings: Settings, db: asyncpg.Connection) -> 
 
 
 @pytest.fixture
+async def test_settings(test_settings: Settings) -> AsyncIterator[Settings]:
+    """Each fault test on topics of its own (so its own consumer group and changelogs): the
+    offsets and table state an earlier test's faults left behind are not this test's."""
+    own = test_settings.model_copy(
+        update={"topic_prefix": f"{test_settings.topic_prefix}-{uuid.uuid4().hex[:6]}"}
+    )
+    await ensure_topics(own)
+    yield own
+    await delete_topics(own)
+
+
+@pytest.fixture
 def processes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartProcess]:
     """Each test's workers stop with it: one left running would share the partitions (and
     the faults) of the next test."""
