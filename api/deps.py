@@ -20,6 +20,7 @@ from connectors.gmail_send import EmailSender
 from connectors.gmail_store import GmailStore
 from connectors.razorpay import RazorpayGateway
 from flexoraa.crypto import SecretBox
+from flexoraa.db import DB_ERRORS
 from flexoraa.kafka import EventPublisher
 from flexoraa.latency import LatencyRecorder
 from flexoraa.settings import Settings
@@ -78,7 +79,7 @@ async def authenticate(request: Request, services: ServicesDep) -> Principal:
     if principal is None:
         try:
             principal = await find_principal(services.pool, api_key)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except DB_ERRORS as exc:
             raise ApiError(503, "cannot verify the API key: database unavailable") from exc
         if principal is None:
             raise ApiError(401, "invalid or revoked API key", headers=_UNAUTHORIZED_HEADERS)

@@ -16,9 +16,9 @@ import logging
 import time
 from datetime import UTC, datetime
 
-import asyncpg
 from prometheus_client import Gauge
 
+from flexoraa.db import DB_ERRORS
 from streams.agents.sla_metrics import publish_rolling
 from streams.agents.sla_store import SlaStore
 from streams.rules.sla import (
@@ -37,7 +37,6 @@ SLA_GAUGES_AGE = Gauge(
     "Seconds since the API last read the SLA gauges from sla_metrics",
 )
 
-_DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 _QUERY_TIMEOUT_S = 2.0
 
 
@@ -67,7 +66,7 @@ class SlaGauges:
                     last_minute + MINUTE_MS,
                     tenant_key=PLATFORM,
                 )
-        except _DB_ERRORS as exc:
+        except DB_ERRORS as exc:
             logger.warning("SLA gauges not refreshed, keeping the last figures: %r", exc)
             return
         await asyncio.to_thread(_publish, rows, last_minute)

@@ -20,8 +20,6 @@ import socket
 import uuid
 from datetime import UTC, datetime, timedelta
 
-import asyncpg
-
 from connectors.gmail import (
     GmailApiError,
     HistoryExpired,
@@ -30,6 +28,7 @@ from connectors.gmail import (
 )
 from connectors.gmail_mime import parse_message
 from connectors.gmail_store import GmailStore, MailboxRow
+from flexoraa.db import DB_ERRORS
 from flexoraa.kafka import EventPublisher, PublishUnavailable
 from flexoraa.settings import Settings
 from schemas.events import InboundMessage
@@ -43,6 +42,8 @@ from streams.rules.identity import (
 )
 
 logger = logging.getLogger(__name__)
+# PostgreSQL or Kafka away for a moment: a pass gives up and the next one tries again.
+_PASS_ERRORS: tuple[type[BaseException], ...] = (*DB_ERRORS, PublishUnavailable)
 _NOTIFY_NAMESPACE = uuid.UUID("0c6f2d7e-4b1a-4e8f-a3d5-9e2b7c1f6a40")
 
 # (lead_id, tenant_id, integration_id, thread_id, message_id, references, subject)
@@ -68,7 +69,7 @@ class GmailPoller:
         while not stop.is_set():
             try:
                 polled = await self.poll_due()
-            except (OSError, PublishUnavailable, asyncpg.PostgresError) as exc:
+            except _PASS_ERRORS as exc:
                 # PostgreSQL or Kafka away for a moment: the next pass tries again.
                 logger.warning("poll pass failed (%r); trying again", exc)
                 polled = 0

@@ -17,22 +17,27 @@ T = TypeVar("T")
 P = ParamSpec("P")
 
 
+# PostgreSQL unreachable (down, restarting, out of connections, a connection cut), as opposed
+# to a statement it refused: the first passes, the second would fail again.
+UNREACHABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    # A connection cut mid-query (the server shutting down) can come back from the pool still
+    # "busy": asyncpg refuses it with this error and terminates it on release, so a retry gets
+    # a fresh connection. Seen crashing a sink and a timer in the PostgreSQL-outage test.
+    asyncpg.exceptions.InternalClientError,
+)
+# Any database failure: what a periodic pass logs and leaves to its next tick, and what a read
+# endpoint answers 503 for.
+DB_ERRORS: tuple[type[BaseException], ...] = (*UNREACHABLE, asyncpg.PostgresError)
+
+
 def is_transient(exc: BaseException) -> bool:
-    """PostgreSQL unreachable (down, restarting, out of connections), as opposed to a statement
-    it refused: the first passes, the second would fail again."""
-    return isinstance(
-        exc,
-        OSError
-        | TimeoutError
-        | asyncpg.PostgresConnectionError
-        | asyncpg.InterfaceError
-        | asyncpg.CannotConnectNowError
-        | asyncpg.TooManyConnectionsError
-        # A connection cut mid-query (the server shutting down) can come back from the pool
-        # still "busy": asyncpg refuses it with this error and terminates it on release, so a
-        # retry gets a fresh connection. Seen as a crashed sink in the PostgreSQL-outage test.
-        | asyncpg.exceptions.InternalClientError,
-    )
+    return isinstance(exc, UNREACHABLE)
 
 
 async def while_unreachable(

@@ -4,6 +4,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The workers' Faust tables. Each has a compacted changelog topic, created with the others:
+# Faust creating it at a worker's first start raced its own metadata (the table's first write
+# failed with PartitionsMismatch: "the changelog topic has 0 partitions").
+TABLES = (
+    "sessions",
+    "deadlines",
+    "deferred_ai",
+    "token_accounts",
+    "token_seen",
+    "scheduled",
+    "qualification",
+    "leakage",
+    "recovery",
+    "sla_windows",
+)
+
 
 @dataclass(frozen=True, slots=True)
 class TopicNames:
@@ -59,6 +75,13 @@ class TopicNames:
     def dead_letters(self) -> str:
         return f"{self.prefix}.dead-letters"
 
+    def changelog(self, table: str) -> str:
+        """Faust's name for a table's changelog (the app id is the prefix)."""
+        return f"{self.prefix}-{table}-changelog"
+
+    def changelogs(self) -> list[str]:
+        return [self.changelog(table) for table in TABLES]
+
     def all(self) -> list[str]:
         return [
             self.inbound_messages,
@@ -73,8 +96,9 @@ class TopicNames:
             self.deadlines,
             self.tenant_status,
             self.dead_letters,
+            *self.changelogs(),
         ]
 
     def compacted(self) -> frozenset[str]:
         """Topics whose latest record per key is all that matters."""
-        return frozenset({self.tenant_status})
+        return frozenset({self.tenant_status, *self.changelogs()})

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
-import asyncpg
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api.deps import ServicesDep
+from flexoraa.db import DB_ERRORS
 
 router = APIRouter(tags=["health"])
 
@@ -30,7 +30,7 @@ async def ready(services: ServicesDep) -> JSONResponse:
         try:
             async with asyncio.timeout(_CHECK_TIMEOUT_S):
                 await services.pool.fetchval("SELECT 1")
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        except DB_ERRORS:
             return False
         return True
 

@@ -17,6 +17,7 @@ from pydantic import BaseModel
 
 from api.deps import PrincipalDep, ServicesDep
 from api.errors import ApiError
+from flexoraa.db import DB_ERRORS
 from streams.agents.sla_store import SlaStore, from_ms, violation_from_row
 from streams.rules.sla import (
     MINUTE_MS,
@@ -31,8 +32,6 @@ from streams.rules.sla import (
 )
 
 router = APIRouter(tags=["monitoring"])
-
-_DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 
 
 class WindowFigures(BaseModel):
@@ -187,7 +186,7 @@ async def sla_current(principal: PrincipalDep, services: ServicesDep) -> SlaCurr
         )
         day = await store.uptime_between(day_bounds_ms(today)[0], now_ms + 1)
         month = await store.uptime_between(month_bounds_ms(today)[0], now_ms + 1)
-    except _DB_ERRORS as exc:
+    except DB_ERRORS as exc:
         raise ApiError(503, "SLA figures are unavailable: database unreachable") from exc
 
     def compute() -> dict[str, OperationNow]:
@@ -245,7 +244,7 @@ async def sla_dashboard(
         violations = await _violations(
             services.pool, principal.tenant_id, from_ms(start_ms), open_only=False
         )
-    except _DB_ERRORS as exc:
+    except DB_ERRORS as exc:
         raise ApiError(503, "SLA figures are unavailable: database unreachable") from exc
 
     def compute() -> dict[str, list[SeriesPoint]]:

@@ -21,10 +21,10 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import asyncpg
 from faust.types import AppT, StreamT, TableT, TopicT
 from pydantic import ValidationError
 
+from flexoraa.db import DB_ERRORS
 from flexoraa.kafka import EventPublisher
 from flexoraa.settings import Settings
 from schemas.latency import LatencyEvent
@@ -78,7 +78,7 @@ PERSIST_EVERY_S = 1.0
 _NOTIFICATION_NAMESPACE = uuid.UUID("0f3a9e57-2b6d-4c1e-8f40-7d2c5a9b1e63")
 _REPORT_CHECK_S = 30.0
 # PostgreSQL unreachable or refusing: the timer tries again on its next tick.
-_UNAVAILABLE = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+_UNAVAILABLE = DB_ERRORS
 
 ViolationKey = tuple[str, str, str]  # tenant_key, operation, metric
 

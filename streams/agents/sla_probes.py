@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 import asyncpg
 
+from flexoraa.db import DB_ERRORS
 from flexoraa.kafka import EventPublisher
 
 logger = logging.getLogger(__name__)
@@ -85,5 +86,5 @@ class Prober:
             async with asyncio.timeout(self._timeout_s):
                 pool = await self._pool()
                 return bool(await pool.fetchval("SELECT 1") == 1)
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        except DB_ERRORS:
             return False

@@ -33,6 +33,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from flexoraa import audit
 from flexoraa.credits import credit_due_subscriptions, relay_pending
+from flexoraa.db import DB_ERRORS
 from schemas.messaging import DeadlineReached
 from schemas.notifications import Notification
 from schemas.tokens import Feature, TenantStatus, TokenCredit, TokenEvent, TokenUsage
@@ -451,7 +452,7 @@ def register_relay(
             await credit_due_subscriptions(db, datetime.now(UTC))
             while await relay_pending(db, publish) > 0:
                 pass
-        except (OSError, asyncpg.PostgresError, KafkaError) as exc:
+        except (*DB_ERRORS, KafkaError) as exc:
             logger.warning("credit relay pass failed (%r); retried next tick", exc)
 
 
