@@ -56,15 +56,16 @@ integration: setup
 e2e: setup
 	$(BIN)/pytest tests/e2e $(PYTEST_ARGS)
 
-# Fault injection (kill -9, broker restart, PostgreSQL outage, rebalance, replay). Not yet in
-# `make test`: a worker restarted after kill -9 stalled once mid-load (under investigation).
-# FAULT_EVENTS sets the load (default 1,200; 50,000 is the full size).
+# Fault injection (kill -9, broker restart, PostgreSQL outage, rebalance, replay). `make test`
+# runs the PostgreSQL-outage and rebalance/replay tests at 1,200 events; kill -9 and the broker
+# restart (marker open_fault) still lose an interview step now and then (README, Development).
+# FAULT_EVENTS sets the load (50,000 is the full size).
 faults: setup
 	$(BIN)/pytest tests/integration/test_faults.py -m faults $(PYTEST_ARGS)
 
 # The whole suite: lint, types, unit, integration (real Kafka and PostgreSQL) and end to end.
 test: setup lint typecheck
-	$(BIN)/pytest tests -m "not faults" $(PYTEST_ARGS)
+	$(BIN)/pytest tests -m "not open_fault" $(PYTEST_ARGS)
 
 clean: stack-stop
 	rm -rf .stack
