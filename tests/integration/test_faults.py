@@ -376,7 +376,9 @@ async def test_postgres_down_for_20_s_reads_503_then_the_sink_catches_up(
     assert (await api.get("/api/leads", headers=tenant.headers)).status_code == 200
     first = await drive(api, [tenant], EVENTS // 4)
 
-    await asyncio.to_thread(stack.stop_postgres, running_stack)
+    stopped = await asyncio.to_thread(stack.stop_postgres, running_stack)
+    # A server this checkout did not start (another checkout's stack) cannot be stopped here.
+    assert not stopped.running, f"PostgreSQL still running: {stopped.detail}"
     try:
         # Reads that need PostgreSQL answer 503 (not 500, not a hang); writes go to Kafka and
         # are accepted (the API key is cached).
