@@ -57,8 +57,8 @@ e2e: setup
 	$(BIN)/pytest tests/e2e $(PYTEST_ARGS)
 
 # Fault injection (kill -9, broker restart, PostgreSQL outage, rebalance, replay). `make test`
-# runs the PostgreSQL-outage and rebalance/replay tests at 1,200 events; kill -9 and the broker
-# restart (marker open_fault) still lose an interview step now and then (README, Development).
+# runs the rebalance/replay test at 1,200 events; the other three (marker open_fault) still lose
+# an interview step now and then (README, Development).
 # FAULT_EVENTS sets the load (50,000 is the full size).
 faults: setup
 	$(BIN)/pytest tests/integration/test_faults.py -m faults $(PYTEST_ARGS)
