@@ -27,6 +27,7 @@ from flexoraa.settings import PROJECT_ROOT, Settings
 from schemas.migrate import migrate
 
 RESULTS = PROJECT_ROOT / "bench" / "results"
+LOGS = RESULTS / "logs"
 
 
 def machine_facts() -> dict[str, Any]:
@@ -80,12 +81,19 @@ class BenchEnvironment:
         }
 
     def start(self, *args: str, **env: str) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            [sys.executable, "-m", "flexoraa", *args],
-            env=self.env(**env),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        """Starts `flexoraa ARGS`; its output goes to bench/results/logs/<prefix>-<command>.log,
+        so a process that dies mid-run says why."""
+        LOGS.mkdir(parents=True, exist_ok=True)
+        log = LOGS / f"{self.settings.topic_prefix}-{args[0]}.log"
+        with log.open("ab") as output:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "flexoraa", *args],
+                env=self.env(**env),
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
+        print(f"{args[0]} log: {log}")
+        return process
 
 
 def wait_ready(url: str, timeout_s: float = 180) -> None:

@@ -18,9 +18,11 @@ import time
 import uuid
 from datetime import UTC, datetime
 
+import asyncpg
 import httpx
 from aiokafka import AIOKafkaProducer
 
+from api.tenants import create_tenant
 from bench.common import bench_environment, machine_facts, wait_ready, write_result
 from schemas.tokens import TokenUsage
 from schemas.topics import TopicNames
@@ -61,6 +63,15 @@ async def produce(
     return spent, sent
 
 
+async def create_tenants(database_url: str, count: int) -> list[str]:
+    """Real tenants (no tokens): their threshold alerts are stored like any tenant's."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        return [(await create_tenant(conn, f"bench-{i}")).tenant_id for i in range(count)]
+    finally:
+        await conn.close()
+
+
 def applied(metrics_text: str) -> float:
     return sum(float(value) for _, value in _COUNTER.findall(metrics_text))
 
@@ -73,7 +84,7 @@ def main() -> int:
     args = parser.parse_args()
     with bench_environment(worker_port=WORKER_PORT) as environment:
         settings = environment.settings
-        tenants = [str(uuid.uuid4()) for _ in range(args.tenants)]
+        tenants = asyncio.run(create_tenants(settings.database_url, args.tenants))
         spent, records = asyncio.run(
             produce(settings.kafka_bootstrap_servers, TopicNames(settings.topic_prefix).token_usage,
                     tenants, args.events, args.duplicates)

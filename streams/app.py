@@ -7,7 +7,6 @@ from typing import Any
 import asyncpg
 import faust
 import mode
-from faust.sensors.prometheus import setup_prometheus_sensors
 
 from connectors.ai import QualificationAI
 from connectors.channels import ChannelDirectory
@@ -42,6 +41,7 @@ from streams.agents.qualification import Interviewer, QualificationTopics
 from streams.agents.recovery import Recovery
 from streams.agents.sink import SinkSpec
 from streams.agents.tokens import Accounts, AiGate, Meter, SeenIds, TenantStatusView
+from streams.monitor import install_prometheus_monitor
 from streams.rules.qualification import Policy
 from streams.rules.tokens import parse_prices
 from streams.sink import (
@@ -342,7 +342,7 @@ def create_worker_app(settings: Settings) -> faust.App:
         token_accounts=token_accounts,
         partitions=settings.kafka_partitions,
     )
-    setup_prometheus_sensors(app, name_prefix="faust")
+    install_prometheus_monitor(app)
 
     # mode's handler type spells the `signal` argument's type as a string no signature matches.
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]

@@ -13,11 +13,11 @@ import json
 import logging
 import smtplib
 from collections.abc import Awaitable, Callable
-from typing import cast
+from typing import NamedTuple, cast
 
 import asyncpg
 from faust import Stream
-from faust.types import AppT, StreamT, TopicT
+from faust.types import AppT, EventT, StreamT, TopicT
 from pydantic import ValidationError
 
 from connectors.gmail import GmailApiError, GmailNotConfigured, MailboxRevoked
@@ -31,24 +31,39 @@ from streams.metrics import NOTIFICATIONS
 logger = logging.getLogger(__name__)
 
 
+class Recorded(NamedTuple):
+    stored: list[tuple[Notification, list[str]]]
+    unknown_tenant: list[Notification]
+
+
 class NotificationStore:
     def __init__(self, pool_factory: Callable[[], Awaitable[asyncpg.Pool]]) -> None:
         self._pool_factory = pool_factory
 
-    async def record(self, batch: list[Notification]) -> list[tuple[Notification, list[str]]]:
+    async def record(self, batch: list[Notification]) -> Recorded:
         """Store the in-app rows of a batch in one transaction; the notifications not stored
-        before, each with its recipients' addresses.
+        before, each with its recipients' addresses, and those of tenants that do not exist
+        (the foreign key would fail the whole batch, and the retried batch again, forever).
 
         One round trip per query for the whole batch: a leak storm is hundreds of alerts a
         second, and a row at a time (three queries each) made this agent the worker's bottleneck.
         """
         if not batch:
-            return []
+            return Recorded([], [])
         unique = list({n.event_id: n for n in batch}.values())
         sdr_ids = sorted({n.sdr_id for n in unique if n.audience == "sdr" and n.sdr_id})
         admin_tenants = sorted({n.tenant_id for n in unique if n.audience == "admins"})
         pool = await self._pool_factory()
         async with pool.acquire() as conn, conn.transaction():
+            known = {
+                str(row["tenant_id"])
+                for row in await conn.fetch(
+                    "SELECT tenant_id FROM tenants WHERE tenant_id = ANY($1::uuid[])",
+                    sorted({n.tenant_id for n in unique}),
+                )
+            }
+            unknown = [n for n in unique if n.tenant_id not in known]
+            unique = [n for n in unique if n.tenant_id in known]
             sdr_emails = {
                 (str(row["sdr_id"]), str(row["tenant_id"])): row["email"]
                 for row in await conn.fetch(
@@ -93,7 +108,7 @@ class NotificationStore:
             else:
                 recipients = admin_emails.get(notification.tenant_id, [])
             stored.append((notification, recipients))
-        return stored
+        return Recorded(stored, unknown)
 
 
 def register(
@@ -122,16 +137,26 @@ def register(
         batches = cast(Stream[bytes], stream).take_events(batch_size, within=batch_window_s)
         async for events in batches:
             batch = []
+            event_of: dict[str, EventT[bytes]] = {}
             for event in events:
                 try:
-                    batch.append(Notification.model_validate_json(event.value))
+                    notification = Notification.model_validate_json(event.value)
                 except ValidationError as exc:
                     await dead_letter_event(
                         dead_letters, event, describe_validation_error(exc), "invalid_event"
                     )
+                    continue
+                batch.append(notification)
+                event_of[notification.event_id] = event
+            recorded = await while_unreachable(store.record, batch)
+            for notification in recorded.unknown_tenant:
+                await dead_letter_event(
+                    dead_letters, event_of[notification.event_id],
+                    f"unknown tenant {notification.tenant_id}", "unknown_tenant",
+                )  # fmt: skip
             # Tenants found without any mailbox in this batch: not looked up again for it.
             no_mailbox: set[str] = set()
-            for notification, recipients in await while_unreachable(store.record, batch):
+            for notification, recipients in recorded.stored:
                 NOTIFICATIONS.labels(notification.category, "in_app").inc()
                 if (
                     "email" not in notification.deliveries

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -119,6 +119,8 @@ class Accounts:
         alerts: list[tuple[TokenUsage, int, Account]] = []
         applied: dict[int, list[str]] = defaultdict(list)
         in_batch: set[str] = set()
+        # Counted per batch: a labelled counter per event was a measurable share of the fold.
+        counts: Counter[str] = Counter()
         for event in events:
             try:
                 token_event = _TOKEN_EVENT.validate_json(event.value)
@@ -129,7 +131,7 @@ class Accounts:
                 continue
             event_id = token_event.event_id
             if event_id in self._seen or event_id in in_batch:
-                TOKEN_EVENTS.labels("duplicate").inc()
+                counts["duplicate"] += 1
                 continue
             in_batch.add(event_id)
             partition = event.message.partition
@@ -139,12 +141,14 @@ class Accounts:
             if isinstance(token_event, TokenUsage):
                 outcome = spend(account, token_event.tokens)
                 alerts.extend((token_event, percent, outcome.account) for percent in outcome.alerts)
-                TOKEN_EVENTS.labels("usage").inc()
+                counts["usage"] += 1
             else:
                 outcome = credit(account, token_event.tokens)
-                TOKEN_EVENTS.labels("credit").inc()
+                counts["credit"] += 1
             changed[tenant] = (partition, outcome.account)
         self._seen.add(applied)
+        for kind, count in counts.items():
+            TOKEN_EVENTS.labels(kind).inc(count)
         now = datetime.now(UTC)
         for tenant, (partition, account) in changed.items():
             key = tenant.encode()

@@ -21,7 +21,7 @@ from schemas.notifications import Notification
 from schemas.topics import TopicNames
 from tests.conftest import MakeTenant, ManagedProcess, StartProcess, free_port, start_worker
 from tests.integration.conftest import ApiFactory
-from tests.integration.test_pipeline import eventually
+from tests.integration.test_pipeline import eventually, read_dead_letters
 
 pytestmark = pytest.mark.integration
 
@@ -129,3 +129,33 @@ async def test_admins_get_one_in_app_row_and_an_email(
 async def _mails_for(inbox: Inbox, address: str) -> Any:
     found = [(to, mail) for to, mail in inbox.messages if address in to]
     return found or None
+
+
+async def test_a_notification_for_an_unknown_tenant_is_dead_lettered_and_the_rest_stored(
+    api: httpx.AsyncClient,
+    make_tenant: MakeTenant,
+    test_settings: Settings,
+    worker: ManagedProcess,
+) -> None:
+    # Before: the foreign key failed the whole batch on every retry and stopped the worker.
+    tenant = await make_tenant()
+    unknown_tenant = str(uuid.uuid4())
+
+    def alert(tenant_id: str) -> Notification:
+        return Notification(
+            event_id=str(uuid.uuid4()), tenant_id=tenant_id, occurred_at=datetime.now(UTC),
+            audience="admins", category="token_threshold", title=f"alert for {tenant_id}",
+            body="50 % of your tokens are used.",
+        )  # fmt: skip
+
+    await publish(test_settings, alert(unknown_tenant))
+    await publish(test_settings, alert(tenant.tenant_id))
+
+    async def listed() -> Any:
+        return (await api.get("/api/notifications", headers=tenant.headers)).json() or None
+
+    (row,) = await eventually(listed, what="the known tenant's notification")
+    assert row["title"] == f"alert for {tenant.tenant_id}"
+    (letter,) = await read_dead_letters(test_settings, unknown_tenant.encode(), 1)
+    assert letter.reason == f"unknown tenant {unknown_tenant}"
+    assert worker.process.poll() is None

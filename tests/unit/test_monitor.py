@@ -1,0 +1,26 @@
+"""The lean Faust monitor still records what the dashboards read, per topic."""
+
+from __future__ import annotations
+
+from faust.sensors.prometheus import FaustMetrics
+from faust.types.tuples import TP
+from prometheus_client import CollectorRegistry
+
+from streams.monitor import LeanPrometheusMonitor
+
+
+def test_records_received_and_sent_per_topic_and_committed_offsets() -> None:
+    registry = CollectorRegistry()
+    monitor = LeanPrometheusMonitor(metrics=FaustMetrics.create(registry, "faust"))
+    usage = TP("token-usage", 3)
+    for offset in range(3):
+        monitor.on_message_in(usage, offset, message=None)  # type: ignore[arg-type]
+    monitor.on_send_initiated(None, "ledger", None, 0, 0)  # type: ignore[arg-type]
+    monitor.on_tp_commit({usage: 3})
+
+    def sample(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    assert sample("faust_messages_received_per_topic_total", topic="token-usage") == 3
+    assert sample("faust_topic_messages_sent_total", topic="topic.ledger") == 1
+    assert sample("faust_topic_partition_offset_commited", topic="token-usage", partition="3") == 3
