@@ -7,6 +7,8 @@ from typing import Any
 import asyncpg
 import faust
 import mode
+from faust.transport.drivers.aiokafka import Producer as AiokafkaProducer
+from faust.types import ProducerT
 
 from connectors.ai import QualificationAI
 from connectors.channels import ChannelDirectory
@@ -73,7 +75,7 @@ def create_worker_app(settings: Settings) -> faust.App:
     datadir = settings.stack_dir / "workers" / f"{settings.topic_prefix}-{settings.worker_web_port}"
     # Faust creates only the last level of its data directory.
     datadir.parent.mkdir(parents=True, exist_ok=True)
-    app = faust.App(
+    app = WorkerApp(
         settings.topic_prefix,
         broker=f"kafka://{settings.kafka_bootstrap_servers}",
         store=settings.table_store,
@@ -347,21 +349,30 @@ def create_worker_app(settings: Settings) -> faust.App:
     # mode's handler type spells the `signal` argument's type as a string no signature matches.
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def drain_before_recovery(sender: Any, *revoked: Any, **kwargs: Any) -> None:
-        await _drain_producer(app)
+        # Recovery rebuilds a partition's table from its changelog: every write must be in it.
+        await app.producer.flush()
 
     return app
 
 
-async def _drain_producer(app: faust.App) -> None:
-    """Before a rebalance's table recovery: every changelog write of this worker acked.
+class DrainingProducer(AiokafkaProducer):
+    """Faust's producer, whose flush waits for *every* queued changelog write.
 
-    Recovery rebuilds a partition's table from its changelog. Faust's own flush before it gives
-    up on a record not sent within 0.1 s, so with the broker away (restarting) some writes were
-    still queued: the rebuilt table lacked them while their offsets were committed, and those
-    leads' interviews lost a step (a message billed and answered, then asked again; seen in the
-    broker-restart fault test). The rebalance cannot finish before the broker is back anyway.
+    A table write is queued in the producer's buffer and sent by a background task; Faust
+    flushes before committing offsets and before a rebalance's table recovery, but its flush
+    returns as soon as no record leaves the buffer within 0.1 s (a busy event loop, or the
+    broker away). The offsets were then committed with the step's changelog record still
+    queued: after a kill -9, or in a table rebuilt by a rebalance, a lead's interview lacked a
+    step whose effects (usage billed, question sent) were delivered — the fault tests' lost
+    step. Waiting is right: nothing may commit before the broker has the writes.
     """
-    producer = app.producer
-    while producer.buffer.size:
-        await producer.buffer.flush()
-    await producer.flush()
+
+    async def flush(self) -> None:
+        while self.buffer.size:
+            await self.buffer.flush()
+        await super().flush()
+
+
+class WorkerApp(faust.App):
+    def _new_producer(self) -> ProducerT:
+        return DrainingProducer(self.transport, loop=self.loop, beacon=self.beacon)

@@ -314,4 +314,5 @@ def register(
     @app.agent(inbound, name="qualification")
     async def interview(stream: StreamT[bytes]) -> None:
         async for message in decoded(stream, InboundMessage):
-            await process(message)
+            async with gate.lead_lock(message.lead_id.encode()):
+                await process(message)

@@ -72,6 +72,10 @@ class Recovery:
 
     async def on_customer_message(self, message: InboundMessage) -> None:
         key = message.lead_id.encode()
+        async with self._gate.lead_lock(key):
+            await self._on_customer_message_held(key, message)
+
+    async def _on_customer_message_held(self, key: bytes, message: InboundMessage) -> None:
         state = self._table.get(key)
         occurred_ms = int(message.occurred_at.timestamp() * 1000)
         if state is not None and occurred_ms >= state["started_ms"]:
@@ -102,6 +106,14 @@ class Recovery:
         self._scheduler.set(key, {"recovery": due})
 
     async def _step(
+        self, key: bytes, fired: DeadlineReached, session: dict[str, Any] | None
+    ) -> None:
+        # The lead's lock: a reply processed while this step awaits the producer would be
+        # overwritten by the step's state, and recovery would go on after the lead answered.
+        async with self._gate.lead_lock(key):
+            await self._step_held(key, fired, session)
+
+    async def _step_held(
         self, key: bytes, fired: DeadlineReached, session: dict[str, Any] | None
     ) -> None:
         state = self._table.get(key)
@@ -153,7 +165,8 @@ class Recovery:
         self, key: bytes, payloads: list[Any], session: dict[str, Any] | None
     ) -> None:
         # Steps never pile up (the next is scheduled only after one is sent): run the last.
-        await self._step(key, DeadlineReached.model_validate(payloads[-1]), session)
+        # Called by the gate with the lead's lock held.
+        await self._step_held(key, DeadlineReached.model_validate(payloads[-1]), session)
 
 
 def register(app: AppT, *, inbound: TopicT, recovery: Recovery) -> None:

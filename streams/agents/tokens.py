@@ -21,6 +21,7 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -39,6 +40,7 @@ from schemas.notifications import Notification
 from schemas.tokens import Feature, TenantStatus, TokenCredit, TokenEvent, TokenUsage
 from streams.agents.deadlines import DeadlineHandler, deadline_event_id
 from streams.dead_letters import dead_letter_event, describe_validation_error
+from streams.locks import KeyLocks
 from streams.metrics import (
     AI_ACTIONS_DEFERRED,
     TOKEN_BALANCE,
@@ -315,6 +317,7 @@ class AiGate:
         self._deferred = deferred
         self._sessions = sessions
         self._resumers: dict[str, Resumer] = {}
+        self._lead_locks = KeyLocks()
         # This worker's leads with deferred work, by tenant (rebuilt after every recovery).
         self._waiting: dict[str, set[bytes]] = defaultdict(set)
 
@@ -342,9 +345,19 @@ class AiGate:
     def handlers(self) -> dict[str, DeadlineHandler]:
         return {RESUME_DEADLINE: self._resume}
 
+    def lead_lock(self, key: bytes) -> AbstractAsyncContextManager[None]:
+        """Held by an agent that may defer the lead's AI work while it asks the gate and acts,
+        and by the resume of that work: a new message waits for the lead's deferred ones
+        (answers are read in order) and neither works on a state the other is changing."""
+        return self._lead_locks.hold(key)
+
     async def _resume(
         self, key: bytes, fired: DeadlineReached, session: dict[str, Any] | None
     ) -> None:
+        async with self.lead_lock(key):
+            await self._resume_held(key, session)
+
+    async def _resume_held(self, key: bytes, session: dict[str, Any] | None) -> None:
         entry = self._deferred.get(key)
         if entry is None:
             return
