@@ -7,8 +7,6 @@ from typing import Any
 import asyncpg
 import faust
 import mode
-from faust.transport.drivers.aiokafka import Producer as AiokafkaProducer
-from faust.types import ProducerT
 
 from connectors.ai import QualificationAI
 from connectors.channels import ChannelDirectory
@@ -44,6 +42,7 @@ from streams.agents.recovery import Recovery
 from streams.agents.sink import SinkSpec
 from streams.agents.tokens import Accounts, AiGate, Meter, SeenIds, TenantStatusView
 from streams.monitor import install_prometheus_monitor
+from streams.producer import WorkerApp
 from streams.rules.qualification import Policy
 from streams.rules.tokens import parse_prices
 from streams.sink import (
@@ -353,26 +352,3 @@ def create_worker_app(settings: Settings) -> faust.App:
         await app.producer.flush()
 
     return app
-
-
-class DrainingProducer(AiokafkaProducer):
-    """Faust's producer, whose flush waits for *every* queued changelog write.
-
-    A table write is queued in the producer's buffer and sent by a background task; Faust
-    flushes before committing offsets and before a rebalance's table recovery, but its flush
-    returns as soon as no record leaves the buffer within 0.1 s (a busy event loop, or the
-    broker away). The offsets were then committed with the step's changelog record still
-    queued: after a kill -9, or in a table rebuilt by a rebalance, a lead's interview lacked a
-    step whose effects (usage billed, question sent) were delivered — the fault tests' lost
-    step. Waiting is right: nothing may commit before the broker has the writes.
-    """
-
-    async def flush(self) -> None:
-        while self.buffer.size:
-            await self.buffer.flush()
-        await super().flush()
-
-
-class WorkerApp(faust.App):
-    def _new_producer(self) -> ProducerT:
-        return DrainingProducer(self.transport, loop=self.loop, beacon=self.beacon)
