@@ -210,7 +210,10 @@ async def billed_once(load: Load, settings: Settings, url: str, db: asyncpg.Conn
             other = sum(1 for _, feature in ledger[lead] if feature != "qualification")
             sent = interview.get("questions_asked", 0) + other
             if billed != handled or ai_messages.get(lead, 0) != sent:
-                mismatches[lead] = (len(billed), len(handled), ai_messages.get(lead, 0), sent)
+                tenant_index = tenant_ids.index(load.lead_tenant[lead])
+                mismatches[f"tenant {tenant_index} lead {lead}"] = (
+                    len(billed), len(handled), ai_messages.get(lead, 0), sent
+                )  # fmt: skip
         return not mismatches
 
     try:
