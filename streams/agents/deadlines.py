@@ -71,10 +71,16 @@ def register(
                 continue
             if scheduler.pending(key).get(name) != due_ms:
                 continue  # moved or cancelled since it was indexed
-            session = sessions.get(key) or {}
+            session = sessions.get(key)
+            if session is None:
+                # The sessions agent has not taken the lead's first message yet (it lags):
+                # without the tenant the record is invalid, and a timer that raises stops the
+                # worker. Asked again on the next tick.
+                scheduler.index.schedule(key, name, due_ms)
+                continue
             due[partition].append(DeadlineReached(
                 event_id=deadline_event_id(key.decode(), name, due_ms),
-                tenant_id=session.get("tenant_id", ""),
+                tenant_id=session["tenant_id"],
                 occurred_at=datetime.fromtimestamp(due_ms / 1000, tz=UTC),
                 lead_id=key.decode(),
                 deadline=name,
