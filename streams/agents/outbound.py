@@ -245,11 +245,20 @@ class ScheduledSends:
 
     def hold(self, command: OutboundCommand) -> None:
         assert command.send_at is not None
+        self._hold(command, int(command.send_at.timestamp() * 1000))
+
+    def hold_until_session(self, command: OutboundCommand) -> None:
+        """A command for a lead whose session is not in the table yet: after a crash the
+        sessions agent replays the lead's first message while this agent may already replay
+        the command it caused. Held as due now: the deadline timer fires it once the session
+        is there (it skips leads without one), and it goes out instead of failing."""
+        self._hold(command, int(time.time() * 1000))
+
+    def _hold(self, command: OutboundCommand, due_ms: int) -> None:
         key = command.lead_id.encode()
         held = dict(self._table.get(key) or {})
         held[command.event_id] = command.model_dump_json()
         self._table[key] = held
-        due_ms = int(command.send_at.timestamp() * 1000)
         self._scheduler.set(key, {f"scheduled:{command.event_id}": due_ms})
 
     def cancel(self, request: CancelScheduled) -> None:
@@ -299,7 +308,7 @@ def register(
                 scheduled.cancel(request)
             elif request.send_at is not None and request.send_at > datetime.now(UTC):
                 scheduled.hold(request)
+            elif (session := sessions.get(request.lead_id.encode())) is None:
+                scheduled.hold_until_session(request)
             else:
-                await while_unreachable(
-                    sender.send, request, sessions.get(request.lead_id.encode())
-                )
+                await while_unreachable(sender.send, request, session)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -13,9 +14,12 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from aiokafka import AIOKafkaProducer
 
 from connectors.meta import signature_for
 from flexoraa.settings import Settings
+from schemas.messaging import OutboundCommand
+from schemas.topics import TopicNames
 from streams.rules.identity import lead_id_for
 from tests.conftest import (
     MakeTenant,
@@ -561,3 +565,35 @@ async def test_a_cancelled_message_never_goes_out(
     )
     assert past.status_code == 422
     assert "send_at" in past.json()["detail"]
+
+
+async def test_a_command_read_before_its_leads_first_message_goes_out_once_the_lead_is_known(
+    api: httpx.AsyncClient, make_tenant: MakeTenant, graph: GraphApiFake, test_settings: Settings
+) -> None:
+    # After a crash the outbound agent may replay a command (an AI question) before the
+    # sessions agent has replayed the message that caused it: the lead is not known yet.
+    business = await register(api, await make_tenant())
+    contact = "919877700009"
+    lead_id = business.lead(contact)
+    command = OutboundCommand(
+        event_id=str(uuid.uuid4()), tenant_id=business.tenant.tenant_id,
+        occurred_at=datetime.now(UTC), lead_id=lead_id, text="What is your budget?",
+        sent_by="ai", purpose="qualification",
+    )  # fmt: skip
+    producer = AIOKafkaProducer(bootstrap_servers=test_settings.kafka_bootstrap_servers)
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            TopicNames(test_settings.topic_prefix).outbound_commands,
+            key=lead_id.encode(),
+            value=command.model_dump_json().encode(),
+        )
+    finally:
+        await producer.stop()
+    await asyncio.sleep(1)
+    assert graph.sent_to(business.phone_number_id) == []  # nobody to send it to yet
+    await inbound(api, business, contact, now_s() - 5, "wamid.U1")
+    (row,) = await outbound_rows(api, business, lead_id)
+    assert (row["status"], row["send_kind"], row["sent_by"]) == ("accepted", "freeform", "ai")
+    (request,) = graph.sent_to(business.phone_number_id)
+    assert request["body"]["text"]["body"] == "What is your budget?"
