@@ -82,4 +82,5 @@ bench: setup
 	$(BIN)/python -m bench.webhooks --seconds 10 --connections 16
 	$(BIN)/python -m bench.leakage --leads 100000
 	$(BIN)/python -m bench.throughput --events 30000
+	$(BIN)/python -m bench.reads --leads 100000 --rate 500 --seconds 20
 	$(BIN)/python -m bench.tokens --events 200000 --tenants 100
