@@ -73,24 +73,33 @@ def put_in_partition(table: TableT[Any, Any], partition: int, key: Any, value: A
 
 
 class SeenIds:
-    """The event ids already applied, kept in a table as one record per partition and batch
-    (a record per event would double the changelog traffic) and in memory for lookups."""
+    """The event ids already applied, each with the record it was applied from, kept in a table
+    as one record per partition and batch (a record per event would double the changelog
+    traffic) and in memory for lookups."""
 
     def __init__(self, table: TableT[bytes, Any]) -> None:
         self.table = table
-        self._ids: set[str] = set()
+        self._ids: dict[str, str | None] = {}
 
     def rebuild(self) -> None:
         """After every recovery: the ids of the partitions this worker now holds."""
-        self._ids = {event_id for ids in self.table.values() for event_id in ids}
+        self._ids = {}
+        for ids in self.table.values():
+            # A list (records written before positions were kept): ids without a position.
+            positions = ids if isinstance(ids, dict) else dict.fromkeys(ids)
+            self._ids.update(positions)
 
     def __contains__(self, event_id: str) -> bool:
         return event_id in self._ids
 
-    def add(self, by_partition: dict[int, list[str]]) -> None:
-        for partition, ids in by_partition.items():
-            put_in_partition(self.table, partition, uuid.uuid4().bytes, ids)
-            self._ids.update(ids)
+    def position_of(self, event_id: str) -> str | None:
+        """Where the id was first applied from ("topic:partition:offset"), if known."""
+        return self._ids.get(event_id)
+
+    def add(self, by_partition: dict[int, dict[str, str]]) -> None:
+        for partition, positions in by_partition.items():
+            put_in_partition(self.table, partition, uuid.uuid4().bytes, positions)
+            self._ids.update(positions)
 
 
 class Accounts:
@@ -116,10 +125,19 @@ class Accounts:
     def account(self, tenant_id: str) -> Account:
         return Account.from_dict(self._accounts.get(tenant_id.encode()))
 
+    def _applied_up_to(self, tenant_id: str) -> dict[str, int]:
+        """The last offset applied to the tenant's account, per topic and partition."""
+        return dict((self._accounts.get(tenant_id.encode()) or {}).get("applied_up_to", {}))
+
     async def apply(self, events: list[EventT[Any]]) -> None:
-        changed: dict[str, tuple[int, Account]] = {}
+        # An account record carries the offsets it includes, so it and the seen ids need not
+        # reach the changelog together: after a crash a replayed record already in the
+        # account is skipped by its offset, and one whose id was saved but whose account
+        # was not is applied (its id's position is this very record). The ids alone made a
+        # killed worker lose usage (the kill -9 test: balance 99,590 for 99,581).
+        changed: dict[str, tuple[int, Account, dict[str, int]]] = {}
         alerts: list[tuple[TokenUsage, int, Account]] = []
-        applied: dict[int, list[str]] = defaultdict(list)
+        applied: dict[int, dict[str, str]] = defaultdict(dict)
         in_batch: set[str] = set()
         # Counted per batch: a labelled counter per event was a measurable share of the fold.
         counts: Counter[str] = Counter()
@@ -132,14 +150,30 @@ class Accounts:
                 )
                 continue
             event_id = token_event.event_id
-            if event_id in self._seen or event_id in in_batch:
+            message = event.message
+            source = f"{message.topic}:{message.partition}"
+            position = f"{source}:{message.offset}"
+            tenant = token_event.tenant_id
+            if tenant in changed:
+                partition, account, up_to = changed[tenant]
+            else:
+                partition, account = message.partition, self.account(tenant)
+                up_to = self._applied_up_to(tenant)
+            if event_id in in_batch:
                 counts["duplicate"] += 1
                 continue
             in_batch.add(event_id)
-            partition = event.message.partition
-            applied[partition].append(event_id)
-            tenant = token_event.tenant_id
-            account = changed[tenant][1] if tenant in changed else self.account(tenant)
+            if message.offset <= up_to.get(source, -1):
+                # Already in the account (a replay after a crash): only its id is recorded.
+                counts["duplicate"] += 1
+                if event_id not in self._seen:
+                    applied[message.partition][event_id] = position
+                continue
+            if event_id in self._seen and self._seen.position_of(event_id) != position:
+                counts["duplicate"] += 1
+                continue
+            applied[message.partition][event_id] = position
+            up_to = {**up_to, source: message.offset}
             if isinstance(token_event, TokenUsage):
                 outcome = spend(account, token_event.tokens)
                 alerts.extend((token_event, percent, outcome.account) for percent in outcome.alerts)
@@ -147,15 +181,17 @@ class Accounts:
             else:
                 outcome = credit(account, token_event.tokens)
                 counts["credit"] += 1
-            changed[tenant] = (partition, outcome.account)
+            changed[tenant] = (message.partition, outcome.account, up_to)
         self._seen.add(applied)
         for kind, count in counts.items():
             TOKEN_EVENTS.labels(kind).inc(count)
         now = datetime.now(UTC)
-        for tenant, (partition, account) in changed.items():
+        for tenant, (partition, account, up_to) in changed.items():
             key = tenant.encode()
             before = self._accounts.get(key)
-            put_in_partition(self._accounts, partition, key, account.as_dict())
+            put_in_partition(
+                self._accounts, partition, key, {**account.as_dict(), "applied_up_to": up_to}
+            )
             # Workers gate on the paused flag only: a status record when it flips (or for a
             # new account), not one per batch of a busy tenant.
             if before is None or Account.from_dict(before).paused != account.paused:

@@ -13,9 +13,9 @@ message had its effects exactly once:
   the lead-events topic).
 
 `make test` runs the rebalance/replay test at `FAULT_EVENTS` (default 1200). kill -9, the broker
-restart and the PostgreSQL outage are marked `open_fault`: now and then they still find a lead
-whose interview table lacks a step whose effects (usage event, question) were delivered (README,
-Development). `make faults` runs all four; `FAULT_EVENTS=50000 make faults` at full size.
+restart, the PostgreSQL outage and a worker started on a backlog are marked `open_fault`: now
+and then they still find a record some stream never handled (README, Development). `make
+faults` runs all five; `FAULT_EVENTS=50000 make faults` at full size.
 """
 
 from __future__ import annotations
@@ -522,3 +522,71 @@ async def copy_topics(source: Settings, target: Settings) -> int:
     finally:
         await producer.stop()
     return copied
+
+
+# Open: the interview agent still misses the first records of some partitions (10 of 600 leads
+# here). A record of the consumer generation before a start-up rebalance reaches the consumer
+# after the seek to the committed offset: Faust's "last offset read" mark moves past it, the
+# seek's copies are dropped as already read and the streams skip the old generation's copy.
+# Without that mark the loss went away (throughput bench complete) but the rebalance test
+# failed once: not landed (README, Development).
+@pytest.mark.open_fault
+async def test_a_worker_started_on_a_backlog_interviews_every_message(
+    processes: StartProcess,
+    test_settings: Settings,
+    make_tenant: MakeTenant,
+    db: asyncpg.Connection,
+    api_for: ApiFor,
+) -> None:
+    # A tenant with a token account (credited through a first worker), then a backlog of
+    # first messages read by a new worker: its start-up rebalances must not cost any stream
+    # the records it had not taken yet (the interview agent lost the first records of each
+    # partition, and nothing was committed to read them again from).
+    first = start_worker(processes, test_settings, name="backlog-a", web_port=free_port(),
+                         **WORKER_ENV)  # fmt: skip
+    tenant = await make_tenant("Backlog")
+
+    async def credited() -> bool:
+        status, account = await asyncio.to_thread(
+            http_get_json, f"{worker_url(first)}/internal/tenants/{tenant.tenant_id}/tokens", 10
+        )
+        return status == 200 and account["balance"] > 0  # type: ignore[index]
+
+    await eventually(credited, timeout_s=60, what="the tenant's trial tokens credited")
+    first.stop(signal.SIGTERM)
+    api = await api_for(first)
+    leads: dict[str, str] = {}  # lead id -> its message's channel id
+    messages = max(400, EVENTS // 2)
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(messages):
+        queue.put_nowait(i)
+
+    async def post() -> None:
+        while not queue.empty():
+            i = queue.get_nowait()
+            body = {"channel": "webchat", "contact": f"backlog-{i}", "text": TEXTS[0],
+                    "channel_message_id": f"backlog-{i}"}  # fmt: skip
+            response = await api.post("/api/events/inbound", headers=tenant.headers, json=body)
+            assert response.status_code == 202, response.text
+            leads[response.json()["lead_id"]] = body["channel_message_id"]
+
+    await asyncio.gather(*(post() for _ in range(16)))
+    second = start_worker(processes, test_settings, name="backlog-b", web_port=free_port(),
+                          **WORKER_ENV)  # fmt: skip
+    missing: list[str] = []
+
+    def interviewed() -> bool:
+        missing.clear()
+        for lead in leads:
+            status, state = http_get_json(f"{worker_url(second)}/internal/leads/{lead}", 10)
+            steps = ((state or {}).get("qualification") or {}).get("recent_event_ids", [])  # type: ignore[attr-defined]
+            if status != 200 or len(steps) != 1:
+                missing.append(lead)
+        return not missing
+
+    try:
+        await eventually(lambda: asyncio.to_thread(interviewed), timeout_s=180,
+                         what="every lead's first message interviewed")  # fmt: skip
+    except AssertionError:
+        assert len(missing) == 0, missing[:5]
+        raise

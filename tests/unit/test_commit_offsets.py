@@ -9,12 +9,13 @@ from streams.producer import AcknowledgedOnlyConsumer, WorkerApp
 TP = faust.types.TP("acme.inbound-messages", 2)
 
 
-def consumer_with(committed: int, acknowledged: list[int]) -> AcknowledgedOnlyConsumer:
+def consumer_with(committed: int | None, acknowledged: list[int]) -> AcknowledgedOnlyConsumer:
     # No broker is reached: the offsets bookkeeping is plain in-memory state.
     app = WorkerApp("commit-offsets-test", broker="kafka://127.0.0.1:1")
     consumer = app.consumer
     assert isinstance(consumer, AcknowledgedOnlyConsumer)
-    consumer._committed_offset[TP] = committed
+    if committed is not None:
+        consumer._committed_offset[TP] = committed
     consumer._acked[TP].extend(acknowledged)
     consumer._acked_index[TP].update(acknowledged)
     return consumer
@@ -36,4 +37,14 @@ def test_an_offset_no_stream_finished_holds_back_every_later_one() -> None:
 def test_an_offset_in_a_known_gap_counts_as_acknowledged() -> None:
     consumer = consumer_with(30, [31, 32])
     consumer._gap[TP].addi(30, 31)
+    assert consumer._new_offset(TP) == 33
+
+
+def test_with_nothing_committed_the_partitions_first_offset_must_be_acknowledged_first() -> None:
+    # Faust's own rule commits 33 here: offsets 30 and 31 would never be read again.
+    consumer = consumer_with(None, [32])
+    consumer._start_offsets[TP] = 30
+    assert consumer._new_offset(TP) is None
+    consumer._acked[TP].extend([30, 31])
+    consumer._acked_index[TP].update([30, 31])
     assert consumer._new_offset(TP) == 33

@@ -1,0 +1,110 @@
+"""The account fold after a crash: a replayed batch ends in the same balance whichever of its
+changelog records (the accounts, the seen ids) were saved before the worker died."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, cast
+
+from faust.types import EventT, TableT, TopicT
+
+from schemas.tokens import TokenCredit, TokenUsage
+from streams.agents.tokens import Accounts, SeenIds
+
+TENANT = "00000000-0000-4000-8000-000000000007"
+USAGE_TOPIC = "acme.token-usage"
+
+
+class FakeTable(dict[bytes, Any]):
+    """What the fold uses of a Faust table: the mapping and its changelog hook."""
+
+    @property
+    def data(self) -> FakeTable:
+        return self
+
+    def send_changelog(self, partition: int, key: bytes, value: Any) -> None:
+        pass
+
+
+class FakeTopic:
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    async def send(self, *, key: bytes, value: bytes) -> None:
+        self.sent.append(value)
+
+
+@dataclass
+class Message:
+    topic: str
+    partition: int
+    offset: int
+
+
+@dataclass
+class Event:
+    value: bytes
+    message: Message
+
+
+def accounts_over(accounts: FakeTable, seen: FakeTable) -> Accounts:
+    ids = SeenIds(cast(TableT[bytes, Any], seen))
+    ids.rebuild()
+
+    async def no_pool() -> Any:
+        raise AssertionError("no tenant is paused or resumed here")
+
+    return Accounts(
+        accounts=cast(TableT[bytes, Any], accounts), seen=ids,
+        status_topic=cast(TopicT, FakeTopic()), notifications=cast(TopicT, FakeTopic()),
+        dead_letters=cast(TopicT, FakeTopic()), pool=no_pool,
+    )  # fmt: skip
+
+
+def batch() -> list[EventT[Any]]:
+    now = datetime.now(UTC)
+    records: list[TokenUsage | TokenCredit] = [
+        TokenCredit(event_id=str(uuid.uuid4()), tenant_id=TENANT, occurred_at=now,
+                    source="trial", reference="trial", tokens=1000),
+        TokenUsage(event_id=str(uuid.uuid4()), tenant_id=TENANT, occurred_at=now,
+                   feature="qualification", tokens=5),
+        TokenUsage(event_id=str(uuid.uuid4()), tenant_id=TENANT, occurred_at=now,
+                   feature="qualification", tokens=7),
+    ]  # fmt: skip
+    return [
+        cast(EventT[Any], Event(r.model_dump_json().encode(), Message(USAGE_TOPIC, 3, offset)))
+        for offset, r in enumerate(records)
+    ]
+
+
+async def test_seen_ids_saved_without_the_account_the_replay_applies_the_batch() -> None:
+    events = batch()
+    seen = FakeTable()
+    await accounts_over(FakeTable(), seen).apply(events)
+    after_crash = accounts_over(FakeTable(), FakeTable(seen))  # only the ids reached Kafka
+    await after_crash.apply(events)
+    assert after_crash.account(TENANT).balance == 988
+
+
+async def test_account_saved_without_the_seen_ids_the_replay_changes_nothing() -> None:
+    events = batch()
+    accounts = FakeTable()
+    await accounts_over(accounts, FakeTable()).apply(events)
+    after_crash = accounts_over(FakeTable(accounts), FakeTable())  # only the account did
+    await after_crash.apply(events)
+    assert after_crash.account(TENANT).balance == 988
+    # The replay recorded the ids: the same usage produced again later is a duplicate.
+    again = cast(Event, events[1])
+    await after_crash.apply([cast(EventT[Any], Event(again.value, Message(USAGE_TOPIC, 3, 17)))])
+    assert after_crash.account(TENANT).balance == 988
+
+
+async def test_a_usage_produced_twice_is_applied_once() -> None:
+    events = batch()
+    accounts = accounts_over(FakeTable(), FakeTable())
+    await accounts.apply(events)
+    again = cast(Event, events[2])
+    await accounts.apply([cast(EventT[Any], Event(again.value, Message(USAGE_TOPIC, 3, 9)))])
+    assert accounts.account(TENANT).balance == 988
