@@ -6,6 +6,11 @@ worker with every agent on (sessions, qualification with the built-in extractor,
 tokens, SLA, sinks) processes the same backlog, and the rate is taken from its counters: the
 time until every event was applied to the sessions table, interviewed and charged.
 
+The tenant's credit goes out through the worker's outbox relay, so a worker started on the
+backlog finds the tenant without tokens and defers every step until the credit arrives.
+`--credited` first runs a worker until the credit is applied (as in production, where a
+tenant has tokens before its leads write), then stops it and starts a new one on the backlog.
+
     .venv/bin/python -m bench.throughput --events 20000
 """
 
@@ -21,7 +26,13 @@ from datetime import UTC, datetime
 import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from bench.common import bench_environment, machine_facts, wait_ready, write_result
+from bench.common import (
+    BenchEnvironment,
+    bench_environment,
+    machine_facts,
+    wait_ready,
+    write_result,
+)
 from schemas.events import InboundMessage
 from schemas.topics import TopicNames
 from streams.rules.identity import lead_id_for
@@ -32,6 +43,7 @@ _SERIES = {
     "interviewed": re.compile(r"^flexoraa_qualification_steps_total\{[^}]*\} ([0-9.e+]+)$", re.M),
     "charged": re.compile(r'^flexoraa_token_events_total\{kind="usage"\} ([0-9.e+]+)$', re.M),
 }
+_CREDITS = re.compile(r'^flexoraa_token_events_total\{kind="credit"\} ([0-9.e+]+)$', re.M)
 
 
 async def produce(bootstrap: str, topic: str, tenant_id: str, count: int) -> None:
@@ -78,11 +90,34 @@ def counters(text: str) -> dict[str, float]:
     return {name: sum(float(v) for v in pattern.findall(text)) for name, pattern in _SERIES.items()}
 
 
+def credit_tenant(environment: BenchEnvironment) -> None:
+    """Runs a worker until the tenant's credit is in its account, then stops it cleanly."""
+    worker = environment.start("worker", WORKER_PORT=str(WORKER_PORT),
+                               WORKER_WEB_PORT=str(WORKER_PORT))  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{WORKER_PORT}"
+        wait_ready(f"{url}/health")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            credits = _CREDITS.findall(httpx.get(f"{url}/metrics", timeout=30).text)
+            if credits and float(credits[0]) >= 1:
+                return
+            time.sleep(0.25)
+        raise RuntimeError("the tenant's credit was not applied within 120 s")
+    finally:
+        worker.terminate()
+        worker.wait(60)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=20_000)
+    parser.add_argument("--credited", action="store_true",
+                        help="credit the tenant before the backlog is read")  # fmt: skip
     args = parser.parse_args()
     with bench_environment(worker_port=WORKER_PORT) as environment:
+        if args.credited:
+            credit_tenant(environment)
         settings = environment.settings
         topic = TopicNames(settings.topic_prefix).inbound_messages
         bootstrap = settings.kafka_bootstrap_servers
@@ -123,6 +158,7 @@ def main() -> int:
         "pipeline_events_per_s": round(pipeline),
         "ratio": round(pipeline / plain, 3),
         "complete": complete,
+        "credited_before": args.credited,
         "final_counters": samples[-1][1],
         "machine": machine_facts(),
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import faust
+from faust.types.tuples import ConsumerMessage
 
 from streams.producer import AcknowledgedOnlyConsumer, WorkerApp
 
@@ -48,3 +49,56 @@ def test_with_nothing_committed_the_partitions_first_offset_must_be_acknowledged
     consumer._acked[TP].extend([30, 31])
     consumer._acked_index[TP].update([30, 31])
     assert consumer._new_offset(TP) == 33
+
+
+def message_at(offset: int, generation_id: int, tp: faust.types.TP = TP) -> ConsumerMessage:
+    return ConsumerMessage(
+        tp.topic, tp.partition, offset, 0.0, 0, None, b"k", b"v", None, 1, 1, tp,
+        generation_id=generation_id,
+    )  # fmt: skip
+
+
+def source_consumer() -> AcknowledgedOnlyConsumer:
+    consumer = consumer_with(None, [])
+    consumer.app.topics._acking_topics.add(TP.topic)
+    consumer.app.consumer_generation_id = 7
+    consumer.app.flow_control.resume()
+    return consumer
+
+
+def test_a_message_of_an_earlier_generation_does_not_count_as_handled() -> None:
+    # Faust's streams skip such a message and acknowledge it; the rebalance reads it again.
+    consumer = source_consumer()
+    consumer._start_offsets[TP] = 30
+    assert consumer.ack(message_at(30, generation_id=6)) is False
+    assert consumer._new_offset(TP) is None
+    assert consumer.ack(message_at(30, generation_id=7)) is True
+    assert consumer._new_offset(TP) == 31
+
+
+def test_a_message_acknowledged_while_the_flow_is_stopped_does_not_count_as_handled() -> None:
+    consumer = source_consumer()
+    consumer._start_offsets[TP] = 30
+    consumer.app.flow_control.suspend()
+    assert consumer.ack(message_at(30, generation_id=7)) is False
+    assert 30 not in consumer._acked_index[TP]
+
+
+def test_a_source_record_below_the_read_offset_is_read_again_not_dropped() -> None:
+    # A record fetched before a seek moved the mark to 40; the seek reads 30 again.
+    consumer = source_consumer()
+    marks = consumer._read_offset
+    marks[TP] = 40
+    marks.being_read = message_at(30, generation_id=7)
+    assert marks[TP] is None  # Faust delivers a record whose mark is None
+    marks.being_read = message_at(45, generation_id=7)
+    assert marks[TP] == 40  # moving forward, the mark still finds gaps
+
+
+def test_a_changelog_record_below_the_read_offset_is_still_dropped() -> None:
+    changelog = faust.types.TP("flexoraa-sessions-changelog", 2)
+    consumer = source_consumer()
+    marks = consumer._read_offset
+    marks[changelog] = 40
+    marks.being_read = message_at(30, generation_id=7, tp=changelog)
+    assert marks[changelog] == 40
