@@ -101,15 +101,20 @@ def register(
         key = command.lead_id.encode()
         if scheduler.pending(key).get(command.deadline) != command.due_ms:
             return  # already fired, moved, or cancelled: firing is idempotent
-        scheduler.cancel(key, command.deadline)
         # "scheduled:<id>" deadlines share the handler of their kind.
         kind = command.deadline.split(":", 1)[0]
         handler = handlers.get(kind)
         if handler is None:
             logger.warning("no handler for deadline %s", command.deadline)
+            scheduler.cancel(key, command.deadline)
             return
         DEADLINES_FIRED.labels(kind).inc()
         await while_unreachable(handler, key, command, sessions.get(key))
+        # Cancelled after the handler's effects, so the changelog write waits for them: a
+        # worker killed in between fires the deadline again (the effects' ids repeat) instead
+        # of finding it gone and the leak never reported. A handler may have moved it.
+        if scheduler.pending(key).get(command.deadline) == command.due_ms:
+            scheduler.cancel(key, command.deadline)
 
     @app.agent(deadlines_topic, name="deadlines")
     async def act_on_deadlines(stream: StreamT[bytes]) -> None:

@@ -47,8 +47,13 @@ def register(
     async def start_waiting(stream: StreamT[bytes]) -> None:
         async for message in decoded(stream, InboundMessage):
             key = message.lead_id.encode()
-            if leakage.get(key) is not None:
-                continue  # already waiting: the wait starts at the first unanswered message
+            if (waiting := leakage.get(key)) is not None:
+                # Already waiting: the wait starts at the first unanswered message. Its
+                # deadline is another table's write; a worker killed between the two kept only
+                # the wait, and this message, read again, gives it its deadline back.
+                if not waiting["fired"]:
+                    scheduler.set_if_absent(key, "leak", waiting["due_ms"])
+                continue
             occurred_ms = int(message.occurred_at.timestamp() * 1000)
             threshold_s = await while_unreachable(tenants.leak_threshold_s, message.tenant_id)
             due_ms = leak_due_ms(occurred_ms, threshold_s)
@@ -117,7 +122,6 @@ class LeakActions:
         waiting = self._leakage.get(key)
         if waiting is None or session is None or waiting["fired"]:
             return
-        self._leakage[key] = {**waiting, "fired": True}
         lead_id, tenant_id = fired.lead_id, session["tenant_id"]
         state = self._qualification.get(key) or {}
         followed_up = session["last_customer_message_ms"] > waiting["waiting_since_ms"]
@@ -181,6 +185,12 @@ class LeakActions:
             await self._notify(fired, tenant_id, "admins", None, title, body)
         if sdr_id is not None:
             await self._notify(fired, tenant_id, "sdr", sdr_id, title, body)
+        # Marked fired after its effects, so the changelog write waits for them (a worker
+        # killed in between reports the leak again, with the same ids). A reply taken while
+        # this ran ended the wait: it is not brought back.
+        current = self._leakage.get(key)
+        if current is not None and current["waiting_since_ms"] == waiting["waiting_since_ms"]:
+            self._leakage[key] = {**current, "fired": True}
 
     async def _notify(
         self,

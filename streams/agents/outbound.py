@@ -276,13 +276,16 @@ class ScheduledSends:
         self, key: bytes, fired: DeadlineReached, session: dict[str, Any] | None
     ) -> None:
         command_id = fired.deadline.split(":", 1)[1]
-        held = dict(self._table.get(key) or {})
-        raw = held.pop(command_id, None)
+        raw = (self._table.get(key) or {}).get(command_id)
         if raw is None:
             return  # cancelled
-        self._table[key] = held
         # The window is judged now, at send time, not when the message was scheduled.
         await self._sender.send(OutboundCommand.model_validate_json(raw), session)
+        # Removed after the send, so the changelog write waits for it; read again, as other
+        # commands of the lead may have been held or cancelled meanwhile.
+        held = dict(self._table.get(key) or {})
+        if held.pop(command_id, None) is not None:
+            self._table[key] = held
 
 
 def register(

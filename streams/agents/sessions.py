@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from faust.types import AppT, StreamT, TableT, TopicT
@@ -55,6 +56,19 @@ def register(
             )
             if updated is None:
                 DUPLICATE_EVENTS.labels("inbound").inc()
+                # The window's deadlines are another table's write: a worker killed between
+                # the two kept only the session, and the message read again restores them
+                # (those still ahead; `set` writes nothing when they are there).
+                session = sessions[lead_key]
+                now_ms = int(time.time() * 1000)
+                ahead = {
+                    name: due_ms
+                    for name, due_ms in window_deadlines(
+                        session["channel"], session["last_customer_message_ms"], closing_notice_ms
+                    ).items()
+                    if due_ms > now_ms
+                }
+                scheduler.set(lead_key, ahead)
                 continue
             sessions[lead_key] = updated
             # Each customer message moves the window's deadlines (if it is the latest one).

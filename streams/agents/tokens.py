@@ -374,7 +374,10 @@ class AiGate:
         actions.setdefault(kind, []).append(payload)
         self._deferred[key] = {**entry, "actions": actions}
         now_ms = int(time.time() * 1000)
-        self._scheduler.set_if_absent(key, RESUME_DEADLINE, now_ms + _RESUME_RECHECK_MS)
+        pending = self._scheduler.pending(key).get(RESUME_DEADLINE)
+        # A due one is the one firing now (it is cancelled after its handler): set the next.
+        if pending is None or pending <= now_ms:
+            self._scheduler.set(key, {RESUME_DEADLINE: now_ms + _RESUME_RECHECK_MS})
         self._waiting[tenant_id].add(key)
         AI_ACTIONS_DEFERRED.labels(kind).inc()
 

@@ -12,10 +12,8 @@ message had its effects exactly once:
 - leakage: no unanswered wait produced two leaks (in PostgreSQL or, with another identity, on
   the lead-events topic).
 
-`make test` runs the rebalance/replay test at `FAULT_EVENTS` (default 1200). kill -9, the broker
-restart, the PostgreSQL outage and a worker started on a backlog are marked `open_fault`: now
-and then they still find a record some stream never handled (README, Development). `make
-faults` runs all five; `FAULT_EVENTS=50000 make faults` at full size.
+`make test` runs all five at `FAULT_EVENTS` (default 1200); `make faults` runs only them, and
+`FAULT_EVENTS=50000 make faults` at full size.
 """
 
 from __future__ import annotations
@@ -302,7 +300,6 @@ async def api_for(api_factory: ApiFactory) -> AsyncIterator[ApiFor]:
         yield start
 
 
-@pytest.mark.open_fault
 async def test_kill_9_of_a_worker_mid_load_every_effect_exactly_once(
     processes: StartProcess,
     test_settings: Settings,
@@ -339,7 +336,6 @@ async def test_kill_9_of_a_worker_mid_load_every_effect_exactly_once(
     assert await leaks_once(load, test_settings, db) >= len(dry_leads)
 
 
-@pytest.mark.open_fault
 async def test_broker_restarted_mid_load_nothing_lost(
     processes: StartProcess,
     test_settings: Settings,
@@ -365,7 +361,6 @@ async def test_broker_restarted_mid_load_nothing_lost(
     assert worker.process.poll() is None, worker.log_tail()
 
 
-@pytest.mark.open_fault
 async def test_postgres_down_for_20_s_reads_503_then_the_sink_catches_up(
     processes: StartProcess,
     test_settings: Settings,
@@ -530,7 +525,6 @@ async def copy_topics(source: Settings, target: Settings) -> int:
 # seek's copies are dropped as already read and the streams skip the old generation's copy.
 # Without that mark the loss went away (throughput bench complete) but the rebalance test
 # failed once: not landed (README, Development).
-@pytest.mark.open_fault
 async def test_a_worker_started_on_a_backlog_interviews_every_message(
     processes: StartProcess,
     test_settings: Settings,

@@ -60,7 +60,7 @@ def message_at(offset: int, generation_id: int, tp: faust.types.TP = TP) -> Cons
 
 def source_consumer() -> AcknowledgedOnlyConsumer:
     consumer = consumer_with(None, [])
-    consumer.app.topics._acking_topics.add(TP.topic)
+    consumer.app.topics.acking_topics.add(TP.topic)
     consumer.app.consumer_generation_id = 7
     consumer.app.flow_control.resume()
     return consumer
@@ -87,7 +87,7 @@ def test_a_message_acknowledged_while_the_flow_is_stopped_does_not_count_as_hand
 def test_a_source_record_below_the_read_offset_is_read_again_not_dropped() -> None:
     # A record fetched before a seek moved the mark to 40; the seek reads 30 again.
     consumer = source_consumer()
-    marks = consumer._read_offset
+    marks = consumer._read_marks
     marks[TP] = 40
     marks.being_read = message_at(30, generation_id=7)
     assert marks[TP] is None  # Faust delivers a record whose mark is None
@@ -98,7 +98,7 @@ def test_a_source_record_below_the_read_offset_is_read_again_not_dropped() -> No
 def test_a_changelog_record_below_the_read_offset_is_still_dropped() -> None:
     changelog = faust.types.TP("flexoraa-sessions-changelog", 2)
     consumer = source_consumer()
-    marks = consumer._read_offset
+    marks = consumer._read_marks
     marks[changelog] = 40
     marks.being_read = message_at(30, generation_id=7, tp=changelog)
     assert marks[changelog] == 40

@@ -1,0 +1,114 @@
+"""A deadline handler changes its table only after sending its effects.
+
+The worker's producer holds a changelog write until the records sent *before* it are
+acknowledged, not those sent after. A handler that marked its state first could leave, after a
+kill -9, a table saying "done" for effects that never went out (the kill -9 fault test: a
+paused tenant's lead that never leaked).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime
+from typing import Any, cast
+
+from schemas.messaging import DeadlineReached, OutboundCommand
+from streams.agents.leakage import LeakActions
+from streams.agents.outbound import ScheduledSends, Sender
+from streams.timers import DeadlineIndex, Scheduler
+
+LEAD = str(uuid.uuid4())
+KEY = LEAD.encode()
+TENANT = str(uuid.uuid4())
+SESSION = {"tenant_id": TENANT, "channel": "whatsapp", "last_customer_message_ms": 1_000}
+
+
+class JournalTable(dict[bytes, Any]):
+    def __init__(self, name: str, journal: list[str]) -> None:
+        super().__init__()
+        self._name = name
+        self._journal = journal
+
+    def __setitem__(self, key: bytes, value: Any) -> None:
+        self._journal.append(f"write {self._name}")
+        super().__setitem__(key, value)
+
+
+class JournalTopic:
+    def __init__(self, journal: list[str]) -> None:
+        self._journal = journal
+
+    async def send(self, *, key: bytes, value: bytes) -> None:
+        self._journal.append(f"send {json.loads(value).get('type', 'record')}")
+
+
+class PausedGate:
+    async def allows(self, tenant_id: str) -> bool:
+        return False
+
+
+def fired(deadline: str, due_ms: int) -> DeadlineReached:
+    now = datetime.now(UTC)
+    return DeadlineReached(event_id=str(uuid.uuid4()), tenant_id=TENANT, occurred_at=now,
+                           lead_id=LEAD, deadline=deadline, due_ms=due_ms,
+                           fired_at=now)  # fmt: skip
+
+
+async def test_a_leak_is_marked_fired_only_after_it_was_reported() -> None:
+    journal: list[str] = []
+    leakage = JournalTable("leakage", journal)
+    dict.__setitem__(leakage, KEY, {"waiting_since_ms": 1_000, "due_ms": 6_000, "fired": False})
+    topic = JournalTopic(journal)
+    actions = LeakActions(
+        leakage=cast(Any, leakage), qualification=cast(Any, {}), router=cast(Any, None),
+        lead_events=cast(Any, topic), outbound_commands=cast(Any, topic),
+        notifications=cast(Any, topic), gate=cast(Any, PausedGate()), meter=cast(Any, None),
+    )  # fmt: skip
+    await actions.on_leak(KEY, fired("leak", 6_000), SESSION)
+    assert journal.index("write leakage") > journal.index("send leak_detected")
+    assert journal[-1] == "write leakage"
+    assert leakage[KEY]["fired"] is True
+
+
+async def test_a_leak_handled_while_the_lead_was_answered_does_not_bring_the_wait_back() -> None:
+    journal: list[str] = []
+    leakage = JournalTable("leakage", journal)
+    dict.__setitem__(leakage, KEY, {"waiting_since_ms": 1_000, "due_ms": 6_000, "fired": False})
+
+    class AnsweredMeanwhile(JournalTopic):
+        async def send(self, *, key: bytes, value: bytes) -> None:
+            await super().send(key=key, value=value)
+            leakage.pop(KEY, None)  # the reply agent ended the wait while the leak was sent
+
+    topic = AnsweredMeanwhile(journal)
+    actions = LeakActions(
+        leakage=cast(Any, leakage), qualification=cast(Any, {}), router=cast(Any, None),
+        lead_events=cast(Any, topic), outbound_commands=cast(Any, topic),
+        notifications=cast(Any, topic), gate=cast(Any, PausedGate()), meter=cast(Any, None),
+    )  # fmt: skip
+    await actions.on_leak(KEY, fired("leak", 6_000), SESSION)
+    assert KEY not in leakage
+
+
+async def test_a_scheduled_command_leaves_the_table_only_after_it_was_sent() -> None:
+    journal: list[str] = []
+    held = JournalTable("scheduled", journal)
+    command = OutboundCommand(event_id=str(uuid.uuid4()), tenant_id=TENANT,
+                              occurred_at=datetime.now(UTC), lead_id=LEAD, text="Hello again",
+                              sent_by="sdr", purpose="reply")  # fmt: skip
+    other = command.model_copy(update={"event_id": str(uuid.uuid4())})
+    dict.__setitem__(held, KEY, {command.event_id: command.model_dump_json()})
+
+    class RecordingSender:
+        async def send(self, sent: OutboundCommand, session: Any) -> None:
+            journal.append("send command")
+            # Another command of the lead is held while this one is being sent.
+            dict.__setitem__(held, KEY, {**held[KEY], other.event_id: other.model_dump_json()})
+
+    scheduled = ScheduledSends(cast(Any, held), Scheduler(cast(Any, {}), DeadlineIndex()),
+                               cast(Sender, RecordingSender()))  # fmt: skip
+    due = scheduled.handlers()["scheduled"]
+    await due(KEY, fired(f"scheduled:{command.event_id}", 6_000), SESSION)
+    assert journal == ["send command", "write scheduled"]
+    assert list(held[KEY]) == [other.event_id]
