@@ -67,6 +67,9 @@ class LeadView(BaseModel):
     message_count: int
     window: WindowView
     qualification: QualificationView | None = None
+    ai_actions_waiting_for_tokens: int = Field(
+        0, description="AI actions for this lead kept until the tenant's tokens are topped up"
+    )
 
 
 class LeadSummary(BaseModel):

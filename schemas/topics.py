@@ -14,6 +14,7 @@ TABLES = (
     "token_accounts",
     "token_seen",
     "scheduled",
+    "outbound_sent",
     "qualification",
     "leakage",
     "recovery",

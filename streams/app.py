@@ -36,7 +36,7 @@ from streams.agents import tokens as tokens_agent
 from streams.agents import window as window_agent
 from streams.agents.leakage import LeakActions
 from streams.agents.notifications import NotificationStore
-from streams.agents.outbound import ScheduledSends, Sender
+from streams.agents.outbound import ScheduledSends, Sender, SentCommands
 from streams.agents.qualification import Interviewer, QualificationTopics
 from streams.agents.recovery import Recovery
 from streams.agents.sink import SinkSpec
@@ -219,7 +219,10 @@ def create_worker_app(settings: Settings) -> faust.App:
 
     # --- WhatsApp and Meta channels (issue 3) ---
     email = EmailSender(settings, GmailStore(pool, secret_box))
-    sender = Sender(settings, graph, channels, outbound_messages, latency, email)
+    sent = SentCommands(
+        app.Table("outbound_sent", key_type=bytes, partitions=settings.kafka_partitions)
+    )
+    sender = Sender(settings, graph, channels, outbound_messages, latency, email, sent)
     scheduled = ScheduledSends(
         app.Table("scheduled", key_type=bytes, partitions=settings.kafka_partitions),
         scheduler,
@@ -341,6 +344,7 @@ def create_worker_app(settings: Settings) -> faust.App:
         sessions=sessions,
         qualification=qualification,
         token_accounts=token_accounts,
+        deferred_ai=deferred_ai,
         partitions=settings.kafka_partitions,
     )
     install_prometheus_monitor(app)

@@ -49,6 +49,7 @@ def register(
     sessions: TableT[bytes, Any],
     qualification: TableT[bytes, Any],
     token_accounts: TableT[bytes, Any],
+    deferred_ai: TableT[bytes, Any],
     partitions: int,
 ) -> None:
     @app.page("/health")
@@ -106,4 +107,10 @@ def register(
         state: Any = sessions.get(key)
         if state is None:
             return self.json({"error": "lead not found"}, status=404)
-        return self.json({"session": state, "qualification": qualification.get(key)})
+        # The AI work kept for the lead until its tenant has tokens: the id of each event.
+        kept = (deferred_ai.get(key) or {}).get("actions", {})
+        waiting = {kind: [payload["event_id"] for payload in payloads]
+                   for kind, payloads in kept.items()}  # fmt: skip
+        return self.json(
+            {"session": state, "qualification": qualification.get(key), "deferred_ai": waiting}
+        )

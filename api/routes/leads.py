@@ -100,6 +100,9 @@ async def get_lead(lead_id: str, principal: PrincipalDep, services: ServicesDep)
             closes_at=_from_ms(window.closes_at_ms) if window.closes_at_ms is not None else None,
         ),
         qualification=QualificationView(**qualification) if qualification else None,
+        ai_actions_waiting_for_tokens=sum(
+            len(ids) for ids in (state.get("deferred_ai") or {}).values()
+        ),
     )
 
 

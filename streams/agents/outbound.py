@@ -27,13 +27,37 @@ from schemas.messaging import (
 )
 from streams.agents.deadlines import DeadlineHandler
 from streams.dead_letters import dead_letter_event, describe_validation_error
-from streams.metrics import OUTBOUND_SENDS
+from streams.metrics import DUPLICATE_EVENTS, OUTBOUND_SENDS
 from streams.rules.sending import plan_send, template_parameters
 from streams.rules.window import is_window_open
 from streams.timers import Scheduler
 
 logger = logging.getLogger(__name__)
 _ATTEMPT_NAMESPACE = uuid.UUID("a4b1c7e2-5d3f-4e6a-9b8c-1d2e3f4a5b6c")
+# Commands remembered per lead as sent: a replay after a crash re-reads at most the records
+# since the last commit, a few per lead.
+SENT_IDS_KEPT = 64
+
+
+class SentCommands:
+    """The ids of the commands a lead was last sent, so a command read again goes out once.
+
+    Commands are read again after a crash (the topic from the committed offset) and an AI step
+    done before a crash may be redone when it was kept for a top-up; each carries the id of the
+    action it came from, and the channel has no idempotency key of its own. Recorded after the
+    send, so the changelog write waits for its report: a worker killed between the channel's
+    answer and that report still sends again (nothing can tell it was sent)."""
+
+    def __init__(self, table: TableT[bytes, Any]) -> None:
+        self._table = table
+
+    def contains(self, command: OutboundCommand) -> bool:
+        return command.event_id in (self._table.get(command.lead_id.encode()) or ())
+
+    def add(self, command: OutboundCommand) -> None:
+        key = command.lead_id.encode()
+        recent = [*(self._table.get(key) or ()), command.event_id]
+        self._table[key] = recent[-SENT_IDS_KEPT:]
 
 
 class Sender:
@@ -47,7 +71,9 @@ class Sender:
         outbound_messages: TopicT,
         latency: TopicT,
         email: EmailSender,
+        sent: SentCommands,
     ) -> None:
+        self._sent = sent
         self._email = email
         self._latency_topic = latency
         self._settings = settings
@@ -56,6 +82,15 @@ class Sender:
         self._outbound_messages = outbound_messages
 
     async def send(self, command: OutboundCommand, session: dict[str, Any] | None) -> None:
+        """Sends the command unless the lead was already sent it (every outcome counts: a
+        failure was reported and is not retried by a replay)."""
+        if self._sent.contains(command):
+            DUPLICATE_EVENTS.labels("outbound_commands").inc()
+            return
+        await self._send(command, session)
+        self._sent.add(command)
+
+    async def _send(self, command: OutboundCommand, session: dict[str, Any] | None) -> None:
         if session is None or session["tenant_id"] != command.tenant_id:
             await self._report(
                 command, 1, "unknown", None, "failed", error=("no_lead", "unknown lead")

@@ -205,8 +205,15 @@ async def billed_once(load: Load, settings: Settings, url: str, db: asyncpg.Conn
             interview = (state or {}).get("qualification") or {}  # type: ignore[attr-defined]
             handled = {derived_id(e, "token-usage") for e in interview.get("recent_event_ids", [])}
             billed = {e for e, feature in ledger[lead] if feature == "qualification"}
+            # A step done and billed whose table write a kill -9 lost is read again; if its
+            # tenant ran out meanwhile, it is kept for the next top-up (its usage id repeats:
+            # billed once; its question was sent), not lost.
+            kept = {derived_id(e, "token-usage")
+                    for e in (state or {}).get("deferred_ai", {}).get("qualification", [])}  # type: ignore[attr-defined]  # fmt: skip
+            done_then_kept = billed & kept
+            billed -= done_then_kept
             other = sum(1 for _, feature in ledger[lead] if feature != "qualification")
-            sent = interview.get("questions_asked", 0) + other
+            sent = interview.get("questions_asked", 0) + other + len(done_then_kept)
             if billed != handled or ai_messages.get(lead, 0) != sent:
                 tenant_index = tenant_ids.index(load.lead_tenant[lead])
                 mismatches[f"tenant {tenant_index} lead {lead}"] = (

@@ -360,6 +360,10 @@ async def test_usage_pauses_the_tenant_at_zero_and_a_top_up_resumes_the_intervie
             qualification = response.json()["qualification"]
             return int(qualification["turn"]) if qualification else 0
 
+        async def waiting_for_tokens() -> int:
+            response = await api.get(f"/api/leads/{lead_id}", headers=tenant.headers)
+            return int(response.json()["ai_actions_waiting_for_tokens"])
+
         turn_when_paused = await turn()
         for text in answers[3:]:
             await post(api, tenant, channel="webchat", contact=contact, text=text)
@@ -373,6 +377,7 @@ async def test_usage_pauses_the_tenant_at_zero_and_a_top_up_resumes_the_intervie
         await eventually(recorded, what="messages recorded while paused")
         await asyncio.sleep(1.5)
         assert await turn() == turn_when_paused
+        assert await waiting_for_tokens() == 2  # the lead shows its kept AI work
         assert (await balance(api, tenant))["balance"] == 0
 
         order = await create_order(api, tenant, "starter")
@@ -403,6 +408,7 @@ async def test_usage_pauses_the_tenant_at_zero_and_a_top_up_resumes_the_intervie
             return await turn() > turn_when_paused
 
         await eventually(resumed, what="the interview to resume")
+        assert await waiting_for_tokens() == 0
 
         async def usage() -> Any:
             response = await api.get("/api/tokens/usage?group_by=feature", headers=tenant.headers)
