@@ -84,7 +84,7 @@ class Load:
     tenants: list[Tenant]
     accepted: Counter[str] = field(default_factory=Counter)  # lead id -> messages
     lead_tenant: dict[str, str] = field(default_factory=dict)
-    retried: int = 0  # 503s and connection errors retried with the same message id
+    retried: int = 0  # 503s, 429s and connection errors retried with the same message id
 
     def leads_of(self, tenant: Tenant) -> list[str]:
         return sorted(lead for lead, t in self.lead_tenant.items() if t == tenant.tenant_id)
@@ -132,9 +132,12 @@ async def drive(
                     if done >= fraction * events:
                         reached.set()
                 return
-            assert response is None or response.status_code == 503, response.text
+            # Retried as a connector does: a 503 (broker down) and, at full size, the API
+            # key's rate limit (429 with Retry-After).
+            assert response is None or response.status_code in (429, 503), response.text
             load.retried += 1
-            await asyncio.sleep(0.5)
+            retry_after = response.headers.get("retry-after") if response is not None else None
+            await asyncio.sleep(float(retry_after) if retry_after else 0.5)
         raise AssertionError(f"message {i} was never accepted")
 
     async def client() -> None:
