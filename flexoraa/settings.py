@@ -280,7 +280,7 @@ class Settings(BaseSettings):
         200, ge=10, description="how often a worker publishes pending credit outbox rows"
     )
     token_batch_max: int = Field(
-        2000, ge=1, description="token events the account agent folds per batch"
+        2000, ge=1, description="token events the account fold and ledger sinks take per slice"
     )
 
     # --- SLA monitoring (issue 8) ---

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import asyncpg
@@ -41,6 +42,7 @@ from streams.agents.qualification import Interviewer, QualificationTopics
 from streams.agents.recovery import Recovery
 from streams.agents.sink import SinkSpec
 from streams.agents.tokens import Accounts, AiGate, Meter, SeenIds, TenantStatusView
+from streams.batches import BatchLane
 from streams.monitor import install_prometheus_monitor
 from streams.producer import WorkerApp
 from streams.rules.qualification import Policy
@@ -151,16 +153,13 @@ def create_worker_app(settings: Settings) -> faust.App:
     seen_token_events = SeenIds(
         app.Table("token_seen", key_type=bytes, partitions=settings.kafka_partitions)
     )
+    # The token topics skip Faust's per-record delivery: their handlers take whole fetches.
+    batch_lane = BatchLane(max_batch=settings.token_batch_max)
+    app.batch_lane = batch_lane
     tokens_agent.register(
         app,
-        token_events=app.topic(
-            names.token_usage,
-            names.token_credits,
-            key_type=bytes,
-            value_type=bytes,
-            key_serializer="raw",
-            value_serializer="raw",
-        ),
+        lane=batch_lane,
+        token_topics=[token_usage, token_credits],
         accounts=Accounts(
             accounts=token_accounts,
             seen=seen_token_events,
@@ -176,7 +175,6 @@ def create_worker_app(settings: Settings) -> faust.App:
         deadlines_topic=deadlines_topic,
         source_topic_name=names.inbound_messages,
         partitions=settings.kafka_partitions,
-        batch_max=settings.token_batch_max,
         tick_s=settings.timer_tick_ms / 1000,
     )
     tokens_agent.register_relay(
@@ -205,8 +203,6 @@ def create_worker_app(settings: Settings) -> faust.App:
         SinkSpec("outbound", outbound_messages, OutboundMessage, OutboundMessageSink(pool)),
         SinkSpec("statuses", delivery_status, DeliveryStatus, DeliveryStatusSink(pool)),
         SinkSpec("lead-events", lead_events, LeadEvent, LeadEventSink(pool)),
-        SinkSpec("token-usage", token_usage, TokenUsage, TokenUsageSink(pool)),
-        SinkSpec("token-credits", token_credits, TokenCredit, TokenCreditSink(pool)),
     ]
     for spec in sinks:
         sink_agent.register(
@@ -216,6 +212,20 @@ def create_worker_app(settings: Settings) -> faust.App:
             batch_size=settings.sink_batch_size,
             batch_window_s=settings.sink_batch_window_ms / 1000,
         )
+    # The token ledger's sinks are batch lane handlers (the account fold dead-letters).
+    ledger_sinks: list[SinkSpec[Any]] = [
+        SinkSpec("token-usage", token_usage, TokenUsage, TokenUsageSink(pool),
+                 dead_letter_invalid=False),
+        SinkSpec("token-credits", token_credits, TokenCredit, TokenCreditSink(pool),
+                 dead_letter_invalid=False),
+    ]  # fmt: skip
+    for spec in ledger_sinks:
+        batch_lane.add_handler(
+            f"sink-{spec.name}",
+            [spec.topic.get_topic_name()],
+            partial(spec.write, dead_letters=dead_letters),
+        )
+    batch_lane.attach(app, [token_usage, token_credits])
 
     # --- WhatsApp and Meta channels (issue 3) ---
     email = EmailSender(settings, GmailStore(pool, secret_box))

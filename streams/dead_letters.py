@@ -11,6 +11,7 @@ from faust.types import EventT, StreamT, TopicT
 from pydantic import BaseModel, ValidationError
 
 from schemas.events import DeadLetter
+from streams.batches import SourceRecord
 from streams.metrics import DEAD_LETTERS
 
 
@@ -47,18 +48,21 @@ async def send_dead_letter(
     DEAD_LETTERS.labels(kind).inc()
 
 
-async def dead_letter_event(topic: TopicT, event: EventT[bytes], reason: str, kind: str) -> None:
-    message = event.message
+async def dead_letter_record(topic: TopicT, record: SourceRecord, reason: str, kind: str) -> None:
     await send_dead_letter(
         topic,
-        source_topic=message.topic,
-        partition=message.partition,
-        offset=message.offset,
-        key=message.key if isinstance(message.key, bytes) else None,
-        raw=message.value if isinstance(message.value, bytes) else b"",
+        source_topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        key=record.key if isinstance(record.key, bytes) else None,
+        raw=record.value if isinstance(record.value, bytes) else b"",
         reason=reason,
         kind=kind,
     )
+
+
+async def dead_letter_event(topic: TopicT, event: EventT[bytes], reason: str, kind: str) -> None:
+    await dead_letter_record(topic, event.message, reason, kind)
 
 
 M = TypeVar("M", bound=BaseModel)

@@ -43,8 +43,8 @@ Two more ways a rebalance skipped records, both found by a worker started on a b
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Hashable, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Hashable, Mapping, Sequence
+from typing import Any, cast
 
 import faust
 from faust.transport.drivers.aiokafka import Consumer as AiokafkaConsumer
@@ -53,6 +53,8 @@ from faust.types import TP, ConsumerT, Message, ProducerT
 from faust.types.tuples import FutureMessage, ack_lock
 from mode import Service
 from mode.utils.futures import notify
+
+from streams.batches import BatchLane
 
 
 def _write_key(fut: FutureMessage) -> Hashable:
@@ -111,7 +113,7 @@ class ReadOffsets(dict[TP, int | None]):
     delivered and the mark moves back to it; changelog records keep Faust's rule (recovery
     must not apply a stale value fetched before its seek)."""
 
-    def __init__(self, is_source: Any) -> None:
+    def __init__(self, is_source: Callable[[str], bool]) -> None:
         super().__init__()
         self._is_source = is_source
         # The record the fetch loop is deciding about: the mark is read just after it is
@@ -142,6 +144,57 @@ class AcknowledgedOnlyConsumer(AiokafkaConsumer):
         self._start_offsets: dict[TP, int] = {}
         self._read_offset = self._read_marks = ReadOffsets(self.app.topics.acks_enabled_for)
 
+    @property
+    def _batch_lane(self) -> BatchLane | None:
+        return cast(WorkerApp, self.app).batch_lane
+
+    async def _getmany(self, active_partitions: set[TP] | None, timeout: float) -> Any:  # noqa: ASYNC109 (Faust's signature)
+        """A fetch, less the records of the batch lane's topics, which go to the lane."""
+        records = await super()._getmany(active_partitions, timeout)
+        lane = self._batch_lane
+        if lane is None or not records:
+            return records
+        for_lane, for_streams = lane.split(records)
+        if for_lane:
+            generation = self.app.consumer_generation_id
+            # Dropped when the flow stopped meanwhile: Faust seeks back to the committed
+            # offsets then (and at every assignment), so they are read again.
+            if self.flow_active and self.is_current(generation):
+                assigned = self.assignment()
+                await lane.dispatch(
+                    {tp: batch for tp, batch in for_lane.items() if tp in assigned}, generation
+                )
+        return for_streams
+
+    def is_current(self, generation: int | None) -> bool:
+        """Whether a record of this consumer generation may be handled and acknowledged now."""
+        app = self.app
+        return generation == app.consumer_generation_id and app.flow_control.is_active()
+
+    def acknowledge_fetch(self, records: Mapping[TP, Sequence[Any]], generation: int) -> None:
+        """Acknowledges a batch lane fetch every handler is done with (Faust's `ack`, for
+        records that never became messages)."""
+        if not self.is_current(generation):
+            return
+        with ack_lock:
+            for tp, batch in records.items():
+                committed = self._committed_offset[tp]
+                acked_index = self._acked_index[tp]
+                acked = self._acked[tp]
+                for record in batch:
+                    offset = record.offset
+                    if (committed is None or offset >= committed) and offset not in acked_index:
+                        acked_index.add(offset)
+                        acked.append(offset)
+                        self._n_acked += 1
+            notify(self._waiting_for_ack)
+
+    async def wait_empty(self) -> None:
+        lane = self._batch_lane
+        if lane is not None:
+            await lane.quiesce()
+        await super().wait_empty()
+
     async def getmany(self, timeout: float) -> AsyncIterator[tuple[TP, Message]]:  # noqa: ASYNC109 (Faust's signature)
         async for tp, message in super().getmany(timeout):
             self._read_marks.being_read = message
@@ -153,8 +206,7 @@ class AcknowledgedOnlyConsumer(AiokafkaConsumer):
         A stream skips a message of an earlier consumer generation, or one read while the
         flow is stopped for a rebalance, and acknowledges it anyway; the rebalance reads it
         again, and counting it would let the commit pass it unhandled."""
-        app = self.app
-        if message.generation_id == app.consumer_generation_id and app.flow_control.is_active():
+        if self.is_current(message.generation_id):
             return super().ack(message)
         with ack_lock:
             message.acked = True
@@ -201,6 +253,9 @@ class AcknowledgedOnlyConsumer(AiokafkaConsumer):
 
 
 class WorkerApp(faust.App):
+    # Topics whose records skip Faust's streams (streams.batches); set by the composition root.
+    batch_lane: BatchLane | None = None
+
     def _new_producer(self) -> ProducerT:
         return EffectsFirstProducer(self.transport, loop=self.loop, beacon=self.beacon)
 

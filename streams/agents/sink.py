@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Generic, TypeVar, cast
 
 from faust import Stream
@@ -9,7 +10,8 @@ from faust.types import AppT, StreamT, TopicT
 from pydantic import ValidationError
 
 from schemas.events import Event
-from streams.dead_letters import dead_letter_event, describe_validation_error, send_dead_letter
+from streams.batches import SourceRecord
+from streams.dead_letters import dead_letter_record, describe_validation_error, send_dead_letter
 from streams.sink import BatchSink
 
 E = TypeVar("E", bound=Event)
@@ -34,6 +36,28 @@ class SinkSpec(Generic[E]):
         # Off where another agent of the same topic already dead-letters undecodable records.
         self.dead_letter_invalid = dead_letter_invalid
 
+    async def write(self, records: Sequence[SourceRecord], dead_letters: TopicT) -> None:
+        batch = []
+        for record in records:
+            try:
+                batch.append(self.model.model_validate_json(record.value))
+            except ValidationError as exc:
+                if self.dead_letter_invalid:
+                    await dead_letter_record(
+                        dead_letters, record, describe_validation_error(exc), "invalid_event"
+                    )
+        for rejected in await self.sink.write(batch):
+            await send_dead_letter(
+                dead_letters,
+                source_topic=self.topic.get_topic_name(),
+                partition=None,
+                offset=None,
+                key=getattr(rejected.message, "lead_id", rejected.message.tenant_id).encode(),
+                raw=rejected.message.model_dump_json().encode(),
+                reason=rejected.reason,
+                kind="sink_rejected",
+            )
+
 
 def register(
     app: AppT,
@@ -48,23 +72,4 @@ def register(
         # take_events (not take): a dead letter needs the record's partition and offset.
         batches = cast(Stream[bytes], stream).take_events(batch_size, within=batch_window_s)
         async for events in batches:
-            batch = []
-            for event in events:
-                try:
-                    batch.append(spec.model.model_validate_json(event.value))
-                except ValidationError as exc:
-                    if spec.dead_letter_invalid:
-                        await dead_letter_event(
-                            dead_letters, event, describe_validation_error(exc), "invalid_event"
-                        )
-            for rejected in await spec.sink.write(batch):
-                await send_dead_letter(
-                    dead_letters,
-                    source_topic=spec.topic.get_topic_name(),
-                    partition=None,
-                    offset=None,
-                    key=getattr(rejected.message, "lead_id", rejected.message.tenant_id).encode(),
-                    raw=rejected.message.model_dump_json().encode(),
-                    reason=rejected.reason,
-                    kind="sink_rejected",
-                )
+            await spec.write([event.message for event in events], dead_letters)

@@ -1,8 +1,9 @@
 """Token accounts, the tenant status every worker reads, the AI gate and the credit relay.
 
-* The accounts agent folds usage and credit events (keyed by tenant) into the `token_accounts`
-  table, counting each event id once (the `token_seen` table), alerts at the thresholds and
-  publishes each changed account's balance and paused flag to the compacted tenant-status topic.
+* `Accounts` folds usage and credit events (keyed by tenant; whole fetches of the token topics,
+  through the consumer's batch lane) into the `token_accounts` table, counting each event id
+  once (the `token_seen` table), alerts at the thresholds and publishes each changed account's
+  balance and paused flag to the compacted tenant-status topic.
 * `TenantStatusView` reads that whole topic on every worker (the lead-keyed agents need the
   status of any tenant), like a global table but with a plain consumer, so it never joins a
   consumer-group rebalance.
@@ -20,17 +21,16 @@ import logging
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Annotated, Any
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
-from faust import Stream
-from faust.types import AppT, EventT, StreamT, TableT, TopicT
-from pydantic import TypeAdapter, ValidationError
+from faust.types import AppT, TableT, TopicT
+from pydantic import Field, TypeAdapter, ValidationError
 
 from flexoraa import audit
 from flexoraa.credits import credit_due_subscriptions, relay_pending
@@ -39,7 +39,8 @@ from schemas.messaging import DeadlineReached
 from schemas.notifications import Notification
 from schemas.tokens import Feature, TenantStatus, TokenCredit, TokenEvent, TokenUsage
 from streams.agents.deadlines import DeadlineHandler, deadline_event_id
-from streams.dead_letters import dead_letter_event, describe_validation_error
+from streams.batches import BatchLane, SourceRecord
+from streams.dead_letters import dead_letter_record, describe_validation_error
 from streams.locks import KeyLocks
 from streams.metrics import (
     AI_ACTIONS_DEFERRED,
@@ -54,7 +55,10 @@ from streams.web import partition_of
 
 logger = logging.getLogger(__name__)
 
-_TOKEN_EVENT: TypeAdapter[TokenEvent] = TypeAdapter(TokenEvent)
+# By its `kind`: a plain union tries both models on every record (twice the decoding time).
+_TOKEN_EVENT: TypeAdapter[TokenEvent] = TypeAdapter(
+    Annotated[TokenEvent, Field(discriminator="kind")]
+)
 PoolFactory = Callable[[], Awaitable[asyncpg.Pool]]
 _ALERT_NAMESPACE = uuid.UUID("b0d8f3e2-6a41-4f7c-9b25-1c3e5d7f9a0b")
 RESUME_DEADLINE = "ai_resume"
@@ -65,8 +69,8 @@ _RESUME_RECHECK_MS = 3_600_000
 def put_in_partition(table: TableT[Any, Any], partition: int, key: Any, value: Any) -> None:
     """`table[key] = value`, with the changelog record on `partition`.
 
-    Faust writes a change to the partition of the current event; in a batch taken with
-    `take_events` that is the *last* event's partition, not the one the key belongs to.
+    Faust writes a change to the partition of the current event; a batch lane handler has no
+    current event, and its batch spans partitions.
     """
     table.data[key] = value
     table.send_changelog(partition, key, value)
@@ -129,7 +133,7 @@ class Accounts:
         """The last offset applied to the tenant's account, per topic and partition."""
         return dict((self._accounts.get(tenant_id.encode()) or {}).get("applied_up_to", {}))
 
-    async def apply(self, events: list[EventT[Any]]) -> None:
+    async def apply(self, records: Sequence[SourceRecord]) -> None:
         # An account record carries the offsets it includes, so it and the seen ids need not
         # reach the changelog together: after a crash a replayed record already in the
         # account is skipped by its offset, and one whose id was saved but whose account
@@ -141,16 +145,15 @@ class Accounts:
         in_batch: set[str] = set()
         # Counted per batch: a labelled counter per event was a measurable share of the fold.
         counts: Counter[str] = Counter()
-        for event in events:
+        for message in records:
             try:
-                token_event = _TOKEN_EVENT.validate_json(event.value)
+                token_event = _TOKEN_EVENT.validate_json(message.value)
             except ValidationError as exc:
-                await dead_letter_event(
-                    self._dead_letters, event, describe_validation_error(exc), "invalid_event"
+                await dead_letter_record(
+                    self._dead_letters, message, describe_validation_error(exc), "invalid_event"
                 )
                 continue
             event_id = token_event.event_id
-            message = event.message
             source = f"{message.topic}:{message.partition}"
             position = f"{source}:{message.offset}"
             tenant = token_event.tenant_id
@@ -173,7 +176,7 @@ class Accounts:
                 counts["duplicate"] += 1
                 continue
             applied[message.partition][event_id] = position
-            up_to = {**up_to, source: message.offset}
+            up_to[source] = message.offset  # a copy of the table's, made once per batch
             if isinstance(token_event, TokenUsage):
                 outcome = spend(account, token_event.tokens)
                 alerts.extend((token_event, percent, outcome.account) for percent in outcome.alerts)
@@ -449,7 +452,8 @@ class AiGate:
 def register(
     app: AppT,
     *,
-    token_events: TopicT,
+    lane: BatchLane,
+    token_topics: Sequence[TopicT],
     accounts: Accounts,
     seen: SeenIds,
     gate: AiGate,
@@ -458,14 +462,12 @@ def register(
     deadlines_topic: TopicT,
     source_topic_name: str,
     partitions: int,
-    batch_max: int,
     tick_s: float,
 ) -> None:
-    @app.agent(token_events, name="token-accounts")
-    async def fold_token_events(stream: StreamT[bytes]) -> None:
-        batches = cast(Stream[bytes], stream).take_events(batch_max, within=0.02)
-        async for events in batches:
-            await accounts.apply(list(events))
+    # The token topics are read in whole fetches (streams.batches), not by a Faust agent.
+    lane.add_handler(
+        "token-accounts", [topic.get_topic_name() for topic in token_topics], accounts.apply
+    )
 
     async def read_tenant_statuses() -> None:
         await view.run()

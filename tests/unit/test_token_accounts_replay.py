@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from faust.types import EventT, TableT, TopicT
+from faust.types import TableT, TopicT
 
 from schemas.tokens import TokenCredit, TokenUsage
 from streams.agents.tokens import Accounts, SeenIds
@@ -36,17 +36,15 @@ class FakeTopic:
         self.sent.append(value)
 
 
-@dataclass
-class Message:
-    topic: str
-    partition: int
-    offset: int
+@dataclass(frozen=True)
+class Record:
+    """A consumed record, as the consumer's batch lane hands it to the fold."""
 
-
-@dataclass
-class Event:
     value: bytes
-    message: Message
+    offset: int
+    topic: str = USAGE_TOPIC
+    partition: int = 3
+    key: bytes = TENANT.encode()
 
 
 def accounts_over(accounts: FakeTable, seen: FakeTable) -> Accounts:
@@ -63,7 +61,7 @@ def accounts_over(accounts: FakeTable, seen: FakeTable) -> Accounts:
     )  # fmt: skip
 
 
-def batch() -> list[EventT[Any]]:
+def batch() -> list[Record]:
     now = datetime.now(UTC)
     records: list[TokenUsage | TokenCredit] = [
         TokenCredit(event_id=str(uuid.uuid4()), tenant_id=TENANT, occurred_at=now,
@@ -73,10 +71,7 @@ def batch() -> list[EventT[Any]]:
         TokenUsage(event_id=str(uuid.uuid4()), tenant_id=TENANT, occurred_at=now,
                    feature="qualification", tokens=7),
     ]  # fmt: skip
-    return [
-        cast(EventT[Any], Event(r.model_dump_json().encode(), Message(USAGE_TOPIC, 3, offset)))
-        for offset, r in enumerate(records)
-    ]
+    return [Record(r.model_dump_json().encode(), offset) for offset, r in enumerate(records)]
 
 
 async def test_seen_ids_saved_without_the_account_the_replay_applies_the_batch() -> None:
@@ -96,8 +91,7 @@ async def test_account_saved_without_the_seen_ids_the_replay_changes_nothing() -
     await after_crash.apply(events)
     assert after_crash.account(TENANT).balance == 988
     # The replay recorded the ids: the same usage produced again later is a duplicate.
-    again = cast(Event, events[1])
-    await after_crash.apply([cast(EventT[Any], Event(again.value, Message(USAGE_TOPIC, 3, 17)))])
+    await after_crash.apply([Record(events[1].value, offset=17)])
     assert after_crash.account(TENANT).balance == 988
 
 
@@ -105,6 +99,5 @@ async def test_a_usage_produced_twice_is_applied_once() -> None:
     events = batch()
     accounts = accounts_over(FakeTable(), FakeTable())
     await accounts.apply(events)
-    again = cast(Event, events[2])
-    await accounts.apply([cast(EventT[Any], Event(again.value, Message(USAGE_TOPIC, 3, 9)))])
+    await accounts.apply([Record(events[2].value, offset=9)])
     assert accounts.account(TENANT).balance == 988
