@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import asyncpg
@@ -154,7 +153,7 @@ def create_worker_app(settings: Settings) -> faust.App:
         app.Table("token_seen", key_type=bytes, partitions=settings.kafka_partitions)
     )
     # The token topics skip Faust's per-record delivery: their handlers take whole fetches.
-    batch_lane = BatchLane(max_batch=settings.token_batch_max)
+    batch_lane = BatchLane()
     app.batch_lane = batch_lane
     tokens_agent.register(
         app,
@@ -175,6 +174,7 @@ def create_worker_app(settings: Settings) -> faust.App:
         deadlines_topic=deadlines_topic,
         source_topic_name=names.inbound_messages,
         partitions=settings.kafka_partitions,
+        batch_max=settings.token_batch_max,
         tick_s=settings.timer_tick_ms / 1000,
     )
     tokens_agent.register_relay(
@@ -195,16 +195,17 @@ def create_worker_app(settings: Settings) -> faust.App:
         scheduler=scheduler,
         closing_notice_ms=settings.window_closing_notice_min * 60_000,
     )
-    sinks: list[SinkSpec[Any]] = [
+    # Topics read by sinks only (and the token topics) go through the batch lane: whole
+    # fetches, not one record at a time through Faust's streams.
+    streamed_sinks: list[SinkSpec[Any]] = [
         # The sessions agent dead-letters undecodable inbound records; one letter per record.
         SinkSpec(
             "inbound", inbound, InboundMessage, InboundMessageSink(pool), dead_letter_invalid=False
         ),
+        # The leakage agent reads the sent messages too.
         SinkSpec("outbound", outbound_messages, OutboundMessage, OutboundMessageSink(pool)),
-        SinkSpec("statuses", delivery_status, DeliveryStatus, DeliveryStatusSink(pool)),
-        SinkSpec("lead-events", lead_events, LeadEvent, LeadEventSink(pool)),
     ]
-    for spec in sinks:
+    for spec in streamed_sinks:
         sink_agent.register(
             app,
             spec,
@@ -212,20 +213,19 @@ def create_worker_app(settings: Settings) -> faust.App:
             batch_size=settings.sink_batch_size,
             batch_window_s=settings.sink_batch_window_ms / 1000,
         )
-    # The token ledger's sinks are batch lane handlers (the account fold dead-letters).
-    ledger_sinks: list[SinkSpec[Any]] = [
+    lane_sinks: list[SinkSpec[Any]] = [
+        SinkSpec("statuses", delivery_status, DeliveryStatus, DeliveryStatusSink(pool)),
+        SinkSpec("lead-events", lead_events, LeadEvent, LeadEventSink(pool)),
+        # The account fold dead-letters undecodable token events.
         SinkSpec("token-usage", token_usage, TokenUsage, TokenUsageSink(pool),
                  dead_letter_invalid=False),
         SinkSpec("token-credits", token_credits, TokenCredit, TokenCreditSink(pool),
                  dead_letter_invalid=False),
     ]  # fmt: skip
-    for spec in ledger_sinks:
-        batch_lane.add_handler(
-            f"sink-{spec.name}",
-            [spec.topic.get_topic_name()],
-            partial(spec.write, dead_letters=dead_letters),
+    for spec in lane_sinks:
+        sink_agent.register_on_lane(
+            batch_lane, spec, dead_letters=dead_letters, batch_size=settings.sink_batch_size
         )
-    batch_lane.attach(app, [token_usage, token_credits])
 
     # --- WhatsApp and Meta channels (issue 3) ---
     email = EmailSender(settings, GmailStore(pool, secret_box))
@@ -349,6 +349,7 @@ def create_worker_app(settings: Settings) -> faust.App:
             latency=latency,
             notifications=notifications,
         )
+    batch_lane.attach(app)
     web.register(
         app,
         sessions=sessions,

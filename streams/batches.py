@@ -1,12 +1,13 @@
-"""Whole fetches of the token topics, handed to their handlers past Faust's per-record path.
+"""Whole fetches of some topics, handed to their handlers past Faust's per-record path.
 
 Faust delivers every record on its own: two tasks per record in the fetch loop, a queue per
 stream, an acknowledgement per record. On this machine that path alone tops out at about
 6,300 records/s for an agent that does nothing (a bare Faust app, one `take_events` agent),
 well below the 20,000 usage events/s a worker must fold into the token accounts; the
-account agent behind it did 1,968/s. So the consumer takes the records of the token topics
-out of each fetch and gives them to their handlers (the account fold and the ledger sinks)
-a fetch at a time, and this module does for them what Faust did for its streams:
+account agent behind it did 1,968/s. So the consumer takes the records of the lane's topics
+(the token topics, and the topics only a PostgreSQL sink reads: delivery statuses, lead
+events) out of each fetch and gives them to their handlers (the account fold, the sinks) a
+fetch at a time, and this module does for them what Faust did for its streams:
 
 - backpressure: a handler's queue holds a few fetches and the fetch loop waits while it is
   full;
@@ -73,33 +74,39 @@ class _Handler:
     name: str
     topics: frozenset[str]
     handle: BatchHandler
+    # A fetch of a backlog can hold tens of thousands of records: a handler takes them in
+    # slices of at most this many, so the other agents get the loop in between.
+    max_batch: int
     queue: asyncio.Queue[_Fetch] = field(default_factory=lambda: asyncio.Queue(maxsize=4))
 
 
 class BatchLane:
     """The topics whose records go to batch handlers instead of Faust's streams."""
 
-    def __init__(self, max_batch: int) -> None:
-        # A fetch of a backlog can hold tens of thousands of records: a handler takes them in
-        # slices, so the other agents get the loop in between.
-        self._max_batch = max_batch
+    def __init__(self) -> None:
         self._handlers: list[_Handler] = []
+        self._topics: dict[str, TopicT] = {}
         self.topics: frozenset[str] = frozenset()
         self._busy = 0
         self._idle = asyncio.Event()
         self._idle.set()
         self._app: AppT | None = None
 
-    def add_handler(self, name: str, topics: Iterable[str], handle: BatchHandler) -> None:
-        handler = _Handler(name, frozenset(topics), handle)
+    def add_handler(
+        self, name: str, topics: Iterable[TopicT], handle: BatchHandler, *, max_batch: int
+    ) -> None:
+        """`handle` gets every record of `topics` (no Faust agent may read them)."""
+        for topic in topics:
+            self._topics[topic.get_topic_name()] = topic
+        handler = _Handler(name, frozenset(t.get_topic_name() for t in topics), handle, max_batch)
         self._handlers.append(handler)
-        self.topics = self.topics | handler.topics
+        self.topics = frozenset(self._topics)
 
-    def attach(self, app: AppT, topics: Iterable[TopicT]) -> None:
+    def attach(self, app: AppT) -> None:
         """Subscribes the topics through the app and starts one task per handler. The app's
         consumer must be a `FetchAcknowledger` that dispatches to this lane."""
         self._app = app
-        for topic in topics:
+        for topic in self._topics.values():
             app.topics.add(topic)
         for handler in self._handlers:
             app.task(self._runner(app, handler))
@@ -165,8 +172,8 @@ class BatchLane:
             self._busy += 1
             self._idle.clear()
             try:
-                for start in range(0, len(records), self._max_batch):
-                    await handler.handle(records[start : start + self._max_batch])
+                for start in range(0, len(records), handler.max_batch):
+                    await handler.handle(records[start : start + handler.max_batch])
             finally:
                 self._busy -= 1
                 if not self._busy:

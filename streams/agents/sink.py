@@ -10,7 +10,7 @@ from faust.types import AppT, StreamT, TopicT
 from pydantic import ValidationError
 
 from schemas.events import Event
-from streams.batches import SourceRecord
+from streams.batches import BatchLane, SourceRecord
 from streams.dead_letters import dead_letter_record, describe_validation_error, send_dead_letter
 from streams.sink import BatchSink
 
@@ -73,3 +73,14 @@ def register(
         batches = cast(Stream[bytes], stream).take_events(batch_size, within=batch_window_s)
         async for events in batches:
             await spec.write([event.message for event in events], dead_letters)
+
+
+def register_on_lane(
+    lane: BatchLane, spec: SinkSpec[E], *, dead_letters: TopicT, batch_size: int
+) -> None:
+    """The sink as a batch lane handler: its topic's fetches, whole (streams.batches)."""
+
+    async def write_fetched(records: Sequence[SourceRecord]) -> None:
+        await spec.write(records, dead_letters)
+
+    lane.add_handler(f"sink-{spec.name}", [spec.topic], write_fetched, max_batch=batch_size)

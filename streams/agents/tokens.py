@@ -462,12 +462,11 @@ def register(
     deadlines_topic: TopicT,
     source_topic_name: str,
     partitions: int,
+    batch_max: int,
     tick_s: float,
 ) -> None:
     # The token topics are read in whole fetches (streams.batches), not by a Faust agent.
-    lane.add_handler(
-        "token-accounts", [topic.get_topic_name() for topic in token_topics], accounts.apply
-    )
+    lane.add_handler("token-accounts", token_topics, accounts.apply, max_batch=batch_max)
 
     async def read_tenant_statuses() -> None:
         await view.run()

@@ -14,6 +14,19 @@ from streams.batches import BatchLane, RecordsByPartition, SourceRecord
 
 USAGE = "acme.token-usage"
 CREDITS = "acme.token-credits"
+MAX = 100
+
+
+@dataclass(frozen=True)
+class FakeTopic:
+    name: str
+
+    def get_topic_name(self) -> str:
+        return self.name
+
+
+def topics(*names: str) -> list[TopicT]:
+    return [cast(TopicT, FakeTopic(name)) for name in names]
 
 
 @dataclass(frozen=True)
@@ -44,8 +57,8 @@ class FakeConsumer:
 
 
 @dataclass
-class FakeTopics:
-    added: list[str] = field(default_factory=list)
+class FakeSubscriptions:
+    added: list[Any] = field(default_factory=list)
 
     def add(self, topic: Any) -> None:
         self.added.append(topic)
@@ -54,7 +67,7 @@ class FakeTopics:
 @dataclass
 class FakeApp:
     consumer: FakeConsumer = field(default_factory=FakeConsumer)
-    topics: FakeTopics = field(default_factory=FakeTopics)
+    topics: FakeSubscriptions = field(default_factory=FakeSubscriptions)
     tasks: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
     crashed: list[BaseException] = field(default_factory=list)
 
@@ -81,7 +94,7 @@ class Recorder:
 
 
 async def running(lane: BatchLane, app: FakeApp) -> list[asyncio.Task[None]]:
-    lane.attach(cast(AppT, app), [cast(TopicT, USAGE), cast(TopicT, CREDITS)])
+    lane.attach(cast(AppT, app))
     return [asyncio.create_task(run()) for run in app.tasks]
 
 
@@ -91,10 +104,10 @@ async def settle() -> None:
 
 
 async def test_a_fetch_is_acknowledged_after_every_handler_of_its_topics() -> None:
-    app, lane = FakeApp(), BatchLane(max_batch=100)
+    app, lane = FakeApp(), BatchLane()
     accounts, ledger = Recorder(), Recorder()
-    lane.add_handler("accounts", [USAGE, CREDITS], accounts)
-    lane.add_handler("ledger", [USAGE], ledger)
+    lane.add_handler("accounts", topics(USAGE, CREDITS), accounts, max_batch=MAX)
+    lane.add_handler("ledger", topics(USAGE), ledger, max_batch=MAX)
     tasks = await running(lane, app)
     ledger.gate.clear()
     await lane.dispatch(fetch_of(USAGE, 3, range(5, 8)), generation=1)
@@ -116,9 +129,9 @@ async def test_a_fetch_is_acknowledged_after_every_handler_of_its_topics() -> No
 
 
 async def test_a_fetch_of_an_earlier_generation_is_neither_handled_nor_acknowledged() -> None:
-    app, lane = FakeApp(), BatchLane(max_batch=100)
+    app, lane = FakeApp(), BatchLane()
     accounts = Recorder()
-    lane.add_handler("accounts", [USAGE], accounts)
+    lane.add_handler("accounts", topics(USAGE), accounts, max_batch=MAX)
     tasks = await running(lane, app)
     app.consumer.generation = 2  # a rebalance happened after the fetch
     await lane.dispatch(fetch_of(USAGE, 1, range(3)), generation=1)
@@ -130,10 +143,10 @@ async def test_a_fetch_of_an_earlier_generation_is_neither_handled_nor_acknowled
 
 
 async def test_a_revocation_drops_queued_fetches_and_waits_for_the_one_being_handled() -> None:
-    app, lane = FakeApp(), BatchLane(max_batch=100)
+    app, lane = FakeApp(), BatchLane()
     accounts = Recorder()
     accounts.gate.clear()
-    lane.add_handler("accounts", [USAGE], accounts)
+    lane.add_handler("accounts", topics(USAGE), accounts, max_batch=MAX)
     tasks = await running(lane, app)
     await lane.dispatch(fetch_of(USAGE, 1, range(3)), generation=1)
     await accounts.started.wait()
@@ -155,9 +168,9 @@ async def test_a_revocation_drops_queued_fetches_and_waits_for_the_one_being_han
 
 
 async def test_a_large_fetch_is_handled_in_slices() -> None:
-    app, lane = FakeApp(), BatchLane(max_batch=4)
+    app, lane = FakeApp(), BatchLane()
     accounts = Recorder()
-    lane.add_handler("accounts", [USAGE], accounts)
+    lane.add_handler("accounts", topics(USAGE), accounts, max_batch=4)
     tasks = await running(lane, app)
     await lane.dispatch(fetch_of(USAGE, 0, range(10)), generation=1)
     await settle()
@@ -168,12 +181,12 @@ async def test_a_large_fetch_is_handled_in_slices() -> None:
 
 
 async def test_a_failing_handler_stops_the_worker_without_acknowledging() -> None:
-    app, lane = FakeApp(), BatchLane(max_batch=100)
+    app, lane = FakeApp(), BatchLane()
 
     async def broken(records: Sequence[SourceRecord]) -> None:
         raise RuntimeError("database schema missing")
 
-    lane.add_handler("accounts", [USAGE], broken)
+    lane.add_handler("accounts", topics(USAGE), broken, max_batch=MAX)
     tasks = await running(lane, app)
     await lane.dispatch(fetch_of(USAGE, 0, range(2)), generation=1)
     await settle()
