@@ -167,6 +167,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
             logger.setLevel(level or logging.INFO)
 
     settings = _settings(args)
+    if settings.worker_event_loop == "uvloop":
+        # Before anything creates a loop: mode's Worker asks the policy for one.
+        import mode.loop
+
+        mode.loop.use("uvloop")
     app = create_worker_app(settings)
     worker = QuietWorker(app, loglevel=settings.log_level.lower())
     worker.execute_from_commandline()

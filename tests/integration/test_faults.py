@@ -148,6 +148,14 @@ async def drive(
     return load
 
 
+def fault_worker(
+    processes: StartProcess, settings: Settings, name: str, **env: str
+) -> ManagedProcess:
+    """A worker on a free port with the fault tests' short tick and leak threshold."""
+    return start_worker(processes, settings, name=name, web_port=free_port(),
+                        **{**WORKER_ENV, **env})  # fmt: skip
+
+
 def worker_url(worker: ManagedProcess) -> str:
     return f"http://127.0.0.1:{worker.ports['web']}"
 
@@ -317,16 +325,14 @@ async def test_kill_9_of_a_worker_mid_load_every_effect_exactly_once(
     db: asyncpg.Connection,
     api_for: ApiFor,
 ) -> None:
-    first = start_worker(processes, test_settings, name="fault-kill-a", web_port=free_port(),
-                         **WORKER_ENV)  # fmt: skip
+    first = fault_worker(processes, test_settings, "fault-kill-a")
     api = await api_for(first)
     tenants = [await make_tenant("Busy"), await make_tenant("Dry", tokens=1)]
     halfway = asyncio.Event()
     loading = asyncio.create_task(drive(api, tenants, EVENTS, progress={0.4: halfway}))
     await halfway.wait()
     first.stop(signal.SIGKILL)  # deadlines pending, offsets and changelogs mid-flight
-    second = start_worker(processes, test_settings, name="fault-kill-b", web_port=free_port(),
-                          **WORKER_ENV)  # fmt: skip
+    second = fault_worker(processes, test_settings, "fault-kill-b")
     load = await loading
     await sessions_settled(load, worker_url(second), db)
     await billed_once(load, test_settings, worker_url(second), db)
@@ -354,8 +360,7 @@ async def test_broker_restarted_mid_load_nothing_lost(
     db: asyncpg.Connection,
     api_for: ApiFor,
 ) -> None:
-    worker = start_worker(processes, test_settings, name="fault-broker", web_port=free_port(),
-                          **WORKER_ENV)  # fmt: skip
+    worker = fault_worker(processes, test_settings, "fault-broker")
     api = await api_for(worker)
     tenants = [await make_tenant("Broker")]
     halfway = asyncio.Event()
@@ -378,8 +383,7 @@ async def test_postgres_down_for_20_s_reads_503_then_the_sink_catches_up(
     make_tenant: MakeTenant,
     api_for: ApiFor,
 ) -> None:
-    worker = start_worker(processes, test_settings, name="fault-pg", web_port=free_port(),
-                          **WORKER_ENV)  # fmt: skip
+    worker = fault_worker(processes, test_settings, "fault-pg")
     api = await api_for(worker)
     tenant = await make_tenant("Outage")
     assert (await api.get("/api/leads", headers=tenant.headers)).status_code == 200
@@ -442,8 +446,8 @@ async def test_two_workers_with_a_rebalance_end_as_one_worker_and_a_replay_match
     api_for: ApiFor,
 ) -> None:
     # No leaks here: their timing is wall-clock, the rest must be the same in every run.
-    env = {**WORKER_ENV, "LEAK_THRESHOLD_S": "3600"}
-    one = start_worker(processes, test_settings, name="fault-one", web_port=free_port(), **env)
+    env = {"LEAK_THRESHOLD_S": "3600"}
+    one = fault_worker(processes, test_settings, "fault-one", **env)
     api = await api_for(one)
     events = EVENTS // 2
     alone = await drive(api, [await make_tenant("Alone")], events)
@@ -453,7 +457,7 @@ async def test_two_workers_with_a_rebalance_end_as_one_worker_and_a_replay_match
     shared_tenant = await make_tenant("Shared")
     loading = asyncio.create_task(drive(api, [shared_tenant], events, progress={0.3: halfway}))
     await halfway.wait()
-    two = start_worker(processes, test_settings, name="fault-two", web_port=free_port(), **env)
+    two = fault_worker(processes, test_settings, "fault-two", **env)
     shared = await loading
     await sessions_settled(shared, worker_url(two), db)
     await billed_once(shared, test_settings, worker_url(two), db)
@@ -479,8 +483,7 @@ async def test_two_workers_with_a_rebalance_end_as_one_worker_and_a_replay_match
     replayed: ManagedProcess | None = None
     try:
         assert await copy_topics(test_settings, fresh) >= 2 * events
-        replayed = start_worker(processes, fresh, name="fault-replay", web_port=free_port(),
-                                **env)  # fmt: skip
+        replayed = fault_worker(processes, fresh, "fault-replay", **env)
         for load in (alone, shared):
             original = tables(load, worker_url(one))
 
@@ -546,8 +549,7 @@ async def test_a_worker_started_on_a_backlog_interviews_every_message(
     # first messages read by a new worker: its start-up rebalances must not cost any stream
     # the records it had not taken yet (the interview agent lost the first records of each
     # partition, and nothing was committed to read them again from).
-    first = start_worker(processes, test_settings, name="backlog-a", web_port=free_port(),
-                         **WORKER_ENV)  # fmt: skip
+    first = fault_worker(processes, test_settings, "backlog-a")
     tenant = await make_tenant("Backlog")
 
     async def credited() -> bool:
@@ -575,8 +577,7 @@ async def test_a_worker_started_on_a_backlog_interviews_every_message(
             leads[response.json()["lead_id"]] = body["channel_message_id"]
 
     await asyncio.gather(*(post() for _ in range(16)))
-    second = start_worker(processes, test_settings, name="backlog-b", web_port=free_port(),
-                          **WORKER_ENV)  # fmt: skip
+    second = fault_worker(processes, test_settings, "backlog-b")
     missing: list[str] = []
 
     def interviewed() -> bool:

@@ -55,16 +55,21 @@ def fired(deadline: str, due_ms: int) -> DeadlineReached:
                            fired_at=now)  # fmt: skip
 
 
+def leak_actions(leakage: JournalTable, topic: JournalTopic) -> LeakActions:
+    """A paused tenant's leak actions: every effect is a send on `topic`, none needs the AI."""
+    return LeakActions(
+        leakage=cast(Any, leakage), qualification=cast(Any, {}), router=cast(Any, None),
+        lead_events=cast(Any, topic), outbound_commands=cast(Any, topic),
+        notifications=cast(Any, topic), gate=cast(Any, PausedGate()), meter=cast(Any, None),
+    )  # fmt: skip
+
+
 async def test_a_leak_is_marked_fired_only_after_it_was_reported() -> None:
     journal: list[str] = []
     leakage = JournalTable("leakage", journal)
     dict.__setitem__(leakage, KEY, {"waiting_since_ms": 1_000, "due_ms": 6_000, "fired": False})
     topic = JournalTopic(journal)
-    actions = LeakActions(
-        leakage=cast(Any, leakage), qualification=cast(Any, {}), router=cast(Any, None),
-        lead_events=cast(Any, topic), outbound_commands=cast(Any, topic),
-        notifications=cast(Any, topic), gate=cast(Any, PausedGate()), meter=cast(Any, None),
-    )  # fmt: skip
+    actions = leak_actions(leakage, topic)
     await actions.on_leak(KEY, fired("leak", 6_000), SESSION)
     assert journal.index("write leakage") > journal.index("send leak_detected")
     assert journal[-1] == "write leakage"
@@ -82,11 +87,7 @@ async def test_a_leak_handled_while_the_lead_was_answered_does_not_bring_the_wai
             leakage.pop(KEY, None)  # the reply agent ended the wait while the leak was sent
 
     topic = AnsweredMeanwhile(journal)
-    actions = LeakActions(
-        leakage=cast(Any, leakage), qualification=cast(Any, {}), router=cast(Any, None),
-        lead_events=cast(Any, topic), outbound_commands=cast(Any, topic),
-        notifications=cast(Any, topic), gate=cast(Any, PausedGate()), meter=cast(Any, None),
-    )  # fmt: skip
+    actions = leak_actions(leakage, topic)
     await actions.on_leak(KEY, fired("leak", 6_000), SESSION)
     assert KEY not in leakage
 
