@@ -1,7 +1,8 @@
-"""The PostgreSQL sink: idempotent batches, and a refused row does not block the others."""
+"""The PostgreSQL sinks: idempotent batches, and a refused row does not block the others."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -12,8 +13,9 @@ import pytest
 from flexoraa.db import create_pool
 from flexoraa.settings import Settings
 from schemas.events import InboundMessage
+from schemas.messaging import LeadEvent
 from streams.rules.identity import lead_id_for
-from streams.sink import InboundMessageSink
+from streams.sink import InboundMessageSink, LeadEventSink
 from tests.conftest import MakeTenant
 
 pytestmark = pytest.mark.integration
@@ -85,3 +87,72 @@ async def test_a_row_postgres_refuses_is_returned_and_the_rest_is_written(
     assert (
         await db.fetchval("SELECT count(*) FROM messages WHERE event_id = $1", good.event_id) == 1
     )
+
+
+def lead_event(tenant_id: str, lead_id: str, type_: str, minute: int, **data: object) -> LeadEvent:
+    at = datetime(2026, 11, 24, 10, 0, tzinfo=UTC) + timedelta(minutes=minute)
+    return LeadEvent(event_id=str(uuid.uuid4()), tenant_id=tenant_id, occurred_at=at,
+                     lead_id=lead_id, type=type_, data=data)  # fmt: skip
+
+
+async def test_lead_events_fill_the_seed_history_tables_once(
+    test_settings: Settings, make_tenant: MakeTenant, db: asyncpg.Connection
+) -> None:
+    tenant = await make_tenant()
+    lead = lead_id_for(tenant.tenant_id, "sms", "5554000009")
+    sdr_a, sdr_b = str(uuid.uuid4()), str(uuid.uuid4())
+    deadline_ms = int(datetime(2026, 11, 24, 10, 5, tzinfo=UTC).timestamp() * 1000)
+    batch = [
+        lead_event(tenant.tenant_id, lead, "qualification_updated", 0, turn=2,
+                   status="in_progress", facts={"budget": "5000"}, score=42.5, sdr_id=None,
+                   source="builtin"),
+        lead_event(tenant.tenant_id, lead, "leak_detected", 5, temperature="WARM",
+                   action="ai_reengagement", waiting_since_ms=deadline_ms - 60_000,
+                   deadline_ms=deadline_ms, lateness_ms=12),
+        lead_event(tenant.tenant_id, lead, "reassigned", 6, from_sdr_id=sdr_a, to_sdr_id=sdr_b,
+                   reason="leak"),
+        # An attempt and the reply to it in one batch: the reply is applied after the insert.
+        lead_event(tenant.tenant_id, lead, "recovery_attempt", 7, step=1, strategy="nudge",
+                   tokens=3),
+        lead_event(tenant.tenant_id, lead, "recovery_replied", 8, step=1),
+        lead_event(tenant.tenant_id, lead, "recovery_replied", 9, step=1),
+    ]  # fmt: skip
+    pool = await create_pool(test_settings)
+
+    async def pool_factory() -> asyncpg.Pool:
+        return pool
+
+    sink = LeadEventSink(pool_factory)
+    try:
+        for _ in range(2):  # a replayed batch adds nothing
+            assert await sink.write(batch) == []
+    finally:
+        await pool.close()
+
+    async def rows(query: str) -> list[dict[str, object]]:
+        return [dict(row) for row in await db.fetch(query, tenant.tenant_id)]
+
+    assert len(await rows("SELECT 1 FROM lead_events WHERE tenant_id = $1")) == 6
+    assert await rows(
+        "SELECT turn, status, facts->>'budget' AS budget, score::float AS score, source"
+        " FROM lead_qualification_state WHERE tenant_id = $1"
+    ) == [{"turn": 2, "status": "in_progress", "budget": "5000", "score": 42.5,
+           "source": "builtin"}]  # fmt: skip
+    leaks = await rows(
+        "SELECT temperature, action, deadline_at, waiting_since, details"
+        " FROM lead_leakage_events WHERE tenant_id = $1"
+    )
+    assert len(leaks) == 1
+    assert leaks[0]["temperature"] == "WARM"
+    assert leaks[0]["deadline_at"] == datetime(2026, 11, 24, 10, 5, tzinfo=UTC)
+    assert leaks[0]["waiting_since"] == datetime(2026, 11, 24, 10, 4, tzinfo=UTC)
+    assert json.loads(str(leaks[0]["details"])) == batch[1].data
+    assert await rows(
+        "SELECT from_sdr_id::text AS f, to_sdr_id::text AS t, reason FROM lead_reassignment_log"
+        " WHERE tenant_id = $1"
+    ) == [{"f": sdr_a, "t": sdr_b, "reason": "leak"}]
+    assert await rows(
+        "SELECT step, strategy, status, tokens_spent, replied_at FROM lead_recovery_log"
+        " WHERE tenant_id = $1"
+    ) == [{"step": 1, "strategy": "nudge", "status": "replied", "tokens_spent": 3,
+           "replied_at": batch[4].occurred_at}]  # fmt: skip
