@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -64,6 +64,7 @@ class BenchEnvironment:
     tenant_id: str
     api_key: str
     database: str
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def env(self, **extra: str) -> dict[str, str]:
         return {
@@ -93,7 +94,23 @@ class BenchEnvironment:
                 stderr=subprocess.STDOUT,
             )
         print(f"{args[0]} log: {log}")
+        self.processes.append(process)
         return process
+
+    def stop(self, *processes: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
+        """SIGTERM, then SIGKILL for any still running after `timeout_s`: a worker left behind
+        keeps its port and writes into the topics the environment deletes (seen once: a worker
+        that had not drained its streams 30 s after SIGTERM broke the next run)."""
+        for process in processes:
+            process.terminate()
+        deadline = time.monotonic() + timeout_s
+        for process in processes:
+            try:
+                process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                print(f"pid {process.pid} still running {timeout_s:g} s after SIGTERM: killed")
+                process.kill()
+                process.wait()
 
 
 def wait_ready(url: str, timeout_s: float = 180) -> None:
@@ -150,7 +167,9 @@ def bench_environment(
         await admin.close()
 
     tenant_id, api_key = asyncio.run(prepare())
+    environment = BenchEnvironment(settings, tenant_id, api_key, database)
     try:
-        yield BenchEnvironment(settings, tenant_id, api_key, database)
+        yield environment
     finally:
+        environment.stop(*(p for p in environment.processes if p.poll() is None))
         asyncio.run(cleanup())

@@ -86,10 +86,7 @@ def main() -> int:
                 )
             )
         finally:
-            for child in children:
-                child.terminate()
-            for child in children:
-                child.wait(timeout=30)
+            environment.stop(*children)
 
     result = {
         "workers": args.workers,

@@ -172,8 +172,7 @@ def main() -> int:
                                        start_s + args.spread_s + 300))  # fmt: skip
             old = asyncio.run(old_design(settings.database_url, deadlines))
         finally:
-            worker.terminate()
-            worker.wait(timeout=60)
+            environment.stop(worker, timeout_s=60)
     fired: dict[str, int] = {}
     for row in rows:
         fired[str(row["lead_id"])] = fired.get(str(row["lead_id"]), 0) + 1

@@ -122,10 +122,7 @@ def main() -> int:
                              lead_ids, args.rate, args.seconds)
             )  # fmt: skip
         finally:
-            for child in (api, worker):
-                child.terminate()
-            for child in (api, worker):
-                child.wait(timeout=30)
+            environment.stop(api, worker)
     per_100k = (loaded_mb - idle_mb) * 100_000 / args.leads
     result = {
         "leads": args.leads,

@@ -105,8 +105,7 @@ def credit_tenant(environment: BenchEnvironment) -> None:
             time.sleep(0.25)
         raise RuntimeError("the tenant's credit was not applied within 120 s")
     finally:
-        worker.terminate()
-        worker.wait(60)
+        environment.stop(worker, timeout_s=60)
 
 
 def main() -> int:

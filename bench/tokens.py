@@ -114,8 +114,7 @@ def main() -> int:
                 for t in tenants
             }
         finally:
-            worker.terminate()
-            worker.wait(30)
+            environment.stop(worker)
     wrong = sum(1 for t in tenants if balances[t] != -spent[t])
     elapsed = max(finished - started, 1e-9)
     result = {

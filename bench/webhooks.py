@@ -120,8 +120,7 @@ def main() -> int:
                 capture_output=True, text=True, check=True,
             )  # fmt: skip
         finally:
-            api.terminate()
-            api.wait(timeout=30)
+            environment.stop(api)
     figures = parse_wrk(run.stdout)
     path = write_result(
         "webhooks", {"connections": args.connections, "seconds": args.seconds, **figures}
