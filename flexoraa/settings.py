@@ -72,6 +72,12 @@ class Settings(BaseSettings):
     worker_session_timeout_s: float = Field(
         10.0, ge=6, le=300, description="a worker silent this long loses its partitions"
     )
+    worker_shutdown_drain_s: float = Field(
+        20.0,
+        gt=0,
+        description="longest wait, when a worker stops, for its agents to finish the records "
+        "they hold (the rest are read again after a restart)",
+    )
     worker_event_loop: Literal["uvloop", "asyncio"] = Field(
         "uvloop",
         description="the worker's event loop; uvloop spends about half asyncio's time per wake-up",

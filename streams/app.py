@@ -107,6 +107,7 @@ def create_worker_app(settings: Settings) -> faust.App:
         web_tables_enabled=False,
         web_graph_enabled=False,
     )
+    app.shutdown_drain_s = settings.worker_shutdown_drain_s
 
     def lead_topic(name: str) -> faust.TopicT:
         return app.topic(

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from typing import cast
+
 import faust
+import pytest
+from faust.types import ConsumerT
 from faust.types.tuples import ConsumerMessage
 
 from streams.producer import AcknowledgedOnlyConsumer, WorkerApp
@@ -102,3 +108,23 @@ def test_a_changelog_record_below_the_read_offset_is_still_dropped() -> None:
     marks[changelog] = 40
     marks.being_read = message_at(30, generation_id=7, tp=changelog)
     assert marks[changelog] == 40
+
+
+class _StuckConsumer:
+    """A consumer one of whose records an agent never acknowledges."""
+
+    async def wait_empty(self) -> None:
+        await asyncio.Event().wait()
+
+
+async def test_a_stopping_worker_waits_for_held_records_only_so_long() -> None:
+    app = WorkerApp("shutdown-drain-test", broker="kafka://127.0.0.1:1")
+    app.shutdown_drain_s = 0.05
+    logger = logging.getLogger("shutdown-drain-test")
+    stuck = cast(ConsumerT, _StuckConsumer())
+    # A rebalance waits for every held record: revoked partitions' tables must be complete.
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(app._consumer_wait_empty(stuck, logger), 0.5)
+    app._stopped.set()
+    # Stopping: gives up after shutdown_drain_s; the records are read again after a restart.
+    await asyncio.wait_for(app._consumer_wait_empty(stuck, logger), 5)
