@@ -90,6 +90,25 @@ class Load:
         return sorted(lead for lead, t in self.lead_tenant.items() if t == tenant.tenant_id)
 
 
+async def post_until_accepted(
+    api: httpx.AsyncClient, tenant: Tenant, body: dict[str, str]
+) -> tuple[httpx.Response, int]:
+    """Posts an inbound message until the API accepts it, retrying as a connector does: a 503
+    (broker down), a connection error, and the API key's rate limit (429 with Retry-After, hit
+    at full size). The 202 response and how many attempts were retried."""
+    for retries in range(600):
+        try:
+            response = await api.post("/api/events/inbound", headers=tenant.headers, json=body)
+        except httpx.TransportError:
+            await asyncio.sleep(0.5)
+            continue
+        if response.status_code == 202:
+            return response, retries
+        assert response.status_code in (429, 503), response.text
+        await asyncio.sleep(float(response.headers.get("retry-after", "0.5")))
+    raise AssertionError(f"message {body['channel_message_id']} was never accepted")
+
+
 async def drive(
     api: httpx.AsyncClient,
     tenants: list[Tenant],
@@ -118,27 +137,15 @@ async def drive(
             "text": TEXTS[turn % len(TEXTS)],
             "channel_message_id": f"{load.run}-{i}",
         }
-        for _ in range(600):
-            try:
-                response = await api.post("/api/events/inbound", headers=tenant.headers, json=body)
-            except httpx.TransportError:
-                response = None
-            if response is not None and response.status_code == 202:
-                lead_id = response.json()["lead_id"]
-                load.accepted[lead_id] += 1
-                load.lead_tenant[lead_id] = tenant.tenant_id
-                done += 1
-                for fraction, reached in (progress or {}).items():
-                    if done >= fraction * events:
-                        reached.set()
-                return
-            # Retried as a connector does: a 503 (broker down) and, at full size, the API
-            # key's rate limit (429 with Retry-After).
-            assert response is None or response.status_code in (429, 503), response.text
-            load.retried += 1
-            retry_after = response.headers.get("retry-after") if response is not None else None
-            await asyncio.sleep(float(retry_after) if retry_after else 0.5)
-        raise AssertionError(f"message {i} was never accepted")
+        response, retries = await post_until_accepted(api, tenant, body)
+        load.retried += retries
+        lead_id = response.json()["lead_id"]
+        load.accepted[lead_id] += 1
+        load.lead_tenant[lead_id] = tenant.tenant_id
+        done += 1
+        for fraction, reached in (progress or {}).items():
+            if done >= fraction * events:
+                reached.set()
 
     async def client() -> None:
         while not queue.empty():
@@ -572,13 +579,7 @@ async def test_a_worker_started_on_a_backlog_interviews_every_message(
             i = queue.get_nowait()
             body = {"channel": "webchat", "contact": f"backlog-{i}", "text": TEXTS[0],
                     "channel_message_id": f"backlog-{i}"}  # fmt: skip
-            # At full size the API key's rate limit answers 429: retried as a connector does.
-            for _ in range(600):
-                response = await api.post("/api/events/inbound", headers=tenant.headers, json=body)
-                if response.status_code != 429:
-                    break
-                await asyncio.sleep(float(response.headers.get("retry-after", "1")))
-            assert response.status_code == 202, response.text
+            response, _ = await post_until_accepted(api, tenant, body)
             leads[response.json()["lead_id"]] = body["channel_message_id"]
 
     await asyncio.gather(*(post() for _ in range(16)))
