@@ -106,6 +106,7 @@ class ChannelDirectory:
         self._miss_refresh_s = miss_refresh_s
         self._by_external: dict[tuple[str, str], Channel] = {}
         self._misses: dict[tuple[str, str], float] = {}
+        self._tenant_misses: dict[tuple[str, str], float] = {}
         self._loaded_at = float("-inf")
         self._lock = asyncio.Lock()
 
@@ -132,6 +133,7 @@ class ChannelDirectory:
         rows = await pool.fetch(f"SELECT {self._COLUMNS} FROM channels")
         self._by_external = {(row["kind"], row["external_id"]): self._decode(row) for row in rows}
         self._misses.clear()
+        self._tenant_misses.clear()
         self._loaded_at = time.monotonic()
 
     async def _fresh(self, max_age_s: float) -> None:
@@ -185,6 +187,11 @@ class ChannelDirectory:
         ]
         if known:
             return known
+        # A tenant without a channel of the kind (a webchat-only tenant's lead answered by
+        # the AI) would otherwise cost a query per message sent.
+        missed_at = self._tenant_misses.get((tenant_id, kind))
+        if missed_at is not None and time.monotonic() - missed_at < self._miss_refresh_s:
+            return []
         pool = await self._pool_factory()
         rows = await pool.fetch(
             f"SELECT {self._COLUMNS} FROM channels WHERE tenant_id = $1 AND kind = $2"
@@ -193,6 +200,8 @@ class ChannelDirectory:
             kind,
         )
         channels = [self._decode(row) for row in rows]
+        if not channels:
+            self._tenant_misses[(tenant_id, kind)] = time.monotonic()
         for channel in channels:
             self._by_external[(channel.kind, channel.external_id)] = channel
         return channels

@@ -188,21 +188,22 @@ def create_worker_app(settings: Settings) -> faust.App:
     channels = ChannelDirectory(pool, secret_box)
     graph = GraphApiClient(settings.whatsapp_graph_api_url, settings.whatsapp_graph_api_version)
 
+    # The inbound topic's agents read it from the batch lane too, record by record: its
+    # records reach five agents, and Faust's per-record delivery to each was most of a
+    # worker's time per message.
+    lane_max = settings.sink_batch_size
     sessions_agent.register(
-        app,
+        batch_lane,
         inbound=inbound,
         dead_letters=dead_letters,
         sessions=sessions,
         scheduler=scheduler,
         closing_notice_ms=settings.window_closing_notice_min * 60_000,
+        max_batch=lane_max,
     )
     # Topics read by sinks only (and the token topics) go through the batch lane: whole
     # fetches, not one record at a time through Faust's streams.
     streamed_sinks: list[SinkSpec[Any]] = [
-        # The sessions agent dead-letters undecodable inbound records; one letter per record.
-        SinkSpec(
-            "inbound", inbound, InboundMessage, InboundMessageSink(pool), dead_letter_invalid=False
-        ),
         # The leakage agent reads the sent messages too.
         SinkSpec("outbound", outbound_messages, OutboundMessage, OutboundMessageSink(pool)),
     ]
@@ -215,6 +216,10 @@ def create_worker_app(settings: Settings) -> faust.App:
             batch_window_s=settings.sink_batch_window_ms / 1000,
         )
     lane_sinks: list[SinkSpec[Any]] = [
+        # The sessions agent dead-letters undecodable inbound records; one letter per record.
+        SinkSpec(
+            "inbound", inbound, InboundMessage, InboundMessageSink(pool), dead_letter_invalid=False
+        ),
         SinkSpec("statuses", delivery_status, DeliveryStatus, DeliveryStatusSink(pool)),
         SinkSpec("lead-events", lead_events, LeadEvent, LeadEventSink(pool)),
         # The account fold dead-letters undecodable token events.
@@ -254,7 +259,7 @@ def create_worker_app(settings: Settings) -> faust.App:
     tenants = TenantSettings(pool, settings.leak_threshold_s)
     if settings.enable_ai_qualification:
         qualification_agent.register(
-            app,
+            batch_lane,
             inbound=inbound,
             qualification=qualification,
             interviewer=Interviewer(
@@ -276,18 +281,21 @@ def create_worker_app(settings: Settings) -> faust.App:
                 meter,
             ),
             gate=gate,
+            max_batch=lane_max,
         )
     # --- Leakage prevention (issue 5) ---
     leakage = app.Table("leakage", key_type=bytes, partitions=settings.kafka_partitions)
     if settings.enable_leakage_prevention:
         leakage_agent.register(
             app,
+            batch_lane,
             inbound=inbound,
             outbound_messages=outbound_messages,
             lead_events=lead_events,
             leakage=leakage,
             scheduler=scheduler,
             tenants=tenants,
+            max_batch=lane_max,
         )
         deadline_handlers |= LeakActions(
             leakage=leakage,
@@ -313,7 +321,7 @@ def create_worker_app(settings: Settings) -> faust.App:
             gate=gate,
             meter=meter,
         )
-        recovery_agent.register(app, inbound=inbound, recovery=recovery)
+        recovery_agent.register(batch_lane, inbound=inbound, recovery=recovery, max_batch=lane_max)
         deadline_handlers |= recovery.handlers()
     deadline_handlers |= gate.handlers()
     deadlines_agent.register(

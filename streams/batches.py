@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
+from faust.streams import _current_event
 from faust.types import TP, AppT, TopicT
 
 logger = logging.getLogger(__name__)
@@ -52,6 +54,7 @@ class SourceRecord(Protocol):
 
 
 BatchHandler = Callable[[Sequence[SourceRecord]], Awaitable[None]]
+RecordHandler = Callable[[SourceRecord], Awaitable[None]]
 RecordsByPartition = Mapping[TP, Sequence[Any]]
 
 
@@ -60,6 +63,41 @@ class FetchAcknowledger(Protocol):
 
     def is_current(self, generation: int | None) -> bool: ...
     def acknowledge_fetch(self, records: RecordsByPartition, generation: int) -> None: ...
+
+
+@dataclass(eq=False, slots=True, weakref_slot=True)
+class LaneEvent:
+    """Faust's "current event" for a record handled on the lane: a table written while it is
+    current puts the change in the record's partition, as from an agent."""
+
+    message: SourceRecord
+
+    @property
+    def key(self) -> Any:
+        return self.message.key
+
+    @property
+    def value(self) -> Any:
+        return self.message.value
+
+
+def one_record_at_a_time(handle: RecordHandler) -> BatchHandler:
+    """A batch handler calling `handle` on each record in order, with the record as Faust's
+    current event: an agent body, record by record, written as for a Faust agent (plain
+    `table[key] = value` writes), without Faust's per-record delivery."""
+
+    async def handle_each(records: Sequence[SourceRecord]) -> None:
+        for record in records:
+            event = LaneEvent(record)
+            # Faust keeps a weak reference to the event: `event` holds it until the record
+            # is done.
+            token = _current_event.set(weakref.ref(event))  # type: ignore[arg-type]
+            try:
+                await handle(record)
+            finally:
+                _current_event.reset(token)
+
+    return handle_each
 
 
 @dataclass(eq=False)
@@ -101,6 +139,13 @@ class BatchLane:
         handler = _Handler(name, frozenset(t.get_topic_name() for t in topics), handle, max_batch)
         self._handlers.append(handler)
         self.topics = frozenset(self._topics)
+
+    def add_record_handler(
+        self, name: str, topics: Iterable[TopicT], handle: RecordHandler, *, max_batch: int
+    ) -> None:
+        """`handle` gets every record of `topics` in order, one at a time, with the record as
+        Faust's current event (see `one_record_at_a_time`)."""
+        self.add_handler(name, topics, one_record_at_a_time(handle), max_batch=max_batch)
 
     def attach(self, app: AppT) -> None:
         """Subscribes the topics through the app and starts one task per handler. The app's

@@ -79,3 +79,12 @@ async def decoded(stream: StreamT[bytes], model: type[M]) -> AsyncIterator[M]:
             yield model.model_validate_json(value)
         except ValidationError:
             continue
+
+
+def decoded_record(record: SourceRecord, model: type[M]) -> M | None:
+    """The record as `model`, or None if it is undecodable (for handlers sharing a topic with
+    one that dead-letters bad records)."""
+    try:
+        return model.model_validate_json(record.value)
+    except ValidationError:
+        return None

@@ -21,7 +21,8 @@ from schemas.messaging import DeadlineReached, LeadEvent, OutboundCommand, Outbo
 from schemas.notifications import Notification
 from streams.agents.deadlines import DeadlineHandler
 from streams.agents.tokens import AiGate, Meter
-from streams.dead_letters import decoded
+from streams.batches import BatchLane, SourceRecord
+from streams.dead_letters import decoded, decoded_record
 from streams.metrics import LEAKS
 from streams.rules.leakage import ACTIONS, REENGAGEMENT_TEXT, leak_due_ms, temperature
 from streams.timers import Scheduler
@@ -35,6 +36,7 @@ def _id(*parts: object) -> str:
 
 def register(
     app: AppT,
+    lane: BatchLane,
     *,
     inbound: TopicT,
     outbound_messages: TopicT,
@@ -42,23 +44,27 @@ def register(
     leakage: TableT[bytes, Any],
     scheduler: Scheduler,
     tenants: TenantSettings,
+    max_batch: int,
 ) -> None:
-    @app.agent(inbound, name="leakage-waits")
-    async def start_waiting(stream: StreamT[bytes]) -> None:
-        async for message in decoded(stream, InboundMessage):
-            key = message.lead_id.encode()
-            if (waiting := leakage.get(key)) is not None:
-                # Already waiting: the wait starts at the first unanswered message. Its
-                # deadline is another table's write; a worker killed between the two kept only
-                # the wait, and this message, read again, gives it its deadline back.
-                if not waiting["fired"]:
-                    scheduler.set_if_absent(key, "leak", waiting["due_ms"])
-                continue
-            occurred_ms = int(message.occurred_at.timestamp() * 1000)
-            threshold_s = await while_unreachable(tenants.leak_threshold_s, message.tenant_id)
-            due_ms = leak_due_ms(occurred_ms, threshold_s)
-            leakage[key] = {"waiting_since_ms": occurred_ms, "due_ms": due_ms, "fired": False}
-            scheduler.set(key, {"leak": due_ms})
+    async def start_waiting(record: SourceRecord) -> None:
+        message = decoded_record(record, InboundMessage)
+        if message is None:
+            return
+        key = message.lead_id.encode()
+        if (waiting := leakage.get(key)) is not None:
+            # Already waiting: the wait starts at the first unanswered message. Its deadline
+            # is another table's write; a worker killed between the two kept only the wait,
+            # and this message, read again, gives it its deadline back.
+            if not waiting["fired"]:
+                scheduler.set_if_absent(key, "leak", waiting["due_ms"])
+            return
+        occurred_ms = int(message.occurred_at.timestamp() * 1000)
+        threshold_s = await while_unreachable(tenants.leak_threshold_s, message.tenant_id)
+        due_ms = leak_due_ms(occurred_ms, threshold_s)
+        leakage[key] = {"waiting_since_ms": occurred_ms, "due_ms": due_ms, "fired": False}
+        scheduler.set(key, {"leak": due_ms})
+
+    lane.add_record_handler("leakage-waits", [inbound], start_waiting, max_batch=max_batch)
 
     @app.agent(outbound_messages, name="leakage-replies")
     async def stop_waiting(stream: StreamT[bytes]) -> None:

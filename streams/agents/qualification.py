@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from faust.types import AppT, StreamT, TableT, TopicT
+from faust.types import TableT, TopicT
 
 from connectors.ai import Extraction, QualificationAI, question_for
 from connectors.sdrs import Assignment, SdrRouter
@@ -20,7 +20,8 @@ from schemas.latency import LatencyEvent
 from schemas.messaging import LeadEvent, OutboundCommand
 from schemas.notifications import Notification
 from streams.agents.tokens import AiGate, Meter
-from streams.dead_letters import decoded
+from streams.batches import BatchLane, SourceRecord
+from streams.dead_letters import decoded_record
 from streams.metrics import QUALIFICATION_STEPS
 from streams.rules.qualification import Policy, Step, advance, new_state
 
@@ -292,12 +293,13 @@ def _summary(facts: dict[str, Any]) -> str:
 
 
 def register(
-    app: AppT,
+    lane: BatchLane,
     *,
     inbound: TopicT,
     qualification: TableT[bytes, Any],
     interviewer: Interviewer,
     gate: AiGate,
+    max_batch: int,
 ) -> None:
     async def process(message: InboundMessage) -> None:
         key = message.lead_id.encode()
@@ -311,8 +313,10 @@ def register(
 
     gate.add_resumer("qualification", resume)
 
-    @app.agent(inbound, name="qualification")
-    async def interview(stream: StreamT[bytes]) -> None:
-        async for message in decoded(stream, InboundMessage):
+    async def interview(record: SourceRecord) -> None:
+        message = decoded_record(record, InboundMessage)
+        if message is not None:
             async with gate.lead_lock(message.lead_id.encode()):
                 await process(message)
+
+    lane.add_record_handler("qualification", [inbound], interview, max_batch=max_batch)

@@ -11,7 +11,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from faust.types import AppT, StreamT, TableT, TopicT
+from faust.types import TableT, TopicT
 
 from connectors.tenants import TenantSettings
 from flexoraa.db import while_unreachable
@@ -19,7 +19,8 @@ from schemas.events import InboundMessage
 from schemas.messaging import DeadlineReached, LeadEvent, OutboundCommand
 from streams.agents.deadlines import DeadlineHandler
 from streams.agents.tokens import AiGate, Meter
-from streams.dead_letters import decoded
+from streams.batches import BatchLane, SourceRecord
+from streams.dead_letters import decoded_record
 from streams.metrics import RECOVERY
 from streams.rules.leakage import temperature
 from streams.rules.recovery import STRATEGIES, recovery_text, step_due_ms
@@ -169,8 +170,10 @@ class Recovery:
         await self._step_held(key, DeadlineReached.model_validate(payloads[-1]), session)
 
 
-def register(app: AppT, *, inbound: TopicT, recovery: Recovery) -> None:
-    @app.agent(inbound, name="recovery-watch")
-    async def watch(stream: StreamT[bytes]) -> None:
-        async for message in decoded(stream, InboundMessage):
+def register(lane: BatchLane, *, inbound: TopicT, recovery: Recovery, max_batch: int) -> None:
+    async def watch(record: SourceRecord) -> None:
+        message = decoded_record(record, InboundMessage)
+        if message is not None:
             await while_unreachable(recovery.on_customer_message, message)
+
+    lane.add_record_handler("recovery-watch", [inbound], watch, max_batch=max_batch)

@@ -8,9 +8,11 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+import faust
+from faust.streams import current_event
 from faust.types import TP, AppT, TopicT
 
-from streams.batches import BatchLane, RecordsByPartition, SourceRecord
+from streams.batches import BatchLane, RecordsByPartition, SourceRecord, one_record_at_a_time
 
 USAGE = "acme.token-usage"
 CREDITS = "acme.token-credits"
@@ -194,3 +196,21 @@ async def test_a_failing_handler_stops_the_worker_without_acknowledging() -> Non
     assert app.consumer.acknowledged == []
     for task in tasks:
         task.cancel()
+
+
+async def test_records_handled_one_at_a_time_write_tables_in_their_own_partition() -> None:
+    # A Faust table puts a change in the partition of the current event; a record handled on
+    # the lane stands as that event, so the inbound agents' writes land in its partition.
+    app = faust.App("lane-test", autodiscover=False)
+    table = app.Table("sessions", key_type=bytes, partitions=8)
+    written: list[tuple[int, int | None]] = []
+
+    async def handle(record: SourceRecord) -> None:
+        written.append((record.offset, table.partition_for_key(record.key)))
+
+    await one_record_at_a_time(handle)(
+        [Record(USAGE, 3, 10), Record(USAGE, 5, 11), Record(USAGE, 3, 12)]
+    )
+
+    assert written == [(10, 3), (11, 5), (12, 3)]
+    assert current_event() is None  # nothing left behind once the batch is done
