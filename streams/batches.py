@@ -4,10 +4,12 @@ Faust delivers every record on its own: two tasks per record in the fetch loop, 
 stream, an acknowledgement per record. On this machine that path alone tops out at about
 6,300 records/s for an agent that does nothing (a bare Faust app, one `take_events` agent),
 well below the 20,000 usage events/s a worker must fold into the token accounts; the
-account agent behind it did 1,968/s. So the consumer takes the records of the lane's topics
-(the token topics, and the topics only a PostgreSQL sink reads: delivery statuses, lead
-events) out of each fetch and gives them to their handlers (the account fold, the sinks) a
-fetch at a time, and this module does for them what Faust did for its streams:
+account agent behind it did 1,968/s; and each inbound message went through that path once
+for each of the five agents reading it. So the consumer takes the records of the lane's
+topics (inbound messages, the token topics, and the topics only a PostgreSQL sink reads:
+delivery statuses, lead events) out of each fetch and gives them to their handlers (the
+inbound agents, the account fold, the sinks) a fetch at a time, and this module does for them
+what Faust did for its streams:
 
 - backpressure: a handler's queue holds a few fetches and the fetch loop waits while it is
   full;
@@ -18,7 +20,8 @@ fetch at a time, and this module does for them what Faust did for its streams:
   revocation waits for the fetch a handler is working on, so no table is written for a
   partition that has moved.
 
-Tables stay Faust's: the handlers write them with explicit partitions, and changelogs,
+Tables stay Faust's: the handlers write them with explicit partitions (or, handling a record
+at a time, with the record as Faust's current event), and changelogs,
 recovery and standbys are unchanged. The topics stay subscribed through the app's conductor,
 so the assignment (co-partitioned with the lead topics' tables) is Faust's too.
 """
@@ -71,14 +74,6 @@ class LaneEvent:
     current puts the change in the record's partition, as from an agent."""
 
     message: SourceRecord
-
-    @property
-    def key(self) -> Any:
-        return self.message.key
-
-    @property
-    def value(self) -> Any:
-        return self.message.value
 
 
 def one_record_at_a_time(handle: RecordHandler) -> BatchHandler:
