@@ -32,13 +32,11 @@ import asyncio
 import logging
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, Protocol, cast
 
 from faust.streams import _current_event
 from faust.types import TP, AppT, TopicT
-from pydantic import BaseModel, ValidationError
 
 logger = logging.getLogger(__name__)
 
@@ -102,38 +100,6 @@ class _Fetch:
     generation: int
     records: RecordsByPartition
     unfinished_handlers: int = 0
-    # Each handler's decoded records, by (id(record), model): the fetch holds its records, so
-    # an id stays theirs while the fetch lives.
-    decoded: dict[tuple[int, type[BaseModel]], BaseModel | ValidationError] = field(
-        default_factory=dict
-    )
-
-
-# The fetch whose records the running handler holds (set by the lane's runner task).
-_handled_fetch: ContextVar[_Fetch | None] = ContextVar("batch_lane_fetch", default=None)
-
-M = TypeVar("M", bound=BaseModel)
-
-
-def decode_record(record: SourceRecord, model: type[M]) -> M:
-    """`model.model_validate_json(record.value)`, done once per record and model for all the
-    handlers of a fetch: each inbound record reaches five handlers, and decoding it five times
-    was about 5 % of a worker's time in the throughput bench. The models are frozen, so the
-    handlers can share one. Raises the model's ValidationError."""
-    fetch = _handled_fetch.get()
-    if fetch is None:
-        return model.model_validate_json(record.value)
-    key = (id(record), model)
-    found = fetch.decoded.get(key)
-    if found is None:
-        try:
-            found = model.model_validate_json(record.value)
-        except ValidationError as exc:
-            found = exc
-        fetch.decoded[key] = found
-    if isinstance(found, ValidationError):
-        raise found
-    return cast(M, found)
 
 
 @dataclass(eq=False)
@@ -245,12 +211,10 @@ class BatchLane:
             ]
             self._busy += 1
             self._idle.clear()
-            handled = _handled_fetch.set(fetch)
             try:
                 for start in range(0, len(records), handler.max_batch):
                     await handler.handle(records[start : start + handler.max_batch])
             finally:
-                _handled_fetch.reset(handled)
                 self._busy -= 1
                 if not self._busy:
                     self._idle.set()

@@ -11,7 +11,7 @@ from faust.types import EventT, StreamT, TopicT
 from pydantic import BaseModel, ValidationError
 
 from schemas.events import DeadLetter
-from streams.batches import SourceRecord, decode_record
+from streams.batches import SourceRecord
 from streams.metrics import DEAD_LETTERS
 
 
@@ -85,6 +85,6 @@ def decoded_record(record: SourceRecord, model: type[M]) -> M | None:
     """The record as `model`, or None if it is undecodable (for handlers sharing a topic with
     one that dead-letters bad records)."""
     try:
-        return decode_record(record, model)
+        return model.model_validate_json(record.value)
     except ValidationError:
         return None

@@ -10,7 +10,7 @@ from faust.types import TableT, TopicT
 from pydantic import ValidationError
 
 from schemas.events import InboundMessage
-from streams.batches import BatchLane, SourceRecord, decode_record
+from streams.batches import BatchLane, SourceRecord
 from streams.dead_letters import dead_letter_record, describe_validation_error
 from streams.metrics import DUPLICATE_EVENTS, INBOUND_EVENTS
 from streams.rules.session import apply_inbound
@@ -30,7 +30,7 @@ def register(
 ) -> None:
     async def apply_inbound_message(record: SourceRecord) -> None:
         try:
-            message = decode_record(record, InboundMessage)
+            message = InboundMessage.model_validate_json(record.value)
         except ValidationError as exc:
             await dead_letter_record(
                 dead_letters, record, describe_validation_error(exc), "invalid_event"

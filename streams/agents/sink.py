@@ -10,7 +10,7 @@ from faust.types import AppT, StreamT, TopicT
 from pydantic import ValidationError
 
 from schemas.events import Event
-from streams.batches import BatchLane, SourceRecord, decode_record
+from streams.batches import BatchLane, SourceRecord
 from streams.dead_letters import dead_letter_record, describe_validation_error, send_dead_letter
 from streams.sink import BatchSink
 
@@ -40,7 +40,7 @@ class SinkSpec(Generic[E]):
         batch = []
         for record in records:
             try:
-                batch.append(decode_record(record, self.model))
+                batch.append(self.model.model_validate_json(record.value))
             except ValidationError as exc:
                 if self.dead_letter_invalid:
                     await dead_letter_record(

@@ -6,20 +6,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, cast
+from typing import Any, cast
 
 import faust
 from faust.streams import current_event
 from faust.types import TP, AppT, TopicT
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from streams.batches import (
-    BatchLane,
-    RecordsByPartition,
-    SourceRecord,
-    decode_record,
-    one_record_at_a_time,
-)
+from streams.batches import BatchLane, RecordsByPartition, SourceRecord, one_record_at_a_time
 
 USAGE = "acme.token-usage"
 CREDITS = "acme.token-credits"
@@ -221,50 +214,3 @@ async def test_records_handled_one_at_a_time_write_tables_in_their_own_partition
 
     assert written == [(10, 3), (11, 5), (12, 3)]
     assert current_event() is None  # nothing left behind once the batch is done
-
-
-class Counted(BaseModel):
-    """A frozen model that counts how often a record is decoded into it."""
-
-    model_config = ConfigDict(frozen=True)
-    decodes: ClassVar[int] = 0
-    n: int
-
-    @field_validator("n")
-    @classmethod
-    def count(cls, n: int) -> int:
-        Counted.decodes += 1
-        return n
-
-
-async def test_handlers_of_a_fetch_share_one_decoding_of_each_record() -> None:
-    app, lane = FakeApp(), BatchLane()
-    seen: dict[str, list[object]] = {"sessions": [], "interview": []}
-
-    def reader(name: str) -> Callable[[SourceRecord], Coroutine[Any, Any, None]]:
-        async def read(record: SourceRecord) -> None:
-            try:
-                seen[name].append(decode_record(record, Counted))
-            except ValidationError:
-                seen[name].append("invalid")
-
-        return read
-
-    lane.add_record_handler("sessions", topics(USAGE), reader("sessions"), max_batch=MAX)
-    lane.add_record_handler("interview", topics(USAGE), reader("interview"), max_batch=MAX)
-    tasks = await running(lane, app)
-    Counted.decodes = 0
-    records = [Record(USAGE, 0, 0, value=b'{"n": 1}'), Record(USAGE, 0, 1, value=b'{"n": "x"}'),
-               Record(USAGE, 0, 2, value=b'{"n": 3}')]  # fmt: skip
-    await lane.dispatch({TP(USAGE, 0): records}, generation=1)
-    await settle()
-    assert Counted.decodes == 2  # each valid record once (the invalid one fails before)
-    assert seen["sessions"] == [Counted(n=1), "invalid", Counted(n=3)]
-    assert seen["interview"] == seen["sessions"]
-    assert seen["interview"][0] is seen["sessions"][0]
-    # Outside a lane handler (a Faust agent, a test) a record is simply decoded.
-    Counted.decodes = 0
-    assert decode_record(records[0], Counted).n == 1
-    assert Counted.decodes == 1
-    for task in tasks:
-        task.cancel()
