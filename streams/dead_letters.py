@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import TypeVar
 
@@ -59,6 +59,23 @@ async def dead_letter_record(topic: TopicT, record: SourceRecord, reason: str, k
         reason=reason,
         kind=kind,
     )
+
+
+T = TypeVar("T")
+
+
+async def decode_or_dead_letter(
+    decode: Callable[[bytes], T], record: SourceRecord, dead_letters: TopicT
+) -> T | None:
+    """`decode(record.value)`; None once an undecodable record is dead-lettered (for the one
+    agent of a topic that reports bad records)."""
+    try:
+        return decode(record.value)
+    except ValidationError as exc:
+        await dead_letter_record(
+            dead_letters, record, describe_validation_error(exc), "invalid_event"
+        )
+        return None
 
 
 async def dead_letter_event(topic: TopicT, event: EventT[bytes], reason: str, kind: str) -> None:

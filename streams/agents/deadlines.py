@@ -11,11 +11,11 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from faust.types import AppT, StreamT, TableT, TopicT
-from pydantic import Field, TypeAdapter, ValidationError
+from pydantic import Field, TypeAdapter
 
 from flexoraa.db import while_unreachable
 from schemas.messaging import DeadlineReached, DeadlinesReached
-from streams.dead_letters import dead_letter_event, describe_validation_error
+from streams.dead_letters import decode_or_dead_letter
 from streams.metrics import DEADLINES_FIRED
 from streams.timers import Scheduler
 from streams.web import partition_of
@@ -119,12 +119,8 @@ def register(
     @app.agent(deadlines_topic, name="deadlines")
     async def act_on_deadlines(stream: StreamT[bytes]) -> None:
         async for event in stream.events():
-            try:
-                fired = _fired.validate_json(event.value)
-            except ValidationError as exc:
-                await dead_letter_event(
-                    dead_letters, event, describe_validation_error(exc), "invalid_event"
-                )
+            fired = await decode_or_dead_letter(_fired.validate_json, event.message, dead_letters)
+            if fired is None:
                 continue
             if isinstance(fired, DeadlineReached):
                 await act_on(fired)

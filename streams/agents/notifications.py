@@ -18,14 +18,13 @@ from typing import NamedTuple, cast
 import asyncpg
 from faust import Stream
 from faust.types import AppT, EventT, StreamT, TopicT
-from pydantic import ValidationError
 
 from connectors.gmail import GmailApiError, GmailNotConfigured, MailboxRevoked
 from connectors.gmail_send import EmailSender, NoMailbox
 from connectors.mailer import Mailer
 from flexoraa.db import while_unreachable
 from schemas.notifications import Notification
-from streams.dead_letters import dead_letter_event, describe_validation_error
+from streams.dead_letters import dead_letter_event, decode_or_dead_letter
 from streams.metrics import NOTIFICATIONS
 
 logger = logging.getLogger(__name__)
@@ -139,12 +138,10 @@ def register(
             batch = []
             event_of: dict[str, EventT[bytes]] = {}
             for event in events:
-                try:
-                    notification = Notification.model_validate_json(event.value)
-                except ValidationError as exc:
-                    await dead_letter_event(
-                        dead_letters, event, describe_validation_error(exc), "invalid_event"
-                    )
+                notification = await decode_or_dead_letter(
+                    Notification.model_validate_json, event.message, dead_letters
+                )
+                if notification is None:
                     continue
                 batch.append(notification)
                 event_of[notification.event_id] = event

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from faust.types import AppT, StreamT, TableT, TopicT
-from pydantic import Field, TypeAdapter, ValidationError
+from pydantic import Field, TypeAdapter
 
 from connectors.channels import Channel, ChannelDirectory
 from connectors.gmail import GmailApiError, GmailNotConfigured, MailboxRevoked
@@ -26,7 +26,7 @@ from schemas.messaging import (
     OutboundMessage,
 )
 from streams.agents.deadlines import DeadlineHandler
-from streams.dead_letters import dead_letter_event, describe_validation_error
+from streams.dead_letters import decode_or_dead_letter
 from streams.metrics import DUPLICATE_EVENTS, OUTBOUND_SENDS
 from streams.rules.sending import plan_send, template_parameters
 from streams.rules.window import is_window_open
@@ -335,12 +335,10 @@ def register(
     @app.agent(outbound_commands, name="outbound")
     async def send_outbound(stream: StreamT[bytes]) -> None:
         async for event in stream.events():
-            try:
-                request = _requests.validate_json(event.value)
-            except ValidationError as exc:
-                await dead_letter_event(
-                    dead_letters, event, describe_validation_error(exc), "invalid_event"
-                )
+            request = await decode_or_dead_letter(
+                _requests.validate_json, event.message, dead_letters
+            )
+            if request is None:
                 continue
             if isinstance(request, CancelScheduled):
                 scheduled.cancel(request)

@@ -7,11 +7,13 @@ import time
 from typing import Any
 
 from faust.types import TableT, TopicT
-from pydantic import ValidationError
 
 from schemas.events import InboundMessage
 from streams.batches import BatchLane, SourceRecord
-from streams.dead_letters import dead_letter_record, describe_validation_error
+from streams.dead_letters import (
+    dead_letter_record,
+    decode_or_dead_letter,
+)
 from streams.metrics import DUPLICATE_EVENTS, INBOUND_EVENTS
 from streams.rules.session import apply_inbound
 from streams.rules.window import window_deadlines
@@ -29,12 +31,10 @@ def register(
     max_batch: int,
 ) -> None:
     async def apply_inbound_message(record: SourceRecord) -> None:
-        try:
-            message = InboundMessage.model_validate_json(record.value)
-        except ValidationError as exc:
-            await dead_letter_record(
-                dead_letters, record, describe_validation_error(exc), "invalid_event"
-            )
+        message = await decode_or_dead_letter(
+            InboundMessage.model_validate_json, record, dead_letters
+        )
+        if message is None:
             return
         lead_key = message.lead_id.encode()
         if record.key != lead_key:

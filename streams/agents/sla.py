@@ -22,7 +22,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from faust.types import AppT, StreamT, TableT, TopicT
-from pydantic import ValidationError
 
 from flexoraa.db import DB_ERRORS
 from flexoraa.kafka import EventPublisher
@@ -51,7 +50,7 @@ from streams.agents.sla_metrics import (
 )
 from streams.agents.sla_probes import Prober
 from streams.agents.sla_store import PoolFactory, SlaStore
-from streams.dead_letters import dead_letter_event, describe_validation_error
+from streams.dead_letters import dead_letter_event, decode_or_dead_letter
 from streams.rules.sla import (
     PLATFORM,
     WINDOWS_MIN,
@@ -375,12 +374,10 @@ def register(
     @app.agent(latency, name="sla")
     async def collect_latencies(stream: StreamT[bytes]) -> None:
         async for event in stream.events():
-            try:
-                measured = LatencyEvent.model_validate_json(event.value)
-            except ValidationError as exc:
-                await dead_letter_event(
-                    dead_letters, event, describe_validation_error(exc), "invalid_event"
-                )
+            measured = await decode_or_dead_letter(
+                LatencyEvent.model_validate_json, event.message, dead_letters
+            )
+            if measured is None:
                 continue
             if event.key != measured.operation.encode():
                 # Another key would put this operation's windows on two workers.
