@@ -85,3 +85,8 @@ SINK_ROWS.labels("token_ledger")
 for _kind in ("qualification", "recovery"):
     AI_ACTIONS_DEFERRED.labels(_kind)
 DEADLINES_FIRED.labels("ai_resume")
+FETCHED_PARTITIONS = Gauge(
+    "flexoraa_consumer_fetched_partitions",
+    "Assigned partitions the worker's Kafka consumer fetches (not paused), by kind",
+    ["kind"],
+)

@@ -43,10 +43,11 @@ Two more ways a rebalance skipped records, both found by a worker started on a b
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Hashable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any, cast
 
 import faust
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust.transport.drivers.aiokafka import Consumer as AiokafkaConsumer
 from faust.transport.drivers.aiokafka import Producer as AiokafkaProducer
 from faust.types import TP, ConsumerT, Message, ProducerT
@@ -55,6 +56,7 @@ from mode import Service
 from mode.utils.futures import notify
 
 from streams.batches import BatchLane
+from streams.metrics import FETCHED_PARTITIONS
 
 
 def _write_key(fut: FutureMessage) -> Hashable:
@@ -166,6 +168,35 @@ class AcknowledgedOnlyConsumer(AiokafkaConsumer):
                 )
         return for_streams
 
+    def pause_partitions(self, tps: Iterable[TP]) -> None:
+        """Also stops aiokafka fetching them.
+
+        Faust pauses a partition only by not asking for its records any more; aiokafka went
+        on fetching it. After recovery every changelog partition is paused that way, so the
+        first write to each came back in a fetch nobody drained: aiokafka then sends the
+        broker no fetch for its `prefetch_backoff` (100 ms), which held every input topic,
+        and kept those records buffered for good (up to 1 MiB a partition). In the freshness
+        bench at 20 messages/s this was the p99: about 110 ms."""
+        paused = set(tps)
+        super().pause_partitions(paused)
+        self._set_fetching(paused, fetching=False)
+
+    def resume_partitions(self, tps: Iterable[TP]) -> None:
+        resumed = set(tps)
+        super().resume_partitions(resumed)
+        self._set_fetching(resumed, fetching=True)
+
+    def _set_fetching(self, tps: set[TP], *, fetching: bool) -> None:
+        thread = self._thread
+        consumer = thread._consumer
+        if consumer is None or thread.thread_loop.is_closed():
+            return
+        # aiokafka's partition states belong to the consumer thread's loop (a pause creates
+        # a future there). Calls run in the order made, after the rebalance that assigned them.
+        thread.thread_loop.call_soon_threadsafe(
+            _set_fetching, consumer, tps, fetching, frozenset(self.app.tables.changelog_topics)
+        )
+
     def is_current(self, generation: int | None) -> bool:
         """Whether a record of this consumer generation may be handled and acknowledged now."""
         app = self.app
@@ -250,6 +281,23 @@ class AcknowledgedOnlyConsumer(AiokafkaConsumer):
 
     def _head_acknowledged(self, tp: TP, head: int) -> bool:
         return head in self._acked_index[tp] or bool(self._gap[tp].overlaps(head))
+
+
+def _set_fetching(
+    consumer: AIOKafkaConsumer, tps: set[TP], fetching: bool, changelogs: frozenset[str]
+) -> None:
+    """On the consumer thread: pauses or resumes the partitions still assigned, and counts
+    those fetched."""
+    assigned = consumer.assignment()
+    partitions = [TopicPartition(tp.topic, tp.partition) for tp in tps if tp in assigned]
+    if fetching:
+        consumer.resume(*partitions)
+    else:
+        consumer.pause(*partitions)
+    fetched = assigned - consumer.paused()
+    changelog = sum(1 for tp in fetched if tp.topic in changelogs)
+    FETCHED_PARTITIONS.labels("changelog").set(changelog)
+    FETCHED_PARTITIONS.labels("input").set(len(fetched) - changelog)
 
 
 class WorkerApp(faust.App):

@@ -328,3 +328,34 @@ async def test_every_metric_on_a_dashboard_or_alert_is_exported(
         referenced.update(re.findall(r"\b((?:flexoraa|faust)_[a-z0-9_]+)\b", path.read_text()))
     assert referenced, "no metrics referenced by the dashboards"
     assert sorted(referenced - exported) == []
+
+
+def fetched_partitions(metrics: str) -> dict[str, float]:
+    return {
+        sample.labels["kind"]: sample.value
+        for family in text_string_to_metric_families(metrics)
+        if family.name == "flexoraa_consumer_fetched_partitions"
+        for sample in family.samples
+    }
+
+
+async def test_the_worker_fetches_its_input_but_no_changelog_once_recovered(
+    api: httpx.AsyncClient, worker: ManagedProcess, make_tenant: MakeTenant
+) -> None:
+    """A changelog partition Faust no longer reads is paused in aiokafka too: a fetch bringing
+    records nobody drains held every fetch for 100 ms, and kept them buffered for good."""
+    tenant = await make_tenant()
+    # A message writes the sessions and deadlines changelogs.
+    created = await post(api, tenant, channel="sms", contact="5550008888", text="changelogs")
+    await lead_state(api, tenant, created["lead_id"], 1)
+
+    async def settled() -> dict[str, float] | None:
+        async with httpx.AsyncClient() as client:
+            page = await client.get(f"http://127.0.0.1:{worker.ports['web']}/metrics")
+        counts = fetched_partitions(page.text)
+        return counts if counts.get("input") else None
+
+    counts = await eventually(settled, what="the worker's fetched partitions")
+    assert counts["changelog"] == 0
+    # Every lead topic's partitions are read (8 of each of the inbound topics at least).
+    assert counts["input"] >= 8
