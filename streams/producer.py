@@ -194,7 +194,7 @@ class AcknowledgedOnlyConsumer(AiokafkaConsumer):
         # aiokafka's partition states belong to the consumer thread's loop (a pause creates
         # a future there). Calls run in the order made, after the rebalance that assigned them.
         thread.thread_loop.call_soon_threadsafe(
-            _set_fetching, consumer, tps, fetching, frozenset(self.app.tables.changelog_topics)
+            _apply_in_aiokafka, consumer, tps, fetching, frozenset(self.app.tables.changelog_topics)
         )
 
     def is_current(self, generation: int | None) -> bool:
@@ -283,7 +283,7 @@ class AcknowledgedOnlyConsumer(AiokafkaConsumer):
         return head in self._acked_index[tp] or bool(self._gap[tp].overlaps(head))
 
 
-def _set_fetching(
+def _apply_in_aiokafka(
     consumer: AIOKafkaConsumer, tps: set[TP], fetching: bool, changelogs: frozenset[str]
 ) -> None:
     """On the consumer thread: pauses or resumes the partitions still assigned, and counts

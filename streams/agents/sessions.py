@@ -10,10 +10,7 @@ from faust.types import TableT, TopicT
 
 from schemas.events import InboundMessage
 from streams.batches import BatchLane, SourceRecord
-from streams.dead_letters import (
-    dead_letter_record,
-    decode_or_dead_letter,
-)
+from streams.dead_letters import dead_letter_record, decode_or_dead_letter
 from streams.metrics import DUPLICATE_EVENTS, INBOUND_EVENTS
 from streams.rules.session import apply_inbound
 from streams.rules.window import window_deadlines
