@@ -180,8 +180,15 @@ class Evaluator:
         keys = [k for k in self.dirty if k in self._windows.windows]
         changed = [self._windows.windows[k] for k in keys]
         changed = [w for w in changed if owns(w.operation)]
-        await self._store.upsert_minutes(changed)
+        # Cleared before the write, not after: an event the agent counts while the write is in
+        # flight marks its window dirty again, and the next run stores it. Clearing afterwards
+        # lost that mark, and a minute's last events never reached sla_metrics.
         self.dirty.difference_update(keys)
+        try:
+            await self._store.upsert_minutes(changed)
+        except BaseException:
+            self.dirty.update(keys)
+            raise
 
     async def _step(self, key: ViolationKey, check: Check, now_ms: int) -> None:
         tenant_key, operation, _ = key

@@ -28,9 +28,17 @@ from schemas.events import DeadLetter
 from schemas.latency import LatencyEvent, Operation
 from schemas.notifications import Notification
 from schemas.topics import TopicNames
-from streams.agents.sla import write_due_report
+from streams.agents.sla import Evaluator, write_due_report
 from streams.agents.sla_store import SlaStore
-from streams.rules.sla import MINUTE_MS, PLATFORM, MinuteWindow, minute_of, new_sketch
+from streams.rules.sla import (
+    MINUTE_MS,
+    PLATFORM,
+    MinuteWindow,
+    Observation,
+    SlaWindows,
+    minute_of,
+    new_sketch,
+)
 from tests.conftest import (
     MakeTenant,
     ManagedProcess,
@@ -390,6 +398,45 @@ async def test_monitoring_endpoints_are_tenant_scoped_series_and_current_figures
 
 async def _constant(pool: asyncpg.Pool) -> asyncpg.Pool:
     return pool
+
+
+async def test_an_event_counted_while_minutes_are_stored_is_stored_on_the_next_run(
+    test_settings: Settings, pool: asyncpg.Pool, make_tenant: MakeTenant
+) -> None:
+    tenant = await make_tenant("Racing")
+    windows = SlaWindows(lateness_ms=MINUTE_MS, retention_min=60)
+    now_ms = int(time.time() * 1000)
+
+    def count(offset: int) -> None:
+        """What the latency agent does per event: apply it, mark its windows dirty."""
+        observed = Observation("routing", tenant.tenant_id, now_ms, 12.0, False, 0, offset)
+        for window in windows.apply(observed, now_ms).changed:
+            evaluator.dirty.add(window.key)
+
+    class AgentCountsDuringTheFirstWrite(SlaStore):
+        writes = 0
+
+        async def upsert_minutes(self, changed: Any) -> None:
+            await super().upsert_minutes(changed)
+            self.writes += 1
+            if self.writes == 1:
+                count(offset=2)  # the agent ran while this write was awaited
+
+    evaluator = Evaluator(
+        settings=test_settings,
+        windows=windows,
+        store=AgentCountsDuringTheFirstWrite(lambda: _constant(pool)),
+        notify=lambda _: None,
+    )
+    count(offset=1)
+    await evaluator.run({0}, lambda _: True, now_ms)
+    await evaluator.run({0}, lambda _: True, now_ms)
+
+    calls = await pool.fetchval(
+        "SELECT calls FROM sla_metrics WHERE operation = 'routing' AND tenant_key = $1",
+        tenant.tenant_id,
+    )
+    assert calls == 2
 
 
 async def test_the_daily_report_is_written_once_per_day(
