@@ -42,6 +42,7 @@ from flexoraa.crypto import load_secret_box
 from flexoraa.db import create_pool
 from flexoraa.kafka import EventPublisher
 from flexoraa.latency import LatencyRecorder
+from flexoraa.runtime import time_garbage_collections, watch_loop_lag
 from flexoraa.settings import Settings
 from schemas.topics import TopicNames
 from streams.agents.sla_store import SlaStore
@@ -85,12 +86,15 @@ def create_app(settings: Settings) -> FastAPI:
             email_sender=EmailSender(settings, gmail_store),
         )
         await latency.start()
+        time_garbage_collections()
+        loop_lag = asyncio.create_task(watch_loop_lag(), name="loop-lag")
         # Everything allocated so far lives as long as the process: keep it out of the
         # collector's generations so full collections (tail latency) stay short.
         gc.freeze()
         try:
             yield
         finally:
+            loop_lag.cancel()
             # Each step bounded: a shutdown that hangs (a broker or database that stopped
             # answering) would keep the process from exiting at all.
             for step in (latency.close(), publisher.close(), lead_state.close()):

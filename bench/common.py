@@ -19,6 +19,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from api.tenants import create_tenant
 from flexoraa import stack
@@ -46,6 +47,37 @@ def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     # utime and stime: fields 14 and 15 of stat(5), counted after the command's parentheses.
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pauses(url: str) -> dict[str, float]:
+    """A process's pause counters from its /metrics page (`flexoraa.runtime`): subtract two
+    snapshots to see how much of a run's tail was garbage collection or a blocked loop."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    found = {"gc_s": 0.0, "gc_gen2": 0.0, "lag_samples": 0.0, "lag_under_25ms": 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "flexoraa_gc_pause_seconds_sum":
+                found["gc_s"] += sample.value
+            elif sample.name == "flexoraa_gc_pause_seconds_count":
+                if sample.labels["generation"] == "2":
+                    found["gc_gen2"] += sample.value
+            elif sample.name == "flexoraa_event_loop_lag_seconds_count":
+                found["lag_samples"] += sample.value
+            elif (
+                sample.name == "flexoraa_event_loop_lag_seconds_bucket"
+                and float(sample.labels["le"]) == 0.025
+            ):
+                found["lag_under_25ms"] += sample.value
+    return found
+
+
+def pauses_between(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    delta = {key: after[key] - before[key] for key in after}
+    return {
+        "gc_ms": round(delta["gc_s"] * 1000, 1),
+        "gc_gen2": delta["gc_gen2"],
+        "loop_lag_over_25ms": delta["lag_samples"] - delta["lag_under_25ms"],
+    }
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -22,7 +22,14 @@ from pathlib import Path
 import aiohttp
 import httpx
 
-from bench.common import bench_environment, percentile, wait_ready, write_result
+from bench.common import (
+    bench_environment,
+    pauses,
+    pauses_between,
+    percentile,
+    wait_ready,
+    write_result,
+)
 from bench.throughput import produce
 from schemas.topics import TopicNames
 from streams.rules.identity import lead_id_for
@@ -117,10 +124,14 @@ def main() -> int:
                 httpx.get(f"{url}/internal/leads/{random.choice(lead_ids)}", timeout=60)
                 settled_for = settled_for + 1 if time.perf_counter() - started < 0.05 else 0
                 time.sleep(0.5)
+            api_url = f"http://127.0.0.1:{settings.api_port}"
+            before = {"worker": pauses(url), "api": pauses(api_url)}
             latencies, errors = asyncio.run(
-                read_at_rate(f"http://127.0.0.1:{settings.api_port}", environment.api_key,
+                read_at_rate(api_url, environment.api_key,
                              lead_ids, args.rate, args.seconds)
             )  # fmt: skip
+            paused = {name: pauses_between(before[name], pauses(where))
+                      for name, where in (("worker", url), ("api", api_url))}  # fmt: skip
         finally:
             environment.stop(api, worker)
     per_100k = (loaded_mb - idle_mb) * 100_000 / args.leads
@@ -134,12 +145,17 @@ def main() -> int:
         "errors": errors,
         "p50_ms": round(statistics.median(latencies), 2),
         "p99_ms": round(percentile(latencies, 99), 2),
+        "p99_9_ms": round(percentile(latencies, 99.9), 2),
+        # Garbage collection and blocked-loop time in each process during the reads.
+        "pauses": paused,
     }
     path = write_result("reads", result)
     print(f"(g) worker memory: {idle_mb:.0f} MB idle, {loaded_mb:.0f} MB with {args.leads} leads "
           f"= {per_100k:.0f} MB per 100k leads")  # fmt: skip
     print(f"(e) GET /api/leads/{{id}} at {args.rate:.0f}/s: p50 {result['p50_ms']} ms, "
-          f"p99 {result['p99_ms']} ms, errors {errors}  ({path})")  # fmt: skip
+          f"p99 {result['p99_ms']} ms, p99.9 {result['p99_9_ms']} ms, errors {errors}  "
+          f"({path})")  # fmt: skip
+    print(f"    pauses during the reads: {paused}")
     return 0
 
 

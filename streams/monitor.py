@@ -23,6 +23,8 @@ from faust.types.transports import ProducerT
 from faust.types.tuples import TP, Message, PendingMessage, RecordMetadata
 from prometheus_client import Counter
 
+from flexoraa.runtime import time_garbage_collections, watch_loop_lag
+
 
 class LeanPrometheusMonitor(PrometheusMonitor):
     def __init__(self, **kwargs: Any) -> None:
@@ -83,3 +85,10 @@ def install_prometheus_monitor(app: AppT) -> None:
     # hands them to its monitor; the lean monitor records into the same families.
     metrics = cast(PrometheusMonitor, app.monitor)._metrics
     app.monitor = LeanPrometheusMonitor(metrics=metrics)
+    time_garbage_collections()
+
+    # Faust hands the app to a task that takes an argument: this one must take none.
+    async def watch_worker_loop_lag() -> None:
+        await watch_loop_lag()
+
+    app.task(watch_worker_loop_lag)
