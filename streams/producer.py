@@ -43,6 +43,7 @@ Two more ways a rebalance skipped records, both found by a worker started on a b
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any, cast
 
@@ -93,11 +94,19 @@ class EffectsFirstProducer(AiokafkaProducer):
                 return
             if self._producer is not None:
                 await self._producer.flush()
-            for published, fut in enumerate(held.values(), start=1):
+            # Taken off one by one: the round must not hold the last reference to every
+            # message it published. Freeing a backlog's round (266,831 writes in the reads
+            # benchmark) all at once when it ended held the loop for 115-150 ms.
+            to_publish = deque(held.values())
+            held.clear()
+            published = 0
+            while to_publish:
+                fut = to_publish.popleft()
                 await fut.message.channel.publish_message(fut, wait=False)
+                published += 1
                 if published % RELEASE_SLICE == 0:
-                    # publish_message rarely yields: a round of a backlog (266,831 writes in
-                    # the reads benchmark) held the loop, requests and all, for seconds.
+                    # publish_message rarely yields: such a round held the loop, requests
+                    # and all, for seconds.
                     await asyncio.sleep(0)
 
     @Service.task
