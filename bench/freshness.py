@@ -17,7 +17,14 @@ import time
 
 import aiohttp
 
-from bench.common import bench_environment, percentile, wait_ready, write_result
+from bench.common import (
+    bench_environment,
+    pauses,
+    pauses_between,
+    percentile,
+    wait_ready,
+    write_result,
+)
 
 
 async def measure(base: str, api_key: str, rate: float, seconds: float) -> list[float]:
@@ -80,11 +87,16 @@ def main() -> int:
             for port in worker_ports:
                 wait_ready(f"http://127.0.0.1:{port}/ready")
             wait_ready(f"http://127.0.0.1:{api_port}/health")
+            processes = {f"worker {port}": f"http://127.0.0.1:{port}" for port in worker_ports}
+            processes["api"] = f"http://127.0.0.1:{api_port}"
+            before = {name: pauses(url) for name, url in processes.items()}
             latencies = asyncio.run(
                 measure(
                     f"http://127.0.0.1:{api_port}", environment.api_key, args.rate, args.seconds
                 )
             )
+            paused = {name: pauses_between(before[name], pauses(url))
+                      for name, url in processes.items()}  # fmt: skip
         finally:
             environment.stop(*children)
 
@@ -96,6 +108,8 @@ def main() -> int:
         "p99_ms": round(percentile(latencies, 99), 2),
         "max_ms": round(max(latencies), 2),
         "within_1s": sum(1 for value in latencies if value <= 1000) / len(latencies),
+        # Garbage collection and blocked-loop time in each process during the measurement.
+        "pauses": paused,
     }
     path = write_result(f"freshness-{args.workers}w", result)
     header = ("workers", "rate/s", "n", "p50 ms", "p99 ms", "max ms", "<=1s")
@@ -104,6 +118,7 @@ def main() -> int:
         f"{args.workers:>8} {args.rate:>8.0f} {result['messages']:>6} {result['p50_ms']:>8} "
         f"{result['p99_ms']:>8} {result['max_ms']:>8} {result['within_1s']:>6.1%}"
     )
+    print(f"pauses during the measurement: {paused}")
     print(f"written {path}")
     return 0
 
