@@ -57,6 +57,8 @@ class SourceRecord(Protocol):
 
 
 BatchHandler = Callable[[Sequence[SourceRecord]], Awaitable[None]]
+# Records a one-at-a-time handler takes between two turns of the event loop.
+RECORDS_PER_TURN = 50
 RecordHandler = Callable[[SourceRecord], Awaitable[None]]
 RecordsByPartition = Mapping[TP, Sequence[Any]]
 
@@ -82,7 +84,11 @@ def one_record_at_a_time(handle: RecordHandler) -> BatchHandler:
     `table[key] = value` writes), without Faust's per-record delivery."""
 
     async def handle_each(records: Sequence[SourceRecord]) -> None:
-        for record in records:
+        for handled, record in enumerate(records):
+            if handled and handled % RECORDS_PER_TURN == 0:
+                # A handler rarely suspends (table writes are synchronous): a slice of a
+                # backlog held the loop, and every request to the worker, for 200-250 ms.
+                await asyncio.sleep(0)
             event = LaneEvent(record)
             # Faust keeps a weak reference to the event: `event` holds it until the record
             # is done.
@@ -214,6 +220,7 @@ class BatchLane:
             try:
                 for start in range(0, len(records), handler.max_batch):
                     await handler.handle(records[start : start + handler.max_batch])
+                    await asyncio.sleep(0)  # the other agents' turn (see max_batch)
             finally:
                 self._busy -= 1
                 if not self._busy:

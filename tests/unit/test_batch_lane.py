@@ -12,7 +12,13 @@ import faust
 from faust.streams import current_event
 from faust.types import TP, AppT, TopicT
 
-from streams.batches import BatchLane, RecordsByPartition, SourceRecord, one_record_at_a_time
+from streams.batches import (
+    RECORDS_PER_TURN,
+    BatchLane,
+    RecordsByPartition,
+    SourceRecord,
+    one_record_at_a_time,
+)
 
 USAGE = "acme.token-usage"
 CREDITS = "acme.token-credits"
@@ -214,3 +220,27 @@ async def test_records_handled_one_at_a_time_write_tables_in_their_own_partition
 
     assert written == [(10, 3), (11, 5), (12, 3)]
     assert current_event() is None  # nothing left behind once the batch is done
+
+
+async def test_records_handled_one_at_a_time_let_other_tasks_run_between_turns() -> None:
+    handled: list[int] = []
+
+    async def handle(record: SourceRecord) -> None:
+        handled.append(record.offset)  # never suspends, as a table write
+
+    seen_by_another_task: list[int] = []
+
+    async def another_task() -> None:
+        while True:
+            seen_by_another_task.append(len(handled))
+            await asyncio.sleep(0)
+
+    other = asyncio.create_task(another_task())
+    await asyncio.sleep(0)
+    records = [Record(USAGE, 0, offset) for offset in range(4 * RECORDS_PER_TURN)]
+    await one_record_at_a_time(handle)(records)
+    other.cancel()
+
+    assert handled == list(range(4 * RECORDS_PER_TURN))
+    turns = sorted({n for n in seen_by_another_task if 0 < n < len(records)})
+    assert turns == [RECORDS_PER_TURN, 2 * RECORDS_PER_TURN, 3 * RECORDS_PER_TURN]
