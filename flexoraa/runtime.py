@@ -25,8 +25,10 @@ LOOP_LAG = Histogram(
     "How late the event loop ran a callback scheduled for a fixed moment",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
-for _generation in ("0", "1", "2"):
-    GC_PAUSE.labels(_generation)  # exported at zero from the start
+# Children made once, here: `labels()` takes the family's lock, which a /metrics scrape holds while
+# it collects, and a collection can start inside that scrape; the callback must only `observe`.
+# Made at import, they are also exported at zero from the start.
+_GC_PAUSE_BY_GENERATION = {generation: GC_PAUSE.labels(str(generation)) for generation in range(3)}
 
 _gc_started: float | None = None
 
@@ -36,7 +38,7 @@ def _time_collection(phase: str, info: dict[str, Any]) -> None:
     if phase == "start":
         _gc_started = time.perf_counter()
     elif _gc_started is not None:
-        GC_PAUSE.labels(str(info["generation"])).observe(time.perf_counter() - _gc_started)
+        _GC_PAUSE_BY_GENERATION[info["generation"]].observe(time.perf_counter() - _gc_started)
         _gc_started = None
 
 

@@ -86,28 +86,53 @@ class EffectsFirstProducer(AiokafkaProducer):
 
     async def release_held(self) -> None:
         """Publishes the held changelog writes once everything produced before them is
-        acknowledged; rounds run one at a time, so a key's later value is never overtaken."""
+        acknowledged; rounds run one at a time, so a key's later value is never overtaken.
+
+        A round that fails or is cancelled holds its unpublished writes again, ahead of any
+        written meanwhile, so the next round publishes them: a changelog write is never dropped.
+        """
         async with self._releasing:
             held, self._held = self._held, {}
             self._something_held.clear()
             if not held:
                 return
-            if self._producer is not None:
-                await self._producer.flush()
-            # Taken off one by one: the round must not hold the last reference to every
-            # message it published. Freeing a backlog's round (266,831 writes in the reads
-            # benchmark) all at once when it ended held the loop for 115-150 ms.
+            # Taken off one by one: the round must not keep every message it published alive
+            # until it ends. Let go of, each is freed once Kafka acknowledges it; kept, a
+            # backlog's round (266,831 writes in the reads benchmark) freed them all at once
+            # when it ended, which held the loop for 115-150 ms.
             to_publish = deque(held.values())
             held.clear()
-            published = 0
-            while to_publish:
-                fut = to_publish.popleft()
-                await fut.message.channel.publish_message(fut, wait=False)
-                published += 1
-                if published % RELEASE_SLICE == 0:
-                    # publish_message rarely yields: such a round held the loop, requests
-                    # and all, for seconds.
-                    await asyncio.sleep(0)
+            in_flight: FutureMessage | None = None
+            try:
+                if self._producer is not None:
+                    await self._producer.flush()
+                published = 0
+                while to_publish:
+                    in_flight = to_publish.popleft()
+                    await in_flight.message.channel.publish_message(in_flight, wait=False)
+                    in_flight = None
+                    published += 1
+                    if published % RELEASE_SLICE == 0:
+                        # publish_message rarely yields: such a round held the loop, requests
+                        # and all, for seconds.
+                        await asyncio.sleep(0)
+            except BaseException:
+                if in_flight is not None:
+                    to_publish.appendleft(in_flight)
+                self._hold_again(to_publish)
+                raise
+
+    def _hold_again(self, unpublished: Iterable[FutureMessage]) -> None:
+        """Puts a failed round's writes back before the newer ones: a key written since keeps
+        its newer value, and the round order stays the order of last writes."""
+        newer, self._held = self._held, {}
+        for fut in unpublished:
+            key = _write_key(fut)
+            if key not in newer:
+                self._held[key] = fut
+        self._held.update(newer)
+        if self._held:
+            self._something_held.set()
 
     @Service.task
     async def _release_held_writes(self) -> None:

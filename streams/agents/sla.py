@@ -187,7 +187,8 @@ class Evaluator:
         try:
             await self._store.upsert_minutes(changed)
         except BaseException:
-            self.dirty.update(keys)
+            # Only windows still kept: one the retention dropped meanwhile is gone for good.
+            self.dirty.update(k for k in keys if k in self._windows.windows)
             raise
 
     async def _step(self, key: ViolationKey, check: Check, now_ms: int) -> None:

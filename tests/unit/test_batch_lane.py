@@ -188,6 +188,33 @@ async def test_a_large_fetch_is_handled_in_slices() -> None:
         task.cancel()
 
 
+async def test_another_task_runs_between_the_slices_of_a_handler_that_never_suspends() -> None:
+    app, lane = FakeApp(), BatchLane()
+    handled: list[int] = []
+
+    async def table_writes(records: Sequence[SourceRecord]) -> None:
+        handled.extend(r.offset for r in records)  # no await inside, as a table write
+
+    lane.add_handler("accounts", topics(USAGE), table_writes, max_batch=4)
+    tasks = await running(lane, app)
+    seen_by_another_task: list[int] = []
+
+    async def another_task() -> None:
+        while True:
+            seen_by_another_task.append(len(handled))
+            await asyncio.sleep(0)
+
+    other = asyncio.create_task(another_task())
+    await lane.dispatch(fetch_of(USAGE, 0, range(10)), generation=1)
+    await settle()
+    other.cancel()
+
+    assert handled == list(range(10))
+    assert {4, 8} <= set(seen_by_another_task)  # the loop was handed over after each slice
+    for task in tasks:
+        task.cancel()
+
+
 async def test_a_failing_handler_stops_the_worker_without_acknowledging() -> None:
     app, lane = FakeApp(), BatchLane()
 
