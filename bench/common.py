@@ -52,7 +52,11 @@ def cpu_seconds(pid: int) -> float:
 def pauses(url: str) -> dict[str, float]:
     """A process's pause counters from its /metrics page (`flexoraa.runtime`): subtract two
     snapshots to see how much of a run's tail was garbage collection or a blocked loop."""
-    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return pauses_in(httpx.get(f"{url}/metrics", timeout=30).text)
+
+
+def pauses_in(text: str) -> dict[str, float]:
+    """`pauses` of a /metrics page already fetched."""
     found = {"gc_s": 0.0, "gc_gen2": 0.0, "lag_samples": 0.0, "lag_under_25ms": 0.0}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
