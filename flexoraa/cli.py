@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import logging
 import os
@@ -158,6 +157,7 @@ def cmd_gmail_poller(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from faust import Worker
 
+    from flexoraa.runtime import settle_collector
     from streams.app import create_worker_app
 
     class QuietWorker(Worker):
@@ -175,10 +175,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         mode.loop.use("uvloop")
     app = create_worker_app(settings)
     worker = QuietWorker(app, loglevel=settings.log_level.lower())
-    # The modules, the app and its services live as long as the process: out of the
-    # collector's generations, a full collection scans only what the worker made since.
-    gc.collect()
-    gc.freeze()
+    settle_collector(settings.worker_gc_gen0_threshold)
     worker.execute_from_commandline()
     return 0
 

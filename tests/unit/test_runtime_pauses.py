@@ -9,7 +9,7 @@ import time
 
 from prometheus_client import REGISTRY
 
-from flexoraa.runtime import time_garbage_collections, watch_loop_lag
+from flexoraa.runtime import settle_collector, time_garbage_collections, watch_loop_lag
 
 
 def _value(name: str, **labels: str) -> float:
@@ -38,3 +38,16 @@ async def test_a_blocked_loop_is_observed_as_lag() -> None:
     with contextlib.suppress(asyncio.CancelledError):
         await watcher
     assert slow_buckets() >= before + 1
+
+
+def test_a_settled_collector_keeps_what_exists_and_collects_the_young_less_often() -> None:
+    before = gc.get_threshold()
+    long_lived = [{"state": i} for i in range(1000)]
+    try:
+        settle_collector(20_000)
+        assert gc.get_threshold() == (20_000, before[1], before[2])
+        # What existed was moved out of the generations a collection scans.
+        assert gc.get_freeze_count() >= len(long_lived)
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
