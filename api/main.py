@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -42,7 +41,7 @@ from flexoraa.crypto import load_secret_box
 from flexoraa.db import create_pool
 from flexoraa.kafka import EventPublisher
 from flexoraa.latency import LatencyRecorder
-from flexoraa.runtime import time_garbage_collections, watch_loop_lag
+from flexoraa.runtime import settle_collector, time_garbage_collections, watch_loop_lag
 from flexoraa.settings import Settings
 from schemas.topics import TopicNames
 from streams.agents.sla_store import SlaStore
@@ -88,9 +87,8 @@ def create_app(settings: Settings) -> FastAPI:
         await latency.start()
         time_garbage_collections()
         loop_lag = asyncio.create_task(watch_loop_lag(), name="loop-lag")
-        # Everything allocated so far lives as long as the process: keep it out of the
-        # collector's generations so full collections (tail latency) stay short.
-        gc.freeze()
+        # Everything allocated so far lives as long as the process.
+        settle_collector(settings.gc_gen0_threshold)
         try:
             yield
         finally:

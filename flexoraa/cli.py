@@ -175,7 +175,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         mode.loop.use("uvloop")
     app = create_worker_app(settings)
     worker = QuietWorker(app, loglevel=settings.log_level.lower())
-    settle_collector(settings.worker_gc_gen0_threshold)
+    settle_collector(settings.gc_gen0_threshold)
     worker.execute_from_commandline()
     return 0
 
