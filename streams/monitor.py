@@ -64,17 +64,24 @@ class LeanPrometheusMonitor(PrometheusMonitor):
     def on_send_initiated(
         self, producer: ProducerT, topic: str, message: PendingMessage, keysize: int, valsize: int
     ) -> Any:
-        counter = self._sent_by_topic.get(topic)
-        if counter is None:
-            counter = self._metrics.topic_messages_sent.labels(topic=f"topic.{topic}")
-            self._sent_by_topic[topic] = counter
-        counter.inc()
+        self.count_sent(topic)
         return None
 
     def on_send_completed(self, producer: ProducerT, state: Any, metadata: RecordMetadata) -> None:
         return None
 
     def on_send_error(self, producer: ProducerT, exc: BaseException, state: Any) -> None:
+        self.count_send_error()
+
+    # Also called for the records `streams.producer.DirectTopic` sends past Faust's sensors.
+    def count_sent(self, topic: str) -> None:
+        counter = self._sent_by_topic.get(topic)
+        if counter is None:
+            counter = self._metrics.topic_messages_sent.labels(topic=f"topic.{topic}")
+            self._sent_by_topic[topic] = counter
+        counter.inc()
+
+    def count_send_error(self) -> None:
         self._metrics.total_error_messages_sent.inc()
 
 

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+from functools import partial
+
+import pytest
+from aiokafka.errors import KafkaTimeoutError
 from faust.sensors.prometheus import FaustMetrics
 from faust.types.tuples import TP
 from prometheus_client import CollectorRegistry
 
 from streams.monitor import LeanPrometheusMonitor
+from streams.producer import _report_undelivered
 
 
 def test_records_received_and_sent_per_topic_and_committed_offsets() -> None:
@@ -24,3 +30,17 @@ def test_records_received_and_sent_per_topic_and_committed_offsets() -> None:
     assert sample("faust_messages_received_per_topic_total", topic="token-usage") == 3
     assert sample("faust_topic_messages_sent_total", topic="topic.ledger") == 1
     assert sample("faust_topic_partition_offset_commited", topic="token-usage", partition="3") == 3
+
+
+async def test_a_record_sent_past_fausts_path_and_not_delivered_is_logged_and_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    registry = CollectorRegistry()
+    monitor = LeanPrometheusMonitor(metrics=FaustMetrics.create(registry, "faust"))
+    delivered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    delivered.add_done_callback(partial(_report_undelivered, "lead-events", monitor))
+    delivered.set_exception(KafkaTimeoutError("batch expired"))
+    await asyncio.sleep(0)  # done callbacks run on the next turn of the loop
+
+    assert registry.get_sample_value("faust_total_error_messages_sent_total") == 1
+    assert "record to lead-events not delivered" in caplog.text
