@@ -170,8 +170,9 @@ class DirectTopic(faust.Topic):
     serialised. Faust's send wraps each in a FutureMessage and a PendingMessage, runs its codecs
     and sensors and chains a callback onto aiokafka's future: about 10 % of the worker's CPU
     for the same produce call (bench.throughput --credited, 3 alternating runs: 1.23-1.27
-    against 1.38-1.40 ms per event). Nothing is weaker for it: the effects-first rule rests on `release_held` and
-    `flush` flushing the aiokafka producer, which covers these records as it covered Faust's.
+    against 1.38-1.40 ms per event). Nothing is weaker for it: the effects-first rule rests
+    on `release_held` and `flush` flushing the aiokafka producer, which covers these records
+    as it covered Faust's.
 
     Faust's path is kept wherever it adds something: sends attached to the current event
     (`stream_publish_on_commit`), transactions (exactly_once), anything but bytes, and any
