@@ -12,7 +12,7 @@ from faust.types.tuples import TP
 from prometheus_client import CollectorRegistry
 
 from streams.monitor import LeanPrometheusMonitor
-from streams.producer import _report_undelivered
+from streams.producer import report_undelivered
 
 
 def test_records_received_and_sent_per_topic_and_committed_offsets() -> None:
@@ -38,7 +38,7 @@ async def test_a_record_sent_past_fausts_path_and_not_delivered_is_logged_and_co
     registry = CollectorRegistry()
     monitor = LeanPrometheusMonitor(metrics=FaustMetrics.create(registry, "faust"))
     delivered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    delivered.add_done_callback(partial(_report_undelivered, "lead-events", monitor))
+    delivered.add_done_callback(partial(report_undelivered, "lead-events", monitor))
     delivered.set_exception(KafkaTimeoutError("batch expired"))
     await asyncio.sleep(0)  # done callbacks run on the next turn of the loop
 
