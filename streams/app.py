@@ -43,7 +43,7 @@ from streams.agents.sink import SinkSpec
 from streams.agents.tokens import Accounts, AiGate, Meter, SeenIds, TenantStatusView
 from streams.batches import BatchLane
 from streams.monitor import install_prometheus_monitor
-from streams.producer import DirectTopic, WorkerApp
+from streams.producer import DirectTopic, HeldChangelogTable, WorkerApp
 from streams.rules.qualification import Policy
 from streams.rules.tokens import parse_prices
 from streams.sink import (
@@ -86,6 +86,8 @@ def create_worker_app(settings: Settings) -> faust.App:
         processing_guarantee=settings.processing_guarantee,
         # Effects skip Faust's per-record send wrapping (streams.producer.DirectTopic).
         Topic=DirectTopic,
+        # Table writes skip it too (streams.producer.HeldChangelogTable).
+        Table=HeldChangelogTable,
         # An agent that raises stops the worker (non-zero exit, for the supervisor to restart
         # it from the committed offsets). Faust's default restarts only the agent, leaving the
         # record it crashed on unacknowledged: its partition then never commits again and the

@@ -24,7 +24,7 @@ from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -49,6 +49,7 @@ from streams.metrics import (
     TOKEN_EVENTS,
     TOKEN_TENANT_PAUSED,
 )
+from streams.producer import HeldChangelogTable
 from streams.rules.tokens import Account, charge, credit, spend
 from streams.timers import Scheduler
 from streams.web import partition_of
@@ -73,7 +74,7 @@ def put_in_partition(table: TableT[Any, Any], partition: int, key: Any, value: A
     current event, and its batch spans partitions.
     """
     table.data[key] = value
-    table.send_changelog(partition, key, value)
+    cast(HeldChangelogTable, table).write_changelog(partition, key, value)
 
 
 class SeenIds:
