@@ -252,7 +252,12 @@ async def nothing_kept(load: Load, url: str) -> None:
 async def billed_once(load: Load, settings: Settings, url: str, db: asyncpg.Connection) -> None:
     """Every AI action billed once: each message the interview handled has one usage row (its id
     derived from the message's), every other AI message (re-engagement, recovery) one usage row;
-    and each tenant's balance is exactly its credits minus the distinct usage on the topic."""
+    and each tenant's balance is exactly its credits minus the distinct usage on the topic.
+
+    Compared once every agent is done with the inbound messages: an interview still catching
+    up (after a PostgreSQL outage it waits for the tenants' settings) matched for a moment,
+    then billed a step whose question the sink had not written yet."""
+    await agents_caught_up(settings, [TopicNames(settings.topic_prefix).inbound_messages])
     tenant_ids = [t.tenant_id for t in load.tenants]
     mismatches: dict[str, Any] = {}
 
