@@ -32,6 +32,9 @@ SCOPES = (
 T = TypeVar("T")
 
 
+GMAIL_NOT_CONFIGURED = "Gmail is not configured: set GMAIL_CLIENT_ID and GMAIL_CLIENT_SECRET"
+
+
 class GmailNotConfigured(RuntimeError):
     """GMAIL_CLIENT_ID / GMAIL_CLIENT_SECRET are unset."""
 
@@ -76,14 +79,12 @@ class OAuthFlow:
 
     @property
     def configured(self) -> bool:
-        return bool(self._settings.gmail_client_id and self._settings.gmail_client_secret)
+        return self._settings.gmail_configured
 
     def _client(self) -> tuple[str, str]:
         client_id, secret = self._settings.gmail_client_id, self._settings.gmail_client_secret
         if not client_id or secret is None:
-            raise GmailNotConfigured(
-                "Gmail is not configured: set GMAIL_CLIENT_ID and GMAIL_CLIENT_SECRET"
-            )
+            raise GmailNotConfigured(GMAIL_NOT_CONFIGURED)
         return client_id, secret.get_secret_value()
 
     def consent_url(self, state: str) -> str:
@@ -136,7 +137,7 @@ class Mailbox:
     def __init__(self, settings: Settings, tokens: Tokens) -> None:
         client_id, secret = settings.gmail_client_id, settings.gmail_client_secret
         if not client_id or secret is None:
-            raise GmailNotConfigured("Gmail is not configured: set GMAIL_CLIENT_ID")
+            raise GmailNotConfigured(GMAIL_NOT_CONFIGURED)
         self._credentials = Credentials(  # type: ignore[no-untyped-call]
             token=tokens.access_token,
             refresh_token=tokens.refresh_token,

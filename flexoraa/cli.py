@@ -121,6 +121,7 @@ def cmd_subscriptions_create(args: argparse.Namespace) -> int:
 
 
 def cmd_gmail_poller(args: argparse.Namespace) -> int:
+    from connectors.gmail import GMAIL_NOT_CONFIGURED
     from connectors.gmail_poller import GmailPoller
     from connectors.gmail_store import GmailStore
     from flexoraa.crypto import load_secret_box
@@ -128,6 +129,10 @@ def cmd_gmail_poller(args: argparse.Namespace) -> int:
     from flexoraa.kafka import EventPublisher
 
     settings = _settings(args)
+    if not settings.gmail_configured:
+        # Refused at start, not at the first due mailbox (which crashed the poller then).
+        print(f"error: {GMAIL_NOT_CONFIGURED}", file=sys.stderr)
+        return 2
 
     async def run() -> None:
         pool = await create_pool(settings)
@@ -243,6 +248,15 @@ def _wait_healthy(url: str, process: subprocess.Popen[bytes], timeout_s: float) 
     raise RuntimeError(f"{url} was not healthy after {timeout_s:.0f}s")
 
 
+def run_commands(settings: Settings) -> list[str]:
+    """The processes `flexoraa run` starts. A Gmail poller only with the OAuth client set: one
+    without it stopped at the first connected mailbox, and took the whole run down with it."""
+    commands = ["worker", "api"]
+    if settings.enable_gmail_polling and settings.gmail_configured:
+        commands.append("gmail-poller")
+    return commands
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Everything `make run` promises: the stack, the schema, topics, a worker and the API."""
     from flexoraa import stack
@@ -252,12 +266,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     _migrate_and_create_topics(settings)
     demo = ensure_demo_tenant(settings)
     python = [sys.executable, "-m", "flexoraa"]
-    children = {
-        "worker": subprocess.Popen([*python, "worker"]),
-        "api": subprocess.Popen([*python, "api"]),
-    }
-    if settings.enable_gmail_polling:
-        children["gmail-poller"] = subprocess.Popen([*python, "gmail-poller"])
+    children = {name: subprocess.Popen([*python, name]) for name in run_commands(settings)}
+    if settings.enable_gmail_polling and "gmail-poller" not in children:
+        print("Gmail polling is off: set GMAIL_CLIENT_ID and GMAIL_CLIENT_SECRET", flush=True)
 
     def stop_children(*_: object) -> None:
         for child in children.values():

@@ -366,6 +366,12 @@ class Settings(BaseSettings):
         return value
 
     @property
+    def gmail_configured(self) -> bool:
+        """Whether the Google OAuth client is set: without it no mailbox can be connected
+        or polled."""
+        return bool(self.gmail_client_id and self.gmail_client_secret)
+
+    @property
     def worker_advertised_url(self) -> str:
         return self.worker_canonical_url or f"http://{self.worker_web_host}:{self.worker_web_port}"
 
