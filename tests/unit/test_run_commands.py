@@ -11,14 +11,15 @@ import pytest
 from flexoraa.cli import main, run_commands
 from flexoraa.settings import Settings
 
-GMAIL = {"gmail_client_id": "client.apps.googleusercontent.com", "gmail_client_secret": "s3cret"}
+CONFIGURED = Settings(gmail_client_id="client.apps.googleusercontent.com", gmail_client_secret="s")
 
 
 def test_run_starts_a_gmail_poller_only_when_polling_is_on_and_gmail_is_configured() -> None:
-    assert run_commands(Settings(**GMAIL)) == ["worker", "api", "gmail-poller"]
+    assert run_commands(CONFIGURED) == ["worker", "api", "gmail-poller"]
     assert run_commands(Settings()) == ["worker", "api"]
     assert run_commands(Settings(gmail_client_id="id-without-secret")) == ["worker", "api"]
-    assert run_commands(Settings(enable_gmail_polling=False, **GMAIL)) == ["worker", "api"]
+    polling_off = CONFIGURED.model_copy(update={"enable_gmail_polling": False})
+    assert run_commands(polling_off) == ["worker", "api"]
 
 
 def test_a_gmail_poller_without_the_oauth_client_refuses_to_start(
