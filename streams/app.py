@@ -18,6 +18,7 @@ from connectors.tenants import TenantSettings
 from connectors.whatsapp import GraphApiClient
 from flexoraa.crypto import load_secret_box
 from flexoraa.db import create_pool
+from flexoraa.kafka import KeyPartitioner
 from flexoraa.settings import Settings
 from schemas.events import InboundMessage
 from schemas.messaging import DeliveryStatus, LeadEvent, OutboundMessage
@@ -94,6 +95,8 @@ def create_worker_app(settings: Settings) -> faust.App:
         # next rebalance waits for it forever (a silent stall seen in the fault tests).
         agent_supervisor=mode.CrashingSupervisor,
         producer_acks=-1,
+        # Kafka's default partitioning, each key's hash remembered (flexoraa.kafka).
+        producer_partitioner=KeyPartitioner(),
         # A killed worker's partitions (and their pending deadlines) move to the others only
         # after this; Faust's 60 s default would leave those leads' timers late by a minute.
         broker_session_timeout=settings.worker_session_timeout_s,

@@ -12,20 +12,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from aiokafka.partitioner import DefaultPartitioner
 from faust.types import AppT, TableT
 from faust.web import Request, Response, View
 from yarl import URL
 
+from flexoraa.kafka import partition_of
 from streams.rules.tokens import Account
-
-_partitioner = DefaultPartitioner()
-
-
-def partition_of(key: bytes, partitions: int) -> int:
-    """The partition a Kafka producer's default partitioner puts `key` on."""
-    every = list(range(partitions))
-    return int(_partitioner(key, every, every))
 
 
 def _owners(app: AppT, table: TableT[bytes, Any]) -> dict[int, str]:

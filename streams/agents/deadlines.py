@@ -14,11 +14,11 @@ from faust.types import AppT, StreamT, TableT, TopicT
 from pydantic import Field, TypeAdapter
 
 from flexoraa.db import while_unreachable
+from flexoraa.kafka import partition_of
 from schemas.messaging import DeadlineReached, DeadlinesReached
 from streams.dead_letters import decode_or_dead_letter
 from streams.metrics import DEADLINES_FIRED
 from streams.timers import Scheduler
-from streams.web import partition_of
 
 logger = logging.getLogger(__name__)
 _DEADLINE_EVENT_NAMESPACE = uuid.UUID("3e1d8a4c-94b6-4f52-8a41-6b0f2c7d9e13")

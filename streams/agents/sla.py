@@ -24,7 +24,7 @@ from typing import Any
 from faust.types import AppT, StreamT, TableT, TopicT
 
 from flexoraa.db import DB_ERRORS
-from flexoraa.kafka import EventPublisher
+from flexoraa.kafka import EventPublisher, partition_of
 from flexoraa.settings import Settings
 from schemas.latency import LatencyEvent
 from schemas.notifications import Notification
@@ -70,7 +70,6 @@ from streams.rules.sla import (
     step_violation,
     uptime_check,
 )
-from streams.web import partition_of
 
 logger = logging.getLogger(__name__)
 PERSIST_EVERY_S = 1.0

@@ -35,6 +35,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 from flexoraa import audit
 from flexoraa.credits import credit_due_subscriptions, relay_pending
 from flexoraa.db import DB_ERRORS
+from flexoraa.kafka import partition_of
 from schemas.messaging import DeadlineReached
 from schemas.notifications import Notification
 from schemas.tokens import Feature, TenantStatus, TokenCredit, TokenEvent, TokenUsage
@@ -52,7 +53,6 @@ from streams.metrics import (
 from streams.producer import HeldChangelogTable
 from streams.rules.tokens import Account, charge, credit, spend
 from streams.timers import Scheduler
-from streams.web import partition_of
 
 logger = logging.getLogger(__name__)
 
