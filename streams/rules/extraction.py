@@ -14,6 +14,7 @@ keyword classes, not intent.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any
@@ -163,52 +164,70 @@ def _days_until(today: date, target: date) -> int:
     return max(0, (target - today).days)
 
 
+# Compiled once: built and looked up in `re`'s cache on every message, the patterns (the month
+# alternation alone is some 150 characters, hashed each time) cost more than matching them.
+_RELATIVE = re.compile(
+    r"\b(?:in|within|next|over the next|in the next|about|around|have|got|only)\s+"
+    r"(\d+|a few|a couple of|couple of|few|a|an|one|two|three|four|five|six)\s+"
+    r"(day|week|month|year)s?\b"
+)
+_QUARTER = re.compile(r"\b(?:in |by |during |for )?q([1-4])\b")
+_MONTH = re.compile(
+    r"\b(?:by|before|in|from|starting|start of|early|mid|end of)\s+(" + "|".join(_MONTHS) + r")\b"
+)
+
+
+def _fixed(days: int | None) -> Callable[[date], int | None]:
+    return lambda today: days
+
+
+def _rest_of_year(today: date) -> int:
+    return _days_until(today, date(today.year, 12, 31))
+
+
+# In order: the first that matches gives the timeline, its days counted from today (None: the
+# lead is in no rush).
+_PHRASES: list[tuple[re.Pattern[str], Callable[[date], int | None]]] = [
+    (re.compile(pattern), days)
+    for pattern, days in [
+        (r"\b(asap|as soon as possible|immediately|urgent(?:ly)?|right away)\b", _fixed(3)),
+        (r"\bthis week\b", _fixed(5)),
+        (r"\bnext week\b", _fixed(10)),
+        (r"\b(?:this month|end of (?:the |this )?month)\b", _fixed(20)),
+        (r"\bnext month\b", _fixed(45)),
+        (r"\bnext quarter\b", _fixed(100)),
+        (r"\b(?:this|end of (?:the )?)quarter\b", _fixed(60)),
+        (r"\bnext year\b", _fixed(365)),
+        (r"\b(?:by |before )?(?:the )?end of (?:the |this )?year\b", _rest_of_year),
+        (r"\b(no rush|no hurry|not (?:in a|any) hurry|just exploring|just looking|no timeline|not sure when)\b", _fixed(None)),
+    ]
+]  # fmt: skip
+
+
 def extract_timeline(text: str, now: datetime) -> Timeline | None:
     lowered = text.lower()
     today = now.date()
-    patterns: list[tuple[str, Any]] = [
-        (r"\b(asap|as soon as possible|immediately|urgent(?:ly)?|right away)\b", 3),
-        (r"\bthis week\b", 5),
-        (r"\bnext week\b", 10),
-        (r"\b(?:this month|end of (?:the |this )?month)\b", 20),
-        (r"\bnext month\b", 45),
-        (r"\bnext quarter\b", 100),
-        (r"\b(?:this|end of (?:the )?)quarter\b", 60),
-        (r"\bnext year\b", 365),
-        (r"\b(?:by |before )?(?:the )?end of (?:the |this )?year\b", _days_until(today, date(today.year, 12, 31))),
-        (r"\b(no rush|no hurry|not (?:in a|any) hurry|just exploring|just looking|no timeline|not sure when)\b", None),
-    ]  # fmt: skip
-    relative = re.search(
-        r"\b(?:in|within|next|over the next|in the next|about|around|have|got|only)\s+"
-        r"(\d+|a few|a couple of|couple of|few|a|an|one|two|three|four|five|six)\s+"
-        r"(day|week|month|year)s?\b",
-        lowered,
-    )
+    relative = _RELATIVE.search(lowered)
     if relative:
         count = relative[1]
         number = int(count) if count.isdigit() else _WORD_NUMBERS[count]
         return Timeline(number * _UNIT_DAYS[relative[2]], relative.group(0))
-    quarter = re.search(r"\b(?:in |by |during |for )?q([1-4])\b", lowered)
+    quarter = _QUARTER.search(lowered)
     if quarter:
         q = int(quarter[1])
         start = date(today.year, 3 * (q - 1) + 1, 1)
         if start < date(today.year, 3 * ((today.month - 1) // 3) + 1, 1):
             start = date(today.year + 1, start.month, 1)
         return Timeline(_days_until(today, start), quarter.group(0).strip())
-    month = re.search(
-        r"\b(?:by|before|in|from|starting|start of|early|mid|end of)\s+("
-        + "|".join(_MONTHS)
-        + r")\b",
-        lowered,
-    )
+    month = _MONTH.search(lowered)
     if month:
         number = _MONTHS[month[1]]
         year = today.year if number >= today.month else today.year + 1
         return Timeline(_days_until(today, date(year, number, 1)), month.group(0))
-    for pattern, days in patterns:
-        found = re.search(pattern, lowered)
+    for pattern, days in _PHRASES:
+        found = pattern.search(lowered)
         if found:
-            return Timeline(days, found.group(0))
+            return Timeline(days(today), found.group(0))
     return None
 
 
@@ -236,6 +255,9 @@ _DECIDES = re.compile(
 )
 
 
+_NOT_NEED = re.compile(r"\b(?:not|n't)\s+need\b", re.I)
+
+
 @dataclass(frozen=True, slots=True)
 class Authority:
     decision_maker: bool
@@ -248,9 +270,7 @@ class Authority:
 
 def extract_authority(text: str) -> Authority | None:
     needs = _NEEDS_APPROVAL.search(text)
-    if needs and not re.search(
-        r"\b(?:not|n't)\s+need\b", text[max(0, needs.start() - 12) : needs.start()], re.I
-    ):
+    if needs and not _NOT_NEED.search(text[max(0, needs.start() - 12) : needs.start()]):
         approver = _APPROVER.search(text, needs.start())
         return Authority(False, approver[1].lower() if approver else None, needs.group(0))
     decides = _DECIDES.search(text)
@@ -278,20 +298,32 @@ _OBJECTIONS = {
 _OBJECTION_RES = {
     name: re.compile(rf"\b(?:{pattern})", re.IGNORECASE) for name, pattern in _OBJECTIONS.items()
 }
+# Most messages raise no objection: one search tells, instead of one per class.
+_ANY_OBJECTION = re.compile(
+    "|".join(pattern.pattern for pattern in _OBJECTION_RES.values()), re.IGNORECASE
+)
 
 
 def extract_objections(text: str) -> list[str]:
+    if not _ANY_OBJECTION.search(text):
+        return []
     return [name for name, pattern in _OBJECTION_RES.items() if pattern.search(text)]
 
 
 # ----------------------------------------------------------------------------- next step
 
 _NEXT_STEPS = [
-    ("demo", r"\bdemo\b|walk ?through|show me (?:how|the product)|trial"),
-    ("proposal", r"\b(proposal|quote|quotation|pricing sheet|send (?:me|us) (?:the )?(?:details|pricing|deck))\b"),
-    ("meeting", r"\b(meeting|meet|catch up|sit down)\b"),
-    ("call", r"\b(call|ring|phone|zoom|google meet|teams)\b"),
+    (action, re.compile(pattern, re.IGNORECASE))
+    for action, pattern in [
+        ("demo", r"\bdemo\b|walk ?through|show me (?:how|the product)|trial"),
+        ("proposal", r"\b(proposal|quote|quotation|pricing sheet|send (?:me|us) (?:the )?(?:details|pricing|deck))\b"),
+        ("meeting", r"\b(meeting|meet|catch up|sit down)\b"),
+        ("call", r"\b(call|ring|phone|zoom|google meet|teams)\b"),
+    ]
 ]  # fmt: skip
+_ANY_NEXT_STEP = re.compile(
+    "|".join(f"(?:{pattern.pattern})" for _, pattern in _NEXT_STEPS), re.IGNORECASE
+)
 _WHEN = re.compile(
     r"\b(today|tomorrow|monday|tuesday|wednesday|thursday|friday|saturday|sunday|next week|"
     r"this week|(?:at )?\d{1,2}(?::\d{2})?\s*(?:am|pm)|morning|afternoon|evening)\b",
@@ -313,9 +345,11 @@ class NextStep:
 
 
 def extract_next_step(text: str) -> NextStep | None:
+    if not _ANY_NEXT_STEP.search(text):
+        return None
     when = _WHEN.search(text)
     for action, pattern in _NEXT_STEPS:
-        found = re.search(pattern, text, re.IGNORECASE)
+        found = pattern.search(text)
         if found and (when or _SCHEDULING.search(text) or action in {"demo", "proposal"}):
             return NextStep(action, when.group(0) if when else None, found.group(0))
     return None
@@ -351,6 +385,9 @@ class Extracted:
         return filled
 
 
+_NO_OBJECTION = re.compile(r"\b(no|none|nothing|all good|no concerns|not really)\b", re.I)
+
+
 def extract(text: str, now: datetime, *, expecting: str | None = None) -> Extracted:
     """Every slot a message answers. `expecting` is the slot the last question asked for:
     a free-text answer to "what problem are you solving?" is the need even without keywords."""
@@ -366,11 +403,7 @@ def extract(text: str, now: datetime, *, expecting: str | None = None) -> Extrac
     stripped = text.strip()
     if expecting == "need" and stripped and not _GREETING.match(stripped):
         need = stripped[:500]
-    if (
-        expecting == "objections"
-        and not objections
-        and re.search(r"\b(no|none|nothing|all good|no concerns|not really)\b", text, re.IGNORECASE)
-    ):
+    if expecting == "objections" and not objections and _NO_OBJECTION.search(text):
         objections = ["none"]
     return Extracted(
         need=need,
