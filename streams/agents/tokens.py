@@ -24,7 +24,7 @@ from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
-from typing import Annotated, Any, cast
+from typing import Annotated, Any
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -74,7 +74,10 @@ def put_in_partition(table: TableT[Any, Any], partition: int, key: Any, value: A
     current event, and its batch spans partitions.
     """
     table.data[key] = value
-    cast(HeldChangelogTable, table).write_changelog(partition, key, value)
+    if isinstance(table, HeldChangelogTable):
+        table.write_changelog(partition, key, value)
+    else:
+        table.send_changelog(partition, key, value)
 
 
 class SeenIds:

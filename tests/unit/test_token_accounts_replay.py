@@ -24,8 +24,8 @@ class FakeTable(dict[bytes, Any]):
     def data(self) -> FakeTable:
         return self
 
-    def write_changelog(self, partition: int, key: bytes, value: Any) -> int:
-        return partition
+    def send_changelog(self, partition: int, key: bytes, value: Any) -> None:
+        pass
 
 
 class FakeTopic:
