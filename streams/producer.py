@@ -178,7 +178,7 @@ class EffectsFirstProducer(AiokafkaProducer):
         if write.store is None:
             delivered.add_done_callback(partial(report_undelivered, write.topic, monitor))
         else:
-            delivered.add_done_callback(partial(_changelog_delivered, write, monitor))
+            delivered.add_done_callback(partial(changelog_delivered, write, monitor))
 
     def _monitor(self) -> LeanPrometheusMonitor | None:
         monitor = self.transport.app.monitor
@@ -315,7 +315,7 @@ class HeldChangelogTable(faust.Table[Any, Any]):
         return cast(int, fut.message.partition)
 
 
-def _changelog_delivered(
+def changelog_delivered(
     write: HeldWrite, monitor: LeanPrometheusMonitor | None, delivered: asyncio.Future[Any]
 ) -> None:
     """A changelog record's delivery callback where the store keeps offsets (what Faust's
