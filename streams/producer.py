@@ -62,7 +62,7 @@ from functools import partial
 from typing import Any, cast
 
 import faust
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 from faust.exceptions import ProducerSendError
 from faust.stores.memory import Store as MemoryStore
@@ -165,24 +165,14 @@ class EffectsFirstProducer(AiokafkaProducer):
                 raise
 
     async def _send_held(self, write: HeldWrite) -> None:
-        kafka = self._ensure_producer()
-        monitor = self._monitor()
-        if monitor is not None:
-            monitor.count_sent(write.topic)
-        try:
-            delivered: asyncio.Future[RecordMetadata] = await kafka.send(
-                write.topic, write.value, key=write.key, partition=write.partition
-            )
-        except KafkaError as exc:
-            raise ProducerSendError(f"Error while sending: {exc!r}") from exc
+        monitor = lean_monitor(self.transport.app)
+        delivered = await produce(
+            self._ensure_producer(), monitor, write.topic, write.key, write.value, write.partition
+        )
         if write.store is None:
             delivered.add_done_callback(partial(report_undelivered, write.topic, monitor))
         else:
             delivered.add_done_callback(partial(changelog_delivered, write, monitor))
-
-    def _monitor(self) -> LeanPrometheusMonitor | None:
-        monitor = self.transport.app.monitor
-        return monitor if isinstance(monitor, LeanPrometheusMonitor) else None
 
     def _hold_again(self, unpublished: Iterable[HeldWrite | FutureMessage]) -> None:
         """Puts a failed round's writes back before the newer ones: a key written since keeps
@@ -240,16 +230,38 @@ class DirectTopic(faust.Topic):
         ):
             return await super().send(key=key, value=value, **options)
         topic = self.get_topic_name()
-        monitor = app.monitor if isinstance(app.monitor, LeanPrometheusMonitor) else None
-        if monitor is not None:
-            monitor.count_sent(topic)
-        try:
-            delivered: asyncio.Future[RecordMetadata] = await kafka.send(topic, value, key=key)
-        except KafkaError as exc:
-            # The exception callers of Faust's send see.
-            raise ProducerSendError(f"Error while sending: {exc!r}") from exc
+        monitor = lean_monitor(app)
+        delivered = await produce(kafka, monitor, topic, key, value)
         delivered.add_done_callback(partial(report_undelivered, topic, monitor))
         return delivered
+
+
+def lean_monitor(app: faust.types.AppT) -> LeanPrometheusMonitor | None:
+    """The app's monitor, where it is the worker's (which counts records sent past Faust)."""
+    monitor = app.monitor
+    return monitor if isinstance(monitor, LeanPrometheusMonitor) else None
+
+
+async def produce(
+    kafka: AIOKafkaProducer,
+    monitor: LeanPrometheusMonitor | None,
+    topic: str,
+    key: bytes | None,
+    value: bytes | None,
+    partition: int | None = None,
+) -> asyncio.Future[RecordMetadata]:
+    """Hands one serialised record to aiokafka, counted as Faust counts a send; returns its
+    delivery future."""
+    if monitor is not None:
+        monitor.count_sent(topic)
+    try:
+        delivered: asyncio.Future[RecordMetadata] = await kafka.send(
+            topic, value, key=key, partition=partition
+        )
+    except KafkaError as exc:
+        # The exception callers of Faust's send see.
+        raise ProducerSendError(f"Error while sending: {exc!r}") from exc
+    return delivered
 
 
 class HeldChangelogTable(faust.Table[Any, Any]):
@@ -329,7 +341,8 @@ def changelog_delivered(
 def report_undelivered(
     topic: str, monitor: LeanPrometheusMonitor | None, delivered: asyncio.Future[Any]
 ) -> None:
-    """A DirectTopic record's delivery callback: a failure is logged and counted."""
+    """A record's delivery callback (effects, and changelogs of a memory store): a failure is
+    logged and counted."""
     if delivered.cancelled() or delivered.exception() is None:
         return
     logger.warning("record to %s not delivered: %r", topic, delivered.exception())
