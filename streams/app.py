@@ -208,25 +208,15 @@ def create_worker_app(settings: Settings) -> faust.App:
         closing_notice_ms=settings.window_closing_notice_min * 60_000,
         max_batch=lane_max,
     )
-    # Topics read by sinks only (and the token topics) go through the batch lane: whole
-    # fetches, not one record at a time through Faust's streams.
-    streamed_sinks: list[SinkSpec[Any]] = [
-        # The leakage agent reads the sent messages too.
-        SinkSpec("outbound", outbound_messages, OutboundMessage, OutboundMessageSink(pool)),
-    ]
-    for spec in streamed_sinks:
-        sink_agent.register(
-            app,
-            spec,
-            dead_letters=dead_letters,
-            batch_size=settings.sink_batch_size,
-            batch_window_s=settings.sink_batch_window_ms / 1000,
-        )
-    lane_sinks: list[SinkSpec[Any]] = [
+    # Topics read by sinks (and the token topics) go through the batch lane: whole fetches,
+    # not one record at a time through Faust's streams.
+    sinks: list[SinkSpec[Any]] = [
         # The sessions agent dead-letters undecodable inbound records; one letter per record.
         SinkSpec(
             "inbound", inbound, InboundMessage, InboundMessageSink(pool), dead_letter_invalid=False
         ),
+        # Dead-letters undecodable sent messages (the leakage agent skips them).
+        SinkSpec("outbound", outbound_messages, OutboundMessage, OutboundMessageSink(pool)),
         SinkSpec("statuses", delivery_status, DeliveryStatus, DeliveryStatusSink(pool)),
         SinkSpec("lead-events", lead_events, LeadEvent, LeadEventSink(pool)),
         # The account fold dead-letters undecodable token events.
@@ -235,8 +225,8 @@ def create_worker_app(settings: Settings) -> faust.App:
         SinkSpec("token-credits", token_credits, TokenCredit, TokenCreditSink(pool),
                  dead_letter_invalid=False),
     ]  # fmt: skip
-    for spec in lane_sinks:
-        sink_agent.register_on_lane(
+    for spec in sinks:
+        sink_agent.register(
             batch_lane, spec, dead_letters=dead_letters, batch_size=settings.sink_batch_size
         )
 
@@ -294,7 +284,6 @@ def create_worker_app(settings: Settings) -> faust.App:
     leakage = app.Table("leakage", key_type=bytes, partitions=settings.kafka_partitions)
     if settings.enable_leakage_prevention:
         leakage_agent.register(
-            app,
             batch_lane,
             inbound=inbound,
             outbound_messages=outbound_messages,
@@ -359,11 +348,13 @@ def create_worker_app(settings: Settings) -> faust.App:
 
         sla_agent.install(
             app,
+            batch_lane,
             settings,
             pool=pool,
             dead_letters=dead_letters,
             latency=latency,
             notifications=notifications,
+            max_batch=lane_max,
         )
     batch_lane.attach(app)
     web.register(

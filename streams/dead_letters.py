@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TypeVar
 
-from faust.types import EventT, StreamT, TopicT
+from faust.types import EventT, TopicT
 from pydantic import BaseModel, ValidationError
 
 from schemas.events import DeadLetter
@@ -83,19 +83,6 @@ async def dead_letter_event(topic: TopicT, event: EventT[bytes], reason: str, ki
 
 
 M = TypeVar("M", bound=BaseModel)
-
-
-async def decoded(stream: StreamT[bytes], model: type[M]) -> AsyncIterator[M]:
-    """The stream's records as `model`, skipping the undecodable ones.
-
-    For agents that share a topic with one that dead-letters bad records (one letter per
-    record is enough).
-    """
-    async for value in stream:
-        try:
-            yield model.model_validate_json(value)
-        except ValidationError:
-            continue
 
 
 def decoded_record(record: SourceRecord, model: type[M]) -> M | None:

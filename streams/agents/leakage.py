@@ -11,7 +11,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from faust.types import AppT, StreamT, TableT, TopicT
+from faust.types import TableT, TopicT
 
 from connectors.sdrs import SdrRouter
 from connectors.tenants import TenantSettings
@@ -22,7 +22,7 @@ from schemas.notifications import Notification
 from streams.agents.deadlines import DeadlineHandler
 from streams.agents.tokens import AiGate, Meter
 from streams.batches import BatchLane, SourceRecord
-from streams.dead_letters import decoded, decoded_record
+from streams.dead_letters import decoded_record
 from streams.metrics import LEAKS
 from streams.rules.leakage import ACTIONS, REENGAGEMENT_TEXT, leak_due_ms, temperature
 from streams.timers import Scheduler
@@ -35,7 +35,6 @@ def _id(*parts: object) -> str:
 
 
 def register(
-    app: AppT,
     lane: BatchLane,
     *,
     inbound: TopicT,
@@ -66,30 +65,31 @@ def register(
 
     lane.add_record_handler("leakage-waits", [inbound], start_waiting, max_batch=max_batch)
 
-    @app.agent(outbound_messages, name="leakage-replies")
-    async def stop_waiting(stream: StreamT[bytes]) -> None:
-        async for sent in decoded(stream, OutboundMessage):
-            if sent.status != "accepted":
-                continue
-            key = sent.lead_id.encode()
-            waiting = leakage.get(key)
-            if waiting is None:
-                continue
-            del leakage[key]
-            scheduler.cancel(key, "leak")
-            waited_ms = max(
-                0, int(sent.occurred_at.timestamp() * 1000) - waiting["waiting_since_ms"]
-            )
-            reply = LeadEvent(
-                event_id=_id(sent.lead_id, "first_reply", waiting["waiting_since_ms"]),
-                tenant_id=sent.tenant_id,
-                occurred_at=sent.occurred_at,
-                lead_id=sent.lead_id,
-                type="first_reply",
-                data={"waited_ms": waited_ms, "sent_by": sent.sent_by,
-                      "leaked": waiting["fired"]},
-            )  # fmt: skip
-            await lead_events.send(key=key, value=reply.model_dump_json().encode())
+    async def stop_waiting(record: SourceRecord) -> None:
+        sent = decoded_record(record, OutboundMessage)
+        if sent is None or sent.status != "accepted":
+            return
+        key = sent.lead_id.encode()
+        waiting = leakage.get(key)
+        if waiting is None:
+            return
+        del leakage[key]
+        scheduler.cancel(key, "leak")
+        waited_ms = max(0, int(sent.occurred_at.timestamp() * 1000) - waiting["waiting_since_ms"])
+        reply = LeadEvent(
+            event_id=_id(sent.lead_id, "first_reply", waiting["waiting_since_ms"]),
+            tenant_id=sent.tenant_id,
+            occurred_at=sent.occurred_at,
+            lead_id=sent.lead_id,
+            type="first_reply",
+            data={"waited_ms": waited_ms, "sent_by": sent.sent_by, "leaked": waiting["fired"]},
+        )
+        await lead_events.send(key=key, value=reply.model_dump_json().encode())
+
+    # The sent messages' sink reads them on the lane too (it dead-letters undecodable ones).
+    lane.add_record_handler(
+        "leakage-replies", [outbound_messages], stop_waiting, max_batch=max_batch
+    )
 
 
 class LeakActions:

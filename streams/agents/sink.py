@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Generic, TypeVar, cast
+from typing import Generic, TypeVar
 
-from faust import Stream
-from faust.types import AppT, StreamT, TopicT
+from faust.types import TopicT
 from pydantic import ValidationError
 
 from schemas.events import Event
@@ -59,26 +58,9 @@ class SinkSpec(Generic[E]):
             )
 
 
-def register(
-    app: AppT,
-    spec: SinkSpec[E],
-    *,
-    dead_letters: TopicT,
-    batch_size: int,
-    batch_window_s: float,
-) -> None:
-    @app.agent(spec.topic, name=f"sink-{spec.name}")
-    async def write_batches(stream: StreamT[bytes]) -> None:
-        # take_events (not take): a dead letter needs the record's partition and offset.
-        batches = cast(Stream[bytes], stream).take_events(batch_size, within=batch_window_s)
-        async for events in batches:
-            await spec.write([event.message for event in events], dead_letters)
-
-
-def register_on_lane(
-    lane: BatchLane, spec: SinkSpec[E], *, dead_letters: TopicT, batch_size: int
-) -> None:
-    """The sink as a batch lane handler: its topic's fetches, whole (streams.batches)."""
+def register(lane: BatchLane, spec: SinkSpec[E], *, dead_letters: TopicT, batch_size: int) -> None:
+    """The sink as a batch lane handler: its topic's fetches, whole (streams.batches), not a
+    record at a time through Faust's streams."""
 
     async def write_fetched(records: Sequence[SourceRecord]) -> None:
         await spec.write(records, dead_letters)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from faust.types import AppT, StreamT, TableT, TopicT
+from faust.types import AppT, TableT, TopicT
 
 from flexoraa.db import DB_ERRORS
 from flexoraa.kafka import EventPublisher, partition_of
@@ -50,7 +50,8 @@ from streams.agents.sla_metrics import (
 )
 from streams.agents.sla_probes import Prober
 from streams.agents.sla_store import PoolFactory, SlaStore
-from streams.dead_letters import dead_letter_event, decode_or_dead_letter
+from streams.batches import BatchLane, SourceRecord
+from streams.dead_letters import dead_letter_record, decode_or_dead_letter
 from streams.rules.sla import (
     PLATFORM,
     WINDOWS_MIN,
@@ -337,6 +338,7 @@ async def write_due_report(store: SlaStore, settings: Settings, now_ms: int) -> 
 
 def register(
     app: AppT,
+    lane: BatchLane,
     *,
     settings: Settings,
     latency: TopicT,
@@ -345,6 +347,7 @@ def register(
     table: TableT[str, Any],
     store: SlaStore,
     prober: Prober,
+    max_batch: int,
 ) -> None:
     lateness_ms = settings.sla_lateness_allowance_s * 1000
     windows = SlaWindows(lateness_ms=lateness_ms, retention_min=max(WINDOWS_MIN.values()) + 1)
@@ -378,57 +381,57 @@ def register(
     unpersisted: dict[str, dict[str, Any]] = {}
     persisted_at: dict[str, float] = {}
 
-    @app.agent(latency, name="sla")
-    async def collect_latencies(stream: StreamT[bytes]) -> None:
-        async for event in stream.events():
-            measured = await decode_or_dead_letter(
-                LatencyEvent.model_validate_json, event.message, dead_letters
+    async def collect_latency(record: SourceRecord) -> None:
+        measured = await decode_or_dead_letter(
+            LatencyEvent.model_validate_json, record, dead_letters
+        )
+        if measured is None:
+            return
+        if record.key != measured.operation.encode():
+            # Another key would put this operation's windows on two workers.
+            await dead_letter_record(
+                dead_letters, record, "record key is not the event's operation", "wrong_key"
             )
-            if measured is None:
-                continue
-            if event.key != measured.operation.encode():
-                # Another key would put this operation's windows on two workers.
-                await dead_letter_event(
-                    dead_letters, event, "record key is not the event's operation", "wrong_key"
-                )
-                continue
-            applied = windows.apply(
-                Observation(
-                    operation=measured.operation,
-                    tenant_id=measured.tenant_id,
-                    occurred_ms=int(measured.occurred_at.timestamp() * 1000),
-                    duration_ms=measured.duration_ms,
-                    error=measured.outcome == "error",
-                    partition=event.message.partition,
-                    offset=event.message.offset,
-                ),
-                _now_ms(),
-            )
-            if applied.dropped is not None:
-                SLA_DROPPED_EVENTS.labels(applied.dropped).inc()
-                continue
-            # Encoding a sketch and producing it to the changelog on every event made this agent
-            # the worker's bottleneck (measured: 5 ms -> 8 s freshness at 200 messages/s), so a
-            # window is persisted at most every PERSIST_EVERY_S; a crash loses at most that
-            # much of the sketches, the in-memory windows serve every read.
-            pending = unpersisted.setdefault(measured.operation, {})
-            for window in applied.changed:
-                pending[window.key] = window
-                evaluator.dirty.add(window.key)
-            now_s = time.monotonic()
-            for key, window in list(pending.items()):
-                if now_s - persisted_at.get(key, float("-inf")) >= PERSIST_EVERY_S:
-                    table[key] = window.to_state()
-                    persisted_at[key] = now_s
-                    del pending[key]
-            for key in applied.expired:
-                pending.pop(key, None)
-                persisted_at.pop(key, None)
-                if key in table:
-                    del table[key]
-                evaluator.dirty.discard(key)
-            LATENCY_EVENTS.labels(measured.operation, measured.outcome).inc()
-            OPERATION_DURATION.labels(measured.operation).observe(measured.duration_ms / 1000)
+            return
+        applied = windows.apply(
+            Observation(
+                operation=measured.operation,
+                tenant_id=measured.tenant_id,
+                occurred_ms=int(measured.occurred_at.timestamp() * 1000),
+                duration_ms=measured.duration_ms,
+                error=measured.outcome == "error",
+                partition=record.partition,
+                offset=record.offset,
+            ),
+            _now_ms(),
+        )
+        if applied.dropped is not None:
+            SLA_DROPPED_EVENTS.labels(applied.dropped).inc()
+            return
+        # Encoding a sketch and producing it to the changelog on every event made this agent
+        # the worker's bottleneck (measured: 5 ms -> 8 s freshness at 200 messages/s), so a
+        # window is persisted at most every PERSIST_EVERY_S; a crash loses at most that
+        # much of the sketches, the in-memory windows serve every read.
+        pending = unpersisted.setdefault(measured.operation, {})
+        for window in applied.changed:
+            pending[window.key] = window
+            evaluator.dirty.add(window.key)
+        now_s = time.monotonic()
+        for key, window in list(pending.items()):
+            if now_s - persisted_at.get(key, float("-inf")) >= PERSIST_EVERY_S:
+                table[key] = window.to_state()
+                persisted_at[key] = now_s
+                del pending[key]
+        for key in applied.expired:
+            pending.pop(key, None)
+            persisted_at.pop(key, None)
+            if key in table:
+                del table[key]
+            evaluator.dirty.discard(key)
+        LATENCY_EVENTS.labels(measured.operation, measured.outcome).inc()
+        OPERATION_DURATION.labels(measured.operation).observe(measured.duration_ms / 1000)
+
+    lane.add_record_handler("sla", [latency], collect_latency, max_batch=max_batch)
 
     @app.timer(interval=settings.sla_evaluate_interval_s)
     async def evaluate_sla() -> None:
@@ -469,12 +472,14 @@ def worker_urls(app: AppT, table: TableT[str, Any]) -> set[str]:
 
 def install(
     app: AppT,
+    lane: BatchLane,
     settings: Settings,
     *,
     pool: PoolFactory,
     dead_letters: TopicT,
     latency: TopicT,
     notifications: TopicT,
+    max_batch: int,
 ) -> None:
     """Builds what SLA monitoring needs and registers it (called by the composition root)."""
 
@@ -492,6 +497,7 @@ def install(
     )
     register(
         app,
+        lane,
         settings=settings,
         latency=latency,
         notifications=notifications,
@@ -499,4 +505,5 @@ def install(
         table=table,
         store=SlaStore(pool),
         prober=prober,
+        max_batch=max_batch,
     )
