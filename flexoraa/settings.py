@@ -169,6 +169,12 @@ class Settings(BaseSettings):
     whatsapp_send_backoff_ms: int = Field(
         200, ge=0, description="first retry delay of a send; doubles each attempt"
     )
+    outbound_concurrency: int = Field(
+        16,
+        ge=1,
+        le=1000,
+        description="leads a worker sends to at once (a lead's messages still go out in order)",
+    )
     window_closing_notice_min: int = Field(
         60, ge=1, le=1439, description="minutes before a 24-hour window closes to emit a notice"
     )

@@ -9,7 +9,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from faust.types import AppT, StreamT, TableT, TopicT
+from faust.types import TableT, TopicT
 from pydantic import Field, TypeAdapter
 
 from connectors.channels import Channel, ChannelDirectory
@@ -26,6 +26,7 @@ from schemas.messaging import (
     OutboundMessage,
 )
 from streams.agents.deadlines import DeadlineHandler
+from streams.batches import BatchLane, SourceRecord, keys_concurrently
 from streams.dead_letters import decode_or_dead_letter
 from streams.metrics import DUPLICATE_EVENTS, OUTBOUND_SENDS
 from streams.rules.sending import plan_send, template_parameters
@@ -324,27 +325,33 @@ class ScheduledSends:
 
 
 def register(
-    app: AppT,
+    lane: BatchLane,
     *,
     outbound_commands: TopicT,
     dead_letters: TopicT,
     sessions: TableT[bytes, Any],
     sender: Sender,
     scheduled: ScheduledSends,
+    concurrency: int,
+    max_batch: int,
 ) -> None:
-    @app.agent(outbound_commands, name="outbound")
-    async def send_outbound(stream: StreamT[bytes]) -> None:
-        async for event in stream.events():
-            request = await decode_or_dead_letter(
-                _requests.validate_json, event.message, dead_letters
-            )
-            if request is None:
-                continue
-            if isinstance(request, CancelScheduled):
-                scheduled.cancel(request)
-            elif request.send_at is not None and request.send_at > datetime.now(UTC):
-                scheduled.hold(request)
-            elif (session := sessions.get(request.lead_id.encode())) is None:
-                scheduled.hold_until_session(request)
-            else:
-                await while_unreachable(sender.send, request, session)
+    async def send_outbound(record: SourceRecord) -> None:
+        request = await decode_or_dead_letter(_requests.validate_json, record, dead_letters)
+        if request is None:
+            return
+        if isinstance(request, CancelScheduled):
+            scheduled.cancel(request)
+        elif request.send_at is not None and request.send_at > datetime.now(UTC):
+            scheduled.hold(request)
+        elif (session := sessions.get(request.lead_id.encode())) is None:
+            scheduled.hold_until_session(request)
+        else:
+            await while_unreachable(sender.send, request, session)
+
+    # Commands are keyed by lead: a lead's go out in order, leads' sends overlap.
+    lane.add_handler(
+        "outbound",
+        [outbound_commands],
+        keys_concurrently(send_outbound, concurrency),
+        max_batch=max_batch,
+    )

@@ -1,11 +1,14 @@
 """A local server speaking the Graph API's send endpoints (WhatsApp, Instagram, Messenger).
 
 Responses are scripted per business account: a queue of (status, body) answers, after which
-every send succeeds with a fresh `wamid`. Every request is recorded for assertions.
+every send succeeds with a fresh `wamid`. Every request is recorded for assertions. With
+`answer_after_s`, every answer waits that long (a slow Graph API), and `most_in_flight` tells
+how many sends overlapped.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
@@ -24,6 +27,9 @@ class GraphApiFake:
     _ids: itertools.count[int] = field(default_factory=itertools.count)
     _runner: web.AppRunner | None = None
     url: str = ""
+    answer_after_s: float = 0.0
+    in_flight: int = 0
+    most_in_flight: int = 0
 
     def script(self, account_id: str, *answers: tuple[int, dict[str, Any]]) -> None:
         self.scripted[account_id].extend(answers)
@@ -49,6 +55,13 @@ class GraphApiFake:
                 "body": body,
             }
         )
+        if self.answer_after_s:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+            try:
+                await asyncio.sleep(self.answer_after_s)
+            finally:
+                self.in_flight -= 1
         if self.scripted[account_id]:
             status, answer = self.scripted[account_id].popleft()
             return web.json_response(answer, status=status)

@@ -406,6 +406,44 @@ async def test_500_twice_then_200_is_retried(
     assert len(graph.sent_to(business.phone_number_id)) == 3
 
 
+async def test_leads_are_sent_to_at_once_and_a_leads_messages_in_order(
+    api: httpx.AsyncClient, make_tenant: MakeTenant, graph: GraphApiFake
+) -> None:
+    business = await register(api, await make_tenant())
+    leads = [
+        await inbound(api, business, f"91984450{i:04d}", now_s() - 60, f"wamid.C{i}")
+        for i in range(6)
+    ]
+    graph.answer_after_s = 1.0  # one at a time, six sends would take six seconds
+    graph.most_in_flight = 0
+    try:
+        await reply(api, business, leads[0], "first")
+        await asyncio.gather(
+            reply(api, business, leads[0], "second"),
+            *(reply(api, business, lead, "hello") for lead in leads[1:]),
+        )
+
+        async def all_sent() -> bool:
+            return len(graph.sent_to(business.phone_number_id)) == 7 and graph.in_flight == 0
+
+        await eventually(all_sent, what="seven sends answered")
+    finally:
+        graph.answer_after_s = 0.0
+    assert 2 <= graph.most_in_flight <= 6
+    to_first_lead = [
+        r["body"]["text"]["body"]
+        for r in graph.sent_to(business.phone_number_id)
+        if r["body"]["to"] == "919844500000"
+    ]
+    assert to_first_lead == ["first", "second"]
+
+    async def both_recorded() -> bool:
+        rows = await outbound_rows(api, business, leads[0])
+        return [r["status"] for r in rows] == ["accepted", "accepted"]
+
+    await eventually(both_recorded, what="both messages of the first lead recorded as accepted")
+
+
 async def test_other_errors_are_recorded_with_metas_code(
     api: httpx.AsyncClient, make_tenant: MakeTenant, graph: GraphApiFake
 ) -> None:
