@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -210,6 +211,8 @@ def bench_environment(
         admin = await superuser()
         await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
         await admin.close()
+        # The workers' table stores and the run's secrets key (each run has its own directory).
+        shutil.rmtree(settings.stack_dir, ignore_errors=True)
 
     tenant_id, api_key = asyncio.run(prepare())
     environment = BenchEnvironment(settings, tenant_id, api_key, database)
