@@ -96,8 +96,14 @@ class Settings(BaseSettings):
     table_store: str = Field(
         "memory://", description="Faust table store; memory:// rebuilds tables from changelogs"
     )
-    sink_batch_size: int = Field(500, ge=1, description="rows per PostgreSQL sink write")
-    sink_batch_window_ms: int = Field(200, ge=1, description="longest wait to fill a sink batch")
+    sink_batch_size: int = Field(
+        500,
+        ge=1,
+        description="rows per PostgreSQL sink write; records a lane handler takes at once",
+    )
+    sink_batch_window_ms: int = Field(
+        200, ge=1, description="longest wait to fill a batch of notifications"
+    )
 
     # API
     api_host: str = Field("127.0.0.1", description="host the API binds")
@@ -172,7 +178,8 @@ class Settings(BaseSettings):
     outbound_concurrency: int = Field(
         16,
         ge=1,
-        le=1000,
+        # The Graph API client's connection pool holds 100: more would wait for a connection.
+        le=100,
         description="leads a worker sends to at once (a lead's messages still go out in order)",
     )
     window_closing_notice_min: int = Field(

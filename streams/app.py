@@ -242,14 +242,13 @@ def create_worker_app(settings: Settings) -> faust.App:
         sender,
     )
     outbound_agent.register(
-        batch_lane,
+        app,
         outbound_commands=outbound_commands,
         dead_letters=dead_letters,
         sessions=sessions,
         sender=sender,
         scheduled=scheduled,
         concurrency=settings.outbound_concurrency,
-        max_batch=lane_max,
     )
     deadline_handlers = window_agent.handlers(lead_events) | scheduled.handlers()
     # --- AI qualification (issue 4) ---

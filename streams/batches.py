@@ -6,15 +6,19 @@ stream, an acknowledgement per record. On this machine that path alone tops out 
 well below the 20,000 usage events/s a worker must fold into the token accounts; the
 account agent behind it did 1,968/s; and each inbound message went through that path once
 for each of the five agents reading it. So the consumer takes the records of the lane's
-topics (inbound messages, the token topics, and the topics only a PostgreSQL sink reads:
-delivery statuses, lead events) out of each fetch and gives them to their handlers (the
-inbound agents, the account fold, the sinks) a fetch at a time, and this module does for them
-what Faust did for its streams:
+topics (inbound messages, the token topics, the sent messages, the latency events, and the
+topics only a PostgreSQL sink reads: delivery statuses, lead events) out of each fetch and
+gives them to their handlers (the inbound agents, the leakage replies, the SLA windows, the
+account fold, the sinks) a fetch at a time, and this module does for them what Faust did for
+its streams:
 
 - backpressure: a handler's queue holds a few fetches and the fetch loop waits while it is
   full;
 - acknowledgement: a fetch's offsets are acknowledged, and so committable, only once every
-  handler is done with it (a crash before that reads it again; the handlers are idempotent);
+  handler is done with it (a crash before that reads it again; the handlers are idempotent).
+  So a handler must not wait on an outside service: one slow handler holds every topic's
+  commits and, once its queue is full, all fetching (the outbound agent, which waits on the
+  channels, stays a Faust agent);
 - rebalances: a fetch of an earlier consumer generation, or one dispatched while the flow is
   stopped, is dropped unacknowledged (the seek to the committed offset reads it again), and a
   revocation waits for the fetch a handler is working on, so no table is written for a
@@ -31,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
@@ -79,7 +82,7 @@ class LaneEvent:
     message: SourceRecord
 
 
-async def _handle_as_current(handle: RecordHandler, record: SourceRecord) -> None:
+async def handle_as_current(handle: RecordHandler, record: SourceRecord) -> None:
     """`handle(record)` with the record as Faust's current event."""
     event = LaneEvent(record)
     # Faust keeps a weak reference to the event: `event` holds it until the record is done.
@@ -101,47 +104,9 @@ def one_record_at_a_time(handle: RecordHandler) -> BatchHandler:
                 # A handler rarely suspends (table writes are synchronous): a slice of a
                 # backlog held the loop, and every request to the worker, for 200-250 ms.
                 await asyncio.sleep(0)
-            await _handle_as_current(handle, record)
+            await handle_as_current(handle, record)
 
     return handle_each
-
-
-def keys_concurrently(handle: RecordHandler, concurrency: int) -> BatchHandler:
-    """A batch handler calling `handle` on the records of one key in order and on up to
-    `concurrency` keys at once, each record as Faust's current event.
-
-    For a handler that waits on an outside service (the outbound agent's sends): one at a
-    time, a 200 ms call capped a worker at five sends a second, and a lead's retry backoff
-    held every other lead's message. A key's records stay in order (a lead's messages go out
-    as they were asked for); the batch is done when every key is.
-    """
-
-    async def handle_by_key(records: Sequence[SourceRecord]) -> None:
-        by_key: dict[Any, list[SourceRecord]] = {}
-        for record in records:
-            by_key.setdefault(record.key, []).append(record)
-        waiting = deque(by_key.values())
-
-        async def take_keys() -> None:
-            # A fixed set of takers, not a task per key: a backlog's slice has hundreds.
-            handled = 0
-            while waiting:
-                for record in waiting.popleft():
-                    handled += 1
-                    if handled % RECORDS_PER_TURN == 0:
-                        await asyncio.sleep(0)  # as in one_record_at_a_time
-                    await _handle_as_current(handle, record)
-
-        if len(waiting) == 1:
-            await take_keys()
-            return
-        # A taker that raises cancels the others and the error reaches the lane (the worker
-        # stops, the fetch is read again).
-        async with asyncio.TaskGroup() as takers:
-            for _ in range(min(concurrency, len(waiting))):
-                takers.create_task(take_keys())
-
-    return handle_by_key
 
 
 @dataclass(eq=False)

@@ -7,9 +7,10 @@ import logging
 import time
 import uuid
 from datetime import UTC, datetime
+from functools import partial
 from typing import Annotated, Any
 
-from faust.types import TableT, TopicT
+from faust.types import AppT, EventT, StreamT, TableT, TopicT
 from pydantic import Field, TypeAdapter
 
 from connectors.channels import Channel, ChannelDirectory
@@ -26,8 +27,9 @@ from schemas.messaging import (
     OutboundMessage,
 )
 from streams.agents.deadlines import DeadlineHandler
-from streams.batches import BatchLane, SourceRecord, keys_concurrently
+from streams.batches import SourceRecord, handle_as_current
 from streams.dead_letters import decode_or_dead_letter
+from streams.keyed import KeyOrderedJobs
 from streams.metrics import DUPLICATE_EVENTS, OUTBOUND_SENDS
 from streams.rules.sending import plan_send, template_parameters
 from streams.rules.window import is_window_open
@@ -325,7 +327,7 @@ class ScheduledSends:
 
 
 def register(
-    lane: BatchLane,
+    app: AppT,
     *,
     outbound_commands: TopicT,
     dead_letters: TopicT,
@@ -333,7 +335,6 @@ def register(
     sender: Sender,
     scheduled: ScheduledSends,
     concurrency: int,
-    max_batch: int,
 ) -> None:
     async def send_outbound(record: SourceRecord) -> None:
         request = await decode_or_dead_letter(_requests.validate_json, record, dead_letters)
@@ -348,10 +349,20 @@ def register(
         else:
             await while_unreachable(sender.send, request, session)
 
-    # Commands are keyed by lead: a lead's go out in order, leads' sends overlap.
-    lane.add_handler(
-        "outbound",
-        [outbound_commands],
-        keys_concurrently(send_outbound, concurrency),
-        max_batch=max_batch,
-    )
+    # A Faust agent, not a batch lane handler: sends wait on an outside service, and the
+    # stream's own buffer keeps a slow or failing Graph API from holding the other topics'
+    # fetches (the lane acknowledges a fetch, all topics, once every handler is done with it).
+    @app.agent(outbound_commands, name="outbound")
+    async def send_commands(stream: StreamT[bytes]) -> None:
+        sends = KeyOrderedJobs(concurrency, on_failure=app.crash)
+
+        async def send_and_acknowledge(event: EventT[bytes]) -> None:
+            await handle_as_current(send_outbound, event.message)
+            # Acknowledged once sent, not when the next command is read: the committed
+            # offset never passes a command still being sent.
+            await stream.ack(event)
+
+        stream.enable_acks = False
+        # Commands are keyed by lead: a lead's go out in order, leads' sends overlap.
+        async for event in stream.events():
+            await sends.submit(event.message.key, partial(send_and_acknowledge, event))

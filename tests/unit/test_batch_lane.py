@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import faust
-import pytest
 from faust.streams import current_event
 from faust.types import TP, AppT, TopicT
 
@@ -18,7 +17,6 @@ from streams.batches import (
     BatchLane,
     RecordsByPartition,
     SourceRecord,
-    keys_concurrently,
     one_record_at_a_time,
 )
 
@@ -273,95 +271,3 @@ async def test_records_handled_one_at_a_time_let_other_tasks_run_between_turns()
     assert handled == list(range(4 * RECORDS_PER_TURN))
     turns = sorted({n for n in seen_by_another_task if 0 < n < len(records)})
     assert turns == [RECORDS_PER_TURN, 2 * RECORDS_PER_TURN, 3 * RECORDS_PER_TURN]
-
-
-async def turns_until(condition: Callable[[], bool], turns: int = 1000) -> None:
-    """Lets the loop run until `condition` holds (a bounded wait: a failing test ends)."""
-    for _ in range(turns):
-        if condition():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError("condition not reached")
-
-
-class Service:
-    """An outside service whose calls stay in flight until released."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[bytes, int]] = []
-        self.in_flight = 0
-        self.most_in_flight = 0
-        self.release = asyncio.Event()
-
-    async def call(self, record: SourceRecord) -> None:
-        self.calls.append((record.key, record.offset))
-        self.in_flight += 1
-        self.most_in_flight = max(self.most_in_flight, self.in_flight)
-        await self.release.wait()
-        self.in_flight -= 1
-
-
-async def test_records_of_different_keys_are_handled_at_once_up_to_the_limit() -> None:
-    service = Service()
-    records = [Record(USAGE, 0, offset, key=f"lead-{offset}".encode()) for offset in range(10)]
-    batch = asyncio.ensure_future(keys_concurrently(service.call, 4)(records))
-    await turns_until(lambda: service.in_flight == 4)
-    for _ in range(10):
-        await asyncio.sleep(0)
-    assert service.in_flight == 4  # not the fifth before one of them is done
-    service.release.set()
-    await batch
-
-    assert service.most_in_flight == 4
-    assert sorted(offset for _, offset in service.calls) == list(range(10))
-
-
-async def test_records_of_one_key_are_handled_in_order_one_at_a_time() -> None:
-    service = Service()
-    records = [
-        Record(USAGE, 0, 1, key=b"asha"),
-        Record(USAGE, 0, 2, key=b"ravi"),
-        Record(USAGE, 0, 3, key=b"asha"),
-        Record(USAGE, 0, 4, key=b"asha"),
-    ]
-    batch = asyncio.ensure_future(keys_concurrently(service.call, 8)(records))
-    await turns_until(lambda: service.in_flight == 2)
-    # asha's first and ravi's only record are in flight; asha's next waits for her first.
-    assert service.calls == [(b"asha", 1), (b"ravi", 2)]
-    service.release.set()
-    await batch
-
-    assert [offset for key, offset in service.calls if key == b"asha"] == [1, 3, 4]
-    assert service.most_in_flight == 2
-
-
-async def test_records_handled_by_key_write_tables_in_their_own_partition() -> None:
-    app = faust.App("lane-keyed-test", autodiscover=False)
-    table = app.Table("outbound_sent", key_type=bytes, partitions=8)
-    written: dict[int, int | None] = {}
-
-    async def handle(record: SourceRecord) -> None:
-        await asyncio.sleep(0)  # the other keys' records run meanwhile
-        written[record.offset] = table.partition_for_key(record.key)
-
-    records = [Record(USAGE, offset % 3, offset, key=f"k{offset}".encode()) for offset in range(9)]
-    await keys_concurrently(handle, 3)(records)
-
-    assert written == {offset: offset % 3 for offset in range(9)}
-    assert current_event() is None
-
-
-async def test_a_failing_record_fails_the_batch_of_records_handled_by_key() -> None:
-    handled: list[int] = []
-
-    async def handle(record: SourceRecord) -> None:
-        if record.offset == 2:
-            raise RuntimeError("channel client bug")
-        handled.append(record.offset)
-        await asyncio.sleep(0)
-
-    records = [Record(USAGE, 0, offset, key=f"k{offset}".encode()) for offset in range(6)]
-    with pytest.raises(ExceptionGroup) as failed:
-        await keys_concurrently(handle, 2)(records)
-    assert [str(e) for e in failed.value.exceptions] == ["channel client bug"]
-    assert 2 not in handled
