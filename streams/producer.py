@@ -407,10 +407,21 @@ class AcknowledgedOnlyConsumer(AiokafkaConsumer):
             # offsets then (and at every assignment), so they are read again.
             if self.flow_active and self.is_current(generation):
                 assigned = self.assignment()
-                await lane.dispatch(
-                    {tp: batch for tp, batch in for_lane.items() if tp in assigned}, generation
-                )
+                dispatched = {tp: batch for tp, batch in for_lane.items() if tp in assigned}
+                self._track_lane_fetch(dispatched)
+                await lane.dispatch(dispatched, generation)
         return for_streams
+
+    def _track_lane_fetch(self, records: Mapping[TP, Sequence[Any]]) -> None:
+        """What Faust's own fetch loop records for its streams' records, the lane's once a
+        fetch: end offsets (the consumer-lag panel; the inbound topic was missing from it)
+        and received counts."""
+        monitor = self.app.monitor
+        lean = lean_monitor(self.app)
+        for tp, batch in records.items():
+            monitor.track_tp_end_offset(tp, self.highwater(tp))
+            if lean is not None:
+                lean.count_received(tp.topic, len(batch))
 
     def pause_partitions(self, tps: Iterable[TP]) -> None:
         """Also stops aiokafka fetching them.

@@ -359,3 +359,36 @@ async def test_the_worker_fetches_its_input_but_no_changelog_once_recovered(
     assert counts["changelog"] == 0
     # Every lead topic's partitions are read (8 of each of the inbound topics at least).
     assert counts["input"] >= 8
+
+
+def samples_of(metrics: str, name: str, topic: str) -> list[float]:
+    return [
+        sample.value
+        for family in text_string_to_metric_families(metrics)
+        for sample in family.samples
+        if sample.name == name and sample.labels.get("topic") == topic
+    ]
+
+
+async def test_the_inbound_topic_is_on_the_consumer_lag_panel(
+    api: httpx.AsyncClient, worker: ManagedProcess, make_tenant: MakeTenant, test_settings: Settings
+) -> None:
+    """The batch lane takes the inbound records past Faust's fetch loop, which is where Faust
+    records a partition's end offset (the lag panel: end offset minus committed offset) and
+    counts received records; the lane records both itself."""
+    tenant = await make_tenant()
+    created = await post(api, tenant, channel="sms", contact="5550009999", text="lag")
+    await lead_state(api, tenant, created["lead_id"], 1)
+    inbound = TopicNames(test_settings.topic_prefix).inbound_messages
+
+    async def tracked() -> tuple[list[float], list[float]] | None:
+        async with httpx.AsyncClient() as client:
+            page = (await client.get(f"http://127.0.0.1:{worker.ports['web']}/metrics")).text
+        end_offsets = samples_of(page, "faust_topic_partition_end_offset", inbound)
+        received = samples_of(page, "faust_messages_received_per_topic_total", inbound)
+        committed = samples_of(page, "faust_topic_partition_offset_commited", inbound)
+        return (end_offsets, received) if end_offsets and received and committed else None
+
+    end_offsets, received = await eventually(tracked, what="the inbound topic's lag series")
+    assert sum(end_offsets) >= 1
+    assert received[0] >= 1
