@@ -239,7 +239,7 @@ def create_worker_app(settings: Settings) -> faust.App:
     scheduled = ScheduledSends(
         app.Table("scheduled", key_type=bytes, partitions=settings.kafka_partitions),
         scheduler,
-        sender,
+        outbound_commands,
     )
     outbound_agent.register(
         app,

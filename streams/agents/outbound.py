@@ -276,10 +276,12 @@ _requests: TypeAdapter[OutboundCommand | CancelScheduled] = TypeAdapter(Outbound
 class ScheduledSends:
     """Commands with a future `send_at`, held per lead until their deadline fires."""
 
-    def __init__(self, table: TableT[bytes, Any], scheduler: Scheduler, sender: Sender) -> None:
+    def __init__(
+        self, table: TableT[bytes, Any], scheduler: Scheduler, outbound_commands: TopicT
+    ) -> None:
         self._table = table
         self._scheduler = scheduler
-        self._sender = sender
+        self._outbound_commands = outbound_commands
 
     def hold(self, command: OutboundCommand) -> None:
         assert command.send_at is not None
@@ -317,10 +319,14 @@ class ScheduledSends:
         raw = (self._table.get(key) or {}).get(command_id)
         if raw is None:
             return  # cancelled
-        # The window is judged now, at send time, not when the message was scheduled.
-        await self._sender.send(OutboundCommand.model_validate_json(raw), session)
-        # Removed after the send, so the changelog write waits for it; read again, as other
-        # commands of the lead may have been held or cancelled meanwhile.
+        # Back to the outbound agent, due now: it sends leads at once, and this agent never
+        # waits on a channel (a campaign's sends went out one at a time, every other deadline
+        # behind them). It judges the window when it sends; the command's id makes a
+        # re-fired deadline's copy a duplicate it recognises.
+        due_now = OutboundCommand.model_validate_json(raw).model_copy(update={"send_at": None})
+        await self._outbound_commands.send(key=key, value=due_now.model_dump_json().encode())
+        # Removed after the command is produced, so the changelog write waits for it; read
+        # again, as other commands of the lead may have been held or cancelled meanwhile.
         held = dict(self._table.get(key) or {})
         if held.pop(command_id, None) is not None:
             self._table[key] = held

@@ -15,7 +15,7 @@ from typing import Any, cast
 
 from schemas.messaging import DeadlineReached, OutboundCommand
 from streams.agents.leakage import LeakActions
-from streams.agents.outbound import ScheduledSends, Sender
+from streams.agents.outbound import ScheduledSends
 from streams.timers import DeadlineIndex, Scheduler
 
 LEAD = str(uuid.uuid4())
@@ -97,19 +97,24 @@ async def test_a_scheduled_command_leaves_the_table_only_after_it_was_sent() -> 
     held = JournalTable("scheduled", journal)
     command = OutboundCommand(event_id=str(uuid.uuid4()), tenant_id=TENANT,
                               occurred_at=datetime.now(UTC), lead_id=LEAD, text="Hello again",
-                              sent_by="sdr", purpose="reply")  # fmt: skip
+                              sent_by="sdr", purpose="reply",
+                              send_at=datetime.now(UTC))  # fmt: skip
     other = command.model_copy(update={"event_id": str(uuid.uuid4())})
     dict.__setitem__(held, KEY, {command.event_id: command.model_dump_json()})
+    sent: list[OutboundCommand] = []
 
-    class RecordingSender:
-        async def send(self, sent: OutboundCommand, session: Any) -> None:
+    class OutboundCommands:
+        async def send(self, *, key: bytes, value: bytes) -> None:
             journal.append("send command")
+            sent.append(OutboundCommand.model_validate_json(value))
             # Another command of the lead is held while this one is being sent.
             dict.__setitem__(held, KEY, {**held[KEY], other.event_id: other.model_dump_json()})
 
     scheduled = ScheduledSends(cast(Any, held), Scheduler(cast(Any, {}), DeadlineIndex()),
-                               cast(Sender, RecordingSender()))  # fmt: skip
+                               cast(Any, OutboundCommands()))  # fmt: skip
     due = scheduled.handlers()["scheduled"]
     await due(KEY, fired(f"scheduled:{command.event_id}", 6_000), SESSION)
     assert journal == ["send command", "write scheduled"]
     assert list(held[KEY]) == [other.event_id]
+    # Back to the outbound agent as the same command, due now.
+    assert sent == [command.model_copy(update={"send_at": None})]
