@@ -17,51 +17,60 @@ Job = Callable[[], Awaitable[None]]
 
 
 class KeyOrderedJobs:
-    """At most `limit` jobs at once (running or waiting for their key's previous one); the jobs
-    of one key one after another, in the order submitted.
+    """At most `limit` jobs running at once, the jobs of one key one after another in the
+    order submitted; `submit` waits while `PENDING_PER_SLOT * limit` jobs are unfinished.
+
+    A job waiting for its key's previous one holds no running slot: a lead with many
+    commands queued must not take every slot and send the other leads' one at a time.
 
     A job that raises stops every job not yet started (a lead's second message never
-    overtakes a first that failed), `submit` raises the error from then on, and `on_failure`
-    hears of it at once (the worker stops; the unfinished jobs' records
-    are read again). Jobs already running are left to finish, not cancelled: a send cancelled
-    after the channel took it would go out twice.
+    overtakes a first that failed) and `on_failure` hears of it at once (the worker stops; the
+    unfinished jobs' records are read again). From then on `submit` never returns: the caller
+    (a Faust agent) must not go on and, restarted by its supervisor with new jobs, send what
+    follows. Jobs already running are left to finish, not cancelled: a send cancelled after
+    the channel took it would go out twice.
     """
 
+    PENDING_PER_SLOT = 8
+
     def __init__(self, limit: int, on_failure: Callable[[BaseException], Awaitable[None]]) -> None:
-        self._slots = asyncio.Semaphore(limit)
+        self._running_slots = asyncio.Semaphore(limit)
+        self._pending_slots = asyncio.Semaphore(limit * self.PENDING_PER_SLOT)
         self._on_failure = on_failure
         self._last_of_key: dict[Hashable, asyncio.Task[None]] = {}
-        self._running: set[asyncio.Task[None]] = set()
+        self._unfinished: set[asyncio.Task[None]] = set()
         self.failure: BaseException | None = None
 
     async def submit(self, key: Hashable, job: Job) -> None:
-        """Starts `job` after `key`'s previous job; waits while `limit` jobs are unfinished."""
+        """Starts `job` after `key`'s previous job; waits while too many are unfinished."""
+        await self._pending_slots.acquire()
         if self.failure is not None:
-            raise self.failure
-        await self._slots.acquire()
+            self._pending_slots.release()
+            await asyncio.get_running_loop().create_future()  # until the stopping worker cancels
         previous = self._last_of_key.get(key)
         task = asyncio.create_task(self._run(key, previous, job))
         self._last_of_key[key] = task
-        self._running.add(task)
-        task.add_done_callback(self._running.discard)
+        self._unfinished.add(task)
+        task.add_done_callback(self._unfinished.discard)
 
     async def _run(self, key: Hashable, previous: asyncio.Task[None] | None, job: Job) -> None:
         try:
             if previous is not None:
                 await asyncio.wait({previous})
-            if self.failure is None:
-                await job()
+            async with self._running_slots:
+                if self.failure is None:
+                    await job()
         except Exception as exc:
             if self.failure is None:
                 self.failure = exc
                 logger.exception("a keyed job failed")
                 await self._on_failure(exc)
         finally:
-            self._slots.release()
+            self._pending_slots.release()
             if self._last_of_key.get(key) is asyncio.current_task():
                 del self._last_of_key[key]
 
     async def wait_all(self) -> None:
         """Waits until every submitted job is done (or skipped after a failure)."""
-        while self._running:
-            await asyncio.wait(set(self._running))
+        while self._unfinished:
+            await asyncio.wait(set(self._unfinished))

@@ -50,20 +50,46 @@ class Crashes:
 async def test_different_keys_run_at_once_up_to_the_limit() -> None:
     channel = Channel()
     jobs = KeyOrderedJobs(4, on_failure=Crashes().crash)
-    submitting = asyncio.create_task(
-        _submit_all(jobs, [(f"lead-{n}", channel.send(f"lead-{n}", n)) for n in range(10)])
-    )
+    await _submit_all(jobs, [(f"lead-{n}", channel.send(f"lead-{n}", n)) for n in range(10)])
     await turns_until(lambda: channel.in_flight == 4)
     for _ in range(20):
         await asyncio.sleep(0)
     assert channel.in_flight == 4  # the fifth waits for a free slot
-    assert not submitting.done()  # and so does its submitter (the agent reads no further)
     channel.release.set()
-    await submitting
     await jobs.wait_all()
 
     assert channel.most_in_flight == 4
     assert sorted(n for _, n in channel.calls) == list(range(10))
+
+
+async def test_submit_waits_while_too_many_jobs_are_unfinished() -> None:
+    channel = Channel()
+    jobs = KeyOrderedJobs(1, on_failure=Crashes().crash)
+    pending = KeyOrderedJobs.PENDING_PER_SLOT
+    await _submit_all(jobs, [(f"lead-{n}", channel.send(f"lead-{n}", n)) for n in range(pending)])
+    one_more = asyncio.create_task(jobs.submit("lead-x", channel.send("lead-x", pending)))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not one_more.done()  # the agent reads no further
+    channel.release.set()
+    await one_more
+    await jobs.wait_all()
+    assert len(channel.calls) == pending + 1
+
+
+async def test_a_key_with_many_jobs_queued_does_not_hold_the_other_keys() -> None:
+    channel = Channel()
+    jobs = KeyOrderedJobs(2, on_failure=Crashes().crash)
+    await _submit_all(
+        jobs,
+        [*(("asha", channel.send("asha", n)) for n in range(5)), ("ravi", channel.send("ravi", 9))],
+    )
+    await turns_until(lambda: channel.in_flight == 2)
+    # asha's later jobs wait for her first without a running slot: ravi's goes out meanwhile.
+    assert channel.calls == [("asha", 0), ("ravi", 9)]
+    channel.release.set()
+    await jobs.wait_all()
+    assert [n for lead, n in channel.calls if lead == "asha"] == [0, 1, 2, 3, 4]
 
 
 async def test_one_keys_jobs_run_in_order_one_at_a_time() -> None:
@@ -109,8 +135,16 @@ async def test_a_failure_stops_the_jobs_not_started_and_lets_running_ones_finish
     assert [str(reason) for reason in crashes.reasons] == ["channel client bug"]
     assert channel.calls == [("ravi", 1)]  # asha's second never started
     assert channel.in_flight == 0  # ravi's send finished
-    with pytest.raises(RuntimeError, match="channel client bug"):
-        await jobs.submit("kiran", channel.send("kiran", 3))
+    # From then on the agent submitting is held (the stopping worker cancels it): it must not
+    # go on, or be restarted, and send what follows.
+    held = asyncio.create_task(jobs.submit("kiran", channel.send("kiran", 3)))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not held.done()
+    held.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await held
+    assert channel.calls == [("ravi", 1)]
 
 
 async def _submit_all(
