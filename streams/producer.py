@@ -419,7 +419,9 @@ class AcknowledgedOnlyConsumer(AiokafkaConsumer):
         monitor = self.app.monitor
         lean = lean_monitor(self.app)
         for tp, batch in records.items():
-            monitor.track_tp_end_offset(tp, self.highwater(tp))
+            # Known for a partition whose records just came in; the gauge refuses None.
+            if (highwater := self.highwater(tp)) is not None:
+                monitor.track_tp_end_offset(tp, highwater)
             if lean is not None:
                 lean.count_received(tp.topic, len(batch))
 
