@@ -19,8 +19,8 @@ import statistics
 import time
 from pathlib import Path
 
-import aiohttp
 import httpx
+import uvloop
 
 from bench.common import (
     bench_environment,
@@ -30,6 +30,7 @@ from bench.common import (
     wait_ready,
     write_result,
 )
+from bench.http_load import LoadClient, at_steady_rate
 from bench.throughput import produce
 from schemas.topics import TopicNames
 from streams.rules.identity import lead_id_for
@@ -51,42 +52,33 @@ def applied(url: str) -> float:
 
 
 async def read_at_rate(
-    base: str, api_key: str, lead_ids: list[str], rate: float, seconds: float
+    host: str, port: int, api_key: str, lead_ids: list[str], rate: float, seconds: float
 ) -> tuple[list[float], int]:
-    # aiohttp, not httpx, drives the load (as in bench.freshness): with httpx this process
-    # took a whole core at 500 requests/s and its own queueing became the latency measured
-    # (p50 104 s).
+    # A lean client drives the load (bench.http_load, as in bench.freshness): with httpx this
+    # process took a whole core at 500 requests/s and its own queueing became the latency
+    # measured (p50 104 s).
     latencies: list[float] = []
     errors = 0
-    headers = {"Authorization": f"Bearer {api_key}"}
-    connector = aiohttp.TCPConnector(limit=64)
-    timeout = aiohttp.ClientTimeout(total=10)
-    async with aiohttp.ClientSession(
-        base, headers=headers, connector=connector, timeout=timeout
-    ) as client:
+    client = LoadClient(host, port, {"Authorization": f"Bearer {api_key}"})
 
-        async def one() -> None:
-            nonlocal errors
-            started = time.perf_counter()
-            try:
-                async with client.get(f"/api/leads/{random.choice(lead_ids)}") as response:
-                    await response.read()
-                    ok = response.status == 200
-            except (aiohttp.ClientError, TimeoutError):
-                ok = False
-            if ok:
-                latencies.append((time.perf_counter() - started) * 1000)
-            else:
-                errors += 1
+    async def one(_: int) -> None:
+        nonlocal errors
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(10):
+                status, _body = await client.request("GET", f"/api/leads/{random.choice(lead_ids)}")
+            ok = status == 200
+        except (OSError, TimeoutError):
+            ok = False
+        if ok:
+            latencies.append((time.perf_counter() - started) * 1000)
+        else:
+            errors += 1
 
-        tasks = []
-        start = time.perf_counter()
-        for i in range(int(rate * seconds)):
-            delay = start + i / rate - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one()))
-        await asyncio.gather(*tasks)
+    try:
+        await at_steady_rate(rate, seconds, one)
+    finally:
+        await client.close()
     return latencies, errors
 
 
@@ -126,8 +118,8 @@ def main() -> int:
                 time.sleep(0.5)
             api_url = f"http://127.0.0.1:{settings.api_port}"
             before = {"worker": pauses(url), "api": pauses(api_url)}
-            latencies, errors = asyncio.run(
-                read_at_rate(api_url, environment.api_key,
+            latencies, errors = uvloop.run(
+                read_at_rate("127.0.0.1", settings.api_port, environment.api_key,
                              lead_ids, args.rate, args.seconds)
             )  # fmt: skip
             paused = {name: pauses_between(before[name], pauses(where))
