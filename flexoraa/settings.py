@@ -78,6 +78,13 @@ class Settings(BaseSettings):
         description="longest wait, when a worker stops, for its agents to finish the records "
         "they hold (the rest are read again after a restart)",
     )
+    worker_fetch_max_wait_ms: int = Field(
+        25,
+        ge=1,
+        le=1500,
+        description="longest time the broker holds a worker's fetch when nothing new arrived; "
+        "partitions whose records are not yet handled wait this long for the next fetch",
+    )
     worker_event_loop: Literal["uvloop", "asyncio"] = Field(
         "uvloop",
         description="the worker's event loop; uvloop spends about half asyncio's time per wake-up",
@@ -102,7 +109,10 @@ class Settings(BaseSettings):
         description="rows per PostgreSQL sink write; records a lane handler takes at once",
     )
     sink_batch_window_ms: int = Field(
-        200, ge=1, description="longest wait to fill a batch of notifications"
+        200,
+        ge=1,
+        description="longest wait to fill a batch of PostgreSQL rows (the sinks) or of "
+        "notifications",
     )
 
     # API

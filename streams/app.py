@@ -115,6 +115,7 @@ def create_worker_app(settings: Settings) -> faust.App:
         web_graph_enabled=False,
     )
     app.shutdown_drain_s = settings.worker_shutdown_drain_s
+    app.fetch_max_wait_s = settings.worker_fetch_max_wait_ms / 1000
 
     def lead_topic(name: str) -> faust.TopicT:
         return app.topic(
@@ -227,7 +228,11 @@ def create_worker_app(settings: Settings) -> faust.App:
     ]  # fmt: skip
     for spec in sinks:
         sink_agent.register(
-            batch_lane, spec, dead_letters=dead_letters, batch_size=settings.sink_batch_size
+            batch_lane,
+            spec,
+            dead_letters=dead_letters,
+            batch_size=settings.sink_batch_size,
+            batch_window_s=settings.sink_batch_window_ms / 1000,
         )
 
     # --- WhatsApp and Meta channels (issue 3) ---

@@ -33,6 +33,7 @@ so the assignment (co-partitioned with the lead topics' tables) is Faust's too.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -124,6 +125,8 @@ class _Handler:
     # A fetch of a backlog can hold tens of thousands of records: a handler takes them in
     # slices of at most this many, so the other agents get the loop in between.
     max_batch: int
+    # How long the handler waits after a fetch for more to write with it (see add_handler).
+    linger_s: float = 0.0
     queue: asyncio.Queue[_Fetch] = field(default_factory=lambda: asyncio.Queue(maxsize=4))
 
 
@@ -140,12 +143,26 @@ class BatchLane:
         self._app: AppT | None = None
 
     def add_handler(
-        self, name: str, topics: Iterable[TopicT], handle: BatchHandler, *, max_batch: int
+        self,
+        name: str,
+        topics: Iterable[TopicT],
+        handle: BatchHandler,
+        *,
+        max_batch: int,
+        linger_s: float = 0.0,
     ) -> None:
-        """`handle` gets every record of `topics` (no Faust agent may read them)."""
+        """`handle` gets every record of `topics` (no Faust agent may read them).
+
+        With `linger_s`, the handler takes the fetches that arrive within that time of the
+        first (up to `max_batch` records) and handles them as one batch. A steady load comes
+        in fetches of a few records each, and a handler with a fixed cost per call (a
+        PostgreSQL transaction) paid it for every few records. The fetches taken wait in the
+        handler, not in its queue, so the fetch loop never waits for the linger."""
         for topic in topics:
             self._topics[topic.get_topic_name()] = topic
-        handler = _Handler(name, frozenset(t.get_topic_name() for t in topics), handle, max_batch)
+        handler = _Handler(
+            name, frozenset(t.get_topic_name() for t in topics), handle, max_batch, linger_s
+        )
         self._handlers.append(handler)
         self.topics = frozenset(self._topics)
 
@@ -214,18 +231,22 @@ class BatchLane:
 
     async def _run(self, handler: _Handler) -> None:
         while True:
-            fetch = await handler.queue.get()
-            if not self._is_current(fetch):
-                continue
-            records = [
-                record
-                for tp, batch in fetch.records.items()
-                if tp.topic in handler.topics
-                for record in batch
-            ]
+            fetches = [await handler.queue.get()]
+            # Busy from the first fetch taken: a revocation waits for those lingering too.
             self._busy += 1
             self._idle.clear()
             try:
+                if handler.linger_s:
+                    await self._linger(handler, fetches)
+                # Checked after the linger: a rebalance meanwhile makes them stale.
+                fetches = [fetch for fetch in fetches if self._is_current(fetch)]
+                records = [
+                    record
+                    for fetch in fetches
+                    for tp, batch in fetch.records.items()
+                    if tp.topic in handler.topics
+                    for record in batch
+                ]
                 for start in range(0, len(records), handler.max_batch):
                     await handler.handle(records[start : start + handler.max_batch])
                     await asyncio.sleep(0)  # the other agents' turn (see max_batch)
@@ -233,7 +254,24 @@ class BatchLane:
                 self._busy -= 1
                 if not self._busy:
                     self._idle.set()
-            fetch.unfinished_handlers -= 1
             consumer = self._consumer()
-            if fetch.unfinished_handlers == 0 and consumer is not None:
-                consumer.acknowledge_fetch(fetch.records, fetch.generation)
+            for fetch in fetches:
+                fetch.unfinished_handlers -= 1
+                if fetch.unfinished_handlers == 0 and consumer is not None:
+                    consumer.acknowledge_fetch(fetch.records, fetch.generation)
+
+    @staticmethod
+    async def _linger(handler: _Handler, fetches: list[_Fetch]) -> None:
+        """Adds to `fetches` those queued within `linger_s` of the first, up to `max_batch`
+        records."""
+
+        def records_of(fetch: _Fetch) -> int:
+            return sum(len(b) for tp, b in fetch.records.items() if tp.topic in handler.topics)
+
+        taken = records_of(fetches[0])
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(handler.linger_s):
+                while taken < handler.max_batch:
+                    fetch = await handler.queue.get()
+                    fetches.append(fetch)
+                    taken += records_of(fetch)

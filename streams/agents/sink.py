@@ -58,11 +58,26 @@ class SinkSpec(Generic[E]):
             )
 
 
-def register(lane: BatchLane, spec: SinkSpec[E], *, dead_letters: TopicT, batch_size: int) -> None:
+def register(
+    lane: BatchLane,
+    spec: SinkSpec[E],
+    *,
+    dead_letters: TopicT,
+    batch_size: int,
+    batch_window_s: float,
+) -> None:
     """The sink as a batch lane handler: its topic's fetches, whole (streams.batches), not a
-    record at a time through Faust's streams."""
+    record at a time through Faust's streams, and those that arrive within `batch_window_s`
+    written together: one transaction for a steady load's few records per fetch cost a
+    sixth of a worker's CPU at 500 messages/s."""
 
     async def write_fetched(records: Sequence[SourceRecord]) -> None:
         await spec.write(records, dead_letters)
 
-    lane.add_handler(f"sink-{spec.name}", [spec.topic], write_fetched, max_batch=batch_size)
+    lane.add_handler(
+        f"sink-{spec.name}",
+        [spec.topic],
+        write_fetched,
+        max_batch=batch_size,
+        linger_s=batch_window_s,
+    )

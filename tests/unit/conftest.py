@@ -1,0 +1,28 @@
+"""Fixtures of the unit tests."""
+
+from __future__ import annotations
+
+import faust
+import pytest
+
+from flexoraa.settings import Settings
+from streams.app import create_worker_app
+
+# A setting the worker app's tests check is wired through (its default is 25).
+WORKER_FETCH_MAX_WAIT_MS = 40
+
+
+@pytest.fixture(scope="session")
+def worker_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return Settings(
+        topic_prefix="unit-worker",
+        stack_dir=tmp_path_factory.mktemp("stack"),
+        worker_fetch_max_wait_ms=WORKER_FETCH_MAX_WAIT_MS,
+    )
+
+
+@pytest.fixture(scope="session")
+def worker_app(worker_settings: Settings) -> faust.App:
+    """The worker's composition root, built once: it registers the process's Prometheus
+    metrics, which a second app in the same process would register again."""
+    return create_worker_app(worker_settings)
