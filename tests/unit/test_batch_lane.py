@@ -4,7 +4,8 @@ never when it belongs to an earlier consumer generation, and a revocation waits 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -188,71 +189,69 @@ async def test_a_large_fetch_is_handled_in_slices() -> None:
         task.cancel()
 
 
-async def test_a_lingering_handler_takes_the_fetches_that_arrive_meanwhile_as_one_batch() -> None:
-    app, lane = FakeApp(), BatchLane()
-    ledger = Recorder()
-    lane.add_handler("ledger", topics(USAGE), ledger, max_batch=MAX, linger_s=0.2)
+@asynccontextmanager
+async def lingering_ledger(
+    linger_s: float, max_batch: int = MAX
+) -> AsyncIterator[tuple[FakeApp, BatchLane, Recorder]]:
+    app, lane, ledger = FakeApp(), BatchLane(), Recorder()
+    lane.add_handler("ledger", topics(USAGE), ledger, max_batch=max_batch, linger_s=linger_s)
     tasks = await running(lane, app)
-    # More fetches than the handler's queue holds: the fetch loop must not wait for the linger.
-    for first in range(0, 12, 2):
-        await asyncio.wait_for(
-            lane.dispatch(fetch_of(USAGE, 0, range(first, first + 2)), generation=1), 0.1
-        )
-    await settle()
-    assert ledger.batches == []  # still lingering
-    assert app.consumer.acknowledged == []
-    await asyncio.sleep(0.25)
-    assert ledger.batches == [list(range(12))]
-    assert [offset for _, offset in app.consumer.acknowledged] == list(range(12))
-    for task in tasks:
-        task.cancel()
+    try:
+        yield app, lane, ledger
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def test_a_lingering_handler_takes_the_fetches_that_arrive_meanwhile_as_one_batch() -> None:
+    async with lingering_ledger(linger_s=0.2) as (app, lane, ledger):
+        # More fetches than the handler's queue holds: the fetch loop must not wait for the
+        # linger.
+        for first in range(0, 12, 2):
+            await asyncio.wait_for(
+                lane.dispatch(fetch_of(USAGE, 0, range(first, first + 2)), generation=1), 0.1
+            )
+        await settle()
+        assert ledger.batches == []  # still lingering
+        assert app.consumer.acknowledged == []
+        await asyncio.sleep(0.25)
+        assert ledger.batches == [list(range(12))]
+        assert [offset for _, offset in app.consumer.acknowledged] == list(range(12))
 
 
 async def test_a_lingering_handler_stops_waiting_once_it_has_a_full_batch() -> None:
-    app, lane = FakeApp(), BatchLane()
-    ledger = Recorder()
-    lane.add_handler("ledger", topics(USAGE), ledger, max_batch=4, linger_s=60)
-    tasks = await running(lane, app)
-    await lane.dispatch(fetch_of(USAGE, 0, range(3)), generation=1)
-    await lane.dispatch(fetch_of(USAGE, 1, range(3)), generation=1)
-    await settle()
-    # Six records in slices of four, without waiting out the minute.
-    assert ledger.batches == [[0, 1, 2, 0], [1, 2]]
-    assert len(app.consumer.acknowledged) == 6
-    for task in tasks:
-        task.cancel()
+    async with lingering_ledger(linger_s=60, max_batch=4) as (app, lane, ledger):
+        await lane.dispatch(fetch_of(USAGE, 0, range(3)), generation=1)
+        await lane.dispatch(fetch_of(USAGE, 1, range(3)), generation=1)
+        await settle()
+        # Six records in slices of four, without waiting out the minute.
+        assert ledger.batches == [[0, 1, 2, 0], [1, 2]]
+        assert len(app.consumer.acknowledged) == 6
 
 
 async def test_fetches_a_rebalance_made_stale_during_the_linger_are_dropped() -> None:
-    app, lane = FakeApp(), BatchLane()
-    ledger = Recorder()
-    lane.add_handler("ledger", topics(USAGE), ledger, max_batch=MAX, linger_s=0.05)
-    tasks = await running(lane, app)
-    await lane.dispatch(fetch_of(USAGE, 0, range(3)), generation=1)
-    await settle()
-    app.consumer.generation = 2
-    await lane.dispatch(fetch_of(USAGE, 0, range(3)), generation=2)
-    await asyncio.sleep(0.1)
-    assert ledger.batches == [[0, 1, 2]]  # only the new generation's fetch
-    assert [offset for _, offset in app.consumer.acknowledged] == [0, 1, 2]
-    for task in tasks:
-        task.cancel()
+    async with lingering_ledger(linger_s=0.05) as (app, lane, ledger):
+        await lane.dispatch(fetch_of(USAGE, 0, range(3)), generation=1)
+        await settle()
+        app.consumer.generation = 2
+        await lane.dispatch(fetch_of(USAGE, 5, range(3)), generation=2)
+        await asyncio.sleep(0.1)
+        assert ledger.batches == [[0, 1, 2]]  # only the new generation's fetch
+        assert app.consumer.acknowledged == [(TP(USAGE, 5), o) for o in range(3)]
 
 
 async def test_a_revocation_waits_for_a_lingering_handler() -> None:
-    app, lane = FakeApp(), BatchLane()
-    ledger = Recorder()
-    lane.add_handler("ledger", topics(USAGE), ledger, max_batch=MAX, linger_s=0.05)
-    tasks = await running(lane, app)
-    await lane.dispatch(fetch_of(USAGE, 0, range(3)), generation=1)
-    await settle()
-    quiesced = asyncio.create_task(lane.quiesce())
-    await settle()
-    assert not quiesced.done()  # the fetch is in the handler's hands, lingering
-    await asyncio.wait_for(quiesced, 1)
-    assert ledger.batches == [[0, 1, 2]]
-    for task in tasks:
-        task.cancel()
+    async with lingering_ledger(linger_s=0.05) as (app, lane, ledger):
+        await lane.dispatch(fetch_of(USAGE, 0, range(3)), generation=1)
+        await settle()
+        app.consumer.flowing = False  # Faust stops the flow, then waits for the consumer
+        quiesced = asyncio.create_task(lane.quiesce())
+        await settle()
+        assert not quiesced.done()  # the fetch is in the handler's hands, lingering
+        await asyncio.wait_for(quiesced, 1)
+        # Stale once the flow stopped: dropped, not written, not acknowledged (read again).
+        assert ledger.batches == []
+        assert app.consumer.acknowledged == []
 
 
 async def test_another_task_runs_between_the_slices_of_a_handler_that_never_suspends() -> None:
