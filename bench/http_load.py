@@ -4,7 +4,8 @@ The benchmarks run on the machine they measure, so every microsecond the load ge
 is taken from the system under test. At 1,000 requests a second aiohttp took 0.3 of the two
 cores (bench.freshness); this client writes each request as one buffer and parses the answer
 with httptools (C), and spends a fraction of that. It speaks only what the benchmarks need:
-one request at a time per connection, bodies with Content-Length, JSON in and out.
+one request at a time per connection, JSON in and out, answers with Content-Length or chunked
+(an answer delimited by closing the connection is reported as a lost connection).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class _Connection(asyncio.Protocol):
         self._answer: asyncio.Future[tuple[int, bytes]] | None = None
         self._body: list[bytes] = []
         self.closed = False
+        self.last_used = time.monotonic()
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -36,6 +38,7 @@ class _Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
+            self.close()  # its parser is broken: never reused
             self._fail(exc)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -49,6 +52,7 @@ class _Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         answer, self._answer = self._answer, None
         body, self._body = b"".join(self._body), []
+        self.last_used = time.monotonic()
         if not self._parser.should_keep_alive():
             self.close()
         if answer is not None and not answer.done():
@@ -73,11 +77,23 @@ class _Connection(asyncio.Protocol):
 
 
 class LoadClient:
-    """Requests to one host over a pool of keep-alive connections, as many as are in flight."""
+    """Requests to one host over a pool of keep-alive connections, one per request in flight
+    up to `max_connections` (more requests wait for a connection)."""
 
-    def __init__(self, host: str, port: int, headers: dict[str, str] | None = None) -> None:
+    # Under uvicorn's 5 s keep-alive: a connection idle longer may be closing as it is reused.
+    MAX_IDLE_S = 4.0
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        headers: dict[str, str] | None = None,
+        *,
+        max_connections: int = 200,
+    ) -> None:
         self._host, self._port = host, port
         self._idle: deque[_Connection] = deque()
+        self._connections = asyncio.Semaphore(max_connections)
         self._fixed_headers = "".join(
             f"{name}: {value}\r\n"
             for name, value in {"Host": f"{host}:{port}", **(headers or {})}.items()
@@ -87,25 +103,32 @@ class LoadClient:
         head = f"{method} {path} HTTP/1.1\r\n{self._fixed_headers}"
         if body or method != "GET":
             head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-        connection = await self._connection()
-        try:
-            status, answer = await connection.send(f"{head}\r\n".encode() + body)
-        except BaseException:
-            connection.close()
-            raise
-        if not connection.closed:
-            self._idle.append(connection)
+        async with self._connections:
+            connection = await self._connection()
+            try:
+                status, answer = await connection.send(f"{head}\r\n".encode() + body)
+            except BaseException:
+                connection.close()
+                raise
+            if not connection.closed:
+                self._idle.append(connection)
         return status, answer
 
     async def post_json(self, path: str, payload: Any) -> tuple[int, Any]:
+        """(status, the decoded JSON answer); an answer that is not 2xx comes back as text,
+        as a server error's may not be JSON."""
         status, body = await self.request("POST", path, json.dumps(payload).encode())
+        if not 200 <= status < 300:
+            return status, body.decode(errors="replace")
         return status, json.loads(body) if body else None
 
     async def _connection(self) -> _Connection:
+        now = time.monotonic()
         while self._idle:
             connection = self._idle.pop()
-            if not connection.closed:
+            if not connection.closed and now - connection.last_used < self.MAX_IDLE_S:
                 return connection
+            connection.close()
         _, connection = await asyncio.get_running_loop().create_connection(
             _Connection, self._host, self._port
         )

@@ -83,7 +83,7 @@ class Settings(BaseSettings):
         ge=1,
         le=1500,
         description="longest time the broker holds a worker's fetch when nothing new arrived; "
-        "partitions whose records are not yet handled wait this long for the next fetch",
+        "partitions whose records are not yet handled wait up to this long for the next fetch",
     )
     worker_event_loop: Literal["uvloop", "asyncio"] = Field(
         "uvloop",

@@ -13,7 +13,8 @@ account fold, the sinks) a fetch at a time, and this module does for them what F
 its streams:
 
 - backpressure: a handler's queue holds a few fetches and the fetch loop waits while it is
-  full;
+  full (a lingering handler, see `BatchLane.add_handler`, also holds up to a batch of
+  fetches it took out of its queue);
 - acknowledgement: a fetch's offsets are acknowledged, and so committable, only once every
   handler is done with it (a crash before that reads it again; the handlers are idempotent).
   So a handler must not wait on an outside service: one slow handler holds every topic's
@@ -114,6 +115,9 @@ def one_record_at_a_time(handle: RecordHandler) -> BatchHandler:
 class _Fetch:
     generation: int
     records: RecordsByPartition
+    # Loop time of its dispatch: a lingering handler waits from here, not from when it got to
+    # the fetch (a handler that fell behind does not add its whole window on top).
+    dispatched_at: float
     unfinished_handlers: int = 0
 
 
@@ -128,6 +132,8 @@ class _Handler:
     # How long the handler waits after a fetch for more to write with it (see add_handler).
     linger_s: float = 0.0
     queue: asyncio.Queue[_Fetch] = field(default_factory=lambda: asyncio.Queue(maxsize=4))
+    # The linger under way, which a revocation ends at once.
+    lingering: asyncio.Timeout | None = None
 
 
 class BatchLane:
@@ -153,7 +159,7 @@ class BatchLane:
     ) -> None:
         """`handle` gets every record of `topics` (no Faust agent may read them).
 
-        With `linger_s`, the handler takes the fetches that arrive within that time of the
+        With `linger_s`, the handler takes the fetches dispatched within that time of the
         first (up to `max_batch` records) and handles them as one batch. A steady load comes
         in fetches of a few records each, and a handler with a fixed cost per call (a
         PostgreSQL transaction) paid it for every few records. The fetches taken wait in the
@@ -207,18 +213,22 @@ class BatchLane:
 
     async def dispatch(self, records: RecordsByPartition, generation: int) -> None:
         """Queues a fetch's records for each handler of their topics (waits while full)."""
-        fetch = _Fetch(generation, records)
+        fetch = _Fetch(generation, records, asyncio.get_running_loop().time())
         targets = [h for h in self._handlers if any(tp.topic in h.topics for tp in records)]
         fetch.unfinished_handlers = len(targets)
         for handler in targets:
             await handler.queue.put(fetch)
 
     async def quiesce(self) -> None:
-        """For a revocation (the flow is already stopped): drops the queued fetches and waits
-        for the ones being handled."""
+        """For a revocation (the flow is already stopped): drops the queued fetches, ends the
+        lingers (what they hold is stale now, and dropped) and waits for the fetches being
+        handled."""
+        now = asyncio.get_running_loop().time()
         for handler in self._handlers:
             while not handler.queue.empty():
                 handler.queue.get_nowait()
+            if handler.lingering is not None:
+                handler.lingering.reschedule(now)
         await self._idle.wait()
 
     def _consumer(self) -> FetchAcknowledger | None:
@@ -262,16 +272,21 @@ class BatchLane:
 
     @staticmethod
     async def _linger(handler: _Handler, fetches: list[_Fetch]) -> None:
-        """Adds to `fetches` those queued within `linger_s` of the first, up to `max_batch`
-        records."""
+        """Adds to `fetches` those dispatched within `linger_s` of the first, up to
+        `max_batch` records."""
 
         def records_of(fetch: _Fetch) -> int:
             return sum(len(b) for tp, b in fetch.records.items() if tp.topic in handler.topics)
 
         taken = records_of(fetches[0])
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(handler.linger_s):
-                while taken < handler.max_batch:
-                    fetch = await handler.queue.get()
-                    fetches.append(fetch)
-                    taken += records_of(fetch)
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(
+                    fetches[0].dispatched_at + handler.linger_s
+                ) as handler.lingering:
+                    while taken < handler.max_batch:
+                        fetch = await handler.queue.get()
+                        fetches.append(fetch)
+                        taken += records_of(fetch)
+        finally:
+            handler.lingering = None

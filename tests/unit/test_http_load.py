@@ -101,3 +101,31 @@ async def test_jobs_start_on_schedule_even_while_earlier_ones_are_running() -> N
 
     await asyncio.wait_for(at_steady_rate(1000, 0.01, job), 5)
     assert started == list(range(10))
+
+
+async def test_requests_beyond_the_connection_cap_wait_for_a_connection(
+    server: tuple[int, list[int]],
+) -> None:
+    port, peers = server
+    client = LoadClient("127.0.0.1", port, max_connections=2)
+    answers = await asyncio.gather(*(client.request("GET", f"/{i}") for i in range(10)))
+    await client.close()
+    assert [status for status, _ in answers] == [200] * 10
+    assert len(set(peers)) == 2
+
+
+async def test_a_connection_idle_too_long_is_not_reused(server: tuple[int, list[int]]) -> None:
+    port, peers = server
+    client = LoadClient("127.0.0.1", port)
+    client.MAX_IDLE_S = 0.0  # every idle connection is too old
+    await client.request("GET", "/first")
+    await client.request("GET", "/second")
+    await client.close()
+    assert peers[0] != peers[1]
+
+
+async def test_an_error_answer_comes_back_as_text(server: tuple[int, list[int]]) -> None:
+    port, _ = server
+    client = LoadClient("127.0.0.1", port)
+    assert await client.post_json("/missing", {}) == (404, '{"detail": "not found"}')
+    await client.close()
