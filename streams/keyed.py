@@ -28,7 +28,8 @@ class KeyOrderedJobs:
     unfinished jobs' records are read again). From then on `submit` never returns: the caller
     (a Faust agent) must not go on and, restarted by its supervisor with new jobs, send what
     follows. Jobs already running are left to finish, not cancelled: a send cancelled after
-    the channel took it would go out twice.
+    the channel took it would go out twice. Only a stopping worker whose drain ran out cancels
+    them (`cancel_unfinished`).
     """
 
     PENDING_PER_SLOT = 8
@@ -39,6 +40,8 @@ class KeyOrderedJobs:
         self._on_failure = on_failure
         self._last_of_key: dict[Hashable, asyncio.Task[None]] = {}
         self._unfinished: set[asyncio.Task[None]] = set()
+        # Jobs whose call has started: cancelled, the outside service may have taken it.
+        self._in_progress: set[asyncio.Task[None]] = set()
         self.failure: BaseException | None = None
 
     async def submit(self, key: Hashable, job: Job) -> None:
@@ -59,7 +62,13 @@ class KeyOrderedJobs:
                 await asyncio.wait({previous})
             async with self._running_slots:
                 if self.failure is None:
-                    await job()
+                    task = asyncio.current_task()
+                    assert task is not None
+                    self._in_progress.add(task)
+                    try:
+                        await job()
+                    finally:
+                        self._in_progress.discard(task)
         except Exception as exc:
             if self.failure is None:
                 self.failure = exc
@@ -74,3 +83,16 @@ class KeyOrderedJobs:
         """Waits until every submitted job is done (or skipped after a failure)."""
         while self._unfinished:
             await asyncio.wait(set(self._unfinished))
+
+    def cancel_unfinished(self) -> tuple[int, int]:
+        """Cancels every unfinished job; returns how many were unfinished and how many of
+        those had started their call (`wait_all` then waits until they are done).
+
+        For a stopping worker whose drain ran out: left running, a job would be dropped half
+        way by the closing loop, its end unknown. Its record is not acknowledged, so a restart
+        runs it again; a started call may have reached the outside service already.
+        """
+        started = len(self._in_progress)
+        for task in self._unfinished:
+            task.cancel()
+        return len(self._unfinished), started

@@ -251,17 +251,19 @@ async def produce(
     value: bytes | None,
     partition: int | None = None,
 ) -> asyncio.Future[RecordMetadata]:
-    """Hands one serialised record to aiokafka, counted as Faust counts a send; returns its
-    delivery future."""
-    if monitor is not None:
-        monitor.count_sent(topic)
+    """Hands one serialised record to aiokafka; returns its delivery future. The record counts
+    as sent once aiokafka took it, and as a send error if it refused it."""
     try:
         delivered: asyncio.Future[RecordMetadata] = await kafka.send(
             topic, value, key=key, partition=partition
         )
     except KafkaError as exc:
+        if monitor is not None:
+            monitor.count_send_error()
         # The exception callers of Faust's send see.
         raise ProducerSendError(f"Error while sending: {exc!r}") from exc
+    if monitor is not None:
+        monitor.count_sent(topic)
     return delivered
 
 
@@ -307,10 +309,11 @@ class HeldChangelogTable(faust.Table[Any, Any]):
             and not self.app.in_transaction
             and isinstance(producer, EffectsFirstProducer)
         ):
-            changelog = self.changelog_topic
-            record_key, key_headers = changelog.prepare_key(key, self.key_serializer)
+            changelog = cast(faust.Topic, self.changelog_topic)
+            # Fresh dicts, as Faust's send passes: a schema may add headers to them in place.
+            record_key, key_headers = changelog.prepare_key(key, self.key_serializer, headers={})
             record_value, value_headers = changelog.prepare_value(
-                value, value_serializer or self.value_serializer
+                value, value_serializer or self.value_serializer, headers={}
             )
             if not key_headers and not value_headers:
                 store = self.data
@@ -508,6 +511,24 @@ class AcknowledgedOnlyConsumer(AiokafkaConsumer):
         if lane is not None:
             await lane.quiesce()
         await super().wait_empty()
+
+    async def _wait_for_ack(self, timeout: float) -> None:  # noqa: ASYNC109 (Faust's signature)
+        """Waits up to `timeout` for the next acknowledgement, as Faust's does, except that a
+        cancellation of the waiting task goes through. Faust's swallows it, so `wait_empty`
+        went on looping: a stopping worker's bounded drain (`WorkerApp._consumer_wait_empty`)
+        never ended while an agent held a record, and the worker had to be killed."""
+        self._waiting_for_ack = asyncio.Future(loop=self.loop)
+        try:
+            await asyncio.wait_for(self._waiting_for_ack, timeout=timeout)
+        except TimeoutError:
+            pass
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            # Only the armed future was cancelled (what Faust's guards against): go on.
+        finally:
+            self._waiting_for_ack = None
 
     async def getmany(self, timeout: float) -> AsyncIterator[tuple[TP, Message]]:  # noqa: ASYNC109 (Faust's signature)
         async for tp, message in super().getmany(timeout):

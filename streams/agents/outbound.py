@@ -369,6 +369,21 @@ def register(
             await stream.ack(event)
 
         stream.enable_acks = False
-        # Commands are keyed by lead: a lead's go out in order, leads' sends overlap.
-        async for event in stream.events():
-            await sends.submit(event.message.key, partial(send_and_acknowledge, event))
+        try:
+            # Commands are keyed by lead: a lead's go out in order, leads' sends overlap.
+            async for event in stream.events():
+                await sends.submit(event.message.key, partial(send_and_acknowledge, event))
+        finally:
+            # The worker is stopping and the drain is over: a send still unfinished is ended
+            # here, not dropped half way by the closing loop, and said. Cancelled and logged
+            # before any await: the stopping worker cancels this agent again within
+            # milliseconds.
+            unfinished, started = sends.cancel_unfinished()
+            if unfinished:
+                logger.warning(
+                    "stopped %d unfinished sends, %d of them in progress (the channel may "
+                    "have taken those); their commands are read again after a restart",
+                    unfinished,
+                    started,
+                )
+            await sends.wait_all()

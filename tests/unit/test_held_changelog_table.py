@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, cast
 
+import faust
 from faust.types import TP
 from faust.types.tuples import FutureMessage, RecordMetadata
 
@@ -51,6 +52,26 @@ def test_a_write_in_a_transaction_goes_through_fausts_path() -> None:
     [write] = held(producer)
     assert isinstance(write, FutureMessage)
     assert (write.message.partition, write.message.key) == (2, b"lead-1")
+
+
+class VersionHeaderSchema(faust.Schema[bytes, Any]):
+    """A schema that stamps each value with a header, in place, as Faust's send lets it."""
+
+    def on_dumps_value_prepare_headers(self, value: Any, headers: Any) -> Any:
+        headers["schema-version"] = b"2"
+        return headers
+
+
+def test_a_write_whose_schema_adds_headers_goes_through_fausts_path_with_them() -> None:
+    app = WorkerApp("held-table-headers", broker="kafka://127.0.0.1:1", autodiscover=False,
+                    Table=HeldChangelogTable)  # fmt: skip
+    schema = VersionHeaderSchema(key_type=bytes)
+    table = cast(HeldChangelogTable, app.Table("accounts", schema=schema, partitions=4))
+    assert table.write_changelog(1, b"lead-1", {"n": 1}) == 1
+    [write] = held(cast(EffectsFirstProducer, app.producer))
+    # A held record has no headers: this one would have lost the schema's.
+    assert isinstance(write, FutureMessage)
+    assert write.message.headers == {"schema-version": b"2"}
 
 
 class OffsetKeepingStore:

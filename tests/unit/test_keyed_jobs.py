@@ -152,3 +152,22 @@ async def _submit_all(
 ) -> None:
     for key, job in submissions:
         await jobs.submit(key, job)
+
+
+async def test_a_stopping_worker_cancels_the_unfinished_jobs_and_hears_how_many_had_started() -> (
+    None
+):
+    channel = Channel()
+    jobs = KeyOrderedJobs(1, on_failure=Crashes().crash)
+    await jobs.submit("ravi", channel.send("ravi", 1))
+    await jobs.submit("ravi", channel.send("ravi", 2))  # waits for ravi's first
+    await jobs.submit("asha", channel.send("asha", 1))  # waits for the one running slot
+    await turns_until(lambda: channel.in_flight == 1)
+
+    assert jobs.cancel_unfinished() == (3, 1)
+    channel.release.set()
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert channel.calls == [("ravi", 1)]  # nothing started after the cancel
+    await jobs.wait_all()  # nothing left unfinished
+    assert jobs.cancel_unfinished() == (0, 0)

@@ -6,13 +6,14 @@ import asyncio
 from functools import partial
 
 import pytest
-from aiokafka.errors import KafkaTimeoutError
+from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
+from faust.exceptions import ProducerSendError
 from faust.sensors.prometheus import FaustMetrics
 from faust.types.tuples import TP
 from prometheus_client import CollectorRegistry
 
 from streams.monitor import LeanPrometheusMonitor
-from streams.producer import report_undelivered
+from streams.producer import produce, report_undelivered
 
 
 def test_records_received_and_sent_per_topic_and_committed_offsets() -> None:
@@ -44,3 +45,36 @@ async def test_a_record_sent_past_fausts_path_and_not_delivered_is_logged_and_co
 
     assert registry.get_sample_value("faust_total_error_messages_sent_total") == 1
     assert "record to lead-events not delivered" in caplog.text
+
+
+class OneShotProducer:
+    """aiokafka's producer taking the first record and refusing the next before it is queued
+    (as for an oversized one)."""
+
+    def __init__(self) -> None:
+        self.taken = 0
+
+    async def send(
+        self, topic: str, value: bytes | None, **options: object
+    ) -> asyncio.Future[None]:
+        if self.taken:
+            raise MessageSizeTooLargeError()
+        self.taken += 1
+        return asyncio.get_running_loop().create_future()
+
+
+async def test_a_record_counts_as_sent_once_aiokafka_took_it_and_as_an_error_if_it_refused() -> (
+    None
+):
+    registry = CollectorRegistry()
+    monitor = LeanPrometheusMonitor(metrics=FaustMetrics.create(registry, "faust"))
+    kafka = OneShotProducer()
+    await produce(kafka, monitor, "lead-events", b"k", b"{}")
+    with pytest.raises(ProducerSendError):
+        await produce(kafka, monitor, "lead-events", b"k", b"{}")
+
+    sent = registry.get_sample_value(
+        "faust_topic_messages_sent_total", {"topic": "topic.lead-events"}
+    )
+    assert sent == 1
+    assert registry.get_sample_value("faust_total_error_messages_sent_total") == 1
