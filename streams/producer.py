@@ -46,6 +46,7 @@ Two more ways a rebalance skipped records, both found by a worker started on a b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from collections.abc import (
@@ -509,7 +510,15 @@ class AcknowledgedOnlyConsumer(AiokafkaConsumer):
     async def wait_empty(self) -> None:
         lane = self._batch_lane
         if lane is not None:
-            await lane.quiesce()
+            app = cast(WorkerApp, self.app)
+            if not app.should_stop:
+                await lane.quiesce()
+            else:
+                # Also called when the consumer itself stops, after the app's drain: a handler
+                # retrying an unreachable database kept a SIGTERMed worker until it was killed.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout_at(app.drain_deadline()):
+                        await lane.quiesce()
         await super().wait_empty()
 
     async def _wait_for_ack(self, timeout: float) -> None:  # noqa: ASYNC109 (Faust's signature)
@@ -613,6 +622,14 @@ class WorkerApp(faust.App):
     # The longest a fetch waits at the broker (BoundedFetchWaitThread); set by the composition
     # root.
     fetch_max_wait_s: float = 0.025
+    _drain_deadline: float | None = None
+
+    def drain_deadline(self) -> float:
+        """Loop time at which a stopping worker stops waiting for the records its agents hold:
+        `shutdown_drain_s` after it first waited, for all its waits together."""
+        if self._drain_deadline is None:
+            self._drain_deadline = asyncio.get_running_loop().time() + self.shutdown_drain_s
+        return self._drain_deadline
 
     async def _consumer_wait_empty(self, consumer: ConsumerT, logger: Any) -> None:
         """A rebalance waits for every held record (a revoked partition's tables must hold all
@@ -624,7 +641,7 @@ class WorkerApp(faust.App):
             await super()._consumer_wait_empty(consumer, logger)
             return
         try:
-            async with asyncio.timeout(self.shutdown_drain_s):
+            async with asyncio.timeout_at(self.drain_deadline()):
                 await super()._consumer_wait_empty(consumer, logger)
         except TimeoutError:
             # Faust logs the agents' tracebacks only at INFO: say which agent held them.

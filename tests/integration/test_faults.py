@@ -1,5 +1,6 @@
 """Fault injection: a worker killed with -9 mid-load, the broker restarted, PostgreSQL down for
-20 s, a rebalance mid-load, and every source topic replayed into a fresh app.
+20 s (and a worker stopped during such an outage), a rebalance mid-load, and every source topic
+replayed into a fresh app.
 
 Each test drives a load of inbound messages through the real API (a client that retries a 503
 with the same `channel_message_id`, as connectors do) and then checks that every accepted
@@ -12,7 +13,7 @@ message had its effects exactly once:
 - leakage: no unanswered wait produced two leaks (in PostgreSQL or, with another identity, on
   the lead-events topic).
 
-`make test` runs all five at `FAULT_EVENTS` (default 1200); `make faults` runs only them, and
+`make test` runs them all at `FAULT_EVENTS` (default 1200); `make faults` runs only them, and
 `FAULT_EVENTS=50000 make faults` at full size.
 """
 
@@ -489,6 +490,36 @@ async def test_postgres_down_for_20_s_reads_503_then_the_sink_catches_up(
     finally:
         await db.close()
     assert worker.process.poll() is None, worker.log_tail()
+
+
+async def test_a_worker_stopped_while_postgres_is_down_exits_after_its_drain(
+    processes: StartProcess,
+    test_settings: Settings,
+    running_stack: Settings,
+    make_tenant: MakeTenant,
+    api_for: ApiFor,
+) -> None:
+    """Its sinks hold records, retrying the database: SIGTERM still ends it after the drain
+    (not a kill), and the next worker writes everything once PostgreSQL is back."""
+    first = fault_worker(processes, test_settings, "fault-pg-stop-a", WORKER_SHUTDOWN_DRAIN_S="2")
+    api = await api_for(first)
+    tenant = await make_tenant("Outage at stop")
+    assert (await api.get("/api/leads", headers=tenant.headers)).status_code == 200
+    stopped = await asyncio.to_thread(stack.stop_postgres, running_stack)
+    assert not stopped.running, f"PostgreSQL still running: {stopped.detail}"
+    try:
+        load = await drive(api, [tenant], 200)
+        await asyncio.sleep(2)  # the sinks are retrying the database
+        exit_code = await asyncio.to_thread(first.stop, signal.SIGTERM, 30)
+    finally:
+        await asyncio.to_thread(stack.start_postgres, running_stack)
+    assert exit_code == 0, first.log_tail()  # -9: it had to be killed
+    second = fault_worker(processes, test_settings, "fault-pg-stop-b")
+    db = await asyncpg.connect(test_settings.database_url)
+    try:
+        await sessions_settled(load, worker_url(second), db)
+    finally:
+        await db.close()
 
 
 def digest(load: Load, tenant: Tenant, url: str) -> list[Any]:
