@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -159,11 +160,42 @@ def cmd_gmail_poller(args: argparse.Namespace) -> int:
     return 0
 
 
+# How long a stopping worker may take beyond its drain (flushing, committing, leaving the group)
+# before it exits regardless.
+STOP_GRACE_S = 10.0
+
+
+def exit_if_still_running_after(seconds: float) -> threading.Timer:
+    """Ends the process with status 1 if it still runs `seconds` from now.
+
+    A stopping worker whose broker is down waits in aiokafka's flush for batches that can only
+    time out (Faust's producer request timeout is 20 minutes): SIGTERM took a kill. Exiting
+    without the flush is what a kill -9 does, and is as safe: offsets are committed only past
+    records whose effects were delivered, so a restart reads the rest again.
+    """
+
+    def give_up() -> None:
+        logger.error(
+            "stopping took longer than %.0f s; exiting without finishing (what was not "
+            "committed is read again after a restart)",
+            seconds,
+        )
+        logging.shutdown()
+        os._exit(1)
+
+    timer = threading.Timer(seconds, give_up)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from faust import Worker
 
     from flexoraa.runtime import settle_collector
     from streams.app import create_worker_app
+
+    settings = _settings(args)
 
     class QuietWorker(Worker):
         def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
@@ -172,7 +204,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
             # call of aiokafka and Faust built a record: 12 % of a busy worker's CPU.
             logger.setLevel(level or logging.INFO)
 
-    settings = _settings(args)
+        _exit_timer: threading.Timer | None = None
+
+        async def stop(self) -> None:
+            if self._exit_timer is None:
+                self._exit_timer = exit_if_still_running_after(
+                    settings.worker_shutdown_drain_s + STOP_GRACE_S
+                )
+            await super().stop()
+
     if settings.worker_event_loop == "uvloop":
         # Before anything creates a loop: mode's Worker asks the policy for one.
         import mode.loop

@@ -1,5 +1,5 @@
 """Fault injection: a worker killed with -9 mid-load, the broker restarted, PostgreSQL down for
-20 s (and a worker stopped during such an outage), a rebalance mid-load, and every source topic
+20 s (and a worker stopped during either outage), a rebalance mid-load, and every source topic
 replayed into a fresh app.
 
 Each test drives a load of inbound messages through the real API (a client that retries a 503
@@ -36,6 +36,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from flexoraa import stack
+from flexoraa.cli import STOP_GRACE_S
 from flexoraa.kafka import delete_topics, ensure_topics
 from flexoraa.settings import Settings
 from schemas.messaging import LeadEvent
@@ -515,6 +516,41 @@ async def test_a_worker_stopped_while_postgres_is_down_exits_after_its_drain(
         await asyncio.to_thread(stack.start_postgres, running_stack)
     assert exit_code == 0, first.log_tail()  # -9: it had to be killed
     second = fault_worker(processes, test_settings, "fault-pg-stop-b")
+    db = await asyncpg.connect(test_settings.database_url)
+    try:
+        await sessions_settled(load, worker_url(second), db)
+    finally:
+        await db.close()
+
+
+async def test_a_worker_stopped_while_the_broker_is_down_exits_and_loses_nothing(
+    processes: StartProcess,
+    test_settings: Settings,
+    running_stack: Settings,
+    make_tenant: MakeTenant,
+    api_for: ApiFor,
+) -> None:
+    """It cannot deliver what it wrote: it exits once the drain and the grace are over, as a
+    kill -9 would (not after Faust's 20-minute producer timeout), and the next worker, with the
+    broker back, applies every accepted message once."""
+    first = fault_worker(
+        processes, test_settings, "fault-kafka-stop-a", WORKER_SHUTDOWN_DRAIN_S="2"
+    )
+    api = await api_for(first)
+    tenant = await make_tenant("Broker down at stop")
+    halfway = asyncio.Event()
+    # Mid-load, so the worker holds effects and changelog writes it can no longer deliver.
+    loading = asyncio.create_task(drive(api, [tenant], EVENTS, progress={0.5: halfway}))
+    await halfway.wait()
+    await asyncio.to_thread(stack.stop_kafka, running_stack)
+    try:
+        exit_code = await asyncio.to_thread(first.stop, signal.SIGTERM, 2 + STOP_GRACE_S + 30)
+    finally:
+        await asyncio.to_thread(stack.start_kafka, running_stack)
+    load = await loading  # the rest is accepted once the broker is back
+    assert exit_code == 1, first.log_tail()  # -9: it had to be killed
+    assert "stopping took longer than 12 s" in first.log_path.read_text()
+    second = fault_worker(processes, test_settings, "fault-kafka-stop-b")
     db = await asyncpg.connect(test_settings.database_url)
     try:
         await sessions_settled(load, worker_url(second), db)
