@@ -17,6 +17,7 @@ import urllib.request
 from datetime import UTC, datetime
 from typing import Any
 
+from flexoraa.logs import hold_back_repeated_lines
 from flexoraa.settings import Settings
 
 logger = logging.getLogger("flexoraa")
@@ -203,6 +204,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
             # mode leaves the root logger at DEBUG and filters in the handler, so every debug
             # call of aiokafka and Faust built a record: 12 % of a busy worker's CPU.
             logger.setLevel(level or logging.INFO)
+            # mode replaced the handlers main() set up.
+            hold_back_repeated_lines(logger.handlers)
 
         _exit_timer: threading.Timer | None = None
 
@@ -425,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     # One line per request from the API's worker client would drown the useful lines.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    hold_back_repeated_lines(logging.getLogger().handlers)
     code: int = args.func(args)
     return code
 
