@@ -176,13 +176,16 @@ def exit_if_still_running_after(seconds: float) -> threading.Timer:
     """
 
     def give_up() -> None:
-        logger.error(
-            "stopping took longer than %.0f s; exiting without finishing (what was not "
-            "committed is read again after a restart)",
-            seconds,
-        )
-        logging.shutdown()
-        os._exit(1)
+        # Straight to stderr, not through logging: the stuck main thread may hold a handler's
+        # lock.
+        try:
+            os.write(
+                2,
+                f"stopping took longer than {seconds:.0f} s; exiting without finishing (what was "
+                "not committed is read again after a restart)\n".encode(),
+            )
+        finally:
+            os._exit(1)
 
     timer = threading.Timer(seconds, give_up)
     timer.daemon = True

@@ -1,8 +1,8 @@
 """Log lines that repeat in a tight loop, let through once per interval with a count.
 
 With the broker down, aiokafka's clients retry their metadata request without a backoff (the
-sender and the fetcher ask again as soon as the last attempt failed): a worker logged about
-3,000 error lines a second, 500,000 in a two-minute outage, while it used 0.2-0.3 of a core.
+sender and the fetcher ask again as soon as the last attempt failed): a worker logged 3,000 to
+7,000 error lines a second, 500,000 in a two-minute outage, while it used 0.2-0.3 of a core.
 The first line of each kind still shows at once, and the count of the ones held back follows
 with the next one let through.
 """
@@ -10,9 +10,13 @@ with the next one let through.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+
+# Kinds of line remembered before the quiet ones are forgotten.
+MAX_KINDS = 1000
 
 
 @dataclass
@@ -36,32 +40,42 @@ class RepeatedLinesFilter(logging.Filter):
         self._interval_s = interval_s
         self._clock = clock
         self._seen: dict[tuple[str, str], _Seen] = {}
+        # A handler calls its filters outside its lock, and aiokafka logs from Faust's consumer
+        # thread as well as from the main one.
+        self._lock = threading.Lock()
 
     def filter(self, record: logging.LogRecord) -> bool:
         name = record.name
         if not any(name == p or name.startswith(p + ".") for p in self._prefixes):
             return True
-        now = self._clock()
         key = (name, str(record.msg))
-        seen = self._seen.get(key)
-        if seen is None:
-            self._seen[key] = _Seen(now)
-            return True
-        if now - seen.let_through_at < self._interval_s:
-            seen.held_back += 1
-            return False
-        if seen.held_back:
+        with self._lock:
+            now = self._clock()
+            seen = self._seen.get(key)
+            if seen is None:
+                if len(self._seen) >= MAX_KINDS:
+                    # Lines already formatted differ every time: forget the quiet kinds.
+                    self._seen = {
+                        k: v
+                        for k, v in self._seen.items()
+                        if now - v.let_through_at < self._interval_s
+                    }
+                self._seen[key] = _Seen(now)
+                return True
+            if now - seen.let_through_at < self._interval_s:
+                seen.held_back += 1
+                return False
+            held_back, since = seen.held_back, seen.let_through_at
+            seen.let_through_at, seen.held_back = now, 0
+        if held_back:
             # Escaped: the record's message is %-formatted with its arguments later.
-            note = (
-                f" [{seen.held_back} more like this in the last {now - seen.let_through_at:.0f} s]"
-            )
+            note = f" [{held_back} more like this in the last {now - since:.0f} s]"
             record.msg = str(record.msg) + note.replace("%", "%%")
-        seen.let_through_at, seen.held_back = now, 0
         return True
 
 
 def hold_back_repeated_lines(handlers: Iterable[logging.Handler]) -> None:
-    """Puts the filter on `handlers`: a handler's filters see the records of every logger."""
-    line_filter = RepeatedLinesFilter()
+    """Puts a filter on each of `handlers` (a handler's filters see the records of every
+    logger); one each, or the second would hold back what the first just let through."""
     for handler in handlers:
-        handler.addFilter(line_filter)
+        handler.addFilter(RepeatedLinesFilter())

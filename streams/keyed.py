@@ -92,7 +92,9 @@ class KeyOrderedJobs:
         way by the closing loop, its end unknown. Its record is not acknowledged, so a restart
         runs it again; a started call may have reached the outside service already.
         """
-        started = len(self._in_progress)
-        for task in self._unfinished:
+        # A task done but not yet discarded by its callback is not counted.
+        unfinished = [task for task in self._unfinished if not task.done()]
+        started = sum(1 for task in unfinished if task in self._in_progress)
+        for task in unfinished:
             task.cancel()
-        return len(self._unfinished), started
+        return len(unfinished), started

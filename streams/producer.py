@@ -510,32 +510,30 @@ class AcknowledgedOnlyConsumer(AiokafkaConsumer):
     async def wait_empty(self) -> None:
         lane = self._batch_lane
         if lane is not None:
-            app = cast(WorkerApp, self.app)
-            if not app.should_stop:
-                await lane.quiesce()
-            else:
-                # Also called when the consumer itself stops, after the app's drain: a handler
-                # retrying an unreachable database kept a SIGTERMed worker until it was killed.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout_at(app.drain_deadline()):
-                        await lane.quiesce()
+            # Also called when the consumer itself stops, after the app's drain: a handler
+            # retrying an unreachable database kept a SIGTERMed worker until it was killed.
+            with contextlib.suppress(TimeoutError):
+                async with cast(WorkerApp, self.app).within_drain():
+                    await lane.quiesce()
         await super().wait_empty()
 
     async def _wait_for_ack(self, timeout: float) -> None:  # noqa: ASYNC109 (Faust's signature)
-        """Waits up to `timeout` for the next acknowledgement, as Faust's does, except that a
-        cancellation of the waiting task goes through. Faust's swallows it, so `wait_empty`
-        went on looping: a stopping worker's bounded drain (`WorkerApp._consumer_wait_empty`)
-        never ended while an agent held a record, and the worker had to be killed."""
+        """Waits up to `timeout` for the next acknowledgement, as Faust's does, without ever
+        dropping a cancellation of the waiting task.
+
+        Faust's swallows it (and Python 3.11's `wait_for` drops one that lands as the awaited
+        future completes), so `wait_empty` went on looping: a stopping worker's bounded drain
+        (`WorkerApp.within_drain`) never ended while an agent held a record, and the worker
+        had to be killed. Faust's loop also waits for a commit in progress, swallowing a
+        cancellation there too: past the drain deadline (and a second for its cancellation
+        to arrive) each turn ends the wait itself.
+        """
+        app = cast(WorkerApp, self.app)
+        if app.should_stop and asyncio.get_running_loop().time() > app.drain_deadline() + 1.0:
+            raise TimeoutError("the stopping worker's drain is over")
         self._waiting_for_ack = asyncio.Future(loop=self.loop)
         try:
-            await asyncio.wait_for(self._waiting_for_ack, timeout=timeout)
-        except TimeoutError:
-            pass
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise
-            # Only the armed future was cancelled (what Faust's guards against): go on.
+            await asyncio.wait({self._waiting_for_ack}, timeout=timeout)
         finally:
             self._waiting_for_ack = None
 
@@ -631,17 +629,25 @@ class WorkerApp(faust.App):
             self._drain_deadline = asyncio.get_running_loop().time() + self.shutdown_drain_s
         return self._drain_deadline
 
-    async def _consumer_wait_empty(self, consumer: ConsumerT, logger: Any) -> None:
-        """A rebalance waits for every held record (a revoked partition's tables must hold all
-        their writes); a stopping worker waits at most `shutdown_drain_s`. Faust's wait has no
-        bound: a worker once still waited for 50 inbound records 6 minutes after SIGTERM. The
-        records it gives up on are not committed, so a restart reads them again, as after a
-        kill -9 (their effects carry ids derived from them)."""
+    @contextlib.asynccontextmanager
+    async def within_drain(self) -> AsyncIterator[None]:
+        """The body, cut short with TimeoutError at the drain deadline if the worker is
+        stopping; without a bound otherwise (a rebalance: a revoked partition's tables must
+        hold all their writes)."""
         if not self.should_stop:
-            await super()._consumer_wait_empty(consumer, logger)
+            yield
             return
+        async with asyncio.timeout_at(self.drain_deadline()):
+            yield
+
+    async def _consumer_wait_empty(self, consumer: ConsumerT, logger: Any) -> None:
+        """A rebalance waits for every held record; a stopping worker waits at most
+        `shutdown_drain_s`. Faust's wait has no bound: a worker once still waited for 50
+        inbound records 6 minutes after SIGTERM. The records it gives up on are not committed,
+        so a restart reads them again, as after a kill -9 (their effects carry ids derived
+        from them)."""
         try:
-            async with asyncio.timeout_at(self.drain_deadline()):
+            async with self.within_drain():
                 await super()._consumer_wait_empty(consumer, logger)
         except TimeoutError:
             # Faust logs the agents' tracebacks only at INFO: say which agent held them.

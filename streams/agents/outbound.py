@@ -377,8 +377,9 @@ def register(
             # The worker is stopping and the drain is over: a send still unfinished is ended
             # here, not dropped half way by the closing loop, and said. Cancelled and logged
             # before any await: the stopping worker cancels this agent again within
-            # milliseconds.
-            unfinished, started = sends.cancel_unfinished()
+            # milliseconds. (An agent that failed stops the worker too, its sends finishing
+            # meanwhile.)
+            unfinished, started = sends.cancel_unfinished() if app.should_stop else (0, 0)
             if unfinished:
                 logger.warning(
                     "stopped %d unfinished sends, %d of them in progress (the channel may "

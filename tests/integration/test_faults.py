@@ -510,17 +510,16 @@ async def test_a_worker_stopped_while_postgres_is_down_exits_after_its_drain(
     assert not stopped.running, f"PostgreSQL still running: {stopped.detail}"
     try:
         load = await drive(api, [tenant], 200)
-        await asyncio.sleep(2)  # the sinks are retrying the database
+
+        async def retrying() -> bool:
+            return "database unreachable" in first.log_path.read_text()
+
+        await eventually(retrying, what="the worker to retry the database")
         exit_code = await asyncio.to_thread(first.stop, signal.SIGTERM, 30)
     finally:
         await asyncio.to_thread(stack.start_postgres, running_stack)
     assert exit_code == 0, first.log_tail()  # -9: it had to be killed
-    second = fault_worker(processes, test_settings, "fault-pg-stop-b")
-    db = await asyncpg.connect(test_settings.database_url)
-    try:
-        await sessions_settled(load, worker_url(second), db)
-    finally:
-        await db.close()
+    await settled_by_a_new_worker(processes, test_settings, load, "fault-pg-stop-b")
 
 
 async def test_a_worker_stopped_while_the_broker_is_down_exits_and_loses_nothing(
@@ -548,15 +547,24 @@ async def test_a_worker_stopped_while_the_broker_is_down_exits_and_loses_nothing
     finally:
         await asyncio.to_thread(stack.start_kafka, running_stack)
     load = await loading  # the rest is accepted once the broker is back
-    assert exit_code == 1, first.log_tail()  # -9: it had to be killed
     log = first.log_path.read_text()
-    assert "stopping took longer than 12 s" in log
+    # -9: it had to be killed. 0: it had nothing left to deliver (not seen in this test's
+    # runs; the fix is what exits 1).
+    assert exit_code in (0, 1), first.log_tail()
+    assert exit_code == 0 or "stopping took longer than 12 s" in log
     # aiokafka retries its metadata without a backoff: thousands of lines a second, unfiltered.
     assert log.count("Unable to update metadata") < 20
-    second = fault_worker(processes, test_settings, "fault-kafka-stop-b")
-    db = await asyncpg.connect(test_settings.database_url)
+    await settled_by_a_new_worker(processes, test_settings, load, "fault-kafka-stop-b")
+
+
+async def settled_by_a_new_worker(
+    processes: StartProcess, settings: Settings, load: Load, name: str
+) -> None:
+    """A worker started after the fault applies every accepted message once."""
+    worker = fault_worker(processes, settings, name)
+    db = await asyncpg.connect(settings.database_url)
     try:
-        await sessions_settled(load, worker_url(second), db)
+        await sessions_settled(load, worker_url(worker), db)
     finally:
         await db.close()
 

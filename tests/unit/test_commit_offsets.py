@@ -141,6 +141,7 @@ async def test_a_stopping_worker_waits_for_held_records_only_so_long(
         app._stopped.set()
         stopping = asyncio.ensure_future(app._consumer_wait_empty(consumer, logger))
         assert await _settles(stopping, 3)
+        stopping.result()  # ended by the deadline, not by an error
     finally:
         consumer._stopped.set()  # ends any wait left over by a failure
         await asyncio.sleep(0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from flexoraa.logs import RepeatedLinesFilter
+from flexoraa.logs import RepeatedLinesFilter, hold_back_repeated_lines
 
 
 class Clock:
@@ -49,3 +49,12 @@ def test_other_templates_and_other_loggers_are_not_held_back() -> None:
     for _ in range(3):
         assert lines.filter(record("flexoraa.db", "database unreachable (%r); retrying", "x"))
     assert lines.filter(record("aiokafkaesque", "Unable to update metadata", None))
+
+
+def test_each_handler_has_its_own_filter() -> None:
+    first, second = logging.StreamHandler(), logging.StreamHandler()
+    hold_back_repeated_lines([first, second])
+    line = record("aiokafka", "Unable to update metadata from %s", [1])
+    assert first.filter(line)
+    assert second.filter(line)
+    assert not first.filter(record("aiokafka", "Unable to update metadata from %s", [1]))
