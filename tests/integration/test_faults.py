@@ -445,6 +445,18 @@ async def test_broker_restarted_mid_load_nothing_lost(
     assert worker.process.poll() is None, worker.log_tail()
 
 
+@contextlib.asynccontextmanager
+async def postgres_down(running_stack: Settings) -> AsyncIterator[None]:
+    """PostgreSQL stopped for the body, started again after it."""
+    stopped = await asyncio.to_thread(stack.stop_postgres, running_stack)
+    # A server this checkout did not start (another checkout's stack) cannot be stopped here.
+    assert not stopped.running, f"PostgreSQL still running: {stopped.detail}"
+    try:
+        yield
+    finally:
+        await asyncio.to_thread(stack.start_postgres, running_stack)
+
+
 async def test_postgres_down_for_20_s_reads_503_then_the_sink_catches_up(
     processes: StartProcess,
     test_settings: Settings,
@@ -458,10 +470,7 @@ async def test_postgres_down_for_20_s_reads_503_then_the_sink_catches_up(
     assert (await api.get("/api/leads", headers=tenant.headers)).status_code == 200
     first = await drive(api, [tenant], EVENTS // 4)
 
-    stopped = await asyncio.to_thread(stack.stop_postgres, running_stack)
-    # A server this checkout did not start (another checkout's stack) cannot be stopped here.
-    assert not stopped.running, f"PostgreSQL still running: {stopped.detail}"
-    try:
+    async with postgres_down(running_stack):
         # Reads that need PostgreSQL answer 503 (not 500, not a hang); writes go to Kafka and
         # are accepted (the API key is cached).
         listing = await api.get("/api/leads", headers=tenant.headers)
@@ -471,8 +480,6 @@ async def test_postgres_down_for_20_s_reads_503_then_the_sink_catches_up(
         # long the load takes (12,500 messages at full size outlast the API key cache).
         loading = asyncio.create_task(drive(api, [tenant], EVENTS // 4))
         await asyncio.wait([loading], timeout=20 - 2)
-    finally:
-        await asyncio.to_thread(stack.start_postgres, running_stack)
     during = await loading
 
     async def reads_recovered() -> bool:
@@ -506,9 +513,7 @@ async def test_a_worker_stopped_while_postgres_is_down_exits_after_its_drain(
     api = await api_for(first)
     tenant = await make_tenant("Outage at stop")
     assert (await api.get("/api/leads", headers=tenant.headers)).status_code == 200
-    stopped = await asyncio.to_thread(stack.stop_postgres, running_stack)
-    assert not stopped.running, f"PostgreSQL still running: {stopped.detail}"
-    try:
+    async with postgres_down(running_stack):
         load = await drive(api, [tenant], 200)
 
         async def retrying() -> bool:
@@ -516,8 +521,6 @@ async def test_a_worker_stopped_while_postgres_is_down_exits_after_its_drain(
 
         await eventually(retrying, what="the worker to retry the database")
         exit_code = await asyncio.to_thread(first.stop, signal.SIGTERM, 30)
-    finally:
-        await asyncio.to_thread(stack.start_postgres, running_stack)
     assert exit_code == 0, first.log_tail()  # -9: it had to be killed
     await settled_by_a_new_worker(processes, test_settings, load, "fault-pg-stop-b")
 
