@@ -28,6 +28,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from prometheus_client import Counter
 
+from flexoraa.kafka import back_off_failed_metadata_updates
 from flexoraa.settings import Settings
 from schemas.latency import LatencyEvent, Operation
 from streams.rules.sla import NO_TENANT
@@ -186,6 +187,7 @@ class LatencyRecorder:
             linger_ms=5,
             request_timeout_ms=self._settings.kafka_produce_timeout_ms,
         )
+        back_off_failed_metadata_updates(producer.client)
         try:
             await asyncio.wait_for(producer.start(), self._settings.kafka_produce_timeout_ms / 1000)
         except (KafkaError, OSError, TimeoutError) as exc:

@@ -76,6 +76,7 @@ from faust.types.tuples import FutureMessage, RecordMetadata, ack_lock
 from mode import Service
 from mode.utils.futures import notify
 
+from flexoraa.kafka import back_off_failed_metadata_updates
 from streams.batches import BatchLane
 from streams.metrics import FETCHED_PARTITIONS
 from streams.monitor import LeanPrometheusMonitor
@@ -113,6 +114,11 @@ class EffectsFirstProducer(AiokafkaProducer):
         self._held: dict[Hashable, HeldWrite | FutureMessage] = {}
         self._something_held = asyncio.Event()
         self._releasing = asyncio.Lock()
+
+    def _new_producer(self, transactional_id: str | None = None) -> AIOKafkaProducer:
+        producer = super()._new_producer(transactional_id)
+        back_off_failed_metadata_updates(producer.client)
+        return producer
 
     def send_soon(self, fut: FutureMessage) -> None:
         # Faust sends table changelog records (and only those) through send_soon.
@@ -407,6 +413,7 @@ class BoundedFetchWaitThread(AIOKafkaConsumerThread):
             raise RuntimeError("aiokafka's consumer no longer has _fetch_max_wait_ms")
         wait_s = cast(WorkerApp, self.app).fetch_max_wait_s
         consumer._fetch_max_wait_ms = max(1, round(wait_s * 1000))
+        back_off_failed_metadata_updates(consumer._client)
         return consumer
 
 

@@ -35,7 +35,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 from flexoraa import audit
 from flexoraa.credits import credit_due_subscriptions, relay_pending
 from flexoraa.db import DB_ERRORS
-from flexoraa.kafka import partition_of
+from flexoraa.kafka import back_off_failed_metadata_updates, partition_of
 from schemas.messaging import DeadlineReached
 from schemas.notifications import Notification
 from schemas.tokens import Feature, TenantStatus, TokenCredit, TokenEvent, TokenUsage
@@ -304,6 +304,7 @@ class TenantStatusView:
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self._bootstrap, group_id=None, enable_auto_commit=False
         )
+        back_off_failed_metadata_updates(consumer._client)
         await consumer.start()
         try:
             # Every topic has the co-partitioned count (flexoraa.kafka.ensure_topics checks).
