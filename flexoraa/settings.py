@@ -103,6 +103,11 @@ class Settings(BaseSettings):
     table_store: str = Field(
         "memory://", description="Faust table store; memory:// rebuilds tables from changelogs"
     )
+    worker_standby_replicas: int = Field(
+        1,
+        ge=0,
+        description="copies each worker keeps of other workers' table partitions",
+    )
     sink_batch_size: int = Field(
         500,
         ge=1,

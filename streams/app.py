@@ -100,6 +100,7 @@ def create_worker_app(settings: Settings) -> faust.App:
         # A killed worker's partitions (and their pending deadlines) move to the others only
         # after this; Faust's 60 s default would leave those leads' timers late by a minute.
         broker_session_timeout=settings.worker_session_timeout_s,
+        table_standby_replicas=settings.worker_standby_replicas,
         # One inbound message fans out into about a dozen records (changelogs, commands, lead
         # events); without a linger each is its own produce request, and the socket writes
         # alone took the worker's core (measured: 8 s freshness at 200 messages/s).

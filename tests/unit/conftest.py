@@ -8,8 +8,9 @@ import pytest
 from flexoraa.settings import Settings
 from streams.app import create_worker_app
 
-# A setting the worker app's tests check is wired through (its default is 25).
+# Settings the worker app's tests check are wired through (their defaults are 25 and 1).
 WORKER_FETCH_MAX_WAIT_MS = 40
+WORKER_STANDBY_REPLICAS = 0
 
 
 @pytest.fixture(scope="session")
@@ -18,6 +19,7 @@ def worker_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
         topic_prefix="unit-worker",
         stack_dir=tmp_path_factory.mktemp("stack"),
         worker_fetch_max_wait_ms=WORKER_FETCH_MAX_WAIT_MS,
+        worker_standby_replicas=WORKER_STANDBY_REPLICAS,
     )
 
 
