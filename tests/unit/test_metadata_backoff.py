@@ -2,37 +2,106 @@
 
 aiokafka's producer asks for a new update the moment a failed one returns while it holds
 batches for a partition without a known leader: with the broker down, a worker under load made
-7,000 attempts a second and spent a core on them. The clients the worker builds back off.
+5,000 to 7,000 attempts a second and spent a core on them. The clients the worker builds back
+off, and each counts as failing until an update succeeds or it closes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
 import faust
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.client import AIOKafkaClient
+from prometheus_client import REGISTRY
 
-from flexoraa.kafka import METADATA_FAILURES, back_off_failed_metadata_updates
+from flexoraa.kafka import back_off_failed_metadata_updates
+
+
+def sample(name: str) -> float:
+    value = REGISTRY.get_sample_value(name)
+    assert value is not None, name
+    return value
+
+
+def failures() -> float:
+    return sample("flexoraa_kafka_metadata_failures_total")
+
+
+def failing() -> float:
+    return sample("flexoraa_kafka_clients_failing")
+
+
+def unstarted_client(backoff_ms: int) -> AIOKafkaClient:
+    """A client that was never started: it knows no broker, so an update fails at once."""
+    return AIOKafkaClient(bootstrap_servers="127.0.0.1:1", retry_backoff_ms=backoff_ms)
 
 
 async def failed_update_duration(client: AIOKafkaClient) -> float:
-    """Seconds one metadata update took; the client was never started, so it knows no broker
-    and the update fails at once (before the backoff)."""
-    failures = METADATA_FAILURES._value.get()
+    """Seconds one failed metadata update took; it is counted."""
+    before = failures()
     started = time.monotonic()
     updated = await client._metadata_update(client.cluster, set())
     elapsed = time.monotonic() - started
     assert updated is False
-    assert METADATA_FAILURES._value.get() == failures + 1
+    assert failures() == before + 1
     return elapsed
 
 
 async def test_a_failed_update_waits_out_the_retry_backoff() -> None:
-    client = AIOKafkaClient(bootstrap_servers="127.0.0.1:1", retry_backoff_ms=300)
-    back_off_failed_metadata_updates(client)
+    client = back_off_failed_metadata_updates(unstarted_client(backoff_ms=300))
     assert await failed_update_duration(client) >= 0.3
+    await client.close()
+
+
+async def test_wrapping_twice_backs_off_once() -> None:
+    client = unstarted_client(backoff_ms=1000)
+    back_off_failed_metadata_updates(back_off_failed_metadata_updates(client))
+    assert await failed_update_duration(client) < 2.0  # two backoffs would take 2 s
+    await client.close()
+
+
+async def test_a_client_counts_as_failing_until_an_update_succeeds() -> None:
+    client = unstarted_client(backoff_ms=10_000)
+    outcomes = iter([False, False, True])
+
+    async def update(cluster: Any, topics: Any) -> bool:
+        return next(outcomes)
+
+    client._metadata_update = update  # what aiokafka's update answers, in turn
+    back_off_failed_metadata_updates(client)
+    before = failing()
+    first = asyncio.create_task(client._metadata_update(client.cluster, set()))
+    await asyncio.sleep(0.05)
+    assert failing() == before + 1  # counted at once, before the backoff
+    first.cancel()  # the client closing during its backoff
+    second = asyncio.create_task(client._metadata_update(client.cluster, set()))
+    await asyncio.sleep(0.05)
+    assert failing() == before + 1  # one client, however many failures
+    second.cancel()
+    # A success returns without the backoff (10 s here) and clears the client.
+    assert await asyncio.wait_for(client._metadata_update(client.cluster, set()), 5) is True
+    assert failing() == before
+
+
+async def test_a_failing_client_asks_for_another_update_after_its_backoff() -> None:
+    client = back_off_failed_metadata_updates(unstarted_client(backoff_ms=1))
+    assert client._md_update_fut is None  # nothing asked for an update
+    await client._metadata_update(client.cluster, set())
+    await asyncio.sleep(0)  # the request is made once the failed update has ended
+    assert client._md_update_fut is not None
+    await client.close()
+
+
+async def test_a_failing_client_that_closes_no_longer_counts() -> None:
+    client = back_off_failed_metadata_updates(unstarted_client(backoff_ms=1))
+    before = failing()
+    await client._metadata_update(client.cluster, set())
+    assert failing() == before + 1
+    await client.close()
+    assert failing() == before
 
 
 async def test_the_workers_consumer_and_producer_back_off(worker_app: faust.App) -> None:
@@ -47,3 +116,4 @@ async def test_the_workers_consumer_and_producer_back_off(worker_app: faust.App)
             assert await failed_update_duration(client) >= client._retry_backoff > 0
     finally:
         await consumer.stop()
+        await producer.client.close()
