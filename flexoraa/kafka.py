@@ -6,6 +6,7 @@ import asyncio
 import functools
 import logging
 import random
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -177,17 +178,35 @@ class EventPublisher:
     Kafka was down starts accepting events as soon as Kafka is back.
     """
 
+    # After a failed start, callers are refused for this long without another attempt.
+    START_RETRY_S = 1.0
+
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._producer: AIOKafkaProducer | None = None
         self._lock = asyncio.Lock()
         self._timeout_s = settings.kafka_produce_timeout_ms / 1000
+        self._start_failed_at = -float("inf")
+        self._start_failure = ""
+
+    def _refuse_after_a_failed_start(self) -> None:
+        """One start attempt at a time, and none for START_RETRY_S after one failed.
+
+        Each caller used to make its own attempt, one after another behind the lock. A broker
+        that refuses connections cost a new producer and connection per request; one whose
+        host drops packets makes each attempt wait out the timeout, so the Nth caller waited
+        N timeouts and the queue grew as long as the outage. Now those waiting fail with the
+        attempt they waited for, and later ones at once, until the next attempt is due."""
+        if time.monotonic() - self._start_failed_at < self.START_RETRY_S:
+            raise PublishUnavailable(f"Kafka is unreachable: {self._start_failure}")
 
     async def _ensure_started(self) -> AIOKafkaProducer:
         if self._producer is not None:
             return self._producer
+        self._refuse_after_a_failed_start()
         async with self._lock:
             if self._producer is None:
+                self._refuse_after_a_failed_start()  # the attempt waited for just failed
                 producer = AIOKafkaProducer(
                     bootstrap_servers=self._settings.kafka_bootstrap_servers,
                     acks="all",
@@ -204,6 +223,8 @@ class EventPublisher:
                     await asyncio.wait_for(producer.start(), self._timeout_s)
                 except (KafkaError, OSError, TimeoutError) as exc:
                     await _close_quietly(producer)
+                    # Set once closed: the callers waiting for the lock fail with this attempt.
+                    self._start_failed_at, self._start_failure = time.monotonic(), repr(exc)
                     raise PublishUnavailable(f"Kafka is unreachable: {exc!r}") from exc
                 self._producer = producer
         return self._producer
