@@ -51,11 +51,22 @@ async def publish_all(publisher: EventPublisher, count: int) -> list[BaseExcepti
     )
 
 
-async def test_concurrent_requests_share_one_start_attempt(tarpit: tuple[Tarpit, int]) -> None:
-    pit, port = tarpit
+@pytest.fixture
+async def publisher(tarpit: tuple[Tarpit, int]) -> AsyncIterator[EventPublisher]:
+    _, port = tarpit
     publisher = EventPublisher(
         Settings(kafka_bootstrap_servers=f"127.0.0.1:{port}", kafka_produce_timeout_ms=300)
     )
+    try:
+        yield publisher
+    finally:
+        await publisher.close()
+
+
+async def test_concurrent_requests_share_one_start_attempt(
+    tarpit: tuple[Tarpit, int], publisher: EventPublisher
+) -> None:
+    pit, _ = tarpit
     # What one attempt costs the broker: its connections.
     [alone] = await publish_all(publisher, 1)
     assert isinstance(alone, PublishUnavailable)
@@ -65,9 +76,23 @@ async def test_concurrent_requests_share_one_start_attempt(tarpit: tuple[Tarpit,
     [refused] = await publish_all(publisher, 1)
     assert isinstance(refused, PublishUnavailable)
     assert pit.connections == one_attempt
-    await asyncio.sleep(EventPublisher.START_RETRY_S)
+    await asyncio.sleep(EventPublisher.START_RETRY_S + 0.05)
     # Twenty at once, once the next attempt is due: one attempt, twenty refusals.
     outcomes = await publish_all(publisher, 20)
     assert all(isinstance(outcome, PublishUnavailable) for outcome in outcomes)
     assert pit.connections == 2 * one_attempt
-    await publisher.close()
+
+
+async def test_a_caller_that_gives_up_leaves_the_attempt_to_finish(
+    tarpit: tuple[Tarpit, int], publisher: EventPublisher
+) -> None:
+    """A readiness probe gives up before the start timeout: the attempt goes on, and its
+    failure still holds the next callers back."""
+    pit, _ = tarpit
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(publisher.is_reachable(), 0.1)
+    attempted = pit.connections
+    assert attempted > 0
+    await asyncio.sleep(0.5)  # the attempt times out (300 ms)
+    assert await publisher.is_reachable() is False
+    assert pit.connections == attempted
