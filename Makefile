@@ -85,3 +85,4 @@ bench: setup
 	$(BIN)/python -m bench.throughput --events 10000 --credited
 	$(BIN)/python -m bench.reads --leads 100000 --rate 500 --seconds 20
 	$(BIN)/python -m bench.tokens --events 200000 --tenants 100
+	$(BIN)/python -m bench.outage --rate 100 --seconds 15

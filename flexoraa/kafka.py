@@ -181,12 +181,11 @@ class EventPublisher:
     and none runs for START_RETRY_S after one failed: callers in between are refused at once.
     Each caller used to make its own attempt, one after another behind a lock. A broker that
     refuses connections cost a new producer and connection per request (the API, at 100
-    requests a second during an outage: 88 connection attempts a second and 0.15-0.17 of a
-    core; now 1 and 0.08-0.11). One whose host never answers makes each attempt wait out the
-    timeout, so the Nth of N concurrent callers waited N timeouts and the queue grew as long
-    as the outage.
-    The refusal follows only a failed start: a producer that started and then lost the broker
-    still costs each send its timeout, and is then replaced.
+    requests a second during an outage: 88 connection attempts a second; now 1). One whose
+    host never answers makes each attempt wait out the timeout, so the Nth of N concurrent
+    callers waited N timeouts and the queue grew as long as the outage. The refusal follows
+    only a failed start: a producer that started and then lost the broker still costs each
+    send its timeout, and is then replaced.
     """
 
     # After a failed start, callers are refused for this long without another attempt.
