@@ -28,7 +28,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from prometheus_client import Counter
 
-from flexoraa.kafka import back_off_failed_metadata_updates
+from flexoraa.kafka import acknowledged_producer
 from flexoraa.settings import Settings
 from schemas.latency import LatencyEvent, Operation
 from streams.rules.sla import NO_TENANT
@@ -179,15 +179,8 @@ class LatencyRecorder:
             return self._producer
         if time.monotonic() < self._next_connect:
             return None
-        producer = AIOKafkaProducer(
-            bootstrap_servers=self._settings.kafka_bootstrap_servers,
-            acks="all",
-            enable_idempotence=True,
-            # The events are already batched here; a short linger lets one batch be one request.
-            linger_ms=5,
-            request_timeout_ms=self._settings.kafka_produce_timeout_ms,
-        )
-        back_off_failed_metadata_updates(producer.client)
+        # The events are already batched here; a short linger lets one batch be one request.
+        producer = acknowledged_producer(self._settings, linger_ms=5)
         try:
             await asyncio.wait_for(producer.start(), self._settings.kafka_produce_timeout_ms / 1000)
         except (KafkaError, OSError, TimeoutError) as exc:
