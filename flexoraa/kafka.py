@@ -172,7 +172,7 @@ def acknowledged_producer(
 ) -> AIOKafkaProducer:
     """A producer whose sends return once every in-sync replica has the record (acks=all,
     idempotent, so a retried batch is written once), waiting at most KAFKA_PRODUCE_TIMEOUT_MS
-    for an answer, and backing off after a failed metadata update. Not started."""
+    for each request's answer, and backing off after a failed metadata update. Not started."""
     producer = AIOKafkaProducer(
         bootstrap_servers=settings.kafka_bootstrap_servers,
         acks="all",
@@ -199,7 +199,8 @@ class EventPublisher:
     and none runs for START_RETRY_S after one failed: callers in between are refused at once.
     Each caller used to make its own attempt, one after another behind a lock. A broker that
     refuses connections cost a new producer and connection per request (the API, at 100
-    requests a second during an outage: 88 connection attempts a second; now 1). One whose
+    requests a second during an outage: 88 connection attempts a second in its log; now 1).
+    One whose
     host never answers makes each attempt wait out the timeout, so the Nth of N concurrent
     callers waited N timeouts and the queue grew as long as the outage. The refusal follows
     only a failed start: a producer that started and then lost the broker still costs each

@@ -17,7 +17,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.client import AIOKafkaClient
 from prometheus_client import REGISTRY
 
-from flexoraa.kafka import back_off_failed_metadata_updates
+from flexoraa.kafka import acknowledged_producer, back_off_failed_metadata_updates
+from flexoraa.settings import Settings
 
 
 def sample(name: str) -> float:
@@ -116,4 +117,13 @@ async def test_the_workers_consumer_and_producer_back_off(worker_app: faust.App)
             assert await failed_update_duration(client) >= client._retry_backoff > 0
     finally:
         await consumer.stop()
+        await producer.client.close()
+
+
+async def test_the_apis_producers_back_off() -> None:
+    # The publisher's (API, Gmail poller, SLA prober) and the latency recorder's.
+    producer = acknowledged_producer(Settings(), linger_ms=0)
+    try:
+        assert await failed_update_duration(producer.client) >= producer.client._retry_backoff > 0
+    finally:
         await producer.client.close()
