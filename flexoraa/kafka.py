@@ -28,7 +28,8 @@ METADATA_FAILURES = Counter(
 )
 CLIENTS_FAILING = Gauge(
     "flexoraa_kafka_clients_failing",
-    "Kafka clients of this process whose last metadata update failed",
+    "Kafka clients of this process whose last metadata update failed, and publishers whose "
+    "last producer start failed",
 )
 # Set on a client once its updates back off: wrapping twice would double the backoff.
 _BACKS_OFF = "_flexoraa_backs_off"
@@ -217,6 +218,9 @@ class EventPublisher:
         self._timeout_s = settings.kafka_produce_timeout_ms / 1000
         self._start_failed_at = -float("inf")
         self._start_failure = ""
+        # A failed start closes its producer, and with it the client that counted as failing:
+        # the publisher counts instead, until a start succeeds or it closes.
+        self._counted_failing = False
 
     async def _ensure_started(self) -> AIOKafkaProducer:
         if self._producer is not None:
@@ -242,11 +246,13 @@ class EventPublisher:
             except (KafkaError, OSError, TimeoutError) as exc:
                 await _close_quietly(producer)
                 self._start_failed_at, self._start_failure = time.monotonic(), repr(exc)
+                self._count_as_failing(True)
                 raise PublishUnavailable(f"Kafka is unreachable: {exc!r}") from exc
             except asyncio.CancelledError:  # the publisher is closing
                 await _close_quietly(producer)
                 raise
             self._producer = producer
+            self._count_as_failing(False)
             return producer
         finally:
             # Cleared with the outcome in place: a later caller finds the producer or the
@@ -279,11 +285,17 @@ class EventPublisher:
             return False
         return True
 
+    def _count_as_failing(self, failing: bool) -> None:
+        if failing != self._counted_failing:
+            CLIENTS_FAILING.inc(1 if failing else -1)
+            self._counted_failing = failing
+
     async def close(self) -> None:
         starting = self._starting
         if starting is not None:
             starting.cancel()
             await asyncio.wait([starting])
+        self._count_as_failing(False)
         if self._producer is not None:
             await _close_quietly(self._producer)
             self._producer = None

@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+from prometheus_client import REGISTRY
 
 from flexoraa.kafka import EventPublisher, PublishUnavailable
 from flexoraa.settings import Settings
@@ -96,3 +97,24 @@ async def test_a_caller_that_gives_up_leaves_the_attempt_to_finish(
     await asyncio.sleep(0.5)  # the attempt times out (300 ms)
     assert await publisher.is_reachable() is False
     assert pit.connections == attempted
+
+
+def failing() -> float:
+    value = REGISTRY.get_sample_value("flexoraa_kafka_clients_failing")
+    assert value is not None
+    return value
+
+
+async def test_a_publisher_that_cannot_start_counts_as_failing(
+    tarpit: tuple[Tarpit, int], publisher: EventPublisher
+) -> None:
+    """Its failed producer is closed, so the publisher itself shows the outage (the alert
+    KafkaUnreachable) until it starts one or closes."""
+    before = failing()
+    await publish_all(publisher, 3)
+    assert failing() == before + 1
+    await asyncio.sleep(EventPublisher.START_RETRY_S + 0.05)
+    await publish_all(publisher, 1)  # fails again: still one
+    assert failing() == before + 1
+    await publisher.close()
+    assert failing() == before
