@@ -207,12 +207,18 @@ def bench_environment(
         return tenant.tenant_id, tenant.api_key
 
     async def cleanup() -> None:
-        await delete_topics(settings)
-        admin = await superuser()
-        await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-        await admin.close()
-        # The workers' table stores and the run's secrets key (each run has its own directory).
-        shutil.rmtree(settings.stack_dir, ignore_errors=True)
+        # The database and the directory first, topics last: a broker that did not come back
+        # (bench.outage stops it) must not leave the run's database behind.
+        try:
+            admin = await superuser()
+            try:
+                await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+            finally:
+                await admin.close()
+        finally:
+            # The workers' table stores and the run's secrets key (each run has its own).
+            shutil.rmtree(settings.stack_dir, ignore_errors=True)
+            await delete_topics(settings)
 
     tenant_id, api_key = asyncio.run(prepare())
     environment = BenchEnvironment(settings, tenant_id, api_key, database)

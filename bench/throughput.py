@@ -21,10 +21,13 @@ import asyncio
 import re
 import time
 import uuid
+from collections import Counter
 from datetime import UTC, datetime
+from typing import Any
 
 import httpx
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from bench.common import (
     BenchEnvironment,
@@ -49,22 +52,30 @@ _SERIES = {
 _CREDITS = re.compile(r'^flexoraa_token_events_total\{kind="credit"\} ([0-9.e+]+)$', re.M)
 
 
-async def produce(bootstrap: str, topic: str, tenant_id: str, count: int) -> None:
+async def produce(bootstrap: str, topic: str, tenant_id: str, count: int) -> float:
+    """Produces the backlog; returns the records per second a plain producer sent and had
+    acknowledged, encoding left out (the writing side's ceiling, as (a) is the reading side's).
+    """
+    now = datetime.now(UTC)
+    records = []
+    for i in range(count):
+        contact = f"+91980{i:07d}"
+        lead_id = lead_id_for(tenant_id, "whatsapp", contact)
+        event = InboundMessage(
+            event_id=str(uuid.uuid4()), tenant_id=tenant_id, occurred_at=now,
+            lead_id=lead_id, channel="whatsapp", contact=contact,
+            text="Hi, we need a CRM for our sales team", received_at=now,
+        )  # fmt: skip
+        records.append((lead_id.encode(), event.model_dump_json().encode()))
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20,
                                 max_batch_size=512 * 1024)  # fmt: skip
     await producer.start()
     try:
-        now = datetime.now(UTC)
-        for i in range(count):
-            contact = f"+91980{i:07d}"
-            lead_id = lead_id_for(tenant_id, "whatsapp", contact)
-            event = InboundMessage(
-                event_id=str(uuid.uuid4()), tenant_id=tenant_id, occurred_at=now,
-                lead_id=lead_id, channel="whatsapp", contact=contact,
-                text="Hi, we need a CRM for our sales team", received_at=now,
-            )  # fmt: skip
-            await producer.send(topic, key=lead_id.encode(), value=event.model_dump_json().encode())
+        started = time.perf_counter()
+        for key, value in records:
+            await producer.send(topic, key=key, value=value)
         await producer.flush()
+        return count / (time.perf_counter() - started)
     finally:
         await producer.stop()
 
@@ -87,6 +98,68 @@ async def ceiling(bootstrap: str, topic: str, count: int) -> float:
         return count / (time.perf_counter() - started)
     finally:
         await consumer.stop()
+
+
+async def records_written(bootstrap: str, prefix: str) -> Counter[str]:
+    """Records in each topic of the run (the pipeline's and the table changelogs): the sum of
+    its partitions' end offsets."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
+    await admin.start()
+    await consumer.start()
+    try:
+        prefixes = (f"{prefix}.", f"{prefix}-")
+        topics = [t for t in await admin.list_topics() if t.startswith(prefixes)]
+        partitions = [TopicPartition(description["topic"], partition["partition"])
+                      for description in await admin.describe_topics(topics)
+                      for partition in description["partitions"]]  # fmt: skip
+        written: Counter[str] = Counter()
+        for tp, end in (await consumer.end_offsets(partitions)).items():
+            written[tp.topic] += end
+        return written
+    finally:
+        await consumer.stop()
+        await admin.close()
+
+
+def settled_records(bootstrap: str, prefix: str, timeout_s: float = 60) -> Counter[str]:
+    """The run's records once the worker stopped writing (sends and sinks finish after the
+    counters the rate is taken from): two counts 2 s apart that agree."""
+    last = asyncio.run(records_written(bootstrap, prefix))
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        time.sleep(2)
+        now = asyncio.run(records_written(bootstrap, prefix))
+        if now == last:
+            break
+        last = now
+    return last
+
+
+def fan_out(
+    written: Counter[str], names: TopicNames, events: int, *, read_ceiling: float,
+    write_ceiling: float,
+) -> dict[str, Any]:  # fmt: skip
+    """What one inbound event costs in records, and the bound that puts on (b).
+
+    The worker writes effects and changelog records, and reads back every pipeline topic but
+    the dead letters (the inbound record included). Each record read costs at least what the
+    plain consumer of (a) spends on one, each record written what the plain producer of (a')
+    spends (encoding left out, so the bound is generous): no pipeline of that shape exceeds
+    1 / (read/(a) + written/(a')) events/s."""
+    changelogs = set(names.changelogs())
+    read_topics = set(names.all()) - changelogs - {names.dead_letters}
+    written_by_worker = sum(n for t, n in written.items() if t != names.inbound_messages)
+    read_by_worker = sum(n for t, n in written.items() if t in read_topics)
+    floor_s = read_by_worker / read_ceiling + written_by_worker / write_ceiling
+    prefix = len(names.prefix) + 1
+    return {
+        "per_topic": {t[prefix:]: round(n / events, 2) for t, n in sorted(written.items()) if n},
+        "written_per_event": round(written_by_worker / events, 2),
+        "read_per_event": round(read_by_worker / events, 2),
+        "events_per_s_bound": round(events / floor_s),
+        "ratio_bound": round(events / floor_s / read_ceiling, 3),
+    }
 
 
 def counters(text: str) -> dict[str, float]:
@@ -123,7 +196,8 @@ def main() -> int:
         settings = environment.settings
         topic = TopicNames(settings.topic_prefix).inbound_messages
         bootstrap = settings.kafka_bootstrap_servers
-        asyncio.run(produce(bootstrap, topic, environment.tenant_id, args.events))
+        producer_rate = asyncio.run(produce(bootstrap, topic, environment.tenant_id, args.events))
+        print(f"(a') plain aiokafka producer: {producer_rate:,.0f} records/s")
         plain = asyncio.run(ceiling(bootstrap, topic, args.events))
         print(f"(a) plain aiokafka consumer + decode: {plain:,.0f} events/s")
         worker = environment.start("worker", WORKER_PORT=str(WORKER_PORT),
@@ -146,6 +220,13 @@ def main() -> int:
                     break
                 # Each scrape costs the worker (about 2 % of it at four a second).
                 time.sleep(1)
+            records = fan_out(
+                settled_records(bootstrap, settings.topic_prefix),
+                TopicNames(settings.topic_prefix),
+                args.events,
+                read_ceiling=plain,
+                write_ceiling=producer_rate,
+            )
         finally:
             worker.kill()
             worker.wait(30)
@@ -165,6 +246,7 @@ def main() -> int:
     result = {
         "events": args.events,
         "ceiling_events_per_s": round(plain),
+        "producer_ceiling_events_per_s": round(producer_rate),
         "pipeline_events_per_s": round(pipeline),
         "ratio": round(pipeline / plain, 3),
         "worker_cpu_ms_per_event": round(cpu_ms_per_event, 3),
@@ -173,6 +255,7 @@ def main() -> int:
         "gc_share_of_worker_cpu": round(gc_share, 3),
         "gc_gen2_collections": paused["gc_gen2"],
         "credited_before": args.credited,
+        "records": records,
         "final_counters": last,
         "machine": machine_facts(),
     }
@@ -180,6 +263,10 @@ def main() -> int:
     print(f"(b) one worker, every agent on: {pipeline:,.0f} events/s  "
           f"(b)/(a) = {pipeline / plain:.3f}  worker CPU {cpu_ms_per_event:.2f} ms/event  "
           f"GC {gc_share:.0%} of it  complete={complete}  ({path})")  # fmt: skip
+    print(f"    per inbound event the worker wrote {records['written_per_event']} records and "
+          f"read {records['read_per_event']}: at (a)'s and (a')'s cost per record, no pipeline "
+          f"of that shape passes {records['events_per_s_bound']:,} events/s, "
+          f"(b)/(a) <= {records['ratio_bound']}")  # fmt: skip
     return 0 if complete else 1
 
 
