@@ -371,6 +371,7 @@ def create_worker_app(settings: Settings) -> faust.App:
         token_accounts=token_accounts,
         deferred_ai=deferred_ai,
         partitions=settings.kafka_partitions,
+        tenant_statuses_loaded=status_view.is_loaded,
     )
     install_prometheus_monitor(app)
 

@@ -286,6 +286,10 @@ class TenantStatusView:
         # No account yet: the tenant has never had tokens.
         return status is None or status.paused
 
+    def is_loaded(self) -> bool:
+        """Whether every status written before the reader started has been read."""
+        return self._loaded.is_set()
+
     async def wait_loaded(self, timeout_s: float = 30.0) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._loaded.wait(), timeout_s)
@@ -309,19 +313,23 @@ class TenantStatusView:
         try:
             # Every topic has the co-partitioned count (flexoraa.kafka.ensure_topics checks).
             assigned = [TopicPartition(self._topic, p) for p in range(self._partitions)]
+            # Asked before the assignment: once assigned, the consumer's first fetch (held by
+            # the broker up to fetch_max_wait_ms, 500 ms, when there is nothing to read) goes
+            # out on the same connection and this request waited behind it.
+            end_offsets = await consumer.end_offsets(assigned)
             consumer.assign(assigned)
             await consumer.seek_to_beginning(*assigned)
-            end_offsets = await consumer.end_offsets(assigned)
             while True:
-                batches = await consumer.getmany(timeout_ms=200, max_records=5000)
-                for records in batches.values():
-                    for record in records:
-                        self._apply(record.value)
+                # Checked before each read too: an empty topic is loaded at once.
                 if not self._loaded.is_set():
                     positions = {tp: await consumer.position(tp) for tp in end_offsets}
                     if all(positions[tp] >= end for tp, end in end_offsets.items()):
                         self._loaded.set()
-                    logger.info("tenant statuses loaded: %d tenants", len(self._statuses))
+                        logger.info("tenant statuses loaded: %d tenants", len(self._statuses))
+                batches = await consumer.getmany(timeout_ms=200, max_records=5000)
+                for records in batches.values():
+                    for record in records:
+                        self._apply(record.value)
         finally:
             await consumer.stop()
 
