@@ -58,7 +58,8 @@ def pauses(url: str) -> dict[str, float]:
 
 def pauses_in(text: str) -> dict[str, float]:
     """`pauses` of a /metrics page already fetched."""
-    found = {"gc_s": 0.0, "gc_gen2": 0.0, "lag_samples": 0.0, "lag_under_25ms": 0.0}
+    found = {"gc_s": 0.0, "gc_gen2": 0.0, "lag_samples": 0.0, "lag_under_25ms": 0.0,
+             "producer_blocked_s": 0.0}  # fmt: skip
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name == "flexoraa_gc_pause_seconds_sum":
@@ -66,6 +67,8 @@ def pauses_in(text: str) -> dict[str, float]:
             elif sample.name == "flexoraa_gc_pause_seconds_count":
                 if sample.labels["generation"] == "2":
                     found["gc_gen2"] += sample.value
+            elif sample.name == "flexoraa_producer_blocked_seconds_total":
+                found["producer_blocked_s"] += sample.value
             elif sample.name == "flexoraa_event_loop_lag_seconds_count":
                 found["lag_samples"] += sample.value
             elif (
@@ -82,6 +85,8 @@ def pauses_between(before: dict[str, float], after: dict[str, float]) -> dict[st
         "gc_ms": round(delta["gc_s"] * 1000, 1),
         "gc_gen2": delta["gc_gen2"],
         "loop_lag_over_25ms": delta["lag_samples"] - delta["lag_under_25ms"],
+        # Sends that waited for a full batch to go (the worker's; the API has no such metric).
+        "producer_blocked_ms": round(delta["producer_blocked_s"] * 1000, 1),
     }
 
 

@@ -100,6 +100,16 @@ class Settings(BaseSettings):
     worker_producer_linger_ms: int = Field(
         5, ge=0, le=1000, description="how long the worker's producer gathers records per request"
     )
+    worker_producer_batch_bytes: int = Field(
+        512 * 1024,
+        ge=16 * 1024,
+        # A batch goes out in one request, and Faust caps requests at 1,000,000 bytes.
+        le=1_000_000,
+        description="most bytes a worker's producer gathers per partition before a send waits; "
+        "a tenant's token usage all goes to one partition, and at Faust's 16 KiB its batch "
+        "filled while the producer waited on the broker, holding every AI step 0.1-0.3 s "
+        "(600 messages/s, one tenant)",
+    )
     table_store: str = Field(
         "memory://", description="Faust table store; memory:// rebuilds tables from changelogs"
     )

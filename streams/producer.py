@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import (
     AsyncIterator,
@@ -78,13 +79,16 @@ from mode.utils.futures import notify
 
 from flexoraa.kafka import back_off_failed_metadata_updates
 from streams.batches import BatchLane
-from streams.metrics import FETCHED_PARTITIONS
+from streams.metrics import FETCHED_PARTITIONS, PRODUCER_BLOCKED
 from streams.monitor import LeanPrometheusMonitor
 
 logger = logging.getLogger(__name__)
 
 # Held writes published between two turns of the event loop (about 10 ms of work).
 RELEASE_SLICE = 500
+# A send longer than this waited for the producer (flexoraa_producer_blocked_seconds); below
+# it, a garbage collection or the OS running another process is as likely.
+SEND_WAIT_COUNTED_S = 0.005
 
 
 # A weak reference lets a test see a round let go of each write as it goes.
@@ -260,6 +264,7 @@ async def produce(
 ) -> asyncio.Future[RecordMetadata]:
     """Hands one serialised record to aiokafka; returns its delivery future. The record counts
     as sent once aiokafka took it, and as a send error if it refused it."""
+    started = time.perf_counter()
     try:
         delivered: asyncio.Future[RecordMetadata] = await kafka.send(
             topic, value, key=key, partition=partition
@@ -269,6 +274,9 @@ async def produce(
             monitor.count_send_error()
         # The exception callers of Faust's send see.
         raise ProducerSendError(f"Error while sending: {exc!r}") from exc
+    # A send that takes its record returns without suspending (tens of microseconds).
+    if (waited := time.perf_counter() - started) > SEND_WAIT_COUNTED_S:
+        PRODUCER_BLOCKED.inc(waited)
     if monitor is not None:
         monitor.count_sent(topic)
     return delivered

@@ -8,9 +8,11 @@ import pytest
 from flexoraa.settings import Settings
 from streams.app import create_worker_app
 
-# Settings the worker app's tests check are wired through (their defaults are 25 and 1).
+# Settings the worker app's tests check are wired through (their defaults are 25, 1 and
+# 524,288).
 WORKER_FETCH_MAX_WAIT_MS = 40
 WORKER_STANDBY_REPLICAS = 0
+WORKER_PRODUCER_BATCH_BYTES = 300_000
 
 
 @pytest.fixture(scope="session")
@@ -20,6 +22,7 @@ def worker_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
         stack_dir=tmp_path_factory.mktemp("stack"),
         worker_fetch_max_wait_ms=WORKER_FETCH_MAX_WAIT_MS,
         worker_standby_replicas=WORKER_STANDBY_REPLICAS,
+        worker_producer_batch_bytes=WORKER_PRODUCER_BATCH_BYTES,
     )
 
 
