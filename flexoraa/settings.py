@@ -103,7 +103,8 @@ class Settings(BaseSettings):
     worker_producer_batch_bytes: int = Field(
         512 * 1024,
         ge=16 * 1024,
-        # A batch goes out in one request, and Faust caps requests at 1,000,000 bytes.
+        # A batch is one record batch to the broker, which refuses one over message.max.bytes
+        # (1,048,588 by default).
         le=1_000_000,
         description="most bytes a worker's producer gathers per partition before a send waits; "
         "a tenant's token usage all goes to one partition, and at Faust's 16 KiB its batch "

@@ -17,10 +17,12 @@ DUPLICATE_EVENTS = Counter(
 DEAD_LETTERS = Counter("flexoraa_dead_letters", "Records sent to the dead-letter topic", ["reason"])
 SINK_ROWS = Counter("flexoraa_sink_rows", "Rows written to PostgreSQL by the sink", ["table"])
 # A send waits when its partition's batch is full until aiokafka's sender takes the batch,
-# which it does only between two requests to the broker: the agent sending stops meanwhile.
+# which it does only between two requests to the broker (or while its topic's metadata is
+# unknown): the agent or changelog round sending stops meanwhile.
 PRODUCER_BLOCKED = Counter(
     "flexoraa_producer_blocked_seconds",
-    "Time the worker's sends waited for the producer to take a record (a partition's batch full)",
+    "Time the worker's sends waited for the producer to take a record (a partition's batch "
+    "full, or the topic's metadata unknown)",
 )
 SINK_RETRIES = Counter("flexoraa_sink_retries", "PostgreSQL sink writes retried after a failure")
 DEADLINES_FIRED = Counter("flexoraa_deadlines_fired", "Per-lead deadlines acted on", ["deadline"])

@@ -274,9 +274,11 @@ async def produce(
             monitor.count_send_error()
         # The exception callers of Faust's send see.
         raise ProducerSendError(f"Error while sending: {exc!r}") from exc
-    # A send that takes its record returns without suspending (tens of microseconds).
-    if (waited := time.perf_counter() - started) > SEND_WAIT_COUNTED_S:
-        PRODUCER_BLOCKED.inc(waited)
+    finally:
+        # A send returns without suspending (tens of microseconds) unless its partition's batch
+        # is full or its topic's metadata unknown; one that gave up waited too.
+        if (waited := time.perf_counter() - started) > SEND_WAIT_COUNTED_S:
+            PRODUCER_BLOCKED.inc(waited)
     if monitor is not None:
         monitor.count_sent(topic)
     return delivered

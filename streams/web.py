@@ -48,9 +48,9 @@ def unready_reason(
     # Serving table reads before recovery finished would answer from partial state.
     if recovering or not assigned or len(_owners(app, sessions)) != partitions:
         return "rebalancing or recovering tables"
-    # Table recovery starts the worker's tasks, the tenant-status reader among them, and that
-    # reader takes most of a second to load: an AI action waits for it meanwhile (a worker
-    # started under 600 messages/s held its first records 0.6 s and needed seconds to catch up).
+    # Table recovery starts the worker's tasks, the tenant-status reader among them, and every
+    # AI action waits until that reader has loaded (0.1 s here; when it took 0.7 s, a worker
+    # started under 600 messages/s held its first records 0.6 s and took seconds to catch up).
     if not tenant_statuses_loaded():
         return "reading tenant statuses"
     return None

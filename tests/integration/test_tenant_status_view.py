@@ -1,5 +1,5 @@
 """The workers' tenant-status reader against the real broker: loaded means everything written
-before it started has been read, and a worker is ready only once it is."""
+before it started has been read (a worker answers /ready only then: test_worker_readiness)."""
 
 from __future__ import annotations
 
@@ -75,6 +75,7 @@ async def test_loaded_once_every_earlier_status_is_read(
     )
     async with reading(view):
         await asyncio.wait_for(view.wait_loaded(), 30)
+        assert view.is_loaded()
         # Loaded is set only once the reader's position passed every partition's end offset
         # as it was when the reader started: all forty are there.
         assert [view.status(t) is not None for t in tenants] == [True] * len(tenants)

@@ -7,7 +7,10 @@ import asyncio
 from typing import Any, cast
 
 import faust
+import pytest
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaTimeoutError
+from faust.exceptions import ProducerSendError
 from prometheus_client import REGISTRY
 
 from streams.producer import produce
@@ -22,12 +25,15 @@ class Producer:
     """aiokafka's `send` as the worker sees it: the record taken at once, or only after the
     partition's full batch went out."""
 
-    def __init__(self, wait_s: float) -> None:
+    def __init__(self, wait_s: float, gives_up: bool = False) -> None:
         self.wait_s = wait_s
+        self.gives_up = gives_up
 
     async def send(self, topic: str, value: bytes | None, **_: Any) -> asyncio.Future[Any]:
         if self.wait_s:
             await asyncio.sleep(self.wait_s)
+        if self.gives_up:
+            raise KafkaTimeoutError()
         delivered: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         return delivered
 
@@ -42,8 +48,15 @@ async def test_a_send_that_waited_for_its_batch_is_counted() -> None:
     assert blocked_s() - before >= 0.05
 
 
+async def test_a_send_that_waited_and_gave_up_is_counted_too() -> None:
+    before = blocked_s()
+    with pytest.raises(ProducerSendError):
+        await produce(cast(AIOKafkaProducer, Producer(0.05, gives_up=True)), None, "t", b"k", b"v")
+    assert blocked_s() - before >= 0.05
+
+
 async def test_a_send_taken_at_once_is_not() -> None:
     before = blocked_s()
-    for _ in range(100):
+    for _ in range(10):
         await produce(cast(AIOKafkaProducer, Producer(0)), None, "topic", b"k", b"v")
     assert blocked_s() == before
