@@ -1,10 +1,12 @@
-"""Benchmark (e): `GET /api/leads/{id}` latency at a steady request rate, and (g) the worker's
-memory per 100,000 tracked leads.
+"""Benchmark (e): `GET /api/leads/{id}` latency at a steady request rate, (g) the worker's
+memory per 100,000 tracked leads, and how long a restarted worker takes to rebuild them.
 
 N leads are produced straight to Kafka; one worker (AI off: the tables under test are sessions,
 deadlines and leakage) applies them, its resident memory is read before and after; then the
 API is asked for random leads at a fixed rate, each answer a live table read routed to the
-partition owner.
+partition owner. Last, the worker is stopped and a new one started: tables live in memory
+(`TABLE_STORE=memory://`), so it replays every changelog before `/ready` answers 200, the time
+a deploy or a crash keeps those partitions from being served.
 
     .venv/bin/python -m bench.reads --leads 100000 --rate 500 --seconds 20
 """
@@ -32,7 +34,7 @@ from bench.common import (
     write_result,
 )
 from bench.http_load import LoadClient, at_steady_rate
-from bench.throughput import produce
+from bench.throughput import produce, records_written
 from schemas.topics import TopicNames
 from streams.rules.identity import lead_id_for
 
@@ -83,6 +85,20 @@ async def read_at_rate(
     return latencies, errors
 
 
+def leads_readable(url: str, lead_ids: list[str], sample: int = 200) -> bool:
+    """Whether a sample of the leads is in the worker's tables."""
+    return all(
+        httpx.get(f"{url}/internal/leads/{lead_id}", timeout=30).status_code == 200
+        for lead_id in random.sample(lead_ids, min(sample, len(lead_ids)))
+    )
+
+
+def changelog_records(bootstrap: str, prefix: str) -> int:
+    names = TopicNames(prefix)
+    written = asyncio.run(records_written(bootstrap, prefix))
+    return sum(written[topic] for topic in names.changelogs())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--leads", type=int, default=100_000)
@@ -125,6 +141,14 @@ def main() -> int:
             )  # fmt: skip
             paused = {name: pauses_between(before[name], pauses(where))
                       for name, where in (("worker", url), ("api", api_url))}  # fmt: skip
+            replayed = changelog_records(settings.kafka_bootstrap_servers, settings.topic_prefix)
+            environment.stop(worker)
+            restarted = time.perf_counter()
+            worker = environment.start("worker", **env)
+            wait_ready(f"{url}/ready", timeout_s=600)
+            recovery_s = time.perf_counter() - restarted
+            if not leads_readable(url, lead_ids):
+                raise RuntimeError("the restarted worker is ready without the leads' state")
         finally:
             environment.stop(api, worker)
     per_100k = (loaded_mb - idle_mb) * 100_000 / args.leads
@@ -141,6 +165,9 @@ def main() -> int:
         "p99_9_ms": round(percentile(latencies, 99.9), 2),
         # Garbage collection and blocked-loop time in each process during the reads.
         "pauses": paused,
+        # From the new worker's start to its /ready (polled every 0.3 s).
+        "restart_ready_s": round(recovery_s, 1),
+        "changelog_records": replayed,
     }
     path = write_result("reads", result)
     print(f"(g) worker memory: {idle_mb:.0f} MB idle, {loaded_mb:.0f} MB with {args.leads} leads "
@@ -149,6 +176,10 @@ def main() -> int:
           f"p99 {result['p99_ms']} ms, p99.9 {result['p99_9_ms']} ms, errors {errors}  "
           f"({path})")  # fmt: skip
     print(f"    pauses during the reads: {paused}")
+    print(
+        f"(h) a restarted worker is ready in {recovery_s:.1f} s, replaying {replayed:,} "
+        f"changelog records ({replayed / recovery_s:,.0f}/s)"
+    )
     return 0
 
 

@@ -45,6 +45,7 @@ from streams.agents.tokens import Accounts, AiGate, Meter, SeenIds, TenantStatus
 from streams.batches import BatchLane
 from streams.monitor import install_prometheus_monitor
 from streams.producer import DirectTopic, HeldChangelogTable, WorkerApp
+from streams.replay import ReplayingTableManager
 from streams.rules.qualification import Policy
 from streams.rules.tokens import parse_prices
 from streams.sink import (
@@ -89,6 +90,8 @@ def create_worker_app(settings: Settings) -> faust.App:
         Topic=DirectTopic,
         # Table writes skip it too (streams.producer.HeldChangelogTable).
         Table=HeldChangelogTable,
+        # Recovery applies a fetch's changelog records in batches (streams.replay).
+        TableManager=ReplayingTableManager,
         # An agent that raises stops the worker (non-zero exit, for the supervisor to restart
         # it from the committed offsets). Faust's default restarts only the agent, leaving the
         # record it crashed on unacknowledged: its partition then never commits again and the

@@ -24,6 +24,10 @@ PRODUCER_BLOCKED = Counter(
     "Time the worker's sends waited for the producer to take a record (a partition's batch "
     "full, or the topic's metadata unknown)",
 )
+CHANGELOG_RECORDS_REPLAYED = Counter(
+    "flexoraa_changelog_records_replayed",
+    "Changelog records applied to the worker's tables while recovering them",
+)
 SINK_RETRIES = Counter("flexoraa_sink_retries", "PostgreSQL sink writes retried after a failure")
 DEADLINES_FIRED = Counter("flexoraa_deadlines_fired", "Per-lead deadlines acted on", ["deadline"])
 OUTBOUND_SENDS = Counter(

@@ -81,6 +81,7 @@ from flexoraa.kafka import back_off_failed_metadata_updates
 from streams.batches import BatchLane
 from streams.metrics import FETCHED_PARTITIONS, PRODUCER_BLOCKED
 from streams.monitor import LeanPrometheusMonitor
+from streams.replay import ReplayingTableManager
 
 logger = logging.getLogger(__name__)
 
@@ -442,8 +443,15 @@ class AcknowledgedOnlyConsumer(AiokafkaConsumer):
         return cast(WorkerApp, self.app).batch_lane
 
     async def _getmany(self, active_partitions: set[TP] | None, timeout: float) -> Any:  # noqa: ASYNC109 (Faust's signature)
-        """A fetch, less the records of the batch lane's topics, which go to the lane."""
+        """A fetch, less the records of changelogs under recovery, which are applied to their
+        tables here, and of the batch lane's topics, which go to the lane."""
+        generation = self.app.consumer_generation_id
         records = await super()._getmany(active_partitions, timeout)
+        if records and self.is_current(generation):
+            recovery = cast(ReplayingTableManager, self.app.tables).recovery
+            replay, records = recovery.split(records)
+            if replay:
+                await recovery.replay(replay, self._to_message)
         lane = self._batch_lane
         if lane is None or not records:
             return records
