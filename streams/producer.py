@@ -69,6 +69,7 @@ from aiokafka.errors import KafkaError
 from faust.exceptions import ProducerSendError
 from faust.stores.memory import Store as MemoryStore
 from faust.streams import current_event
+from faust.tables import TableManager
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.drivers.aiokafka import Consumer as AiokafkaConsumer
 from faust.transport.drivers.aiokafka import Producer as AiokafkaProducer
@@ -81,7 +82,7 @@ from flexoraa.kafka import back_off_failed_metadata_updates
 from streams.batches import BatchLane
 from streams.metrics import FETCHED_PARTITIONS, PRODUCER_BLOCKED
 from streams.monitor import LeanPrometheusMonitor
-from streams.replay import ReplayingTableManager
+from streams.replay import ReplayingRecovery
 
 logger = logging.getLogger(__name__)
 
@@ -447,11 +448,15 @@ class AcknowledgedOnlyConsumer(AiokafkaConsumer):
         tables here, and of the batch lane's topics, which go to the lane."""
         generation = self.app.consumer_generation_id
         records = await super()._getmany(active_partitions, timeout)
-        if records and self.is_current(generation):
-            recovery = cast(ReplayingTableManager, self.app.tables).recovery
+        recovery = cast(TableManager, self.app.tables).recovery
+        # Any other table manager (an app built without ours) recovers through Faust's path.
+        if records and self.is_current(generation) and isinstance(recovery, ReplayingRecovery):
             replay, records = recovery.split(records)
             if replay:
-                await recovery.replay(replay, self._to_message)
+                self._track_end_offsets(replay)
+                await recovery.replay(
+                    replay, self._to_message, still_current=partial(self.is_current, generation)
+                )
         lane = self._batch_lane
         if lane is None or not records:
             return records
@@ -471,14 +476,18 @@ class AcknowledgedOnlyConsumer(AiokafkaConsumer):
         """What Faust's own fetch loop records for its streams' records, the lane's once a
         fetch: end offsets (the consumer-lag panel; the inbound topic was missing from it)
         and received counts."""
-        monitor = self.app.monitor
+        self._track_end_offsets(records)
         lean = lean_monitor(self.app)
-        for tp, batch in records.items():
+        if lean is not None:
+            for tp, batch in records.items():
+                lean.count_received(tp.topic, len(batch))
+
+    def _track_end_offsets(self, records: Mapping[TP, Sequence[Any]]) -> None:
+        monitor = self.app.monitor
+        for tp in records:
             # Known for a partition whose records just came in; the gauge refuses None.
             if (highwater := self.highwater(tp)) is not None:
                 monitor.track_tp_end_offset(tp, highwater)
-            if lean is not None:
-                lean.count_received(tp.topic, len(batch))
 
     def pause_partitions(self, tps: Iterable[TP]) -> None:
         """Also stops aiokafka fetching them.

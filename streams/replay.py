@@ -17,18 +17,25 @@ through Faust's path.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from itertools import repeat
 from typing import Any
 
+from faust.exceptions import KeyDecodeError, ValueDecodeError
 from faust.tables import TableManager
 from faust.tables.recovery import Recovery
 from faust.types import TP, EventT, Message
 
 from streams.metrics import CHANGELOG_RECORDS_REPLAYED
 
+logger = logging.getLogger(__name__)
+
 ToMessage = Callable[[TP, Any], Message]
+# Records applied between two turns of the event loop (a fetch can hold tens of thousands).
+REPLAY_SLICE = 2000
 
 
 class ReplayingRecovery(Recovery):
@@ -45,33 +52,24 @@ class ReplayingRecovery(Recovery):
             (replay if tp in active_tps else rest)[tp] = batch
         return replay, rest
 
-    async def replay(self, records: Mapping[TP, Sequence[Any]], to_message: ToMessage) -> None:
-        """Applies the records of active changelog partitions, each partition's in one batch."""
+    async def replay(
+        self, records: Mapping[TP, Sequence[Any]], to_message: ToMessage,
+        still_current: Callable[[], bool],
+    ) -> None:  # fmt: skip
+        """Applies the records of active changelog partitions, in batches of a partition's
+        records; `still_current` says whether the fetch's consumer generation still is."""
         started = time.monotonic()
         applied = 0
         for tp, batch in records.items():
-            table = self.tp_to_table[tp]
-            seen = self.active_offsets.get(tp)
-            decode = table.changelog_topic.decode
-            events: list[EventT[Any]] = []
-            for record in batch:
-                # Read again after a seek: applied already (Faust's loop skips them too).
-                if seen is not None and record.offset <= seen:
-                    continue
-                event = await decode(to_message(tp, record), propagate=True)
-                await table.on_changelog_event(event)
-                events.append(event)
-            if not events:
-                continue
-            # Records Faust's own path buffered for this table came first: applied first.
-            buffered = self.buffers[table]
-            if buffered:
-                table.apply_changelog_batch(buffered)
-                buffered.clear()
-            table.apply_changelog_batch(events)
-            self.active_offsets[tp] = events[-1].message.offset
-            self._active_events_received_at[tp] = started
-            applied += len(events)
+            for first in range(0, len(batch), REPLAY_SLICE):
+                if first:
+                    # The loop (requests, the stop signal) gets a turn between slices.
+                    await asyncio.sleep(0)
+                # A rebalance meanwhile: its recovery seeks and reads the rest again.
+                if not (still_current() and tp in self.active_tps):
+                    break
+                applied += await self._apply(tp, batch[first : first + REPLAY_SLICE], to_message)
+                self._active_events_received_at[tp] = started
         if not applied:
             return
         now = time.monotonic()
@@ -87,6 +85,44 @@ class ReplayingRecovery(Recovery):
             self.flush_buffers()
             self._set_recovery_ended()
             self.signal_recovery_end.set()
+
+    async def _apply(self, tp: TP, records: Sequence[Any], to_message: ToMessage) -> int:
+        """Applies one slice of a partition's records to its table; how many were new."""
+        table = self.tp_to_table[tp]
+        seen = self.active_offsets.get(tp)
+        decode = table.changelog_topic.decode
+        events: list[EventT[Any]] = []
+        for record in records:
+            # Read again after a seek: applied already (Faust's loop skips them too).
+            if seen is not None and record.offset <= seen:
+                continue
+            try:
+                event = await decode(to_message(tp, record), propagate=True)
+            except (KeyDecodeError, ValueDecodeError) as exc:
+                # Skipped as Faust's recovery skips it: a worker that stopped on it would stop
+                # on it again at every restart.
+                logger.error("undecodable changelog record %s@%d skipped: %r", tp, record.offset,
+                             exc)  # fmt: skip
+                continue
+            await table.on_changelog_event(event)
+            events.append(event)
+        if not events:
+            return 0
+        # Records Faust's own path buffered for this table came first: applied first.
+        buffered = self.buffers[table]
+        if buffered:
+            table.apply_changelog_batch(buffered)
+            buffered.clear()
+        table.apply_changelog_batch(events)
+        self.active_offsets[tp] = events[-1].message.offset
+        return len(events)
+
+    def _set_recovery_started(self) -> None:
+        super()._set_recovery_started()
+        # Faust's loop clears the end signal right after setting it, before anything else
+        # runs; `replay` leaves it set, so a recovery starting next must not find it set and
+        # end at once with its tables unread.
+        self.signal_recovery_end.clear()
 
     def _record_processing_time(self, per_record_s: float, records: int) -> None:
         """Feeds the estimate of the remaining time Faust logs during recovery."""
