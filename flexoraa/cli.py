@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from flexoraa.logs import hold_back_repeated_lines
-from flexoraa.settings import Settings
+from flexoraa.settings import Settings, unused_standby_copies
 
 logger = logging.getLogger("flexoraa")
 
@@ -224,6 +224,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         import mode.loop
 
         mode.loop.use("uvloop")
+    if (unused := unused_standby_copies(settings)) is not None:
+        logger.warning(unused)
     app = create_worker_app(settings)
     worker = QuietWorker(app, loglevel=settings.log_level.lower())
     settle_collector(settings.gc_gen0_threshold)

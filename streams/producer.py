@@ -446,8 +446,10 @@ class AcknowledgedOnlyConsumer(AiokafkaConsumer):
     async def _getmany(self, active_partitions: set[TP] | None, timeout: float) -> Any:  # noqa: ASYNC109 (Faust's signature)
         """A fetch, less the records of changelogs under recovery, which are applied to their
         tables here, and of the batch lane's topics, which go to the lane."""
-        generation = self.app.consumer_generation_id
         records = await super()._getmany(active_partitions, timeout)
+        # Taken once the fetch is back, as Faust's loop takes it: aiokafka drops what a fetch
+        # brings back from a position a rebalance's seek has moved since.
+        generation = self.app.consumer_generation_id
         recovery = cast(TableManager, self.app.tables).recovery
         # Any other table manager (an app built without ours) recovers through Faust's path.
         if records and self.is_current(generation) and isinstance(recovery, ReplayingRecovery):

@@ -45,7 +45,6 @@ async def test_a_restarted_worker_replays_the_changelogs_into_the_same_tables(
 ) -> None:
     first = start_worker(processes, test_settings, name="replay-first")
     first_url = f"http://127.0.0.1:{first.ports['web']}"
-    assert await replayed(first_url) == 0  # new topics: nothing to replay
     tenant = await make_tenant()
     async with api_factory() as api:
         lead_ids = []

@@ -8,10 +8,10 @@ import pytest
 from flexoraa.settings import Settings
 from streams.app import create_worker_app
 
-# Settings the worker app's tests check are wired through (their defaults are 25, 1 and
+# Settings the worker app's tests check are wired through (their defaults are 25, 0 and
 # 524,288).
 WORKER_FETCH_MAX_WAIT_MS = 40
-WORKER_STANDBY_REPLICAS = 0
+WORKER_STANDBY_REPLICAS = 1
 WORKER_PRODUCER_BATCH_BYTES = 300_000
 
 
