@@ -133,6 +133,14 @@ class ReplayingRecovery(Recovery):
 
 
 class ReplayingTableManager(TableManager):
+    async def on_start(self) -> None:
+        # Faust sleeps 1 s first, for tables created after the app started; the worker creates
+        # every table in its composition root (streams.app) before it starts, and every start
+        # and restart waited that second for nothing.
+        if not self.should_stop:
+            await self._update_channels()
+            await self.recovery.start()
+
     @property
     def recovery(self) -> ReplayingRecovery:
         if self._recovery is None:
