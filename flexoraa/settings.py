@@ -429,7 +429,7 @@ def unused_standby_copies(settings: Settings) -> str | None:
     ones when a recovery completes, so a partition taken over is replayed from offset 0 whatever
     the copy holds (seen with two workers and 100,000 leads: every changelog partition of the
     survivor read from -1). The copies then only cost their worker the changelog traffic."""
-    if settings.worker_standby_replicas and settings.table_store.startswith("memory:"):
+    if settings.worker_standby_replicas and settings.table_store.lower().startswith("memory:"):
         return (
             f"WORKER_STANDBY_REPLICAS={settings.worker_standby_replicas} with TABLE_STORE="
             f"{settings.table_store}: a memory store replays a partition it takes over from its "

@@ -136,7 +136,9 @@ class ReplayingTableManager(TableManager):
     async def on_start(self) -> None:
         # Faust sleeps 1 s first, for tables created after the app started; the worker creates
         # every table in its composition root (streams.app) before it starts, and every start
-        # and restart waited that second for nothing.
+        # and restart waited that second for nothing. A table created later fails loudly
+        # (Faust's "Too late to add tables"); a topic an agent would create while running (a
+        # group_by) would miss the first subscription: the worker has none.
         if not self.should_stop:
             await self._update_channels()
             await self.recovery.start()

@@ -68,6 +68,7 @@ async def test_a_restarted_worker_replays_the_changelogs_into_the_same_tables(
     before = await eventually(applied, timeout_s=60, what="every message applied")
     first.stop(signal.SIGTERM)
 
+    # The first worker may have replayed too: the session's topics hold earlier tests' records.
     second = start_worker(processes, test_settings, name="replay-second")
     second_url = f"http://127.0.0.1:{second.ports['web']}"
     # Ready means recovered: the tables answer from the replayed state at once.
