@@ -59,16 +59,20 @@ class ReplayingRecovery(Recovery):
         """Applies the records of active changelog partitions, in batches of a partition's
         records; `still_current` says whether the fetch's consumer generation still is."""
         started = time.monotonic()
-        applied = 0
+        applied = since_yield = 0
         for tp, batch in records.items():
             for first in range(0, len(batch), REPLAY_SLICE):
-                if first:
-                    # The loop (requests, the stop signal) gets a turn between slices.
+                if since_yield >= REPLAY_SLICE:
+                    # The loop (requests, the stop signal) gets a turn between slices, across
+                    # partitions too: a fetch holds up to 1 MiB of each.
                     await asyncio.sleep(0)
+                    since_yield = 0
                 # A rebalance meanwhile: its recovery seeks and reads the rest again.
                 if not (still_current() and tp in self.active_tps):
                     break
-                applied += await self._apply(tp, batch[first : first + REPLAY_SLICE], to_message)
+                records_slice = batch[first : first + REPLAY_SLICE]
+                applied += await self._apply(tp, records_slice, to_message)
+                since_yield += len(records_slice)
                 self._active_events_received_at[tp] = started
         if not applied:
             return

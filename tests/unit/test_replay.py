@@ -3,6 +3,7 @@ recovery. The whole path against a real broker: tests/integration/test_table_rep
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any, cast
 
@@ -104,3 +105,22 @@ async def test_a_rebalance_between_slices_leaves_the_rest_to_the_next_recovery()
     assert len(table) == REPLAY_SLICE
     assert recovery.active_offsets[tp] == REPLAY_SLICE - 1
     assert recovery.in_recovery
+
+
+async def test_the_loop_gets_a_turn_between_partitions_of_one_large_fetch() -> None:
+    per_partition = REPLAY_SLICE * 3 // 4
+    table, recovery = recovering("replay-yield", {p: per_partition - 1 for p in range(3)})
+    topic = table.changelog_topic.get_topic_name()
+    fetch = {TP(topic, p): [record(TP(topic, p), i, f"{p}-{i}".encode(), {"n": i})
+                            for i in range(per_partition)] for p in range(3)}  # fmt: skip
+    seen_by_the_loop: list[int] = []
+
+    async def observe() -> None:
+        seen_by_the_loop.append(len(table))
+
+    observer = asyncio.create_task(observe())
+    await recovery.replay(fetch, to_message, always)
+    await observer
+    # It ran once the first two partitions (a slice's worth) were applied, not at the end.
+    assert seen_by_the_loop == [2 * per_partition]
+    assert len(table) == 3 * per_partition
