@@ -8,11 +8,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import asyncpg
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
+from fastapi.routing import APIRoute
 
 from api import errors
 from api.dedup import RecentIds
 from api.deps import Services
+from api.direct import DirectRoutes
 from api.lead_state import LeadStateClient
 from api.middleware import BodyLimitMiddleware, MetricsMiddleware
 from api.rate_limits import RateLimiter
@@ -131,6 +133,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(monitoring.router)
     # Built here (no I/O until the lifespan starts it) so the middleware can hold it.
     latency = LatencyRecorder(settings, TopicNames(settings.topic_prefix).latency)
+    # Innermost of ours (added first): the body limit and the metrics still apply to it.
+    app.add_middleware(DirectRoutes, routes=[_route(events.router, "POST", events.INBOUND_PATH)])
     app.add_middleware(
         BodyLimitMiddleware,
         max_bytes=settings.max_body_bytes,
@@ -138,3 +142,11 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.add_middleware(MetricsMiddleware, latency=latency)
     return app
+
+
+def _route(router: APIRouter, method: str, path: str) -> APIRoute:
+    # The router's own routes: FastAPI keeps an included router whole, not its routes.
+    for route in router.routes:
+        if isinstance(route, APIRoute) and route.path == path and method in (route.methods or ()):
+            return route
+    raise LookupError(f"no route {method} {path}")

@@ -19,10 +19,12 @@ router = APIRouter(tags=["events"])
 
 # Clocks of connectors drift; a message from further in the future is a bug, not skew.
 _MAX_CLOCK_SKEW = timedelta(minutes=5)
+# Served by api.direct.DirectRoutes (the ingest path of every connector), declared here.
+INBOUND_PATH = "/api/events/inbound"
 
 
 @router.post(
-    "/api/events/inbound",
+    INBOUND_PATH,
     status_code=202,
     response_model=InboundAccepted,
     responses={
