@@ -60,8 +60,11 @@ def _migrate_and_create_topics(settings: Settings) -> None:
     from schemas.migrate import migrate
 
     applied = asyncio.run(migrate(settings.database_url))
-    created = asyncio.run(ensure_topics(settings))
-    logger.info("migrations applied: %s; topics created: %s", applied or "none", created or "none")
+    topics = asyncio.run(ensure_topics(settings))
+    logger.info(
+        "migrations applied: %s; topics created: %s; topics reconfigured: %s",
+        applied or "none", topics.created or "none", topics.reconfigured or "none",
+    )  # fmt: skip
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -75,8 +78,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_topics(args: argparse.Namespace) -> int:
     from flexoraa.kafka import ensure_topics
 
-    created = asyncio.run(ensure_topics(_settings(args)))
-    _print_json({"created": created})
+    topics = asyncio.run(ensure_topics(_settings(args)))
+    _print_json({"created": topics.created, "reconfigured": topics.reconfigured})
     return 0
 
 

@@ -8,10 +8,12 @@ import logging
 import random
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.client import AIOKafkaClient
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import murmur2
@@ -125,14 +127,36 @@ class TopicMismatch(RuntimeError):
     """A topic exists with a partition count other than the co-partitioned one."""
 
 
-async def ensure_topics(settings: Settings) -> list[str]:
-    """Create every topic of the pipeline that is missing; returns the names created.
+# DescribeConfigs' source of a value set on the topic itself (protocol versions 1 and up).
+_TOPIC_OVERRIDE = 1
+
+
+@dataclass(frozen=True, slots=True)
+class TopicsEnsured:
+    created: list[str]
+    # Existing compacted topics whose segment settings were brought in line with the settings.
+    reconfigured: list[str]
+
+
+def compacted_topic_configs(settings: Settings) -> dict[str, str]:
+    return {
+        "cleanup.policy": "compact",
+        "segment.ms": str(settings.changelog_segment_ms),
+        "segment.bytes": str(settings.changelog_segment_bytes),
+    }
+
+
+async def ensure_topics(settings: Settings) -> TopicsEnsured:
+    """Create every topic of the pipeline that is missing, and give existing compacted topics
+    the configured segment settings.
 
     Lead-keyed topics must share one partition count so that one worker owns a lead's whole
     state, so an existing topic with another count is an error, not something to live with.
     """
     topics = TopicNames(settings.topic_prefix)
     names = topics.all()
+    compacted = topics.compacted()
+    compacted_configs = compacted_topic_configs(settings)
     admin = AIOKafkaAdminClient(
         bootstrap_servers=settings.kafka_bootstrap_servers, request_timeout_ms=10_000
     )
@@ -156,16 +180,51 @@ async def ensure_topics(settings: Settings) -> list[str]:
                         name=name,
                         num_partitions=settings.kafka_partitions,
                         replication_factor=settings.kafka_replication_factor,
-                        topic_configs={"cleanup.policy": "compact"}
-                        if name in topics.compacted()
-                        else {},
+                        topic_configs=compacted_configs if name in compacted else {},
                     )
                     for name in missing
                 ]
             )
-        return missing
+        reconfigured = await _reconfigure(
+            admin, [name for name in present if name in compacted], compacted_configs
+        )
+        return TopicsEnsured(missing, reconfigured)
     finally:
         await admin.close()
+
+
+async def _reconfigure(
+    admin: AIOKafkaAdminClient, names: list[str], wanted: dict[str, str]
+) -> list[str]:
+    """Sets `wanted` on the topics whose own settings differ; returns their names.
+
+    AlterConfigs replaces all of a topic's own settings, so those set before (by an operator,
+    say) are sent again with the wanted ones."""
+    if not names:
+        return []
+    changes = []
+    for response in await admin.describe_configs(
+        [ConfigResource(ConfigResourceType.TOPIC, name) for name in names]
+    ):
+        for error_code, error_message, _, name, entries, *_ in response.resources:
+            if error_code:
+                raise KafkaError(f"describing the configs of topic {name}: {error_message}")
+            # (name, value, read only, source, sensitive, synonyms); version 0 (brokers before
+            # Kafka 1.1) has "is default" where the source is.
+            own = {
+                entry[0]: entry[1]
+                for entry in entries
+                if (not entry[3] if response.API_VERSION == 0 else entry[3] == _TOPIC_OVERRIDE)
+            }
+            if any(own.get(key) != value for key, value in wanted.items()):
+                changes.append(ConfigResource(ConfigResourceType.TOPIC, name, {**own, **wanted}))
+    if not changes:
+        return []
+    for response in await admin.alter_configs(changes):
+        for error_code, error_message, _, name in response.resources:
+            if error_code:
+                raise KafkaError(f"configuring topic {name}: {error_message}")
+    return [change.name for change in changes]
 
 
 def acknowledged_producer(

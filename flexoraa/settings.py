@@ -39,6 +39,20 @@ class Settings(BaseSettings):
         8, ge=1, description="partitions of every lead-keyed topic (all co-partitioned)"
     )
     kafka_replication_factor: int = Field(1, ge=1, description="replication of created topics")
+    # Kafka never compacts a log's newest segment, and by default a segment rolls after 7 days
+    # or 1 GiB: a worker's tables (memory://) replay every write of that span at each start.
+    changelog_segment_ms: int = Field(
+        600_000,
+        ge=1000,
+        description="a compacted topic's (table changelogs, tenant-status) newest segment rolls "
+        "after this long, so compaction bounds a restarted worker's replay to the live keys "
+        "plus about this much history",
+    )
+    changelog_segment_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="...or once it holds this many bytes, whichever comes first",
+    )
     kafka_produce_timeout_ms: int = Field(
         5000, ge=100, description="how long the API waits for Kafka's ack before answering 503"
     )

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from pathlib import Path
 
 import asyncpg
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from flexoraa import stack
-from flexoraa.kafka import TopicMismatch, ensure_topics
+from flexoraa.kafka import TopicMismatch, TopicsEnsured, delete_topics, ensure_topics
 from flexoraa.settings import Settings
 from schemas.migrate import MigrationError, load_migrations, migrate
 from schemas.topics import TopicNames
@@ -80,7 +82,8 @@ async def test_an_edited_migration_is_refused(test_settings: Settings, tmp_path:
 
 
 async def test_topics_are_created_co_partitioned(test_settings: Settings) -> None:
-    assert await ensure_topics(test_settings) == []  # the session created them already
+    # The session created them already, with the settings' segment sizes.
+    assert await ensure_topics(test_settings) == TopicsEnsured(created=[], reconfigured=[])
     admin = AIOKafkaAdminClient(bootstrap_servers=test_settings.kafka_bootstrap_servers)
     await admin.start()
     try:
@@ -91,6 +94,82 @@ async def test_topics_are_created_co_partitioned(test_settings: Settings) -> Non
     assert {d["topic"]: len(d["partitions"]) for d in described} == {
         name: test_settings.kafka_partitions for name in names
     }
+
+
+async def topic_overrides(settings: Settings, name: str) -> dict[str, str]:
+    """The settings of the topic itself (not the broker's defaults)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        [response] = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name)])
+    finally:
+        await admin.close()
+    return {entry[0]: entry[1] for entry in response.resources[0][4] if entry[3] == 1}
+
+
+async def set_overrides(settings: Settings, name: str, configs: dict[str, str]) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, name, configs)])
+    finally:
+        await admin.close()
+    await until_overrides(settings, name, configs)
+
+
+async def until_overrides(settings: Settings, name: str, configs: dict[str, str]) -> None:
+    """A topic's new settings reach the broker's metadata shortly after the answer."""
+    for _ in range(100):
+        if await topic_overrides(settings, name) == configs:
+            return
+        await asyncio.sleep(0.1)
+    assert await topic_overrides(settings, name) == configs
+
+
+async def test_compacted_topics_roll_segments_so_compaction_reaches_them(
+    test_settings: Settings,
+) -> None:
+    settings = test_settings.model_copy(
+        update={
+            "topic_prefix": f"segments-{uuid.uuid4().hex[:8]}",
+            "changelog_segment_ms": 120_000,
+            "changelog_segment_bytes": 8 * 1024 * 1024,
+        }
+    )
+    topics = TopicNames(settings.topic_prefix)
+    sessions = topics.changelog("sessions")
+    try:
+        created = await ensure_topics(settings)
+        assert set(created.created) == set(topics.all())
+        await until_overrides(
+            settings,
+            sessions,
+            {
+                "cleanup.policy": "compact",
+                "segment.ms": "120000",
+                "segment.bytes": str(8 * 1024 * 1024),
+            },
+        )
+        assert await topic_overrides(settings, topics.inbound_messages) == {}
+
+        # Created by an older version (Kafka's 7-day segments), with an operator's own setting.
+        await set_overrides(
+            settings, sessions, {"cleanup.policy": "compact", "min.cleanable.dirty.ratio": "0.3"}
+        )
+        assert await ensure_topics(settings) == TopicsEnsured([], reconfigured=[sessions])
+        await until_overrides(
+            settings,
+            sessions,
+            {
+                "cleanup.policy": "compact",
+                "segment.ms": "120000",
+                "segment.bytes": str(8 * 1024 * 1024),
+                "min.cleanable.dirty.ratio": "0.3",
+            },
+        )
+        assert await ensure_topics(settings) == TopicsEnsured([], [])
+    finally:
+        await delete_topics(settings)
 
 
 async def test_a_topic_with_another_partition_count_is_an_error(test_settings: Settings) -> None:

@@ -3,15 +3,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import signal
 import uuid
+from functools import partial
 from typing import Any
 
 import httpx
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from flexoraa.kafka import delete_topics, ensure_topics
 from flexoraa.settings import Settings
+from schemas.topics import TopicNames
 from tests.conftest import MakeTenant, StartProcess, start_worker
 from tests.integration.conftest import ApiFactory
 from tests.integration.test_pipeline import eventually, post
@@ -76,3 +81,87 @@ async def test_a_restarted_worker_replays_the_changelogs_into_the_same_tables(
     assert after == before
     # Through the batched replay: every lead's session record, at least, went through it.
     assert await replayed(second_url) >= LEADS
+
+
+async def records_in(settings: Settings, topic: str) -> tuple[int, int]:
+    """(records left in the topic, offsets written): fewer records than offsets once the
+    log cleaner compacted it."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap_servers, enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic, p) for p in range(settings.kafka_partitions)]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        ends = await consumer.end_offsets(partitions)
+        count = 0
+        for tp in partitions:
+            while await consumer.position(tp) < ends[tp]:
+                batch = await consumer.getmany(tp, timeout_ms=1000)
+                count += sum(len(records) for records in batch.values())
+        return count, sum(ends.values())
+    finally:
+        await consumer.stop()
+
+
+async def test_a_worker_replays_compacted_changelogs_into_the_same_tables(
+    processes: StartProcess,
+    test_settings: Settings,
+    api_factory: ApiFactory,
+    make_tenant: MakeTenant,
+) -> None:
+    """Compaction leaves gaps in a changelog's offsets and keeps only each key's last value
+    (deletes as tombstones): the replay must end, and end in the same state."""
+    settings = test_settings.model_copy(
+        update={
+            "topic_prefix": f"{test_settings.topic_prefix}-compacted",
+            # Segments roll at the first write a second after they opened, so the cleaner
+            # (every 15 s) can compact all but the newest.
+            "changelog_segment_ms": 1000,
+            "changelog_segment_bytes": 1024 * 1024,
+        }
+    )
+    sessions_changelog = TopicNames(settings.topic_prefix).changelog("sessions")
+    await ensure_topics(settings)
+    try:
+        first = start_worker(processes, settings, name="compacted-first")
+        first_url = f"http://127.0.0.1:{first.ports['web']}"
+        tenant = await make_tenant()
+        contacts = [f"compacted-{uuid.uuid4().hex[:8]}" for _ in range(LEADS)]
+        async with api_factory(topic_prefix=settings.topic_prefix) as api:
+            lead_ids = [
+                (await post(api, tenant, channel="webchat", contact=contact, text="hello"))[
+                    "lead_id"
+                ]
+                for contact in contacts
+            ]
+
+            async def applied(count: int) -> Any:
+                state = await table_state(first_url, lead_ids)
+                if state is None:
+                    return None
+                done = all(lead["session"]["message_count"] == count for lead in state.values())
+                return state if done else None
+
+            for wave in range(2, 5):
+                await eventually(partial(applied, wave - 1), timeout_s=60, what="a wave")
+                await asyncio.sleep(1.2)  # the next wave's writes roll the segments
+                for i, contact in enumerate(contacts):
+                    await post(api, tenant, channel="webchat", contact=contact,
+                               text=f"message {wave}, budget {i}k")  # fmt: skip
+            before = await eventually(partial(applied, 4), timeout_s=60, what="every message")
+
+        async def compacted() -> tuple[int, int] | None:
+            left, written = await records_in(settings, sessions_changelog)
+            return (left, written) if left < written else None
+
+        left, _ = await eventually(compacted, timeout_s=60, what="the log cleaner")
+        first.stop(signal.SIGTERM)
+
+        second = start_worker(processes, settings, name="compacted-second")
+        second_url = f"http://127.0.0.1:{second.ports['web']}"
+        assert await table_state(second_url, lead_ids) == before
+        assert await replayed(second_url) >= left
+    finally:
+        await delete_topics(settings)
