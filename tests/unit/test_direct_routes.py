@@ -36,6 +36,8 @@ async def hot(request: Request, principal: PrincipalDep, services: ServicesDep) 
     body = (await request.body()).decode()
     if body == "refuse":
         raise ApiError(409, "refused", headers={"X-Why": "asked to"})
+    if body == "crash":
+        raise RuntimeError("a bug, with a secret in its message")
     return Echo(tenant_id=principal.tenant_id, body=body)
 
 
@@ -88,6 +90,19 @@ async def test_the_direct_route_answers_as_fastapi_does_without_its_routing() ->
     # Labelled with the route's template by the metrics middleware, both ways.
     assert answered._value.get() - before == 2
     assert plain_routed == ["/hot", "/hot"]
+
+
+async def test_an_unexpected_error_is_the_same_json_500_without_its_trace() -> None:
+    app, _ = build(direct=True)
+    # The server-error middleware answers, then re-raises for the server to log.
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        answer = await client.post(
+            "/hot", content="crash", headers={"Authorization": f"Bearer {API_KEY}"}
+        )
+    assert (answer.status_code, answer.json()) == (500, {"detail": "internal error"})
+    assert "secret" not in answer.text
+    assert REQUESTS.labels("POST", "/hot", "500")._value.get() >= 1
 
 
 async def test_other_routes_and_methods_go_through_fastapi() -> None:
