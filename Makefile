@@ -85,5 +85,7 @@ bench: setup
 	$(BIN)/python -m bench.throughput --events 10000 --credited
 	$(BIN)/python -m bench.reads --leads 100000 --rate 500 --seconds 20
 	$(BIN)/python -m bench.takeover --leads 100000
+	$(BIN)/python -m bench.restart --leads 10000 --messages 10 --segment-ms 604800000
+	$(BIN)/python -m bench.restart --leads 10000 --messages 10 --segment-ms 3000
 	$(BIN)/python -m bench.tokens --events 200000 --tenants 100
 	$(BIN)/python -m bench.outage --rate 100 --seconds 15
