@@ -12,20 +12,23 @@ this middleware calls that same endpoint function, resolving the only dependenci
 endpoint may have itself: the request, the authenticated principal and the services. It sits
 inside our metrics and body-limit middleware, so both still apply, and inside Starlette's
 server-error middleware, so an unexpected exception is the same JSON 500 as anywhere else.
+Requests are matched on the path as the application sees it: behind a `root_path` they do not
+match and FastAPI serves them, correctly but at its own cost.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import get_type_hints
 
+from fastapi.datastructures import DefaultPlaceholder
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api.deps import Services, authenticate
+from api.deps import Services, authenticate, get_services
 from api.errors import ApiError
 from api.tenants import Principal
 
@@ -35,15 +38,36 @@ _JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
 def direct_endpoint(route: APIRoute) -> DirectEndpoint:
-    """The route's endpoint, if it can be called without FastAPI: exactly the parameters
-    (request, principal, services) and a pydantic model returned. Checked once, at start,
-    so a route whose signature drifts fails loudly instead of being called wrongly."""
+    """The route's endpoint, if calling it directly is what FastAPI would do: a coroutine
+    taking exactly (request, principal, services), with no other dependency (on the route or
+    its router) and no parameters FastAPI would read from the request, answering its own
+    response model with the default response class. Checked once, at start, so a route that
+    drifts from this fails loudly instead of being served differently."""
+    dependant = route.dependant
     parameters = list(inspect.signature(route.endpoint).parameters)
+    problems = []
     if parameters != _DIRECT_PARAMETERS:
-        raise TypeError(
-            f"{route.path} cannot be called directly: its endpoint takes {parameters}, "
-            f"not {_DIRECT_PARAMETERS}"
-        )
+        problems.append(f"its endpoint takes {parameters}, not {_DIRECT_PARAMETERS}")
+    if not inspect.iscoroutinefunction(route.endpoint):
+        problems.append("its endpoint is not a coroutine function")
+    calls = [dependency.call for dependency in dependant.dependencies]
+    if calls != [authenticate, get_services] or route.dependencies:
+        problems.append("it has dependencies besides authenticate and get_services")
+    if (
+        dependant.path_params
+        or dependant.query_params
+        or dependant.header_params
+        or dependant.cookie_params
+        or dependant.body_params
+    ):
+        problems.append("FastAPI would read parameters from the request for it")
+    if not isinstance(route.response_class, DefaultPlaceholder):
+        problems.append("it has its own response class")
+    answer_type = get_type_hints(route.endpoint).get("return")
+    if route.response_model is None or answer_type is not route.response_model:
+        problems.append("it does not return exactly its response model")
+    if problems:
+        raise TypeError(f"{route.path} cannot be called directly: {'; '.join(problems)}")
     endpoint: DirectEndpoint = route.endpoint
     return endpoint
 
@@ -80,11 +104,10 @@ class DirectRoutes:
             await exc.response()(scope, receive, send)
             return
         body = answer.model_dump_json().encode()
-        status: Any = route.status_code or 200
         await send(
             {
                 "type": "http.response.start",
-                "status": status,
+                "status": route.status_code or 200,
                 "headers": [*_JSON_HEADERS, (b"content-length", str(len(body)).encode())],
             }
         )

@@ -55,11 +55,18 @@ async def changelog_records(bootstrap: str, topics: list[str], partitions: int) 
         await consumer.stop()
 
 
+def segment_ms(text: str) -> int:
+    value = int(text)
+    if value < 1000:  # the settings' lower bound
+        raise argparse.ArgumentTypeError("at least 1000")
+    return value
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--leads", type=positive_int, default=10_000)
     parser.add_argument("--messages", type=positive_int, default=10, help="messages per lead")
-    parser.add_argument("--segment-ms", type=positive_int, default=3000)
+    parser.add_argument("--segment-ms", type=segment_ms, default=3000)
     parser.add_argument(
         "--settle-s", type=float, default=40, help="time given to the log cleaner (every 15 s)"
     )

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
 import pytest
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
@@ -26,6 +26,10 @@ PRINCIPAL = Principal(tenant_id="tenant-1", key_id="key-id-1", role="admin")
 class Echo(BaseModel):
     tenant_id: str
     body: str
+
+
+class Wider(Echo):
+    secret: str
 
 
 router = APIRouter()
@@ -129,12 +133,55 @@ async def test_auth_and_rate_limits_apply_to_the_direct_route() -> None:
     assert "retry-after" in limited.headers
 
 
-def test_an_endpoint_with_other_dependencies_is_refused_at_start() -> None:
-    other = APIRouter()
+def refusal(route: APIRoute) -> str:
+    with pytest.raises(TypeError, match="cannot be called directly") as refused:
+        DirectRoutes(FastAPI(), routes=[route])
+    return str(refused.value)
 
-    @other.post("/other")
-    async def needs_more(request: Request, principal: PrincipalDep, limit: int) -> Echo:
-        raise AssertionError("never called")
 
-    with pytest.raises(TypeError, match="cannot be called directly"):
-        DirectRoutes(FastAPI(), routes=[r for r in other.routes if isinstance(r, APIRoute)])
+# Routes FastAPI would serve differently from a direct call (module level: FastAPI resolves
+# their annotations from this module's globals).
+unfit = APIRouter()
+
+
+async def admin_only(principal: PrincipalDep) -> Principal:
+    return principal
+
+
+AdminDep = Annotated[Principal, Depends(admin_only)]
+
+
+@unfit.post("/other")
+async def needs_more(request: Request, principal: PrincipalDep, limit: int) -> Echo:
+    raise AssertionError("never called")
+
+
+@unfit.post("/limited", dependencies=[Depends(admin_only)])
+async def limited(request: Request, principal: PrincipalDep, services: ServicesDep) -> Echo:
+    raise AssertionError("never called")
+
+
+@unfit.post("/admin")
+async def stricter(request: Request, principal: AdminDep, services: ServicesDep) -> Echo:
+    raise AssertionError("never called")
+
+
+@unfit.post("/filtered", response_model=Echo)
+async def wider(request: Request, principal: PrincipalDep, services: ServicesDep) -> Wider:
+    raise AssertionError("never called")
+
+
+@unfit.post("/plain")
+def plain(request: Request, principal: PrincipalDep, services: ServicesDep) -> Echo:
+    raise AssertionError("never called")
+
+
+def test_endpoints_fastapi_would_serve_differently_are_refused_at_start() -> None:
+    routes = {route.path: route for route in unfit.routes if isinstance(route, APIRoute)}
+    assert "takes ['request', 'principal', 'limit']" in refusal(routes["/other"])
+    assert "dependencies besides" in refusal(routes["/limited"])
+    assert "dependencies besides" in refusal(routes["/admin"])
+    assert "exactly its response model" in refusal(routes["/filtered"])
+    assert "not a coroutine" in refusal(routes["/plain"])
+    hot_route = next(r for r in router.routes if isinstance(r, APIRoute) and r.path == "/hot")
+    DirectRoutes(FastAPI(), routes=[hot_route])  # the one the other tests serve is accepted
