@@ -141,32 +141,19 @@ async def test_compacted_topics_roll_segments_so_compaction_reaches_them(
     try:
         created = await ensure_topics(settings)
         assert set(created.created) == set(topics.all())
-        await until_overrides(
-            settings,
-            sessions,
-            {
-                "cleanup.policy": "compact",
-                "segment.ms": "120000",
-                "segment.bytes": str(8 * 1024 * 1024),
-            },
-        )
+        segments = {
+            "cleanup.policy": "compact",
+            "segment.ms": "120000",
+            "segment.bytes": str(8 * 1024 * 1024),
+        }
+        await until_overrides(settings, sessions, segments)
         assert await topic_overrides(settings, topics.inbound_messages) == {}
 
         # Created by an older version (Kafka's 7-day segments), with an operator's own setting.
-        await set_overrides(
-            settings, sessions, {"cleanup.policy": "compact", "min.cleanable.dirty.ratio": "0.3"}
-        )
+        operators = {"min.cleanable.dirty.ratio": "0.3"}
+        await set_overrides(settings, sessions, {"cleanup.policy": "compact", **operators})
         assert await ensure_topics(settings) == TopicsEnsured([], reconfigured=[sessions])
-        await until_overrides(
-            settings,
-            sessions,
-            {
-                "cleanup.policy": "compact",
-                "segment.ms": "120000",
-                "segment.bytes": str(8 * 1024 * 1024),
-                "min.cleanable.dirty.ratio": "0.3",
-            },
-        )
+        await until_overrides(settings, sessions, {**segments, **operators})
         assert await ensure_topics(settings) == TopicsEnsured([], [])
     finally:
         await delete_topics(settings)

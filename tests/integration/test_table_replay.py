@@ -12,8 +12,8 @@ from typing import Any
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from bench.restart import changelog_records
 from flexoraa.kafka import delete_topics, ensure_topics
 from flexoraa.settings import Settings
 from schemas.topics import TopicNames
@@ -83,28 +83,6 @@ async def test_a_restarted_worker_replays_the_changelogs_into_the_same_tables(
     assert await replayed(second_url) >= LEADS
 
 
-async def records_in(settings: Settings, topic: str) -> tuple[int, int]:
-    """(records left in the topic, offsets written): fewer records than offsets once the
-    log cleaner compacted it."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap_servers, enable_auto_commit=False
-    )
-    await consumer.start()
-    try:
-        partitions = [TopicPartition(topic, p) for p in range(settings.kafka_partitions)]
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        ends = await consumer.end_offsets(partitions)
-        count = 0
-        for tp in partitions:
-            while await consumer.position(tp) < ends[tp]:
-                batch = await consumer.getmany(tp, timeout_ms=1000)
-                count += sum(len(records) for records in batch.values())
-        return count, sum(ends.values())
-    finally:
-        await consumer.stop()
-
-
 async def test_a_worker_replays_compacted_changelogs_into_the_same_tables(
     processes: StartProcess,
     test_settings: Settings,
@@ -153,7 +131,9 @@ async def test_a_worker_replays_compacted_changelogs_into_the_same_tables(
             before = await eventually(partial(applied, 4), timeout_s=60, what="every message")
 
         async def compacted() -> tuple[int, int] | None:
-            left, written = await records_in(settings, sessions_changelog)
+            left, written = await changelog_records(
+                settings.kafka_bootstrap_servers, [sessions_changelog], settings.kafka_partitions
+            )
             return (left, written) if left < written else None
 
         left, _ = await eventually(compacted, timeout_s=60, what="the log cleaner")
