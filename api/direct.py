@@ -4,8 +4,9 @@
 message. Behind the two middlewares of our own, FastAPI runs it through five more layers
 (exception and exit-stack middleware, the router matching ~60 routes, the request wrapper
 and the dependency solver) before the endpoint runs. Measured with the API alone at 800
-requests a second: 0.64-0.67 ms of CPU per request through FastAPI, 0.53 ms called directly
-(0.48 ms without our two middlewares; they stay, as they count and limit every request).
+requests a second (bench.ingest, 3 alternating runs): 0.66-0.69 ms of CPU per request through
+FastAPI, 0.51-0.53 ms called directly (about 0.48 ms without our two middlewares; they stay,
+as they count and limit every request).
 
 The route stays declared in FastAPI (the OpenAPI document and its contract come from it) and
 this middleware calls that same endpoint function, resolving the only dependencies such an
