@@ -1,67 +1,91 @@
 """Hot routes called directly, not through FastAPI's routing and dependency solving.
 
 `POST /api/events/inbound` is the ingest path every connector calls, once per customer
-message. Behind the two middlewares of our own, FastAPI runs it through five more layers
-(exception and exit-stack middleware, the router matching ~60 routes, the request wrapper
-and the dependency solver) before the endpoint runs. Measured with the API alone at 800
-requests a second (bench.ingest, 3 alternating runs): 0.66-0.69 ms of CPU per request through
-FastAPI, 0.51-0.53 ms called directly (about 0.48 ms without our two middlewares; they stay,
-as they count and limit every request).
+message, and `GET /api/leads/{lead_id}` the live read every dashboard polls. Behind the two
+middlewares of our own, FastAPI runs each request through five more layers (exception and
+exit-stack middleware, the router matching ~60 routes, the request wrapper and the dependency
+solver) before the endpoint runs. Measured with the API alone at 800 requests a second
+(bench.ingest, 3 alternating runs): 0.66-0.69 ms of CPU per inbound request through FastAPI,
+0.51-0.53 ms called directly (about 0.48 ms without our two middlewares; they stay, as they
+count and limit every request).
 
-The route stays declared in FastAPI (the OpenAPI document and its contract come from it) and
-this middleware calls that same endpoint function, resolving the only dependencies such an
-endpoint may have itself: the request, the authenticated principal and the services. It sits
-inside our metrics and body-limit middleware, so both still apply, and inside Starlette's
-server-error middleware, so an unexpected exception is the same JSON 500 as anywhere else.
-Requests are matched on the path as the application sees it: behind a `root_path` they do not
-match and FastAPI serves them, correctly but at its own cost.
+The routes stay declared in FastAPI (the OpenAPI document and their contract come from it) and
+this middleware calls those same endpoint functions, resolving the only parameters such an
+endpoint may have: the request, plain string path parameters, the authenticated principal and
+the services. It sits inside our metrics and body-limit middleware, so both still apply, and
+inside Starlette's server-error middleware, so an unexpected exception is the same JSON 500 as
+anywhere else. A route is served here only where FastAPI would pick it: one declared before it
+that could match the same requests is refused at start. Requests are matched on the path as
+the application sees it: behind a `root_path` they do not match and FastAPI serves them,
+correctly but at its own cost.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable
-from typing import get_type_hints
+import re
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, get_type_hints
 
 from fastapi.datastructures import DefaultPlaceholder
-from fastapi.routing import APIRoute
+from fastapi.routing import APIRoute, iter_route_contexts
 from pydantic import BaseModel
+from starlette.convertors import StringConvertor
 from starlette.requests import Request
+from starlette.routing import BaseRoute, compile_path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.deps import Services, authenticate, get_services
 from api.errors import ApiError
-from api.tenants import Principal
 
-DirectEndpoint = Callable[[Request, Principal, Services], Awaitable[BaseModel]]
-_DIRECT_PARAMETERS = ["request", "principal", "services"]
+DirectEndpoint = Callable[..., Awaitable[BaseModel]]
+_RESOLVED = ("principal", "services")
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
 def direct_endpoint(route: APIRoute) -> DirectEndpoint:
     """The route's endpoint, if calling it directly is what FastAPI would do: a coroutine
-    taking exactly (request, principal, services), with no other dependency (on the route or
-    its router) and no parameters FastAPI would read from the request, answering its own
+    whose parameters are its plain string path parameters, the request, `principal` and
+    `services` (from `authenticate` and `get_services`, and no other dependency on the route
+    or its router), with nothing else FastAPI would read from the request, answering its own
     response model with the default response class. Checked once, at start, so a route that
     drifts from this fails loudly instead of being served differently."""
     dependant = route.dependant
     parameters = list(inspect.signature(route.endpoint).parameters)
+    path_parameters = [field.name for field in dependant.path_params]
     problems = []
-    if parameters != _DIRECT_PARAMETERS:
-        problems.append(f"its endpoint takes {parameters}, not {_DIRECT_PARAMETERS}")
+    if not set(_RESOLVED) <= set(parameters) or set(parameters) - {
+        "request",
+        *_RESOLVED,
+        *path_parameters,
+    }:
+        problems.append(
+            f"its endpoint takes {parameters}, not its path parameters, the request, "
+            "the principal and the services"
+        )
     if not inspect.iscoroutinefunction(route.endpoint):
         problems.append("its endpoint is not a coroutine function")
     calls = [dependency.call for dependency in dependant.dependencies]
     if calls != [authenticate, get_services] or route.dependencies:
         problems.append("it has dependencies besides authenticate and get_services")
     if (
-        dependant.path_params
-        or dependant.query_params
+        dependant.query_params
         or dependant.header_params
         or dependant.cookie_params
-        or dependant.body_params
+        or (dependant.body_params)
     ):
         problems.append("FastAPI would read parameters from the request for it")
+    convertors = compile_path(route.path)[2]
+    for field in dependant.path_params:
+        info = field.field_info
+        if (
+            info.annotation is not str
+            or info.metadata
+            or field.alias != field.name
+            or not isinstance(convertors.get(field.name), StringConvertor)
+        ):
+            problems.append(f"FastAPI would convert or validate its path parameter {field.name}")
     if not isinstance(route.response_class, DefaultPlaceholder):
         problems.append("it has its own response class")
     answer_type = get_type_hints(route.endpoint).get("return")
@@ -73,34 +97,109 @@ def direct_endpoint(route: APIRoute) -> DirectEndpoint:
     return endpoint
 
 
-class DirectRoutes:
-    """Serves the given routes' (method, path) by calling their endpoints; every other request
-    goes on to the application."""
+def may_match_the_same_path(template: str, other: str) -> bool:
+    """Whether one request path could match both route templates; True when unsure (a `path`
+    parameter spans segments)."""
+    if ":path}" in template or ":path}" in other:
+        return True
+    mine, theirs = template.split("/"), other.split("/")
+    return len(mine) == len(theirs) and all(
+        "{" in a or "{" in b or a == b for a, b in zip(mine, theirs, strict=True)
+    )
 
-    def __init__(self, app: ASGIApp, routes: list[APIRoute]) -> None:
-        self.app = app
-        self._routes: dict[tuple[str, str], tuple[APIRoute, DirectEndpoint]] = {}
-        for route in routes:
+
+@dataclass(frozen=True)
+class _Direct:
+    route: APIRoute
+    endpoint: DirectEndpoint
+    takes_request: bool
+    # None for a path without parameters: those are found by a dictionary lookup.
+    pattern: re.Pattern[str] | None
+
+
+def _serve_directly(
+    routes: Iterable[APIRoute], declared: Sequence[BaseRoute]
+) -> dict[str, list[tuple[str, _Direct]]]:
+    """Per method, the routes to serve directly with their paths as the app serves them, in
+    the app's order; refuses one that a route declared before it could take requests from."""
+    wanted = {id(route): route for route in routes}
+    earlier: list[tuple[str, set[str] | None, str]] = []
+    served: dict[str, list[tuple[str, _Direct]]] = {}
+    for context in iter_route_contexts(declared):
+        path, methods = context.path or "", context.methods
+        route = wanted.pop(id(context.original_route), None)
+        if route is not None:
             endpoint = direct_endpoint(route)
-            for method in route.methods or ():
-                self._routes[(method, route.path)] = (route, endpoint)
+            # HEAD is served without a body: FastAPI's business.
+            direct_methods = set(methods or ()) - {"HEAD"}
+            for other_path, other_methods, name in earlier:
+                if (other_methods is None or other_methods & direct_methods) and (
+                    may_match_the_same_path(path, other_path)
+                ):
+                    raise TypeError(
+                        f"{path} cannot be called directly: {name} ({other_path}), declared "
+                        "before it, may take the same requests"
+                    )
+            pattern = compile_path(path)[0] if "{" in path else None
+            takes_request = "request" in inspect.signature(endpoint).parameters
+            direct = _Direct(route, endpoint, takes_request, pattern)
+            for method in direct_methods:
+                served.setdefault(method, []).append((path, direct))
+        earlier.append((path, set(methods) if methods is not None else None, context.name or ""))
+    if wanted:
+        missing = ", ".join(route.path for route in wanted.values())
+        raise TypeError(f"{missing} cannot be called directly: the app does not serve it")
+    return served
+
+
+class DirectRoutes:
+    """Serves the given routes by calling their endpoints; every other request goes on to the
+    application. `declared` is the application's routes, for the paths they are served at
+    and the order FastAPI matches them in."""
+
+    def __init__(
+        self, app: ASGIApp, routes: Iterable[APIRoute], declared: Sequence[BaseRoute]
+    ) -> None:
+        self.app = app
+        self._static: dict[tuple[str, str], _Direct] = {}
+        self._templated: dict[str, list[tuple[re.Pattern[str], _Direct]]] = {}
+        for method, paths in _serve_directly(routes, declared).items():
+            for path, direct in paths:
+                if direct.pattern is None:
+                    self._static[(method, path)] = direct
+                else:
+                    self._templated.setdefault(method, []).append((direct.pattern, direct))
+
+    def _match(self, method: str, path: str) -> tuple[_Direct, dict[str, str]] | None:
+        direct = self._static.get((method, path))
+        if direct is not None:
+            return direct, {}
+        for pattern, direct in self._templated.get(method, ()):
+            if (matched := pattern.match(path)) is not None:
+                return direct, matched.groupdict()
+        return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        found = self._routes.get((scope["method"], scope["path"]))
+        found = self._match(scope["method"], scope["path"])
         if found is None:
             await self.app(scope, receive, send)
             return
-        route, endpoint = found
+        direct, path_params = found
         # The metrics middleware labels the request with the route's template.
-        scope["route"] = route
+        scope["route"] = direct.route
+        scope["path_params"] = path_params
         request = Request(scope, receive)
         services: Services = scope["app"].state.services
+        arguments: dict[str, Any] = dict(path_params)
+        if direct.takes_request:
+            arguments["request"] = request
         try:
-            principal = await authenticate(request, services)
-            answer = await endpoint(request, principal, services)
+            arguments["principal"] = await authenticate(request, services)
+            arguments["services"] = services
+            answer = await direct.endpoint(**arguments)
         except ApiError as exc:
             await exc.response()(scope, receive, send)
             return
@@ -108,7 +207,7 @@ class DirectRoutes:
         await send(
             {
                 "type": "http.response.start",
-                "status": route.status_code or 200,
+                "status": direct.route.status_code or 200,
                 "headers": [*_JSON_HEADERS, (b"content-length", str(len(body)).encode())],
             }
         )

@@ -134,7 +134,14 @@ def create_app(settings: Settings) -> FastAPI:
     # Built here (no I/O until the lifespan starts it) so the middleware can hold it.
     latency = LatencyRecorder(settings, TopicNames(settings.topic_prefix).latency)
     # Innermost of ours (added first): the body limit and the metrics still apply to it.
-    app.add_middleware(DirectRoutes, routes=[_route(events.router, "POST", events.INBOUND_PATH)])
+    app.add_middleware(
+        DirectRoutes,
+        routes=[
+            _route(events.router, "POST", events.INBOUND_PATH),
+            _route(leads.router, "GET", leads.LEAD_PATH),
+        ],
+        declared=app.routes,
+    )
     app.add_middleware(
         BodyLimitMiddleware,
         max_bytes=settings.max_body_bytes,

@@ -27,6 +27,7 @@ import uvloop
 
 from bench.common import (
     bench_environment,
+    cpu_seconds,
     pauses,
     pauses_between,
     percentile,
@@ -135,10 +136,16 @@ def main() -> int:
                 time.sleep(0.5)
             api_url = f"http://127.0.0.1:{settings.api_port}"
             before = {"worker": pauses(url), "api": pauses(api_url)}
+            cpu_before = {"api": cpu_seconds(api.pid), "worker": cpu_seconds(worker.pid)}
             latencies, errors = uvloop.run(
                 read_at_rate("127.0.0.1", settings.api_port, environment.api_key,
                              lead_ids, args.rate, args.seconds)
             )  # fmt: skip
+            requests = len(latencies) + errors
+            cpu_ms = {
+                "api": (cpu_seconds(api.pid) - cpu_before["api"]) * 1000 / requests,
+                "worker": (cpu_seconds(worker.pid) - cpu_before["worker"]) * 1000 / requests,
+            }
             paused = {name: pauses_between(before[name], pauses(where))
                       for name, where in (("worker", url), ("api", api_url))}  # fmt: skip
             replayed = changelog_records(settings.kafka_bootstrap_servers, settings.topic_prefix)
@@ -163,6 +170,9 @@ def main() -> int:
         "p50_ms": round(statistics.median(latencies), 2),
         "p99_ms": round(percentile(latencies, 99), 2),
         "p99_9_ms": round(percentile(latencies, 99.9), 2),
+        # CPU milliseconds per read: the API answering it, the worker serving its table read.
+        "api_cpu_ms_per_read": round(cpu_ms["api"], 3),
+        "worker_cpu_ms_per_read": round(cpu_ms["worker"], 3),
         # Garbage collection and blocked-loop time in each process during the reads.
         "pauses": paused,
         # From the new worker's start to its /ready (polled every 0.3 s).
@@ -173,7 +183,8 @@ def main() -> int:
     print(f"(g) worker memory: {idle_mb:.0f} MB idle, {loaded_mb:.0f} MB with {args.leads} leads "
           f"= {per_100k:.0f} MB per 100k leads")  # fmt: skip
     print(f"(e) GET /api/leads/{{id}} at {args.rate:.0f}/s: p50 {result['p50_ms']} ms, "
-          f"p99 {result['p99_ms']} ms, p99.9 {result['p99_9_ms']} ms, errors {errors}  "
+          f"p99 {result['p99_ms']} ms, p99.9 {result['p99_9_ms']} ms, errors {errors}; "
+          f"CPU per read: API {cpu_ms['api']:.3f} ms, worker {cpu_ms['worker']:.3f} ms  "
           f"({path})")  # fmt: skip
     print(f"    pauses during the reads: {paused}")
     print(

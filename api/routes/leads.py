@@ -72,7 +72,10 @@ def _database_unavailable(exc: Exception) -> ApiError:
 _DB_ERRORS = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, TimeoutError)
 
 
-@router.get("/api/leads/{lead_id}", response_model=LeadView, responses={404: {}, 503: {}})
+LEAD_PATH = "/api/leads/{lead_id}"
+
+
+@router.get(LEAD_PATH, response_model=LeadView, responses={404: {}, 503: {}})
 async def get_lead(lead_id: str, principal: PrincipalDep, services: ServicesDep) -> LeadView:
     """A lead's live state, read from the sessions table of the worker that owns it."""
     lead_id = _parse_lead_id(lead_id)

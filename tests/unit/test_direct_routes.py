@@ -7,13 +7,14 @@ from typing import Annotated, Any
 
 import httpx
 import pytest
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Path, Request
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
+from starlette.routing import BaseRoute
 
 from api import errors
 from api.deps import PrincipalDep, ServicesDep
-from api.direct import DirectRoutes
+from api.direct import DirectRoutes, may_match_the_same_path
 from api.errors import ApiError
 from api.middleware import REQUESTS, MetricsMiddleware
 from api.rate_limits import RateLimiter
@@ -45,20 +46,31 @@ async def hot(request: Request, principal: PrincipalDep, services: ServicesDep) 
     return Echo(tenant_id=principal.tenant_id, body=body)
 
 
+@router.get("/items/{item_id}", response_model=Echo)
+async def item(item_id: str, principal: PrincipalDep, services: ServicesDep) -> Echo:
+    if item_id == "missing":
+        raise ApiError(404, "no such item")
+    return Echo(tenant_id=principal.tenant_id, body=item_id)
+
+
 @router.post("/slow")
 async def slow(request: Request, principal: PrincipalDep, services: ServicesDep) -> Echo:
     return Echo(tenant_id=principal.tenant_id, body="through FastAPI")
 
 
-def build(*, direct: bool) -> tuple[FastAPI, list[str]]:
+def declared(path: str, routes: APIRouter = router) -> APIRoute:
+    return next(r for r in routes.routes if isinstance(r, APIRoute) and r.path == path)
+
+
+def build(*, direct: bool, limit: str = "2/minute", prefix: str = "") -> tuple[FastAPI, list[str]]:
     """The app, and the paths FastAPI's own routing served."""
     app = FastAPI()
     errors.install(app)
-    app.include_router(router)
+    app.include_router(router, prefix=prefix)
     principals = PrincipalCache(ttl_s=60)
     principals.put(API_KEY, PRINCIPAL)
     app.state.services = SimpleNamespace(
-        principals=principals, rate_limiter=RateLimiter("2/minute", "100/minute")
+        principals=principals, rate_limiter=RateLimiter(limit, "100/minute")
     )
     routed: list[str] = []
 
@@ -68,8 +80,11 @@ def build(*, direct: bool) -> tuple[FastAPI, list[str]]:
         return await call_next(request)
 
     if direct:
-        hot_route = next(r for r in router.routes if isinstance(r, APIRoute) and r.path == "/hot")
-        app.add_middleware(DirectRoutes, routes=[hot_route])
+        app.add_middleware(
+            DirectRoutes,
+            routes=[declared("/hot"), declared("/items/{item_id}")],
+            declared=app.routes,
+        )
     app.add_middleware(MetricsMiddleware)
     return app, routed
 
@@ -94,6 +109,32 @@ async def test_the_direct_route_answers_as_fastapi_does_without_its_routing() ->
     # Labelled with the route's template by the metrics middleware, both ways.
     assert answered._value.get() - before == 2
     assert plain_routed == ["/hot", "/hot"]
+
+
+async def get(app: FastAPI, path: str) -> httpx.Response:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        return await client.get(path, headers={"Authorization": f"Bearer {API_KEY}"})
+
+
+async def test_a_route_with_a_path_parameter_answers_as_fastapi_does() -> None:
+    direct_app, direct_routed = build(direct=True, limit="100/minute")
+    plain_app, plain_routed = build(direct=False, limit="100/minute")
+    # Percent-decoded before matching, both ways.
+    for path in ("/items/abc", "/items/a%20b", "/items/missing"):
+        direct = await get(direct_app, path)
+        plain = await get(plain_app, path)
+        assert (direct.status_code, direct.json()) == (plain.status_code, plain.json())
+    assert (await get(direct_app, "/items/a%20b")).json()["body"] == "a b"
+    assert direct_routed == []
+    assert len(plain_routed) == 3
+    # Paths the template does not match, and HEAD, are FastAPI's to answer.
+    for path in ("/items/abc/more", "/items/"):
+        assert (await get(direct_app, path)).status_code == (await get(plain_app, path)).status_code
+    transport = httpx.ASGITransport(app=direct_app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        assert (await client.head("/items/abc")).status_code == 405
+    assert direct_routed == ["/items/abc/more", "/items/", "/items/abc"]
 
 
 async def test_an_unexpected_error_is_the_same_json_500_without_its_trace() -> None:
@@ -133,9 +174,9 @@ async def test_auth_and_rate_limits_apply_to_the_direct_route() -> None:
     assert "retry-after" in limited.headers
 
 
-def refusal(route: APIRoute) -> str:
+def refusal(route: APIRoute, declared: list[BaseRoute] | None = None) -> str:
     with pytest.raises(TypeError, match="cannot be called directly") as refused:
-        DirectRoutes(FastAPI(), routes=[route])
+        DirectRoutes(FastAPI(), routes=[route], declared=[route] if declared is None else declared)
     return str(refused.value)
 
 
@@ -171,6 +212,18 @@ async def wider(request: Request, principal: PrincipalDep, services: ServicesDep
     raise AssertionError("never called")
 
 
+@unfit.get("/number/{number}", response_model=Echo)
+async def converted(number: int, principal: PrincipalDep, services: ServicesDep) -> Echo:
+    raise AssertionError("never called")
+
+
+@unfit.get("/slug/{slug}", response_model=Echo)
+async def validated(
+    slug: Annotated[str, Path(max_length=3)], principal: PrincipalDep, services: ServicesDep
+) -> Echo:
+    raise AssertionError("never called")
+
+
 @unfit.post("/plain")
 def plain(request: Request, principal: PrincipalDep, services: ServicesDep) -> Echo:
     raise AssertionError("never called")
@@ -183,5 +236,43 @@ def test_endpoints_fastapi_would_serve_differently_are_refused_at_start() -> Non
     assert "dependencies besides" in refusal(routes["/admin"])
     assert "exactly its response model" in refusal(routes["/filtered"])
     assert "not a coroutine" in refusal(routes["/plain"])
-    hot_route = next(r for r in router.routes if isinstance(r, APIRoute) and r.path == "/hot")
-    DirectRoutes(FastAPI(), routes=[hot_route])  # the one the other tests serve is accepted
+    assert "convert or validate its path parameter number" in refusal(routes["/number/{number}"])
+    assert "convert or validate its path parameter slug" in refusal(routes["/slug/{slug}"])
+    # The ones the other tests serve are accepted.
+    DirectRoutes(FastAPI(), routes=[declared("/hot")], declared=[declared("/hot")])
+    DirectRoutes(FastAPI(), routes=[declared("/items/{item_id}")], declared=router.routes)
+
+
+def test_a_route_fastapi_would_not_pick_for_its_requests_is_refused() -> None:
+    items = declared("/items/{item_id}")
+    app = FastAPI()
+
+    @app.get("/items/special")
+    async def special() -> dict[str, str]:
+        return {}
+
+    app.include_router(router)
+    # FastAPI matches in order: /items/special, declared first, takes that request.
+    assert "special (/items/special), declared before it" in refusal(items, app.routes)
+    assert "the app does not serve it" in refusal(items, [])
+
+
+async def test_a_route_included_under_a_prefix_is_served_at_its_prefixed_path() -> None:
+    app, routed = build(direct=True, limit="100/minute", prefix="/v1")
+    assert (await get(app, "/v1/items/abc")).json() == {"tenant_id": "tenant-1", "body": "abc"}
+    assert (await get(app, "/items/abc")).status_code == 404
+    assert routed == ["/items/abc"]
+
+
+@pytest.mark.parametrize(
+    ("template", "other", "overlap"),
+    [
+        ("/a/{x}", "/a/b", True),
+        ("/a/{x}", "/c/b", False),
+        ("/a/{x}", "/a/{y}/c", False),
+        ("/a/b", "/a/b", True),
+        ("/a/{x}", "/{rest:path}", True),
+    ],
+)
+def test_which_templates_may_match_the_same_path(template: str, other: str, overlap: bool) -> None:
+    assert may_match_the_same_path(template, other) is overlap
