@@ -29,11 +29,16 @@ from dataclasses import dataclass
 from typing import Any, get_type_hints
 
 from fastapi.datastructures import DefaultPlaceholder
-from fastapi.routing import APIRoute, iter_route_contexts
+from fastapi.routing import APIRoute, RouteContext, iter_route_contexts
 from pydantic import BaseModel
-from starlette.convertors import StringConvertor
+from starlette.convertors import (
+    FloatConvertor,
+    IntegerConvertor,
+    StringConvertor,
+    UUIDConvertor,
+)
 from starlette.requests import Request
-from starlette.routing import BaseRoute, compile_path
+from starlette.routing import BaseRoute, Route, WebSocketRoute, compile_path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.deps import Services, authenticate, get_services
@@ -44,16 +49,22 @@ _RESOLVED = ("principal", "services")
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
-def direct_endpoint(route: APIRoute) -> DirectEndpoint:
+def direct_endpoint(route: RouteContext) -> DirectEndpoint:
     """The route's endpoint, if calling it directly is what FastAPI would do: a coroutine
-    whose parameters are its plain string path parameters, the request, `principal` and
-    `services` (from `authenticate` and `get_services`, and no other dependency on the route
-    or its router), with nothing else FastAPI would read from the request, answering its own
-    response model with the default response class. Checked once, at start, so a route that
-    drifts from this fails loudly instead of being served differently."""
+    whose parameters are the path's plain string parameters, the request, `principal` and
+    `services` (from `authenticate` and `get_services`, and no other dependency on the route,
+    its router or where that was included), with nothing else FastAPI would read from the
+    request, answering its own response model, as is, with the default response class.
+    `route` is the route as the app serves it (prefix, inclusion's dependencies and response
+    class). Checked once, at start, so a route that drifts from this fails loudly instead of
+    being served differently."""
+    function, template_path = route.endpoint, route.path
+    if function is None or template_path is None or not isinstance(route.original_route, APIRoute):
+        raise TypeError(f"{route.original_route!r} cannot be called directly: not an API route")
     dependant = route.dependant
-    parameters = list(inspect.signature(route.endpoint).parameters)
+    parameters = list(inspect.signature(function).parameters)
     path_parameters = [field.name for field in dependant.path_params]
+    convertors = compile_path(template_path)[2]
     problems = []
     if not set(_RESOLVED) <= set(parameters) or set(parameters) - {
         "request",
@@ -64,7 +75,9 @@ def direct_endpoint(route: APIRoute) -> DirectEndpoint:
             f"its endpoint takes {parameters}, not its path parameters, the request, "
             "the principal and the services"
         )
-    if not inspect.iscoroutinefunction(route.endpoint):
+    if set(convertors) != set(path_parameters):
+        problems.append(f"its endpoint does not take exactly the parameters of {template_path}")
+    if not inspect.iscoroutinefunction(function):
         problems.append("its endpoint is not a coroutine function")
     calls = [dependency.call for dependency in dependant.dependencies]
     if calls != [authenticate, get_services] or route.dependencies:
@@ -73,10 +86,9 @@ def direct_endpoint(route: APIRoute) -> DirectEndpoint:
         dependant.query_params
         or dependant.header_params
         or dependant.cookie_params
-        or (dependant.body_params)
+        or dependant.body_params
     ):
         problems.append("FastAPI would read parameters from the request for it")
-    convertors = compile_path(route.path)[2]
     for field in dependant.path_params:
         info = field.field_info
         if (
@@ -88,20 +100,34 @@ def direct_endpoint(route: APIRoute) -> DirectEndpoint:
             problems.append(f"FastAPI would convert or validate its path parameter {field.name}")
     if not isinstance(route.response_class, DefaultPlaceholder):
         problems.append("it has its own response class")
-    answer_type = get_type_hints(route.endpoint).get("return")
+    answer_type = get_type_hints(function).get("return")
     if route.response_model is None or answer_type is not route.response_model:
         problems.append("it does not return exactly its response model")
+    if (
+        route.response_model_include is not None
+        or route.response_model_exclude is not None
+        or not route.response_model_by_alias
+        or route.response_model_exclude_unset
+        or route.response_model_exclude_defaults
+        or route.response_model_exclude_none
+    ):
+        problems.append("FastAPI would filter its response model")
     if problems:
-        raise TypeError(f"{route.path} cannot be called directly: {'; '.join(problems)}")
-    endpoint: DirectEndpoint = route.endpoint
+        raise TypeError(f"{template_path} cannot be called directly: {'; '.join(problems)}")
+    endpoint: DirectEndpoint = function
     return endpoint
 
 
+# Convertors whose values never hold a "/": a parameter of theirs is one path segment.
+_ONE_SEGMENT = (StringConvertor, IntegerConvertor, FloatConvertor, UUIDConvertor)
+
+
 def may_match_the_same_path(template: str, other: str) -> bool:
-    """Whether one request path could match both route templates; True when unsure (a `path`
-    parameter spans segments)."""
-    if ":path}" in template or ":path}" in other:
-        return True
+    """Whether one request path could match both route templates; True when unsure (a
+    parameter whose values may span segments)."""
+    for convertors in (compile_path(template)[2], compile_path(other)[2]):
+        if not all(isinstance(convertor, _ONE_SEGMENT) for convertor in convertors.values()):
+            return True
     mine, theirs = template.split("/"), other.split("/")
     return len(mine) == len(theirs) and all(
         "{" in a or "{" in b or a == b for a, b in zip(mine, theirs, strict=True)
@@ -110,9 +136,11 @@ def may_match_the_same_path(template: str, other: str) -> bool:
 
 @dataclass(frozen=True)
 class _Direct:
-    route: APIRoute
+    # The route as declared: FastAPI puts it in the scope too.
+    route: BaseRoute
     endpoint: DirectEndpoint
     takes_request: bool
+    status_code: int
     # None for a path without parameters: those are found by a dictionary lookup.
     pattern: re.Pattern[str] | None
 
@@ -121,20 +149,22 @@ def _serve_directly(
     routes: Iterable[APIRoute], declared: Sequence[BaseRoute]
 ) -> dict[str, list[tuple[str, _Direct]]]:
     """Per method, the routes to serve directly with their paths as the app serves them, in
-    the app's order; refuses one that a route declared before it could take requests from."""
+    the app's order; refuses one that a route declared before it could take requests from
+    (any route other than a plain one, such as a mount, counts as one that could)."""
     wanted = {id(route): route for route in routes}
-    earlier: list[tuple[str, set[str] | None, str]] = []
+    # (path, methods, name) of each earlier HTTP route; a path of None may take any request.
+    earlier: list[tuple[str | None, set[str] | None, str]] = []
     served: dict[str, list[tuple[str, _Direct]]] = {}
     for context in iter_route_contexts(declared):
+        original = context.original_route
         path, methods = context.path or "", context.methods
-        route = wanted.pop(id(context.original_route), None)
-        if route is not None:
-            endpoint = direct_endpoint(route)
+        if wanted.pop(id(original), None) is not None:
+            endpoint = direct_endpoint(context)
             # HEAD is served without a body: FastAPI's business.
             direct_methods = set(methods or ()) - {"HEAD"}
             for other_path, other_methods, name in earlier:
                 if (other_methods is None or other_methods & direct_methods) and (
-                    may_match_the_same_path(path, other_path)
+                    other_path is None or may_match_the_same_path(path, other_path)
                 ):
                     raise TypeError(
                         f"{path} cannot be called directly: {name} ({other_path}), declared "
@@ -142,10 +172,13 @@ def _serve_directly(
                     )
             pattern = compile_path(path)[0] if "{" in path else None
             takes_request = "request" in inspect.signature(endpoint).parameters
-            direct = _Direct(route, endpoint, takes_request, pattern)
+            direct = _Direct(original, endpoint, takes_request, context.status_code or 200, pattern)
             for method in direct_methods:
                 served.setdefault(method, []).append((path, direct))
-        earlier.append((path, set(methods) if methods is not None else None, context.name or ""))
+        if isinstance(original, Route):
+            earlier.append((path, set(methods) if methods is not None else None, original.name))
+        elif not isinstance(original, WebSocketRoute):
+            earlier.append((None, None, getattr(original, "name", None) or type(original).__name__))
     if wanted:
         missing = ", ".join(route.path for route in wanted.values())
         raise TypeError(f"{missing} cannot be called directly: the app does not serve it")
@@ -180,7 +213,9 @@ class DirectRoutes:
         return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        # Behind a root_path FastAPI matches the path less that prefix; and dependency
+        # overrides (tests) are for FastAPI to apply: both left to it.
+        if scope["type"] != "http" or scope.get("root_path") or (scope["app"].dependency_overrides):
             await self.app(scope, receive, send)
             return
         found = self._match(scope["method"], scope["path"])
@@ -203,11 +238,11 @@ class DirectRoutes:
         except ApiError as exc:
             await exc.response()(scope, receive, send)
             return
-        body = answer.model_dump_json().encode()
+        body = answer.model_dump_json(by_alias=True).encode()
         await send(
             {
                 "type": "http.response.start",
-                "status": direct.route.status_code or 200,
+                "status": direct.status_code,
                 "headers": [*_JSON_HEADERS, (b"content-length", str(len(body)).encode())],
             }
         )

@@ -453,7 +453,24 @@ class MainLoopConsumerThread(BoundedFetchWaitThread):
             self._stopped.set()
             # What the thread ran on its way out (the aiokafka consumer stopped first), but
             # not its sweep of every task left on its loop, which is the worker's loop here.
-            await self._shutdown_thread()
+            # Bounded as the wait for the thread was: aiokafka's stop waits for a rebalance in
+            # progress, and that for the agents' records.
+            try:
+                await asyncio.wait_for(self._shutdown_thread(), self.shutdown_timeout)
+            except TimeoutError:
+                logger.warning(
+                    "the Kafka consumer did not stop within %.0f s; stopping without it",
+                    self.shutdown_timeout,
+                )
+
+    async def on_thread_stop(self) -> None:
+        consumer = self._consumer
+        if consumer is not None and consumer._closed and consumer._fetcher is not None:
+            # Faust's close() (a rebalance while the worker stops) marks the consumer closed
+            # without stopping its fetcher, and aiokafka's stop() then does nothing: its fetch
+            # task went on until the worker's last sweep (the thread's loop used to end it).
+            await consumer._fetcher.close()
+        await super().on_thread_stop()
 
     async def call_thread(self, fun: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return await maybe_async(fun(*args, **kwargs))

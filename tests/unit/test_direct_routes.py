@@ -264,6 +264,52 @@ async def test_a_route_included_under_a_prefix_is_served_at_its_prefixed_path() 
     assert routed == ["/items/abc"]
 
 
+def test_a_mount_declared_before_it_is_taken_to_overlap() -> None:
+    items = declared("/items/{item_id}")
+    app = FastAPI()
+    app.mount("/items", FastAPI())
+    app.include_router(router)
+    assert "declared before it, may take the same requests" in refusal(items, app.routes)
+
+
+def test_what_an_inclusion_adds_is_checked_too() -> None:
+    items = declared("/items/{item_id}")
+    guarded = FastAPI()
+    guarded.include_router(router, dependencies=[Depends(admin_only)])
+    assert "dependencies besides" in refusal(items, guarded.routes)
+    # A prefix with a parameter the endpoint does not take: FastAPI would refuse to call it.
+    per_tenant = FastAPI()
+    per_tenant.include_router(router, prefix="/{tenant}")
+    assert "does not take exactly the parameters" in refusal(items, per_tenant.routes)
+
+
+@unfit.get("/sparse/{item_id}", response_model=Echo, response_model_exclude_none=True)
+async def sparse(item_id: str, principal: PrincipalDep, services: ServicesDep) -> Echo:
+    raise AssertionError("never called")
+
+
+def test_a_filtered_response_model_is_refused() -> None:
+    route = next(
+        r for r in unfit.routes if isinstance(r, APIRoute) and r.path == "/sparse/{item_id}"
+    )
+    assert "filter its response model" in refusal(route)
+
+
+async def test_overrides_and_a_root_path_are_left_to_fastapi() -> None:
+    app, routed = build(direct=True, limit="100/minute")
+    app.dependency_overrides[admin_only] = admin_only
+    assert (await get(app, "/items/abc")).status_code == 200
+    assert routed == ["/items/abc"]
+    app.dependency_overrides.clear()
+    transport = httpx.ASGITransport(app=app, root_path="/base")
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        answer = await client.get("/base/items/abc", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert answer.json() == {"tenant_id": "tenant-1", "body": "abc"}
+    assert routed == ["/items/abc", "/base/items/abc"]
+    assert (await get(app, "/items/abc")).status_code == 200
+    assert routed == ["/items/abc", "/base/items/abc"]  # served directly again
+
+
 @pytest.mark.parametrize(
     ("template", "other", "overlap"),
     [

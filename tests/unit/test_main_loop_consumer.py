@@ -46,3 +46,51 @@ async def test_a_rebalance_reaches_the_consumer_directly(
     await asyncio.wait_for(thread.on_partitions_revoked({"a"}), 1)
     await asyncio.wait_for(thread.on_partitions_assigned({"b"}, 7), 1)
     assert calls == [("revoked", {"a"}), ("assigned", ({"b"}, 7))]
+
+
+def fresh_thread(worker_app: faust.App) -> MainLoopConsumerThread:
+    return MainLoopConsumerThread(worker_app.consumer, loop=asyncio.get_running_loop())
+
+
+class _Fetcher:
+    closed = False
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+class _ClosedConsumer:
+    """An aiokafka consumer that Faust's close() marked closed: its stop() does nothing."""
+
+    _closed = True
+
+    def __init__(self) -> None:
+        self._fetcher = _Fetcher()
+
+    async def stop(self) -> None:
+        return None
+
+
+async def test_a_consumer_closed_by_faust_still_has_its_fetcher_stopped(
+    worker_app: faust.App,
+) -> None:
+    thread = fresh_thread(worker_app)
+    consumer = _ClosedConsumer()
+    thread._consumer = consumer
+    await thread.on_thread_stop()
+    assert consumer._fetcher.closed
+
+
+async def test_stopping_is_bounded_by_the_shutdown_timeout(
+    worker_app: faust.App, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    thread = fresh_thread(worker_app)
+
+    async def never_stops() -> None:
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(thread, "_shutdown_thread", never_stops)
+    thread.shutdown_timeout = 0.05
+    thread._started.set()
+    await asyncio.wait_for(thread.stop(), 5)
+    assert "did not stop within" in caplog.text
