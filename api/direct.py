@@ -141,8 +141,6 @@ class _Direct:
     endpoint: DirectEndpoint
     takes_request: bool
     status_code: int
-    # None for a path without parameters: those are found by a dictionary lookup.
-    pattern: re.Pattern[str] | None
 
 
 def _serve_directly(
@@ -170,9 +168,8 @@ def _serve_directly(
                         f"{path} cannot be called directly: {name} ({other_path}), declared "
                         "before it, may take the same requests"
                     )
-            pattern = compile_path(path)[0] if "{" in path else None
             takes_request = "request" in inspect.signature(endpoint).parameters
-            direct = _Direct(original, endpoint, takes_request, context.status_code or 200, pattern)
+            direct = _Direct(original, endpoint, takes_request, context.status_code or 200)
             for method in direct_methods:
                 served.setdefault(method, []).append((path, direct))
         if isinstance(original, Route):
@@ -198,10 +195,12 @@ class DirectRoutes:
         self._templated: dict[str, list[tuple[re.Pattern[str], _Direct]]] = {}
         for method, paths in _serve_directly(routes, declared).items():
             for path, direct in paths:
-                if direct.pattern is None:
-                    self._static[(method, path)] = direct
+                if "{" in path:
+                    pattern = compile_path(path)[0]
+                    self._templated.setdefault(method, []).append((pattern, direct))
                 else:
-                    self._templated.setdefault(method, []).append((direct.pattern, direct))
+                    # A path without parameters is found by a dictionary lookup.
+                    self._static[(method, path)] = direct
 
     def _match(self, method: str, path: str) -> tuple[_Direct, dict[str, str]] | None:
         direct = self._static.get((method, path))
@@ -215,7 +214,7 @@ class DirectRoutes:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # Behind a root_path FastAPI matches the path less that prefix; and dependency
         # overrides (tests) are for FastAPI to apply: both left to it.
-        if scope["type"] != "http" or scope.get("root_path") or (scope["app"].dependency_overrides):
+        if scope["type"] != "http" or scope.get("root_path") or scope["app"].dependency_overrides:
             await self.app(scope, receive, send)
             return
         found = self._match(scope["method"], scope["path"])

@@ -136,16 +136,15 @@ def main() -> int:
                 time.sleep(0.5)
             api_url = f"http://127.0.0.1:{settings.api_port}"
             before = {"worker": pauses(url), "api": pauses(api_url)}
-            cpu_before = {"api": cpu_seconds(api.pid), "worker": cpu_seconds(worker.pid)}
+            pids = {"api": api.pid, "worker": worker.pid}
+            cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
             latencies, errors = uvloop.run(
                 read_at_rate("127.0.0.1", settings.api_port, environment.api_key,
                              lead_ids, args.rate, args.seconds)
             )  # fmt: skip
             requests = len(latencies) + errors
-            cpu_ms = {
-                "api": (cpu_seconds(api.pid) - cpu_before["api"]) * 1000 / requests,
-                "worker": (cpu_seconds(worker.pid) - cpu_before["worker"]) * 1000 / requests,
-            }
+            cpu_ms = {name: (cpu_seconds(pid) - cpu_before[name]) * 1000 / requests
+                      for name, pid in pids.items()}  # fmt: skip
             paused = {name: pauses_between(before[name], pauses(where))
                       for name, where in (("worker", url), ("api", api_url))}  # fmt: skip
             replayed = changelog_records(settings.kafka_bootstrap_servers, settings.topic_prefix)
