@@ -32,6 +32,7 @@ from flexoraa.db import DB_ERRORS
 from flexoraa.kafka import EventPublisher, PublishUnavailable
 from flexoraa.settings import Settings
 from schemas.events import InboundMessage
+from schemas.ids import name_based_id
 from schemas.notifications import Notification
 from schemas.topics import TopicNames
 from streams.rules.identity import (
@@ -158,7 +159,7 @@ class GmailPoller:
 
     async def _notify_disconnected(self, row: MailboxRow, reason: str) -> None:
         notification = Notification(
-            event_id=str(uuid.uuid5(_NOTIFY_NAMESPACE, f"{row.integration_id}|{reason}")),
+            event_id=name_based_id(_NOTIFY_NAMESPACE, f"{row.integration_id}|{reason}"),
             tenant_id=row.tenant_id,
             occurred_at=datetime.now(UTC),
             audience="admins",

@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from schemas.events import Event
+from schemas.ids import name_based_id
 
 Feature = Literal["qualification", "reengagement", "recovery"]
 CreditSource = Literal["purchase", "subscription", "trial", "adjustment"]
@@ -25,7 +26,7 @@ _CREDIT_NAMESPACE = uuid.UUID("8f7f8a52-1d8e-4d7b-9d5e-4b0a3b8f6c21")
 def credit_event_id(tenant_id: str, source: CreditSource, reference: str) -> str:
     """One credit per tenant and payment id (or subscription cycle, trial, adjustment
     reference): the verify call and the webhook derive the same id."""
-    return str(uuid.uuid5(_CREDIT_NAMESPACE, f"{tenant_id}|{source}|{reference}"))
+    return name_based_id(_CREDIT_NAMESPACE, f"{tenant_id}|{source}|{reference}")
 
 
 class TokenUsage(Event):

@@ -15,6 +15,7 @@ from pydantic import Field, TypeAdapter
 
 from flexoraa.db import while_unreachable
 from flexoraa.kafka import partition_of
+from schemas.ids import name_based_id
 from schemas.messaging import DeadlineReached, DeadlinesReached
 from streams.dead_letters import decode_or_dead_letter
 from streams.metrics import DEADLINES_FIRED
@@ -35,7 +36,7 @@ _fired: TypeAdapter[DeadlineReached | DeadlinesReached] = TypeAdapter(
 
 def deadline_event_id(lead_id: str, name: str, due_ms: int) -> str:
     """The same deadline always yields the same event id, so a re-fire is deduplicated."""
-    return str(uuid.uuid5(_DEADLINE_EVENT_NAMESPACE, f"{lead_id}|{name}|{due_ms}"))
+    return name_based_id(_DEADLINE_EVENT_NAMESPACE, f"{lead_id}|{name}|{due_ms}")
 
 
 def register(

@@ -17,6 +17,7 @@ from connectors.sdrs import SdrRouter
 from connectors.tenants import TenantSettings
 from flexoraa.db import while_unreachable
 from schemas.events import InboundMessage
+from schemas.ids import name_based_id
 from schemas.messaging import DeadlineReached, LeadEvent, OutboundCommand, OutboundMessage
 from schemas.notifications import Notification
 from streams.agents.deadlines import DeadlineHandler
@@ -31,7 +32,7 @@ _NAMESPACE = uuid.UUID("9d7c6b5a-4e3f-4a2b-9c1d-0e9f8a7b6c5d")
 
 
 def _id(*parts: object) -> str:
-    return str(uuid.uuid5(_NAMESPACE, "|".join(str(p) for p in parts)))
+    return name_based_id(_NAMESPACE, "|".join(str(p) for p in parts))
 
 
 def register(

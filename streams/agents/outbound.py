@@ -19,6 +19,7 @@ from connectors.gmail_send import EmailSender, NoMailbox
 from connectors.whatsapp import OUTSIDE_WINDOW_ERROR, GraphApiClient, GraphApiError, Template
 from flexoraa.db import while_unreachable
 from flexoraa.settings import Settings
+from schemas.ids import name_based_id
 from schemas.latency import LatencyEvent
 from schemas.messaging import (
     CancelScheduled,
@@ -249,7 +250,7 @@ class Sender:
     ) -> None:
         OUTBOUND_SENDS.labels(channel, kind or "none", status).inc()
         message = OutboundMessage(
-            event_id=str(uuid.uuid5(_ATTEMPT_NAMESPACE, f"{command.event_id}|{attempt}|{kind}")),
+            event_id=name_based_id(_ATTEMPT_NAMESPACE, f"{command.event_id}|{attempt}|{kind}"),
             tenant_id=command.tenant_id,
             occurred_at=datetime.now(UTC),
             lead_id=command.lead_id,

@@ -16,6 +16,7 @@ from connectors.sdrs import Assignment, SdrRouter
 from connectors.tenants import TenantSettings
 from flexoraa.db import while_unreachable
 from schemas.events import InboundMessage
+from schemas.ids import name_based_id
 from schemas.latency import LatencyEvent
 from schemas.messaging import LeadEvent, OutboundCommand
 from schemas.notifications import Notification
@@ -32,7 +33,7 @@ _NAMESPACE = uuid.UUID("5c0e7f1a-2b3d-4c5e-8f9a-0b1c2d3e4f5a")
 def derived_id(event_id: str, what: str) -> str:
     """Ids of everything one message causes are derived from it: a replay produces duplicates
     that every consumer recognises."""
-    return str(uuid.uuid5(_NAMESPACE, f"{event_id}|{what}"))
+    return name_based_id(_NAMESPACE, f"{event_id}|{what}")
 
 
 @dataclass

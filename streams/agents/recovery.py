@@ -16,6 +16,7 @@ from faust.types import TableT, TopicT
 from connectors.tenants import TenantSettings
 from flexoraa.db import while_unreachable
 from schemas.events import InboundMessage
+from schemas.ids import name_based_id
 from schemas.messaging import DeadlineReached, LeadEvent, OutboundCommand
 from streams.agents.deadlines import DeadlineHandler
 from streams.agents.tokens import AiGate, Meter
@@ -30,7 +31,7 @@ _NAMESPACE = uuid.UUID("1f2e3d4c-5b6a-4978-8695-a4b3c2d1e0f9")
 
 
 def _id(*parts: object) -> str:
-    return str(uuid.uuid5(_NAMESPACE, "|".join(str(p) for p in parts)))
+    return name_based_id(_NAMESPACE, "|".join(str(p) for p in parts))
 
 
 class Recovery:

@@ -26,6 +26,7 @@ from faust.types import AppT, TableT, TopicT
 from flexoraa.db import DB_ERRORS
 from flexoraa.kafka import EventPublisher, partition_of
 from flexoraa.settings import Settings
+from schemas.ids import name_based_id
 from schemas.latency import LatencyEvent
 from schemas.notifications import Notification
 from streams.agents.sla_metrics import (
@@ -112,7 +113,7 @@ def violation_notification(violation: Violation, tenant_id: str) -> Notification
         target = f"target {violation.target:.1%}"
     scope = "all tenants" if violation.tenant_key == PLATFORM else "your account"
     return Notification(
-        event_id=str(uuid.uuid5(_NOTIFICATION_NAMESPACE, violation.violation_id)),
+        event_id=name_based_id(_NOTIFICATION_NAMESPACE, violation.violation_id),
         tenant_id=tenant_id,
         occurred_at=datetime.fromtimestamp(violation.started_ms / 1000, tz=UTC),
         audience="admins",

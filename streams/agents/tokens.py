@@ -36,6 +36,7 @@ from flexoraa import audit
 from flexoraa.credits import credit_due_subscriptions, relay_pending
 from flexoraa.db import DB_ERRORS
 from flexoraa.kafka import back_off_failed_metadata_updates, partition_of
+from schemas.ids import name_based_id
 from schemas.messaging import DeadlineReached
 from schemas.notifications import Notification
 from schemas.tokens import Feature, TenantStatus, TokenCredit, TokenEvent, TokenUsage
@@ -239,8 +240,8 @@ class Accounts:
             )
         notification = Notification(
             # One alert per threshold and cycle, whichever event crossed it.
-            event_id=str(
-                uuid.uuid5(_ALERT_NAMESPACE, f"{usage.tenant_id}|{account.cycles}|{percent}")
+            event_id=name_based_id(
+                _ALERT_NAMESPACE, f"{usage.tenant_id}|{account.cycles}|{percent}"
             ),
             tenant_id=usage.tenant_id,
             occurred_at=datetime.now(UTC),

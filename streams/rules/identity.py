@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 import uuid
 
+from schemas.ids import name_based_id
+
 _LEAD_NAMESPACE = uuid.UUID("6f1c2a53-6a43-4d7e-9d0b-2f5e1b7c9a10")
 _EVENT_NAMESPACE = uuid.UUID("0b8f3c1e-52d4-4e8a-a1f7-3c9d6e2b4f81")
 _PHONE_CHANNELS = frozenset({"whatsapp", "sms"})
@@ -42,9 +44,9 @@ def normalize_contact(channel: str, contact: str) -> str:
 
 def lead_id_for(tenant_id: str, channel: str, contact: str) -> str:
     """The lead id of a (tenant, channel, contact); `contact` must already be normalised."""
-    return str(uuid.uuid5(_LEAD_NAMESPACE, f"{tenant_id}\x1f{channel}\x1f{contact}"))
+    return name_based_id(_LEAD_NAMESPACE, f"{tenant_id}\x1f{channel}\x1f{contact}")
 
 
 def inbound_event_id(tenant_id: str, channel: str, channel_message_id: str) -> str:
     """A deterministic event id for a message the channel identified, so a retry is one event."""
-    return str(uuid.uuid5(_EVENT_NAMESPACE, f"{tenant_id}\x1f{channel}\x1f{channel_message_id}"))
+    return name_based_id(_EVENT_NAMESPACE, f"{tenant_id}\x1f{channel}\x1f{channel_message_id}")

@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 from ddsketch import DDSketch
 
+from schemas.ids import name_based_id
+
 RELATIVE_ACCURACY = 0.01
 MINUTE_MS = 60_000
 DAY_MS = 24 * 60 * MINUTE_MS
@@ -392,7 +394,7 @@ class Transition:
 
 def violation_id(tenant_key: str, operation: str, metric: str, started_ms: int) -> str:
     """Deterministic, so re-evaluating the same breach after a restart is the same row."""
-    return str(uuid.uuid5(_VIOLATION_NAMESPACE, f"{tenant_key}|{operation}|{metric}|{started_ms}"))
+    return name_based_id(_VIOLATION_NAMESPACE, f"{tenant_key}|{operation}|{metric}|{started_ms}")
 
 
 def step_violation(
