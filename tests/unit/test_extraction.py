@@ -1,8 +1,11 @@
 from datetime import UTC, datetime
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from bench.extractor_eval import evaluate
+from streams.rules import extraction
 from streams.rules.extraction import (
     extract,
     extract_authority,
@@ -101,3 +104,37 @@ def test_labelled_set_precision() -> None:
     assert scores["budget"].precision >= 0.9
     assert scores["timeline"].precision >= 0.9
     assert all(score.recall >= 0.8 for score in scores.values())
+
+
+# The fast paths (streams.rules.extraction._may_match and the one-search prefilters) must never
+# turn away a message the full patterns would read: texts built from the patterns' own words,
+# in any case, with digits, punctuation and non-ASCII letters folded differently by `re`.
+_WORDS = [
+    "too expensive", "Discount", "HubSpot", "already using", "security", "API", "contract",
+    "demo", "Proposal", "meeting", "call", "tomorrow", "3 PM", "let's", "check with",
+    "my BOSS decides", "I'm the founder", "sign-off", "Not my call", "asap", "next WEEK",
+    "end of the year", "no rush", "budget", "5k", "₹2 lakh", "$5,000", "in 2 weeks", "Q3",
+    "by March", "\u017fecurity", "\u0130ntegration", "\u212a", "ß", "Straße", "hello",
+    "!", ",", " ",
+]  # fmt: skip
+_texts = st.lists(st.one_of(st.sampled_from(_WORDS), st.text(max_size=6)), max_size=8).map(" ".join)
+
+
+@given(_texts)
+def test_prefilters_never_turn_away_a_match(text: str) -> None:
+    lowered = text.lower()
+    for pattern, lowered_pattern in [
+        (extraction._ANY_OBJECTION, extraction._ANY_OBJECTION_LOWERED),
+        (extraction._ANY_NEXT_STEP, extraction._ANY_NEXT_STEP_LOWERED),
+        (extraction._NEEDS_APPROVAL, extraction._NEEDS_APPROVAL_LOWERED),
+        (extraction._DECIDES, extraction._DECIDES_LOWERED),
+    ]:
+        found = pattern.search(text) is not None
+        may_match = extraction._may_match(pattern, lowered_pattern, text, lowered)
+        assert may_match or not found
+        if text.isascii():
+            assert may_match == found
+    if any(pattern.search(lowered) for pattern, _ in extraction._PHRASES):
+        assert extraction._ANY_PHRASE.search(lowered)
+    if extraction._AMOUNT_RE.search(text):
+        assert extraction._DIGIT.search(text)
