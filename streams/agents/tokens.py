@@ -292,6 +292,9 @@ class TenantStatusView:
         return self._loaded.is_set()
 
     async def wait_loaded(self, timeout_s: float = 30.0) -> None:
+        if self._loaded.is_set():
+            # Every AI action asks; `wait_for` would start a task for each (Python 3.11).
+            return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._loaded.wait(), timeout_s)
 
