@@ -77,8 +77,7 @@ eval-extractor: $(INSTALLED)
 bench: setup
 	@command -v wrk >/dev/null || ($(SUDO) apt-get update -qq && $(APT_INSTALL) wrk)
 	$(BIN)/python -m bench.freshness --workers 1 --rate 200 --seconds 20
-	$(BIN)/python -m bench.freshness --workers 1 --rate 400 --seconds 20
-	$(BIN)/python -m bench.freshness --workers 1 --rate 1000 --seconds 20
+	$(BIN)/python -m bench.freshness --workers 1 --rate 400 600 800 1000 --seconds 20
 	$(BIN)/python -m bench.freshness --workers 2 --rate 200 --seconds 20
 	$(BIN)/python -m bench.ingest --rate 800 --seconds 10
 	$(BIN)/python -m bench.webhooks --seconds 10 --connections 16

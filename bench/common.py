@@ -50,6 +50,20 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """`cpu_seconds` of a process and of its children: PostgreSQL serves each connection from
+    a process of its own. A child that exited since is not counted."""
+    total = cpu_seconds(pid)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:  # the parent's pid: field 4 of stat(5)
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            continue  # exited while read
+    return total
+
+
 def pauses(url: str) -> dict[str, float]:
     """A process's pause counters from its /metrics page (`flexoraa.runtime`): subtract two
     snapshots to see how much of a run's tail was garbage collection or a blocked loop."""

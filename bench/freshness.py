@@ -5,7 +5,12 @@ database), posts inbound messages at a steady rate, and for each one polls
 `GET /api/leads/{id}` until the new message count is visible. Prints a table and writes JSON
 with the machine's facts under bench/results/.
 
+Several rates are measured one after another against the same processes (new leads each
+time), the table giving for each the CPU every process used and whether p99 met
+`--target-ms`: where the target stops holding, and which process took the cores.
+
     .venv/bin/python -m bench.freshness --workers 1 --rate 200 --seconds 20
+    .venv/bin/python -m bench.freshness --workers 1 --rate 400 600 800 1000 --seconds 20
 """
 
 from __future__ import annotations
@@ -14,21 +19,28 @@ import argparse
 import asyncio
 import statistics
 import time
+from typing import Any
 
 import uvloop
 
 from bench.common import (
     bench_environment,
+    cpu_seconds,
     pauses,
     pauses_between,
     percentile,
+    tree_cpu_seconds,
     wait_ready,
     write_result,
 )
 from bench.http_load import LoadClient, at_steady_rate
+from flexoraa import stack
+from flexoraa.settings import Settings
 
 
-async def measure(host: str, port: int, api_key: str, rate: float, seconds: float) -> list[float]:
+async def measure(
+    host: str, port: int, api_key: str, rate: float, seconds: float, first_lead: int = 0
+) -> list[float]:
     # A lean client (bench.http_load) drives the load: it runs on the two cores it measures,
     # and aiohttp took 0.3 of them at 1,000 messages a second.
     client = LoadClient(host, port, {"Authorization": f"Bearer {api_key}"})
@@ -38,7 +50,7 @@ async def measure(host: str, port: int, api_key: str, rate: float, seconds: floa
     probe_every = max(1, round(rate / 20))
 
     async def one(i: int) -> None:
-        body = {"channel": "sms", "contact": f"5552{i:06d}", "text": f"message {i}"}
+        body = {"channel": "sms", "contact": f"555{first_lead + i:07d}", "text": f"message {i}"}
         status, answer = await client.post_json("/api/events/inbound", body)
         if status != 202:
             raise RuntimeError(f"inbound message {i} answered {status}: {answer}")
@@ -67,14 +79,21 @@ async def measure(host: str, port: int, api_key: str, rate: float, seconds: floa
     return latencies
 
 
+# Between two rates: the backlog a saturated rate left is worked off before the next starts.
+_SETTLE_S = 5
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--rate", type=float, default=200, help="messages per second")
+    parser.add_argument("--rate", type=float, nargs="+", default=[200.0],
+                        help="messages per second; several are measured in turn")  # fmt: skip
     parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--target-ms", type=float, default=50, help="the p99 to meet")
     args = parser.parse_args()
 
     worker_ports = [16066 + i for i in range(args.workers)]
+    results = []
     with bench_environment(worker_port=worker_ports[0]) as environment:
         children = [environment.start("worker", WORKER_WEB_PORT=str(port)) for port in worker_ports]
         children.append(environment.start("api"))
@@ -88,18 +107,70 @@ def main() -> int:
             wait_ready(f"http://127.0.0.1:{api_port}/health")
             processes = {f"worker {port}": f"http://127.0.0.1:{port}" for port in worker_ports}
             processes["api"] = f"http://127.0.0.1:{api_port}"
-            before = {name: pauses(url) for name, url in processes.items()}
-            latencies = uvloop.run(
-                measure("127.0.0.1", api_port, environment.api_key, args.rate, args.seconds)
-            )
-            paused = {name: pauses_between(before[name], pauses(url))
-                      for name, url in processes.items()}  # fmt: skip
+            measured = {name: child.pid for name, child in zip(processes, children, strict=True)}
+            # The stack's servers, which the run's own settings (another directory) do not find.
+            servers = Settings()
+            broker = stack.kafka_status(servers).pid
+            database = stack.postgres_status(servers).pid
+            for index, rate in enumerate(args.rate):
+                if index:
+                    time.sleep(_SETTLE_S)
+                before = {name: pauses(url) for name, url in processes.items()}
+                cpu_before = _cpu(measured, broker, database)
+                started = time.monotonic()
+                latencies = uvloop.run(
+                    measure("127.0.0.1", api_port, environment.api_key, rate, args.seconds,
+                            first_lead=index * 1_000_000)
+                )  # fmt: skip
+                elapsed = time.monotonic() - started
+                cpu_after = _cpu(measured, broker, database)
+                paused = {name: pauses_between(before[name], pauses(url))
+                          for name, url in processes.items()}  # fmt: skip
+                cores = {name: round((cpu_after[name] - cpu_before[name]) / elapsed, 3)
+                         for name in cpu_after}  # fmt: skip
+                results.append(_result(args.workers, rate, latencies, paused, cores))
         finally:
             environment.stop(*children)
 
-    result = {
-        "workers": args.workers,
-        "rate_per_s": args.rate,
+    header = ("workers", "rate/s", "n", "p50 ms", "p99 ms", "max ms", "<=1s", "p99 met", "cores")
+    print("{:>8} {:>8} {:>6} {:>8} {:>8} {:>8} {:>6} {:>7}  {}".format(*header))
+    for result in results:
+        met = "yes" if result["p99_ms"] <= args.target_ms else "no"
+        spent = ", ".join(f"{name} {value:.2f}" for name, value in result["cpu_cores"].items())
+        print(
+            f"{args.workers:>8} {result['rate_per_s']:>8.0f} {result['messages']:>6} "
+            f"{result['p50_ms']:>8} {result['p99_ms']:>8} {result['max_ms']:>8} "
+            f"{result['within_1s']:>6.1%} {met:>7}  {spent}"
+        )
+    for result in results:
+        print(f"pauses at {result['rate_per_s']:.0f}/s: {result['pauses']}")
+        name = f"freshness-{args.workers}w-{result['rate_per_s']:.0f}"
+        print(f"written {write_result(name, result)}")
+    return 0
+
+
+def _cpu(measured: dict[str, int], broker: int | None, database: int | None) -> dict[str, float]:
+    """CPU seconds so far of each process on the machine's two cores, this one included (it
+    drives the load)."""
+    used = {name: cpu_seconds(pid) for name, pid in measured.items()}
+    if broker is not None:
+        used["broker"] = cpu_seconds(broker)
+    if database is not None:
+        used["postgresql"] = tree_cpu_seconds(database)
+    used["load generator"] = time.process_time()
+    return used
+
+
+def _result(
+    workers: int,
+    rate: float,
+    latencies: list[float],
+    paused: dict[str, dict[str, float]],
+    cores: dict[str, float],
+) -> dict[str, Any]:
+    return {
+        "workers": workers,
+        "rate_per_s": rate,
         "messages": len(latencies),
         "p50_ms": round(statistics.median(latencies), 2),
         "p99_ms": round(percentile(latencies, 99), 2),
@@ -107,17 +178,9 @@ def main() -> int:
         "within_1s": sum(1 for value in latencies if value <= 1000) / len(latencies),
         # Garbage collection and blocked-loop time in each process during the measurement.
         "pauses": paused,
+        # Cores each process used while the load ran, and their sum.
+        "cpu_cores": {**cores, "total": round(sum(cores.values()), 3)},
     }
-    path = write_result(f"freshness-{args.workers}w", result)
-    header = ("workers", "rate/s", "n", "p50 ms", "p99 ms", "max ms", "<=1s")
-    print("{:>8} {:>8} {:>6} {:>8} {:>8} {:>8} {:>6}".format(*header))
-    print(
-        f"{args.workers:>8} {args.rate:>8.0f} {result['messages']:>6} {result['p50_ms']:>8} "
-        f"{result['p99_ms']:>8} {result['max_ms']:>8} {result['within_1s']:>6.1%}"
-    )
-    print(f"pauses during the measurement: {paused}")
-    print(f"written {path}")
-    return 0
 
 
 if __name__ == "__main__":
