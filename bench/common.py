@@ -45,7 +45,15 @@ def cpu_seconds(pid: int) -> float:
     """CPU time (user + system) a process has used so far, from /proc (Linux). Steadier than
     wall time for comparing changes on a shared two-core machine, where the broker and
     PostgreSQL take turns with the worker."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return _cpu_of(_stat_fields(Path(f"/proc/{pid}/stat")))
+
+
+def _stat_fields(stat: Path) -> list[str]:
+    """The fields of a /proc/PID/stat file after the command's parentheses (field 3 on)."""
+    return stat.read_text().rsplit(")", 1)[1].split()
+
+
+def _cpu_of(fields: list[str]) -> float:
     # utime and stime: fields 14 and 15 of stat(5), counted after the command's parentheses.
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
@@ -56,9 +64,9 @@ def tree_cpu_seconds(pid: int) -> float:
     total = cpu_seconds(pid)
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            fields = _stat_fields(stat)
             if int(fields[1]) == pid:  # the parent's pid: field 4 of stat(5)
-                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+                total += _cpu_of(fields)
         except (OSError, IndexError, ValueError):
             continue  # exited while read
     return total
