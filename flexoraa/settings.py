@@ -99,6 +99,15 @@ class Settings(BaseSettings):
         description="longest time the broker holds a worker's fetch when nothing new arrived; "
         "partitions whose records are not yet handled wait up to this long for the next fetch",
     )
+    worker_fetch_pacing_ms: float = Field(
+        10,
+        ge=0,
+        le=1000,
+        description="each worker fetch asks the broker to wait for about this long of what the "
+        "worker has been reading (never past WORKER_FETCH_MAX_WAIT_MS): a busy worker makes "
+        "fewer, fuller fetches, a quiet one still gets a record at once; 0 takes whatever is "
+        "there, as many fetches as the worker can make",
+    )
     worker_event_loop: Literal["uvloop", "asyncio"] = Field(
         "uvloop",
         description="the worker's event loop; uvloop spends about half asyncio's time per wake-up",

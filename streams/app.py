@@ -121,6 +121,7 @@ def create_worker_app(settings: Settings) -> faust.App:
     )
     app.shutdown_drain_s = settings.worker_shutdown_drain_s
     app.fetch_max_wait_s = settings.worker_fetch_max_wait_ms / 1000
+    app.fetch_pacing_s = settings.worker_fetch_pacing_ms / 1000
 
     def lead_topic(name: str) -> faust.TopicT:
         return app.topic(

@@ -102,3 +102,7 @@ FETCHED_PARTITIONS = Gauge(
     "Assigned partitions the worker's Kafka consumer fetches (not paused), by kind",
     ["kind"],
 )
+FETCH_MIN_BYTES = Gauge(
+    "flexoraa_consumer_fetch_min_bytes",
+    "Bytes the worker's fetches ask the broker to wait for (WORKER_FETCH_PACING_MS)",
+)

@@ -80,8 +80,9 @@ from mode.utils.futures import maybe_async, notify
 
 from flexoraa.kafka import back_off_failed_metadata_updates
 from streams.batches import BatchLane
-from streams.metrics import FETCHED_PARTITIONS, PRODUCER_BLOCKED
+from streams.metrics import FETCH_MIN_BYTES, FETCHED_PARTITIONS, PRODUCER_BLOCKED
 from streams.monitor import LeanPrometheusMonitor
+from streams.pacing import FetchPacer, record_bytes
 from streams.replay import ReplayingRecovery
 
 logger = logging.getLogger(__name__)
@@ -91,6 +92,9 @@ RELEASE_SLICE = 500
 # A send longer than this waited for the producer (flexoraa_producer_blocked_seconds); below
 # it, a garbage collection or the OS running another process is as likely.
 SEND_WAIT_COUNTED_S = 0.005
+# The most a paced fetch asks the broker for: a fetch's own limit (`fetch_max_bytes`) is 50 MiB,
+# but past a megabyte a backlog's fetches are full anyway and the minimum only adds waiting.
+FETCH_MIN_BYTES_CAP = 1024 * 1024
 
 
 # A weak reference lets a test see a round let go of each write as it goes.
@@ -416,17 +420,49 @@ class BoundedFetchWaitThread(AIOKafkaConsumerThread):
     the whole wait. In bench.freshness at 700 messages/s (3 alternating runs each) p99 was
     1.1-1.7 s with 25 ms against 3.2-4.8 s with 1.5 s; an idle worker pays for it with more
     empty fetches (0.058 of a core against 0.018).
+
+    Each fetch also asks for a minimum of bytes that follows the worker's recent reading
+    (`streams.pacing`): a busy worker's fetches no longer come back with a record or two each.
     """
+
+    _pacer: FetchPacer | None = None
 
     def _create_worker_consumer(self, transport: Any) -> AIOKafkaConsumer:
         consumer = super()._create_worker_consumer(transport)
         if not hasattr(consumer, "_fetch_max_wait_ms"):
             # aiokafka reads it when the consumer starts; a rename must not pass silently.
             raise RuntimeError("aiokafka's consumer no longer has _fetch_max_wait_ms")
-        wait_s = cast(WorkerApp, self.app).fetch_max_wait_s
-        consumer._fetch_max_wait_ms = max(1, round(wait_s * 1000))
+        app = cast(WorkerApp, self.app)
+        consumer._fetch_max_wait_ms = max(1, round(app.fetch_max_wait_s * 1000))
         back_off_failed_metadata_updates(consumer._client)
+        self._pacer = (
+            FetchPacer(app.fetch_pacing_s, FETCH_MIN_BYTES_CAP) if app.fetch_pacing_s else None
+        )
         return consumer
+
+    async def _fetch_records(
+        self,
+        consumer: AIOKafkaConsumer,
+        active_partitions: set[TP],
+        timeout: float | None = None,  # noqa: ASYNC109 (Faust's signature)
+        max_records: int | None = None,
+    ) -> Any:
+        records = await super()._fetch_records(
+            consumer, active_partitions, timeout=timeout, max_records=max_records
+        )
+        pacer = self._pacer
+        if pacer is not None:
+            # Counted empty too: a worker gone quiet must come back to fetching at once.
+            min_bytes = pacer.read(record_bytes(records) if records else 0, time.monotonic())
+            if min_bytes is not None:
+                fetcher = consumer._fetcher
+                if not hasattr(fetcher, "_fetch_min_bytes"):
+                    # aiokafka builds each fetch request from it: a rename must not pass
+                    # silently (the worker would spin on small fetches again).
+                    raise RuntimeError("aiokafka's fetcher no longer has _fetch_min_bytes")
+                fetcher._fetch_min_bytes = min_bytes
+                FETCH_MIN_BYTES.set(min_bytes)
+        return records
 
 
 class MainLoopConsumerThread(BoundedFetchWaitThread):
@@ -712,6 +748,9 @@ class WorkerApp(faust.App):
     # The longest a fetch waits at the broker (BoundedFetchWaitThread); set by the composition
     # root.
     fetch_max_wait_s: float = 0.025
+    # How much of its recent reading a fetch waits for (streams.pacing; 0: none); set by the
+    # composition root.
+    fetch_pacing_s: float = 0.0
     _drain_deadline: float | None = None
 
     def drain_deadline(self) -> float:
