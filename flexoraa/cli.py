@@ -239,6 +239,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from api.http_protocol import CoalescingHttpToolsProtocol
     from api.main import create_app
 
     settings = _settings(args)
@@ -246,6 +247,8 @@ def cmd_api(args: argparse.Namespace) -> int:
         create_app(settings),
         host=settings.api_host,
         port=settings.api_port,
+        # A response's head and body in one socket write (api.http_protocol).
+        http=CoalescingHttpToolsProtocol,
         log_level=settings.log_level.lower(),
         access_log=False,
     )
