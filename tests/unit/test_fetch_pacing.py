@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import Iterator
 from typing import Any
@@ -10,10 +9,9 @@ from typing import Any
 import faust
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.structs import ConsumerRecord
+from aiokafka.structs import BrokerMetadata, ConsumerRecord
 
 from streams.pacing import FetchPacer, record_bytes
-from streams.producer import FETCH_MIN_BYTES_CAP
 
 
 def _record(key: bytes | None, value: bytes | None) -> ConsumerRecord[bytes, bytes]:
@@ -107,53 +105,87 @@ class _Fetcher:
         return self.records
 
 
+class _Clock:
+    """The monotonic clock the worker's consumer thread reads, moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> _Clock:
+    fake = _Clock()
+    monkeypatch.setattr("streams.producer.time.monotonic", fake)
+    return fake
+
+
 async def _fetch_for(
-    worker_app: faust.App, consumer: AIOKafkaConsumer, fetcher: _Fetcher, seconds: float
+    thread: Any,
+    consumer: AIOKafkaConsumer,
+    fetcher: _Fetcher,
+    clock: _Clock,
+    *,
+    seconds: float,
+    per_second: int,
 ) -> None:
-    thread = worker_app.consumer._thread  # type: ignore[attr-defined]
-    # A short window, so the test takes a fraction of a second.
-    thread._pacer.window_s = 0.05
     consumer._fetcher = fetcher
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + seconds
-    while loop.time() < deadline:
+    for _ in range(round(seconds * per_second)):
         assert await thread._fetch_records(consumer, set(), timeout=0) == fetcher.records
-        await asyncio.sleep(0.005)
+        clock.now += 1 / per_second
 
 
 async def test_the_worker_consumer_asks_its_fetches_for_its_recent_reading(
-    worker_app: faust.App,
+    worker_app: faust.App, clock: _Clock
 ) -> None:
     thread = worker_app.consumer._thread  # type: ignore[attr-defined]
     consumer = thread._create_worker_consumer(worker_app.transport)
     try:
-        # At most 200 fetches a second of 2,000 bytes: up to 400 kB/s, 4,000 bytes per 10 ms
-        # (a loaded machine sleeps longer between them).
+        # 200 fetches a second of 2,000 bytes: 400 kB/s, so 4,000 bytes per 10 ms.
         busy = _Fetcher({TopicPartition("t", 0): [_record(b"k" * 10, b"v" * 1_990)]})
-        await _fetch_for(worker_app, consumer, busy, seconds=0.3)
-        assert 1_000 < busy._fetch_min_bytes < 8_000, busy._fetch_min_bytes
-        assert busy._fetch_min_bytes < FETCH_MIN_BYTES_CAP
+        await _fetch_for(thread, consumer, busy, clock, seconds=2.5, per_second=200)
+        assert busy._fetch_min_bytes == pytest.approx(4_000, rel=0.01)
+        # A quiet worker: two windows later it asks for a byte again.
         quiet = _Fetcher({})
         quiet._fetch_min_bytes = busy._fetch_min_bytes
-        await _fetch_for(worker_app, consumer, quiet, seconds=0.15)
+        await _fetch_for(thread, consumer, quiet, clock, seconds=2.5, per_second=40)
         assert quiet._fetch_min_bytes == 1
     finally:
         consumer._fetcher = None
         await consumer.stop()
 
 
-async def test_no_pacing_leaves_the_fetch_minimum_to_aiokafka(worker_app: faust.App) -> None:
+async def test_each_broker_is_asked_its_share(worker_app: faust.App, clock: _Clock) -> None:
+    thread = worker_app.consumer._thread  # type: ignore[attr-defined]
+    consumer = thread._create_worker_consumer(worker_app.transport)
+    try:
+        # aiokafka sends each broker a fetch of its own partitions, each with the minimum.
+        consumer._client.cluster._brokers = {
+            node: BrokerMetadata(node, "127.0.0.1", 9092 + node, None) for node in (1, 2)
+        }
+        busy = _Fetcher({TopicPartition("t", 0): [_record(b"k" * 10, b"v" * 1_990)]})
+        await _fetch_for(thread, consumer, busy, clock, seconds=1.5, per_second=200)
+        assert busy._fetch_min_bytes == pytest.approx(2_000, rel=0.01)
+    finally:
+        consumer._fetcher = None
+        await consumer.stop()
+
+
+async def test_no_pacing_leaves_the_fetch_minimum_to_aiokafka(
+    worker_app: faust.App, clock: _Clock
+) -> None:
     thread = worker_app.consumer._thread  # type: ignore[attr-defined]
     pacing_s, pacer = worker_app.fetch_pacing_s, thread._pacer  # type: ignore[attr-defined]
     worker_app.fetch_pacing_s = 0.0  # type: ignore[attr-defined]
     try:
         consumer = thread._create_worker_consumer(worker_app.transport)
         assert thread._pacer is None
-        fetcher = _Fetcher({TopicPartition("t", 0): [_record(b"k", b"v" * 100_000)]})
-        consumer._fetcher = fetcher
-        for _ in range(3):
-            await thread._fetch_records(consumer, set(), timeout=0)
-        assert fetcher._fetch_min_bytes == 1
+        # What a paced worker would ask 4,000 bytes for (the test above).
+        busy = _Fetcher({TopicPartition("t", 0): [_record(b"k" * 10, b"v" * 1_990)]})
+        await _fetch_for(thread, consumer, busy, clock, seconds=2.5, per_second=200)
+        assert busy._fetch_min_bytes == 1
         consumer._fetcher = None
         await consumer.stop()
     finally:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from functools import partial
 
+import faust
 import pytest
 from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
 from faust.exceptions import ProducerSendError
@@ -13,7 +15,7 @@ from faust.types.tuples import TP
 from prometheus_client import CollectorRegistry
 
 from streams.monitor import LeanPrometheusMonitor
-from streams.producer import produce, report_undelivered
+from streams.producer import lean_monitor, produce, report_undelivered
 
 
 def test_records_received_and_sent_per_topic_and_committed_offsets() -> None:
@@ -31,6 +33,17 @@ def test_records_received_and_sent_per_topic_and_committed_offsets() -> None:
     assert sample("faust_messages_received_per_topic_total", topic="token-usage") == 3
     assert sample("faust_topic_messages_sent_total", topic="topic.ledger") == 1
     assert sample("faust_topic_partition_offset_commited", topic="token-usage", partition="3") == 3
+
+
+def test_each_partitions_stream_is_seen_moving() -> None:
+    """What Faust's check that streams are moving reads (each partition's last record in)."""
+    monitor = LeanPrometheusMonitor(metrics=FaustMetrics.create(CollectorRegistry(), "faust"))
+    events = TP("lead-events", 2)
+    before = time.monotonic()
+    monitor.on_stream_event_in(events, 7, stream=None, event=None)  # type: ignore[arg-type]
+    monitor.stream_taken(TP("token-usage", 1))  # the batch lane's records
+    assert set(monitor.stream_inbound_time) == {events, TP("token-usage", 1)}
+    assert before <= monitor.stream_inbound_time[events] <= time.monotonic()
 
 
 async def test_a_record_sent_past_fausts_path_and_not_delivered_is_logged_and_counted(
@@ -78,3 +91,16 @@ async def test_a_record_counts_as_sent_once_aiokafka_took_it_and_as_an_error_if_
     )
     assert sent == 1
     assert registry.get_sample_value("faust_total_error_messages_sent_total") == 1
+
+
+def test_the_batch_lanes_partitions_are_seen_moving(
+    worker_app: faust.App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    consumer = worker_app.consumer
+    # End offsets come from a running consumer; not what this test is about.
+    monkeypatch.setattr(consumer, "_track_end_offsets", lambda records: None)
+    monitor = lean_monitor(worker_app)
+    assert monitor is not None
+    usage = TP("unit-worker.token-usage", 4)
+    consumer._track_lane_fetch({usage: [object(), object()]})  # type: ignore[attr-defined]
+    assert usage in monitor.stream_inbound_time
