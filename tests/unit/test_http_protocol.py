@@ -45,13 +45,19 @@ class _RecordingTransport:
         return self.extra.get(name, default)
 
 
+def _coalescing() -> tuple[_RecordingTransport, WriteCoalescingTransport]:
+    """A recording socket transport and the coalescing transport over it."""
+    real = _RecordingTransport()
+    loop = asyncio.get_running_loop()
+    return real, WriteCoalescingTransport(real, loop)  # type: ignore[arg-type]
+
+
 async def _next_turn() -> None:
     await asyncio.sleep(0)
 
 
 async def test_writes_in_one_turn_reach_the_socket_as_one() -> None:
-    real = _RecordingTransport()
-    transport = WriteCoalescingTransport(real, asyncio.get_running_loop())  # type: ignore[arg-type]
+    real, transport = _coalescing()
     transport.write(b"HTTP/1.1 202 Accepted\r\ncontent-length: 2\r\n\r\n")
     transport.write(b"{}")
     assert real.writes == []
@@ -64,8 +70,7 @@ async def test_writes_in_one_turn_reach_the_socket_as_one() -> None:
 
 
 async def test_a_close_sends_what_was_written_before_it() -> None:
-    real = _RecordingTransport()
-    transport = WriteCoalescingTransport(real, asyncio.get_running_loop())  # type: ignore[arg-type]
+    real, transport = _coalescing()
     transport.write(b"HTTP/1.1 400 Bad Request\r\n\r\n")
     transport.close()
     assert real.writes == [b"HTTP/1.1 400 Bad Request\r\n\r\n"]
@@ -75,14 +80,12 @@ async def test_a_close_sends_what_was_written_before_it() -> None:
 
 
 async def test_an_abort_drops_what_waits_and_a_closed_socket_gets_nothing() -> None:
-    real = _RecordingTransport()
-    transport = WriteCoalescingTransport(real, asyncio.get_running_loop())  # type: ignore[arg-type]
+    real, transport = _coalescing()
     transport.write(b"lost")
     transport.abort()
     await _next_turn()
     assert real.writes == []
-    closing = _RecordingTransport()
-    transport = WriteCoalescingTransport(closing, asyncio.get_running_loop())  # type: ignore[arg-type]
+    closing, transport = _coalescing()
     transport.write(b"late")
     closing.closed = True  # the peer went away within the turn
     await _next_turn()
@@ -90,8 +93,7 @@ async def test_an_abort_drops_what_waits_and_a_closed_socket_gets_nothing() -> N
 
 
 async def test_a_turn_writing_more_than_flush_at_sends_it_at_once() -> None:
-    real = _RecordingTransport()
-    transport = WriteCoalescingTransport(real, asyncio.get_running_loop())  # type: ignore[arg-type]
+    real, transport = _coalescing()
     transport.write(b"head")
     transport.write(b"x" * FLUSH_AT)
     # Not held for the turn: uvicorn's flow control sees it in the real transport's buffer.
@@ -103,8 +105,7 @@ async def test_a_turn_writing_more_than_flush_at_sends_it_at_once() -> None:
 
 
 async def test_everything_else_is_the_wrapped_transports() -> None:
-    real = _RecordingTransport()
-    transport = WriteCoalescingTransport(real, asyncio.get_running_loop())  # type: ignore[arg-type]
+    real, transport = _coalescing()
     assert transport.get_extra_info("peername") == ("127.0.0.1", 1)
     transport.writelines([b"a", b"", b"b"])
     transport.write_eof()
