@@ -105,8 +105,8 @@ class Settings(BaseSettings):
         le=1000,
         description="each worker fetch asks the broker to wait for about this long of what the "
         "worker has been reading (never past WORKER_FETCH_MAX_WAIT_MS): a busy worker makes "
-        "fewer, fuller fetches, a quiet one still gets a record at once; 0 takes whatever is "
-        "there, as many fetches as the worker can make",
+        "fewer, fuller fetches, for that wait on each hop, and an idle one asks for a byte; 0 "
+        "takes whatever is there, as many fetches as the worker can make",
     )
     worker_event_loop: Literal["uvloop", "asyncio"] = Field(
         "uvloop",
