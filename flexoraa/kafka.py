@@ -37,17 +37,56 @@ CLIENTS_FAILING = Gauge(
 _BACKS_OFF = "_flexoraa_backs_off"
 
 
+# Kafka's Java client's `retry.backoff.max.ms` default: an outage's attempts settle at about
+# one a second per client, and a client sees the broker back within a second of its return.
+RETRY_BACKOFF_MAX_S = 1.0
+RETRY_BACKOFF_JITTER = 0.2
+
+
+class RetryBackoff:
+    """Waits between failed attempts: `first_s`, doubled after each failure, never above `max_s`.
+
+    `next_wait(spread)` takes a number in [-1, 1] that moves the wait by up to
+    `RETRY_BACKOFF_JITTER` of it either way (a caller passes a random one; a test a fixed one),
+    then caps it at `max_s`, as Kafka's `ExponentialBackoff` does.
+    """
+
+    __slots__ = ("_failures", "first_s", "max_s")
+
+    def __init__(self, first_s: float, max_s: float) -> None:
+        if first_s < 0 or max_s < first_s:
+            raise ValueError(f"backoff from {first_s} s up to {max_s} s")
+        self.first_s = first_s
+        self.max_s = max_s
+        self._failures = 0
+
+    def next_wait(self, spread: float) -> float:
+        # min() before the power: 2.0 ** 1100 overflows a float.
+        doublings = min(self._failures, 64)
+        self._failures += 1
+        wait = min(self.first_s * 2.0**doublings, self.max_s)
+        jittered = wait * (1.0 + RETRY_BACKOFF_JITTER * max(-1.0, min(1.0, spread)))
+        return min(jittered, self.max_s)
+
+    def reset(self) -> None:
+        self._failures = 0
+
+
 def back_off_failed_metadata_updates(client: AIOKafkaClient) -> AIOKafkaClient:
-    """Makes a failed metadata update end only after the client's retry backoff, and counts it.
+    """Makes a failed metadata update end only after a backoff, and counts it.
 
     aiokafka runs a metadata update whenever something asks for one, with no pause after a
     failure. With the broker down, a producer holding undelivered batches asks again as soon as
     the last attempt fails (its sender waits on the update, not on a backoff). A worker under
     load when the broker stopped spent a whole core on it, 5,000 to 7,000 attempts a second,
     for as long as the outage lasted (measured on this 2-core machine). Kafka's Java client
-    waits `retry.backoff.ms` between attempts; this does the same. While it waits, every caller
-    shares the update in progress, so the client makes at most one attempt per backoff (plus
-    the attempt's own time).
+    waits between attempts, and so does this, the same way (KIP-580): the client's
+    `retry_backoff_ms` after the first failure, doubling with each failure after it up to
+    `RETRY_BACKOFF_MAX_S`, each wait within 20 % either side so that a process's clients do
+    not retry in step, and back to the first wait after a success. A fixed 100 ms left a worker
+    with four clients making 40 attempts a second through a whole outage (bench.outage). While
+    it waits, every caller shares the update in progress, so the client makes at most one
+    attempt per backoff (plus the attempt's own time).
 
     The client also shows in `flexoraa_kafka_clients_failing` from a failed update until a
     successful one or its close, and keeps trying once per backoff meanwhile: an outage is
@@ -58,7 +97,9 @@ def back_off_failed_metadata_updates(client: AIOKafkaClient) -> AIOKafkaClient:
         return client
     update = client._metadata_update
     close = client.close
-    backoff_s: float = client._retry_backoff
+    first_s: float = client._retry_backoff
+    # As Kafka's client: a retry backoff set above the maximum is used as it is, every time.
+    backoff = RetryBackoff(first_s=first_s, max_s=max(first_s, RETRY_BACKOFF_MAX_S))
     failing = False
 
     def mark(now_failing: bool) -> None:
@@ -70,9 +111,11 @@ def back_off_failed_metadata_updates(client: AIOKafkaClient) -> AIOKafkaClient:
     async def update_then_back_off(cluster: Any, topics: Any) -> bool:
         updated: bool = await update(cluster, topics)
         mark(not updated)
-        if not updated:
+        if updated:
+            backoff.reset()
+        else:
             METADATA_FAILURES.inc()
-            await asyncio.sleep(backoff_s)
+            await asyncio.sleep(backoff.next_wait(random.uniform(-1.0, 1.0)))
             # And again after this one, until one succeeds: a client that reconnects on its
             # old metadata makes no update of its own for minutes (metadata_max_age_ms), and
             # would count as failing long after the broker was back. Scheduled, not called:
