@@ -80,13 +80,14 @@ def pauses(url: str) -> dict[str, float]:
 
 def pauses_in(text: str) -> dict[str, float]:
     """`pauses` of a /metrics page already fetched."""
-    found = {"gc_s": 0.0, "gc_gen2": 0.0, "lag_samples": 0.0, "lag_under_25ms": 0.0,
-             "producer_blocked_s": 0.0}  # fmt: skip
+    found = {"gc_s": 0.0, "gc_collections": 0.0, "gc_gen2": 0.0, "lag_samples": 0.0,
+             "lag_under_25ms": 0.0, "producer_blocked_s": 0.0}  # fmt: skip
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name == "flexoraa_gc_pause_seconds_sum":
                 found["gc_s"] += sample.value
             elif sample.name == "flexoraa_gc_pause_seconds_count":
+                found["gc_collections"] += sample.value
                 if sample.labels["generation"] == "2":
                     found["gc_gen2"] += sample.value
             elif sample.name == "flexoraa_producer_blocked_seconds_total":
@@ -105,6 +106,9 @@ def pauses_between(before: dict[str, float], after: dict[str, float]) -> dict[st
     delta = {key: after[key] - before[key] for key in after}
     return {
         "gc_ms": round(delta["gc_s"] * 1000, 1),
+        # How long one collection held the loop, on average: what a higher GC_GEN0_THRESHOLD
+        # costs each time it runs.
+        "gc_mean_ms": round(delta["gc_s"] * 1000 / max(delta["gc_collections"], 1), 3),
         "gc_gen2": delta["gc_gen2"],
         "loop_lag_over_25ms": delta["lag_samples"] - delta["lag_under_25ms"],
         # Sends that waited for a full batch to go (the worker's; the API has no such metric).

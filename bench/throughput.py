@@ -289,6 +289,7 @@ def main() -> int:
         "worker_cpu_ms_per_event": round(cpu_ms_per_event, 3),
         "complete": complete,
         "gc_ms": paused["gc_ms"],
+        "gc_mean_ms": paused["gc_mean_ms"],
         "gc_share_of_worker_cpu": round(gc_share, 3),
         "gc_gen2_collections": paused["gc_gen2"],
         "credited_before": args.credited,
@@ -299,7 +300,8 @@ def main() -> int:
     path = write_result("throughput", result)
     print(f"(b) one worker, every agent on: {pipeline:,.0f} events/s  "
           f"(b)/(a) = {pipeline / plain:.3f}  worker CPU {cpu_ms_per_event:.2f} ms/event  "
-          f"GC {gc_share:.0%} of it  complete={complete}  ({path})")  # fmt: skip
+          f"GC {gc_share:.0%} of it ({paused['gc_mean_ms']} ms a collection)  "
+          f"complete={complete}  ({path})")  # fmt: skip
     print(f"    per inbound event the worker wrote {records['written_per_event']} records and "
           f"read back {records['read_per_event']}: {records['client_cpu_ms_per_event']} ms of "
           f"the Kafka client's CPU at the plain clients' cost per record, so at most "
