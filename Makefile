@@ -80,6 +80,7 @@ bench: setup
 	$(BIN)/python -m bench.freshness --workers 1 --rate 400 600 800 1000 --seconds 20
 	$(BIN)/python -m bench.freshness --workers 2 --rate 200 --seconds 20
 	$(BIN)/python -m bench.ingest --rate 800 --seconds 10
+	$(BIN)/python -m bench.latency_events --events 50000
 	$(BIN)/python -m bench.webhooks --seconds 10 --connections 16
 	$(BIN)/python -m bench.leakage --leads 100000
 	$(BIN)/python -m bench.throughput --events 30000

@@ -22,13 +22,13 @@ import uuid
 from collections import deque
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from prometheus_client import Counter
 
-from flexoraa.kafka import acknowledged_producer
+from flexoraa.kafka import acknowledged_producer, partition_of
 from flexoraa.settings import Settings
 from schemas.latency import LatencyEvent, Operation
 from streams.rules.sla import NO_TENANT
@@ -194,45 +194,86 @@ class LatencyRecorder:
         return producer
 
     async def flush(self) -> None:
-        """Produce everything buffered now; on failure the batch is counted as dropped."""
+        """Produce everything buffered now; on failure the batch is counted as dropped.
+
+        The events go to aiokafka as whole record batches, one or more per partition, not one
+        `send` each (partitioning, the accumulator, a future per event): the API records one
+        event per request, and recording and producing one took 21.7-26.2 us of CPU against
+        32.3-35.0 us with a send each (bench.latency_events)."""
         if not self._buffer:
             return
         producer = await self._ensure_producer()
         if producer is None:
             return  # kept in the bounded buffer until Kafka is back
-        batch = [self._buffer.popleft() for _ in range(len(self._buffer))]
-        futures = []
+        pending = [self._buffer.popleft() for _ in range(len(self._buffer))]
+        sent: list[tuple[asyncio.Future[Any], list[_Pending]]] = []
         try:
-            for item in batch:
-                event = LatencyEvent(
-                    event_id=str(uuid.uuid4()),
-                    tenant_id=item.tenant_id,
-                    occurred_at=datetime.fromtimestamp(item.occurred_ms / 1000, tz=UTC),
-                    operation=item.operation,
-                    duration_ms=item.duration_ms,
-                    outcome="ok" if item.ok else "error",
-                    detail=item.detail,
-                )
-                # Keyed by operation: one operation's windows live on one partition.
-                futures.append(
-                    await producer.send(
-                        self._topic, event.model_dump_json().encode(), key=item.operation.encode()
-                    )
-                )
+            partitions = sorted(await producer.partitions_for(self._topic))
+            for partition, items in self._by_partition(pending, partitions).items():
+                sent += await self._send_batches(producer, partition, items)
             results = await asyncio.wait_for(
-                asyncio.gather(*futures, return_exceptions=True),
+                asyncio.gather(*(future for future, _ in sent), return_exceptions=True),
                 self._settings.kafka_produce_timeout_ms / 1000,
             )
-        except (KafkaError, OSError, TimeoutError) as exc:
-            LATENCY_EVENTS_DROPPED.labels("kafka").inc(len(batch))
-            logger.warning("dropped %d latency events: %r", len(batch), exc)
-            await self._reset_producer()
+        except (KafkaError, OSError, TimeoutError, ValueError) as exc:
+            LATENCY_EVENTS_DROPPED.labels("kafka").inc(len(pending))
+            logger.warning("dropped %d latency events: %r", len(pending), exc)
+            if not isinstance(exc, ValueError):  # an event no batch takes is not the broker's
+                await self._reset_producer()
             return
-        for item, result in zip(batch, results, strict=True):
-            if isinstance(result, BaseException):
-                LATENCY_EVENTS_DROPPED.labels("kafka").inc()
-            else:
-                LATENCY_EVENTS_SENT.labels(item.operation).inc()
+        for (_, items), result in zip(sent, results, strict=True):
+            for item in items:
+                if isinstance(result, BaseException):
+                    LATENCY_EVENTS_DROPPED.labels("kafka").inc()
+                else:
+                    LATENCY_EVENTS_SENT.labels(item.operation).inc()
+
+    async def _send_batches(
+        self, producer: AIOKafkaProducer, partition: int, items: list[_Pending]
+    ) -> list[tuple[asyncio.Future[Any], list[_Pending]]]:
+        """Hands `items` to the producer as record batches for `partition`: each batch's
+        delivery future with the events in it."""
+        sent: list[tuple[asyncio.Future[Any], list[_Pending]]] = []
+        builder, in_batch = producer.create_batch(), list[_Pending]()
+        for item in items:
+            # Keyed by operation: one operation's windows live on one partition.
+            key, value = item.operation.encode(), self._encode(item)
+            if builder.append(key=key, value=value, timestamp=None) is None:
+                # Full (the producer's max_batch_size): this event starts the next batch.
+                future = await producer.send_batch(builder, self._topic, partition=partition)
+                sent.append((future, in_batch))
+                builder, in_batch = producer.create_batch(), []
+                if builder.append(key=key, value=value, timestamp=None) is None:
+                    raise ValueError(f"a latency event of {len(value)} bytes fits no batch")
+            in_batch.append(item)
+        future = await producer.send_batch(builder, self._topic, partition=partition)
+        sent.append((future, in_batch))
+        return sent
+
+    @staticmethod
+    def _by_partition(pending: list[_Pending], partitions: list[int]) -> dict[int, list[_Pending]]:
+        """The events by the partition Kafka's default partitioner gives their key."""
+        grouped: dict[int, list[_Pending]] = {}
+        for item in pending:
+            index = partition_of(item.operation.encode(), len(partitions))
+            grouped.setdefault(partitions[index], []).append(item)
+        return grouped
+
+    @staticmethod
+    def _encode(item: _Pending) -> bytes:
+        return (
+            LatencyEvent(
+                event_id=str(uuid.uuid4()),
+                tenant_id=item.tenant_id,
+                occurred_at=datetime.fromtimestamp(item.occurred_ms / 1000, tz=UTC),
+                operation=item.operation,
+                duration_ms=item.duration_ms,
+                outcome="ok" if item.ok else "error",
+                detail=item.detail,
+            )
+            .model_dump_json()
+            .encode()
+        )
 
     async def _reset_producer(self) -> None:
         if self._producer is not None:
