@@ -36,6 +36,31 @@ def _same_worker(url: str, own: URL) -> bool:
     return (other.host, other.port) == (own.host, own.port)
 
 
+class PartitionOwners:
+    """Which worker owns each partition of a table: None for this worker, else its URL.
+
+    Worked out again only when the assignor holds a new distribution (Faust replaces it on
+    every assignment), not on every read: going through the assignor's metadata and parsing
+    the URLs took a fifth of the worker's time per live read (py-spy, bench.reads)."""
+
+    def __init__(self, app: AppT, table: TableT[bytes, Any]) -> None:
+        self._app = app
+        self._table = table
+        self._own = URL(str(app.conf.canonical_url))
+        self._seen: object = None
+        self._owners: dict[int, str | None] = {}
+
+    def __call__(self) -> dict[int, str | None]:
+        distribution = self._app.assignor.tables_metadata()
+        if distribution is not self._seen:
+            self._owners = {
+                partition: None if _same_worker(url, self._own) else url
+                for partition, url in _owners(self._app, self._table).items()
+            }
+            self._seen = distribution
+        return self._owners
+
+
 def unready_reason(
     app: AppT,
     sessions: TableT[bytes, Any],
@@ -78,12 +103,16 @@ def register(
         assigned = len(app.consumer.assignment())
         return self.json({"status": "ready", "assigned_partitions": assigned})
 
+    owners = PartitionOwners(app, sessions)
+
     async def elsewhere(view: View, key: bytes, path: str) -> Response | None:
         """The owner's answer when another worker owns `key`'s partition, else None."""
-        owner = _owners(app, sessions).get(partition_of(key, partitions))
-        if owner is None:
+        partition = partition_of(key, partitions)
+        known = owners()
+        if partition not in known:
             return view.json({"error": "partition owner unknown (rebalancing)"}, status=503)
-        if _same_worker(owner, URL(str(app.conf.canonical_url))):
+        owner = known[partition]
+        if owner is None:
             return None
         async with app.http_client.get(f"{owner.rstrip('/')}{path}") as forwarded:
             return view.json(await forwarded.json(), status=forwarded.status)
