@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import smtplib
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import NamedTuple, cast
 
@@ -35,6 +36,14 @@ class Recorded(NamedTuple):
     unknown_tenant: list[Notification]
 
 
+def _is_uuid(text: str) -> bool:
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True
+
+
 class NotificationStore:
     def __init__(self, pool_factory: Callable[[], Awaitable[asyncpg.Pool]]) -> None:
         self._pool_factory = pool_factory
@@ -50,19 +59,28 @@ class NotificationStore:
         if not batch:
             return Recorded([], [])
         unique = list({n.event_id: n for n in batch}.values())
-        sdr_ids = sorted({n.sdr_id for n in unique if n.audience == "sdr" and n.sdr_id})
-        admin_tenants = sorted({n.tenant_id for n in unique if n.audience == "admins"})
         pool = await self._pool_factory()
         async with pool.acquire() as conn, conn.transaction():
             known = {
                 str(row["tenant_id"])
                 for row in await conn.fetch(
                     "SELECT tenant_id FROM tenants WHERE tenant_id = ANY($1::uuid[])",
-                    sorted({n.tenant_id for n in unique}),
+                    # Only ids that are UUIDs: any other string fails the whole query, and the
+                    # agent crashed on it at every restart (a latency event's tenant id is
+                    # whatever its producer wrote, and an SLA alert carries it here).
+                    sorted({n.tenant_id for n in unique if _is_uuid(n.tenant_id)}),
                 )
             }
             unknown = [n for n in unique if n.tenant_id not in known]
             unique = [n for n in unique if n.tenant_id in known]
+            sdr_ids = sorted(
+                {
+                    n.sdr_id
+                    for n in unique
+                    if n.audience == "sdr" and n.sdr_id and _is_uuid(n.sdr_id)
+                }
+            )
+            admin_tenants = sorted({n.tenant_id for n in unique if n.audience == "admins"})
             sdr_emails = {
                 (str(row["sdr_id"]), str(row["tenant_id"])): row["email"]
                 for row in await conn.fetch(

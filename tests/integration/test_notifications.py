@@ -137,9 +137,11 @@ async def test_a_notification_for_an_unknown_tenant_is_dead_lettered_and_the_res
     test_settings: Settings,
     worker: ManagedProcess,
 ) -> None:
-    # Before: the foreign key failed the whole batch on every retry and stopped the worker.
+    # Before: the foreign key failed the whole batch on every retry and stopped the worker; a
+    # tenant id that is no UUID at all failed the tenants lookup, and stopped it too.
     tenant = await make_tenant()
     unknown_tenant = str(uuid.uuid4())
+    malformed_tenant = f"tenant-{uuid.uuid4().hex[:8]}"
 
     def alert(tenant_id: str) -> Notification:
         return Notification(
@@ -149,6 +151,7 @@ async def test_a_notification_for_an_unknown_tenant_is_dead_lettered_and_the_res
         )  # fmt: skip
 
     await publish(test_settings, alert(unknown_tenant))
+    await publish(test_settings, alert(malformed_tenant))
     await publish(test_settings, alert(tenant.tenant_id))
 
     async def listed() -> Any:
@@ -158,4 +161,6 @@ async def test_a_notification_for_an_unknown_tenant_is_dead_lettered_and_the_res
     assert row["title"] == f"alert for {tenant.tenant_id}"
     (letter,) = await read_dead_letters(test_settings, unknown_tenant.encode(), 1)
     assert letter.reason == f"unknown tenant {unknown_tenant}"
+    (letter,) = await read_dead_letters(test_settings, malformed_tenant.encode(), 1)
+    assert letter.reason == f"unknown tenant {malformed_tenant}"
     assert worker.process.poll() is None
