@@ -28,7 +28,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from prometheus_client import Counter
 
-from flexoraa.kafka import acknowledged_producer, partition_of
+from flexoraa.kafka import KeyPartitioner, acknowledged_producer
 from flexoraa.settings import Settings
 from schemas.latency import LatencyEvent, Operation
 from streams.rules.sla import NO_TENANT
@@ -194,7 +194,7 @@ class LatencyRecorder:
         return producer
 
     async def flush(self) -> None:
-        """Produce everything buffered now; on failure the batch is counted as dropped.
+        """Produce everything buffered now, each event counted as sent or dropped.
 
         The events go to aiokafka as whole record batches, one or more per partition, not one
         `send` each (partitioning, the accumulator, a future per event): the API records one
@@ -207,26 +207,38 @@ class LatencyRecorder:
             return  # kept in the bounded buffer until Kafka is back
         pending = [self._buffer.popleft() for _ in range(len(self._buffer))]
         sent: list[tuple[asyncio.Future[Any], list[_Pending]]] = []
+        failure: BaseException | None = None
         try:
             partitions = sorted(await producer.partitions_for(self._topic))
             for partition, items in self._by_partition(pending, partitions).items():
                 sent += await self._send_batches(producer, partition, items)
-            results = await asyncio.wait_for(
-                asyncio.gather(*(future for future, _ in sent), return_exceptions=True),
-                self._settings.kafka_produce_timeout_ms / 1000,
+        except (KafkaError, OSError, TimeoutError) as exc:
+            failure = exc
+        if sent:
+            # asyncio.wait, not wait_for(gather): a timeout leaves the batches' futures to
+            # the producer instead of cancelling them.
+            _, unacknowledged = await asyncio.wait(
+                [future for future, _ in sent],
+                timeout=self._settings.kafka_produce_timeout_ms / 1000,
             )
-        except (KafkaError, OSError, TimeoutError, ValueError) as exc:
-            LATENCY_EVENTS_DROPPED.labels("kafka").inc(len(pending))
-            logger.warning("dropped %d latency events: %r", len(pending), exc)
-            if not isinstance(exc, ValueError):  # an event no batch takes is not the broker's
-                await self._reset_producer()
-            return
-        for (_, items), result in zip(sent, results, strict=True):
+            if unacknowledged and failure is None:
+                failure = TimeoutError(f"{len(unacknowledged)} batches not acknowledged in time")
+        if failure is not None:
+            logger.warning("latency events not acknowledged: %r", failure)
+            # Stopping the producer delivers or fails the batches it was already given, so
+            # each is counted by its outcome below; what never reached a batch is dropped.
+            await self._reset_producer()
+        batched = 0
+        for future, items in sent:
+            batched += len(items)
+            delivered = future.done() and not future.cancelled() and future.exception() is None
             for item in items:
-                if isinstance(result, BaseException):
-                    LATENCY_EVENTS_DROPPED.labels("kafka").inc()
-                else:
+                if delivered:
                     LATENCY_EVENTS_SENT.labels(item.operation).inc()
+                else:
+                    LATENCY_EVENTS_DROPPED.labels("kafka").inc()
+        if batched < len(pending):
+            LATENCY_EVENTS_DROPPED.labels("kafka").inc(len(pending) - batched)
 
     async def _send_batches(
         self, producer: AIOKafkaProducer, partition: int, items: list[_Pending]
@@ -239,12 +251,12 @@ class LatencyRecorder:
             # Keyed by operation: one operation's windows live on one partition.
             key, value = item.operation.encode(), self._encode(item)
             if builder.append(key=key, value=value, timestamp=None) is None:
-                # Full (the producer's max_batch_size): this event starts the next batch.
+                # Full (the producer's max_batch_size): this event starts the next batch,
+                # which takes its first record whatever its size.
                 future = await producer.send_batch(builder, self._topic, partition=partition)
                 sent.append((future, in_batch))
                 builder, in_batch = producer.create_batch(), []
-                if builder.append(key=key, value=value, timestamp=None) is None:
-                    raise ValueError(f"a latency event of {len(value)} bytes fits no batch")
+                builder.append(key=key, value=value, timestamp=None)
             in_batch.append(item)
         future = await producer.send_batch(builder, self._topic, partition=partition)
         sent.append((future, in_batch))
@@ -254,9 +266,10 @@ class LatencyRecorder:
     def _by_partition(pending: list[_Pending], partitions: list[int]) -> dict[int, list[_Pending]]:
         """The events by the partition Kafka's default partitioner gives their key."""
         grouped: dict[int, list[_Pending]] = {}
+        partitioner = KeyPartitioner()
         for item in pending:
-            index = partition_of(item.operation.encode(), len(partitions))
-            grouped.setdefault(partitions[index], []).append(item)
+            partition = partitioner(item.operation.encode(), partitions, partitions)
+            grouped.setdefault(partition, []).append(item)
         return grouped
 
     @staticmethod

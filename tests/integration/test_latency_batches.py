@@ -22,7 +22,7 @@ async def test_a_flush_delivers_every_event_once_on_its_operations_partition(
 ) -> None:
     topic = TopicNames(test_settings.topic_prefix).latency
     recorder = LatencyRecorder(test_settings, topic)
-    tenant = f"latency-{uuid.uuid4().hex[:8]}"
+    tenant = str(uuid.uuid4())
     # More than one record batch's worth (16 KiB) for api_request, a few for another operation.
     recorded = [("api_request", float(i)) for i in range(600)]
     recorded += [("verification", float(i)) for i in range(7)]
