@@ -98,7 +98,8 @@ def back_off_failed_metadata_updates(client: AIOKafkaClient) -> AIOKafkaClient:
     update = client._metadata_update
     close = client.close
     first_s: float = client._retry_backoff
-    # As Kafka's client: a retry backoff set above the maximum is used as it is, every time.
+    # A retry backoff set above the maximum is used as it is, every time (Kafka's client would
+    # wait the maximum instead): whoever set it asked for waits that long.
     backoff = RetryBackoff(first_s=first_s, max_s=max(first_s, RETRY_BACKOFF_MAX_S))
     failing = False
 

@@ -41,7 +41,8 @@ class PartitionOwners:
 
     Worked out again only when the assignor holds a new distribution (Faust replaces it on
     every assignment), not on every read: going through the assignor's metadata and parsing
-    the URLs took a fifth of the worker's time per live read (py-spy, bench.reads)."""
+    the URLs took a fifth of the worker's web handling of a live read (py-spy, bench.reads),
+    about 0.02 ms of the 0.45 ms of worker CPU a read costs."""
 
     def __init__(self, app: AppT, table: TableT[bytes, Any]) -> None:
         self._app = app
