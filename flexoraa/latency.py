@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
@@ -30,8 +31,7 @@ from prometheus_client import Counter
 
 from flexoraa.kafka import KeyPartitioner, acknowledged_producer
 from flexoraa.settings import Settings
-from schemas.latency import LatencyEvent, Operation
-from streams.rules.sla import NO_TENANT
+from schemas.latency import NO_TENANT, LatencyEvent, Operation, is_tenant_ref
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +44,31 @@ LATENCY_EVENTS_DROPPED = Counter(
     ["reason"],
 )
 
+LATENCY_EVENTS_UNATTRIBUTED = Counter(
+    "flexoraa_latency_events_unattributed",
+    "Latency events recorded with a tenant id that is not a tenant's UUID: counted platform-wide",
+)
+
 for _reason in ("buffer_full", "kafka"):
     LATENCY_EVENTS_DROPPED.labels(_reason)  # zero from the start: rate() is 0, not "no data"
+
+
+# Tenants are few and one is checked per measured operation: a cache spares parsing the UUID.
+_is_tenant_ref = functools.lru_cache(maxsize=4096)(is_tenant_ref)
+
+
+def latency_tenant(tenant_id: str | None) -> str:
+    """The tenant id a latency event can carry: the tenant's, or `NO_TENANT` for none.
+
+    An id that is not a tenant's UUID would make the whole event a dead letter at the SLA agent
+    (or, raised where the event is built, stop the agent building it); its measurement is kept
+    for the platform-wide windows instead, and counted."""
+    if not tenant_id or tenant_id == NO_TENANT:
+        return NO_TENANT
+    if _is_tenant_ref(tenant_id):
+        return tenant_id
+    LATENCY_EVENTS_UNATTRIBUTED.inc()
+    return NO_TENANT
 
 
 class _Pending(NamedTuple):
@@ -126,7 +149,7 @@ class LatencyRecorder:
         detail: str | None = None,
         occurred_ms: int | None = None,
     ) -> None:
-        """Queue one measurement; O(1), never blocks."""
+        """Queue one measurement; O(1), never blocks. The tenant as `latency_tenant` gives it."""
         if not self.enabled:
             return
         if len(self._buffer) == self._buffer.maxlen:
@@ -136,7 +159,7 @@ class LatencyRecorder:
                 operation,
                 max(duration_ms, 0.0),
                 ok,
-                tenant_id or NO_TENANT,
+                latency_tenant(tenant_id),
                 detail[:200] if detail else None,
                 occurred_ms if occurred_ms is not None else int(time.time() * 1000),
             )

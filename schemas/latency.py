@@ -2,21 +2,49 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import uuid
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from schemas.events import Event
+
+# The tenant of platform-wide work (the prober, a request before authentication).
+NO_TENANT = "-"
 
 # ai_message: a model call; verification: a webhook signature or payment check; routing: first
 # inbound message to SDR assigned; outbound_send: a channel send; api_request: an API request.
 Operation = Literal["ai_message", "verification", "routing", "outbound_send", "api_request"]
 
 
+def is_tenant_ref(value: str) -> bool:
+    """A tenant id as every producer writes it (a UUID's canonical text), or `NO_TENANT`.
+
+    Only canonical text: the SLA windows are keyed by this string, and two spellings of one
+    UUID would split a tenant's windows (and its violations) in two."""
+    if value == NO_TENANT:
+        return True
+    try:
+        return str(uuid.UUID(value)) == value
+    except ValueError:
+        return False
+
+
+def _tenant_ref(value: str) -> str:
+    if not is_tenant_ref(value):
+        raise ValueError(f"a tenant id (a UUID) or {NO_TENANT!r}")
+    return value
+
+
 class LatencyEvent(Event):
-    """Keyed by operation on the latency topic; `tenant_id` is "" for platform-wide work."""
+    """Keyed by operation on the latency topic; `tenant_id` is `NO_TENANT` for platform-wide
+    work.
+
+    The tenant id becomes SLA window keys and a violation's alert recipient, so anything but a
+    tenant's UUID is refused at decoding (a dead letter), not found out at the alert's store."""
 
     kind: Literal["latency"] = "latency"
+    tenant_id: Annotated[str, AfterValidator(_tenant_ref)]
     operation: Operation
     duration_ms: float = Field(ge=0)
     outcome: Literal["ok", "error"]

@@ -26,6 +26,7 @@ from connectors.meta import (
 )
 from flexoraa.kafka import PublishUnavailable
 from schemas.events import InboundMessage
+from schemas.latency import NO_TENANT
 from schemas.messaging import DeliveryStatus
 from streams.rules.identity import (
     InvalidContact,
@@ -33,7 +34,6 @@ from streams.rules.identity import (
     lead_id_for,
     normalize_contact,
 )
-from streams.rules.sla import NO_TENANT
 
 logger = logging.getLogger(__name__)
 router = APIRouter(tags=["webhooks"])

@@ -27,7 +27,7 @@ from connectors.razorpay import (
     webhook_signature_valid,
 )
 from flexoraa.credits import Connection, credit_paid_order
-from streams.rules.sla import NO_TENANT
+from schemas.latency import NO_TENANT
 
 logger = logging.getLogger(__name__)
 router = APIRouter(tags=["tokens"])

@@ -18,6 +18,7 @@ from connectors.gmail import GmailApiError, GmailNotConfigured, MailboxRevoked
 from connectors.gmail_send import EmailSender, NoMailbox
 from connectors.whatsapp import OUTSIDE_WINDOW_ERROR, GraphApiClient, GraphApiError, Template
 from flexoraa.db import while_unreachable
+from flexoraa.latency import latency_tenant
 from flexoraa.settings import Settings
 from schemas.ids import name_based_id
 from schemas.latency import LatencyEvent
@@ -190,7 +191,7 @@ class Sender:
         """One SLA latency event per channel call (operation outbound_send)."""
         event = LatencyEvent(
             event_id=str(uuid.uuid4()),
-            tenant_id=command.tenant_id,
+            tenant_id=latency_tenant(command.tenant_id),
             occurred_at=datetime.now(UTC),
             operation="outbound_send",
             duration_ms=(time.perf_counter() - started) * 1000,

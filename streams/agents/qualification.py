@@ -15,6 +15,7 @@ from connectors.ai import Extraction, QualificationAI, question_for
 from connectors.sdrs import Assignment, SdrRouter
 from connectors.tenants import TenantSettings
 from flexoraa.db import while_unreachable
+from flexoraa.latency import latency_tenant
 from schemas.events import InboundMessage
 from schemas.ids import name_based_id
 from schemas.latency import LatencyEvent
@@ -217,7 +218,7 @@ class Interviewer:
             "routing",
             LatencyEvent(
                 event_id=derived_id(message.event_id, "routing-latency"),
-                tenant_id=message.tenant_id,
+                tenant_id=latency_tenant(message.tenant_id),
                 occurred_at=datetime.now(UTC),
                 operation="routing",
                 duration_ms=routing_ms,
@@ -272,7 +273,7 @@ class Interviewer:
             "ai_message",
             LatencyEvent(
                 event_id=derived_id(message.event_id, "ai-latency"),
-                tenant_id=message.tenant_id,
+                tenant_id=latency_tenant(message.tenant_id),
                 occurred_at=datetime.now(UTC),
                 operation="ai_message",
                 duration_ms=call.duration_ms,

@@ -22,14 +22,15 @@ from ddsketch import DDSketch
 
 from schemas.ids import name_based_id
 
+# tenant_id of latency events that belong to no tenant (the event model needs a non-empty one):
+# they count only towards the all-tenants aggregate.
+from schemas.latency import NO_TENANT
+
 RELATIVE_ACCURACY = 0.01
 MINUTE_MS = 60_000
 DAY_MS = 24 * 60 * MINUTE_MS
 # tenant_key of the all-tenants aggregate (sla_metrics, sla_violations, sla_daily_reports).
 PLATFORM = ""
-# tenant_id of latency events that belong to no tenant (the event model needs a non-empty one):
-# they count only towards the all-tenants aggregate.
-NO_TENANT = "-"
 OPERATIONS = ("ai_message", "verification", "routing", "outbound_send", "api_request")
 WINDOWS_MIN = {"5m": 5, "1h": 60}
 Metric = Literal["p90_ms", "error_rate", "uptime"]

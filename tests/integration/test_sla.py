@@ -271,6 +271,12 @@ async def test_bad_latency_records_are_dead_lettered_and_not_counted(
             (b"routing", b"not json"),
             # Keyed by another operation: would put routing's windows on two partitions.
             (b"ai_message", latency_event(tenant, "routing", 10.0)),
+            # Not a tenant's UUID: its windows would belong to no tenant, and the violation's
+            # alert could never be stored.
+            (
+                b"routing",
+                latency_event(tenant, "routing", 10.0).replace(tenant.encode(), b"latency-garbage"),
+            ),
             (b"routing", latency_event(tenant, "routing", 10.0)),
         ],
     )
@@ -289,6 +295,10 @@ async def test_bad_latency_records_are_dead_lettered_and_not_counted(
     reasons = [letter.reason for letter in letters if letter.source_topic == names.latency]
     assert any("invalid event" in reason for reason in reasons)
     assert any("operation" in reason for reason in reasons)
+    assert any("tenant_id" in reason for reason in reasons)
+    assert not await pool.fetchval(
+        "SELECT count(*) FROM sla_metrics WHERE tenant_key = 'latency-garbage'"
+    )
 
 
 async def test_uptime_is_probed_and_stored_per_minute(

@@ -10,9 +10,14 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from flexoraa.latency import LATENCY_EVENTS_DROPPED, LATENCY_EVENTS_SENT, LatencyRecorder
+from flexoraa.latency import (
+    LATENCY_EVENTS_DROPPED,
+    LATENCY_EVENTS_SENT,
+    LATENCY_EVENTS_UNATTRIBUTED,
+    LatencyRecorder,
+)
 from flexoraa.settings import Settings
-from streams.rules.sla import NO_TENANT
+from schemas.latency import NO_TENANT, LatencyEvent
 
 
 def _recorder(**overrides: object) -> LatencyRecorder:
@@ -30,9 +35,12 @@ def test_the_buffer_is_bounded_and_drops_the_oldest_counting_them() -> None:
     assert LATENCY_EVENTS_DROPPED.labels("buffer_full")._value.get() - before == 2
 
 
+TENANT = "5d1b8a52-3c4e-4f0a-9b7d-2e6f8c1a0b93"
+
+
 def test_measure_records_ok_failed_and_raised_blocks() -> None:
     recorder = _recorder()
-    with recorder.measure("verification", tenant_id="t1"):
+    with recorder.measure("verification", tenant_id=TENANT):
         pass
     with recorder.measure("verification") as measured:
         measured.fail("signature check unavailable")
@@ -40,15 +48,27 @@ def test_measure_records_ok_failed_and_raised_blocks() -> None:
         raise ValueError("boom")
     items = list(recorder._buffer)
     assert [item.ok for item in items] == [True, False, False]
-    assert [item.tenant_id for item in items] == ["t1", NO_TENANT, NO_TENANT]
+    assert [item.tenant_id for item in items] == [TENANT, NO_TENANT, NO_TENANT]
     assert items[1].detail == "signature check unavailable"
     assert items[2].detail == "ValueError"
     assert all(item.duration_ms >= 0 for item in items)
 
 
+def test_a_tenant_id_that_is_not_a_tenants_uuid_is_recorded_platform_wide_and_counted() -> None:
+    recorder = _recorder()
+    before = LATENCY_EVENTS_UNATTRIBUTED._value.get()
+    for tenant_id in ("t1", TENANT.upper(), "latency-1", TENANT):
+        recorder.record("api_request", 1.0, tenant_id=tenant_id)
+    assert [item.tenant_id for item in recorder._buffer] == [NO_TENANT] * 3 + [TENANT]
+    assert LATENCY_EVENTS_UNATTRIBUTED._value.get() - before == 3
+    # Every queued event is one the SLA agent will accept.
+    for item in recorder._buffer:
+        LatencyEvent.model_validate_json(recorder._encode(item))
+
+
 async def test_measure_works_as_an_async_context_manager() -> None:
     recorder = _recorder()
-    async with recorder.measure("ai_message", tenant_id="t2"):
+    async with recorder.measure("ai_message", tenant_id=TENANT):
         pass
     assert recorder._buffer[0].operation == "ai_message"
 

@@ -8,9 +8,9 @@ from datetime import UTC, date, datetime
 import numpy as np
 import pytest
 
+from schemas.latency import NO_TENANT
 from streams.rules.sla import (
     MINUTE_MS,
-    NO_TENANT,
     PLATFORM,
     Check,
     MinuteRow,
