@@ -17,8 +17,9 @@ from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import urlencode
 
+import httplib2
 import httpx
-from google.auth.exceptions import RefreshError
+from google.auth.exceptions import RefreshError, TransportError
 from google.oauth2.credentials import Credentials
 from googleapiclient.discovery import build
 from googleapiclient.errors import HttpError
@@ -179,7 +180,9 @@ class Mailbox:
             if exc.resp.status == 401:
                 raise MailboxRevoked(f"Gmail refused the credentials: {exc}") from exc
             raise GmailApiError(f"Gmail API answered {exc.resp.status}: {exc}") from exc
-        except OSError as exc:
+        # httplib2's and google-auth's own network errors are not OSErrors: a DNS failure
+        # ("Unable to find the server") escaped every handler and stopped the worker.
+        except (OSError, httplib2.HttpLib2Error, TransportError) as exc:
             raise GmailApiError(f"Gmail API unreachable: {exc!r}") from exc
 
     async def profile(self) -> tuple[str, int]:

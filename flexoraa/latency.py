@@ -31,7 +31,7 @@ from prometheus_client import Counter
 
 from flexoraa.kafka import KeyPartitioner, acknowledged_producer
 from flexoraa.settings import Settings
-from schemas.latency import NO_TENANT, LatencyEvent, Operation, is_tenant_ref
+from schemas.latency import MAX_DURATION_MS, NO_TENANT, LatencyEvent, Operation, is_tenant_ref
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class LatencyRecorder:
         self._buffer.append(
             _Pending(
                 operation,
-                max(duration_ms, 0.0),
+                min(max(duration_ms, 0.0), MAX_DURATION_MS),
                 ok,
                 latency_tenant(tenant_id),
                 detail[:200] if detail else None,

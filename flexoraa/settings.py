@@ -86,6 +86,12 @@ class Settings(BaseSettings):
     worker_session_timeout_s: float = Field(
         10.0, ge=6, le=300, description="a worker silent this long loses its partitions"
     )
+    worker_poison_records: Literal["dead_letter", "stop"] = Field(
+        "dead_letter",
+        description="a record whose handling fails for a reason of its own (not Kafka, not "
+        "PostgreSQL unreachable): dead_letter = to the dead-letter topic with the error, the "
+        "agent goes on; stop = the worker stops (and meets the record again after a restart)",
+    )
     worker_shutdown_drain_s: float = Field(
         20.0,
         gt=0,

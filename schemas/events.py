@@ -7,15 +7,32 @@ a dead letter, never a half-read record.
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Literal
+from datetime import UTC, datetime
+from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
 Channel = Literal["whatsapp", "email", "instagram", "facebook", "sms", "webchat"]
 CHANNELS: tuple[str, ...] = ("whatsapp", "email", "instagram", "facebook", "sms", "webchat")
 
 MAX_TEXT_CHARS = 16_384
+
+# Times an event can carry. Rules add days and months to them (deadlines, the extractor's "by
+# January", a minute's window), and an event of year 1 or 9999 overflowed Python's datetime
+# inside an agent or a timer, at every restart; Kafka's timestamps start at 1970 anyway.
+EARLIEST_EVENT_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST_EVENT_TIME = datetime(2200, 1, 1, tzinfo=UTC)
+
+
+def _supported_time(value: datetime) -> datetime:
+    if not EARLIEST_EVENT_TIME <= value < LATEST_EVENT_TIME:
+        raise ValueError(
+            f"a time from {EARLIEST_EVENT_TIME:%Y-%m-%d} to before {LATEST_EVENT_TIME:%Y-%m-%d}"
+        )
+    return value
+
+
+EventTime = Annotated[AwareDatetime, AfterValidator(_supported_time)]
 
 
 class Event(BaseModel):
@@ -23,7 +40,7 @@ class Event(BaseModel):
 
     event_id: str = Field(min_length=1, max_length=64)
     tenant_id: str = Field(min_length=1, max_length=64)
-    occurred_at: AwareDatetime
+    occurred_at: EventTime
 
 
 class InboundMessage(Event):
@@ -39,7 +56,7 @@ class InboundMessage(Event):
     channel_message_id: str | None = Field(None, max_length=256)
     # The business account that received it: WhatsApp phone_number_id, Instagram or page id.
     channel_account_id: str | None = Field(None, max_length=64)
-    received_at: AwareDatetime
+    received_at: EventTime
 
 
 class DeadLetter(BaseModel):

@@ -9,6 +9,11 @@ from pydantic import AfterValidator, Field
 
 from schemas.events import Event
 
+# The longest duration an event can carry: a year (routing runs from a lead's first message to
+# its SDR, which can take weeks). An infinite or enormous one overflowed the minute's sketch, or
+# its sum, and stopped the SLA agent or its timer at every restart.
+MAX_DURATION_MS = 366 * 24 * 3600 * 1000.0
+
 # The tenant of platform-wide work (the prober, a request before authentication).
 NO_TENANT = "-"
 
@@ -46,6 +51,6 @@ class LatencyEvent(Event):
     kind: Literal["latency"] = "latency"
     tenant_id: Annotated[str, AfterValidator(_tenant_ref)]
     operation: Operation
-    duration_ms: float = Field(ge=0)
+    duration_ms: float = Field(ge=0, le=MAX_DURATION_MS, allow_inf_nan=False)
     outcome: Literal["ok", "error"]
     detail: str | None = Field(None, max_length=200)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.events import MAX_TEXT_CHARS, Event
+from schemas.events import MAX_TEXT_CHARS, Event, EventTime
 
 Sender = Literal["sdr", "ai"]
 DeliveryState = Literal["sent", "delivered", "read", "failed"]
@@ -21,7 +21,7 @@ class OutboundCommand(Event):
     sent_by: Sender = "sdr"
     purpose: str = Field("reply", max_length=64, description="reply, re-engagement, recovery…")
     # Scheduled messages: held by the outbound agent until send_at, on the timer mechanism.
-    send_at: AwareDatetime | None = None
+    send_at: EventTime | None = None
 
 
 class CancelScheduled(Event):
@@ -77,7 +77,7 @@ class DeadlineReached(Event):
     lead_id: str
     deadline: str
     due_ms: int
-    fired_at: AwareDatetime
+    fired_at: EventTime
 
 
 class DeadlinesReached(BaseModel):

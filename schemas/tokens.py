@@ -20,6 +20,11 @@ from schemas.ids import name_based_id
 Feature = Literal["qualification", "reengagement", "recovery"]
 CreditSource = Literal["purchase", "subscription", "trial", "adjustment"]
 
+# The most tokens one event can move. Account balances are sums of these kept as JSON integers
+# (at most 2**64, orjson's limit): an event of 10**20 tokens made the account's write fail at
+# every restart. 10**12 is millions of times a real purchase and leaves room for 10**7 of them.
+MAX_TOKENS_PER_EVENT = 10**12
+
 _CREDIT_NAMESPACE = uuid.UUID("8f7f8a52-1d8e-4d7b-9d5e-4b0a3b8f6c21")
 
 
@@ -34,16 +39,16 @@ class TokenUsage(Event):
     feature: Feature
     lead_id: str | None = Field(None, max_length=64)
     model: str | None = Field(None, max_length=100, description="None: the built-in extractor")
-    prompt_tokens: int = Field(0, ge=0)
-    completion_tokens: int = Field(0, ge=0)
-    tokens: int = Field(ge=0, description="platform tokens charged")
+    prompt_tokens: int = Field(0, ge=0, le=MAX_TOKENS_PER_EVENT)
+    completion_tokens: int = Field(0, ge=0, le=MAX_TOKENS_PER_EVENT)
+    tokens: int = Field(ge=0, le=MAX_TOKENS_PER_EVENT, description="platform tokens charged")
 
 
 class TokenCredit(Event):
     kind: Literal["token_credit"] = "token_credit"
     source: CreditSource
     reference: str = Field(min_length=1, max_length=128, description="payment id, cycle, …")
-    tokens: int = Field(gt=0)
+    tokens: int = Field(gt=0, le=MAX_TOKENS_PER_EVENT)
 
 
 TokenEvent = TokenUsage | TokenCredit

@@ -44,6 +44,7 @@ from streams.agents.sink import SinkSpec
 from streams.agents.tokens import Accounts, AiGate, Meter, SeenIds, TenantStatusView
 from streams.batches import BatchLane
 from streams.monitor import install_prometheus_monitor
+from streams.poison import PoisonRecords
 from streams.producer import DirectTopic, HeldChangelogTable, WorkerApp
 from streams.replay import ReplayingTableManager
 from streams.rules.qualification import Policy
@@ -168,7 +169,14 @@ def create_worker_app(settings: Settings) -> faust.App:
         app.Table("token_seen", key_type=bytes, partitions=settings.kafka_partitions)
     )
     # The token topics skip Faust's per-record delivery: their handlers take whole fetches.
-    batch_lane = BatchLane()
+    # A record failing for what it carries is dead-lettered, not a worker stopped at every
+    # restart (streams.poison).
+    poison = PoisonRecords(
+        dead_letters,
+        policy=settings.worker_poison_records,
+        is_stopping=lambda: bool(app.should_stop),
+    )
+    batch_lane = BatchLane(guard=poison.handle)
     app.batch_lane = batch_lane
     tokens_agent.register(
         app,
@@ -260,6 +268,7 @@ def create_worker_app(settings: Settings) -> faust.App:
         sender=sender,
         scheduled=scheduled,
         concurrency=settings.outbound_concurrency,
+        poison=poison,
     )
     deadline_handlers = window_agent.handlers(lead_events) | scheduled.handlers()
     # --- AI qualification (issue 4) ---
@@ -342,6 +351,7 @@ def create_worker_app(settings: Settings) -> faust.App:
         handlers=deadline_handlers,
         partitions=settings.kafka_partitions,
         tick_s=settings.timer_tick_ms / 1000,
+        poison=poison,
     )
     # --- Tokens and notifications (issue 6) ---
     notifications_agent.register(
@@ -353,6 +363,7 @@ def create_worker_app(settings: Settings) -> faust.App:
         gmail=email,
         batch_size=settings.sink_batch_size,
         batch_window_s=settings.sink_batch_window_ms / 1000,
+        poison=poison,
     )
     # --- SLA monitoring (issue 8) ---
     if settings.enable_sla_monitoring:

@@ -66,6 +66,8 @@ BatchHandler = Callable[[Sequence[SourceRecord]], Awaitable[None]]
 # Records a one-at-a-time handler takes between two turns of the event loop.
 RECORDS_PER_TURN = 50
 RecordHandler = Callable[[SourceRecord], Awaitable[None]]
+# Runs a record's handler, deciding what a failure does (streams.poison.PoisonRecords.handle).
+RecordGuard = Callable[[RecordHandler, SourceRecord], Awaitable[None]]
 RecordsByPartition = Mapping[TP, Sequence[Any]]
 
 
@@ -95,10 +97,18 @@ async def handle_as_current(handle: RecordHandler, record: SourceRecord) -> None
         _current_event.reset(token)
 
 
-def one_record_at_a_time(handle: RecordHandler) -> BatchHandler:
+async def _unguarded(handle: RecordHandler, record: SourceRecord) -> None:
+    await handle(record)
+
+
+def one_record_at_a_time(handle: RecordHandler, guard: RecordGuard = _unguarded) -> BatchHandler:
     """A batch handler calling `handle` on each record in order, with the record as Faust's
     current event: an agent body, record by record, written as for a Faust agent (plain
-    `table[key] = value` writes), without Faust's per-record delivery."""
+    `table[key] = value` writes), without Faust's per-record delivery. `guard` runs each
+    record's handling (and decides what its failure does)."""
+
+    async def handle_current(record: SourceRecord) -> None:
+        await handle_as_current(handle, record)
 
     async def handle_each(records: Sequence[SourceRecord]) -> None:
         for handled, record in enumerate(records):
@@ -106,7 +116,7 @@ def one_record_at_a_time(handle: RecordHandler) -> BatchHandler:
                 # A handler rarely suspends (table writes are synchronous): a slice of a
                 # backlog held the loop, and every request to the worker, for 200-250 ms.
                 await asyncio.sleep(0)
-            await handle_as_current(handle, record)
+            await guard(handle_current, record)
 
     return handle_each
 
@@ -139,7 +149,9 @@ class _Handler:
 class BatchLane:
     """The topics whose records go to batch handlers instead of Faust's streams."""
 
-    def __init__(self) -> None:
+    def __init__(self, guard: RecordGuard = _unguarded) -> None:
+        """`guard` runs each record of a record handler (`add_record_handler`)."""
+        self._guard = guard
         self._handlers: list[_Handler] = []
         self._topics: dict[str, TopicT] = {}
         self.topics: frozenset[str] = frozenset()
@@ -176,8 +188,10 @@ class BatchLane:
         self, name: str, topics: Iterable[TopicT], handle: RecordHandler, *, max_batch: int
     ) -> None:
         """`handle` gets every record of `topics` in order, one at a time, with the record as
-        Faust's current event (see `one_record_at_a_time`)."""
-        self.add_handler(name, topics, one_record_at_a_time(handle), max_batch=max_batch)
+        Faust's current event (see `one_record_at_a_time`), through the lane's guard."""
+        self.add_handler(
+            name, topics, one_record_at_a_time(handle, self._guard), max_batch=max_batch
+        )
 
     def attach(self, app: AppT) -> None:
         """Subscribes the topics through the app and starts one task per handler. The app's

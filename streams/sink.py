@@ -86,10 +86,13 @@ class BatchSink(Generic[E]):
             try:
                 await self._write_batch(pool, batch)
                 return []
-            except asyncpg.PostgresError as exc:
+            # Not only PostgreSQL's refusals: a row the statement cannot be built from (a lead
+            # event without a field its history table needs) failed the batch at every
+            # restart. Row by row, the culprit is found and rejected.
+            except Exception as exc:
                 if is_transient(exc):
                     raise
-                logger.warning("batch refused (%s); writing row by row", exc)
+                logger.warning("batch refused (%r); writing row by row", exc)
                 return await self._write_rows(pool, batch)
 
         return await while_unreachable(attempt)
@@ -103,6 +106,11 @@ class BatchSink(Generic[E]):
                 if is_transient(exc):
                     raise
                 rejected.append(RejectedRow(message, f"database refused the row: {exc}"))
+            except Exception as exc:
+                if is_transient(exc):
+                    raise
+                reason = f"row not writable: {type(exc).__name__}: {exc}"
+                rejected.append(RejectedRow(message, reason))
         return rejected
 
     async def _write_batch(self, pool: asyncpg.Pool, batch: Sequence[E]) -> None:

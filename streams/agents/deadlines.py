@@ -17,8 +17,10 @@ from flexoraa.db import while_unreachable
 from flexoraa.kafka import partition_of
 from schemas.ids import name_based_id
 from schemas.messaging import DeadlineReached, DeadlinesReached
+from streams.batches import SourceRecord
 from streams.dead_letters import decode_or_dead_letter
 from streams.metrics import DEADLINES_FIRED
+from streams.poison import PoisonRecords
 from streams.timers import Scheduler
 
 logger = logging.getLogger(__name__)
@@ -50,6 +52,7 @@ def register(
     handlers: dict[str, DeadlineHandler],
     partitions: int,
     tick_s: float,
+    poison: PoisonRecords,
 ) -> None:
     source_name = source_topic.get_topic_name()
 
@@ -117,14 +120,26 @@ def register(
         if scheduler.pending(key).get(command.deadline) == command.due_ms:
             scheduler.cancel(key, command.deadline)
 
+    async def act_on_or_dead_letter(command: DeadlineReached, record: SourceRecord) -> None:
+        """`act_on`; a deadline whose handler fails for a reason of its own is cancelled and
+        dead-lettered alone (not its record's other deadlines): left pending, it would fire and
+        fail again on every tick and after every restart (streams.poison)."""
+        try:
+            await act_on(command)
+        except Exception as exc:
+            if not poison.should_dead_letter(exc):
+                raise
+            key = command.lead_id.encode()
+            if scheduler.pending(key).get(command.deadline) == command.due_ms:
+                scheduler.cancel(key, command.deadline)
+            await poison.dead_letter(record, exc, raw=command.model_dump_json().encode())
+
     @app.agent(deadlines_topic, name="deadlines")
     async def act_on_deadlines(stream: StreamT[bytes]) -> None:
         async for event in stream.events():
             fired = await decode_or_dead_letter(_fired.validate_json, event.message, dead_letters)
             if fired is None:
                 continue
-            if isinstance(fired, DeadlineReached):
-                await act_on(fired)
-                continue
-            for command in fired.deadlines:
-                await act_on(command)
+            commands = [fired] if isinstance(fired, DeadlineReached) else fired.deadlines
+            for command in commands:
+                await act_on_or_dead_letter(command, event.message)

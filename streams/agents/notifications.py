@@ -27,6 +27,7 @@ from flexoraa.db import while_unreachable
 from schemas.notifications import Notification
 from streams.dead_letters import dead_letter_event, decode_or_dead_letter
 from streams.metrics import NOTIFICATIONS
+from streams.poison import PoisonRecords
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +139,7 @@ def register(
     gmail: EmailSender,
     batch_size: int,
     batch_window_s: float,
+    poison: PoisonRecords,
 ) -> None:
     async def email(notification: Notification, recipients: list[str]) -> str:
         """SMTP when configured, else the tenant's own connected Gmail; which one it was."""
@@ -147,6 +149,28 @@ def register(
         await gmail.send(notification.tenant_id, to=", ".join(recipients),
                          subject=notification.title, body=notification.body)  # fmt: skip
         return "gmail"
+
+    async def record(batch: list[Notification], event_of: dict[str, EventT[bytes]]) -> Recorded:
+        """The batch stored; if PostgreSQL refuses it for one notification's sake (a NUL in a
+        text, an id it cannot read), stored one by one and the refused ones dead-lettered:
+        retried whole, the batch failed again at every restart (streams.poison)."""
+        try:
+            return await while_unreachable(store.record, batch)
+        except Exception as exc:
+            if not poison.should_dead_letter(exc):
+                raise
+        recorded = Recorded([], [])
+        for notification in batch:
+            try:
+                one = await while_unreachable(store.record, [notification])
+            except Exception as exc:
+                if not poison.should_dead_letter(exc):
+                    raise
+                await poison.dead_letter(event_of[notification.event_id].message, exc)
+                continue
+            recorded.stored.extend(one.stored)
+            recorded.unknown_tenant.extend(one.unknown_tenant)
+        return recorded
 
     @app.agent(notifications, name="notifications")
     async def deliver(stream: StreamT[bytes]) -> None:
@@ -163,7 +187,7 @@ def register(
                     continue
                 batch.append(notification)
                 event_of[notification.event_id] = event
-            recorded = await while_unreachable(store.record, batch)
+            recorded = await record(batch, event_of)
             for notification in recorded.unknown_tenant:
                 await dead_letter_event(
                     dead_letters, event_of[notification.event_id],
@@ -184,8 +208,9 @@ def register(
                 except NoMailbox:
                     no_mailbox.add(notification.tenant_id)  # neither SMTP nor Gmail: in-app only
                     continue
+                # ValueError: a header the e-mail library refuses (a line break in the title).
                 except (OSError, smtplib.SMTPException, GmailApiError, MailboxRevoked,
-                        GmailNotConfigured) as exc:  # fmt: skip
+                        GmailNotConfigured, ValueError) as exc:  # fmt: skip
                     logger.warning("notification e-mail failed: %r", exc)
                     NOTIFICATIONS.labels(notification.category, "email_failed").inc()
                 else:

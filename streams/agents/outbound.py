@@ -33,6 +33,7 @@ from streams.batches import SourceRecord, handle_as_current
 from streams.dead_letters import decode_or_dead_letter
 from streams.keyed import KeyOrderedJobs
 from streams.metrics import DUPLICATE_EVENTS, OUTBOUND_SENDS
+from streams.poison import PoisonRecords
 from streams.rules.sending import plan_send, template_parameters
 from streams.rules.window import is_window_open
 from streams.timers import Scheduler
@@ -343,6 +344,7 @@ def register(
     sender: Sender,
     scheduled: ScheduledSends,
     concurrency: int,
+    poison: PoisonRecords,
 ) -> None:
     async def send_outbound(record: SourceRecord) -> None:
         request = await decode_or_dead_letter(_requests.validate_json, record, dead_letters)
@@ -365,7 +367,10 @@ def register(
         sends = KeyOrderedJobs(concurrency, on_failure=app.crash)
 
         async def send_and_acknowledge(event: EventT[bytes]) -> None:
-            await handle_as_current(send_outbound, event.message)
+            # A command failing for what it carries is dead-lettered, not a worker stopped at
+            # every restart (streams.poison): it would never go out, so the lead's later
+            # commands go on. A transient failure still stops the jobs (and the worker).
+            await poison.handle(partial(handle_as_current, send_outbound), event.message)
             # Acknowledged once sent, not when the next command is read: the committed
             # offset never passes a command still being sent.
             await stream.ack(event)

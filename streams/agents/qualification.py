@@ -18,9 +18,9 @@ from flexoraa.db import while_unreachable
 from flexoraa.latency import latency_tenant
 from schemas.events import InboundMessage
 from schemas.ids import name_based_id
-from schemas.latency import LatencyEvent
+from schemas.latency import MAX_DURATION_MS, LatencyEvent
 from schemas.messaging import LeadEvent, OutboundCommand
-from schemas.notifications import Notification
+from schemas.notifications import Notification, clipped_body
 from streams.agents.tokens import AiGate, Meter
 from streams.batches import BatchLane, SourceRecord
 from streams.dead_letters import decoded_record
@@ -212,7 +212,8 @@ class Interviewer:
             title="New qualified lead assigned to you",
             body=f"{_summary(state['facts'])} (score {state['score']:.0f}).",
         )
-        routing_ms = max(0.0, time.time() * 1000 - state["first_message_ms"])
+        # Capped as the event allows: a lead replayed from long ago is still routed.
+        routing_ms = min(max(0.0, time.time() * 1000 - state["first_message_ms"]), MAX_DURATION_MS)
         await self._send(
             self._topics.latency,
             "routing",
@@ -244,7 +245,7 @@ class Interviewer:
             sdr_id=assignment.sdr_id if assignment else None,
             category=category,
             title=title,
-            body=body,
+            body=clipped_body(body),
             data={"lead_id": message.lead_id},
         )
         await self._send(self._topics.notifications, message.tenant_id, notification)

@@ -46,12 +46,14 @@ class SinkSpec(Generic[E]):
                         dead_letters, record, describe_validation_error(exc), "invalid_event"
                     )
         for rejected in await self.sink.write(batch):
+            # Token usage has a lead only when an AI action on a lead spent it.
+            key = getattr(rejected.message, "lead_id", None) or rejected.message.tenant_id
             await send_dead_letter(
                 dead_letters,
                 source_topic=self.topic.get_topic_name(),
                 partition=None,
                 offset=None,
-                key=getattr(rejected.message, "lead_id", rejected.message.tenant_id).encode(),
+                key=key.encode(),
                 raw=rejected.message.model_dump_json().encode(),
                 reason=rejected.reason,
                 kind="sink_rejected",

@@ -34,7 +34,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 
 from flexoraa import audit
 from flexoraa.credits import credit_due_subscriptions, relay_pending
-from flexoraa.db import DB_ERRORS
+from flexoraa.db import DB_ERRORS, is_transient
 from flexoraa.kafka import back_off_failed_metadata_updates, partition_of
 from schemas.ids import name_based_id
 from schemas.messaging import DeadlineReached
@@ -217,13 +217,20 @@ class Accounts:
             await self._alert(usage, percent, account)
 
     async def _audit_flip(self, tenant_id: str, account: Account) -> None:
-        await audit.record(
-            await self._pool(), tenant_id=tenant_id, actor="system",
-            action="tenant.paused" if account.paused else "tenant.resumed",
-            target=tenant_id, details={"balance": account.balance},
-            # The account's totals identify the flip: a replayed batch adds no second entry.
-            event_key=f"tenant-status|{tenant_id}|{account.credited}|{account.used}",
-        )  # fmt: skip
+        action = "tenant.paused" if account.paused else "tenant.resumed"
+        try:
+            await audit.record(
+                await self._pool(), tenant_id=tenant_id, actor="system", action=action,
+                target=tenant_id, details={"balance": account.balance},
+                # The account's totals identify the flip: a replayed batch adds no second entry.
+                event_key=f"tenant-status|{tenant_id}|{account.credited}|{account.used}",
+            )  # fmt: skip
+        except asyncpg.PostgresError as exc:
+            if is_transient(exc):
+                raise
+            # No such tenant (deleted, or an id that is not one): nothing to audit it against,
+            # and raising failed the whole fetch of token events at every restart.
+            logger.warning("%s of tenant %r not audited: %s", action, tenant_id, exc)
 
     async def _alert(self, usage: TokenUsage, percent: int, account: Account) -> None:
         if percent >= 100:

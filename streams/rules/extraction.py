@@ -194,7 +194,9 @@ def _days_until(today: date, target: date) -> int:
 # alternation alone is some 150 characters, hashed each time) cost more than matching them.
 _RELATIVE = re.compile(
     r"\b(?:in|within|next|over the next|in the next|about|around|have|got|only)\s+"
-    r"(\d+|a few|a couple of|couple of|few|a|an|one|two|three|four|five|six)\s+"
+    # At most four digits: "in 99999999999999999999 days" is no timeline, and its number was
+    # past what the qualification table's JSON can hold (or Python's int-parsing limit).
+    r"(\d{1,4}|a few|a couple of|couple of|few|a|an|one|two|three|four|five|six)\s+"
     r"(day|week|month|year)s?\b"
 )
 _QUARTER = re.compile(r"\b(?:in |by |during |for )?q([1-4])\b")

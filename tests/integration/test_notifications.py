@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
@@ -163,4 +164,37 @@ async def test_a_notification_for_an_unknown_tenant_is_dead_lettered_and_the_res
     assert letter.reason == f"unknown tenant {unknown_tenant}"
     (letter,) = await read_dead_letters(test_settings, malformed_tenant.encode(), 1)
     assert letter.reason == f"unknown tenant {malformed_tenant}"
+    assert worker.process.poll() is None
+
+
+async def test_a_notification_postgresql_refuses_is_dead_lettered_and_its_batch_stored(
+    api: httpx.AsyncClient,
+    make_tenant: MakeTenant,
+    test_settings: Settings,
+    worker: ManagedProcess,
+) -> None:
+    # A NUL in a text is valid JSON and a valid event, but no PostgreSQL text: the batch's
+    # insert failed, at every restart (a poison record, streams.poison).
+    tenant = await make_tenant()
+    notifications = [
+        Notification(
+            event_id=str(uuid.uuid4()), tenant_id=tenant.tenant_id, occurred_at=datetime.now(UTC),
+            audience="admins", category="token_threshold", title=title,
+            body="50 % of your tokens are used.",
+        )
+        for title in ("before", "nul \u0000 inside", "after")
+    ]  # fmt: skip
+    for notification in notifications:
+        await publish(test_settings, notification)
+
+    async def listed() -> Any:
+        rows = (await api.get("/api/notifications", headers=tenant.headers)).json()
+        return rows if len(rows) == 2 else None
+
+    rows = await eventually(listed, what="the two storable notifications")
+    assert sorted(row["title"] for row in rows) == ["after", "before"]
+    (letter,) = await read_dead_letters(test_settings, tenant.tenant_id.encode(), 1)
+    assert letter.reason.startswith("processing failed: ")
+    refused = Notification.model_validate_json(base64.b64decode(letter.raw_base64))
+    assert refused.event_id == notifications[1].event_id
     assert worker.process.poll() is None

@@ -7,6 +7,7 @@ import asyncio
 import base64
 import re
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -16,6 +17,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
 
+from flexoraa.kafka import partition_of
 from flexoraa.settings import PROJECT_ROOT, Settings
 from schemas.events import DeadLetter, InboundMessage
 from schemas.topics import TopicNames
@@ -268,6 +270,51 @@ async def test_a_record_on_the_wrong_key_is_dead_lettered(
     assert "key" in letters[0].reason
     state = await lead_state(api, tenant, first["lead_id"], 1)
     assert state["message_count"] == 1
+
+
+async def test_a_record_failing_for_what_it_carries_is_dead_lettered_and_the_worker_goes_on(
+    api: httpx.AsyncClient, make_tenant: MakeTenant, test_settings: Settings
+) -> None:
+    """A valid event whose tenant id is no UUID fails the leakage agent's tenant lookup in
+    PostgreSQL (asyncpg refuses the parameter): it used to stop the worker at every restart."""
+    tenant = await make_tenant()
+    good = await post(api, tenant, channel="sms", contact="5550007777", text="one")
+    await lead_state(api, tenant, good["lead_id"], 1)
+    # A lead of the same partition: the worker must go on past it to take the next message.
+    partition = partition_of(good["lead_id"].encode(), test_settings.kafka_partitions)
+    poison_lead = next(
+        lead
+        for lead in (str(uuid.uuid4()) for _ in range(1000))
+        if partition_of(lead.encode(), test_settings.kafka_partitions) == partition
+    )
+    record = InboundMessage(
+        event_id=str(uuid.uuid4()),
+        tenant_id="not-a-tenant-id",
+        occurred_at=datetime.now(UTC),
+        lead_id=poison_lead,
+        channel="sms",
+        contact="5550006666",
+        text="poison",
+        received_at=datetime.now(UTC),
+    )
+    producer = AIOKafkaProducer(bootstrap_servers=test_settings.kafka_bootstrap_servers)
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            TopicNames(test_settings.topic_prefix).inbound_messages,
+            record.model_dump_json().encode(),
+            key=poison_lead.encode(),
+        )
+    finally:
+        await producer.stop()
+    await post(api, tenant, channel="sms", contact="5550007777", text="two")
+    assert (await lead_state(api, tenant, good["lead_id"], 2))["message_count"] == 2
+
+    letters = await read_dead_letters(test_settings, poison_lead.encode(), 1)
+    failed = [letter for letter in letters if letter.reason.startswith("processing failed")]
+    assert failed, [letter.reason for letter in letters]
+    assert "DataError" in failed[0].reason
+    assert InboundMessage.model_validate_json(base64.b64decode(failed[0].raw_base64)) == record
 
 
 async def read_dead_letters(settings: Settings, key: bytes, count: int) -> list[DeadLetter]:

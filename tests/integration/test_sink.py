@@ -156,3 +156,33 @@ async def test_lead_events_fill_the_seed_history_tables_once(
         " WHERE tenant_id = $1"
     ) == [{"step": 1, "strategy": "nudge", "status": "replied", "tokens_spent": 3,
            "replied_at": batch[4].occurred_at}]  # fmt: skip
+
+
+async def test_a_lead_event_its_history_table_cannot_take_is_returned_and_the_rest_written(
+    test_settings: Settings, make_tenant: MakeTenant, db: asyncpg.Connection
+) -> None:
+    """A row the statement cannot even be built from (a field missing) failed the whole batch,
+    and the worker with it, at every restart."""
+    tenant = await make_tenant()
+    lead = lead_id_for(tenant.tenant_id, "sms", "5554000010")
+    good = lead_event(tenant.tenant_id, lead, "recovery_attempt", 0, step=1, strategy="nudge")
+    no_turn = lead_event(tenant.tenant_id, lead, "qualification_updated", 1, status="done")
+    bad_step = lead_event(tenant.tenant_id, lead, "recovery_replied", 2, step=[1])
+    pool = await create_pool(test_settings)
+
+    async def pool_factory() -> asyncpg.Pool:
+        return pool
+
+    try:
+        rejected = await LeadEventSink(pool_factory).write([no_turn, good, bad_step])
+    finally:
+        await pool.close()
+    assert {r.message.event_id: r.reason.split(":")[0] for r in rejected} == {
+        no_turn.event_id: "row not writable",
+        bad_step.event_id: "row not writable",
+    }
+    assert "KeyError" in rejected[0].reason
+    written = await db.fetch(
+        "SELECT event_id FROM lead_events WHERE tenant_id = $1", tenant.tenant_id
+    )
+    assert [str(row["event_id"]) for row in written] == [good.event_id]

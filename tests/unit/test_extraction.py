@@ -61,6 +61,15 @@ def test_timelines(text: str, days: int) -> None:
     assert timeline.days == days
 
 
+def test_a_relative_timeline_has_at_most_four_digits() -> None:
+    timeline = extract_timeline("in 9999 days", NOW)
+    assert timeline is not None
+    assert timeline.days == 9999
+    # Past what the qualification table's JSON holds (2**64), or Python's int-parsing limit.
+    assert extract_timeline("in 99999999999999999999 days", NOW) is None
+    assert extract_timeline("in " + "9" * 5000 + " days", NOW) is None
+
+
 def test_no_rush_is_a_timeline_without_a_date() -> None:
     timeline = extract_timeline("no rush, just exploring", NOW)
     assert timeline is not None

@@ -1,0 +1,122 @@
+"""Poison records: a record failing for what it carries is dead-lettered and the agent goes on;
+a failure of Kafka or an unreachable PostgreSQL (or a stopping worker) still stops the worker."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from dataclasses import dataclass, field
+from typing import cast
+
+import asyncpg
+import pytest
+from aiokafka.errors import KafkaConnectionError
+from faust.types import TopicT
+
+from schemas.events import DeadLetter
+from streams.batches import SourceRecord, one_record_at_a_time
+from streams.poison import REASON_MAX_CHARS, PoisonPolicy, PoisonRecords, is_poison
+
+
+@dataclass(frozen=True)
+class Record:
+    topic: str = "acme.inbound-messages"
+    partition: int = 3
+    offset: int = 0
+    key: bytes = b"lead-key"
+    value: bytes = b"{}"
+
+
+@dataclass
+class DeadLetters:
+    sent: list[tuple[bytes, DeadLetter]] = field(default_factory=list)
+
+    async def send(self, *, key: bytes, value: bytes) -> None:
+        self.sent.append((key, DeadLetter.model_validate_json(value)))
+
+
+def poison_records(
+    policy: PoisonPolicy = "dead_letter", stopping: bool = False
+) -> tuple[PoisonRecords, DeadLetters]:
+    letters = DeadLetters()
+    guard = PoisonRecords(cast(TopicT, letters), policy=policy, is_stopping=lambda: stopping)
+    return guard, letters
+
+
+@pytest.mark.parametrize(
+    ("exc", "poison"),
+    [
+        (ValueError("year 10000 is out of range"), True),
+        (KeyError("turn"), True),
+        (TypeError("Integer exceeds 64-bit range"), True),
+        (asyncpg.DataError("invalid UUID 'acme'"), True),
+        (asyncpg.ForeignKeyViolationError("no such tenant"), True),
+        # The platform's, not the record's: read again after a restart.
+        (KafkaConnectionError(), False),
+        (ConnectionRefusedError(), False),
+        (TimeoutError(), False),
+        (asyncpg.CannotConnectNowError("starting up"), False),
+        (asyncpg.TooManyConnectionsError(), False),
+        (asyncio.CancelledError(), False),
+    ],
+)
+def test_what_counts_as_the_records_own_failure(exc: BaseException, poison: bool) -> None:
+    assert is_poison(exc) is poison
+
+
+async def test_a_failing_record_is_dead_lettered_with_the_error_and_the_next_is_handled() -> None:
+    guard, letters = poison_records()
+    handled: list[int] = []
+
+    async def handle(record: SourceRecord) -> None:
+        if record.offset == 1:
+            raise ValueError("year 10000 is out of range")
+        handled.append(record.offset)
+
+    records = [Record(offset=o, value=f"record {o}".encode()) for o in range(3)]
+    await one_record_at_a_time(handle, guard.handle)(records)
+
+    assert handled == [0, 2]
+    [(key, letter)] = letters.sent
+    assert key == b"lead-key"
+    assert (letter.source_topic, letter.partition, letter.offset) == ("acme.inbound-messages", 3, 1)
+    assert base64.b64decode(letter.raw_base64) == b"record 1"
+    assert letter.reason == "processing failed: ValueError: year 10000 is out of range"
+
+
+async def test_only_the_failed_part_can_be_dead_lettered() -> None:
+    guard, letters = poison_records()
+    await guard.dead_letter(Record(value=b"two deadlines"), KeyError("x"), raw=b"one deadline")
+    assert base64.b64decode(letters.sent[0][1].raw_base64) == b"one deadline"
+
+
+async def test_a_long_reason_is_cut() -> None:
+    guard, letters = poison_records()
+
+    async def handle(record: SourceRecord) -> None:
+        raise ValueError("x" * 10_000)
+
+    await guard.handle(handle, Record())
+    assert len(letters.sent[0][1].reason) == REASON_MAX_CHARS
+
+
+@pytest.mark.parametrize(
+    ("policy", "stopping", "exc"),
+    [
+        ("dead_letter", False, KafkaConnectionError()),
+        ("dead_letter", False, asyncpg.CannotConnectNowError("starting up")),
+        ("dead_letter", True, ValueError("the producer is stopped")),
+        ("stop", False, ValueError("year 10000 is out of range")),
+    ],
+)
+async def test_the_worker_stops_on_the_platforms_failures_when_stopping_or_when_told_to(
+    policy: PoisonPolicy, stopping: bool, exc: Exception
+) -> None:
+    guard, letters = poison_records(policy, stopping)
+
+    async def handle(record: SourceRecord) -> None:
+        raise exc
+
+    with pytest.raises(type(exc)):
+        await guard.handle(handle, Record())
+    assert letters.sent == []
