@@ -14,12 +14,15 @@ import openai
 from openai import AsyncOpenAI
 
 from flexoraa.settings import Settings
+from schemas.events import MAX_TEXT_CHARS
 from streams.rules.extraction import extract
 from streams.rules.qualification import QUESTIONS, SLOTS
 
 logger = logging.getLogger(__name__)
 
 _NULLABLE_STRING = {"type": ["string", "null"]}
+# The model's question is sent as an outbound command's text.
+MAX_QUESTION_CHARS = MAX_TEXT_CHARS
 OBJECTION_KINDS = [
     "price", "competitor", "timing", "security", "integration", "contract", "trust", "none",
 ]  # fmt: skip
@@ -165,6 +168,15 @@ class QualificationAI:
             )
             content = response.choices[0].message.content or "{}"
             parsed = json.loads(content)
+            # An OpenAI-compatible server that ignores the schema may answer a list or a
+            # string: a failed call like any other, not an agent stopped on `.get`.
+            if not isinstance(parsed, dict):
+                raise ValueError(f"the model answered a JSON {type(parsed).__name__}")
+            question = parsed.get("next_question") or None
+            if question is not None and not isinstance(question, str):
+                raise ValueError("the model's next_question is not a string")
+            if question is not None and len(question) > MAX_QUESTION_CHARS:
+                raise ValueError(f"the model's next_question has {len(question)} characters")
         except (openai.OpenAIError, ValueError, IndexError) as exc:
             duration_ms = (time.perf_counter() - started) * 1000
             self.breaker.record_failure(time.monotonic())
@@ -181,7 +193,6 @@ class QualificationAI:
             usage.completion_tokens if usage else 0,
         )
         found = {slot: parsed[slot] for slot in SLOTS if parsed.get(slot) not in (None, [], "")}
-        question = parsed.get("next_question") or None
         return Extraction(found, question, "model", call)
 
 

@@ -58,6 +58,10 @@ def failure_reason(exc: BaseException) -> str:
     return reason if len(reason) <= REASON_MAX_CHARS else reason[: REASON_MAX_CHARS - 1] + "…"
 
 
+def _key(record: SourceRecord) -> bytes | None:
+    return record.key if isinstance(record.key, bytes) else None
+
+
 def _raw(record: SourceRecord) -> bytes:
     return record.value if isinstance(record.value, bytes) else b""
 
@@ -90,10 +94,15 @@ class PoisonRecords:
             await self.dead_letter(record, exc)
 
     async def dead_letter(
-        self, record: SourceRecord, exc: BaseException, *, raw: bytes | None = None
+        self,
+        record: SourceRecord,
+        exc: BaseException,
+        *,
+        raw: bytes | None = None,
+        key: bytes | None = None,
     ) -> None:
         """Dead-letters `record`, or only `raw`, the part of it that failed (one deadline of a
-        record carrying a partition's due deadlines)."""
+        record carrying a partition's due deadlines), under that part's own `key` if given."""
         logger.error(
             "record %s[%s]@%s failed and is dead-lettered",
             record.topic, record.partition, record.offset, exc_info=exc,
@@ -103,7 +112,7 @@ class PoisonRecords:
             source_topic=record.topic,
             partition=record.partition,
             offset=record.offset,
-            key=record.key if isinstance(record.key, bytes) else None,
+            key=key if key is not None else _key(record),
             raw=raw if raw is not None else _raw(record),
             reason=failure_reason(exc),
             kind="processing_failed",

@@ -132,7 +132,7 @@ def register(
             key = command.lead_id.encode()
             if scheduler.pending(key).get(command.deadline) == command.due_ms:
                 scheduler.cancel(key, command.deadline)
-            await poison.dead_letter(record, exc, raw=command.model_dump_json().encode())
+            await poison.dead_letter(record, exc, raw=command.model_dump_json().encode(), key=key)
 
     @app.agent(deadlines_topic, name="deadlines")
     async def act_on_deadlines(stream: StreamT[bytes]) -> None:

@@ -15,6 +15,7 @@ from aiohttp import web
 class OpenAIFake:
     requests: list[dict[str, Any]] = field(default_factory=list)
     # Each scripted answer: ("ok", facts dict) | ("status", http status) | ("hang", seconds)
+    # | ("content", the message's content as is: what a server ignoring the schema answers)
     script: deque[tuple[str, Any]] = field(default_factory=deque)
     usage: tuple[int, int] = (120, 45)
     url: str = ""
@@ -35,8 +36,10 @@ class OpenAIFake:
             value = {}
         facts = {
             "need": None, "budget": None, "timeline": None, "authority": None,
-            "objections": [], "next_step": None, "next_question": None, **(value or {}),
+            "objections": [], "next_step": None, "next_question": None,
+            **(value if kind != "content" and value else {}),
         }  # fmt: skip
+        content = str(value) if kind == "content" else json.dumps(facts)
         prompt, completion = self.usage
         return web.json_response(
             {
@@ -47,7 +50,7 @@ class OpenAIFake:
                 "choices": [
                     {
                         "index": 0,
-                        "message": {"role": "assistant", "content": json.dumps(facts)},
+                        "message": {"role": "assistant", "content": content},
                         "finish_reason": "stop",
                     }
                 ],

@@ -4,6 +4,7 @@ customer messages do not move the deadline, and the temperature picks the action
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 import uuid
@@ -14,11 +15,15 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from aiokafka import AIOKafkaProducer
 
 from flexoraa.settings import Settings
+from schemas.events import DeadLetter, InboundMessage
+from schemas.messaging import DeadlineReached
+from schemas.topics import TopicNames
 from tests.conftest import MakeTenant, ManagedProcess, StartProcess, start_worker
 from tests.fakes.graph_api import GraphApiFake
-from tests.integration.conftest import ApiFactory
+from tests.integration.conftest import ApiFactory, read_records
 from tests.integration.test_pipeline import eventually, post
 from tests.integration.test_whatsapp import inbound, outbound_rows, register, reply
 
@@ -245,3 +250,60 @@ async def test_a_reply_in_the_same_second_as_the_deadline_is_one_consistent_outc
     for lead_id in lead_ids:
         assert leaks.get(lead_id, 0) in (0, 1)
         assert replies[lead_id]["leaked"] is (leaks.get(lead_id, 0) == 1), lead_id
+
+
+async def test_a_deadline_failing_for_what_it_carries_is_dead_lettered_alone(
+    api: httpx.AsyncClient,
+    make_tenant: MakeTenant,
+    db: asyncpg.Connection,
+    test_settings: Settings,
+    worker: ManagedProcess,
+) -> None:
+    """A warm lead's leak reassigns it, and PostgreSQL cannot read a lead id that is no UUID:
+    the deadline failed at every tick and every restart, stopping the worker. Now that
+    deadline alone is dead-lettered and cancelled; other leads' leaks still fire."""
+    tenant = await make_tenant()
+    await api.post("/api/sdrs", headers=tenant.headers,
+                   json={"name": "a", "email": "a@example.com"})  # fmt: skip
+    lead_id = f"lead-{uuid.uuid4().hex[:12]}"
+    names = TopicNames(test_settings.topic_prefix)
+    producer = AIOKafkaProducer(bootstrap_servers=test_settings.kafka_bootstrap_servers)
+    await producer.start()
+    try:
+        for text in ("hello?", "still there?"):  # two unanswered messages: a WARM lead
+            now = datetime.now(UTC)
+            message = InboundMessage(
+                event_id=str(uuid.uuid4()), tenant_id=tenant.tenant_id, occurred_at=now,
+                lead_id=lead_id, channel="webchat", contact="v-poison", text=text,
+                received_at=now,
+            )  # fmt: skip
+            await producer.send_and_wait(
+                names.inbound_messages,
+                message.model_dump_json().encode(),
+                key=lead_id.encode(),
+            )
+    finally:
+        await producer.stop()
+
+    async def processing_failures() -> list[DeadLetter] | None:
+        letters = [
+            DeadLetter.model_validate_json(record.value)
+            for record in await read_records(test_settings, [names.dead_letters])
+            if record.key == lead_id.encode()
+        ]
+        failed = [letter for letter in letters if letter.reason.startswith("processing failed")]
+        return failed or None
+
+    failed = await eventually(processing_failures, what="the failed deadline's dead letter")
+    await asyncio.sleep(1)  # cancelled: not fired again on the next ticks
+    assert len(await processing_failures() or []) == 1
+    assert failed[0].source_topic == names.deadlines
+    assert "DataError" in failed[0].reason
+    deadline = DeadlineReached.model_validate_json(base64.b64decode(failed[0].raw_base64))
+    assert (deadline.lead_id, deadline.deadline) == (lead_id, "leak")
+
+    accepted = await post(api, tenant, channel="webchat", contact=f"v-{uuid.uuid4().hex[:8]}",
+                          text="anyone there?")  # fmt: skip
+    (row,) = await leaks(db, accepted["lead_id"])
+    assert row["temperature"] == "COLD"
+    assert worker.process.poll() is None

@@ -3,6 +3,7 @@ against real PostgreSQL, and the interview end to end through a worker."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -91,6 +92,30 @@ async def test_a_500_then_200_is_retried_by_the_client(
     assert len(openai_fake.requests) == 2
     assert result.source == "model"
     assert result.found == {"need": "a CRM"}
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "[1, 2]",
+        '"just a string"',
+        json.dumps({"need": "a CRM", "next_question": {"text": "?"}}),
+        json.dumps({"need": "a CRM", "next_question": "x" * 20_000}),
+    ],
+    ids=["list", "string", "question-not-text", "question-too-long"],
+)
+async def test_an_answer_outside_the_schema_is_a_failed_call_and_the_builtin_extractor_answers(
+    test_settings: Settings, openai_fake: OpenAIFake, content: str
+) -> None:
+    # An OpenAI-compatible server may ignore the schema: such an answer stopped the worker.
+    openai_fake.script.append(("content", content))
+    result = await ai(test_settings, openai_fake, openai_max_retries=0).extract(
+        "$5k budget", "budget", NOW
+    )
+    assert result.source == "builtin"
+    assert result.call is not None
+    assert not result.call.ok
+    assert result.found["budget"]["max"] == 5_000
 
 
 async def test_timeouts_trip_the_breaker_and_the_builtin_extractor_answers(

@@ -4,6 +4,7 @@ server speaking the Graph API, delivery statuses, the 24-hour window and its tim
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 import uuid
@@ -18,6 +19,7 @@ from aiokafka import AIOKafkaProducer
 
 from connectors.meta import signature_for
 from flexoraa.settings import Settings
+from schemas.events import DeadLetter
 from schemas.messaging import OutboundCommand
 from schemas.topics import TopicNames
 from streams.rules.identity import lead_id_for
@@ -39,7 +41,7 @@ from tests.fakes.meta_payloads import (
     whatsapp_payload,
     whatsapp_status,
 )
-from tests.integration.conftest import ApiFactory
+from tests.integration.conftest import ApiFactory, read_records
 from tests.integration.test_pipeline import eventually, lead_state
 
 pytestmark = pytest.mark.integration
@@ -635,3 +637,42 @@ async def test_a_command_read_before_its_leads_first_message_goes_out_once_the_l
     assert (row["status"], row["send_kind"], row["sent_by"]) == ("accepted", "freeform", "ai")
     (request,) = graph.sent_to(business.phone_number_id)
     assert request["body"]["text"]["body"] == "What is your budget?"
+
+
+async def test_a_command_failing_for_what_it_carries_is_dead_lettered_and_the_next_goes_out(
+    api: httpx.AsyncClient, make_tenant: MakeTenant, graph: GraphApiFake, test_settings: Settings
+) -> None:
+    # A tenant id that is no UUID fails the channel lookup in PostgreSQL (asyncpg refuses the
+    # parameter): the outbound agent stopped the worker on it at every restart.
+    business = await register(api, await make_tenant())
+    lead_id = await inbound(api, business, "919877700010", now_s() - 5, "wamid.P1")
+    names = TopicNames(test_settings.topic_prefix)
+    command = OutboundCommand(
+        event_id=str(uuid.uuid4()), tenant_id="not-a-tenant-id", occurred_at=datetime.now(UTC),
+        lead_id=lead_id, text="never sent", sent_by="sdr",
+    )  # fmt: skip
+    producer = AIOKafkaProducer(bootstrap_servers=test_settings.kafka_bootstrap_servers)
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            names.outbound_commands, key=lead_id.encode(), value=command.model_dump_json().encode()
+        )
+    finally:
+        await producer.stop()
+    await reply(api, business, lead_id, "Sent after it.")
+    (row,) = await outbound_rows(api, business, lead_id)
+    assert row["status"] == "accepted"
+    (request,) = graph.sent_to(business.phone_number_id)
+    assert request["body"]["text"]["body"] == "Sent after it."
+
+    async def dead_lettered() -> list[DeadLetter] | None:
+        letters = [
+            DeadLetter.model_validate_json(record.value)
+            for record in await read_records(test_settings, [names.dead_letters])
+            if record.key == lead_id.encode()
+        ]
+        return [let for let in letters if let.source_topic == names.outbound_commands] or None
+
+    (letter,) = await eventually(dead_lettered, what="the command's dead letter")
+    assert letter.reason.startswith("processing failed: DataError")
+    assert OutboundCommand.model_validate_json(base64.b64decode(letter.raw_base64)) == command

@@ -86,8 +86,11 @@ async def test_a_failing_record_is_dead_lettered_with_the_error_and_the_next_is_
 
 async def test_only_the_failed_part_can_be_dead_lettered() -> None:
     guard, letters = poison_records()
-    await guard.dead_letter(Record(value=b"two deadlines"), KeyError("x"), raw=b"one deadline")
-    assert base64.b64decode(letters.sent[0][1].raw_base64) == b"one deadline"
+    deadlines = Record(key=None, value=b"two deadlines")  # type: ignore[arg-type]
+    await guard.dead_letter(deadlines, KeyError("x"), raw=b"one deadline", key=b"its lead")
+    [(key, letter)] = letters.sent
+    assert (key, base64.b64decode(letter.raw_base64)) == (b"its lead", b"one deadline")
+    assert base64.b64decode(letter.key_base64 or "") == b"its lead"
 
 
 async def test_a_long_reason_is_cut() -> None:
