@@ -33,6 +33,7 @@ from faust.types import TopicT
 from flexoraa.db import UNREACHABLE
 from streams.batches import SourceRecord
 from streams.dead_letters import send_dead_letter
+from streams.metrics import DEAD_LETTERS
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ TRANSIENT: tuple[type[BaseException], ...] = (
 )
 # A dead letter's reason is read in a log line or a dashboard, not a report.
 REASON_MAX_CHARS = 500
+# Zero from the start: the first skipped record is an increase the PoisonRecords alert sees.
+DEAD_LETTERS.labels("processing_failed")
 
 
 def is_poison(exc: BaseException) -> bool:

@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 import asyncpg
@@ -19,7 +20,7 @@ from aiokafka import AIOKafkaProducer
 
 from connectors.meta import signature_for
 from flexoraa.settings import Settings
-from schemas.events import DeadLetter
+from schemas.events import DeadLetter, InboundMessage
 from schemas.messaging import OutboundCommand
 from schemas.topics import TopicNames
 from streams.rules.identity import lead_id_for
@@ -639,40 +640,65 @@ async def test_a_command_read_before_its_leads_first_message_goes_out_once_the_l
     assert request["body"]["text"]["body"] == "What is your budget?"
 
 
-async def test_a_command_failing_for_what_it_carries_is_dead_lettered_and_the_next_goes_out(
-    api: httpx.AsyncClient, make_tenant: MakeTenant, graph: GraphApiFake, test_settings: Settings
+async def test_a_command_failing_for_what_it_carries_is_dead_lettered_and_the_worker_goes_on(
+    api: httpx.AsyncClient,
+    make_tenant: MakeTenant,
+    graph: GraphApiFake,
+    test_settings: Settings,
+    worker: ManagedProcess,
 ) -> None:
-    # A tenant id that is no UUID fails the channel lookup in PostgreSQL (asyncpg refuses the
-    # parameter): the outbound agent stopped the worker on it at every restart.
+    # A lead whose tenant id is no UUID: the channel lookup in PostgreSQL fails on it (asyncpg
+    # refuses the parameter), and the outbound agent stopped the worker at every restart.
     business = await register(api, await make_tenant())
-    lead_id = await inbound(api, business, "919877700010", now_s() - 5, "wamid.P1")
+    good_lead = await inbound(api, business, "919877700010", now_s() - 5, "wamid.P1")
     names = TopicNames(test_settings.topic_prefix)
-    command = OutboundCommand(
-        event_id=str(uuid.uuid4()), tenant_id="not-a-tenant-id", occurred_at=datetime.now(UTC),
-        lead_id=lead_id, text="never sent", sent_by="sdr",
+    poison_lead = str(uuid.uuid4())
+    now = datetime.now(UTC)
+    message = InboundMessage(
+        event_id=str(uuid.uuid4()), tenant_id="not-a-tenant-id", occurred_at=now,
+        lead_id=poison_lead, channel="whatsapp", contact="919877700011", text="hi",
+        received_at=now,
     )  # fmt: skip
+    command = OutboundCommand(
+        event_id=str(uuid.uuid4()), tenant_id="not-a-tenant-id", occurred_at=now,
+        lead_id=poison_lead, text="never sent", sent_by="sdr",
+    )  # fmt: skip
+
+    async def dead_letters(source_topic: str) -> list[DeadLetter] | None:
+        letters = [
+            DeadLetter.model_validate_json(record.value)
+            for record in await read_records(test_settings, [names.dead_letters])
+            if record.key == poison_lead.encode()
+        ]
+        return [letter for letter in letters if letter.source_topic == source_topic] or None
+
     producer = AIOKafkaProducer(bootstrap_servers=test_settings.kafka_bootstrap_servers)
     await producer.start()
     try:
         await producer.send_and_wait(
-            names.outbound_commands, key=lead_id.encode(), value=command.model_dump_json().encode()
+            names.inbound_messages,
+            key=poison_lead.encode(),
+            value=message.model_dump_json().encode(),
+        )
+        # The lead is known once its message is handled (its other agents dead-letter it).
+        await eventually(partial(dead_letters, names.inbound_messages), what="the lead's message")
+        await producer.send_and_wait(
+            names.outbound_commands,
+            key=poison_lead.encode(),
+            value=command.model_dump_json().encode(),
         )
     finally:
         await producer.stop()
-    await reply(api, business, lead_id, "Sent after it.")
-    (row,) = await outbound_rows(api, business, lead_id)
-    assert row["status"] == "accepted"
-    (request,) = graph.sent_to(business.phone_number_id)
-    assert request["body"]["text"]["body"] == "Sent after it."
 
-    async def dead_lettered() -> list[DeadLetter] | None:
-        letters = [
-            DeadLetter.model_validate_json(record.value)
-            for record in await read_records(test_settings, [names.dead_letters])
-            if record.key == lead_id.encode()
-        ]
-        return [let for let in letters if let.source_topic == names.outbound_commands] or None
-
-    (letter,) = await eventually(dead_lettered, what="the command's dead letter")
+    (letter,) = await eventually(
+        partial(dead_letters, names.outbound_commands), what="the command's dead letter"
+    )
     assert letter.reason.startswith("processing failed: DataError")
     assert OutboundCommand.model_validate_json(base64.b64decode(letter.raw_base64)) == command
+    await reply(api, business, good_lead, "Sent after it.")
+    (row,) = await outbound_rows(api, business, good_lead)
+    assert row["status"] == "accepted"
+    assert [r["body"]["text"]["body"] for r in graph.sent_to(business.phone_number_id)] == [
+        "Sent after it."
+    ]
+    assert worker.process.poll() is None
