@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from schemas.events import MAX_TEXT_CHARS, Channel
+from schemas.events import MAX_TEXT_CHARS, Channel, EventTime
 
 
 class InboundMessageRequest(BaseModel):
@@ -18,7 +18,8 @@ class InboundMessageRequest(BaseModel):
     channel: Channel
     contact: str = Field(min_length=1, max_length=320, description="phone, e-mail or channel id")
     text: str = Field(max_length=MAX_TEXT_CHARS)
-    occurred_at: AwareDatetime | None = Field(
+    # Within the times an event can carry: a 422 here, not a 500 building the event.
+    occurred_at: EventTime | None = Field(
         None, description="when the customer sent it (ISO 8601 with a time zone); default now"
     )
     channel_message_id: str | None = Field(

@@ -31,7 +31,7 @@ from connectors.gmail_store import GmailStore, MailboxRow
 from flexoraa.db import DB_ERRORS
 from flexoraa.kafka import EventPublisher, PublishUnavailable
 from flexoraa.settings import Settings
-from schemas.events import InboundMessage
+from schemas.events import InboundMessage, is_supported_time
 from schemas.ids import name_based_id
 from schemas.notifications import Notification
 from schemas.topics import TopicNames
@@ -132,6 +132,9 @@ class GmailPoller:
                 continue
             lead_id = lead_id_for(row.tenant_id, "email", contact)
             received = datetime.fromtimestamp(int(fetched.get("internalDate", 0)) / 1000, UTC)
+            if not is_supported_time(received):
+                # Imported mail can carry any date; an event cannot (schemas.events).
+                received = datetime.now(UTC)
             text = mail.text or mail.subject
             if mail.attachments:
                 text = f"{text}\n[attachments: {', '.join(mail.attachments)}]".strip()

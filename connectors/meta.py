@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from schemas.events import is_supported_time
+
 SIGNATURE_HEADER = "x-hub-signature-256"
 _PREFIX = "sha256="
 
@@ -71,16 +73,24 @@ class MalformedPayload(ValueError):
 
 def _from_unix_s(value: Any) -> datetime:
     try:
-        return datetime.fromtimestamp(int(value), tz=UTC)
+        return _supported(datetime.fromtimestamp(int(value), tz=UTC), value)
     except (TypeError, ValueError, OverflowError, OSError) as exc:
         raise MalformedPayload(f"bad timestamp {value!r}") from exc
 
 
 def _from_unix_ms(value: Any) -> datetime:
     try:
-        return datetime.fromtimestamp(int(value) / 1000, tz=UTC)
+        return _supported(datetime.fromtimestamp(int(value) / 1000, tz=UTC), value)
     except (TypeError, ValueError, OverflowError, OSError) as exc:
         raise MalformedPayload(f"bad timestamp {value!r}") from exc
+
+
+def _supported(at: datetime, value: Any) -> datetime:
+    # Outside the times an event can carry, the event's model refused it later, as a 500 that
+    # Meta would retry for days.
+    if not is_supported_time(at):
+        raise MalformedPayload(f"timestamp {value!r} out of range")
+    return at
 
 
 def _whatsapp_text(message: dict[str, Any]) -> str:

@@ -88,9 +88,12 @@ class Settings(BaseSettings):
     )
     worker_poison_records: Literal["dead_letter", "stop"] = Field(
         "dead_letter",
-        description="a record whose handling fails for a reason of its own (not Kafka, not "
-        "PostgreSQL unreachable): dead_letter = to the dead-letter topic with the error, the "
-        "agent goes on; stop = the worker stops (and meets the record again after a restart)",
+        description="an agent's record whose handling fails for a reason of its own (a value "
+        "the code cannot work with, data PostgreSQL refuses): dead_letter = to the dead-letter "
+        "topic with the error, the agent goes on; stop = the worker stops (and meets the record "
+        "again after a restart). Any other failure (Kafka, PostgreSQL down or read-only, a "
+        "deadlock, a missing table) always stops the worker; the sinks always reject the rows "
+        "PostgreSQL refuses",
     )
     worker_shutdown_drain_s: float = Field(
         20.0,

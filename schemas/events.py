@@ -24,8 +24,12 @@ EARLIEST_EVENT_TIME = datetime(1970, 1, 1, tzinfo=UTC)
 LATEST_EVENT_TIME = datetime(2200, 1, 1, tzinfo=UTC)
 
 
+def is_supported_time(value: datetime) -> bool:
+    return EARLIEST_EVENT_TIME <= value < LATEST_EVENT_TIME
+
+
 def _supported_time(value: datetime) -> datetime:
-    if not EARLIEST_EVENT_TIME <= value < LATEST_EVENT_TIME:
+    if not is_supported_time(value):
         raise ValueError(
             f"a time from {EARLIEST_EVENT_TIME:%Y-%m-%d} to before {LATEST_EVENT_TIME:%Y-%m-%d}"
         )

@@ -48,14 +48,26 @@ async def send_dead_letter(
     DEAD_LETTERS.labels(kind).inc()
 
 
-async def dead_letter_record(topic: TopicT, record: SourceRecord, reason: str, kind: str) -> None:
+async def dead_letter_record(
+    topic: TopicT,
+    record: SourceRecord,
+    reason: str,
+    kind: str,
+    *,
+    raw: bytes | None = None,
+    key: bytes | None = None,
+) -> None:
+    """Dead-letters `record`, or only `raw`, the part of it that failed, under that part's own
+    `key` if given."""
+    record_key = record.key if isinstance(record.key, bytes) else None
+    record_value = record.value if isinstance(record.value, bytes) else b""
     await send_dead_letter(
         topic,
         source_topic=record.topic,
         partition=record.partition,
         offset=record.offset,
-        key=record.key if isinstance(record.key, bytes) else None,
-        raw=record.value if isinstance(record.value, bytes) else b"",
+        key=key if key is not None else record_key,
+        raw=raw if raw is not None else record_value,
         reason=reason,
         kind=kind,
     )

@@ -5,46 +5,49 @@ the same record from the committed offset: a record that fails for what it carri
 is not a UUID where PostgreSQL wants one, a number past what a table can encode, a text the
 extractor cannot parse) stopped its partition, and every lead and tenant on it, for good. Events
 are validated when decoded, but a valid event can still fail a rule or a store (a review found
-fifteen such paths). So a handler's exception is sorted:
+fifteen such paths). So a handler's exception is sorted (`is_poison`):
 
-- transient (Kafka, PostgreSQL unreachable, the network): the worker stops as before, and the
-  record is read again once the outage is over, so nothing is lost;
-- anything else: the record goes to the dead-letter topic with the exception as the reason
-  (its raw bytes kept, to replay once the cause is mended), the error is logged with its
-  traceback, and the agent goes on with the next record.
+- the record's own: a value the code cannot work with (ValueError, TypeError, KeyError and
+  their kin) or one PostgreSQL refuses as data (SQLSTATE classes 22, data exception, and 23,
+  integrity constraint violation). The record goes to the dead-letter topic with the exception
+  as the reason and its raw bytes, the error is logged with its traceback, and the agent goes
+  on with the next record;
+- anything else stops the worker as before, and the record is read again after the restart:
+  Kafka, PostgreSQL unreachable, restarting, read-only after a failover, a deadlock, a missing
+  table or a refused password (a deployment's or an outage's failure, not the record's: skipping
+  would drop every record until it is mended).
 
-Effects the handler produced before it failed stay (each is idempotent by event id, as on any
-replay). `WORKER_POISON_RECORDS=stop` keeps the old behaviour, for a deployment that would rather
-halt than skip a record. A stopping worker always stops: a failure while the app shuts down is
-the shutdown's, not the record's.
+The handler's effects before it failed stay: those sent carry ids derived from the record, so a
+replay of the dead letter once the cause is mended repeats none of them, but a table it changed
+may make such a replay do less than the first run would have. `WORKER_POISON_RECORDS=stop` keeps
+the old behaviour, for a deployment that would rather halt than skip a record. A stopping worker
+always stops: a failure while the app shuts down is the shutdown's, not the record's.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Literal
 
-from aiokafka.errors import KafkaError
-from faust.exceptions import ProducerSendError
+import asyncpg
 from faust.types import TopicT
 
 from flexoraa.db import UNREACHABLE
 from streams.batches import SourceRecord
-from streams.dead_letters import send_dead_letter
+from streams.dead_letters import dead_letter_record
 from streams.metrics import DEAD_LETTERS
 
 logger = logging.getLogger(__name__)
 
 PoisonPolicy = Literal["dead_letter", "stop"]
-# Failures of the platform, not of the record: read the record again after a restart.
-TRANSIENT: tuple[type[BaseException], ...] = (
-    *UNREACHABLE,
-    KafkaError,
-    ProducerSendError,
-    asyncio.TimeoutError,
-)
+# What a value the code cannot work with raises: pydantic's ValidationError and orjson's and
+# json's errors are ValueErrors or TypeErrors, an overflow an ArithmeticError.
+_RECORDS_OWN = (ValueError, TypeError, LookupError, AttributeError, ArithmeticError)
+# SQLSTATE classes of data PostgreSQL refuses: 22 (data exception: an id that is no UUID, a NUL
+# in a text, a number out of range; asyncpg's own encoding errors are 22000) and 23 (integrity
+# constraint violation: a row of a tenant that does not exist).
+_REFUSED_DATA_CLASSES = ("22", "23")
 # A dead letter's reason is read in a log line or a dashboard, not a report.
 REASON_MAX_CHARS = 500
 # Zero from the start: the first skipped record is an increase the PoisonRecords alert sees.
@@ -52,21 +55,17 @@ DEAD_LETTERS.labels("processing_failed")
 
 
 def is_poison(exc: BaseException) -> bool:
-    """Whether `exc` is the record's own (handling it again fails again)."""
-    return isinstance(exc, Exception) and not isinstance(exc, TRANSIENT)
+    """Whether `exc` is the record's own: handling the record again fails again, whatever the
+    platform does meanwhile."""
+    if isinstance(exc, asyncpg.PostgresError):
+        sqlstate = getattr(exc, "sqlstate", None) or ""
+        return sqlstate[:2] in _REFUSED_DATA_CLASSES
+    return isinstance(exc, _RECORDS_OWN) and not isinstance(exc, UNREACHABLE)
 
 
 def failure_reason(exc: BaseException) -> str:
     reason = f"processing failed: {type(exc).__name__}: {exc}"
     return reason if len(reason) <= REASON_MAX_CHARS else reason[: REASON_MAX_CHARS - 1] + "…"
-
-
-def _key(record: SourceRecord) -> bytes | None:
-    return record.key if isinstance(record.key, bytes) else None
-
-
-def _raw(record: SourceRecord) -> bytes:
-    return record.value if isinstance(record.value, bytes) else b""
 
 
 class PoisonRecords:
@@ -87,10 +86,11 @@ class PoisonRecords:
         return self._policy == "dead_letter" and is_poison(exc) and not self._is_stopping()
 
     async def handle(
-        self, handle: Callable[[SourceRecord], Awaitable[None]], record: SourceRecord
+        self, handler: Callable[[SourceRecord], Awaitable[None]], record: SourceRecord
     ) -> None:
+        """`handler(record)`; a poison record dead-lettered, anything else raised."""
         try:
-            await handle(record)
+            await handler(record)
         except Exception as exc:
             if not self.should_dead_letter(exc):
                 raise
@@ -110,13 +110,6 @@ class PoisonRecords:
             "record %s[%s]@%s failed and is dead-lettered",
             record.topic, record.partition, record.offset, exc_info=exc,
         )  # fmt: skip
-        await send_dead_letter(
-            self._dead_letters,
-            source_topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-            key=key if key is not None else _key(record),
-            raw=raw if raw is not None else _raw(record),
-            reason=failure_reason(exc),
-            kind="processing_failed",
+        await dead_letter_record(
+            self._dead_letters, record, failure_reason(exc), "processing_failed", raw=raw, key=key
         )

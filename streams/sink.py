@@ -14,11 +14,12 @@ from typing import Generic, TypeVar
 
 import asyncpg
 
-from flexoraa.db import is_transient, while_unreachable
+from flexoraa.db import while_unreachable
 from schemas.events import Event, InboundMessage
 from schemas.messaging import DeliveryStatus, LeadEvent, OutboundMessage
 from schemas.tokens import TokenCredit, TokenUsage
 from streams.metrics import SINK_RETRIES, SINK_ROWS
+from streams.poison import is_poison
 from streams.rules.delivery import RANK, supersedes
 
 logger = logging.getLogger(__name__)
@@ -88,9 +89,10 @@ class BatchSink(Generic[E]):
                 return []
             # Not only PostgreSQL's refusals: a row the statement cannot be built from (a lead
             # event without a field its history table needs) failed the batch at every
-            # restart. Row by row, the culprit is found and rejected.
+            # restart. Row by row, the culprit is found and rejected. Anything that is no
+            # row's fault (a deadlock, a missing table) stops the worker instead.
             except Exception as exc:
-                if is_transient(exc):
+                if not is_poison(exc):
                     raise
                 logger.warning("batch refused (%r); writing row by row", exc)
                 return await self._write_rows(pool, batch)
@@ -102,14 +104,14 @@ class BatchSink(Generic[E]):
         for message in batch:
             try:
                 await self._write_batch(pool, [message])
-            except asyncpg.PostgresError as exc:
-                if is_transient(exc):
-                    raise
-                rejected.append(RejectedRow(message, f"database refused the row: {exc}"))
             except Exception as exc:
-                if is_transient(exc):
+                if not is_poison(exc):
                     raise
-                reason = f"row not writable: {type(exc).__name__}: {exc}"
+                reason = (
+                    f"database refused the row: {exc}"
+                    if isinstance(exc, asyncpg.PostgresError)
+                    else f"row not writable: {type(exc).__name__}: {exc}"
+                )
                 rejected.append(RejectedRow(message, reason))
         return rejected
 

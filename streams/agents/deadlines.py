@@ -121,18 +121,22 @@ def register(
             scheduler.cancel(key, command.deadline)
 
     async def act_on_or_dead_letter(command: DeadlineReached, record: SourceRecord) -> None:
-        """`act_on`; a deadline whose handler fails for a reason of its own is cancelled and
-        dead-lettered alone (not its record's other deadlines): left pending, it would fire and
-        fail again on every tick and after every restart (streams.poison)."""
+        """`act_on`; a deadline whose handler fails for a reason of its own is dead-lettered
+        alone (not its record's other deadlines) and cancelled: left pending, it would fire and
+        fail again on every tick and after every restart (streams.poison). Its dead letter is
+        for inspection: replayed as it is, it finds the deadline gone and does nothing."""
         try:
             await act_on(command)
         except Exception as exc:
             if not poison.should_dead_letter(exc):
                 raise
             key = command.lead_id.encode()
+            raw = command.model_dump_json().encode()
+            # The dead letter first: cancelled, then killed before it, the deadline was gone
+            # without a trace (the cancellation's changelog write waits for it, as effects do).
+            await poison.dead_letter(record, exc, raw=raw, key=key)
             if scheduler.pending(key).get(command.deadline) == command.due_ms:
                 scheduler.cancel(key, command.deadline)
-            await poison.dead_letter(record, exc, raw=command.model_dump_json().encode(), key=key)
 
     @app.agent(deadlines_topic, name="deadlines")
     async def act_on_deadlines(stream: StreamT[bytes]) -> None:

@@ -34,12 +34,19 @@ from pydantic import Field, TypeAdapter, ValidationError
 
 from flexoraa import audit
 from flexoraa.credits import credit_due_subscriptions, relay_pending
-from flexoraa.db import DB_ERRORS, is_transient
+from flexoraa.db import DB_ERRORS
 from flexoraa.kafka import back_off_failed_metadata_updates, partition_of
 from schemas.ids import name_based_id
 from schemas.messaging import DeadlineReached
 from schemas.notifications import Notification
-from schemas.tokens import Feature, TenantStatus, TokenCredit, TokenEvent, TokenUsage
+from schemas.tokens import (
+    MAX_TOKENS_PER_EVENT,
+    Feature,
+    TenantStatus,
+    TokenCredit,
+    TokenEvent,
+    TokenUsage,
+)
 from streams.agents.deadlines import DeadlineHandler, deadline_event_id
 from streams.batches import BatchLane, SourceRecord
 from streams.dead_letters import dead_letter_record, describe_validation_error
@@ -51,6 +58,7 @@ from streams.metrics import (
     TOKEN_EVENTS,
     TOKEN_TENANT_PAUSED,
 )
+from streams.poison import is_poison
 from streams.producer import HeldChangelogTable
 from streams.rules.tokens import Account, charge, credit, spend
 from streams.timers import Scheduler
@@ -226,7 +234,7 @@ class Accounts:
                 event_key=f"tenant-status|{tenant_id}|{account.credited}|{account.used}",
             )  # fmt: skip
         except asyncpg.PostgresError as exc:
-            if is_transient(exc):
+            if not is_poison(exc):
                 raise
             # No such tenant (deleted, or an id that is not one): nothing to audit it against,
             # and raising failed the whole fetch of token events at every restart.
@@ -558,9 +566,21 @@ class Meter:
         prompt_tokens: int = 0,
         completion_tokens: int = 0,
     ) -> int:
-        """Produces the usage event; returns the platform tokens charged."""
-        tokens = charge(
-            feature, prompt_tokens, completion_tokens, self._prices, self._model_tokens_per_token
+        """Produces the usage event; returns the platform tokens charged.
+
+        Counts are capped at what an event can carry (`MAX_TOKENS_PER_EVENT`): a model server
+        reporting absurd usage is charged the cap, not left to fail the AI action."""
+        prompt_tokens = min(prompt_tokens, MAX_TOKENS_PER_EVENT)
+        completion_tokens = min(completion_tokens, MAX_TOKENS_PER_EVENT)
+        tokens = min(
+            charge(
+                feature,
+                prompt_tokens,
+                completion_tokens,
+                self._prices,
+                self._model_tokens_per_token,
+            ),
+            MAX_TOKENS_PER_EVENT,
         )
         usage = TokenUsage(
             event_id=event_id,

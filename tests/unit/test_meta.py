@@ -148,8 +148,22 @@ def test_echoes_of_the_business_own_messages_are_skipped() -> None:
         whatsapp_payload(
             [whatsapp_change("1", [whatsapp_message("w", "9198", 0) | {"timestamp": "soon"}])]
         ),
+        # Past the times an event can carry (1970 to 2200): a 500 building it, retried by Meta.
+        whatsapp_payload(
+            [whatsapp_change("1", [whatsapp_message("w", "9198", 0) | {"timestamp": "-1"}])]
+        ),
+        whatsapp_payload(
+            [whatsapp_change("1", [whatsapp_message("w", "9198", 0) | {"timestamp": "9999999999"}])]
+        ),
     ],
-    ids=["entry-not-list", "no-phone-number-id", "no-sender", "bad-timestamp"],
+    ids=[
+        "entry-not-list",
+        "no-phone-number-id",
+        "no-sender",
+        "bad-timestamp",
+        "before-1970",
+        "after-2200",
+    ],
 )
 def test_malformed_payloads_are_refused(payload: dict[str, object]) -> None:
     with pytest.raises(MalformedPayload):
