@@ -3,15 +3,15 @@ built-in extractor when there is no key or the circuit breaker is open."""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal, get_args
 
 import openai
 from openai import AsyncOpenAI
+from pydantic import BaseModel, ConfigDict, Field
 
 from flexoraa.settings import Settings
 from schemas.events import MAX_TEXT_CHARS
@@ -21,11 +21,11 @@ from streams.rules.qualification import QUESTIONS, SLOTS
 logger = logging.getLogger(__name__)
 
 _NULLABLE_STRING = {"type": ["string", "null"]}
-# The model's question is sent as an outbound command's text.
-MAX_QUESTION_CHARS = MAX_TEXT_CHARS
-OBJECTION_KINDS = [
+ObjectionKind = Literal[
     "price", "competitor", "timing", "security", "integration", "contract", "trust", "none",
 ]  # fmt: skip
+OBJECTION_KINDS = list(get_args(ObjectionKind))
+NextStepAction = Literal["call", "demo", "meeting", "proposal"]
 
 # Strict structured outputs: every property required, no additional properties, null for
 # "not in this message".
@@ -54,13 +54,54 @@ LEAD_FACTS_SCHEMA: dict[str, Any] = {
         "objections": {"type": "array", "items": {"type": "string", "enum": OBJECTION_KINDS}},
         "next_step": {"anyOf": [{"type": "null"}, {
             "type": "object", "additionalProperties": False, "required": ["action", "when"],
-            "properties": {"action": {"type": "string",
-                                      "enum": ["call", "demo", "meeting", "proposal"]},
+            "properties": {"action": {"type": "string", "enum": list(get_args(NextStepAction))},
                            "when": _NULLABLE_STRING},
         }]},
         "next_question": _NULLABLE_STRING,
     },
 }  # fmt: skip
+
+
+# The answer, checked against the schema it was asked for: an OpenAI-compatible server may ignore
+# the schema, and a shape the rules do not expect (a timeline that is a string, days past what a
+# table can hold) failed the interview of that message. Strict: no coercion, as the schema says.
+# tests/integration/test_qualification.py keeps these models and LEAD_FACTS_SCHEMA alike.
+class _Answer(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class _Budget(_Answer):
+    min: int | float | None
+    max: int | float | None
+    currency: str | None
+
+
+class _Timeline(_Answer):
+    # A century: the built-in extractor's longest is 9999 years, but no sales timeline is.
+    days: int | None = Field(ge=0, le=36_500)
+    text: str
+
+
+class _Authority(_Answer):
+    decision_maker: bool
+    approver: str | None
+
+
+class _NextStep(_Answer):
+    action: NextStepAction
+    when: str | None
+
+
+class LeadFactsAnswer(_Answer):
+    need: str | None
+    budget: _Budget | None
+    timeline: _Timeline | None
+    authority: _Authority | None
+    objections: list[ObjectionKind]
+    next_step: _NextStep | None
+    # Sent as an outbound command's text.
+    next_question: str | None = Field(max_length=MAX_TEXT_CHARS)
+
 
 _SYSTEM = (
     "You qualify sales leads for a business. From the customer's latest message extract only "
@@ -167,16 +208,9 @@ class QualificationAI:
                 },
             )
             content = response.choices[0].message.content or "{}"
-            parsed = json.loads(content)
-            # An OpenAI-compatible server that ignores the schema may answer a list or a
-            # string: a failed call like any other, not an agent stopped on `.get`.
-            if not isinstance(parsed, dict):
-                raise ValueError(f"the model answered a JSON {type(parsed).__name__}")
-            question = parsed.get("next_question") or None
-            if question is not None and not isinstance(question, str):
-                raise ValueError("the model's next_question is not a string")
-            if question is not None and len(question) > MAX_QUESTION_CHARS:
-                raise ValueError(f"the model's next_question has {len(question)} characters")
+            # Outside the schema (a list, a timeline as a string): a failed call like any
+            # other (a ValidationError is a ValueError), the built-in extractor answering.
+            answer = LeadFactsAnswer.model_validate_json(content).model_dump()
         except (openai.OpenAIError, ValueError, IndexError) as exc:
             duration_ms = (time.perf_counter() - started) * 1000
             self.breaker.record_failure(time.monotonic())
@@ -192,8 +226,8 @@ class QualificationAI:
             usage.prompt_tokens if usage else 0,
             usage.completion_tokens if usage else 0,
         )
-        found = {slot: parsed[slot] for slot in SLOTS if parsed.get(slot) not in (None, [], "")}
-        return Extraction(found, question, "model", call)
+        found = {slot: answer[slot] for slot in SLOTS if answer[slot] not in (None, [], "")}
+        return Extraction(found, answer["next_question"] or None, "model", call)
 
 
 def question_for(slot: str, generated: str | None) -> str:

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from connectors.ai import LEAD_FACTS_SCHEMA, QualificationAI
+from connectors.ai import LEAD_FACTS_SCHEMA, LeadFactsAnswer, QualificationAI
 from connectors.sdrs import SdrRouter
 from flexoraa.settings import Settings
 from tests.conftest import MakeTenant, ManagedProcess, StartProcess, Tenant, free_port, start_worker
@@ -84,6 +84,26 @@ def test_the_schema_is_strict_everywhere() -> None:
     check(LEAD_FACTS_SCHEMA)
 
 
+def test_the_answer_is_checked_against_the_schema_it_was_asked_for() -> None:
+    """The pydantic models that check an answer name the fields of LEAD_FACTS_SCHEMA, at every
+    level, and nothing else."""
+
+    def shape(node: dict[str, Any], defs: dict[str, Any]) -> Any:
+        if "$ref" in node:
+            node = defs[node["$ref"].rsplit("/", 1)[-1]]
+        if "anyOf" in node:
+            shapes = [shape(option, defs) for option in node["anyOf"]]
+            return next((found for found in shapes if found is not None), None)
+        if node.get("type") == "object":
+            return {name: shape(child, defs) for name, child in node["properties"].items()}
+        if node.get("type") == "array":
+            return [shape(node["items"], defs), node["items"].get("enum")]
+        return node.get("enum")
+
+    answer_schema = LeadFactsAnswer.model_json_schema()
+    assert shape(answer_schema, answer_schema["$defs"]) == shape(LEAD_FACTS_SCHEMA, {})
+
+
 async def test_a_500_then_200_is_retried_by_the_client(
     test_settings: Settings, openai_fake: OpenAIFake
 ) -> None:
@@ -101,8 +121,19 @@ async def test_a_500_then_200_is_retried_by_the_client(
         '"just a string"',
         json.dumps({"need": "a CRM", "next_question": {"text": "?"}}),
         json.dumps({"need": "a CRM", "next_question": "x" * 20_000}),
+        json.dumps({"need": "a CRM", "timeline": "soon"}),
+        json.dumps({"need": "a CRM", "timeline": {"days": 10**30, "text": "eventually"}}),
+        json.dumps({"need": "a CRM", "objections": ["weather"]}),
     ],
-    ids=["list", "string", "question-not-text", "question-too-long"],
+    ids=[
+        "list",
+        "string",
+        "question-not-text",
+        "question-too-long",
+        "timeline-not-object",
+        "timeline-days-overflow",
+        "objection-not-in-enum",
+    ],
 )
 async def test_an_answer_outside_the_schema_is_a_failed_call_and_the_builtin_extractor_answers(
     test_settings: Settings, openai_fake: OpenAIFake, content: str
