@@ -5,7 +5,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 
 from api.main import create_app
 from flexoraa.settings import Settings
@@ -49,6 +49,18 @@ async def graph() -> AsyncIterator[GraphApiFake]:
     await fake.start(free_port())
     yield fake
     await fake.stop()
+
+
+async def send_records(settings: Settings, topic: str, records: list[tuple[bytes, bytes]]) -> None:
+    """Produces (key, value) records to `topic` in order, each acknowledged: what another
+    producer (a replay, a broken client) could write, past the API's checks."""
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await producer.start()
+    try:
+        for key, value in records:
+            await producer.send_and_wait(topic, value, key=key)
+    finally:
+        await producer.stop()
 
 
 async def read_records(settings: Settings, topics: list[str]) -> list[ConsumerRecord[bytes, bytes]]:

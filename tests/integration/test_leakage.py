@@ -9,13 +9,12 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import httpx
 import pytest
-from aiokafka import AIOKafkaProducer
 
 from flexoraa.settings import Settings
 from schemas.events import DeadLetter, InboundMessage
@@ -23,7 +22,7 @@ from schemas.messaging import DeadlineReached
 from schemas.topics import TopicNames
 from tests.conftest import MakeTenant, ManagedProcess, StartProcess, start_worker
 from tests.fakes.graph_api import GraphApiFake
-from tests.integration.conftest import ApiFactory, read_records
+from tests.integration.conftest import ApiFactory, read_records, send_records
 from tests.integration.test_pipeline import eventually, post
 from tests.integration.test_whatsapp import inbound, outbound_rows, register, reply
 
@@ -267,23 +266,20 @@ async def test_a_deadline_failing_for_what_it_carries_is_dead_lettered_alone(
                    json={"name": "a", "email": "a@example.com"})  # fmt: skip
     lead_id = f"lead-{uuid.uuid4().hex[:12]}"
     names = TopicNames(test_settings.topic_prefix)
-    producer = AIOKafkaProducer(bootstrap_servers=test_settings.kafka_bootstrap_servers)
-    await producer.start()
-    try:
-        for text in ("hello?", "still there?"):  # two unanswered messages: a WARM lead
-            now = datetime.now(UTC)
-            message = InboundMessage(
-                event_id=str(uuid.uuid4()), tenant_id=tenant.tenant_id, occurred_at=now,
-                lead_id=lead_id, channel="webchat", contact="v-poison", text=text,
-                received_at=now,
-            )  # fmt: skip
-            await producer.send_and_wait(
-                names.inbound_messages,
-                message.model_dump_json().encode(),
-                key=lead_id.encode(),
-            )
-    finally:
-        await producer.stop()
+    now = datetime.now(UTC)
+    messages = [  # two unanswered messages, a second apart: a WARM lead
+        InboundMessage(
+            event_id=str(uuid.uuid4()), tenant_id=tenant.tenant_id,
+            occurred_at=now + timedelta(seconds=i), lead_id=lead_id, channel="webchat",
+            contact="v-poison", text=text, received_at=now + timedelta(seconds=i),
+        )
+        for i, text in enumerate(("hello?", "still there?"))
+    ]  # fmt: skip
+    await send_records(
+        test_settings,
+        names.inbound_messages,
+        [(lead_id.encode(), message.model_dump_json().encode()) for message in messages],
+    )
 
     async def processing_failures() -> list[DeadLetter] | None:
         letters = [

@@ -22,7 +22,7 @@ from flexoraa.settings import PROJECT_ROOT, Settings
 from schemas.events import DeadLetter, InboundMessage
 from schemas.topics import TopicNames
 from tests.conftest import MakeTenant, ManagedProcess, StartProcess, Tenant, free_port, start_worker
-from tests.integration.conftest import ApiFactory
+from tests.integration.conftest import ApiFactory, send_records
 
 pytestmark = pytest.mark.integration
 DASHBOARDS = PROJECT_ROOT / "dashboards"
@@ -297,16 +297,11 @@ async def test_a_record_failing_for_what_it_carries_is_dead_lettered_and_the_wor
         text="poison",
         received_at=datetime.now(UTC),
     )
-    producer = AIOKafkaProducer(bootstrap_servers=test_settings.kafka_bootstrap_servers)
-    await producer.start()
-    try:
-        await producer.send_and_wait(
-            TopicNames(test_settings.topic_prefix).inbound_messages,
-            record.model_dump_json().encode(),
-            key=poison_lead.encode(),
-        )
-    finally:
-        await producer.stop()
+    await send_records(
+        test_settings,
+        TopicNames(test_settings.topic_prefix).inbound_messages,
+        [(poison_lead.encode(), record.model_dump_json().encode())],
+    )
     await post(api, tenant, channel="sms", contact="5550007777", text="two")
     assert (await lead_state(api, tenant, good["lead_id"], 2))["message_count"] == 2
 

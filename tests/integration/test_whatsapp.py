@@ -42,7 +42,7 @@ from tests.fakes.meta_payloads import (
     whatsapp_payload,
     whatsapp_status,
 )
-from tests.integration.conftest import ApiFactory, read_records
+from tests.integration.conftest import ApiFactory, read_records, send_records
 from tests.integration.test_pipeline import eventually, lead_state
 
 pytestmark = pytest.mark.integration
@@ -672,23 +672,15 @@ async def test_a_command_failing_for_what_it_carries_is_dead_lettered_and_the_wo
         ]
         return [letter for letter in letters if letter.source_topic == source_topic] or None
 
-    producer = AIOKafkaProducer(bootstrap_servers=test_settings.kafka_bootstrap_servers)
-    await producer.start()
-    try:
-        await producer.send_and_wait(
-            names.inbound_messages,
-            key=poison_lead.encode(),
-            value=message.model_dump_json().encode(),
-        )
-        # The lead is known once its message is handled (its other agents dead-letter it).
-        await eventually(partial(dead_letters, names.inbound_messages), what="the lead's message")
-        await producer.send_and_wait(
-            names.outbound_commands,
-            key=poison_lead.encode(),
-            value=command.model_dump_json().encode(),
-        )
-    finally:
-        await producer.stop()
+    key = poison_lead.encode()
+    await send_records(
+        test_settings, names.inbound_messages, [(key, message.model_dump_json().encode())]
+    )
+    # The lead is known once its message is handled (its other agents dead-letter it).
+    await eventually(partial(dead_letters, names.inbound_messages), what="the lead's message")
+    await send_records(
+        test_settings, names.outbound_commands, [(key, command.model_dump_json().encode())]
+    )
 
     (letter,) = await eventually(
         partial(dead_letters, names.outbound_commands), what="the command's dead letter"
