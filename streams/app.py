@@ -35,6 +35,7 @@ from streams.agents import sessions as sessions_agent
 from streams.agents import sink as sink_agent
 from streams.agents import tokens as tokens_agent
 from streams.agents import window as window_agent
+from streams.agents.deadlines import DeadLetteredHook
 from streams.agents.leakage import LeakActions
 from streams.agents.notifications import NotificationStore
 from streams.agents.outbound import ScheduledSends, Sender, SentCommands
@@ -271,6 +272,8 @@ def create_worker_app(settings: Settings) -> faust.App:
         poison=poison,
     )
     deadline_handlers = window_agent.handlers(lead_events) | scheduled.handlers()
+    # What a kind of deadline does when one of its own is dead-lettered (streams.poison).
+    dead_lettered_hooks: dict[str, DeadLetteredHook] = {}
     # --- AI qualification (issue 4) ---
     qualification = app.Table("qualification", key_type=bytes, partitions=settings.kafka_partitions)
     router = SdrRouter(pool)
@@ -314,7 +317,7 @@ def create_worker_app(settings: Settings) -> faust.App:
             tenants=tenants,
             max_batch=lane_max,
         )
-        deadline_handlers |= LeakActions(
+        leak_actions = LeakActions(
             leakage=leakage,
             qualification=qualification,
             router=router,
@@ -323,7 +326,9 @@ def create_worker_app(settings: Settings) -> faust.App:
             notifications=notifications,
             gate=gate,
             meter=meter,
-        ).handlers()
+        )
+        deadline_handlers |= leak_actions.handlers()
+        dead_lettered_hooks |= leak_actions.dead_lettered_hooks()
     if settings.enable_cold_recovery:
         recovery = Recovery(
             table=app.Table("recovery", key_type=bytes, partitions=settings.kafka_partitions),
@@ -352,6 +357,7 @@ def create_worker_app(settings: Settings) -> faust.App:
         partitions=settings.kafka_partitions,
         tick_s=settings.timer_tick_ms / 1000,
         poison=poison,
+        dead_lettered_hooks=dead_lettered_hooks,
     )
     # --- Tokens and notifications (issue 6) ---
     notifications_agent.register(

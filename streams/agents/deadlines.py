@@ -28,6 +28,9 @@ _DEADLINE_EVENT_NAMESPACE = uuid.UUID("3e1d8a4c-94b6-4f52-8a41-6b0f2c7d9e13")
 
 # A handler gets the lead's key, the fired deadline and the lead's session (None if unknown).
 DeadlineHandler = Callable[[bytes, DeadlineReached, dict[str, Any] | None], Awaitable[None]]
+# Told that a deadline failed for a reason of its own and was dead-lettered and cancelled: the
+# kind's state can say so, so that nothing sets the same deadline again (streams.poison).
+DeadLetteredHook = Callable[[bytes, DeadlineReached], None]
 # Deadlines of one partition per record: a bounded record even when a whole backlog is due.
 DEADLINES_PER_RECORD = 200
 # One lead's deadline (a resume sent by the token gate) or a tick's batch of a partition's.
@@ -53,6 +56,7 @@ def register(
     partitions: int,
     tick_s: float,
     poison: PoisonRecords,
+    dead_lettered_hooks: dict[str, DeadLetteredHook] | None = None,
 ) -> None:
     source_name = source_topic.get_topic_name()
 
@@ -137,6 +141,9 @@ def register(
             await poison.dead_letter(record, exc, raw=raw, key=key)
             if scheduler.pending(key).get(command.deadline) == command.due_ms:
                 scheduler.cancel(key, command.deadline)
+            hook = (dead_lettered_hooks or {}).get(command.deadline.split(":", 1)[0])
+            if hook is not None:
+                hook(key, command)
 
     @app.agent(deadlines_topic, name="deadlines")
     async def act_on_deadlines(stream: StreamT[bytes]) -> None:

@@ -20,7 +20,7 @@ from schemas.events import InboundMessage
 from schemas.ids import name_based_id
 from schemas.messaging import DeadlineReached, LeadEvent, OutboundCommand, OutboundMessage
 from schemas.notifications import Notification
-from streams.agents.deadlines import DeadlineHandler
+from streams.agents.deadlines import DeadLetteredHook, DeadlineHandler
 from streams.agents.tokens import AiGate, Meter
 from streams.batches import BatchLane, SourceRecord
 from streams.dead_letters import decoded_record
@@ -119,6 +119,17 @@ class LeakActions:
 
     def handlers(self) -> dict[str, DeadlineHandler]:
         return {"leak": self.on_leak}
+
+    def dead_lettered_hooks(self) -> dict[str, DeadLetteredHook]:
+        return {"leak": self.on_leak_dead_lettered}
+
+    def on_leak_dead_lettered(self, key: bytes, fired: DeadlineReached) -> None:
+        """The wait counts as fired: its deadline failed and was dead-lettered. Left unfired,
+        each later message of the lead set the past deadline again (a wait's deadline is set
+        again after a crash between its two writes), and it failed again."""
+        waiting = self._leakage.get(key)
+        if waiting is not None and waiting["due_ms"] == fired.due_ms and not waiting["fired"]:
+            self._leakage[key] = {**waiting, "fired": True}
 
     async def _send(self, topic: TopicT, key: str, event: Any) -> None:
         await topic.send(key=key.encode(), value=event.model_dump_json().encode())

@@ -293,6 +293,18 @@ async def test_a_deadline_failing_for_what_it_carries_is_dead_lettered_alone(
     failed = await eventually(processing_failures, what="the failed deadline's dead letter")
     await asyncio.sleep(1)  # cancelled: not fired again on the next ticks
     assert len(await processing_failures() or []) == 1
+    # Nor set again by the lead's next message: the wait counts as fired.
+    later = datetime.now(UTC)
+    third = messages[0].model_copy(
+        update={"event_id": str(uuid.uuid4()), "occurred_at": later, "received_at": later}
+    )
+    await send_records(
+        test_settings,
+        names.inbound_messages,
+        [(lead_id.encode(), third.model_dump_json().encode())],
+    )
+    await asyncio.sleep(THRESHOLD_S + 1)
+    assert len(await processing_failures() or []) == 1
     assert failed[0].source_topic == names.deadlines
     assert "DataError" in failed[0].reason
     deadline = DeadlineReached.model_validate_json(base64.b64decode(failed[0].raw_base64))
