@@ -35,7 +35,7 @@ from streams.agents import sessions as sessions_agent
 from streams.agents import sink as sink_agent
 from streams.agents import tokens as tokens_agent
 from streams.agents import window as window_agent
-from streams.agents.deadlines import DeadLetteredHook
+from streams.agents.deadlines import DeadLettered
 from streams.agents.leakage import LeakActions
 from streams.agents.notifications import NotificationStore
 from streams.agents.outbound import ScheduledSends, Sender, SentCommands
@@ -273,7 +273,7 @@ def create_worker_app(settings: Settings) -> faust.App:
     )
     deadline_handlers = window_agent.handlers(lead_events) | scheduled.handlers()
     # What a kind of deadline does when one of its own is dead-lettered (streams.poison).
-    dead_lettered_hooks: dict[str, DeadLetteredHook] = {}
+    dead_lettered: dict[str, DeadLettered] = scheduled.dead_lettered()
     # --- AI qualification (issue 4) ---
     qualification = app.Table("qualification", key_type=bytes, partitions=settings.kafka_partitions)
     router = SdrRouter(pool)
@@ -328,7 +328,7 @@ def create_worker_app(settings: Settings) -> faust.App:
             meter=meter,
         )
         deadline_handlers |= leak_actions.handlers()
-        dead_lettered_hooks |= leak_actions.dead_lettered_hooks()
+        dead_lettered |= leak_actions.dead_lettered()
     if settings.enable_cold_recovery:
         recovery = Recovery(
             table=app.Table("recovery", key_type=bytes, partitions=settings.kafka_partitions),
@@ -345,7 +345,9 @@ def create_worker_app(settings: Settings) -> faust.App:
         )
         recovery_agent.register(batch_lane, inbound=inbound, recovery=recovery, max_batch=lane_max)
         deadline_handlers |= recovery.handlers()
+        dead_lettered |= recovery.dead_lettered()
     deadline_handlers |= gate.handlers()
+    dead_lettered |= gate.dead_lettered()
     deadlines_agent.register(
         app,
         source_topic=inbound,
@@ -357,7 +359,7 @@ def create_worker_app(settings: Settings) -> faust.App:
         partitions=settings.kafka_partitions,
         tick_s=settings.timer_tick_ms / 1000,
         poison=poison,
-        dead_lettered_hooks=dead_lettered_hooks,
+        dead_lettered=dead_lettered,
     )
     # --- Tokens and notifications (issue 6) ---
     notifications_agent.register(

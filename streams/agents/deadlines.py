@@ -6,7 +6,8 @@ import logging
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -28,9 +29,28 @@ _DEADLINE_EVENT_NAMESPACE = uuid.UUID("3e1d8a4c-94b6-4f52-8a41-6b0f2c7d9e13")
 
 # A handler gets the lead's key, the fired deadline and the lead's session (None if unknown).
 DeadlineHandler = Callable[[bytes, DeadlineReached, dict[str, Any] | None], Awaitable[None]]
-# Told that a deadline failed for a reason of its own and was dead-lettered and cancelled: the
-# kind's state can say so, so that nothing sets the same deadline again (streams.poison).
-DeadLetteredHook = Callable[[bytes, DeadlineReached], None]
+
+
+def _nothing_held(key: bytes, fired: DeadlineReached) -> bytes | None:
+    return None
+
+
+@dataclass(frozen=True)
+class DeadLettered:
+    """What a kind of deadline does when one of its own fails for a reason of its own and is
+    dead-lettered and cancelled (streams.poison): left as they were, the state it acts on stayed
+    held for good (a scheduled send, a recovery sequence) or set the failed deadline again.
+
+    `evidence`: what the deadline was to act on, dead-lettered in its place so that nothing is
+    dropped without a trace (None: the deadline itself). It only reads: it runs before the dead
+    letter is sent, and a table change then would not wait for it.
+    `settle`: leaves the kind's state consistent without the deadline, once the dead letter is
+    sent and the deadline cancelled (its table changes wait for the dead letter)."""
+
+    settle: Callable[[bytes, DeadlineReached], None]
+    evidence: Callable[[bytes, DeadlineReached], bytes | None] = _nothing_held
+
+
 # Deadlines of one partition per record: a bounded record even when a whole backlog is due.
 DEADLINES_PER_RECORD = 200
 # One lead's deadline (a resume sent by the token gate) or a tick's batch of a partition's.
@@ -56,9 +76,10 @@ def register(
     partitions: int,
     tick_s: float,
     poison: PoisonRecords,
-    dead_lettered_hooks: dict[str, DeadLetteredHook] | None = None,
+    dead_lettered: Mapping[str, DeadLettered] | None = None,
 ) -> None:
     source_name = source_topic.get_topic_name()
+    actions = DeadlineActions(scheduler, sessions, handlers, poison, dead_lettered or {})
 
     @scheduler.table.on_recover
     async def rebuild_index() -> None:
@@ -105,46 +126,6 @@ def register(
                     value=batch.model_dump_json().encode(), partition=partition
                 )
 
-    async def act_on(command: DeadlineReached) -> None:
-        key = command.lead_id.encode()
-        if scheduler.pending(key).get(command.deadline) != command.due_ms:
-            return  # already fired, moved, or cancelled: firing is idempotent
-        # "scheduled:<id>" deadlines share the handler of their kind.
-        kind = command.deadline.split(":", 1)[0]
-        handler = handlers.get(kind)
-        if handler is None:
-            logger.warning("no handler for deadline %s", command.deadline)
-            scheduler.cancel(key, command.deadline)
-            return
-        DEADLINES_FIRED.labels(kind).inc()
-        await while_unreachable(handler, key, command, sessions.get(key))
-        # Cancelled after the handler's effects, so the changelog write waits for them: a
-        # worker killed in between fires the deadline again (the effects' ids repeat) instead
-        # of finding it gone and the leak never reported. A handler may have moved it.
-        if scheduler.pending(key).get(command.deadline) == command.due_ms:
-            scheduler.cancel(key, command.deadline)
-
-    async def act_on_or_dead_letter(command: DeadlineReached, record: SourceRecord) -> None:
-        """`act_on`; a deadline whose handler fails for a reason of its own is dead-lettered
-        alone (not its record's other deadlines) and cancelled: left pending, it would fire and
-        fail again on every tick and after every restart (streams.poison). Its dead letter is
-        for inspection: replayed as it is, it finds the deadline gone and does nothing."""
-        try:
-            await act_on(command)
-        except Exception as exc:
-            if not poison.should_dead_letter(exc):
-                raise
-            key = command.lead_id.encode()
-            raw = command.model_dump_json().encode()
-            # The dead letter first: cancelled, then killed before it, the deadline was gone
-            # without a trace (the cancellation's changelog write waits for it, as effects do).
-            await poison.dead_letter(record, exc, raw=raw, key=key)
-            if scheduler.pending(key).get(command.deadline) == command.due_ms:
-                scheduler.cancel(key, command.deadline)
-            hook = (dead_lettered_hooks or {}).get(command.deadline.split(":", 1)[0])
-            if hook is not None:
-                hook(key, command)
-
     @app.agent(deadlines_topic, name="deadlines")
     async def act_on_deadlines(stream: StreamT[bytes]) -> None:
         async for event in stream.events():
@@ -153,4 +134,69 @@ def register(
                 continue
             commands = [fired] if isinstance(fired, DeadlineReached) else fired.deadlines
             for command in commands:
-                await act_on_or_dead_letter(command, event.message)
+                await actions.act_on_or_dead_letter(command, event.message)
+
+
+class DeadlineActions:
+    """Acts on a fired deadline: its kind's handler, once, and a dead letter if it fails for a
+    reason of its own."""
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        sessions: Mapping[bytes, Any],
+        handlers: Mapping[str, DeadlineHandler],
+        poison: PoisonRecords,
+        dead_lettered: Mapping[str, DeadLettered],
+    ) -> None:
+        self._scheduler = scheduler
+        self._sessions = sessions
+        self._handlers = handlers
+        self._poison = poison
+        self._dead_lettered = dead_lettered
+
+    async def act_on(self, command: DeadlineReached) -> None:
+        key = command.lead_id.encode()
+        if self._scheduler.pending(key).get(command.deadline) != command.due_ms:
+            return  # already fired, moved, or cancelled: firing is idempotent
+        handler = self._handlers.get(_kind(command))
+        if handler is None:
+            logger.warning("no handler for deadline %s", command.deadline)
+            self._scheduler.cancel(key, command.deadline)
+            return
+        DEADLINES_FIRED.labels(_kind(command)).inc()
+        await while_unreachable(handler, key, command, self._sessions.get(key))
+        # Cancelled after the handler's effects, so the changelog write waits for them: a
+        # worker killed in between fires the deadline again (the effects' ids repeat) instead
+        # of finding it gone and the leak never reported. A handler may have moved it.
+        self._cancel_if_pending(key, command)
+
+    async def act_on_or_dead_letter(self, command: DeadlineReached, record: SourceRecord) -> None:
+        """`act_on`; a deadline whose handler fails for a reason of its own is dead-lettered
+        alone (not its record's other deadlines) and cancelled: left pending, it would fire and
+        fail again on every tick and after every restart (streams.poison). Its dead letter is
+        for inspection: replayed as it is, it finds the deadline gone and does nothing."""
+        try:
+            await self.act_on(command)
+        except Exception as exc:
+            if not self._poison.should_dead_letter(exc):
+                raise
+            key = command.lead_id.encode()
+            kind = self._dead_lettered.get(_kind(command))
+            evidence = kind.evidence(key, command) if kind is not None else None
+            raw = evidence if evidence is not None else command.model_dump_json().encode()
+            # The dead letter first: cancelled, then killed before it, the deadline was gone
+            # without a trace (the cancellation's changelog write waits for it, as effects do).
+            await self._poison.dead_letter(record, exc, raw=raw, key=key)
+            self._cancel_if_pending(key, command)
+            if kind is not None:
+                kind.settle(key, command)
+
+    def _cancel_if_pending(self, key: bytes, command: DeadlineReached) -> None:
+        if self._scheduler.pending(key).get(command.deadline) == command.due_ms:
+            self._scheduler.cancel(key, command.deadline)
+
+
+def _kind(command: DeadlineReached) -> str:
+    # "scheduled:<id>" deadlines share the handler of their kind.
+    return command.deadline.split(":", 1)[0]

@@ -20,7 +20,7 @@ from schemas.events import InboundMessage
 from schemas.ids import name_based_id
 from schemas.messaging import DeadlineReached, LeadEvent, OutboundCommand, OutboundMessage
 from schemas.notifications import Notification
-from streams.agents.deadlines import DeadLetteredHook, DeadlineHandler
+from streams.agents.deadlines import DeadLettered, DeadlineHandler
 from streams.agents.tokens import AiGate, Meter
 from streams.batches import BatchLane, SourceRecord
 from streams.dead_letters import decoded_record
@@ -120,8 +120,8 @@ class LeakActions:
     def handlers(self) -> dict[str, DeadlineHandler]:
         return {"leak": self.on_leak}
 
-    def dead_lettered_hooks(self) -> dict[str, DeadLetteredHook]:
-        return {"leak": self.on_leak_dead_lettered}
+    def dead_lettered(self) -> dict[str, DeadLettered]:
+        return {"leak": DeadLettered(settle=self.on_leak_dead_lettered)}
 
     def on_leak_dead_lettered(self, key: bytes, fired: DeadlineReached) -> None:
         """The wait counts as fired: its deadline failed and was dead-lettered. Left unfired,

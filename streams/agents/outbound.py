@@ -28,7 +28,7 @@ from schemas.messaging import (
     OutboundCommand,
     OutboundMessage,
 )
-from streams.agents.deadlines import DeadlineHandler
+from streams.agents.deadlines import DeadLettered, DeadlineHandler
 from streams.batches import SourceRecord, handle_as_current
 from streams.dead_letters import decode_or_dead_letter
 from streams.keyed import KeyOrderedJobs
@@ -276,6 +276,10 @@ OutboundRequest = Annotated[OutboundCommand | CancelScheduled, Field(discriminat
 _requests: TypeAdapter[OutboundCommand | CancelScheduled] = TypeAdapter(OutboundRequest)
 
 
+def _held_command_id(fired: DeadlineReached) -> str:
+    return fired.deadline.split(":", 1)[1]  # "scheduled:<command id>"
+
+
 class ScheduledSends:
     """Commands with a future `send_at`, held per lead until their deadline fires."""
 
@@ -315,10 +319,24 @@ class ScheduledSends:
     def handlers(self) -> dict[str, DeadlineHandler]:
         return {"scheduled": self._due}
 
+    def dead_lettered(self) -> dict[str, DeadLettered]:
+        # The held command is what failed to go out: dead-lettered in the deadline's place and
+        # dropped, or it stayed held, its deadline gone, for the lead's lifetime.
+        return {"scheduled": DeadLettered(settle=self._drop, evidence=self._held)}
+
+    def _held(self, key: bytes, fired: DeadlineReached) -> bytes | None:
+        raw = (self._table.get(key) or {}).get(_held_command_id(fired))
+        return raw.encode() if raw is not None else None
+
+    def _drop(self, key: bytes, fired: DeadlineReached) -> None:
+        held = dict(self._table.get(key) or {})
+        if held.pop(_held_command_id(fired), None) is not None:
+            self._table[key] = held
+
     async def _due(
         self, key: bytes, fired: DeadlineReached, session: dict[str, Any] | None
     ) -> None:
-        command_id = fired.deadline.split(":", 1)[1]
+        command_id = _held_command_id(fired)
         raw = (self._table.get(key) or {}).get(command_id)
         if raw is None:
             return  # cancelled

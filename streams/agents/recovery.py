@@ -18,7 +18,7 @@ from flexoraa.db import while_unreachable
 from schemas.events import InboundMessage
 from schemas.ids import name_based_id
 from schemas.messaging import DeadlineReached, LeadEvent, OutboundCommand
-from streams.agents.deadlines import DeadlineHandler
+from streams.agents.deadlines import DeadLettered, DeadlineHandler
 from streams.agents.tokens import AiGate, Meter
 from streams.batches import BatchLane, SourceRecord
 from streams.dead_letters import decoded_record
@@ -102,9 +102,9 @@ class Recovery:
             return
         now_ms = int(datetime.now(UTC).timestamp() * 1000)
         time_zone = await self._tenants.time_zone(session["tenant_id"])
+        due = step_due_ms(now_ms, 0, self._delays_s, time_zone, self._local_hour)
         self._table[key] = {"step": 0, "started_ms": now_ms, "last_sent_ms": now_ms,
                             "time_zone": time_zone}  # fmt: skip
-        due = step_due_ms(now_ms, 0, self._delays_s, time_zone, self._local_hour)
         self._scheduler.set(key, {"recovery": due})
 
     async def _step(
@@ -153,15 +153,31 @@ class Recovery:
              "tokens": tokens},
             _id(lead_id, "attempt", state["started_ms"], step), now,
         )  # fmt: skip
-        now_ms = int(now.timestamp() * 1000)
-        if step + 1 < len(STRATEGIES):
-            self._table[key] = {**state, "step": step + 1, "last_sent_ms": now_ms}
-            due = step_due_ms(state["started_ms"], step + 1, self._delays_s, state["time_zone"],
+        self._advance(key, state, int(now.timestamp() * 1000))
+
+    def _advance(self, key: bytes, state: dict[str, Any], sent_ms: int) -> None:
+        """On to the step after `state`'s, due at its time (at once if that has passed). After
+        the last, the state stays until the silence ends: a late reply still counts."""
+        step = state["step"] + 1
+        if step < len(STRATEGIES):
+            due = step_due_ms(state["started_ms"], step, self._delays_s, state["time_zone"],
                               self._local_hour)  # fmt: skip
-            self._scheduler.set(key, {"recovery": max(due, now_ms)})
-        else:
-            # Keep the state until the silence ends: a late reply still counts as a success.
-            self._table[key] = {**state, "step": step + 1, "last_sent_ms": now_ms}
+            self._scheduler.set(key, {"recovery": max(due, sent_ms)})
+        self._table[key] = {**state, "step": step, "last_sent_ms": sent_ms}
+
+    def dead_lettered(self) -> dict[str, DeadLettered]:
+        # A step failing for a reason of its own is skipped: left at it, with its deadline
+        # cancelled, the lead's recovery stopped there for good and a late reply still counted
+        # as its success. (A failed "silence" deadline leaves nothing: the next message sets
+        # it again.)
+        return {"recovery": DeadLettered(settle=self._skip_failed_step)}
+
+    def _skip_failed_step(self, key: bytes, fired: DeadlineReached) -> None:
+        state = self._table.get(key)
+        if state is None or "recovery" in self._scheduler.pending(key):
+            return  # the lead replied meanwhile, or the step was moved
+        if state["step"] < len(STRATEGIES):
+            self._advance(key, state, state["last_sent_ms"])
 
     async def _resume(
         self, key: bytes, payloads: list[Any], session: dict[str, Any] | None

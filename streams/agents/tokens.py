@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import asyncpg
+import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 from faust.types import AppT, TableT, TopicT
@@ -47,7 +48,7 @@ from schemas.tokens import (
     TokenEvent,
     TokenUsage,
 )
-from streams.agents.deadlines import DeadlineHandler, deadline_event_id
+from streams.agents.deadlines import DeadLettered, DeadlineHandler, deadline_event_id
 from streams.batches import BatchLane, SourceRecord
 from streams.dead_letters import dead_letter_record, describe_validation_error
 from streams.locks import KeyLocks
@@ -391,6 +392,8 @@ class AiGate:
         self._lead_locks = KeyLocks()
         # This worker's leads with deferred work, by tenant (rebuilt after every recovery).
         self._waiting: dict[str, set[bytes]] = defaultdict(set)
+        # The kind whose resume failed last, by lead, until its deadline is dead-lettered.
+        self._failed_kinds: dict[bytes, str] = {}
 
     def add_resumer(self, kind: str, resumer: Resumer) -> None:
         self._resumers[kind] = resumer
@@ -443,12 +446,59 @@ class AiGate:
             return
         del self._deferred[key]
         self._waiting[tenant_id].discard(key)
-        for kind, payloads in entry["actions"].items():
+        actions = list(entry["actions"].items())
+        for done, (kind, payloads) in enumerate(actions):
             resumer = self._resumers.get(kind)
             if resumer is None:
                 logger.warning("no resumer for deferred %s actions; dropped", kind)
                 continue
-            await resumer(key, payloads, session)
+            try:
+                await resumer(key, payloads, session)
+            except BaseException:
+                # Kept, not lost with the failed attempt: the deadlines agent runs this handler
+                # again while PostgreSQL is unreachable (it found nothing deferred and the
+                # lead's waiting answers were gone), and a poison failure drops only its kind
+                # (`dead_lettered`). Resumed actions that ran again repeat their effects' ids.
+                self._put_back(key, tenant_id, actions[done:])
+                self._failed_kinds[key] = kind
+                raise
+        self._failed_kinds.pop(key, None)
+
+    def _put_back(self, key: bytes, tenant_id: str, actions: list[tuple[str, list[Any]]]) -> None:
+        """`actions` deferred again, ahead of any deferred while they were being resumed."""
+        merged = {kind: list(payloads) for kind, payloads in actions}
+        meanwhile = self._deferred.get(key)
+        for kind, payloads in (meanwhile or {"actions": {}})["actions"].items():
+            merged.setdefault(kind, []).extend(payloads)
+        self._deferred[key] = {"tenant_id": tenant_id, "actions": merged}
+        self._waiting[tenant_id].add(key)
+
+    def dead_lettered(self) -> dict[str, DeadLettered]:
+        # A resume whose action fails for a reason of its own: that kind's deferred actions are
+        # dead-lettered and dropped, and the lead's other kinds resume on the next tick (the
+        # deadline was cancelled: left deferred, they waited for a top-up that had happened).
+        return {RESUME_DEADLINE: DeadLettered(settle=self._drop_failed, evidence=self._failed)}
+
+    def _failed(self, key: bytes, fired: DeadlineReached) -> bytes | None:
+        kind = self._failed_kinds.get(key)
+        entry = self._deferred.get(key)
+        if kind is None or entry is None or kind not in entry["actions"]:
+            return None
+        failed = {"tenant_id": entry["tenant_id"], "actions": {kind: entry["actions"][kind]}}
+        return orjson.dumps(failed)
+
+    def _drop_failed(self, key: bytes, fired: DeadlineReached) -> None:
+        kind = self._failed_kinds.pop(key, None)
+        entry = self._deferred.get(key)
+        if kind is None or entry is None:
+            return
+        rest = {k: payloads for k, payloads in entry["actions"].items() if k != kind}
+        if not rest:
+            del self._deferred[key]
+            self._waiting[entry["tenant_id"]].discard(key)
+            return
+        self._deferred[key] = {**entry, "actions": rest}
+        self._scheduler.set(key, {RESUME_DEADLINE: int(time.time() * 1000)})
 
     def rebuild(self) -> None:
         self._waiting.clear()
