@@ -64,6 +64,9 @@ SELECT coalesce(sum(n), 0)::bigint FROM activity
 class RejectedRow(Generic[E]):
     message: E
     reason: str
+    # The dead letter's kind: "sink_rejected", data PostgreSQL refused, or "processing_failed",
+    # a row the code could not build (a bug or a broken producer: the PoisonRecords alert).
+    kind: str = "sink_rejected"
 
 
 class BatchSink(Generic[E]):
@@ -107,12 +110,11 @@ class BatchSink(Generic[E]):
             except Exception as exc:
                 if not is_poison(exc):
                     raise
-                reason = (
-                    f"database refused the row: {exc}"
-                    if isinstance(exc, asyncpg.PostgresError)
-                    else f"row not writable: {type(exc).__name__}: {exc}"
-                )
-                rejected.append(RejectedRow(message, reason))
+                if isinstance(exc, asyncpg.PostgresError):
+                    rejected.append(RejectedRow(message, f"database refused the row: {exc}"))
+                else:
+                    reason = f"row not writable: {type(exc).__name__}: {exc}"
+                    rejected.append(RejectedRow(message, reason, "processing_failed"))
         return rejected
 
     async def _write_batch(self, pool: asyncpg.Pool, batch: Sequence[E]) -> None:

@@ -56,7 +56,7 @@ class SinkSpec(Generic[E]):
                 key=key.encode(),
                 raw=rejected.message.model_dump_json().encode(),
                 reason=rejected.reason,
-                kind="sink_rejected",
+                kind=rejected.kind,
             )
 
 

@@ -84,6 +84,7 @@ async def test_a_row_postgres_refuses_is_returned_and_the_rest_is_written(
     rejected = await sink.write([good, orphan])
     assert [r.message.event_id for r in rejected] == [orphan.event_id]
     assert "database refused" in rejected[0].reason
+    assert rejected[0].kind == "sink_rejected"
     assert (
         await db.fetchval("SELECT count(*) FROM messages WHERE event_id = $1", good.event_id) == 1
     )
@@ -182,6 +183,8 @@ async def test_a_lead_event_its_history_table_cannot_take_is_returned_and_the_re
         bad_step.event_id: "row not writable",
     }
     assert "KeyError" in rejected[0].reason
+    # Counted as a failed processing, not a refusal of the data: the PoisonRecords alert fires.
+    assert {r.kind for r in rejected} == {"processing_failed"}
     written = await db.fetch(
         "SELECT event_id FROM lead_events WHERE tenant_id = $1", tenant.tenant_id
     )
