@@ -14,7 +14,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from flexoraa.logs import hold_back_repeated_lines
@@ -373,6 +373,78 @@ def cmd_run(args: argparse.Namespace) -> int:
                 child.wait()
 
 
+def _moment(text: str) -> datetime:
+    """An ISO time (UTC unless it says otherwise) or a time ago: "90s", "30m", "2h", "7d"."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text[-1:] in units and text[:-1].isdigit():
+        return datetime.now(UTC) - timedelta(seconds=int(text[:-1]) * units[text[-1]])
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither an ISO time nor a time ago like 30m, 2h or 7d"
+        ) from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _letter_filter(args: argparse.Namespace) -> Any:
+    from flexoraa.dead_letters import LetterFilter
+
+    # The Kafka client's assignment lines would interleave with what the command prints.
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+
+    return LetterFilter(since=args.since, until=args.until, reason=args.reason,
+                        source=args.source, key=args.key)  # fmt: skip
+
+
+def cmd_dead_letters_list(args: argparse.Namespace) -> int:
+    from flexoraa.dead_letters import key_text, read_letters
+
+    settings = _settings(args)
+    prefix = f"{settings.topic_prefix}."
+
+    async def show() -> int:
+        shown = 0
+        async for stored in read_letters(settings, _letter_filter(args)):
+            letter = stored.letter
+            if args.json:
+                where = {"partition": stored.partition, "offset": stored.offset}
+                print(json.dumps({**where, "key": key_text(letter),
+                                  **letter.model_dump(mode="json")}))  # fmt: skip
+            else:
+                source = letter.source_topic.removeprefix(prefix)
+                if letter.offset is not None:
+                    source += f"[{letter.partition}]@{letter.offset}"
+                print(f"{letter.dead_lettered_at:%Y-%m-%d %H:%M:%S}  {source:<36}  "
+                      f"{key_text(letter) or '-':<36}  {letter.reason}")  # fmt: skip
+            shown += 1
+            if args.limit is not None and shown >= args.limit:
+                break
+        return shown
+
+    shown = asyncio.run(show())
+    if not args.json:
+        print(f"{shown} dead letters", file=sys.stderr)
+    return 0
+
+
+def cmd_dead_letters_replay(args: argparse.Namespace) -> int:
+    from flexoraa.dead_letters import read_letters, replay
+
+    letter_filter = _letter_filter(args)
+    if not args.all and letter_filter == type(letter_filter)():
+        print("error: say which dead letters to replay (--since, --reason, --source, --key), "
+              "or --all", file=sys.stderr)  # fmt: skip
+        return 2
+    settings = _settings(args)
+    report = asyncio.run(
+        replay(settings, read_letters(settings, letter_filter), dry_run=args.dry_run)
+    )
+    _print_json({"dry_run": args.dry_run, **report.as_dict()})
+    failed = sum(n for why, n in report.skipped.items() if why.startswith("not acknowledged"))
+    return 1 if failed else 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -425,6 +497,29 @@ def build_parser() -> argparse.ArgumentParser:
     api = commands.add_parser("api", help="run the HTTP API (uvicorn)")
     api.add_argument("--port", type=int)
     api.set_defaults(func=cmd_api)
+
+    letters = commands.add_parser(
+        "dead-letters", help="list the records agents set aside, and replay them once mended"
+    )
+    letter_commands = letters.add_subparsers(dest="letters_command", required=True)
+    listing = letter_commands.add_parser(
+        "list", help="the dead letters, oldest first per partition"
+    )
+    replaying = letter_commands.add_parser(
+        "replay", help="produce dead letters again to the topics they were read from"
+    )
+    for letters_command in (listing, replaying):
+        letters_command.add_argument("--since", type=_moment, help="ISO time or ago: 30m, 2h, 7d")
+        letters_command.add_argument("--until", type=_moment, help="ISO time or ago")
+        letters_command.add_argument("--reason", help="a part of the reason, any case")
+        letters_command.add_argument("--source", help="the source topic, e.g. inbound-messages")
+        letters_command.add_argument("--key", help="the record's key: a lead or tenant id")
+    listing.add_argument("--limit", type=int, help="show at most this many")
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    listing.set_defaults(func=cmd_dead_letters_list)
+    replaying.add_argument("--all", action="store_true", help="every dead letter, no filter")
+    replaying.add_argument("--dry-run", action="store_true", help="count, produce nothing")
+    replaying.set_defaults(func=cmd_dead_letters_replay)
 
     run = commands.add_parser("run", help="stack, schema, topics, a worker and the API")
     run.set_defaults(func=cmd_run)

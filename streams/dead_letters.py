@@ -56,16 +56,19 @@ async def dead_letter_record(
     *,
     raw: bytes | None = None,
     key: bytes | None = None,
+    source_topic: str | None = None,
 ) -> None:
     """Dead-letters `record`, or only `raw`, the part of it that failed, under that part's own
-    `key` if given."""
+    `key` if given; a part read from another topic (a scheduled command held until its
+    deadline) names it as `source_topic`, without the record's partition and offset."""
     record_key = record.key if isinstance(record.key, bytes) else None
     record_value = record.value if isinstance(record.value, bytes) else b""
+    elsewhere = source_topic is not None and source_topic != record.topic
     await send_dead_letter(
         topic,
-        source_topic=record.topic,
-        partition=record.partition,
-        offset=record.offset,
+        source_topic=source_topic if source_topic is not None else record.topic,
+        partition=None if elsewhere else record.partition,
+        offset=None if elsewhere else record.offset,
         key=key if key is not None else record_key,
         raw=raw if raw is not None else record_value,
         reason=reason,

@@ -103,13 +103,16 @@ class PoisonRecords:
         *,
         raw: bytes | None = None,
         key: bytes | None = None,
+        source_topic: str | None = None,
     ) -> None:
         """Dead-letters `record`, or only `raw`, the part of it that failed (one deadline of a
-        record carrying a partition's due deadlines), under that part's own `key` if given."""
+        record carrying a partition's due deadlines), under that part's own `key` and from its
+        own `source_topic` if given."""
         logger.error(
             "record %s[%s]@%s failed and is dead-lettered",
             record.topic, record.partition, record.offset, exc_info=exc,
         )  # fmt: skip
         await dead_letter_record(
-            self._dead_letters, record, failure_reason(exc), "processing_failed", raw=raw, key=key
-        )
+            self._dead_letters, record, failure_reason(exc), "processing_failed",
+            raw=raw, key=key, source_topic=source_topic,
+        )  # fmt: skip

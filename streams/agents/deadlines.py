@@ -31,7 +31,17 @@ _DEADLINE_EVENT_NAMESPACE = uuid.UUID("3e1d8a4c-94b6-4f52-8a41-6b0f2c7d9e13")
 DeadlineHandler = Callable[[bytes, DeadlineReached, dict[str, Any] | None], Awaitable[None]]
 
 
-def _nothing_held(key: bytes, fired: DeadlineReached) -> bytes | None:
+@dataclass(frozen=True)
+class Evidence:
+    """What a failed deadline was to act on, dead-lettered in the deadline's place."""
+
+    raw: bytes
+    # The topic it was read from, where `flexoraa dead-letters replay` puts it back; None: the
+    # deadlines topic (internal: a deadline replayed finds itself cancelled and does nothing).
+    topic: str | None = None
+
+
+def _nothing_held(key: bytes, fired: DeadlineReached) -> Evidence | None:
     return None
 
 
@@ -48,7 +58,7 @@ class DeadLettered:
     sent and the deadline cancelled (its table changes wait for the dead letter)."""
 
     settle: Callable[[bytes, DeadlineReached], None]
-    evidence: Callable[[bytes, DeadlineReached], bytes | None] = _nothing_held
+    evidence: Callable[[bytes, DeadlineReached], Evidence | None] = _nothing_held
 
 
 # Deadlines of one partition per record: a bounded record even when a whole backlog is due.
@@ -184,10 +194,13 @@ class DeadlineActions:
             key = command.lead_id.encode()
             kind = self._dead_lettered.get(_kind(command))
             evidence = kind.evidence(key, command) if kind is not None else None
-            raw = evidence if evidence is not None else command.model_dump_json().encode()
+            if evidence is None:
+                evidence = Evidence(command.model_dump_json().encode())
             # The dead letter first: cancelled, then killed before it, the deadline was gone
             # without a trace (the cancellation's changelog write waits for it, as effects do).
-            await self._poison.dead_letter(record, exc, raw=raw, key=key)
+            await self._poison.dead_letter(
+                record, exc, raw=evidence.raw, key=key, source_topic=evidence.topic
+            )
             self._cancel_if_pending(key, command)
             if kind is not None:
                 kind.settle(key, command)

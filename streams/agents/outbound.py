@@ -28,7 +28,7 @@ from schemas.messaging import (
     OutboundCommand,
     OutboundMessage,
 )
-from streams.agents.deadlines import DeadLettered, DeadlineHandler
+from streams.agents.deadlines import DeadLettered, DeadlineHandler, Evidence
 from streams.batches import SourceRecord, handle_as_current
 from streams.dead_letters import decode_or_dead_letter
 from streams.keyed import KeyOrderedJobs
@@ -324,9 +324,12 @@ class ScheduledSends:
         # dropped, or it stayed held, its deadline gone, for the lead's lifetime.
         return {"scheduled": DeadLettered(settle=self._drop, evidence=self._held)}
 
-    def _held(self, key: bytes, fired: DeadlineReached) -> bytes | None:
+    def _held(self, key: bytes, fired: DeadlineReached) -> Evidence | None:
         raw = (self._table.get(key) or {}).get(_held_command_id(fired))
-        return raw.encode() if raw is not None else None
+        if raw is None:
+            return None
+        # Replayed onto the commands topic, it is held again until its send time, or sent.
+        return Evidence(raw.encode(), self._outbound_commands.get_topic_name())
 
     def _drop(self, key: bytes, fired: DeadlineReached) -> None:
         held = dict(self._table.get(key) or {})

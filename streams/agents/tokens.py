@@ -48,7 +48,12 @@ from schemas.tokens import (
     TokenEvent,
     TokenUsage,
 )
-from streams.agents.deadlines import DeadLettered, DeadlineHandler, deadline_event_id
+from streams.agents.deadlines import (
+    DeadLettered,
+    DeadlineHandler,
+    Evidence,
+    deadline_event_id,
+)
 from streams.batches import BatchLane, SourceRecord
 from streams.dead_letters import dead_letter_record, describe_validation_error
 from streams.locks import KeyLocks
@@ -479,13 +484,14 @@ class AiGate:
         # deadline was cancelled: left deferred, they waited for a top-up that had happened).
         return {RESUME_DEADLINE: DeadLettered(settle=self._drop_failed, evidence=self._failed)}
 
-    def _failed(self, key: bytes, fired: DeadlineReached) -> bytes | None:
+    def _failed(self, key: bytes, fired: DeadlineReached) -> Evidence | None:
         kind = self._failed_kinds.get(key)
         entry = self._deferred.get(key)
         if kind is None or entry is None or kind not in entry["actions"]:
             return None
         failed = {"tenant_id": entry["tenant_id"], "actions": {kind: entry["actions"][kind]}}
-        return orjson.dumps(failed)
+        # For inspection: no topic takes deferred actions back (the deadline's is named).
+        return Evidence(orjson.dumps(failed))
 
     def _drop_failed(self, key: bytes, fired: DeadlineReached) -> None:
         kind = self._failed_kinds.pop(key, None)

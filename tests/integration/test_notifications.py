@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import json
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
@@ -20,7 +24,14 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from flexoraa.settings import Settings
 from schemas.notifications import Notification
 from schemas.topics import TopicNames
-from tests.conftest import MakeTenant, ManagedProcess, StartProcess, free_port, start_worker
+from tests.conftest import (
+    MakeTenant,
+    ManagedProcess,
+    StartProcess,
+    free_port,
+    settings_env,
+    start_worker,
+)
 from tests.integration.conftest import ApiFactory
 from tests.integration.test_pipeline import eventually, read_dead_letters
 
@@ -197,4 +208,51 @@ async def test_a_notification_postgresql_refuses_is_dead_lettered_and_its_batch_
     assert letter.reason.startswith("processing failed: ")
     refused = Notification.model_validate_json(base64.b64decode(letter.raw_base64))
     assert refused.event_id == notifications[1].event_id
+    assert worker.process.poll() is None
+
+
+def flexoraa(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    """The operator's command line, as a newcomer runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "flexoraa", *args],
+        env=settings_env(settings), capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+async def test_a_dead_lettered_notification_is_stored_once_replayed_after_its_tenant_exists(
+    api: httpx.AsyncClient,
+    test_settings: Settings,
+    db: asyncpg.Connection,
+    worker: ManagedProcess,
+) -> None:
+    # A tenant restored after its alerts were produced: the alert was set aside, not lost, and
+    # the operator puts it back with the command line once the tenant is there.
+    tenant_id = str(uuid.uuid4())
+    alert = Notification(
+        event_id=str(uuid.uuid4()), tenant_id=tenant_id, occurred_at=datetime.now(UTC),
+        audience="admins", category="token_threshold", title="restored tenant's alert",
+        body="80 % of your tokens are used.",
+    )  # fmt: skip
+    await publish(test_settings, alert)
+    await read_dead_letters(test_settings, tenant_id.encode(), 1)
+
+    listed = flexoraa(test_settings, "dead-letters", "list", "--key", tenant_id, "--json")
+    assert listed.returncode == 0, listed.stderr
+    [letter] = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert letter["reason"] == f"unknown tenant {tenant_id}"
+    assert letter["source_topic"] == TopicNames(test_settings.topic_prefix).notifications
+    assert letter["key"] == tenant_id
+
+    await db.execute("INSERT INTO tenants (tenant_id, name) VALUES ($1, 'Restored')", tenant_id)
+    for _ in range(2):  # a second replay changes nothing
+        replayed = flexoraa(test_settings, "dead-letters", "replay", "--key", tenant_id)
+        assert replayed.returncode == 0, replayed.stderr
+        assert json.loads(replayed.stdout)["replayed"] == {letter["source_topic"]: 1}
+
+    async def stored() -> Any:
+        return await db.fetch("SELECT title FROM notifications WHERE tenant_id = $1", tenant_id)
+
+    await eventually(stored, what="the replayed notification")
+    await asyncio.sleep(1)  # the second replay's copy has been read too
+    assert [row["title"] for row in await stored()] == ["restored tenant's alert"]
     assert worker.process.poll() is None

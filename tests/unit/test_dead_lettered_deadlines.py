@@ -16,7 +16,7 @@ import pytest
 
 from schemas.events import DeadLetter
 from schemas.messaging import DeadlineReached, OutboundCommand
-from streams.agents.deadlines import DeadLettered, DeadlineActions, DeadlineHandler
+from streams.agents.deadlines import DeadLettered, DeadlineActions, DeadlineHandler, Evidence
 from streams.agents.outbound import ScheduledSends
 from streams.agents.recovery import Recovery
 from streams.agents.tokens import RESUME_DEADLINE, AiGate, TenantStatusView
@@ -28,6 +28,7 @@ LEAD = str(uuid.uuid4())
 KEY = LEAD.encode()
 TENANT = str(uuid.uuid4())
 SESSION = {"tenant_id": TENANT, "contact_name": "Asha"}
+COMMANDS = "acme.outbound-commands"
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,10 @@ class Record:
 @dataclass
 class Topic:
     sent: list[tuple[bytes, bytes]] = field(default_factory=list)
+    name: str = "acme.topic"
+
+    def get_topic_name(self) -> str:
+        return self.name
 
     async def send(self, *, key: bytes, value: bytes) -> None:
         self.sent.append((key, value))
@@ -93,11 +98,12 @@ async def test_the_kinds_evidence_is_dead_lettered_before_its_state_is_settled()
         {"nudge": failing},
         # `settle` sees how many dead letters were sent when it runs: the dead letter first.
         {"nudge": DeadLettered(settle=lambda key, _: settled.append(len(dead_letters.sent)),
-                               evidence=lambda key, _: b"what the deadline held")},
+                               evidence=lambda key, _: Evidence(b"what the deadline held"))},
     )  # fmt: skip
     await acting.act_on_or_dead_letter(fired("nudge", 1_000), Record())
     [letter] = dead_letters.dead_letters()
     assert raw_of(letter) == b"what the deadline held"
+    assert (letter.source_topic, letter.partition, letter.offset) == ("acme.deadlines", 0, 7)
     assert letter.key_base64 == base64.b64encode(KEY).decode()
     assert "ValueError: a value this lead carries" in letter.reason
     assert settled == [1]
@@ -139,7 +145,7 @@ async def test_a_transient_failure_is_raised_and_nothing_is_settled() -> None:
 async def test_a_scheduled_command_that_cannot_go_out_is_dead_lettered_and_no_longer_held() -> None:
     table: dict[bytes, Any] = {}
     scheduler = Scheduler(cast(Any, {}), DeadlineIndex())
-    outbound = Topic()
+    outbound = Topic(name=COMMANDS)
     scheduled = ScheduledSends(cast(Any, table), scheduler, cast(Any, outbound))
     later = datetime.now(UTC) + timedelta(hours=1)
     good = OutboundCommand(event_id=str(uuid.uuid4()), tenant_id=TENANT, occurred_at=later,
@@ -157,6 +163,8 @@ async def test_a_scheduled_command_that_cannot_go_out_is_dead_lettered_and_no_lo
 
     [letter] = dead_letters.dead_letters()
     assert raw_of(letter) == broken  # the command itself, not only its deadline
+    # From the commands topic, where a replay puts it back; no offset of that topic is known.
+    assert (letter.source_topic, letter.partition, letter.offset) == (COMMANDS, None, None)
     assert list(table[KEY]) == [good.event_id]  # dropped; the lead's other command still held
     assert list(scheduler.pending(KEY)) == [f"scheduled:{good.event_id}"]
     assert outbound.sent == []

@@ -1,0 +1,87 @@
+"""`flexoraa dead-letters list|replay` on the real broker: the filters, the records put back
+under their keys on their partitions, internal topics left alone, and a replay that must be
+asked for."""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from flexoraa.kafka import partition_of
+from flexoraa.settings import Settings
+from schemas.events import DeadLetter
+from schemas.topics import TopicNames
+from tests.integration.conftest import read_records, send_records
+from tests.integration.test_notifications import flexoraa
+
+pytestmark = pytest.mark.integration
+
+
+def letter(source_topic: str, key: str, raw: bytes, reason: str, age: timedelta) -> bytes:
+    return DeadLetter(
+        source_topic=source_topic, partition=0, offset=0, reason=reason,
+        raw_base64=base64.b64encode(raw).decode(),
+        key_base64=base64.b64encode(key.encode()).decode(),
+        dead_lettered_at=datetime.now(UTC) - age,
+    ).model_dump_json().encode()  # fmt: skip
+
+
+def listed(settings: Settings, *filters: str) -> list[dict[str, object]]:
+    done = flexoraa(settings, "dead-letters", "list", "--json", *filters)
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+async def test_letters_are_listed_by_filter_and_replayed_onto_their_keys_partition(
+    test_settings: Settings,
+) -> None:
+    names = TopicNames(test_settings.topic_prefix)
+    lead = str(uuid.uuid4())
+    # The sink's topic takes a record back; it is no event, which the sink dead-letters again.
+    lead_event = b'{"not": "an event"} ' + lead.encode()
+    await send_records(test_settings, names.dead_letters, [
+        (lead.encode(), letter(names.lead_events, lead, lead_event,
+                               "row not writable: KeyError: 'turn'", timedelta(days=2))),
+        (lead.encode(), letter(names.deadlines, lead, b"{}",
+                               "processing failed: DataError: invalid UUID", timedelta(0))),
+        (lead.encode(), letter(names.lead_events, lead, lead_event + b" again",
+                               "processing failed: ValueError: bad", timedelta(0))),
+    ])  # fmt: skip
+
+    assert len(listed(test_settings, "--key", lead)) == 3
+    assert [entry["reason"] for entry in listed(test_settings, "--key", lead, "--since", "1d")] == [
+        "processing failed: DataError: invalid UUID",
+        "processing failed: ValueError: bad",
+    ]
+    only_rows = listed(test_settings, "--key", lead, "--reason", "ROW NOT WRITABLE")
+    assert [entry["source_topic"] for entry in only_rows] == [names.lead_events]
+    assert len(listed(test_settings, "--key", lead, "--source", "deadlines")) == 1
+    assert listed(test_settings, "--key", str(uuid.uuid4())) == []
+
+    refused = flexoraa(test_settings, "dead-letters", "replay")
+    assert refused.returncode == 2
+    assert "--all" in refused.stderr
+
+    dry = flexoraa(test_settings, "dead-letters", "replay", "--key", lead, "--dry-run")
+    assert json.loads(dry.stdout) == {
+        "dry_run": True,
+        "replayed": {names.lead_events: 2},
+        "skipped": {f"not replayable: {names.deadlines}": 1},
+    }
+    replayed_before = [r for r in await read_records(test_settings, [names.lead_events])
+                       if r.key == lead.encode()]  # fmt: skip
+    assert replayed_before == []
+
+    done = flexoraa(test_settings, "dead-letters", "replay", "--key", lead)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["replayed"] == {names.lead_events: 2}
+    put_back = [r for r in await read_records(test_settings, [names.lead_events])
+                if r.key == lead.encode()]  # fmt: skip
+    assert [r.value for r in put_back] == [lead_event, lead_event + b" again"]
+    assert {r.partition for r in put_back} == {
+        partition_of(lead.encode(), test_settings.kafka_partitions)
+    }
