@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 Channel = Literal["whatsapp", "email", "instagram", "facebook", "sms", "webchat"]
 CHANNELS: tuple[str, ...] = ("whatsapp", "email", "instagram", "facebook", "sms", "webchat")
@@ -28,15 +28,9 @@ def is_supported_time(value: datetime) -> bool:
     return EARLIEST_EVENT_TIME <= value < LATEST_EVENT_TIME
 
 
-def _supported_time(value: datetime) -> datetime:
-    if not is_supported_time(value):
-        raise ValueError(
-            f"a time from {EARLIEST_EVENT_TIME:%Y-%m-%d} to before {LATEST_EVENT_TIME:%Y-%m-%d}"
-        )
-    return value
-
-
-EventTime = Annotated[AwareDatetime, AfterValidator(_supported_time)]
+# Pydantic's own bounds, not an AfterValidator: a Python call per time field cost 0.9 us of
+# the 2 us an event's time took to validate, and a worker validates a dozen per message.
+EventTime = Annotated[AwareDatetime, Field(ge=EARLIEST_EVENT_TIME, lt=LATEST_EVENT_TIME)]
 
 
 class Event(BaseModel):

@@ -13,7 +13,7 @@ import pytest
 from pydantic import ValidationError
 
 from schemas.events import InboundMessage
-from schemas.latency import MAX_DURATION_MS, NO_TENANT, LatencyEvent
+from schemas.latency import MAX_DURATION_MS, NO_TENANT, LatencyEvent, is_tenant_ref
 from schemas.tokens import MAX_TOKENS_PER_EVENT, TokenCredit, TokenUsage
 
 TENANT = "5d1b8a52-3c4e-4f0a-9b7d-2e6f8c1a0b93"
@@ -45,12 +45,18 @@ def test_a_tenants_uuid_and_the_platform_are_accepted() -> None:
         "5D1B8A52-3C4E-4F0A-9B7D-2E6F8C1A0B93",
         "5d1b8a523c4e4f0a9b7d2e6f8c1a0b93",
         "{5d1b8a52-3c4e-4f0a-9b7d-2e6f8c1a0b93}",
+        "urn:uuid:5d1b8a52-3c4e-4f0a-9b7d-2e6f8c1a0b93",
+        # A pattern's "$" also matches before a final newline.
+        "5d1b8a52-3c4e-4f0a-9b7d-2e6f8c1a0b93\n",
+        "-\n",
+        "--",
         "",
     ],
 )
 def test_anything_else_is_refused_naming_the_field(tenant_id: str) -> None:
     with pytest.raises(ValidationError, match="tenant_id"):
         _event(tenant_id)
+    assert not is_tenant_ref(tenant_id)
 
 
 @pytest.mark.parametrize("duration_ms", [MAX_DURATION_MS + 1, float("inf"), float("nan")])
