@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import asyncpg
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -49,7 +45,7 @@ class TenantSettings:
             budget = row["qualification_budget_threshold"]
             profile = TenantProfile(
                 int(row["leak_threshold_s"] or self._default),
-                _known_zone(row["time_zone"] or "UTC", tenant_id),
+                row["time_zone"] or "UTC",
                 float(budget) if budget is not None else None,
                 row["qualification_escalation_days"],
             )
@@ -61,15 +57,3 @@ class TenantSettings:
 
     async def time_zone(self, tenant_id: str) -> str:
         return (await self.profile(tenant_id)).time_zone
-
-
-def _known_zone(name: str, tenant_id: str) -> str:
-    """`name`, or UTC if this machine's tz database lacks it: the API checks a zone when it is
-    set, but a row written another way, or a zone a tzdata update dropped, failed every
-    recovery step of the tenant's leads."""
-    try:
-        ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
-        logger.warning("tenant %s: unknown time zone %r; UTC used", tenant_id, name)
-        return "UTC"
-    return name

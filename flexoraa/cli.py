@@ -397,34 +397,38 @@ def _letter_filter(args: argparse.Namespace) -> Any:
                         source=args.source, key=args.key)  # fmt: skip
 
 
+def _positive(text: str) -> int:
+    number = int(text)
+    if number < 1:
+        raise argparse.ArgumentTypeError("at least 1")
+    return number
+
+
 def cmd_dead_letters_list(args: argparse.Namespace) -> int:
     from flexoraa.dead_letters import key_text, read_letters
 
     settings = _settings(args)
     prefix = f"{settings.topic_prefix}."
-
-    async def show() -> int:
-        shown = 0
-        async for stored in read_letters(settings, _letter_filter(args)):
-            letter = stored.letter
-            if args.json:
-                where = {"partition": stored.partition, "offset": stored.offset}
-                print(json.dumps({**where, "key": key_text(letter),
-                                  **letter.model_dump(mode="json")}))  # fmt: skip
-            else:
-                source = letter.source_topic.removeprefix(prefix)
-                if letter.offset is not None:
-                    source += f"[{letter.partition}]@{letter.offset}"
-                print(f"{letter.dead_lettered_at:%Y-%m-%d %H:%M:%S}  {source:<36}  "
-                      f"{key_text(letter) or '-':<36}  {letter.reason}")  # fmt: skip
-            shown += 1
-            if args.limit is not None and shown >= args.limit:
-                break
-        return shown
-
-    shown = asyncio.run(show())
+    letters = asyncio.run(read_letters(settings, _letter_filter(args)))[: args.limit]
+    for stored in letters:
+        letter = stored.letter
+        if args.json:
+            print(json.dumps({
+                "partition": stored.partition, "offset": stored.offset, "key": key_text(letter),
+                "replayed_at": stored.replayed_at.isoformat() if stored.replayed_at else None,
+                **letter.model_dump(mode="json"),
+            }))  # fmt: skip
+            continue
+        source = letter.source_topic.removeprefix(prefix)
+        if letter.offset is not None:
+            source += f"[{letter.partition}]@{letter.offset}"
+        replayed = (
+            f"  (replayed {stored.replayed_at:%Y-%m-%d %H:%M:%S})" if stored.replayed_at else ""
+        )
+        print(f"{letter.dead_lettered_at:%Y-%m-%d %H:%M:%S}  {source:<36}  "
+              f"{key_text(letter) or '-':<36}  {letter.reason}{replayed}")  # fmt: skip
     if not args.json:
-        print(f"{shown} dead letters", file=sys.stderr)
+        print(f"{len(letters)} dead letters", file=sys.stderr)
     return 0
 
 
@@ -432,17 +436,19 @@ def cmd_dead_letters_replay(args: argparse.Namespace) -> int:
     from flexoraa.dead_letters import read_letters, replay
 
     letter_filter = _letter_filter(args)
-    if not args.all and letter_filter == type(letter_filter)():
-        print("error: say which dead letters to replay (--since, --reason, --source, --key), "
-              "or --all", file=sys.stderr)  # fmt: skip
+    if not args.all and letter_filter.is_empty():
+        print("error: say which dead letters to replay (--since, --until, --reason, --source, "
+              "--key), or --all", file=sys.stderr)  # fmt: skip
         return 2
     settings = _settings(args)
-    report = asyncio.run(
-        replay(settings, read_letters(settings, letter_filter), dry_run=args.dry_run)
-    )
+
+    async def run() -> Any:
+        letters = await read_letters(settings, letter_filter)
+        return await replay(settings, letters, dry_run=args.dry_run, again=args.again)
+
+    report = asyncio.run(run())
     _print_json({"dry_run": args.dry_run, **report.as_dict()})
-    failed = sum(n for why, n in report.skipped.items() if why.startswith("not acknowledged"))
-    return 1 if failed else 0
+    return 1 if report.failed else 0
 
 
 # --------------------------------------------------------------------------- parser
@@ -514,11 +520,14 @@ def build_parser() -> argparse.ArgumentParser:
         letters_command.add_argument("--reason", help="a part of the reason, any case")
         letters_command.add_argument("--source", help="the source topic, e.g. inbound-messages")
         letters_command.add_argument("--key", help="the record's key: a lead or tenant id")
-    listing.add_argument("--limit", type=int, help="show at most this many")
+    listing.add_argument("--limit", type=_positive, help="show at most this many")
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
     listing.set_defaults(func=cmd_dead_letters_list)
     replaying.add_argument("--all", action="store_true", help="every dead letter, no filter")
     replaying.add_argument("--dry-run", action="store_true", help="count, produce nothing")
+    replaying.add_argument(
+        "--again", action="store_true", help="letters replayed before too (each is marked)"
+    )
     replaying.set_defaults(func=cmd_dead_letters_replay)
 
     run = commands.add_parser("run", help="stack, schema, topics, a worker and the API")

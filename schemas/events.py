@@ -69,3 +69,13 @@ class DeadLetter(BaseModel):
     raw_base64: str
     key_base64: str | None = None
     dead_lettered_at: datetime
+    # Why, as counted in flexoraa_dead_letters_total: invalid_event, processing_failed, …
+    kind: str | None = None
+    # The handler that set the record aside while the topic's other readers took it: a replay
+    # is for it alone (`REPLAY_FOR_HEADER`). None: every reader, none of which took it.
+    consumer: str | None = None
+
+
+# A replayed record's header naming the one handler it is for (`DeadLetter.consumer`); the
+# topic's other readers already took the record and skip it.
+REPLAY_FOR_HEADER = "flexoraa-replay-for"

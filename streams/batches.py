@@ -38,13 +38,28 @@ import contextlib
 import logging
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
 from faust.streams import _current_event
 from faust.types import TP, AppT, TopicT
 
+from schemas.events import REPLAY_FOR_HEADER
+
 logger = logging.getLogger(__name__)
+
+# The lane handler a task runs (None outside the lane): its dead letters name it, so that a
+# replay goes to it alone (streams.dead_letters).
+current_handler: ContextVar[str | None] = ContextVar("current_handler", default=None)
+
+
+def replayed_for(record: Any) -> str | None:
+    """The one handler a replayed record is for, or None (any record but a targeted replay)."""
+    for name, value in getattr(record, "headers", None) or ():
+        if name == REPLAY_FOR_HEADER:
+            return bytes(value).decode()
+    return None
 
 
 class SourceRecord(Protocol):
@@ -254,6 +269,7 @@ class BatchLane:
         return consumer is not None and consumer.is_current(fetch.generation)
 
     async def _run(self, handler: _Handler) -> None:
+        current_handler.set(handler.name)  # this task's own context
         while True:
             fetches = [await handler.queue.get()]
             # Busy from the first fetch taken: a revocation waits for those lingering too.
@@ -270,6 +286,9 @@ class BatchLane:
                     for tp, batch in fetch.records.items()
                     if tp.topic in handler.topics
                     for record in batch
+                    # A replay for another handler: this one took the record the first time.
+                    if not getattr(record, "headers", None)
+                    or replayed_for(record) in (None, handler.name)
                 ]
                 for start in range(0, len(records), handler.max_batch):
                     await handler.handle(records[start : start + handler.max_batch])

@@ -11,7 +11,7 @@ from faust.types import EventT, TopicT
 from pydantic import BaseModel, ValidationError
 
 from schemas.events import DeadLetter
-from streams.batches import SourceRecord
+from streams.batches import SourceRecord, current_handler
 from streams.metrics import DEAD_LETTERS
 
 
@@ -43,6 +43,9 @@ async def send_dead_letter(
         raw_base64=base64.b64encode(raw).decode(),
         key_base64=base64.b64encode(key).decode() if key is not None else None,
         dead_lettered_at=datetime.now(UTC),
+        kind=kind,
+        # An undecodable record was taken by no reader of its topic: a replay is for them all.
+        consumer=None if kind == "invalid_event" else current_handler.get(),
     )
     await topic.send(key=key, value=letter.model_dump_json().encode())
     DEAD_LETTERS.labels(kind).inc()

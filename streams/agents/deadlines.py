@@ -9,7 +9,7 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from faust.types import AppT, StreamT, TableT, TopicT
 from pydantic import Field, TypeAdapter
@@ -193,7 +193,9 @@ class DeadlineActions:
                 raise
             key = command.lead_id.encode()
             kind = self._dead_lettered.get(_kind(command))
-            evidence = kind.evidence(key, command) if kind is not None else None
+            evidence = None
+            if kind is not None:
+                evidence = _unless_failing("evidence", kind.evidence, key, command)
             if evidence is None:
                 evidence = Evidence(command.model_dump_json().encode())
             # The dead letter first: cancelled, then killed before it, the deadline was gone
@@ -203,11 +205,27 @@ class DeadlineActions:
             )
             self._cancel_if_pending(key, command)
             if kind is not None:
-                kind.settle(key, command)
+                _unless_failing("settle", kind.settle, key, command)
 
     def _cancel_if_pending(self, key: bytes, command: DeadlineReached) -> None:
         if self._scheduler.pending(key).get(command.deadline) == command.due_ms:
             self._scheduler.cancel(key, command.deadline)
+
+
+T = TypeVar("T")
+
+
+def _unless_failing(
+    step: str, hook: Callable[[bytes, DeadlineReached], T], key: bytes, fired: DeadlineReached
+) -> T | None:
+    """A kind's hook, its failure logged: the state it meets may be what failed the deadline
+    (a value no rule can use), and raising here would stop the worker at every restart, the
+    deadline's other batch-mates unprocessed."""
+    try:
+        return hook(key, fired)
+    except Exception:
+        logger.exception("%s of dead-lettered deadline %s failed", step, fired.deadline)
+        return None
 
 
 def _kind(command: DeadlineReached) -> str:

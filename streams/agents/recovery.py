@@ -52,7 +52,7 @@ class Recovery:
     ) -> None:
         self._gate = gate
         self._meter = meter
-        gate.add_resumer("recovery", self._resume)
+        gate.add_resumer("recovery", self._resume, on_dropped=self._skip_failed_step)
         self._table = table
         self._qualification = qualification
         self._scheduler = scheduler
@@ -170,9 +170,10 @@ class Recovery:
         # cancelled, the lead's recovery stopped there for good and a late reply still counted
         # as its success. (A failed "silence" deadline leaves nothing: the next message sets
         # it again.)
-        return {"recovery": DeadLettered(settle=self._skip_failed_step)}
+        return {"recovery": DeadLettered(settle=lambda key, _: self._skip_failed_step(key))}
 
-    def _skip_failed_step(self, key: bytes, fired: DeadlineReached) -> None:
+    def _skip_failed_step(self, key: bytes) -> None:
+        """Also when the step failed resumed after a top-up (the gate dropped it)."""
         state = self._table.get(key)
         if state is None or "recovery" in self._scheduler.pending(key):
             return  # the lead replied meanwhile, or the step was moved

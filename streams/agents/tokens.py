@@ -397,11 +397,20 @@ class AiGate:
         self._lead_locks = KeyLocks()
         # This worker's leads with deferred work, by tenant (rebuilt after every recovery).
         self._waiting: dict[str, set[bytes]] = defaultdict(set)
-        # The kind whose resume failed last, by lead, until its deadline is dead-lettered.
-        self._failed_kinds: dict[bytes, str] = {}
+        # A resume failing for a reason of its own, by lead, until its deadline is dead-lettered:
+        # the kind and how many of its actions (the first ones deferred) were being resumed.
+        self._failed_resumes: dict[bytes, tuple[str, int]] = {}
+        # Told that a kind's deferred actions of a lead were dropped (`dead_lettered`).
+        self._on_dropped: dict[str, Callable[[bytes], None]] = {}
 
-    def add_resumer(self, kind: str, resumer: Resumer) -> None:
+    def add_resumer(
+        self, kind: str, resumer: Resumer, on_dropped: Callable[[bytes], None] | None = None
+    ) -> None:
+        """`on_dropped(key)`: the lead's deferred actions of this kind failed for a reason of
+        their own and were dead-lettered; the kind's own state must go on without them."""
         self._resumers[kind] = resumer
+        if on_dropped is not None:
+            self._on_dropped[kind] = on_dropped
 
     def has_deferred(self, key: bytes) -> bool:
         return self._deferred.get(key) is not None
@@ -440,6 +449,7 @@ class AiGate:
             await self._resume_held(key, session)
 
     async def _resume_held(self, key: bytes, session: dict[str, Any] | None) -> None:
+        self._failed_resumes.pop(key, None)  # a failure's, left by an attempt that was retried
         entry = self._deferred.get(key)
         if entry is None:
             return
@@ -459,15 +469,16 @@ class AiGate:
                 continue
             try:
                 await resumer(key, payloads, session)
-            except BaseException:
+            except BaseException as exc:
                 # Kept, not lost with the failed attempt: the deadlines agent runs this handler
                 # again while PostgreSQL is unreachable (it found nothing deferred and the
-                # lead's waiting answers were gone), and a poison failure drops only its kind
-                # (`dead_lettered`). Resumed actions that ran again repeat their effects' ids.
+                # lead's waiting answers were gone), and a poison failure drops only these
+                # actions (`dead_lettered`). Resumed actions that ran again repeat their
+                # effects' ids.
                 self._put_back(key, tenant_id, actions[done:])
-                self._failed_kinds[key] = kind
+                if is_poison(exc):
+                    self._failed_resumes[key] = (kind, len(payloads))
                 raise
-        self._failed_kinds.pop(key, None)
 
     def _put_back(self, key: bytes, tenant_id: str, actions: list[tuple[str, list[Any]]]) -> None:
         """`actions` deferred again, ahead of any deferred while they were being resumed."""
@@ -485,26 +496,35 @@ class AiGate:
         return {RESUME_DEADLINE: DeadLettered(settle=self._drop_failed, evidence=self._failed)}
 
     def _failed(self, key: bytes, fired: DeadlineReached) -> Evidence | None:
-        kind = self._failed_kinds.get(key)
+        failed = self._failed_resumes.get(key)
         entry = self._deferred.get(key)
-        if kind is None or entry is None or kind not in entry["actions"]:
+        if failed is None or entry is None:
             return None
-        failed = {"tenant_id": entry["tenant_id"], "actions": {kind: entry["actions"][kind]}}
+        kind, count = failed
+        actions = {kind: entry["actions"].get(kind, [])[:count]}
         # For inspection: no topic takes deferred actions back (the deadline's is named).
-        return Evidence(orjson.dumps(failed))
+        return Evidence(orjson.dumps({"tenant_id": entry["tenant_id"], "actions": actions}))
 
     def _drop_failed(self, key: bytes, fired: DeadlineReached) -> None:
-        kind = self._failed_kinds.pop(key, None)
+        """Drops the failed actions only: the lead's lock was free since they failed, and an
+        action of the same kind deferred meanwhile stays, after them."""
+        failed = self._failed_resumes.pop(key, None)
         entry = self._deferred.get(key)
-        if kind is None or entry is None:
+        if failed is None or entry is None:
             return
-        rest = {k: payloads for k, payloads in entry["actions"].items() if k != kind}
-        if not rest:
+        kind, count = failed
+        rest = {k: payloads[count:] if k == kind else payloads
+                for k, payloads in entry["actions"].items()}  # fmt: skip
+        rest = {k: payloads for k, payloads in rest.items() if payloads}
+        if rest:
+            self._deferred[key] = {**entry, "actions": rest}
+            self._scheduler.set(key, {RESUME_DEADLINE: int(time.time() * 1000)})
+        else:
             del self._deferred[key]
             self._waiting[entry["tenant_id"]].discard(key)
-            return
-        self._deferred[key] = {**entry, "actions": rest}
-        self._scheduler.set(key, {RESUME_DEADLINE: int(time.time() * 1000)})
+        on_dropped = self._on_dropped.get(kind)
+        if on_dropped is not None:
+            on_dropped(key)
 
     def rebuild(self) -> None:
         self._waiting.clear()

@@ -9,7 +9,7 @@ so does the last step.
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from zoneinfo import ZoneInfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 SILENCE_MS = 24 * 60 * 60 * 1000
 
@@ -27,9 +27,19 @@ MESSAGES = {
 }
 
 
+def zone_or_utc(time_zone: str) -> ZoneInfo:
+    """The zone, or UTC if this machine's tz database lacks it: the API checks a zone when it
+    is set, but a row written another way (or a zone a tzdata update dropped, or one stored in
+    a recovery state before) failed every recovery step of the tenant's leads."""
+    try:
+        return ZoneInfo(time_zone)
+    except (ZoneInfoNotFoundError, ValueError):
+        return ZoneInfo("UTC")
+
+
 def next_local_hour(after_ms: int, time_zone: str, hour: int) -> int:
     """The first `hour`:00 in `time_zone` at or after `after_ms` (epoch ms)."""
-    zone = ZoneInfo(time_zone)
+    zone = zone_or_utc(time_zone)
     local = datetime.fromtimestamp(after_ms / 1000, tz=zone)
     candidate = local.replace(hour=hour, minute=0, second=0, microsecond=0)
     if candidate < local:

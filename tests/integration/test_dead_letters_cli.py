@@ -13,7 +13,7 @@ import pytest
 
 from flexoraa.kafka import partition_of
 from flexoraa.settings import Settings
-from schemas.events import DeadLetter
+from schemas.events import REPLAY_FOR_HEADER, DeadLetter
 from schemas.topics import TopicNames
 from tests.integration.conftest import read_records, send_records
 from tests.integration.test_notifications import flexoraa
@@ -21,12 +21,15 @@ from tests.integration.test_notifications import flexoraa
 pytestmark = pytest.mark.integration
 
 
-def letter(source_topic: str, key: str, raw: bytes, reason: str, age: timedelta) -> bytes:
+def letter(
+    source_topic: str, key: str, raw: bytes, reason: str, age: timedelta,
+    kind: str = "processing_failed", consumer: str | None = None,
+) -> bytes:  # fmt: skip
     return DeadLetter(
         source_topic=source_topic, partition=0, offset=0, reason=reason,
         raw_base64=base64.b64encode(raw).decode(),
         key_base64=base64.b64encode(key.encode()).decode(),
-        dead_lettered_at=datetime.now(UTC) - age,
+        dead_lettered_at=datetime.now(UTC) - age, kind=kind, consumer=consumer,
     ).model_dump_json().encode()  # fmt: skip
 
 
@@ -49,16 +52,17 @@ async def test_letters_are_listed_by_filter_and_replayed_onto_their_keys_partiti
         (lead.encode(), letter(names.deadlines, lead, b"{}",
                                "processing failed: DataError: invalid UUID", timedelta(0))),
         (lead.encode(), letter(names.lead_events, lead, lead_event + b" again",
-                               "processing failed: ValueError: bad", timedelta(0))),
+                               "row not writable: ValueError: bad", timedelta(0),
+                               consumer="sink-lead-events")),
     ])  # fmt: skip
 
     assert len(listed(test_settings, "--key", lead)) == 3
     assert [entry["reason"] for entry in listed(test_settings, "--key", lead, "--since", "1d")] == [
         "processing failed: DataError: invalid UUID",
-        "processing failed: ValueError: bad",
+        "row not writable: ValueError: bad",
     ]
     only_rows = listed(test_settings, "--key", lead, "--reason", "ROW NOT WRITABLE")
-    assert [entry["source_topic"] for entry in only_rows] == [names.lead_events]
+    assert [entry["source_topic"] for entry in only_rows] == [names.lead_events] * 2
     assert len(listed(test_settings, "--key", lead, "--source", "deadlines")) == 1
     assert listed(test_settings, "--key", str(uuid.uuid4())) == []
 
@@ -84,4 +88,36 @@ async def test_letters_are_listed_by_filter_and_replayed_onto_their_keys_partiti
     assert [r.value for r in put_back] == [lead_event, lead_event + b" again"]
     assert {r.partition for r in put_back} == {
         partition_of(lead.encode(), test_settings.kafka_partitions)
+    }
+    # The sink's letter is for the sink alone: the topic's other readers took the record.
+    assert [list(r.headers) for r in put_back] == [[], [(REPLAY_FOR_HEADER, b"sink-lead-events")]]
+
+    # Each letter is replayed once, unless asked again.
+    assert all(entry["replayed_at"] for entry in listed(test_settings, "--source", "lead-events",
+                                                        "--key", lead))  # fmt: skip
+    twice = flexoraa(test_settings, "dead-letters", "replay", "--key", lead)
+    assert json.loads(twice.stdout)["skipped"] == {
+        "replayed before": 2,
+        f"not replayable: {names.deadlines}": 1,
+    }
+    again = flexoraa(test_settings, "dead-letters", "replay", "--key", lead, "--again")
+    assert json.loads(again.stdout)["replayed"] == {names.lead_events: 2}
+
+
+async def test_a_record_refused_for_its_key_and_copies_of_one_record_are_not_replayed_twice(
+    test_settings: Settings,
+) -> None:
+    names = TopicNames(test_settings.topic_prefix)
+    lead = str(uuid.uuid4())
+    same = letter(names.notifications, lead, b"the same record", "unknown tenant", timedelta(0))
+    await send_records(test_settings, names.dead_letters, [
+        (lead.encode(), same), (lead.encode(), same),
+        (lead.encode(), letter(names.inbound_messages, lead, b"{}", "record key is not the "
+                               "event's lead_id", timedelta(0), kind="wrong_key")),
+    ])  # fmt: skip
+    dry = flexoraa(test_settings, "dead-letters", "replay", "--key", lead, "--dry-run")
+    assert json.loads(dry.stdout) == {
+        "dry_run": True,
+        "replayed": {names.notifications: 1},
+        "skipped": {"same record as another letter": 1, "refused for its key": 1},
     }

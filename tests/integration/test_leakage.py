@@ -16,7 +16,6 @@ import asyncpg
 import httpx
 import pytest
 
-from connectors.tenants import TenantSettings
 from flexoraa.settings import Settings
 from schemas.events import DeadLetter, InboundMessage
 from schemas.messaging import DeadlineReached
@@ -316,22 +315,3 @@ async def test_a_deadline_failing_for_what_it_carries_is_dead_lettered_alone(
     (row,) = await leaks(db, accepted["lead_id"])
     assert row["temperature"] == "COLD"
     assert worker.process.poll() is None
-
-
-async def test_a_time_zone_this_machine_lacks_is_read_as_utc(
-    make_tenant: MakeTenant, db: asyncpg.Connection
-) -> None:
-    # The API refuses such a zone, but a row written another way (or a zone a tzdata update
-    # dropped) failed every recovery step of the tenant's leads at the local-hour rule.
-    lost, kept = await make_tenant(), await make_tenant()
-    await db.execute("UPDATE tenants SET time_zone = 'Mars/Olympus' WHERE tenant_id = $1",
-                     lost.tenant_id)  # fmt: skip
-    await db.execute("UPDATE tenants SET time_zone = 'Asia/Kolkata' WHERE tenant_id = $1",
-                     kept.tenant_id)  # fmt: skip
-
-    async def connection() -> Any:
-        return db  # TenantSettings only reads a row
-
-    tenants = TenantSettings(connection, default_leak_threshold_s=THRESHOLD_S)
-    assert await tenants.time_zone(lost.tenant_id) == "UTC"
-    assert await tenants.time_zone(kept.tenant_id) == "Asia/Kolkata"

@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from flexoraa.kafka import partition_of
 from flexoraa.settings import PROJECT_ROOT, Settings
 from schemas.events import DeadLetter, InboundMessage
+from schemas.messaging import LeadEvent
 from schemas.topics import TopicNames
 from tests.conftest import MakeTenant, ManagedProcess, StartProcess, Tenant, free_port, start_worker
 from tests.integration.conftest import ApiFactory, send_records
@@ -310,6 +311,28 @@ async def test_a_record_failing_for_what_it_carries_is_dead_lettered_and_the_wor
     assert failed, [letter.reason for letter in letters]
     assert "DataError" in failed[0].reason
     assert InboundMessage.model_validate_json(base64.b64decode(failed[0].raw_base64)) == record
+    # Named by the handler that failed, while the topic's others took the record: a replay is
+    # for it alone (flexoraa dead-letters replay).
+    assert (failed[0].kind, failed[0].consumer) == ("processing_failed", "leakage-waits")
+
+
+async def test_a_lead_event_the_sink_cannot_build_a_row_from_is_a_failed_processing(
+    api: httpx.AsyncClient, make_tenant: MakeTenant, test_settings: Settings
+) -> None:
+    # A bug or a broken producer, not data PostgreSQL refused: the PoisonRecords alert's.
+    tenant = await make_tenant()
+    lead = str(uuid.uuid4())
+    no_turn = LeadEvent(event_id=str(uuid.uuid4()), tenant_id=tenant.tenant_id,
+                        occurred_at=datetime.now(UTC), lead_id=lead,
+                        type="qualification_updated", data={"status": "done"})  # fmt: skip
+    await send_records(
+        test_settings,
+        TopicNames(test_settings.topic_prefix).lead_events,
+        [(lead.encode(), no_turn.model_dump_json().encode())],
+    )
+    [letter] = await read_dead_letters(test_settings, lead.encode(), 1)
+    assert letter.reason.startswith("row not writable: KeyError")
+    assert (letter.kind, letter.consumer) == ("processing_failed", "sink-lead-events")
 
 
 async def read_dead_letters(settings: Settings, key: bytes, count: int) -> list[DeadLetter]:

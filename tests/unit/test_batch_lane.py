@@ -13,11 +13,13 @@ import faust
 from faust.streams import current_event
 from faust.types import TP, AppT, TopicT
 
+from schemas.events import REPLAY_FOR_HEADER
 from streams.batches import (
     RECORDS_PER_TURN,
     BatchLane,
     RecordsByPartition,
     SourceRecord,
+    current_handler,
     one_record_at_a_time,
 )
 
@@ -45,6 +47,7 @@ class Record:
     offset: int
     key: bytes = b"tenant"
     value: bytes = b"{}"
+    headers: tuple[tuple[str, bytes], ...] = ()
 
 
 def fetch_of(topic: str, partition: int, offsets: range) -> dict[TP, list[Record]]:
@@ -349,3 +352,41 @@ async def test_records_handled_one_at_a_time_let_other_tasks_run_between_turns()
     assert handled == list(range(4 * RECORDS_PER_TURN))
     turns = sorted({n for n in seen_by_another_task if 0 < n < len(records)})
     assert turns == [RECORDS_PER_TURN, 2 * RECORDS_PER_TURN, 3 * RECORDS_PER_TURN]
+
+
+async def test_a_replayed_record_goes_to_the_handler_it_is_for_and_is_acknowledged() -> None:
+    # The topic's other handlers took it the first time: a second run would repeat their
+    # effects (a leak reported again, a recovery restarted).
+    app, lane = FakeApp(), BatchLane()
+    accounts, ledger = Recorder(), Recorder()
+    lane.add_handler("accounts", topics(USAGE), accounts, max_batch=MAX)
+    lane.add_handler("ledger", topics(USAGE), ledger, max_batch=MAX)
+    tasks = await running(lane, app)
+    for_ledger = ((REPLAY_FOR_HEADER, b"ledger"), ("traceparent", b"00-ab"))
+    await lane.dispatch({TP(USAGE, 1): [
+        Record(USAGE, 1, 40), Record(USAGE, 1, 41, headers=for_ledger),
+        Record(USAGE, 1, 42, headers=(("traceparent", b"00-cd"),)),
+    ]}, generation=1)  # fmt: skip
+    await settle()
+    assert accounts.batches == [[40, 42]]
+    assert ledger.batches == [[40, 41, 42]]
+    assert [offset for _, offset in app.consumer.acknowledged] == [40, 41, 42]
+    for task in tasks:
+        task.cancel()
+
+
+async def test_dead_letters_of_a_lane_handler_name_it() -> None:
+    app, lane = FakeApp(), BatchLane()
+    named: list[str | None] = []
+
+    async def handle(records: Sequence[SourceRecord]) -> None:
+        named.append(current_handler.get())
+
+    lane.add_handler("sink-lead-events", topics(USAGE), handle, max_batch=MAX)
+    tasks = await running(lane, app)
+    await lane.dispatch(fetch_of(USAGE, 0, range(1)), generation=1)
+    await settle()
+    assert named == ["sink-lead-events"]
+    assert current_handler.get() is None  # not outside the lane's tasks
+    for task in tasks:
+        task.cancel()

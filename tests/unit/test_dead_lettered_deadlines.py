@@ -312,3 +312,106 @@ async def test_a_resume_failing_for_its_own_reason_drops_that_kind_and_keeps_the
     assert resumed == [{"step": 2}]
     assert KEY not in deferred
     assert len(dead_letters.sent) == 1
+
+
+async def test_a_failing_hook_is_logged_and_the_worker_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The state a hook meets may be what failed the deadline: raising there stopped the
+    # worker at every restart.
+    scheduler = Scheduler(cast(Any, {}), DeadlineIndex())
+    scheduler.set(KEY, {"nudge": 1_000})
+
+    async def failing(key: bytes, fired: DeadlineReached, session: Any) -> None:
+        raise ValueError("the lead's state")
+
+    def broken(key: bytes, fired: DeadlineReached) -> Any:
+        raise KeyError("time_zone")
+
+    kind = DeadLettered(settle=broken, evidence=broken)
+    acting, dead_letters = actions(scheduler, {"nudge": failing}, {"nudge": kind})
+    deadline = fired("nudge", 1_000)
+    await acting.act_on_or_dead_letter(deadline, Record())
+    [letter] = dead_letters.dead_letters()
+    assert DeadlineReached.model_validate_json(raw_of(letter)) == deadline
+    assert scheduler.pending(KEY) == {}
+    assert [r.message for r in caplog.records if "dead-lettered deadline" in r.message] == [
+        "evidence of dead-lettered deadline nudge failed",
+        "settle of dead-lettered deadline nudge failed",
+    ]
+
+
+async def test_an_action_deferred_while_a_failed_resume_is_dead_lettered_is_kept() -> None:
+    # The lead's lock is free between the failure and the dead letter's settling: an answer
+    # deferred then, under the failing kind, was dropped with the failed ones.
+    deferred = two_kinds_deferred()
+    gate, scheduler = gate_with(deferred)
+
+    async def answer(key: bytes, payloads: list[Any], session: Any) -> None:
+        raise TypeError("an answer the interview cannot take")
+
+    gate.add_resumer("qualification", answer)
+    acting, dead_letters = actions(scheduler, gate.handlers(), gate.dead_lettered())
+    scheduler.set(KEY, {RESUME_DEADLINE: 1_000})
+    # What the interview agent does on the lead's next message, at the dead letter's await.
+    poison = cast(Any, acting)._poison
+    send_letter = poison.dead_letter
+
+    async def deferring_meanwhile(*args: Any, **kwargs: Any) -> None:
+        await send_letter(*args, **kwargs)
+        gate.defer(KEY, TENANT, "qualification", {"text": "third"})
+
+    poison.dead_letter = deferring_meanwhile
+    await acting.act_on_or_dead_letter(fired(RESUME_DEADLINE, 1_000), Record())
+    [letter] = dead_letters.dead_letters()
+    assert orjson.loads(raw_of(letter))["actions"] == {
+        "qualification": [{"text": "first"}, {"text": "second"}]
+    }
+    assert deferred[KEY]["actions"] == {
+        "qualification": [{"text": "third"}], "recovery": [{"step": 2}],
+    }  # fmt: skip
+
+
+async def test_a_transient_failure_leaves_nothing_to_drop() -> None:
+    deferred = two_kinds_deferred()
+    gate, _ = gate_with(deferred)
+    outage = [ConnectionRefusedError("PostgreSQL is down")]
+
+    async def answer(key: bytes, payloads: list[Any], session: Any) -> None:
+        if outage:
+            raise outage.pop()
+
+    gate.add_resumer("qualification", answer)
+    gate.add_resumer("recovery", answer)
+    with pytest.raises(ConnectionRefusedError):
+        await gate.handlers()[RESUME_DEADLINE](KEY, fired(RESUME_DEADLINE, 1_000), SESSION)
+    # Not a failure of the actions' own: a dead letter of the deadline would drop none.
+    assert gate.dead_lettered()[RESUME_DEADLINE].evidence(KEY, fired(RESUME_DEADLINE, 1)) is None
+
+
+async def test_a_recovery_step_failing_when_resumed_after_a_top_up_is_skipped() -> None:
+    # A step deferred for want of tokens fails inside the gate's resume: the gate dropped it,
+    # and the sequence stood at that step with no deadline, for good.
+    meter = FailingMeter(failing_step=0)
+    recovery, table, scheduler = recovery_with(meter)
+    gate = cast(Any, recovery)._gate
+    gate._view = PausedView()
+    acting, dead_letters = actions(
+        scheduler, recovery.handlers() | gate.handlers(),
+        recovery.dead_lettered() | gate.dead_lettered(),
+    )  # fmt: skip
+    scheduler.set(KEY, {"silence": 1_000})
+    await acting.act_on_or_dead_letter(fired("silence", 1_000), Record())
+    await fire_pending_recovery(acting, scheduler)  # deferred: no tokens
+    assert gate.has_deferred(KEY)
+    gate._view = OpenView()
+    resume_due = scheduler.pending(KEY)[RESUME_DEADLINE]
+    await acting.act_on_or_dead_letter(fired(RESUME_DEADLINE, resume_due), Record())
+    assert len(dead_letters.sent) == 1
+    assert table[KEY]["step"] == 1
+    assert "recovery" in scheduler.pending(KEY)
+
+
+class PausedView(OpenView):
+    def is_paused(self, tenant_id: str) -> bool:
+        return True

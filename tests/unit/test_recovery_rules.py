@@ -20,6 +20,10 @@ def ms(text: str) -> int:
         ("2026-11-24T05:00:00+00:00", "Asia/Kolkata", "2026-11-25T04:30:00+00:00"),
         # Across the US spring-forward: still 10:00 local (14:00 UTC after, 15:00 before).
         ("2026-03-07T16:00:00+00:00", "America/New_York", "2026-03-08T14:00:00+00:00"),
+        # A zone this machine's tz database lacks (a row written past the API's check, or a
+        # zone a tzdata update dropped) is UTC, not a failure at every step.
+        ("2026-11-24T03:00:00+00:00", "Mars/Olympus", "2026-11-24T10:00:00+00:00"),
+        ("2026-11-24T03:00:00+00:00", "../etc/passwd", "2026-11-24T10:00:00+00:00"),
     ],
 )
 def test_next_local_hour(after: str, zone: str, expected: str) -> None:
