@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
@@ -9,7 +11,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 
 from api.main import create_app
 from flexoraa.settings import Settings
-from tests.conftest import free_port
+from tests.conftest import free_port, settings_env
 from tests.fakes.graph_api import GraphApiFake
 
 pytestmark = pytest.mark.integration
@@ -101,3 +103,11 @@ async def read_topic(
         for m in await read_records(settings, topics)
         if tenant_id is None or m.key == tenant_id.encode()
     ]
+
+
+def flexoraa(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    """The operator's command line, as a newcomer runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "flexoraa", *args],
+        env=settings_env(settings), capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip

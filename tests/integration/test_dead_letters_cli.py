@@ -15,8 +15,7 @@ from flexoraa.kafka import partition_of
 from flexoraa.settings import Settings
 from schemas.events import REPLAY_FOR_HEADER, DeadLetter
 from schemas.topics import TopicNames
-from tests.integration.conftest import read_records, send_records
-from tests.integration.test_notifications import flexoraa
+from tests.integration.conftest import flexoraa, read_records, send_records
 
 pytestmark = pytest.mark.integration
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
@@ -28,10 +26,9 @@ from tests.conftest import (
     ManagedProcess,
     StartProcess,
     free_port,
-    settings_env,
     start_worker,
 )
-from tests.integration.conftest import ApiFactory
+from tests.integration.conftest import ApiFactory, flexoraa
 from tests.integration.test_pipeline import eventually, read_dead_letters
 
 pytestmark = pytest.mark.integration
@@ -208,14 +205,6 @@ async def test_a_notification_postgresql_refuses_is_dead_lettered_and_its_batch_
     refused = Notification.model_validate_json(base64.b64decode(letter.raw_base64))
     assert refused.event_id == notifications[1].event_id
     assert worker.process.poll() is None
-
-
-def flexoraa(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    """The operator's command line, as a newcomer runs it."""
-    return subprocess.run(
-        [sys.executable, "-m", "flexoraa", *args],
-        env=settings_env(settings), capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
 
 
 async def test_a_dead_lettered_notification_is_stored_once_replayed_after_its_tenant_exists(
