@@ -444,7 +444,8 @@ def cmd_dead_letters_replay(args: argparse.Namespace) -> int:
 
     async def run() -> Any:
         letters = await read_letters(settings, letter_filter)
-        return await replay(settings, letters, dry_run=args.dry_run, again=args.again)
+        return await replay(settings, letters, dry_run=args.dry_run, again=args.again,
+                            to_all_readers=args.to_all_readers)  # fmt: skip
 
     report = asyncio.run(run())
     _print_json({"dry_run": args.dry_run, **report.as_dict()})
@@ -527,6 +528,12 @@ def build_parser() -> argparse.ArgumentParser:
     replaying.add_argument("--dry-run", action="store_true", help="count, produce nothing")
     replaying.add_argument(
         "--again", action="store_true", help="letters replayed before too (each is marked)"
+    )
+    replaying.add_argument(
+        "--to-all-readers",
+        action="store_true",
+        help="also letters of older workers, which do not name the handler that set them "
+        "aside: every reader of their topic takes them again",
     )
     replaying.set_defaults(func=cmd_dead_letters_replay)
 

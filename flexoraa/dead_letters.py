@@ -10,9 +10,12 @@ from (`source_topic`), once the cause is mended (a tenant created, a bug fixed):
   carries its name (`REPLAY_FOR_HEADER`) and the other handlers skip it. Run again, they
   would repeat what they did the first time (report a leak, restart a recovery sequence);
 - a letter no reader took (it did not decode) goes to them all;
-- each replayed letter is marked on the dead-letter topic (`ReplayedLetter`), and a later
-  replay leaves it alone unless asked `again`: a handler that does not recognise a repeated
-  event would act on it twice. A record failing again is a new letter, to replay once mended;
+- each replayed letter is marked on a compacted topic of its own (`ReplayedLetter`), and a
+  later replay leaves it, and the letters of the same record, alone unless asked `again`: a
+  handler that does not recognise a repeated event would act on it twice. A record failing
+  again is a new letter for the same handler, to replay once mended;
+- a letter of an older worker, which does not name its handler, is put back only when asked
+  (`to_all_readers`): it would reach every reader of its topic;
 - letters from internal topics are not replayed (a deadline record finds its deadline
   cancelled and does nothing; tenant statuses and changelogs are state the workers write),
   nor records under a key they were refused for (`wrong_key`).
@@ -23,8 +26,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -121,26 +126,59 @@ def decoded_key(letter: DeadLetter) -> bytes | None:
 
 async def read_letters(settings: Settings, letter_filter: LetterFilter) -> list[StoredLetter]:
     """The dead letters matching `letter_filter`, up to the end of the topic when called, in
-    offset order per partition, each with its replay mark if it has one. (The marks come
-    after their letters: the whole range is read before any letter is returned.)"""
+    offset order per partition, each with when it was replayed, if it was."""
     names = TopicNames(settings.topic_prefix)
     matched: list[StoredLetter] = []
     replayed: dict[tuple[int, int], datetime] = {}
+
+    def take(topic: str, partition: int, offset: int, value: bytes | None) -> None:
+        if value is None:
+            return
+        if topic == names.dead_letters_replayed:
+            with contextlib.suppress(ValidationError):
+                mark = ReplayedLetter.model_validate_json(value)
+                replayed[(mark.replayed_partition, mark.replayed_offset)] = mark.replayed_at
+            return
+        try:
+            letter = DeadLetter.model_validate_json(value)
+        except ValidationError:
+            return
+        if letter_filter.matches(letter, names):
+            matched.append(StoredLetter(partition, offset, letter))
+
+    await _read_to_end(
+        settings, {names.dead_letters: letter_filter.since, names.dead_letters_replayed: None}, take
+    )
+    return [
+        StoredLetter(s.partition, s.offset, s.letter, replayed.get((s.partition, s.offset)))
+        for s in matched
+    ]
+
+
+async def _read_to_end(
+    settings: Settings,
+    topics: dict[str, datetime | None],
+    take: Callable[[str, int, int, bytes | None], None],
+) -> None:
+    """Every record of `topics` (each from its first record, or from the first produced at or
+    after its time) up to their ends when called, to `take`, in offset order per partition."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap_servers,
         group_id=None,
         enable_auto_commit=False,
         isolation_level="read_committed",
+        # A start that retention deleted meanwhile: the records after it, not the topic's end.
+        auto_offset_reset="earliest",
     )
     back_off_failed_metadata_updates(consumer._client)
     await consumer.start()
     try:
         partitions = [
-            TopicPartition(names.dead_letters, p) for p in range(settings.kafka_partitions)
+            TopicPartition(topic, p) for topic in topics for p in range(settings.kafka_partitions)
         ]
         consumer.assign(partitions)
         ends = await consumer.end_offsets(partitions)
-        starts = await _start_offsets(consumer, partitions, ends, letter_filter.since)
+        starts = await _start_offsets(consumer, partitions, ends, topics)
         # Known offsets, not `seek_to_beginning` and then `position`: that found nothing left to
         # read in 2 of 8 runs against a topic holding two letters, and the letters were missed.
         for tp, offset in starts.items():
@@ -154,80 +192,64 @@ async def read_letters(settings: Settings, letter_filter: LetterFilter) -> list[
                 for record in records:
                     if record.offset >= ends[tp]:
                         break
-                    _sort(record, tp.partition, letter_filter, names, matched, replayed)
+                    take(tp.topic, tp.partition, record.offset, record.value)
             remaining = {tp for tp in remaining if await consumer.position(tp) < ends[tp]}
             if remaining and time.monotonic() - progressed_at > READ_STALL_S:
-                unread = ", ".join(str(tp.partition) for tp in sorted(remaining))
-                raise TimeoutError(f"{names.dead_letters}: partitions {unread} unreadable")
+                unread = ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(remaining))
+                raise TimeoutError(f"unreadable: {unread}")
     finally:
         await consumer.stop()
-    return [
-        StoredLetter(s.partition, s.offset, s.letter, replayed.get((s.partition, s.offset)))
-        for s in matched
-    ]
-
-
-def _sort(
-    record: Any, partition: int, letter_filter: LetterFilter, names: TopicNames,
-    matched: list[StoredLetter], replayed: dict[tuple[int, int], datetime],
-) -> None:  # fmt: skip
-    """A record of the topic: a letter (kept if it matches), a replay mark, or neither."""
-    if record.value is None:
-        return
-    try:
-        letter = DeadLetter.model_validate_json(record.value)
-    except ValidationError:
-        try:
-            mark = ReplayedLetter.model_validate_json(record.value)
-        except ValidationError:
-            return
-        replayed[(mark.replayed_partition, mark.replayed_offset)] = mark.replayed_at
-        return
-    if letter_filter.matches(letter, names):
-        matched.append(StoredLetter(partition, record.offset, letter))
 
 
 async def _start_offsets(
     consumer: AIOKafkaConsumer,
     partitions: list[TopicPartition],
     ends: dict[TopicPartition, int],
-    since: datetime | None,
+    since: dict[str, datetime | None],
 ) -> dict[TopicPartition, int]:
-    """Where each partition's matching letters can start: its first offset, or the first
-    record produced at or after `since` (a letter is produced just after its
-    `dead_lettered_at`, and its replay mark later)."""
-    first: dict[TopicPartition, int] = await consumer.beginning_offsets(partitions)
-    if since is None:
-        return first
-    since_ms = int(since.timestamp() * 1000)
-    found = await consumer.offsets_for_times({tp: since_ms for tp in partitions})
-    return {tp: at.offset if at is not None else ends[tp] for tp, at in found.items()}
+    """Where each partition's records of interest start: its first offset, or the first record
+    produced at or after its topic's time (a letter is produced just after its
+    `dead_lettered_at`)."""
+    starts: dict[TopicPartition, int] = await consumer.beginning_offsets(partitions)
+    timed = {tp: since[tp.topic] for tp in partitions if since[tp.topic] is not None}
+    if timed:
+        found = await consumer.offsets_for_times(
+            {tp: int(at.timestamp() * 1000) for tp, at in timed.items() if at is not None}
+        )
+        starts |= {tp: at.offset if at is not None else ends[tp] for tp, at in found.items()}
+    return starts
 
 
 @dataclass
 class ReplayReport:
-    """What a replay put back, by topic, and what it left, by why."""
+    """What a replay put back, by topic, what it left, by why, and letters put back whose
+    mark could not be written (a later replay would put them back again)."""
 
     replayed: Counter[str] = field(default_factory=Counter)
     skipped: Counter[str] = field(default_factory=Counter)
+    unmarked: int = 0
 
-    def as_dict(self) -> dict[str, dict[str, int]]:
-        return {"replayed": dict(self.replayed), "skipped": dict(self.skipped)}
+    def as_dict(self) -> dict[str, Any]:
+        return {"replayed": dict(self.replayed), "skipped": dict(self.skipped),
+                "unmarked": self.unmarked}  # fmt: skip
 
     @property
-    def failed(self) -> int:
-        return sum(n for why, n in self.skipped.items() if why.startswith("not sent"))
+    def failed(self) -> bool:
+        return self.unmarked > 0 or any(why.startswith("not sent") for why in self.skipped)
 
 
-def skip_reason(stored: StoredLetter, names: TopicNames, *, again: bool = False) -> str | None:
-    """Why `stored` cannot be put back, or None."""
-    letter = stored.letter
+def skip_reason(
+    letter: DeadLetter, names: TopicNames, *, to_all_readers: bool = False
+) -> str | None:
+    """Why `letter` cannot be put back, or None."""
     if letter.source_topic not in replayable_topics(names):
         return f"not replayable: {letter.source_topic}"
-    if letter.kind == "wrong_key":
+    if letter.kind == "wrong_key" or letter.reason.startswith("record key is not"):
         return "refused for its key"
-    if stored.replayed_at is not None and not again:
-        return "replayed before"
+    if letter.kind is None and not letter.reason.startswith("invalid event") and not to_all_readers:
+        # An older worker's letter does not say which handler set it aside: put back, it would
+        # reach every reader of its topic, and those that took it the first time act again.
+        return "handler not named (an older worker's letter; --to-all-readers)"
     try:
         base64.b64decode(letter.raw_base64, validate=True)
     except binascii.Error:
@@ -235,31 +257,42 @@ def skip_reason(stored: StoredLetter, names: TopicNames, *, again: bool = False)
     return None
 
 
+def _identity(letter: DeadLetter) -> tuple[str, str | None, str, str | None]:
+    """Letters of one record for one handler (set aside again after a restart, or replayed
+    and failing again)."""
+    return (letter.source_topic, letter.key_base64, letter.raw_base64, letter.consumer)
+
+
 async def replay(
-    settings: Settings, letters: list[StoredLetter], *, dry_run: bool = False, again: bool = False
-) -> ReplayReport:
+    settings: Settings, letters: list[StoredLetter], *, dry_run: bool = False,
+    again: bool = False, to_all_readers: bool = False,
+) -> ReplayReport:  # fmt: skip
     """Produces each letter's raw bytes under its key to its source topic, for the handler that
     set it aside if one did (a keyed topic's partition is the key's, as when the record was
     first produced), then marks it replayed; returns once Kafka acknowledged every record and
-    mark, failed ones counted under `skipped`. Identical letters go out once. With `dry_run`,
+    mark, failed ones counted under `skipped`. Identical letters are one record: put back
+    once, all marked, and none again once one is marked (unless `again`). With `dry_run`,
     only counts."""
     names = TopicNames(settings.topic_prefix)
     report = ReplayReport()
-    chosen: list[StoredLetter] = []
-    seen: set[tuple[str, str | None, str, str | None]] = set()
+    copies: dict[tuple[str, str | None, str, str | None], list[StoredLetter]] = {}
     for stored in letters:
-        letter = stored.letter
-        reason = skip_reason(stored, names, again=again)
-        identity = (letter.source_topic, letter.key_base64, letter.raw_base64, letter.consumer)
-        if reason is None and identity in seen:
-            reason = "same record as another letter"
+        reason = skip_reason(stored.letter, names, to_all_readers=to_all_readers)
         if reason is not None:
             report.skipped[reason] += 1
+        else:
+            copies.setdefault(_identity(stored.letter), []).append(stored)
+    chosen: list[list[StoredLetter]] = []
+    for group in copies.values():
+        if not again and any(stored.replayed_at is not None for stored in group):
+            report.skipped["replayed before"] += len(group)
             continue
-        seen.add(identity)
-        chosen.append(stored)
+        report.skipped["same record as another letter"] += len(group) - 1
+        chosen.append(group)
+    if not report.skipped["same record as another letter"]:
+        del report.skipped["same record as another letter"]
     if dry_run:
-        report.replayed.update(stored.letter.source_topic for stored in chosen)
+        report.replayed.update(group[0].letter.source_topic for group in chosen)
         return report
     producer = acknowledged_producer(settings, linger_ms=5, partitioner=KeyPartitioner())
     await producer.start()
@@ -272,23 +305,29 @@ async def replay(
 
 
 async def _replay_slice(
-    producer: Any, names: TopicNames, chosen: list[StoredLetter], report: ReplayReport
+    producer: Any, names: TopicNames, groups: list[list[StoredLetter]], report: ReplayReport
 ) -> None:
-    sent = await asyncio.gather(*(_put_back(producer, s) for s in chosen), return_exceptions=True)
+    sent = await asyncio.gather(*(_put_back(producer, g[0]) for g in groups),
+                                return_exceptions=True)  # fmt: skip
     marks = []
-    for stored, outcome in zip(chosen, sent, strict=True):
+    for group, outcome in zip(groups, sent, strict=True):
         if isinstance(outcome, BaseException):
-            report.skipped[f"not sent: {type(outcome).__name__}"] += 1
+            report.skipped[f"not sent: {type(outcome).__name__}"] += len(group)
             continue
-        report.replayed[stored.letter.source_topic] += 1
-        mark = ReplayedLetter(replayed_partition=stored.partition, replayed_offset=stored.offset,
-                              replayed_at=datetime.now(UTC))  # fmt: skip
-        # Under the letter's key: on its partition, after it.
-        marks.append(producer.send_and_wait(
-            names.dead_letters, mark.model_dump_json().encode(), key=decoded_key(stored.letter)
-        ))  # fmt: skip
-    # A mark that fails leaves its letter unmarked: replayed again only if asked.
-    await asyncio.gather(*marks, return_exceptions=True)
+        report.replayed[group[0].letter.source_topic] += 1
+        replayed_at = datetime.now(UTC)
+        for stored in group:
+            mark = ReplayedLetter(
+                replayed_partition=stored.partition,
+                replayed_offset=stored.offset,
+                replayed_at=replayed_at,
+            )
+            marks.append(producer.send_and_wait(
+                names.dead_letters_replayed, mark.model_dump_json().encode(),
+                key=f"{stored.partition}:{stored.offset}".encode(),
+            ))  # fmt: skip
+    outcomes = await asyncio.gather(*marks, return_exceptions=True)
+    report.unmarked += sum(isinstance(outcome, BaseException) for outcome in outcomes)
 
 
 async def _put_back(producer: Any, stored: StoredLetter) -> None:

@@ -76,6 +76,12 @@ class TopicNames:
     def dead_letters(self) -> str:
         return f"{self.prefix}.dead-letters"
 
+    @property
+    def dead_letters_replayed(self) -> str:
+        """Compacted: the dead letters `flexoraa dead-letters replay` put back, by position (a
+        topic of its own: the dead-letter topic holds nothing but dead letters)."""
+        return f"{self.prefix}.dead-letters-replayed"
+
     def changelog(self, table: str) -> str:
         """Faust's name for a table's changelog (the app id is the prefix)."""
         return f"{self.prefix}-{table}-changelog"
@@ -97,9 +103,10 @@ class TopicNames:
             self.deadlines,
             self.tenant_status,
             self.dead_letters,
+            self.dead_letters_replayed,
             *self.changelogs(),
         ]
 
     def compacted(self) -> frozenset[str]:
         """Topics whose latest record per key is all that matters."""
-        return frozenset({self.tenant_status, *self.changelogs()})
+        return frozenset({self.tenant_status, self.dead_letters_replayed, *self.changelogs()})

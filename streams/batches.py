@@ -242,11 +242,28 @@ class BatchLane:
 
     async def dispatch(self, records: RecordsByPartition, generation: int) -> None:
         """Queues a fetch's records for each handler of their topics (waits while full)."""
+        self._warn_unserved_replays(records)
         fetch = _Fetch(generation, records, asyncio.get_running_loop().time())
         targets = [h for h in self._handlers if any(tp.topic in h.topics for tp in records)]
         fetch.unfinished_handlers = len(targets)
         for handler in targets:
             await handler.queue.put(fetch)
+
+    def _warn_unserved_replays(self, records: RecordsByPartition) -> None:
+        """A replay for a handler this worker does not run (switched off, renamed) is taken by
+        none: said, not skipped without a trace."""
+        for tp, batch in records.items():
+            for record in batch:
+                if not getattr(record, "headers", None):
+                    continue
+                target = replayed_for(record)
+                if target is not None and not any(
+                    h.name == target and tp.topic in h.topics for h in self._handlers
+                ):
+                    logger.warning(
+                        "replayed record %s[%s]@%s is for %r, which does not read that topic "
+                        "here: no handler takes it", tp.topic, tp.partition, record.offset, target,
+                    )  # fmt: skip
 
     async def quiesce(self) -> None:
         """For a revocation (the flow is already stopped): drops the queued fetches, ends the

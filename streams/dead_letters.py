@@ -11,7 +11,7 @@ from faust.types import EventT, TopicT
 from pydantic import BaseModel, ValidationError
 
 from schemas.events import DeadLetter
-from streams.batches import SourceRecord, current_handler
+from streams.batches import SourceRecord, current_handler, replayed_for
 from streams.metrics import DEAD_LETTERS
 
 
@@ -24,6 +24,14 @@ def describe_validation_error(exc: ValidationError) -> str:
     return "invalid event: " + "; ".join(parts)
 
 
+def for_replay_to(kind: str) -> str | None:
+    """The handler a replay of a letter set aside now is for: the lane handler running, which
+    took the record while the topic's other readers took it too; None, every reader, for an
+    undecodable record (none of them took it) or outside the lane (a Faust agent, its topic's
+    one reader)."""
+    return None if kind == "invalid_event" else current_handler.get()
+
+
 async def send_dead_letter(
     topic: TopicT,
     *,
@@ -34,7 +42,9 @@ async def send_dead_letter(
     raw: bytes,
     reason: str,
     kind: str,
+    consumer: str | None,
 ) -> None:
+    """`consumer`: the handler a replay of the letter is for (`for_replay_to`)."""
     letter = DeadLetter(
         source_topic=source_topic,
         partition=partition,
@@ -44,8 +54,7 @@ async def send_dead_letter(
         key_base64=base64.b64encode(key).decode() if key is not None else None,
         dead_lettered_at=datetime.now(UTC),
         kind=kind,
-        # An undecodable record was taken by no reader of its topic: a replay is for them all.
-        consumer=None if kind == "invalid_event" else current_handler.get(),
+        consumer=consumer,
     )
     await topic.send(key=key, value=letter.model_dump_json().encode())
     DEAD_LETTERS.labels(kind).inc()
@@ -65,6 +74,8 @@ async def dead_letter_record(
     `key` if given; a part read from another topic (a scheduled command held until its
     deadline) names it as `source_topic`, without the record's partition and offset."""
     record_key = record.key if isinstance(record.key, bytes) else None
+    # A replayed record failing again stays its handler's: the topic's others took it once.
+    target = replayed_for(record)
     record_value = record.value if isinstance(record.value, bytes) else b""
     elsewhere = source_topic is not None and source_topic != record.topic
     await send_dead_letter(
@@ -76,6 +87,7 @@ async def dead_letter_record(
         raw=raw if raw is not None else record_value,
         reason=reason,
         kind=kind,
+        consumer=target if target is not None else for_replay_to(kind),
     )
 
 

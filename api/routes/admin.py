@@ -6,7 +6,6 @@ import json
 import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from fastapi import APIRouter, Query, Response
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
@@ -15,6 +14,7 @@ from api.deps import PrincipalDep, ServicesDep
 from api.errors import ApiError
 from api.tenants import Principal, create_api_key
 from flexoraa import audit
+from streams.rules.recovery import known_zone
 
 router = APIRouter(tags=["admin"])
 
@@ -106,12 +106,8 @@ class TenantSettingsBody(BaseModel):
     @field_validator("time_zone")
     @classmethod
     def _known_zone(cls, value: str) -> str:
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(
-                f"unknown time zone {value!r} (an IANA name like Asia/Kolkata)"
-            ) from None
+        if known_zone(value) is None:
+            raise ValueError(f"unknown time zone {value!r} (an IANA name like Asia/Kolkata)")
         return value
 
 

@@ -7,6 +7,7 @@ customer message during recovery ends it as a success, with the time to reply.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -24,9 +25,10 @@ from streams.batches import BatchLane, SourceRecord
 from streams.dead_letters import decoded_record
 from streams.metrics import RECOVERY
 from streams.rules.leakage import temperature
-from streams.rules.recovery import STRATEGIES, recovery_text, step_due_ms
+from streams.rules.recovery import STRATEGIES, known_zone, recovery_text, step_due_ms
 from streams.timers import Scheduler
 
+logger = logging.getLogger(__name__)
 _NAMESPACE = uuid.UUID("1f2e3d4c-5b6a-4978-8695-a4b3c2d1e0f9")
 
 
@@ -102,6 +104,9 @@ class Recovery:
             return
         now_ms = int(datetime.now(UTC).timestamp() * 1000)
         time_zone = await self._tenants.time_zone(session["tenant_id"])
+        if known_zone(time_zone) is None:
+            logger.warning("tenant %s: unknown time zone %r; recovery runs on UTC",
+                           session["tenant_id"], time_zone)  # fmt: skip
         due = step_due_ms(now_ms, 0, self._delays_s, time_zone, self._local_hour)
         self._table[key] = {"step": 0, "started_ms": now_ms, "last_sent_ms": now_ms,
                             "time_zone": time_zone}  # fmt: skip

@@ -10,7 +10,12 @@ from pydantic import ValidationError
 
 from schemas.events import Event
 from streams.batches import BatchLane, SourceRecord
-from streams.dead_letters import dead_letter_record, describe_validation_error, send_dead_letter
+from streams.dead_letters import (
+    dead_letter_record,
+    describe_validation_error,
+    for_replay_to,
+    send_dead_letter,
+)
 from streams.sink import BatchSink
 
 E = TypeVar("E", bound=Event)
@@ -57,6 +62,7 @@ class SinkSpec(Generic[E]):
                 raw=rejected.message.model_dump_json().encode(),
                 reason=rejected.reason,
                 kind=rejected.kind,
+                consumer=for_replay_to(rejected.kind),
             )
 
 

@@ -27,14 +27,21 @@ MESSAGES = {
 }
 
 
+def known_zone(time_zone: str) -> ZoneInfo | None:
+    """The IANA zone of that name, or None if this machine's tz database has none. A name that
+    is a directory of the database ("America") or too long for a path raises an OSError, which
+    the agents' retry loop took for an unreachable database and retried for ever."""
+    try:
+        return ZoneInfo(time_zone)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        return None
+
+
 def zone_or_utc(time_zone: str) -> ZoneInfo:
     """The zone, or UTC if this machine's tz database lacks it: the API checks a zone when it
     is set, but a row written another way (or a zone a tzdata update dropped, or one stored in
     a recovery state before) failed every recovery step of the tenant's leads."""
-    try:
-        return ZoneInfo(time_zone)
-    except (ZoneInfoNotFoundError, ValueError):
-        return ZoneInfo("UTC")
+    return known_zone(time_zone) or ZoneInfo("UTC")
 
 
 def next_local_hour(after_ms: int, time_zone: str, hour: int) -> int:

@@ -74,6 +74,7 @@ async def test_letters_are_listed_by_filter_and_replayed_onto_their_keys_partiti
         "dry_run": True,
         "replayed": {names.lead_events: 2},
         "skipped": {f"not replayable: {names.deadlines}": 1},
+        "unmarked": 0,
     }
     replayed_before = [r for r in await read_records(test_settings, [names.lead_events])
                        if r.key == lead.encode()]  # fmt: skip
@@ -119,4 +120,14 @@ async def test_a_record_refused_for_its_key_and_copies_of_one_record_are_not_rep
         "dry_run": True,
         "replayed": {names.notifications: 1},
         "skipped": {"same record as another letter": 1, "refused for its key": 1},
+        "unmarked": 0,
     }
+    done = flexoraa(test_settings, "dead-letters", "replay", "--key", lead)
+    assert json.loads(done.stdout)["replayed"] == {names.notifications: 1}
+    # Both copies marked: the next replay takes neither.
+    copies = listed(test_settings, "--key", lead, "--source", "notifications")
+    assert len(copies) == 2
+    assert all(entry["replayed_at"] for entry in copies)
+    assert json.loads(flexoraa(test_settings, "dead-letters", "replay", "--key", lead).stdout)[
+        "skipped"
+    ] == {"replayed before": 2, "refused for its key": 1}

@@ -247,6 +247,7 @@ async def test_a_dead_lettered_notification_is_stored_once_replayed_after_its_te
         "dry_run": False,
         "replayed": {},
         "skipped": {"replayed before": 1},
+        "unmarked": 0,
     }
     [marked] = [json.loads(line) for line in flexoraa(
         test_settings, "dead-letters", "list", "--key", tenant_id, "--json"

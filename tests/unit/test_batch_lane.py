@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import faust
+import pytest
 from faust.streams import current_event
 from faust.types import TP, AppT, TopicT
 
@@ -388,5 +389,28 @@ async def test_dead_letters_of_a_lane_handler_name_it() -> None:
     await settle()
     assert named == ["sink-lead-events"]
     assert current_handler.get() is None  # not outside the lane's tasks
+    for task in tasks:
+        task.cancel()
+
+
+async def test_a_replay_for_a_handler_not_reading_the_topic_is_said(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Switched off or renamed since the letter was written: no handler takes the record.
+    app, lane = FakeApp(), BatchLane()
+    accounts = Recorder()
+    lane.add_handler("accounts", topics(USAGE), accounts, max_batch=MAX)
+    lane.add_handler("ledger", topics(CREDITS), Recorder(), max_batch=MAX)
+    tasks = await running(lane, app)
+    await lane.dispatch({TP(USAGE, 1): [
+        Record(USAGE, 1, 7, headers=((REPLAY_FOR_HEADER, b"ledger"),)),
+        Record(USAGE, 1, 8, headers=((REPLAY_FOR_HEADER, b"accounts"),)),
+    ]}, generation=1)  # fmt: skip
+    await settle()
+    assert accounts.batches == [[8]]
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"replayed record {USAGE}[1]@7 is for 'ledger', which does not read that topic here: "
+        "no handler takes it"
+    ]
     for task in tasks:
         task.cancel()

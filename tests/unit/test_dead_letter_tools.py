@@ -10,7 +10,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from flexoraa.cli import _moment, build_parser, cmd_dead_letters_replay
-from flexoraa.dead_letters import LetterFilter, StoredLetter, skip_reason
+from flexoraa.dead_letters import LetterFilter, StoredLetter, replay, skip_reason
+from flexoraa.settings import Settings
 from schemas.events import DeadLetter
 from schemas.topics import TopicNames
 
@@ -83,20 +84,54 @@ def test_a_limit_below_one_is_refused(limit: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("stored", "again", "why"),
+    ("dead", "to_all_readers", "why"),
     [
-        (StoredLetter(0, 1, letter()), False, None),
-        (StoredLetter(0, 1, letter(source_topic=NAMES.deadlines)), False,
-         f"not replayable: {NAMES.deadlines}"),
-        (StoredLetter(0, 1, letter(source_topic=NAMES.changelog("sessions"))), False,
+        (letter(), False, None),
+        (letter(source_topic=NAMES.deadlines), False, f"not replayable: {NAMES.deadlines}"),
+        (letter(source_topic=NAMES.changelog("sessions")), False,
          f"not replayable: {NAMES.changelog('sessions')}"),
-        (StoredLetter(0, 1, letter(source_topic=NAMES.tenant_status)), False,
+        (letter(source_topic=NAMES.tenant_status), False,
          f"not replayable: {NAMES.tenant_status}"),
-        (StoredLetter(0, 1, letter(kind="wrong_key")), False, "refused for its key"),
-        (StoredLetter(0, 1, letter(), replayed_at=AT), False, "replayed before"),
-        (StoredLetter(0, 1, letter(), replayed_at=AT), True, None),
-        (StoredLetter(0, 1, letter(raw_base64="not base64!")), False, "raw bytes not base64"),
+        (letter(kind="wrong_key"), False, "refused for its key"),
+        (letter(raw_base64="not base64!"), False, "raw bytes not base64"),
+        # An older worker's letters name no handler: an undecodable record was taken by no
+        # reader, anything else by all but one.
+        (letter(kind=None, consumer=None, reason="invalid event: text: Field required"), False,
+         None),
+        (letter(kind=None, consumer=None), False,
+         "handler not named (an older worker's letter; --to-all-readers)"),
+        (letter(kind=None, consumer=None), True, None),
+        (letter(kind=None, consumer=None, reason="record key is not the event's lead_id"), True,
+         "refused for its key"),
     ],
 )  # fmt: skip
-def test_what_a_replay_leaves(stored: StoredLetter, again: bool, why: str | None) -> None:
-    assert skip_reason(stored, NAMES, again=again) == why
+def test_what_a_replay_leaves(dead: DeadLetter, to_all_readers: bool, why: str | None) -> None:
+    assert skip_reason(dead, NAMES, to_all_readers=to_all_readers) == why
+
+
+async def test_copies_of_a_record_are_one_replay_and_a_marked_one_makes_them_all_replayed() -> None:
+    # Set aside twice (a restart before the commit), replayed once; a later replay found the
+    # unmarked copy and put the record back again.
+    settings = Settings(topic_prefix="acme")
+    first, copy = letter(), letter(dead_lettered_at=AT + timedelta(seconds=5))
+    other = letter(raw_base64=base64.b64encode(b'{"other": 1}').decode())
+    fresh = [StoredLetter(0, 1, first), StoredLetter(0, 2, copy), StoredLetter(0, 3, other)]
+    report = await replay(settings, fresh, dry_run=True)
+    assert report.replayed == {NAMES.inbound_messages: 2}
+    assert report.skipped == {"same record as another letter": 1}
+
+    marked = [StoredLetter(0, 1, first, replayed_at=AT), StoredLetter(0, 2, copy)]
+    report = await replay(settings, marked, dry_run=True)
+    assert report.replayed == {}
+    assert report.skipped == {"replayed before": 2}
+    report = await replay(settings, marked, dry_run=True, again=True)
+    assert report.replayed == {NAMES.inbound_messages: 1}
+
+
+async def test_a_record_two_handlers_set_aside_goes_back_to_each() -> None:
+    settings = Settings(topic_prefix="acme")
+    both = [StoredLetter(0, 1, letter(consumer="qualification")),
+            StoredLetter(0, 2, letter(consumer="recovery-watch"))]  # fmt: skip
+    report = await replay(settings, both, dry_run=True)
+    assert report.replayed == {NAMES.inbound_messages: 2}
+    assert report.skipped == {}

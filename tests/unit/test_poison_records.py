@@ -13,8 +13,8 @@ import pytest
 from aiokafka.errors import KafkaConnectionError
 from faust.types import TopicT
 
-from schemas.events import DeadLetter
-from streams.batches import SourceRecord, one_record_at_a_time
+from schemas.events import REPLAY_FOR_HEADER, DeadLetter
+from streams.batches import SourceRecord, current_handler, one_record_at_a_time
 from streams.poison import REASON_MAX_CHARS, PoisonPolicy, PoisonRecords, is_poison
 
 
@@ -137,3 +137,31 @@ async def test_the_worker_stops_on_the_platforms_failures_when_stopping_or_when_
     with pytest.raises(type(exc)):
         await guard.handle(handle, Record())
     assert letters.sent == []
+
+
+@dataclass(frozen=True)
+class ReplayedRecord(Record):
+    headers: tuple[tuple[str, bytes], ...] = ((REPLAY_FOR_HEADER, b"qualification"),)
+
+
+async def test_a_letter_names_the_lane_handler_and_a_replay_failing_again_keeps_its_own() -> None:
+    guard, letters = poison_records()
+
+    async def failing(record: SourceRecord) -> None:
+        raise ValueError("still broken")
+
+    async def in_lane(name: str, record: SourceRecord) -> None:
+        token = current_handler.set(name)
+        try:
+            await guard.handle(failing, record)
+        finally:
+            current_handler.reset(token)
+
+    await in_lane("recovery-watch", Record())
+    # Only its handler takes a replayed record; failing again, it stays that handler's.
+    await in_lane("qualification", ReplayedRecord())
+    await guard.handle(failing, Record())  # a Faust agent, its topic's one reader
+    assert [letter.consumer for _, letter in letters.sent] == [
+        "recovery-watch", "qualification", None,
+    ]  # fmt: skip
+    assert {letter.kind for _, letter in letters.sent} == {"processing_failed"}

@@ -24,6 +24,10 @@ def ms(text: str) -> int:
         # zone a tzdata update dropped) is UTC, not a failure at every step.
         ("2026-11-24T03:00:00+00:00", "Mars/Olympus", "2026-11-24T10:00:00+00:00"),
         ("2026-11-24T03:00:00+00:00", "../etc/passwd", "2026-11-24T10:00:00+00:00"),
+        # A directory of the database, and a name too long for a path: OSErrors, which the
+        # agents' retry loop took for an unreachable database.
+        ("2026-11-24T03:00:00+00:00", "America", "2026-11-24T10:00:00+00:00"),
+        ("2026-11-24T03:00:00+00:00", "Europe/" + "x" * 300, "2026-11-24T10:00:00+00:00"),
     ],
 )
 def test_next_local_hour(after: str, zone: str, expected: str) -> None:
