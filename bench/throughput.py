@@ -168,7 +168,7 @@ def fan_out(
     (`read`) and sent (`write`), those records take `client_cpu_ms_per_event` of CPU before
     any agent does anything: one core passes at most `events_per_core_s` such events."""
     changelogs = set(names.changelogs())
-    read_topics = set(names.all()) - changelogs - {names.dead_letters}
+    read_topics = set(names.all()) - changelogs - {names.dead_letters, names.dead_letters_replayed}
     written_by_worker = sum(n for t, n in written.items() if t != names.inbound_messages)
     read_by_worker = sum(n for t, n in written.items() if t in read_topics)
     client_cpu_s = (

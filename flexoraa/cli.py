@@ -433,7 +433,7 @@ def cmd_dead_letters_list(args: argparse.Namespace) -> int:
 
 
 def cmd_dead_letters_replay(args: argparse.Namespace) -> int:
-    from flexoraa.dead_letters import read_letters, replay
+    from flexoraa.dead_letters import MissingTopic, read_letters, replay
 
     letter_filter = _letter_filter(args)
     if not args.all and letter_filter.is_empty():
@@ -447,7 +447,11 @@ def cmd_dead_letters_replay(args: argparse.Namespace) -> int:
         return await replay(settings, letters, dry_run=args.dry_run, again=args.again,
                             to_all_readers=args.to_all_readers)  # fmt: skip
 
-    report = asyncio.run(run())
+    try:
+        report = asyncio.run(run())
+    except MissingTopic as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     _print_json({"dry_run": args.dry_run, **report.as_dict()})
     return 1 if report.failed else 0
 

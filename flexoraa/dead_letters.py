@@ -50,13 +50,19 @@ READ_STALL_S = 30.0
 
 
 class ReplayedLetter(BaseModel):
-    """Written to the dead-letter topic once the letter at (partition, offset) is replayed."""
+    """Written to the marks topic once the letter at (partition, offset) is replayed."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     replayed_partition: int
     replayed_offset: int
+    # The letter's own time: a dead-letter topic deleted and made again reuses its positions.
+    dead_lettered_at: datetime
     replayed_at: datetime
+
+
+class MissingTopic(RuntimeError):
+    """A topic the replay needs does not exist."""
 
 
 def replayable_topics(names: TopicNames) -> set[str]:
@@ -129,7 +135,7 @@ async def read_letters(settings: Settings, letter_filter: LetterFilter) -> list[
     offset order per partition, each with when it was replayed, if it was."""
     names = TopicNames(settings.topic_prefix)
     matched: list[StoredLetter] = []
-    replayed: dict[tuple[int, int], datetime] = {}
+    replayed: dict[tuple[int, int, datetime], datetime] = {}
 
     def take(topic: str, partition: int, offset: int, value: bytes | None) -> None:
         if value is None:
@@ -137,7 +143,8 @@ async def read_letters(settings: Settings, letter_filter: LetterFilter) -> list[
         if topic == names.dead_letters_replayed:
             with contextlib.suppress(ValidationError):
                 mark = ReplayedLetter.model_validate_json(value)
-                replayed[(mark.replayed_partition, mark.replayed_offset)] = mark.replayed_at
+                position = (mark.replayed_partition, mark.replayed_offset, mark.dead_lettered_at)
+                replayed[position] = mark.replayed_at
             return
         try:
             letter = DeadLetter.model_validate_json(value)
@@ -150,9 +157,10 @@ async def read_letters(settings: Settings, letter_filter: LetterFilter) -> list[
         settings, {names.dead_letters: letter_filter.since, names.dead_letters_replayed: None}, take
     )
     return [
-        StoredLetter(s.partition, s.offset, s.letter, replayed.get((s.partition, s.offset)))
+        StoredLetter(s.partition, s.offset, s.letter,
+                     replayed.get((s.partition, s.offset, s.letter.dead_lettered_at)))
         for s in matched
-    ]
+    ]  # fmt: skip
 
 
 async def _read_to_end(
@@ -173,8 +181,14 @@ async def _read_to_end(
     back_off_failed_metadata_updates(consumer._client)
     await consumer.start()
     try:
+        # A topic an upgrade added and `flexoraa topics create` did not make yet (the marks')
+        # has nothing to read; asked for, its offsets would time out after 40 s.
+        existing = await consumer.topics()
         partitions = [
-            TopicPartition(topic, p) for topic in topics for p in range(settings.kafka_partitions)
+            TopicPartition(topic, p)
+            for topic in topics
+            if topic in existing
+            for p in range(settings.kafka_partitions)
         ]
         consumer.assign(partitions)
         ends = await consumer.end_offsets(partitions)
@@ -257,6 +271,17 @@ def skip_reason(
     return None
 
 
+def _replayed_before(copies: list[StoredLetter]) -> bool:
+    """Whether the record was put back after every copy of it was set aside: a copy set aside
+    later (the replay failed again, before the fix reached every worker) goes back."""
+    marks = [stored.replayed_at for stored in copies if stored.replayed_at is not None]
+    return bool(marks) and all(
+        stored.letter.dead_lettered_at <= max(marks)
+        for stored in copies
+        if stored.replayed_at is None
+    )
+
+
 def _identity(letter: DeadLetter) -> tuple[str, str | None, str, str | None]:
     """Letters of one record for one handler (set aside again after a restart, or replayed
     and failing again)."""
@@ -284,7 +309,7 @@ async def replay(
             copies.setdefault(_identity(stored.letter), []).append(stored)
     chosen: list[list[StoredLetter]] = []
     for group in copies.values():
-        if not again and any(stored.replayed_at is not None for stored in group):
+        if not again and _replayed_before(group):
             report.skipped["replayed before"] += len(group)
             continue
         report.skipped["same record as another letter"] += len(group) - 1
@@ -297,6 +322,12 @@ async def replay(
     producer = acknowledged_producer(settings, linger_ms=5, partitioner=KeyPartitioner())
     await producer.start()
     try:
+        cluster = await producer.client.fetch_all_metadata()
+        if names.dead_letters_replayed not in cluster.topics():
+            # Put back unmarked, they would be put back again by the next replay.
+            raise MissingTopic(
+                f"{names.dead_letters_replayed} does not exist: run `flexoraa topics create`"
+            )
         for start in range(0, len(chosen), _READ_BATCH):
             await _replay_slice(producer, names, chosen[start : start + _READ_BATCH], report)
     finally:
@@ -320,6 +351,7 @@ async def _replay_slice(
             mark = ReplayedLetter(
                 replayed_partition=stored.partition,
                 replayed_offset=stored.offset,
+                dead_lettered_at=stored.letter.dead_lettered_at,
                 replayed_at=replayed_at,
             )
             marks.append(producer.send_and_wait(

@@ -78,8 +78,8 @@ class TopicNames:
 
     @property
     def dead_letters_replayed(self) -> str:
-        """Compacted: the dead letters `flexoraa dead-letters replay` put back, by position (a
-        topic of its own: the dead-letter topic holds nothing but dead letters)."""
+        """The dead letters `flexoraa dead-letters replay` put back, by position (a topic of its
+        own: the dead-letter topic holds nothing but dead letters). Kept as long as they are."""
         return f"{self.prefix}.dead-letters-replayed"
 
     def changelog(self, table: str) -> str:
@@ -109,4 +109,4 @@ class TopicNames:
 
     def compacted(self) -> frozenset[str]:
         """Topics whose latest record per key is all that matters."""
-        return frozenset({self.tenant_status, self.dead_letters_replayed, *self.changelogs()})
+        return frozenset({self.tenant_status, *self.changelogs()})

@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import logging
 import weakref
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -251,7 +252,8 @@ class BatchLane:
 
     def _warn_unserved_replays(self, records: RecordsByPartition) -> None:
         """A replay for a handler this worker does not run (switched off, renamed) is taken by
-        none: said, not skipped without a trace."""
+        none: said (a line per topic and handler in a fetch), not skipped without a trace."""
+        unserved: Counter[tuple[str, str]] = Counter()
         for tp, batch in records.items():
             for record in batch:
                 if not getattr(record, "headers", None):
@@ -260,10 +262,12 @@ class BatchLane:
                 if target is not None and not any(
                     h.name == target and tp.topic in h.topics for h in self._handlers
                 ):
-                    logger.warning(
-                        "replayed record %s[%s]@%s is for %r, which does not read that topic "
-                        "here: no handler takes it", tp.topic, tp.partition, record.offset, target,
-                    )  # fmt: skip
+                    unserved[(tp.topic, target)] += 1
+        for (topic, target), count in unserved.items():
+            logger.warning(
+                "%d replayed records of %s are for %r, which does not read that topic here: "
+                "no handler takes them", count, topic, target,
+            )  # fmt: skip
 
     async def quiesce(self) -> None:
         """For a revocation (the flow is already stopped): drops the queued fetches, ends the

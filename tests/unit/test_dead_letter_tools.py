@@ -120,12 +120,25 @@ async def test_copies_of_a_record_are_one_replay_and_a_marked_one_makes_them_all
     assert report.replayed == {NAMES.inbound_messages: 2}
     assert report.skipped == {"same record as another letter": 1}
 
-    marked = [StoredLetter(0, 1, first, replayed_at=AT), StoredLetter(0, 2, copy)]
+    replayed_at = AT + timedelta(hours=1)
+    marked = [StoredLetter(0, 1, first, replayed_at=replayed_at), StoredLetter(0, 2, copy)]
     report = await replay(settings, marked, dry_run=True)
     assert report.replayed == {}
     assert report.skipped == {"replayed before": 2}
     report = await replay(settings, marked, dry_run=True, again=True)
     assert report.replayed == {NAMES.inbound_messages: 1}
+
+
+async def test_a_record_set_aside_again_after_its_replay_goes_back() -> None:
+    # Replayed before the fix reached every worker, it failed again: a new letter of the same
+    # record and handler, to put back once mended, without --again (which takes every letter).
+    settings = Settings(topic_prefix="acme")
+    replayed_at = AT + timedelta(hours=1)
+    again = letter(dead_lettered_at=replayed_at + timedelta(seconds=1))
+    copies = [StoredLetter(0, 1, letter(), replayed_at=replayed_at), StoredLetter(0, 7, again)]
+    report = await replay(settings, copies, dry_run=True)
+    assert report.replayed == {NAMES.inbound_messages: 1}
+    assert report.skipped == {"same record as another letter": 1}
 
 
 async def test_a_record_two_handlers_set_aside_goes_back_to_each() -> None:
