@@ -15,9 +15,9 @@ from flexoraa.kafka import partition_of
 from flexoraa.settings import Settings
 from schemas.events import REPLAY_FOR_HEADER, DeadLetter
 from schemas.messaging import LeadEvent
-from schemas.notifications import Notification
 from schemas.topics import TopicNames
 from tests.integration.conftest import flexoraa, read_records, send_records
+from tests.integration.test_notifications import admin_alert
 
 pytestmark = pytest.mark.integration
 
@@ -118,10 +118,7 @@ async def test_a_record_refused_for_its_key_and_copies_of_one_record_are_not_rep
 ) -> None:
     names = TopicNames(test_settings.topic_prefix)
     lead = str(uuid.uuid4())
-    record = Notification(
-        event_id=str(uuid.uuid4()), tenant_id=str(uuid.uuid4()), occurred_at=datetime.now(UTC),
-        audience="admins", category="token_threshold", title="the same record", body="twice",
-    ).model_dump_json().encode()  # fmt: skip
+    record = admin_alert(str(uuid.uuid4()), "the same record", "twice").model_dump_json().encode()
     same = letter(names.notifications, lead, record, "unknown tenant", timedelta(0))
     await send_records(test_settings, names.dead_letters, [
         (lead.encode(), same), (lead.encode(), same),

@@ -71,6 +71,16 @@ async def api(api_factory: ApiFactory, worker: ManagedProcess) -> AsyncIterator[
         yield client
 
 
+def admin_alert(
+    tenant_id: str, title: str, body: str = "50 % of your tokens are used.", **data: Any
+) -> Notification:
+    """A token alert for a tenant's admins, a new event each call."""
+    return Notification(
+        event_id=str(uuid.uuid4()), tenant_id=tenant_id, occurred_at=datetime.now(UTC),
+        audience="admins", category="token_threshold", title=title, body=body, data=data,
+    )  # fmt: skip
+
+
 async def publish(settings: Settings, notification: Notification, times: int = 1) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers)
     await producer.start()
@@ -97,16 +107,10 @@ async def test_admins_get_one_in_app_row_and_an_email(
         await db.execute(
             "INSERT INTO tenant_admins (tenant_id, email) VALUES ($1, $2)", tenant.tenant_id, email
         )
-    notification = Notification(
-        event_id=str(uuid.uuid4()),
-        tenant_id=tenant.tenant_id,
-        occurred_at=datetime.now(UTC),
-        audience="admins",
-        category="token_threshold",
-        title="80 % of your tokens are used",
-        body="Top up to keep the AI assistant running.",
-        data={"percent": 80},
-    )
+    notification = admin_alert(
+        tenant.tenant_id, "80 % of your tokens are used",
+        "Top up to keep the AI assistant running.", percent=80,
+    )  # fmt: skip
     await publish(test_settings, notification, times=3)  # redelivered: stored and mailed once
 
     async def listed() -> Any:
@@ -152,11 +156,7 @@ async def test_a_notification_for_an_unknown_tenant_is_dead_lettered_and_the_res
     malformed_tenant = f"tenant-{uuid.uuid4().hex[:8]}"
 
     def alert(tenant_id: str) -> Notification:
-        return Notification(
-            event_id=str(uuid.uuid4()), tenant_id=tenant_id, occurred_at=datetime.now(UTC),
-            audience="admins", category="token_threshold", title=f"alert for {tenant_id}",
-            body="50 % of your tokens are used.",
-        )  # fmt: skip
+        return admin_alert(tenant_id, f"alert for {tenant_id}")
 
     await publish(test_settings, alert(unknown_tenant))
     await publish(test_settings, alert(malformed_tenant))
@@ -184,13 +184,8 @@ async def test_a_notification_postgresql_refuses_is_dead_lettered_and_its_batch_
     # insert failed, at every restart (a poison record, streams.poison).
     tenant = await make_tenant()
     notifications = [
-        Notification(
-            event_id=str(uuid.uuid4()), tenant_id=tenant.tenant_id, occurred_at=datetime.now(UTC),
-            audience="admins", category="token_threshold", title=title,
-            body="50 % of your tokens are used.",
-        )
-        for title in ("before", "nul \u0000 inside", "after")
-    ]  # fmt: skip
+        admin_alert(tenant.tenant_id, title) for title in ("before", "nul \u0000 inside", "after")
+    ]
     for notification in notifications:
         await publish(test_settings, notification)
 
@@ -216,11 +211,7 @@ async def test_a_dead_lettered_notification_is_stored_once_replayed_after_its_te
     # A tenant restored after its alerts were produced: the alert was set aside, not lost, and
     # the operator puts it back with the command line once the tenant is there.
     tenant_id = str(uuid.uuid4())
-    alert = Notification(
-        event_id=str(uuid.uuid4()), tenant_id=tenant_id, occurred_at=datetime.now(UTC),
-        audience="admins", category="token_threshold", title="restored tenant's alert",
-        body="80 % of your tokens are used.",
-    )  # fmt: skip
+    alert = admin_alert(tenant_id, "restored tenant's alert", "80 % of your tokens are used.")
     await publish(test_settings, alert)
     await read_dead_letters(test_settings, tenant_id.encode(), 1)
 
