@@ -260,6 +260,7 @@ def create_worker_app(settings: Settings) -> faust.App:
         app.Table("scheduled", key_type=bytes, partitions=settings.kafka_partitions),
         scheduler,
         outbound_commands,
+        sent,
     )
     outbound_agent.register(
         app,

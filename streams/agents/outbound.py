@@ -46,7 +46,8 @@ SENT_IDS_KEPT = 64
 
 
 class SentCommands:
-    """The ids of the commands a lead was last sent, so a command read again goes out once.
+    """The ids of the commands a lead was last sent or had cancelled, so a command read again
+    goes out once, and a cancelled one never.
 
     Commands are read again after a crash (the topic from the committed offset) and an AI step
     done before a crash may be redone when it was kept for a top-up; each carries the id of the
@@ -61,8 +62,12 @@ class SentCommands:
         return command.event_id in (self._table.get(command.lead_id.encode()) or ())
 
     def add(self, command: OutboundCommand) -> None:
-        key = command.lead_id.encode()
-        recent = [*(self._table.get(key) or ()), command.event_id]
+        self.settle(command.lead_id, command.event_id)
+
+    def settle(self, lead_id: str, command_id: str) -> None:
+        """Marks the command done: sent, or cancelled before it went out."""
+        key = lead_id.encode()
+        recent = [*(self._table.get(key) or ()), command_id]
         self._table[key] = recent[-SENT_IDS_KEPT:]
 
 
@@ -284,13 +289,22 @@ class ScheduledSends:
     """Commands with a future `send_at`, held per lead until their deadline fires."""
 
     def __init__(
-        self, table: TableT[bytes, Any], scheduler: Scheduler, outbound_commands: TopicT
+        self,
+        table: TableT[bytes, Any],
+        scheduler: Scheduler,
+        outbound_commands: TopicT,
+        sent: SentCommands,
     ) -> None:
         self._table = table
         self._scheduler = scheduler
         self._outbound_commands = outbound_commands
+        self._sent = sent
 
     def hold(self, command: OutboundCommand) -> None:
+        if self._sent.contains(command):
+            # Cancelled (or sent) before: a copy read again, or its dead letter replayed.
+            DUPLICATE_EVENTS.labels("outbound_commands").inc()
+            return
         assert command.send_at is not None
         self._hold(command, int(command.send_at.timestamp() * 1000))
 
@@ -309,6 +323,9 @@ class ScheduledSends:
         self._scheduler.set(key, {f"scheduled:{command.event_id}": due_ms})
 
     def cancel(self, request: CancelScheduled) -> None:
+        # Remembered as done even when nothing is held: a command dead-lettered when it fell
+        # due, then cancelled, is not sent when its letter is replayed.
+        self._sent.settle(request.lead_id, request.command_id)
         key = request.lead_id.encode()
         held = dict(self._table.get(key) or {})
         if held.pop(request.command_id, None) is None:

@@ -17,7 +17,7 @@ import pytest
 from schemas.events import DeadLetter
 from schemas.messaging import DeadlineReached, OutboundCommand
 from streams.agents.deadlines import DeadLettered, DeadlineActions, DeadlineHandler, Evidence
-from streams.agents.outbound import ScheduledSends
+from streams.agents.outbound import ScheduledSends, SentCommands
 from streams.agents.recovery import Recovery
 from streams.agents.tokens import RESUME_DEADLINE, AiGate, TenantStatusView
 from streams.poison import PoisonRecords
@@ -146,7 +146,8 @@ async def test_a_scheduled_command_that_cannot_go_out_is_dead_lettered_and_no_lo
     table: dict[bytes, Any] = {}
     scheduler = Scheduler(cast(Any, {}), DeadlineIndex())
     outbound = Topic(name=COMMANDS)
-    scheduled = ScheduledSends(cast(Any, table), scheduler, cast(Any, outbound))
+    scheduled = ScheduledSends(cast(Any, table), scheduler, cast(Any, outbound),
+                               SentCommands(cast(Any, {})))  # fmt: skip
     later = datetime.now(UTC) + timedelta(hours=1)
     good = OutboundCommand(event_id=str(uuid.uuid4()), tenant_id=TENANT, occurred_at=later,
                            lead_id=LEAD, text="See you tomorrow", sent_by="sdr",

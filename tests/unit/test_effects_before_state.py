@@ -15,7 +15,7 @@ from typing import Any, cast
 
 from schemas.messaging import DeadlineReached, OutboundCommand
 from streams.agents.leakage import LeakActions
-from streams.agents.outbound import ScheduledSends
+from streams.agents.outbound import ScheduledSends, SentCommands
 from streams.timers import DeadlineIndex, Scheduler
 
 LEAD = str(uuid.uuid4())
@@ -111,7 +111,8 @@ async def test_a_scheduled_command_leaves_the_table_only_after_it_was_sent() -> 
             dict.__setitem__(held, KEY, {**held[KEY], other.event_id: other.model_dump_json()})
 
     scheduled = ScheduledSends(cast(Any, held), Scheduler(cast(Any, {}), DeadlineIndex()),
-                               cast(Any, OutboundCommands()))  # fmt: skip
+                               cast(Any, OutboundCommands()),
+                               SentCommands(cast(Any, {})))  # fmt: skip
     due = scheduled.handlers()["scheduled"]
     await due(KEY, fired(f"scheduled:{command.event_id}", 6_000), SESSION)
     assert journal == ["send command", "write scheduled"]

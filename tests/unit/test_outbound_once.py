@@ -1,15 +1,17 @@
 """A command read again (a replay after a crash, an AI step redone after a top-up) goes to the
-lead once: the outbound agent remembers the ids it sent per lead."""
+lead once, and a cancelled one never: the outbound agent remembers the ids it sent or had
+cancelled per lead."""
 
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from flexoraa.settings import Settings
-from schemas.messaging import OutboundCommand, OutboundMessage
-from streams.agents.outbound import SENT_IDS_KEPT, Sender, SentCommands
+from schemas.messaging import CancelScheduled, OutboundCommand, OutboundMessage
+from streams.agents.outbound import SENT_IDS_KEPT, ScheduledSends, Sender, SentCommands
+from streams.timers import DeadlineIndex, Scheduler
 
 LEAD = str(uuid.uuid4())
 TENANT = str(uuid.uuid4())
@@ -60,3 +62,48 @@ async def test_only_the_last_ids_of_a_lead_are_kept() -> None:
     assert len(table[LEAD.encode()]) == SENT_IDS_KEPT
     assert sent.contains(commands[-1])
     assert not sent.contains(commands[0])
+
+
+def scheduled_with(sent: SentCommands) -> tuple[ScheduledSends, Table, Scheduler]:
+    held = Table()
+    scheduler = Scheduler(cast(Any, {}), DeadlineIndex())
+    return ScheduledSends(cast(Any, held), scheduler, cast(Any, Topic()), sent), held, scheduler
+
+
+def cancel(command: OutboundCommand) -> CancelScheduled:
+    return CancelScheduled(event_id=str(uuid.uuid4()), tenant_id=TENANT,
+                           occurred_at=datetime.now(UTC), lead_id=LEAD,
+                           command_id=command.event_id)  # fmt: skip
+
+
+async def test_a_command_cancelled_when_nothing_held_it_is_never_sent() -> None:
+    # Dead-lettered when it fell due (no longer held), then cancelled by the rep, then its
+    # letter replayed: once while still in the future, once with its time past.
+    reports = Topic()
+    sent = SentCommands(cast(Any, Table()))
+    scheduled, held, scheduler = scheduled_with(sent)
+    later = command("See you tomorrow").model_copy(
+        update={"send_at": datetime.now(UTC) + timedelta(hours=1)}
+    )
+    scheduled.cancel(cancel(later))
+    scheduled.hold(later)
+    assert held == {}
+    assert scheduler.pending(LEAD.encode()) == {}
+    await sender_with(reports, sent).send(later.model_copy(update={"send_at": None}), None)
+    assert reports.sent == []
+
+
+async def test_a_cancelled_command_read_again_is_not_held_again() -> None:
+    sent = SentCommands(cast(Any, Table()))
+    scheduled, held, scheduler = scheduled_with(sent)
+    later = command("See you tomorrow").model_copy(
+        update={"send_at": datetime.now(UTC) + timedelta(hours=1)}
+    )
+    other = later.model_copy(update={"event_id": str(uuid.uuid4())})
+    scheduled.hold(later)
+    scheduled.hold(other)
+    scheduled.cancel(cancel(later))
+    assert list(held[LEAD.encode()]) == [other.event_id]
+    scheduled.hold(later)  # a copy of the cancelled command, read after its cancellation
+    assert list(held[LEAD.encode()]) == [other.event_id]
+    assert list(scheduler.pending(LEAD.encode())) == [f"scheduled:{other.event_id}"]
