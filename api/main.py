@@ -21,6 +21,7 @@ from api.rate_limits import RateLimiter
 from api.routes import (
     admin,
     channels,
+    dead_letters,
     events,
     gmail,
     health,
@@ -122,6 +123,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(events.router)
     app.include_router(leads.router)
     app.include_router(admin.router)
+    app.include_router(dead_letters.router)
     # --- WhatsApp and Meta channels (issue 3) ---
     app.include_router(channels.router)
     app.include_router(meta_webhooks.router)

@@ -10,7 +10,7 @@ from (`source_topic`), once the cause is mended (a tenant created, a bug fixed):
   carries its name (`REPLAY_FOR_HEADER`) and the other handlers skip it. Run again, they
   would repeat what they did the first time (report a leak, restart a recovery sequence);
 - a letter no reader took (it did not decode) goes to them all;
-- each replayed letter is marked on a compacted topic of its own (`ReplayedLetter`), and a
+- each replayed letter is marked on a topic of its own (`ReplayedLetter`), and a
   later replay leaves it, and the letters of the same record, alone unless asked `again`: a
   handler that does not recognise a repeated event would act on it twice. A record failing
   again is a new letter for the same handler, to replay once mended;
@@ -35,11 +35,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 
 from flexoraa.kafka import KeyPartitioner, acknowledged_producer, back_off_failed_metadata_updates
 from flexoraa.settings import Settings
-from schemas.events import REPLAY_FOR_HEADER, DeadLetter
+from schemas.events import REPLAY_FOR_HEADER, DeadLetter, ReplayedLetter
 from schemas.topics import TopicNames
 
 # Records asked of the broker per read (a dead letter is a few kilobytes at most).
@@ -47,18 +47,6 @@ _READ_BATCH = 1000
 # A partition that returns nothing this long while records are left is unreadable (its leader
 # is gone): said, not waited on forever.
 READ_STALL_S = 30.0
-
-
-class ReplayedLetter(BaseModel):
-    """Written to the marks topic once the letter at (partition, offset) is replayed."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    replayed_partition: int
-    replayed_offset: int
-    # The letter's own time: a dead-letter topic deleted and made again reuses its positions.
-    dead_lettered_at: datetime
-    replayed_at: datetime
 
 
 class MissingTopic(RuntimeError):

@@ -76,6 +76,18 @@ class DeadLetter(BaseModel):
     consumer: str | None = None
 
 
+class ReplayedLetter(BaseModel):
+    """Written to the marks topic once the letter at (partition, offset) is replayed."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    replayed_partition: int
+    replayed_offset: int
+    # The letter's own time: a dead-letter topic deleted and made again reuses its positions.
+    dead_lettered_at: datetime
+    replayed_at: datetime
+
+
 # A replayed record's header naming the one handler it is for (`DeadLetter.consumer`); the
 # topic's other readers already took the record and skip it.
 REPLAY_FOR_HEADER = "flexoraa-replay-for"

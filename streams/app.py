@@ -25,6 +25,7 @@ from schemas.messaging import DeliveryStatus, LeadEvent, OutboundMessage
 from schemas.tokens import TokenCredit, TokenUsage
 from schemas.topics import TopicNames
 from streams import web
+from streams.agents import dead_letter_index
 from streams.agents import deadlines as deadlines_agent
 from streams.agents import leakage as leakage_agent
 from streams.agents import notifications as notifications_agent
@@ -249,6 +250,17 @@ def create_worker_app(settings: Settings) -> faust.App:
             batch_size=settings.sink_batch_size,
             batch_window_s=settings.sink_batch_window_ms / 1000,
         )
+    # The letters and their replays, for the API (a tenant's admins see their own).
+    dead_letter_index.register(
+        batch_lane,
+        dead_letter_index.DeadLetterIndex(
+            pool, letters_topic=names.dead_letters, marks_topic=names.dead_letters_replayed
+        ),
+        letters=dead_letters,
+        marks=lead_topic(names.dead_letters_replayed),
+        batch_size=settings.sink_batch_size,
+        batch_window_s=settings.sink_batch_window_ms / 1000,
+    )
 
     # --- WhatsApp and Meta channels (issue 3) ---
     email = EmailSender(settings, GmailStore(pool, secret_box))

@@ -16,6 +16,12 @@ DUPLICATE_EVENTS = Counter(
 )
 DEAD_LETTERS = Counter("flexoraa_dead_letters", "Records sent to the dead-letter topic", ["reason"])
 SINK_ROWS = Counter("flexoraa_sink_rows", "Rows written to PostgreSQL by the sink", ["table"])
+DEAD_LETTERS_UNINDEXED = Counter(
+    "flexoraa_dead_letters_unindexed",
+    "Records of the dead-letter and marks topics not stored for the API: no letter or mark "
+    "(undecodable), or a row PostgreSQL refused (refused)",
+    ["reason"],
+)
 # A send waits when its partition's batch is full until aiokafka's sender takes the batch,
 # which it does only between two requests to the broker (or while its topic's metadata is
 # unknown): the agent or changelog round sending stops meanwhile.
@@ -53,8 +59,11 @@ RECOVERY = Counter(
 # "none yet" instead of "no data".
 for _kind in ("invalid_event", "wrong_key", "sink_rejected"):
     DEAD_LETTERS.labels(_kind)
-for _table in ("leads", "messages", "outbound_messages", "message_statuses", "lead_events"):
+for _table in ("leads", "messages", "outbound_messages", "message_statuses", "lead_events",
+               "dead_letters"):  # fmt: skip
     SINK_ROWS.labels(_table)
+for _reason in ("undecodable", "refused"):
+    DEAD_LETTERS_UNINDEXED.labels(_reason)
 for _temperature, _action in (
     ("HOT", "ai_reengagement"),
     ("WARM", "reassign"),

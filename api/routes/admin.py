@@ -19,7 +19,7 @@ from streams.rules.recovery import known_zone
 router = APIRouter(tags=["admin"])
 
 
-def _require_admin(principal: Principal) -> None:
+def require_admin(principal: Principal) -> None:
     if principal.role != "admin":
         raise ApiError(403, "this needs an admin API key")
 
@@ -34,7 +34,7 @@ async def create_key(
     body: KeyRequest, principal: PrincipalDep, services: ServicesDep
 ) -> dict[str, Any]:
     """A new API key, shown once (stored only as a hash)."""
-    _require_admin(principal)
+    require_admin(principal)
     async with services.pool.acquire() as conn, conn.transaction():
         key_id, api_key = await create_api_key(
             conn, principal.tenant_id, body.role, actor=f"key:{principal.key_id}"
@@ -44,7 +44,7 @@ async def create_key(
 
 @router.get("/api/keys", responses={403: {}})
 async def list_keys(principal: PrincipalDep, services: ServicesDep) -> list[dict[str, Any]]:
-    _require_admin(principal)
+    require_admin(principal)
     rows = await services.pool.fetch(
         "SELECT key_id::text, key_prefix, role, created_at, revoked_at FROM api_keys"
         " WHERE tenant_id = $1 ORDER BY created_at",
@@ -55,7 +55,7 @@ async def list_keys(principal: PrincipalDep, services: ServicesDep) -> list[dict
 
 @router.delete("/api/keys/{key_id}", status_code=204, responses={403: {}, 404: {}})
 async def revoke_key(key_id: str, principal: PrincipalDep, services: ServicesDep) -> Response:
-    _require_admin(principal)
+    require_admin(principal)
     try:
         parsed = uuid.UUID(key_id)
     except ValueError:
@@ -82,7 +82,7 @@ async def audit_log(
     before: AwareDatetime | None = None,
 ) -> dict[str, Any]:
     """The tenant's audit entries, newest first (append-only: nothing here can be edited)."""
-    _require_admin(principal)
+    require_admin(principal)
     rows = await services.pool.fetch(
         "SELECT audit_id, actor, action, target, details::text AS details, occurred_at"
         " FROM audit_log WHERE tenant_id = $1 AND ($2::timestamptz IS NULL OR occurred_at < $2)"
@@ -131,7 +131,7 @@ async def change_tenant_settings(
     body: TenantSettingsBody, principal: PrincipalDep, services: ServicesDep
 ) -> TenantSettingsBody:
     """Workers pick the change up within a minute (they cache tenant settings)."""
-    _require_admin(principal)
+    require_admin(principal)
     async with services.pool.acquire() as conn, conn.transaction():
         await conn.execute(
             "UPDATE tenants SET time_zone = $2, leak_threshold_s = $3,"

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import base64
-import json
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Any
 
-import asyncpg
-from fastapi import APIRouter, Query
+from fastapi import APIRouter
 
 from api.deps import PrincipalDep, ServicesDep
 from api.errors import ApiError
@@ -27,6 +24,7 @@ from api.models import (
     SendRequest,
     WindowView,
 )
+from api.paging import DATABASE_ERRORS, CursorQuery, LimitQuery, decode_cursor, encode_cursor
 from flexoraa.kafka import PublishUnavailable
 from schemas.messaging import CancelScheduled, OutboundCommand
 from streams.rules.window import window_state
@@ -35,8 +33,6 @@ router = APIRouter(tags=["leads"])
 
 _NOT_FOUND = "lead not found"
 _MAX_SCHEDULE_AHEAD = timedelta(days=90)
-LimitQuery = Annotated[int, Query(ge=1, le=200, description="items per page")]
-CursorQuery = Annotated[str | None, Query(max_length=200, description="next_cursor of a page")]
 
 
 def _parse_lead_id(lead_id: str) -> str:
@@ -51,25 +47,8 @@ def _from_ms(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, tz=UTC)
 
 
-def _encode_cursor(*parts: str) -> str:
-    return base64.urlsafe_b64encode(json.dumps(parts).encode()).decode()
-
-
-def _decode_cursor(cursor: str, arity: int) -> list[str]:
-    try:
-        parts = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, "cursor: not a cursor returned by this API") from exc
-    if not isinstance(parts, list) or len(parts) != arity:
-        raise ApiError(400, "cursor: not a cursor returned by this API")
-    return [str(part) for part in parts]
-
-
 def _database_unavailable(exc: Exception) -> ApiError:
     return ApiError(503, "lead history is unavailable: database unreachable, retry later")
-
-
-_DB_ERRORS = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, TimeoutError)
 
 
 LEAD_PATH = "/api/leads/{lead_id}"
@@ -127,7 +106,7 @@ async def qualification_history(
             lead_id,
             principal.tenant_id,
         )
-    except _DB_ERRORS as exc:
+    except DATABASE_ERRORS as exc:
         raise _database_unavailable(exc) from exc
     if not rows:
         owner = await services.pool.fetchval(
@@ -293,7 +272,7 @@ async def list_leads(
     """The tenant's leads, newest activity first."""
     after: tuple[datetime, str] | None = None
     if cursor is not None:
-        activity, lead = _decode_cursor(cursor, 2)
+        activity, lead = decode_cursor(cursor, 2)
         try:
             after = (datetime.fromisoformat(activity), str(uuid.UUID(lead)))
         except ValueError as exc:
@@ -311,13 +290,13 @@ async def list_leads(
             after[1] if after else None,
             limit + 1,
         )
-    except _DB_ERRORS as exc:
+    except DATABASE_ERRORS as exc:
         raise _database_unavailable(exc) from exc
     items = [LeadSummary(**{**dict(row), "lead_id": str(row["lead_id"])}) for row in rows[:limit]]
     next_cursor = None
     if len(rows) > limit:
         last = items[-1]
-        next_cursor = _encode_cursor(last.last_activity_at.isoformat(), last.lead_id)
+        next_cursor = encode_cursor(last.last_activity_at.isoformat(), last.lead_id)
     return LeadPage(items=items, next_cursor=next_cursor)
 
 
@@ -335,7 +314,7 @@ async def list_messages(
     lead_id = _parse_lead_id(lead_id)
     after: tuple[datetime, str] | None = None
     if cursor is not None:
-        occurred, event = _decode_cursor(cursor, 2)
+        occurred, event = decode_cursor(cursor, 2)
         try:
             after = (datetime.fromisoformat(occurred), str(uuid.UUID(event)))
         except ValueError as exc:
@@ -364,7 +343,7 @@ async def list_messages(
                 after[1] if after else None,
                 limit + 1,
             )
-    except _DB_ERRORS as exc:
+    except DATABASE_ERRORS as exc:
         raise _database_unavailable(exc) from exc
     items = [
         MessageView(
@@ -387,5 +366,5 @@ async def list_messages(
     next_cursor = None
     if len(rows) > limit:
         last = items[-1]
-        next_cursor = _encode_cursor(last.occurred_at.isoformat(), last.event_id)
+        next_cursor = encode_cursor(last.occurred_at.isoformat(), last.event_id)
     return MessagePage(items=items, next_cursor=next_cursor)

@@ -1,0 +1,247 @@
+"""The dead-letter index: every letter, and every replay of one, stored in PostgreSQL, where a
+tenant's admins see the records of theirs that were set aside (`GET /api/dead-letters`).
+
+A letter is the tenant's whose record names it: the `tenant_id` of the record's JSON, as every
+producer of the source topics writes it. Letters of records naming none (undecodable bytes,
+deadline commands) are the operators', read with `flexoraa dead-letters list`.
+
+This handler never dead-letters anything: a letter about a letter would be read back here, and
+one it cannot store would go round for ever. A record of the topic that is no letter, or a row
+PostgreSQL refuses, is logged and counted (`flexoraa_dead_letters_unindexed_total`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+import orjson
+from faust.types import TopicT
+from pydantic import ValidationError
+
+from flexoraa.db import while_unreachable
+from schemas.events import DeadLetter, ReplayedLetter
+from streams.batches import BatchLane, SourceRecord
+from streams.metrics import DEAD_LETTERS_UNINDEXED, SINK_ROWS
+from streams.poison import is_poison
+
+logger = logging.getLogger(__name__)
+
+_INSERT_LETTERS = """
+INSERT INTO dead_letters (letter_partition, letter_offset, dead_lettered_at, tenant_id,
+                          source_topic, source_partition, source_offset, kind, consumer, reason,
+                          record_key, record)
+SELECT * FROM unnest($1::int[], $2::bigint[], $3::timestamptz[], $4::uuid[], $5::text[],
+                     $6::int[], $7::bigint[], $8::text[], $9::text[], $10::text[], $11::bytea[],
+                     $12::bytea[])
+ON CONFLICT DO NOTHING
+"""
+_INSERT_REPLAYS = """
+INSERT INTO dead_letter_replays (letter_partition, letter_offset, dead_lettered_at, replayed_at)
+SELECT * FROM unnest($1::int[], $2::bigint[], $3::timestamptz[], $4::timestamptz[])
+ON CONFLICT DO NOTHING
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class LetterRow:
+    partition: int
+    offset: int
+    dead_lettered_at: datetime
+    tenant_id: str | None
+    source_topic: str
+    source_partition: int | None
+    source_offset: int | None
+    kind: str | None
+    consumer: str | None
+    reason: str
+    key: bytes | None
+    record: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayRow:
+    partition: int
+    offset: int
+    dead_lettered_at: datetime
+    replayed_at: datetime
+
+
+def record_tenant(raw: bytes) -> str | None:
+    """The tenant a set-aside record names: its JSON's `tenant_id`, if that is a UUID in its
+    canonical text (as every producer writes it; anything else names no tenant for sure)."""
+    try:
+        decoded = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    tenant = decoded.get("tenant_id") if isinstance(decoded, dict) else None
+    if not isinstance(tenant, str):
+        return None
+    try:
+        return tenant if str(uuid.UUID(tenant)) == tenant else None
+    except ValueError:
+        return None
+
+
+def _text(value: str) -> str:
+    # PostgreSQL's text holds no NUL, and a reason quotes whatever the record carried.
+    return value.replace("\x00", "\\0")
+
+
+def letter_row(record: SourceRecord) -> LetterRow | None:
+    """The row of a letter on the dead-letter topic; None for a record that is no letter."""
+    try:
+        letter = DeadLetter.model_validate_json(record.value)
+        raw = base64.b64decode(letter.raw_base64, validate=True)
+        key = (
+            base64.b64decode(letter.key_base64, validate=True)
+            if letter.key_base64 is not None
+            else None
+        )
+    except (ValidationError, ValueError, binascii.Error):
+        return None
+    return LetterRow(
+        partition=record.partition,
+        offset=record.offset,
+        dead_lettered_at=letter.dead_lettered_at,
+        tenant_id=record_tenant(raw),
+        source_topic=_text(letter.source_topic),
+        source_partition=letter.partition,
+        source_offset=letter.offset,
+        kind=_text(letter.kind) if letter.kind is not None else None,
+        consumer=_text(letter.consumer) if letter.consumer is not None else None,
+        reason=_text(letter.reason),
+        key=key,
+        record=raw,
+    )
+
+
+def replay_row(record: SourceRecord) -> ReplayRow | None:
+    """The row of a mark on the marks topic; None for a record that is no mark."""
+    try:
+        mark = ReplayedLetter.model_validate_json(record.value)
+    except ValidationError:
+        return None
+    return ReplayRow(
+        mark.replayed_partition, mark.replayed_offset, mark.dead_lettered_at, mark.replayed_at
+    )
+
+
+class DeadLetterIndex:
+    """Stores a fetch's letters and marks; a transient failure is retried (the lane holds the
+    fetch meanwhile), a row PostgreSQL refuses is logged and skipped."""
+
+    def __init__(
+        self,
+        pool_factory: Callable[[], Awaitable[asyncpg.Pool]],
+        *,
+        letters_topic: str,
+        marks_topic: str,
+    ) -> None:
+        self._pool_factory = pool_factory
+        self._letters_topic = letters_topic
+        self._marks_topic = marks_topic
+
+    async def write(self, records: Sequence[SourceRecord]) -> None:
+        letters: list[LetterRow] = []
+        replays: list[ReplayRow] = []
+        for record in records:
+            if record.value is None:
+                continue
+            if record.topic == self._letters_topic:
+                if (letter := letter_row(record)) is not None:
+                    letters.append(letter)
+                    continue
+            elif (replay := replay_row(record)) is not None:
+                replays.append(replay)
+                continue
+            DEAD_LETTERS_UNINDEXED.labels("undecodable").inc()
+            logger.warning(
+                "not indexed: %s[%d]@%d is no %s",
+                record.topic, record.partition, record.offset,
+                "dead letter" if record.topic == self._letters_topic else "replay mark",
+            )  # fmt: skip
+        if letters or replays:
+            await while_unreachable(self._store, letters, replays)
+
+    async def _store(self, letters: list[LetterRow], replays: list[ReplayRow]) -> None:
+        pool = await self._pool_factory()
+        try:
+            await self._insert(pool, letters, replays)
+            return
+        except Exception as exc:
+            if not is_poison(exc):
+                raise
+            logger.warning("dead letters refused together (%r); storing one at a time", exc)
+        # The one PostgreSQL refuses is skipped, the others stored.
+        for letter in letters:
+            await self._store_alone(pool, [letter], [])
+        for replay in replays:
+            await self._store_alone(pool, [], [replay])
+
+    async def _store_alone(
+        self, pool: asyncpg.Pool, letters: list[LetterRow], replays: list[ReplayRow]
+    ) -> None:
+        try:
+            await self._insert(pool, letters, replays)
+        except Exception as exc:
+            if not is_poison(exc):
+                raise
+            self._refused(letters or replays, exc)
+
+    @staticmethod
+    def _refused(rows: Sequence[LetterRow | ReplayRow], exc: Exception) -> None:
+        DEAD_LETTERS_UNINDEXED.labels("refused").inc(len(rows))
+        for row in rows:
+            logger.warning("not indexed: letter %d@%d refused (%r)", row.partition, row.offset, exc)
+
+    @staticmethod
+    async def _insert(
+        pool: asyncpg.Pool, letters: list[LetterRow], replays: list[ReplayRow]
+    ) -> None:
+        async with pool.acquire() as conn, conn.transaction():
+            if letters:
+                await conn.execute(
+                    _INSERT_LETTERS,
+                    *(list(column) for column in zip(*(_letter_values(r) for r in letters),
+                                                     strict=True)),
+                )  # fmt: skip
+            if replays:
+                await conn.execute(
+                    _INSERT_REPLAYS,
+                    [r.partition for r in replays],
+                    [r.offset for r in replays],
+                    [r.dead_lettered_at for r in replays],
+                    [r.replayed_at for r in replays],
+                )
+        SINK_ROWS.labels("dead_letters").inc(len(letters))
+
+
+def _letter_values(row: LetterRow) -> tuple[object, ...]:
+    return (row.partition, row.offset, row.dead_lettered_at, row.tenant_id, row.source_topic,
+            row.source_partition, row.source_offset, row.kind, row.consumer, row.reason,
+            row.key, row.record)  # fmt: skip
+
+
+def register(
+    lane: BatchLane,
+    index: DeadLetterIndex,
+    *,
+    letters: TopicT,
+    marks: TopicT,
+    batch_size: int,
+    batch_window_s: float,
+) -> None:
+    lane.add_handler(
+        "dead-letter-index",
+        [letters, marks],
+        index.write,
+        max_batch=batch_size,
+        linger_s=batch_window_s,
+    )
