@@ -15,7 +15,7 @@ from typing import Generic, TypeVar
 import asyncpg
 
 from flexoraa.db import while_unreachable
-from schemas.events import Event, InboundMessage
+from schemas.events import InboundMessage
 from schemas.messaging import DeliveryStatus, LeadEvent, OutboundMessage
 from schemas.tokens import TokenCredit, TokenUsage
 from streams.metrics import SINK_RETRIES, SINK_ROWS
@@ -23,7 +23,8 @@ from streams.poison import is_poison
 from streams.rules.delivery import RANK, supersedes
 
 logger = logging.getLogger(__name__)
-E = TypeVar("E", bound=Event)
+# A row's source: an event, mostly (the dead-letter index writes rows of its own).
+E = TypeVar("E")
 
 # A lead row exists before its messages (foreign key); activity times move only for messages
 # actually inserted, so a duplicate never changes a lead.

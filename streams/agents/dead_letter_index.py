@@ -6,8 +6,9 @@ producer of the source topics writes it. Letters of records naming none (undecod
 deadline commands) are the operators', read with `flexoraa dead-letters list`.
 
 This handler never dead-letters anything: a letter about a letter would be read back here, and
-one it cannot store would go round for ever. A record of the topic that is no letter, or a row
-PostgreSQL refuses, is logged and counted (`flexoraa_dead_letters_unindexed_total`).
+one it cannot store would go round for ever. A record of the topics that is no letter or mark,
+or a row PostgreSQL refuses (or that cannot be built), is logged and counted
+(`flexoraa_dead_letters_unindexed_total`).
 """
 
 from __future__ import annotations
@@ -25,11 +26,10 @@ import orjson
 from faust.types import TopicT
 from pydantic import ValidationError
 
-from flexoraa.db import while_unreachable
 from schemas.events import DeadLetter, ReplayedLetter
 from streams.batches import BatchLane, SourceRecord
 from streams.metrics import DEAD_LETTERS_UNINDEXED, SINK_ROWS
-from streams.poison import is_poison
+from streams.sink import BatchSink, RejectedRow
 
 logger = logging.getLogger(__name__)
 
@@ -133,8 +133,28 @@ def replay_row(record: SourceRecord) -> ReplayRow | None:
     )
 
 
+class LetterSink(BatchSink[LetterRow]):
+    async def _write_batch(self, pool: asyncpg.Pool, batch: Sequence[LetterRow]) -> None:
+        await pool.execute(
+            _INSERT_LETTERS,
+            *(list(column) for column in zip(*map(_letter_values, batch), strict=True)),
+        )
+        SINK_ROWS.labels("dead_letters").inc(len(batch))
+
+
+class ReplaySink(BatchSink[ReplayRow]):
+    async def _write_batch(self, pool: asyncpg.Pool, batch: Sequence[ReplayRow]) -> None:
+        await pool.execute(
+            _INSERT_REPLAYS,
+            [r.partition for r in batch],
+            [r.offset for r in batch],
+            [r.dead_lettered_at for r in batch],
+            [r.replayed_at for r in batch],
+        )
+
+
 class DeadLetterIndex:
-    """Stores a fetch's letters and marks; a transient failure is retried (the lane holds the
+    """Stores a fetch's letters and marks: a transient failure is retried (the lane holds the
     fetch meanwhile), a row PostgreSQL refuses is logged and skipped."""
 
     def __init__(
@@ -144,7 +164,8 @@ class DeadLetterIndex:
         letters_topic: str,
         marks_topic: str,
     ) -> None:
-        self._pool_factory = pool_factory
+        self._letters = LetterSink(pool_factory)
+        self._replays = ReplaySink(pool_factory)
         self._letters_topic = letters_topic
         self._marks_topic = marks_topic
 
@@ -167,60 +188,16 @@ class DeadLetterIndex:
                 record.topic, record.partition, record.offset,
                 "dead letter" if record.topic == self._letters_topic else "replay mark",
             )  # fmt: skip
-        if letters or replays:
-            await while_unreachable(self._store, letters, replays)
-
-    async def _store(self, letters: list[LetterRow], replays: list[ReplayRow]) -> None:
-        pool = await self._pool_factory()
-        try:
-            await self._insert(pool, letters, replays)
-            return
-        except Exception as exc:
-            if not is_poison(exc):
-                raise
-            logger.warning("dead letters refused together (%r); storing one at a time", exc)
-        # The one PostgreSQL refuses is skipped, the others stored.
-        for letter in letters:
-            await self._store_alone(pool, [letter], [])
-        for replay in replays:
-            await self._store_alone(pool, [], [replay])
-
-    async def _store_alone(
-        self, pool: asyncpg.Pool, letters: list[LetterRow], replays: list[ReplayRow]
-    ) -> None:
-        try:
-            await self._insert(pool, letters, replays)
-        except Exception as exc:
-            if not is_poison(exc):
-                raise
-            self._refused(letters or replays, exc)
-
-    @staticmethod
-    def _refused(rows: Sequence[LetterRow | ReplayRow], exc: Exception) -> None:
-        DEAD_LETTERS_UNINDEXED.labels("refused").inc(len(rows))
-        for row in rows:
-            logger.warning("not indexed: letter %d@%d refused (%r)", row.partition, row.offset, exc)
-
-    @staticmethod
-    async def _insert(
-        pool: asyncpg.Pool, letters: list[LetterRow], replays: list[ReplayRow]
-    ) -> None:
-        async with pool.acquire() as conn, conn.transaction():
-            if letters:
-                await conn.execute(
-                    _INSERT_LETTERS,
-                    *(list(column) for column in zip(*(_letter_values(r) for r in letters),
-                                                     strict=True)),
-                )  # fmt: skip
-            if replays:
-                await conn.execute(
-                    _INSERT_REPLAYS,
-                    [r.partition for r in replays],
-                    [r.offset for r in replays],
-                    [r.dead_lettered_at for r in replays],
-                    [r.replayed_at for r in replays],
-                )
-        SINK_ROWS.labels("dead_letters").inc(len(letters))
+        refused: list[RejectedRow[LetterRow] | RejectedRow[ReplayRow]] = [
+            *await self._letters.write(letters),
+            *await self._replays.write(replays),
+        ]
+        for rejected in refused:
+            DEAD_LETTERS_UNINDEXED.labels("refused").inc()
+            logger.warning(
+                "not indexed: letter %d@%d (%s)",
+                rejected.message.partition, rejected.message.offset, rejected.reason,
+            )  # fmt: skip
 
 
 def _letter_values(row: LetterRow) -> tuple[object, ...]:

@@ -4,9 +4,7 @@ sets anything aside itself (a letter about a letter would come back to it)."""
 from __future__ import annotations
 
 import base64
-import contextlib
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -95,28 +93,17 @@ def test_a_marks_row() -> None:
     assert replay_row(Record(b'{"replayed_partition": 1}', topic=MARKS)) is None
 
 
-class Connection:
-    def __init__(self, pool: Pool) -> None:
-        self._pool = pool
-
-    def transaction(self) -> contextlib.AbstractAsyncContextManager[None]:
-        return contextlib.nullcontext()
-
-    async def execute(self, statement: str, *columns: list[Any]) -> None:
-        refused = self._pool.refused
-        if any(value in refused for column in columns for value in column):
-            raise asyncpg.DataError("refused")
-        self._pool.stored.append(list(zip(*columns, strict=True)))
-
-
 class Pool:
+    """Refuses a statement carrying any of `refused`, as PostgreSQL refuses a batch for one row."""
+
     def __init__(self, refused: set[object]) -> None:
         self.refused = refused
         self.stored: list[list[tuple[Any, ...]]] = []
 
-    @contextlib.asynccontextmanager
-    async def acquire(self) -> AsyncIterator[Connection]:
-        yield Connection(self)
+    async def execute(self, statement: str, *columns: list[Any]) -> None:
+        if any(value in self.refused for column in columns for value in column):
+            raise asyncpg.DataError("refused")
+        self.stored.append(list(zip(*columns, strict=True)))
 
 
 def index_with(pool: Pool) -> DeadLetterIndex:
