@@ -117,8 +117,14 @@ M = TypeVar("M", bound=BaseModel)
 
 def decoded_record(record: SourceRecord, model: type[M]) -> M | None:
     """The record as `model`, or None if it is undecodable (for handlers sharing a topic with
-    one that dead-letters bad records)."""
+    one that dead-letters bad records).
+
+    Raised instead for a replay addressed to the handler running: the topic's other readers
+    skip it, so nobody else would set it aside, and the guard of the handler dead-letters it
+    again, still its handler's, instead of it being dropped without a word."""
     try:
         return model.model_validate_json(record.value)
     except ValidationError:
+        if replayed_for(record) is not None:
+            raise
         return None

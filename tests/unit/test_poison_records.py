@@ -13,8 +13,9 @@ import pytest
 from aiokafka.errors import KafkaConnectionError
 from faust.types import TopicT
 
-from schemas.events import REPLAY_FOR_HEADER, DeadLetter
+from schemas.events import REPLAY_FOR_HEADER, DeadLetter, InboundMessage
 from streams.batches import SourceRecord, current_handler, one_record_at_a_time
+from streams.dead_letters import decoded_record
 from streams.poison import REASON_MAX_CHARS, PoisonPolicy, PoisonRecords, is_poison
 
 
@@ -165,3 +166,28 @@ async def test_a_letter_names_the_lane_handler_and_a_replay_failing_again_keeps_
         "recovery-watch", "qualification", None,
     ]  # fmt: skip
     assert {letter.kind for _, letter in letters.sent} == {"processing_failed"}
+
+
+async def test_a_replay_its_handler_cannot_decode_is_set_aside_again_not_dropped() -> None:
+    # The topic's other readers skip a targeted replay: a handler that passes over records it
+    # cannot decode (another reader dead-letters those) would drop it without a letter.
+    guard, letters = poison_records()
+
+    async def qualification(record: SourceRecord) -> None:
+        if decoded_record(record, InboundMessage) is None:
+            return
+
+    token = current_handler.set("qualification")
+    try:
+        await guard.handle(qualification, Record(value=b"{}"))  # not a replay: another's
+        await guard.handle(qualification, ReplayedRecord(value=b"{}"))
+    finally:
+        current_handler.reset(token)
+    [(key, letter)] = letters.sent
+    assert (key, letter.kind, letter.consumer) == (
+        b"lead-key",
+        "processing_failed",
+        "qualification",
+    )
+    assert "ValidationError" in letter.reason
+    assert base64.b64decode(letter.raw_base64) == b"{}"
