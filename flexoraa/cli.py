@@ -433,6 +433,8 @@ def cmd_dead_letters_list(args: argparse.Namespace) -> int:
 
 
 def cmd_dead_letters_replay(args: argparse.Namespace) -> int:
+    import asyncpg
+
     from flexoraa.dead_letters import MissingTopic, read_letters, replay
 
     letter_filter = _letter_filter(args)
@@ -451,6 +453,11 @@ def cmd_dead_letters_replay(args: argparse.Namespace) -> int:
         report = asyncio.run(run())
     except MissingTopic as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, asyncpg.PostgresError) as exc:
+        # Commands are put back only once their scheduled messages are known not cancelled.
+        print(f"error: PostgreSQL did not answer whether scheduled messages were cancelled: "
+              f"{exc!r}; nothing was replayed", file=sys.stderr)  # fmt: skip
         return 1
     _print_json({"dry_run": args.dry_run, **report.as_dict()})
     return 1 if report.failed else 0

@@ -28,12 +28,15 @@ import base64
 import binascii
 import contextlib
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
+import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import ValidationError
 
@@ -270,6 +273,40 @@ def _replayed_before(copies: list[StoredLetter]) -> bool:
     )
 
 
+def _command_id(letter: DeadLetter) -> str | None:
+    """The id of the outbound command a letter holds (a scheduled message's id too)."""
+    try:
+        command = orjson.loads(base64.b64decode(letter.raw_base64))
+    except (ValueError, binascii.Error):
+        return None
+    if not isinstance(command, dict) or command.get("kind") != "outbound_command":
+        return None
+    event_id = command.get("event_id")
+    try:
+        return str(uuid.UUID(event_id)) if isinstance(event_id, str) else None
+    except ValueError:
+        return None
+
+
+async def cancelled_scheduled_messages(settings: Settings, letters: list[DeadLetter]) -> set[str]:
+    """The scheduled messages among `letters`' commands that were cancelled (`DELETE
+    /api/scheduled-messages/{id}`) after they were set aside. The worker remembers a cancel
+    too, but only among a lead's last ids; the database's status is for good."""
+    commands = [command_id for letter in letters if (command_id := _command_id(letter)) is not None]
+    if not commands:
+        return set()
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT scheduled_id::text FROM scheduled_messages"
+            " WHERE scheduled_id = ANY($1::uuid[]) AND status = 'cancelled'",
+            commands,
+        )
+    finally:
+        await conn.close()
+    return {row["scheduled_id"] for row in rows}
+
+
 def _identity(letter: DeadLetter) -> tuple[str, str | None, str, str | None]:
     """Letters of one record for one handler (set aside again after a restart, or replayed
     and failing again)."""
@@ -296,9 +333,13 @@ async def replay(
         else:
             copies.setdefault(_identity(stored.letter), []).append(stored)
     chosen: list[list[StoredLetter]] = []
+    cancelled = await cancelled_scheduled_messages(settings, [g[0].letter for g in copies.values()])
     for group in copies.values():
         if not again and _replayed_before(group):
             report.skipped["replayed before"] += len(group)
+            continue
+        if _command_id(group[0].letter) in cancelled:
+            report.skipped["a scheduled message cancelled since"] += len(group)
             continue
         report.skipped["same record as another letter"] += len(group) - 1
         chosen.append(group)

@@ -19,7 +19,8 @@ SINK_ROWS = Counter("flexoraa_sink_rows", "Rows written to PostgreSQL by the sin
 DEAD_LETTERS_UNINDEXED = Counter(
     "flexoraa_dead_letters_unindexed",
     "Records of the dead-letter and marks topics not stored for the API: no letter or mark "
-    "(undecodable), or a row PostgreSQL refused (refused)",
+    "(undecodable), a row PostgreSQL refused (refused), or a write that failed (failed: a "
+    "missing table, a permission)",
     ["reason"],
 )
 # A send waits when its partition's batch is full until aiokafka's sender takes the batch,
@@ -62,7 +63,7 @@ for _kind in ("invalid_event", "wrong_key", "sink_rejected"):
 for _table in ("leads", "messages", "outbound_messages", "message_statuses", "lead_events",
                "dead_letters"):  # fmt: skip
     SINK_ROWS.labels(_table)
-for _reason in ("undecodable", "refused"):
+for _reason in ("undecodable", "refused", "failed"):
     DEAD_LETTERS_UNINDEXED.labels(_reason)
 for _temperature, _action in (
     ("HOT", "ai_reengagement"),

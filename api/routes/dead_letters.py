@@ -90,6 +90,9 @@ async def dead_letters(
             after = (datetime.fromisoformat(at), int(partition), int(offset))
         except ValueError as exc:
             raise ApiError(400, "cursor: not a cursor returned by this API") from exc
+        # Past what the columns hold, PostgreSQL would refuse the query (a 500).
+        if not (0 <= after[1] < 2**31 and 0 <= after[2] < 2**63):
+            raise ApiError(400, "cursor: not a cursor returned by this API")
     prefix = f"{services.topics.prefix}."
     try:
         rows = await services.pool.fetch(

@@ -2,8 +2,9 @@
 tenant's admins see the records of theirs that were set aside (`GET /api/dead-letters`).
 
 A letter is the tenant's whose record names it: the `tenant_id` of the record's JSON, as every
-producer of the source topics writes it. Letters of records naming none (undecodable bytes,
-deadline commands) are the operators', read with `flexoraa dead-letters list`.
+producer of the source topics writes it (a failed deadline's letter names its lead's tenant).
+Letters of records naming none (undecodable bytes, a partition's batch of deadlines) are the
+operators', read with `flexoraa dead-letters list`.
 
 This handler never dead-letters anything: a letter about a letter would be read back here, and
 one it cannot store would go round for ever. A record of the topics that is no letter or mark,
@@ -19,7 +20,7 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 import asyncpg
 import orjson
@@ -109,7 +110,7 @@ def letter_row(record: SourceRecord) -> LetterRow | None:
     return LetterRow(
         partition=record.partition,
         offset=record.offset,
-        dead_lettered_at=letter.dead_lettered_at,
+        dead_lettered_at=_utc(letter.dead_lettered_at),
         tenant_id=record_tenant(raw),
         source_topic=_text(letter.source_topic),
         source_partition=letter.partition,
@@ -129,17 +130,26 @@ def replay_row(record: SourceRecord) -> ReplayRow | None:
     except ValidationError:
         return None
     return ReplayRow(
-        mark.replayed_partition, mark.replayed_offset, mark.dead_lettered_at, mark.replayed_at
+        mark.replayed_partition,
+        mark.replayed_offset,
+        _utc(mark.dead_lettered_at),
+        _utc(mark.replayed_at),
     )
+
+
+def _utc(at: datetime) -> datetime:
+    # Workers write UTC; a time without a zone (an older or a foreign producer) is taken as
+    # UTC too, not as whatever zone the worker storing it runs in (asyncpg's reading).
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
 
 
 class LetterSink(BatchSink[LetterRow]):
     async def _write_batch(self, pool: asyncpg.Pool, batch: Sequence[LetterRow]) -> None:
-        await pool.execute(
+        status = await pool.execute(
             _INSERT_LETTERS,
             *(list(column) for column in zip(*map(_letter_values, batch), strict=True)),
         )
-        SINK_ROWS.labels("dead_letters").inc(len(batch))
+        SINK_ROWS.labels("dead_letters").inc(int(status.rsplit(" ", 1)[-1]))
 
 
 class ReplaySink(BatchSink[ReplayRow]):
@@ -188,10 +198,21 @@ class DeadLetterIndex:
                 record.topic, record.partition, record.offset,
                 "dead letter" if record.topic == self._letters_topic else "replay mark",
             )  # fmt: skip
-        refused: list[RejectedRow[LetterRow] | RejectedRow[ReplayRow]] = [
-            *await self._letters.write(letters),
-            *await self._replays.write(replays),
-        ]
+        try:
+            refused: list[RejectedRow[LetterRow] | RejectedRow[ReplayRow]] = [
+                *await self._letters.write(letters),
+                *await self._replays.write(replays),
+            ]
+        except asyncpg.PostgresError as exc:
+            # Neither the letters' fault nor an outage (both handled above): a missing table
+            # (workers started before `flexoraa migrate`), a permission, a timeout. The index
+            # is for reading, the topic keeps every letter, and raising would stop the lane's
+            # every handler, at every restart, on every worker the partitions moved to.
+            DEAD_LETTERS_UNINDEXED.labels("failed").inc(len(letters) + len(replays))
+            logger.error(
+                "%d dead letters and marks not indexed: %r", len(letters) + len(replays), exc
+            )
+            return
         for rejected in refused:
             DEAD_LETTERS_UNINDEXED.labels("refused").inc()
             logger.warning(

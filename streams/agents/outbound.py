@@ -67,8 +67,10 @@ class SentCommands:
     def settle(self, lead_id: str, command_id: str) -> None:
         """Marks the command done: sent, or cancelled before it went out."""
         key = lead_id.encode()
-        recent = [*(self._table.get(key) or ()), command_id]
-        self._table[key] = recent[-SENT_IDS_KEPT:]
+        known = self._table.get(key) or ()
+        if command_id in known:
+            return  # a cancel read again: it would push a newer id out
+        self._table[key] = [*known, command_id][-SENT_IDS_KEPT:]
 
 
 class Sender:

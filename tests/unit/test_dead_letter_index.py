@@ -99,11 +99,15 @@ class Pool:
     def __init__(self, refused: set[object]) -> None:
         self.refused = refused
         self.stored: list[list[tuple[Any, ...]]] = []
+        self.failure: Exception | None = None
 
-    async def execute(self, statement: str, *columns: list[Any]) -> None:
+    async def execute(self, statement: str, *columns: list[Any]) -> str:
+        if self.failure is not None:
+            raise self.failure
         if any(value in self.refused for column in columns for value in column):
             raise asyncpg.DataError("refused")
         self.stored.append(list(zip(*columns, strict=True)))
+        return f"INSERT 0 {len(columns[0])}"
 
 
 def index_with(pool: Pool) -> DeadLetterIndex:
@@ -138,3 +142,30 @@ async def test_a_record_that_is_no_letter_or_mark_is_counted_not_stored() -> Non
     ])  # fmt: skip
     assert pool.stored == []
     assert unindexed("undecodable") == before + 2
+
+
+async def test_a_failing_index_is_counted_and_stops_nothing() -> None:
+    # Workers started before `flexoraa migrate`: raised, it would stop every handler of the
+    # lane (the inbound path too) at every restart.
+    pool = Pool(refused=set())
+    pool.failure = asyncpg.UndefinedTableError('relation "dead_letters" does not exist')
+    before = unindexed("failed")
+    await index_with(pool).write([Record(letter(b"x"), offset=1), Record(letter(b"y"), offset=2)])
+    assert unindexed("failed") == before + 2
+
+
+def test_a_time_without_a_zone_is_utc() -> None:
+    # Not the zone of whichever worker stores it (asyncpg's reading of a naive time): a letter
+    # and its mark are matched on it.
+    naive = datetime(2026, 12, 4, 21, 0)
+    raw = base64.b64encode(b"x").decode()
+    old = DeadLetter(source_topic="acme.lead-events", partition=1, offset=7, reason="boom",
+                     raw_base64=raw, dead_lettered_at=naive).model_dump_json().encode()  # fmt: skip
+    mark = ReplayedLetter(replayed_partition=3, replayed_offset=41, dead_lettered_at=naive,
+                          replayed_at=naive).model_dump_json().encode()  # fmt: skip
+    letter_at = letter_row(Record(old))
+    replay = replay_row(Record(mark, topic=MARKS))
+    assert letter_at is not None
+    assert replay is not None
+    assert letter_at.dead_lettered_at == naive.replace(tzinfo=UTC) == replay.dead_lettered_at
+    assert replay.replayed_at.tzinfo is not None

@@ -107,3 +107,13 @@ async def test_a_cancelled_command_read_again_is_not_held_again() -> None:
     scheduled.hold(later)  # a copy of the cancelled command, read after its cancellation
     assert list(held[LEAD.encode()]) == [other.event_id]
     assert list(scheduler.pending(LEAD.encode())) == [f"scheduled:{other.event_id}"]
+
+
+def test_a_cancel_read_again_pushes_no_sent_id_out() -> None:
+    table = Table()
+    sent = SentCommands(cast(Any, table))
+    commands = [command(f"message {i}") for i in range(SENT_IDS_KEPT)]
+    for each in commands:
+        sent.add(each)
+    sent.settle(LEAD, commands[-1].event_id)  # cancelled after it went out, read again
+    assert sent.contains(commands[0])
