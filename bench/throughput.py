@@ -165,8 +165,9 @@ def fan_out(
 
     The worker writes effects and changelog records, and reads back every pipeline topic (the
     inbound record included; the dead letters and their marks too, none here). At the plain
-    clients' CPU per record read (`read`) and sent (`write`), those records take `client_cpu_ms_per_event` of CPU before
-    any agent does anything: one core passes at most `events_per_core_s` such events."""
+    clients' CPU per record read (`read`) and sent (`write`), those records take
+    `client_cpu_ms_per_event` of CPU before any agent does anything: one core passes at most
+    `events_per_core_s` such events."""
     changelogs = set(names.changelogs())
     read_topics = set(names.all()) - changelogs - {names.dead_letters, names.dead_letters_replayed}
     written_by_worker = sum(n for t, n in written.items() if t != names.inbound_messages)
