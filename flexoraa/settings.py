@@ -164,6 +164,13 @@ class Settings(BaseSettings):
         description="longest wait to fill a batch of PostgreSQL rows (the sinks) or of "
         "notifications",
     )
+    dead_letters_kept_days: int = Field(
+        30,
+        ge=1,
+        le=3650,
+        description="days the dead letters stay in PostgreSQL for `GET /api/dead-letters` "
+        "(they hold the tenants' records); the topic keeps them as long as its retention",
+    )
 
     # API
     api_host: str = Field("127.0.0.1", description="host the API binds")

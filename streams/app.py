@@ -252,12 +252,12 @@ def create_worker_app(settings: Settings) -> faust.App:
         )
     # The letters and their replays, for the API (a tenant's admins see their own).
     dead_letter_index.register(
+        app,
         batch_lane,
-        dead_letter_index.DeadLetterIndex(
-            pool, letters_topic=names.dead_letters, marks_topic=names.dead_letters_replayed
-        ),
+        pool,
         letters=dead_letters,
         marks=lead_topic(names.dead_letters_replayed),
+        kept_days=settings.dead_letters_kept_days,
         batch_size=settings.sink_batch_size,
         batch_window_s=settings.sink_batch_window_ms / 1000,
     )

@@ -19,6 +19,8 @@ CREATE TABLE dead_letters (
     PRIMARY KEY (letter_partition, letter_offset, dead_lettered_at)
 );
 CREATE INDEX dead_letters_tenant_time ON dead_letters (tenant_id, dead_lettered_at DESC);
+-- Rows older than DEAD_LETTERS_KEPT_DAYS are deleted (they hold the tenants' records).
+CREATE INDEX dead_letters_time ON dead_letters (dead_lettered_at);
 
 -- Each replay of a letter (`flexoraa dead-letters replay`), from the marks topic. Apart from
 -- the letters: the two topics are read independently, and a mark may be stored first.
@@ -29,3 +31,4 @@ CREATE TABLE dead_letter_replays (
     replayed_at      timestamptz NOT NULL,
     PRIMARY KEY (letter_partition, letter_offset, dead_lettered_at, replayed_at)
 );
+CREATE INDEX dead_letter_replays_time ON dead_letter_replays (dead_lettered_at);

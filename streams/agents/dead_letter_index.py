@@ -20,19 +20,21 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import orjson
-from faust.types import TopicT
+from faust.types import AppT, TopicT
 from pydantic import ValidationError
 
+from flexoraa.db import DB_ERRORS
 from schemas.events import DeadLetter, ReplayedLetter
 from streams.batches import BatchLane, SourceRecord
 from streams.metrics import DEAD_LETTERS_UNINDEXED, SINK_ROWS
 from streams.sink import BatchSink, RejectedRow
 
 logger = logging.getLogger(__name__)
+PRUNE_INTERVAL_S = 3600.0
 
 _INSERT_LETTERS = """
 INSERT INTO dead_letters (letter_partition, letter_offset, dead_lettered_at, tenant_id,
@@ -221,6 +223,19 @@ class DeadLetterIndex:
             )  # fmt: skip
 
 
+async def prune(
+    pool_factory: Callable[[], Awaitable[asyncpg.Pool]], before: datetime
+) -> tuple[int, int]:
+    """Deletes the letters set aside before `before`, and their replays; returns how many."""
+    pool = await pool_factory()
+    async with pool.acquire() as conn, conn.transaction():
+        letters = await conn.execute("DELETE FROM dead_letters WHERE dead_lettered_at < $1", before)
+        replays = await conn.execute(
+            "DELETE FROM dead_letter_replays WHERE dead_lettered_at < $1", before
+        )
+    return int(letters.rsplit(" ", 1)[-1]), int(replays.rsplit(" ", 1)[-1])
+
+
 def _letter_values(row: LetterRow) -> tuple[object, ...]:
     return (row.partition, row.offset, row.dead_lettered_at, row.tenant_id, row.source_topic,
             row.source_partition, row.source_offset, row.kind, row.consumer, row.reason,
@@ -228,14 +243,19 @@ def _letter_values(row: LetterRow) -> tuple[object, ...]:
 
 
 def register(
+    app: AppT,
     lane: BatchLane,
-    index: DeadLetterIndex,
+    pool_factory: Callable[[], Awaitable[asyncpg.Pool]],
     *,
     letters: TopicT,
     marks: TopicT,
+    kept_days: int,
     batch_size: int,
     batch_window_s: float,
 ) -> None:
+    index = DeadLetterIndex(
+        pool_factory, letters_topic=letters.get_topic_name(), marks_topic=marks.get_topic_name()
+    )
     lane.add_handler(
         "dead-letter-index",
         [letters, marks],
@@ -243,3 +263,15 @@ def register(
         max_batch=batch_size,
         linger_s=batch_window_s,
     )
+
+    # One worker of the group prunes; a pass missed (PostgreSQL down) is the next one's.
+    @app.timer(interval=PRUNE_INTERVAL_S, on_leader=True)
+    async def prune_old_letters() -> None:
+        try:
+            pruned = await prune(pool_factory, datetime.now(UTC) - timedelta(days=kept_days))
+        except DB_ERRORS as exc:
+            logger.warning("old dead letters not pruned: %r", exc)
+            return
+        if any(pruned):
+            logger.info("pruned %d dead letters and %d replays older than %d days",
+                        *pruned, kept_days)  # fmt: skip

@@ -9,13 +9,15 @@ import json
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
 import pytest
 
 from flexoraa.kafka import partition_of
 from flexoraa.settings import Settings
 from schemas.events import REPLAY_FOR_HEADER, DeadLetter
-from schemas.messaging import LeadEvent
+from schemas.messaging import LeadEvent, OutboundCommand
 from schemas.topics import TopicNames
+from tests.conftest import MakeTenant
 from tests.integration.conftest import flexoraa, read_records, send_records
 from tests.integration.test_notifications import admin_alert
 
@@ -141,3 +143,38 @@ async def test_a_record_refused_for_its_key_and_copies_of_one_record_are_not_rep
     assert json.loads(flexoraa(test_settings, "dead-letters", "replay", "--key", lead).stdout)[
         "skipped"
     ] == {"replayed before": 2, "refused for its key": 1}
+
+
+async def test_a_scheduled_message_cancelled_since_its_letter_is_not_put_back(
+    test_settings: Settings, make_tenant: MakeTenant, db: asyncpg.Connection
+) -> None:
+    # The worker remembers a cancel among a lead's last 64 command ids only: a letter replayed
+    # days later, after a busy lead's newer commands, would go out. PostgreSQL's status holds.
+    names = TopicNames(test_settings.topic_prefix)
+    tenant = await make_tenant()
+    lead = str(uuid.uuid4())
+    send_at = datetime.now(UTC) + timedelta(hours=1)
+    cancelled, kept = (
+        OutboundCommand(event_id=str(uuid.uuid4()), tenant_id=tenant.tenant_id,
+                        occurred_at=datetime.now(UTC), lead_id=lead, text=text, send_at=send_at)
+        for text in ("Never mind", "See you at five")
+    )  # fmt: skip
+    for command, status in ((cancelled, "cancelled"), (kept, "scheduled")):
+        await db.execute(
+            "INSERT INTO scheduled_messages (scheduled_id, tenant_id, lead_id, body, send_at,"
+            " status) VALUES ($1, $2, $3, $4, $5, $6)",
+            command.event_id, tenant.tenant_id, lead, command.text, send_at, status,
+        )  # fmt: skip
+    await send_records(test_settings, names.dead_letters, [
+        (lead.encode(), letter(names.outbound_commands, lead, c.model_dump_json().encode(),
+                               "processing failed: KeyError: 'channel'", timedelta(0)))
+        for c in (cancelled, kept)
+    ])  # fmt: skip
+    dry = flexoraa(test_settings, "dead-letters", "replay", "--key", lead, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert json.loads(dry.stdout) == {
+        "dry_run": True,
+        "replayed": {names.outbound_commands: 1},
+        "skipped": {"a scheduled message cancelled since": 1},
+        "unmarked": 0,
+    }
