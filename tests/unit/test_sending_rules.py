@@ -1,11 +1,12 @@
 from datetime import UTC, datetime, timedelta
+from typing import Any, cast
 
 import pytest
 
 from streams.rules.delivery import supersedes
 from streams.rules.sending import plan_send, template_parameters
 from streams.rules.window import WINDOW_MS, window_deadlines
-from streams.timers import DeadlineIndex
+from streams.timers import DeadlineIndex, Scheduler
 
 T = datetime(2026, 11, 24, 10, 0, tzinfo=UTC)
 LATER = T + timedelta(seconds=5)
@@ -87,3 +88,19 @@ def test_deadline_index_pops_in_order() -> None:
     index.reset([(b"d", "y", 1), (b"e", "y", 40)])
     assert len(index) == 2
     assert index.pop_due(100) == [(b"d", "y", 1), (b"e", "y", 40)]
+
+
+def test_moved_and_cancelled_deadlines_do_not_pile_up_in_the_index() -> None:
+    # A lead's window and silence deadlines move with every message it sends: each move left
+    # its old entry in the heap until it came due, a day later.
+    index = DeadlineIndex()
+    scheduler = Scheduler(cast(Any, {}), index)
+    for message in range(20_000):
+        scheduler.set(b"lead", {"window_expired": 86_400_000 + message, "silence": message})
+    scheduler.set(b"other", {"silence": 5})
+    scheduler.cancel(b"other", "silence")
+    assert len(index) == 2
+    assert index.heap_size <= 2 * len(index) + 1024 + 1
+    assert index.pop_due(10**12) == [(b"lead", "silence", 19_999),
+                                     (b"lead", "window_expired", 86_419_999)]  # fmt: skip
+    assert index.heap_size == 0
