@@ -52,6 +52,10 @@ class GmailApiError(RuntimeError):
     """Any other Gmail API failure (retried on the next poll)."""
 
 
+class MessageGone(GmailApiError):
+    """messages.get answered 404: the message was deleted after history.list named it."""
+
+
 @dataclass(frozen=True)
 class Tokens:
     access_token: str
@@ -169,7 +173,13 @@ class Mailbox:
             expiry.replace(tzinfo=UTC) if expiry else None,
         )
 
-    async def _call(self, request: Callable[[], T], *, history_id: int | None = None) -> T:
+    async def _call(
+        self,
+        request: Callable[[], T],
+        *,
+        history_id: int | None = None,
+        message_id: str | None = None,
+    ) -> T:
         try:
             return await asyncio.to_thread(request)
         except RefreshError as exc:
@@ -177,6 +187,8 @@ class Mailbox:
         except HttpError as exc:
             if exc.resp.status == 404 and history_id is not None:
                 raise HistoryExpired(f"historyId {history_id} is no longer available") from exc
+            if exc.resp.status == 404 and message_id is not None:
+                raise MessageGone(f"message {message_id} no longer exists") from exc
             if exc.resp.status == 401:
                 raise MailboxRevoked(f"Gmail refused the credentials: {exc}") from exc
             raise GmailApiError(f"Gmail API answered {exc.resp.status}: {exc}") from exc
@@ -241,7 +253,9 @@ class Mailbox:
         """The message in `raw` format: {id, threadId, labelIds, raw, internalDate}."""
         messages = self._service.users().messages()
         request = messages.get(userId="me", id=message_id, format="raw")
-        result: dict[str, Any] = await self._call(lambda: request.execute(num_retries=2))
+        result: dict[str, Any] = await self._call(
+            lambda: request.execute(num_retries=2), message_id=message_id
+        )
         return result
 
     async def send(self, raw: str, thread_id: str | None) -> dict[str, Any]:

@@ -65,7 +65,7 @@ def parse_message(raw: bytes) -> ParsedMail:
     """The sender, subject, text (text/plain preferred, else HTML as text) and attachment names."""
     message = message_from_bytes(raw, policy=policy.default)
     assert isinstance(message, EmailMessage)
-    name, address = parseaddr(str(message.get("From", "")))
+    name, address = parseaddr(_header_text(message, "From"))
     attachments = tuple(
         part.get_filename() or part.get_content_type()
         for part in message.iter_attachments()
@@ -79,8 +79,10 @@ def parse_message(raw: bytes) -> ParsedMail:
     return ParsedMail(
         sender=address.strip().lower(),
         sender_name=name.strip() or None,
-        to=tuple(a.lower() for _, a in getaddresses([str(v) for v in message.get_all("To", [])])),
-        subject=str(message.get("Subject", "")).strip(),
+        to=tuple(a.lower() for _, a in getaddresses([_header_text(message, "To")])),
+        # One line: a subject is a header again in every reply ("hi=0D=0ABcc: …" decodes to
+        # two lines, and composing the reply failed).
+        subject=_header_text(message, "Subject"),
         text=text.strip(),
         message_id=_header(message, "Message-ID"),
         references=_header(message, "References"),
@@ -91,7 +93,8 @@ def parse_message(raw: bytes) -> ParsedMail:
 def _content(part: MIMEPart) -> str:
     try:
         content = part.get_content()
-    except (LookupError, UnicodeDecodeError):
+    # ValueError: a charset name with a NUL in it.
+    except (LookupError, UnicodeDecodeError, ValueError):
         # An unknown or lying charset: keep the text readable rather than lose the message.
         payload = part.get_payload(decode=True)
         content = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else ""
@@ -99,8 +102,18 @@ def _content(part: MIMEPart) -> str:
 
 
 def _header(message: EmailMessage, name: str) -> str | None:
-    value = message.get(name)
-    return " ".join(str(value).split()) if value else None
+    return _header_text(message, name) or None
+
+
+def _header_text(message: EmailMessage, name: str) -> str:
+    """A header's text on one line (every occurrence of it, comma-joined); its raw text where
+    the parser of its kind fails on hostile mail (`Message-ID: <` raised an IndexError, some
+    group addresses an AttributeError), rather than the whole message lost."""
+    try:
+        values = [str(value) for value in message.get_all(name, [])]
+    except (LookupError, AttributeError, ValueError, TypeError):  # the header registry's
+        values = [str(value) for key, value in message.raw_items() if key.lower() == name.lower()]
+    return " ".join(", ".join(values).split())
 
 
 def compose(
@@ -116,7 +129,7 @@ def compose(
     message = EmailMessage()
     message["From"] = sender
     message["To"] = to
-    message["Subject"] = subject
+    message["Subject"] = " ".join(subject.split())  # a line break would end the header
     message_id = make_msgid(domain=sender.rsplit("@", 1)[-1] or None)
     message["Message-ID"] = message_id
     if in_reply_to:

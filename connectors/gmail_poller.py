@@ -25,6 +25,7 @@ from connectors.gmail import (
     HistoryExpired,
     Mailbox,
     MailboxRevoked,
+    MessageGone,
 )
 from connectors.gmail_mime import parse_message
 from connectors.gmail_store import GmailStore, MailboxRow
@@ -108,6 +109,14 @@ class GmailPoller:
         except (GmailApiError, PublishUnavailable, OSError) as exc:
             logger.warning("poll of %s failed: %s", row.email, exc)
             await self._store.failed(row, self.owner, str(exc), interval)
+        except _PASS_ERRORS:
+            raise  # PostgreSQL away: the pass's, retried by `run`
+        except Exception as exc:
+            # A bug met on one mailbox's mail stopped the poller, and Gmail intake with it for
+            # every tenant, at every restart. Marked failed: retried, and visible in the
+            # integration's status.
+            logger.exception("poll of %s failed", row.email)
+            await self._store.failed(row, self.owner, f"{type(exc).__name__}: {exc}", interval)
 
     async def _full_sync_ids(self, client: Mailbox) -> tuple[list[str], int]:
         # The profile's historyId first: mail arriving during the listing is read next time.
@@ -118,11 +127,24 @@ class GmailPoller:
     async def _ingest(self, row: MailboxRow, client: Mailbox, ids: list[str]) -> list[ThreadRow]:
         threads: dict[str, ThreadRow] = {}
         for message_id in ids:
-            fetched = await client.fetch(message_id)
+            try:
+                fetched = await client.fetch(message_id)
+            except MessageGone:
+                # Deleted since history.list named it: a 404 on every poll held the mailbox's
+                # cursor, and its intake, for good.
+                logger.info("message %s of %s deleted before it was read", message_id, row.email)
+                continue
             labels = fetched.get("labelIds", [])
             if "SENT" in labels or "DRAFT" in labels:
                 continue
-            mail = parse_message(base64.urlsafe_b64decode(fetched["raw"] + "=" * 3))
+            try:
+                mail = parse_message(base64.urlsafe_b64decode(fetched["raw"] + "=" * 3))
+            except Exception:  # the stdlib parser raises many kinds on hostile mail
+                # Skipped, not retried: it would fail the mailbox's every poll. It stays in the
+                # mailbox, where the rep reads it.
+                logger.exception("message %s of %s cannot be parsed; skipped", message_id,
+                                 row.email)  # fmt: skip
+                continue
             if mail.sender == row.email:
                 continue  # what the mailbox itself sent
             try:

@@ -16,7 +16,9 @@ import asyncpg
 import pytest
 from pydantic import SecretStr
 
+from connectors import gmail_poller
 from connectors.gmail import Tokens
+from connectors.gmail_mime import ParsedMail, parse_message
 from connectors.gmail_poller import GmailPoller
 from connectors.gmail_store import GmailStore
 from flexoraa.crypto import load_secret_box
@@ -325,6 +327,40 @@ async def test_a_crash_before_the_cursor_moves_re_polls_without_ingesting_twice(
     assert len(events) == 2 * len(ids)  # published twice …
     assert len({e.event_id for e in events}) == len(ids)  # … as the same three events
     assert {e.channel_message_id for e in events} == set(ids)
+
+
+async def test_a_deleted_message_hostile_headers_or_a_parser_failure_do_not_hold_the_mailbox(
+    gmail: GmailFake,
+    gmail_settings: Settings,
+    store: GmailStore,
+    publisher: EventPublisher,
+    make_tenant: MakeTenant,
+    db: asyncpg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Each failed the mailbox's every poll (a 404 on the deleted message) or stopped the poller
+    # for every tenant (an IndexError for `Message-ID: <`), its cursor held for good.
+    tenant = await make_tenant()
+    email, integration_id = await connected(gmail, store, tenant.tenant_id)
+    deleted = gmail.deliver(email, mail("bo@example.com", "Hi", "then deleted"))
+    hostile = gmail.deliver(email, mail("cy@example.com", "Quote", "20 seats", message_id="<"))
+    breaking = gmail.deliver(email, mail("di@example.com", "Hi", "the parser fails on me"))
+    good = gmail.deliver(email, mail("ed@example.com", "Hello", "after them"))
+    del gmail.mailboxes[email].messages[deleted]  # between history.list and messages.get
+
+    def failing_on_one(raw: bytes) -> ParsedMail:
+        if b"the parser fails on me" in raw:
+            raise RecursionError("a parser bug hostile mail finds")
+        return parse_message(raw)
+
+    monkeypatch.setattr(gmail_poller, "parse_message", failing_on_one)
+    await GmailPoller(gmail_settings, store, publisher).poll_due()
+    events = await inbound_events(gmail_settings, tenant.tenant_id)
+    assert sorted(e.channel_message_id or "" for e in events) == sorted([hostile, good])
+    assert breaking not in {e.channel_message_id for e in events}
+    cursor = await db.fetchval("SELECT history_id FROM gmail_poll_state WHERE integration_id = $1",
+                               uuid.UUID(integration_id))  # fmt: skip
+    assert cursor == gmail.mailboxes[email].history_id  # moved on
 
 
 async def test_two_pollers_never_poll_one_mailbox_at_once(

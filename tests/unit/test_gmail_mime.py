@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 from email import message_from_bytes, policy
 
+import pytest
+
 from connectors.gmail_mime import compose, html_to_text, parse_message, reply_subject
 
 ALTERNATIVE = b"""From: "Ravi Kumar" <Ravi@Example.com>
@@ -104,3 +106,30 @@ def test_a_reply_carries_the_thread_headers() -> None:
     assert message["Message-ID"] == message_id
     assert reply_subject("RE: Pricing") == "RE: Pricing"
     assert reply_subject(None) == "Re: your message"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        # Each stopped the Gmail poller, for every tenant, at every restart.
+        b"From: ana@example.com\r\nMessage-ID: <\r\nSubject: Quote\r\n\r\nPrice for 20 seats?",
+        b'From: ana@example.com\r\nContent-Type: text/plain; charset="ut\x00f8"\r\n'
+        b"Subject: Quote\r\n\r\nPrice for 20 seats?",
+    ],
+)
+def test_hostile_headers_leave_the_message_readable(raw: bytes) -> None:
+    mail = parse_message(raw)
+    assert (mail.sender, mail.subject, mail.text) == ("ana@example.com", "Quote",
+                                                      "Price for 20 seats?")  # fmt: skip
+
+
+def test_a_subject_with_a_line_break_is_one_line_and_a_reply_to_it_composes() -> None:
+    mail = parse_message(
+        b"From: ana@example.com\r\nSubject: =?utf-8?q?Quote=0D=0ABcc:_spy@example.com?=\r\n\r\nHi"
+    )
+    assert mail.subject == "Quote Bcc: spy@example.com"
+    subject = reply_subject("Quote\r\nBcc: spy@example.com")  # a thread stored before
+    raw, _ = compose(sender="sales@acme.test", to="ana@example.com", subject=subject, body="Sure")
+    sent = message_from_bytes(base64.urlsafe_b64decode(raw), policy=policy.default)
+    assert sent["Subject"] == "Re: Quote Bcc: spy@example.com"
+    assert sent["Bcc"] is None
