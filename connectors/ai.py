@@ -151,6 +151,11 @@ class ModelCall:
     completion_tokens: int
     error: str | None = None
 
+    @property
+    def reached_model(self) -> bool:
+        """Whether the model answered (if only outside the schema): its usage is charged."""
+        return self.ok or self.prompt_tokens > 0 or self.completion_tokens > 0
+
 
 @dataclass(frozen=True)
 class Extraction:
@@ -187,6 +192,7 @@ class QualificationAI:
         if self._client is None or not self.breaker.allows(time.monotonic()):
             return Extraction(builtin, None, "builtin", None)
         started = time.perf_counter()
+        response = None
         try:
             response = await self._client.chat.completions.create(
                 model=self._model,
@@ -215,7 +221,15 @@ class QualificationAI:
             duration_ms = (time.perf_counter() - started) * 1000
             self.breaker.record_failure(time.monotonic())
             logger.warning("model extraction failed (%r); using the built-in extractor", exc)
-            call = ModelCall(duration_ms, False, 0, 0, error=type(exc).__name__)
+            # An answer outside the schema still used the model: its tokens are charged.
+            spent = response.usage if response is not None else None
+            call = ModelCall(
+                duration_ms,
+                False,
+                spent.prompt_tokens if spent else 0,
+                spent.completion_tokens if spent else 0,
+                error=type(exc).__name__,
+            )
             return Extraction(builtin, None, "builtin", call)
         duration_ms = (time.perf_counter() - started) * 1000
         self.breaker.record_success()

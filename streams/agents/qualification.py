@@ -90,7 +90,7 @@ class Interviewer:
             tenant_id=message.tenant_id,
             lead_id=message.lead_id,
             feature="qualification",
-            model=self._ai.model if call is not None and call.ok else None,
+            model=self._ai.model if call is not None and call.reached_model else None,
             prompt_tokens=call.prompt_tokens if call is not None else 0,
             completion_tokens=call.completion_tokens if call is not None else 0,
         )

@@ -147,6 +147,9 @@ async def test_an_answer_outside_the_schema_is_a_failed_call_and_the_builtin_ext
     assert result.call is not None
     assert not result.call.ok
     assert result.found["budget"]["max"] == 5_000
+    # The model answered all the same: what it used is charged.
+    assert (result.call.prompt_tokens, result.call.completion_tokens) == openai_fake.usage
+    assert result.call.reached_model
 
 
 async def test_timeouts_trip_the_breaker_and_the_builtin_extractor_answers(
