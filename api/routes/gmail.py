@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import secrets
 import uuid
 from collections.abc import Mapping
@@ -19,6 +20,7 @@ from connectors.gmail_send import NoMailbox
 from flexoraa.kafka import PublishUnavailable
 from schemas.messaging import OutboundMessage
 
+logger = logging.getLogger(__name__)
 router = APIRouter(tags=["integrations"])
 _NOT_CONFIGURED = "Gmail is not configured: set GMAIL_CLIENT_ID and GMAIL_CLIENT_SECRET"
 
@@ -157,6 +159,7 @@ async def send(body: SendRequest, principal: PrincipalDep, services: ServicesDep
         raise ApiError(503, str(exc)) from exc
     except (MailboxRevoked, GmailApiError) as exc:
         raise ApiError(502, f"Gmail did not send the message: {exc}") from exc
+    recorded = lead_id is not None
     if lead_id is not None:
         # The same event the worker's sender produces: the reply is in the lead's history and
         # stops its leak timer.
@@ -173,6 +176,11 @@ async def send(body: SendRequest, principal: PrincipalDep, services: ServicesDep
                 message.model_dump_json().encode(),
             )  # fmt: skip
         except PublishUnavailable as exc:
-            raise ApiError(503, f"sent, but not recorded (Kafka unavailable): {exc}") from exc
+            # Sent: an error status would be retried by the client, and the lead mailed twice
+            # (Gmail has no idempotency key). Said instead, and logged.
+            logger.error("e-mail %s to lead %s sent but not recorded: %r",
+                         sent.gmail_message_id, lead_id, exc)  # fmt: skip
+            recorded = False
     return {"gmail_message_id": sent.gmail_message_id, "thread_id": sent.thread_id,
-            "message_id": sent.rfc_message_id, "from": sent.sender, "to": sent.to}  # fmt: skip
+            "message_id": sent.rfc_message_id, "from": sent.sender, "to": sent.to,
+            "recorded_in_lead_history": recorded}  # fmt: skip

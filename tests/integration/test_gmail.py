@@ -451,6 +451,7 @@ async def test_replies_go_out_in_the_leads_thread_from_the_api_and_the_worker(
         )  # fmt: skip
         assert sent.status_code == 201, sent.text
         assert sent.json()["thread_id"] == "thread-gus"
+        assert sent.json()["recorded_in_lead_history"] is True
         # An SDR's reply through the pipeline: the outbound agent sends it by Gmail too.
         reply = await api.post(f"/api/leads/{event.lead_id}/messages", headers=tenant.headers,
                                json={"text": "Shall we book a demo?"})  # fmt: skip
