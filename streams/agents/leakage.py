@@ -2,7 +2,8 @@
 
 The leakage table holds, per lead, the first unanswered message time; its "leak" deadline
 lives in the deadlines table (streams.timers). A reply (an accepted outbound message, SDR or
-AI) clears both; the deadline handler decides temperature and action.
+AI) ends the wait, leaving the reply's time, and cancels the deadline; the deadline handler
+decides temperature and action.
 """
 
 from __future__ import annotations
@@ -35,6 +36,15 @@ def _id(*parts: object) -> str:
     return name_based_id(_NAMESPACE, "|".join(str(p) for p in parts))
 
 
+def _waiting(entry: Any) -> dict[str, Any] | None:
+    """A lead's wait, or None: nothing pending, or only the time of its last reply (an int).
+
+    The reply's time is kept because the inbound messages and the sent ones are two topics,
+    each handler with a queue of its own: an AI answer can be read before the message it
+    answers, and that message then started a wait the answer had ended (a false leak)."""
+    return entry if isinstance(entry, dict) else None
+
+
 def register(
     lane: BatchLane,
     *,
@@ -51,7 +61,8 @@ def register(
         if message is None:
             return
         key = message.lead_id.encode()
-        if (waiting := leakage.get(key)) is not None:
+        entry = leakage.get(key)
+        if (waiting := _waiting(entry)) is not None:
             # Already waiting: the wait starts at the first unanswered message. Its deadline
             # is another table's write; a worker killed between the two kept only the wait,
             # and this message, read again, gives it its deadline back.
@@ -59,6 +70,8 @@ def register(
                 scheduler.set_if_absent(key, "leak", waiting["due_ms"])
             return
         occurred_ms = int(message.occurred_at.timestamp() * 1000)
+        if isinstance(entry, int) and occurred_ms <= entry:
+            return  # answered already, its reply read first
         threshold_s = await while_unreachable(tenants.leak_threshold_s, message.tenant_id)
         due_ms = leak_due_ms(occurred_ms, threshold_s)
         leakage[key] = {"waiting_since_ms": occurred_ms, "due_ms": due_ms, "fired": False}
@@ -71,12 +84,18 @@ def register(
         if sent is None or sent.status != "accepted":
             return
         key = sent.lead_id.encode()
-        waiting = leakage.get(key)
+        entry = leakage.get(key)
+        sent_ms = int(sent.occurred_at.timestamp() * 1000)
+        waiting = _waiting(entry)
         if waiting is None:
+            if not isinstance(entry, int) or entry < sent_ms:
+                leakage[key] = sent_ms
             return
-        del leakage[key]
+        if sent_ms < waiting["waiting_since_ms"]:
+            return  # sent before the message the lead is waiting on: no answer to it
+        leakage[key] = sent_ms
         scheduler.cancel(key, "leak")
-        waited_ms = max(0, int(sent.occurred_at.timestamp() * 1000) - waiting["waiting_since_ms"])
+        waited_ms = sent_ms - waiting["waiting_since_ms"]
         reply = LeadEvent(
             event_id=_id(sent.lead_id, "first_reply", waiting["waiting_since_ms"]),
             tenant_id=sent.tenant_id,
@@ -127,7 +146,7 @@ class LeakActions:
         """The wait counts as fired: its deadline failed and was dead-lettered. Left unfired,
         each later message of the lead set the past deadline again (a wait's deadline is set
         again after a crash between its two writes), and it failed again."""
-        waiting = self._leakage.get(key)
+        waiting = _waiting(self._leakage.get(key))
         if waiting is not None and waiting["due_ms"] == fired.due_ms and not waiting["fired"]:
             self._leakage[key] = {**waiting, "fired": True}
 
@@ -137,7 +156,7 @@ class LeakActions:
     async def on_leak(
         self, key: bytes, fired: DeadlineReached, session: dict[str, Any] | None
     ) -> None:
-        waiting = self._leakage.get(key)
+        waiting = _waiting(self._leakage.get(key))
         if waiting is None or session is None or waiting["fired"]:
             return
         lead_id, tenant_id = fired.lead_id, session["tenant_id"]
@@ -206,7 +225,7 @@ class LeakActions:
         # Marked fired after its effects, so the changelog write waits for them (a worker
         # killed in between reports the leak again, with the same ids). A reply taken while
         # this ran ended the wait: it is not brought back.
-        current = self._leakage.get(key)
+        current = _waiting(self._leakage.get(key))
         if current is not None and current["waiting_since_ms"] == waiting["waiting_since_ms"]:
             self._leakage[key] = {**current, "fired": True}
 

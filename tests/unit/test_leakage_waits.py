@@ -1,0 +1,100 @@
+"""A lead's wait starts at its first unanswered message and ends at a reply to it, whichever
+order the two topics' handlers (each with a queue of its own) read them in."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
+
+from schemas.events import InboundMessage
+from schemas.messaging import OutboundMessage
+from streams.agents import leakage as leakage_agent
+from streams.batches import SourceRecord
+from streams.timers import DeadlineIndex, Scheduler
+
+LEAD = str(uuid.uuid4())
+KEY = LEAD.encode()
+TENANT = str(uuid.uuid4())
+AT = datetime(2026, 12, 4, 10, 0, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class Record:
+    value: bytes
+    topic: str = "acme.x"
+    partition: int = 0
+    offset: int = 0
+    key: bytes = KEY
+
+
+@dataclass
+class Lane:
+    handlers: dict[str, Callable[[SourceRecord], Awaitable[None]]] = field(default_factory=dict)
+
+    def add_record_handler(self, name: str, topics: Any, handle: Any, *, max_batch: int) -> None:
+        self.handlers[name] = handle
+
+
+@dataclass
+class Topic:
+    sent: list[bytes] = field(default_factory=list)
+
+    async def send(self, *, key: bytes, value: bytes) -> None:
+        self.sent.append(value)
+
+
+class Tenants:
+    async def leak_threshold_s(self, tenant_id: str) -> int:
+        return 1800
+
+
+def waits() -> tuple[Lane, dict[bytes, Any], Scheduler, Topic]:
+    lane, events = Lane(), Topic()
+    table: dict[bytes, Any] = {}
+    scheduler = Scheduler(cast(Any, {}), DeadlineIndex())
+    leakage_agent.register(
+        cast(Any, lane), inbound=cast(Any, None), outbound_messages=cast(Any, None),
+        lead_events=cast(Any, events), leakage=cast(Any, table), scheduler=scheduler,
+        tenants=cast(Any, Tenants()), max_batch=100,
+    )  # fmt: skip
+    return lane, table, scheduler, events
+
+
+def inbound(at: datetime) -> Record:
+    message = InboundMessage(event_id=str(uuid.uuid4()), tenant_id=TENANT, occurred_at=at,
+                             lead_id=LEAD, channel="whatsapp", contact="+919800000001",
+                             text="Price?", received_at=at)  # fmt: skip
+    return Record(message.model_dump_json().encode())
+
+
+def reply(at: datetime) -> Record:
+    sent = OutboundMessage(event_id=str(uuid.uuid4()), tenant_id=TENANT, occurred_at=at,
+                           lead_id=LEAD, command_id=str(uuid.uuid4()), attempt=1,
+                           channel="whatsapp", send_kind="freeform", status="accepted",
+                           text="Hello!", sent_by="ai")  # fmt: skip
+    return Record(sent.model_dump_json().encode())
+
+
+async def test_an_answer_read_before_its_message_starts_no_wait() -> None:
+    lane, table, scheduler, _ = waits()
+    await lane.handlers["leakage-replies"](reply(AT + timedelta(seconds=2)))
+    await lane.handlers["leakage-waits"](inbound(AT))
+    assert scheduler.pending(KEY) == {}
+    # The lead's next message, after the answer, is waited on.
+    await lane.handlers["leakage-waits"](inbound(AT + timedelta(minutes=5)))
+    assert list(scheduler.pending(KEY)) == ["leak"]
+    assert table[KEY]["waiting_since_ms"] == int((AT + timedelta(minutes=5)).timestamp() * 1000)
+
+
+async def test_a_reply_sent_before_the_message_waited_on_does_not_end_the_wait() -> None:
+    lane, _, scheduler, events = waits()
+    await lane.handlers["leakage-waits"](inbound(AT))
+    await lane.handlers["leakage-replies"](reply(AT - timedelta(minutes=1)))
+    assert list(scheduler.pending(KEY)) == ["leak"]
+    assert events.sent == []
+    await lane.handlers["leakage-replies"](reply(AT + timedelta(minutes=1)))
+    assert scheduler.pending(KEY) == {}
+    assert len(events.sent) == 1  # the first reply, once
