@@ -10,7 +10,7 @@ from typing import TypeVar
 from faust.types import EventT, TopicT
 from pydantic import BaseModel, ValidationError
 
-from schemas.events import DeadLetter
+from schemas.events import DeadLetter, InboundMessage
 from streams.batches import SourceRecord, current_handler, replayed_for
 from streams.metrics import DEAD_LETTERS
 
@@ -128,3 +128,13 @@ def decoded_record(record: SourceRecord, model: type[M]) -> M | None:
         if replayed_for(record) is not None:
             raise
         return None
+
+
+def decoded_inbound(record: SourceRecord) -> InboundMessage | None:
+    """`decoded_record` as an inbound message, and None too for one under another key than its
+    lead's: the sessions handler dead-letters those, and state written for one landed on a
+    partition that does not own the lead (a wait no session's worker fired, every tick)."""
+    message = decoded_record(record, InboundMessage)
+    if message is None or record.key != message.lead_id.encode():
+        return None
+    return message

@@ -17,14 +17,13 @@ from faust.types import TableT, TopicT
 from connectors.sdrs import SdrRouter
 from connectors.tenants import TenantSettings
 from flexoraa.db import while_unreachable
-from schemas.events import InboundMessage
 from schemas.ids import name_based_id
 from schemas.messaging import DeadlineReached, LeadEvent, OutboundCommand, OutboundMessage
 from schemas.notifications import Notification
 from streams.agents.deadlines import DeadLettered, DeadlineHandler
 from streams.agents.tokens import AiGate, Meter
 from streams.batches import BatchLane, SourceRecord
-from streams.dead_letters import decoded_record
+from streams.dead_letters import decoded_inbound, decoded_record
 from streams.metrics import LEAKS
 from streams.rules.leakage import ACTIONS, REENGAGEMENT_TEXT, leak_due_ms, temperature
 from streams.timers import Scheduler
@@ -57,7 +56,7 @@ def register(
     max_batch: int,
 ) -> None:
     async def start_waiting(record: SourceRecord) -> None:
-        message = decoded_record(record, InboundMessage)
+        message = decoded_inbound(record)
         if message is None:
             return
         key = message.lead_id.encode()

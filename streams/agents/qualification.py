@@ -23,7 +23,7 @@ from schemas.messaging import LeadEvent, OutboundCommand
 from schemas.notifications import Notification, clipped_body
 from streams.agents.tokens import AiGate, Meter
 from streams.batches import BatchLane, SourceRecord
-from streams.dead_letters import decoded_record
+from streams.dead_letters import decoded_inbound
 from streams.metrics import QUALIFICATION_STEPS
 from streams.rules.qualification import Policy, Step, advance, new_state
 
@@ -317,7 +317,7 @@ def register(
     gate.add_resumer("qualification", resume)
 
     async def interview(record: SourceRecord) -> None:
-        message = decoded_record(record, InboundMessage)
+        message = decoded_inbound(record)
         if message is not None:
             async with gate.lead_lock(message.lead_id.encode()):
                 await process(message)

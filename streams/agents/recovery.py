@@ -22,7 +22,7 @@ from schemas.messaging import DeadlineReached, LeadEvent, OutboundCommand
 from streams.agents.deadlines import DeadLettered, DeadlineHandler
 from streams.agents.tokens import AiGate, Meter
 from streams.batches import BatchLane, SourceRecord
-from streams.dead_letters import decoded_record
+from streams.dead_letters import decoded_inbound
 from streams.metrics import RECOVERY
 from streams.rules.leakage import temperature
 from streams.rules.recovery import STRATEGIES, known_zone, recovery_text, step_due_ms
@@ -195,7 +195,7 @@ class Recovery:
 
 def register(lane: BatchLane, *, inbound: TopicT, recovery: Recovery, max_batch: int) -> None:
     async def watch(record: SourceRecord) -> None:
-        message = decoded_record(record, InboundMessage)
+        message = decoded_inbound(record)
         if message is not None:
             await while_unreachable(recovery.on_customer_message, message)
 

@@ -98,3 +98,13 @@ async def test_a_reply_sent_before_the_message_waited_on_does_not_end_the_wait()
     await lane.handlers["leakage-replies"](reply(AT + timedelta(minutes=1)))
     assert scheduler.pending(KEY) == {}
     assert len(events.sent) == 1  # the first reply, once
+
+
+async def test_a_message_under_another_leads_key_starts_no_wait() -> None:
+    # Set aside by the sessions handler; a wait for it, on a partition not the lead's, was
+    # re-queued by a worker without the lead's session every tick.
+    lane, table, scheduler, _ = waits()
+    wrong = inbound(AT)
+    await lane.handlers["leakage-waits"](Record(wrong.value, key=str(uuid.uuid4()).encode()))
+    assert table == {}
+    assert scheduler.pending(KEY) == {}
