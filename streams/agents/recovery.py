@@ -92,17 +92,27 @@ class Recovery:
                 {"step": last_step, "time_to_reply_ms": occurred_ms - state["last_sent_ms"]},
                 _id(message.lead_id, "replied", state["started_ms"]), message.occurred_at,
             )  # fmt: skip
-        self._scheduler.set(key, {"silence": occurred_ms + self._silence_ms})
+        # Only later: a message read late (a Meta retry, a Gmail backfill) that occurred
+        # before the lead's latest one would have ended the silence early.
+        silence_ends = occurred_ms + self._silence_ms
+        if self._scheduler.pending(key).get("silence", 0) < silence_ends:
+            self._scheduler.set(key, {"silence": silence_ends})
 
     async def _silent(
         self, key: bytes, fired: DeadlineReached, session: dict[str, Any] | None
     ) -> None:
         if session is None or self._table.get(key) is not None:
             return
+        now_ms = int(datetime.now(UTC).timestamp() * 1000)
+        silence_ends = session.get("last_customer_message_ms", 0) + self._silence_ms
+        if silence_ends > now_ms:
+            # The lead wrote since (its message still in this handler's queue when the
+            # deadline fired): silent from its latest message on, not from an older one.
+            self._scheduler.set(key, {"silence": silence_ends})
+            return
         score = (self._qualification.get(key) or {}).get("score")
         if temperature(score, followed_up=False) != "COLD":
             return
-        now_ms = int(datetime.now(UTC).timestamp() * 1000)
         time_zone = await self._tenants.time_zone(session["tenant_id"])
         if known_zone(time_zone) is None:
             logger.warning("tenant %s: unknown time zone %r; recovery runs on UTC",

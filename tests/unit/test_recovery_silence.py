@@ -1,0 +1,50 @@
+"""Cold recovery starts after the lead's silence since its latest message, not an older one
+read late (a Meta retry, a Gmail backfill, a message still queued when the deadline fired)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+
+from schemas.events import InboundMessage
+from schemas.messaging import DeadlineReached
+from tests.unit.test_dead_lettered_deadlines import (
+    KEY,
+    LEAD,
+    TENANT,
+    FailingMeter,
+    recovery_with,
+)
+
+SILENCE_MS = 1_000  # recovery_with's
+
+
+def message(at: datetime) -> InboundMessage:
+    return InboundMessage(event_id=str(uuid.uuid4()), tenant_id=TENANT, occurred_at=at,
+                          lead_id=LEAD, channel="whatsapp", contact="+919800000002",
+                          text="Hi", received_at=at)  # fmt: skip
+
+
+def ms(at: datetime) -> int:
+    return int(at.timestamp() * 1000)
+
+
+async def test_a_message_read_late_does_not_end_the_silence_early() -> None:
+    recovery, _, scheduler = recovery_with(FailingMeter(failing_step=-1))
+    latest = datetime.now(UTC)
+    await recovery.on_customer_message(message(latest))
+    await recovery.on_customer_message(message(latest - timedelta(days=2)))
+    assert scheduler.pending(KEY)["silence"] == ms(latest) + SILENCE_MS
+
+
+async def test_silence_fired_while_the_lead_had_written_since_waits_for_the_latest() -> None:
+    recovery, table, scheduler = recovery_with(FailingMeter(failing_step=-1))
+    now_ms = int(time.time() * 1000)
+    session = {"tenant_id": TENANT, "last_customer_message_ms": now_ms}
+    fired = DeadlineReached(event_id=str(uuid.uuid4()), tenant_id=TENANT,
+                            occurred_at=datetime.now(UTC), lead_id=LEAD, deadline="silence",
+                            due_ms=now_ms - 5_000, fired_at=datetime.now(UTC))  # fmt: skip
+    await recovery.handlers()["silence"](KEY, fired, session)
+    assert table == {}  # no recovery started
+    assert scheduler.pending(KEY) == {"silence": now_ms + SILENCE_MS}
