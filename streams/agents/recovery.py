@@ -8,6 +8,7 @@ customer message during recovery ends it as a success, with the time to reply.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -25,7 +26,14 @@ from streams.batches import BatchLane, SourceRecord
 from streams.dead_letters import decoded_inbound
 from streams.metrics import RECOVERY
 from streams.rules.leakage import temperature
-from streams.rules.recovery import STRATEGIES, known_zone, recovery_text, step_due_ms
+from streams.rules.recovery import (
+    STRATEGIES,
+    known_zone,
+    local_hour_window_start,
+    next_step_due_ms,
+    recovery_text,
+    step_due_ms,
+)
 from streams.timers import Scheduler
 
 logger = logging.getLogger(__name__)
@@ -175,9 +183,9 @@ class Recovery:
         the last, the state stays until the silence ends: a late reply still counts."""
         step = state["step"] + 1
         if step < len(STRATEGIES):
-            due = step_due_ms(state["started_ms"], step, self._delays_s, state["time_zone"],
-                              self._local_hour)  # fmt: skip
-            self._scheduler.set(key, {"recovery": max(due, sent_ms)})
+            due = next_step_due_ms(state["started_ms"], step, sent_ms, self._delays_s,
+                                   state["time_zone"], self._local_hour)  # fmt: skip
+            self._scheduler.set(key, {"recovery": due})
         self._table[key] = {**state, "step": step, "last_sent_ms": sent_ms}
 
     def dead_lettered(self) -> dict[str, DeadLettered]:
@@ -200,6 +208,13 @@ class Recovery:
     ) -> None:
         # Steps never pile up (the next is scheduled only after one is sent): run the last.
         # Called by the gate with the lead's lock held.
+        state = self._table.get(key)
+        if state is not None and self._local_hour is not None:
+            now_ms = int(time.time() * 1000)
+            window = local_hour_window_start(now_ms, state["time_zone"], self._local_hour)
+            if window > now_ms:
+                self._scheduler.set(key, {"recovery": window})  # it asks the gate again then
+                return
         await self._step_held(key, DeadlineReached.model_validate(payloads[-1]), session)
 
 

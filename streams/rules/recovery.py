@@ -63,5 +63,29 @@ def step_due_ms(
     return due if hour is None else next_local_hour(due, time_zone, hour)
 
 
+def next_step_due_ms(
+    started_ms: int,
+    step: int,
+    sent_ms: int,
+    delays_s: tuple[int, ...],
+    time_zone: str,
+    hour: int | None,
+) -> int:
+    """When step `step` (after the first) is due: at its time in the sequence, but never sooner
+    after the step before it, sent at `sent_ms`, than the sequence spaces the two, and at the
+    tenant's local hour. A sequence held up (a tenant without tokens for days) goes on at its
+    own pace, instead of sending its overdue steps at once, one after the other."""
+    planned = started_ms + delays_s[step] * 1000
+    spaced = sent_ms + (delays_s[step] - delays_s[step - 1]) * 1000
+    due = max(planned, spaced)
+    return due if hour is None else next_local_hour(due, time_zone, hour)
+
+
+def local_hour_window_start(now_ms: int, time_zone: str, hour: int) -> int:
+    """The start of the `hour` now running in `time_zone`, or of the next one: a step resumed
+    outside its hour (tokens bought at 23:00) waits for it, as the sequence promises."""
+    return next_local_hour(now_ms - 3_600_000 + 1, time_zone, hour)
+
+
 def recovery_text(step: int, contact_name: str | None) -> str:
     return MESSAGES[STRATEGIES[step]].format(name=contact_name or "there")

@@ -2,7 +2,14 @@ from datetime import UTC, datetime
 
 import pytest
 
-from streams.rules.recovery import STRATEGIES, next_local_hour, recovery_text, step_due_ms
+from streams.rules.recovery import (
+    STRATEGIES,
+    local_hour_window_start,
+    next_local_hour,
+    next_step_due_ms,
+    recovery_text,
+    step_due_ms,
+)
 
 
 def ms(text: str) -> int:
@@ -51,3 +58,26 @@ def test_the_seed_order_and_texts() -> None:
     assert STRATEGIES == ("re_engagement", "curiosity", "educational", "soft_cta")
     assert recovery_text(0, "Asha").startswith("Hi Asha,")
     assert recovery_text(3, None).startswith("Hi there,")
+
+
+HOUR_MS = 3_600_000
+DAY_MS = 24 * HOUR_MS
+
+
+def test_a_sequence_held_up_goes_on_at_its_own_pace() -> None:
+    # Step 0 was due at once but a tenant without tokens sent it five days late: steps 1 and 2,
+    # long overdue, went out right after it, three messages in a minute.
+    delays = (0, 3_600, 7_200)
+    sent = 5 * DAY_MS
+    assert next_step_due_ms(0, 1, sent, delays, "UTC", None) == sent + HOUR_MS
+    assert next_step_due_ms(0, 2, sent + HOUR_MS, delays, "UTC", None) == sent + 2 * HOUR_MS
+    # On time, the sequence's own times.
+    assert next_step_due_ms(0, 1, 0, delays, "UTC", None) == HOUR_MS
+
+
+def test_a_step_resumed_outside_its_local_hour_waits_for_it() -> None:
+    ten = int(datetime(2026, 12, 4, 10, 0, tzinfo=UTC).timestamp() * 1000)
+    assert local_hour_window_start(ten, "UTC", 10) == ten
+    assert local_hour_window_start(ten + 59 * 60_000, "UTC", 10) == ten  # still its hour
+    assert local_hour_window_start(ten + HOUR_MS, "UTC", 10) == ten + DAY_MS
+    assert local_hour_window_start(ten - 1, "UTC", 10) == ten

@@ -48,3 +48,19 @@ async def test_silence_fired_while_the_lead_had_written_since_waits_for_the_late
     await recovery.handlers()["silence"](KEY, fired, session)
     assert table == {}  # no recovery started
     assert scheduler.pending(KEY) == {"silence": now_ms + SILENCE_MS}
+
+
+async def test_a_step_resumed_after_a_top_up_outside_its_local_hour_waits_for_it() -> None:
+    recovery, table, scheduler = recovery_with(FailingMeter(failing_step=-1))
+    now_ms = int(time.time() * 1000)
+    hour = (datetime.now(UTC) + timedelta(hours=3)).hour  # not the hour running now
+    recovery._local_hour = hour
+    table[KEY] = {"step": 0, "started_ms": now_ms, "last_sent_ms": now_ms, "time_zone": "UTC"}
+    step = DeadlineReached(event_id=str(uuid.uuid4()), tenant_id=TENANT,
+                           occurred_at=datetime.now(UTC), lead_id=LEAD, deadline="recovery",
+                           due_ms=now_ms, fired_at=datetime.now(UTC))  # fmt: skip
+    await recovery._resume(KEY, [step.model_dump(mode="json")], {"tenant_id": TENANT})
+    assert table[KEY]["step"] == 0  # not sent
+    due = datetime.fromtimestamp(scheduler.pending(KEY)["recovery"] / 1000, tz=UTC)
+    assert (due.hour, due.minute) == (hour, 0)
+    assert due > datetime.now(UTC)
