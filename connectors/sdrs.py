@@ -60,11 +60,14 @@ class SdrRouter:
             )
             return Assignment(str(chosen["sdr_id"]), chosen["name"], chosen["email"], True)
 
-    async def reassign(self, tenant_id: str, lead_id: str, reason: str) -> Reassignment | None:
-        """Move the lead to another eligible SDR (round robin); None if there is none."""
+    async def reassign(
+        self, tenant_id: str, lead_id: str, reason: str, cause: str
+    ) -> Reassignment | None:
+        """Move the lead to another eligible SDR (round robin); None if there is none.
+        Idempotent per `cause` (the id of what moved it): the same cause repeats its move."""
         pool = await self._pool_factory()
         async with pool.acquire() as conn, conn.transaction():
-            return await _reassign(conn, tenant_id, lead_id, reason)
+            return await _reassign(conn, tenant_id, lead_id, reason, cause)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,13 +77,31 @@ class Reassignment:
 
 
 async def _reassign(
-    conn: PoolConnectionProxy[asyncpg.Record], tenant_id: str, lead_id: str, reason: str
+    conn: PoolConnectionProxy[asyncpg.Record],
+    tenant_id: str,
+    lead_id: str,
+    reason: str,
+    cause: str,
 ) -> Reassignment | None:
     current = await conn.fetchrow(
-        """SELECT s.sdr_id, s.name, s.email FROM sdr_assignments a JOIN sdrs s USING (sdr_id)
+        """SELECT s.sdr_id, s.name, s.email, a.cause, p.sdr_id AS previous_id,
+                  p.name AS previous_name, p.email AS previous_email
+           FROM sdr_assignments a JOIN sdrs s USING (sdr_id)
+           LEFT JOIN sdrs p ON p.sdr_id = a.previous_sdr_id
            WHERE a.lead_id = $1 FOR UPDATE OF a""",
         lead_id,
     )
+    if current is not None and current["cause"] == cause:
+        # Done before: the worker stopped after the move and before it was marked fired.
+        before = (
+            Assignment(str(current["previous_id"]), current["previous_name"],
+                       current["previous_email"], False)
+            if current["previous_id"] is not None
+            else None
+        )  # fmt: skip
+        return Reassignment(
+            before, Assignment(str(current["sdr_id"]), current["name"], current["email"], False)
+        )
     chosen = await conn.fetchrow(
         """SELECT sdr_id, name, email FROM sdrs
            WHERE tenant_id = $1 AND active AND open_leads < max_open_leads
@@ -93,14 +114,18 @@ async def _reassign(
     if chosen is None:
         return None
     await conn.execute(
-        """INSERT INTO sdr_assignments (lead_id, tenant_id, sdr_id, reason)
-           VALUES ($1, $2, $3, $4)
+        """INSERT INTO sdr_assignments (lead_id, tenant_id, sdr_id, reason, cause,
+                                        previous_sdr_id)
+           VALUES ($1, $2, $3, $4, $5, $6)
            ON CONFLICT (lead_id) DO UPDATE SET sdr_id = EXCLUDED.sdr_id,
-               reason = EXCLUDED.reason, assigned_at = now()""",
+               reason = EXCLUDED.reason, assigned_at = now(), cause = EXCLUDED.cause,
+               previous_sdr_id = EXCLUDED.previous_sdr_id""",
         lead_id,
         tenant_id,
         chosen["sdr_id"],
         reason,
+        cause,
+        current["sdr_id"] if current else None,
     )
     if current is not None:
         await conn.execute(

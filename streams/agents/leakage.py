@@ -188,7 +188,7 @@ class LeakActions:
                 feature="reengagement",
             )
         elif action == "reassign":
-            moved = await self._router.reassign(tenant_id, lead_id, "leak")
+            moved = await self._router.reassign(tenant_id, lead_id, "leak", fired.event_id)
             if moved is None:
                 details["reassigned"] = False
             else:

@@ -223,6 +223,35 @@ async def test_round_robin_is_fair_and_respects_limits(
     assert await router.assign(nobody.tenant_id, str(uuid.uuid4()), "qualified") is None
 
 
+async def test_a_reassignment_read_again_repeats_its_move(
+    router: SdrRouter, make_tenant: MakeTenant, db: asyncpg.Connection
+) -> None:
+    # A worker killed after the move and before the leak was marked fired fires it again:
+    # the lead went on to a third SDR, and the log showed one move.
+    tenant = await make_tenant()
+    for name in ("a", "b", "c"):
+        await add_sdr(db, tenant.tenant_id, name)
+    lead = str(uuid.uuid4())
+    first = await router.assign(tenant.tenant_id, lead, "qualified")
+    assert first is not None
+    moved = await router.reassign(tenant.tenant_id, lead, "leak", "leak-deadline-1")
+    again = await router.reassign(tenant.tenant_id, lead, "leak", "leak-deadline-1")
+    assert moved is not None
+    assert again is not None
+    assert moved.from_sdr is not None
+    assert again.from_sdr is not None
+    assert (again.from_sdr.sdr_id, again.to_sdr.sdr_id) == (first.sdr_id, moved.to_sdr.sdr_id)
+    assert not again.to_sdr.newly_assigned
+    rows = await db.fetch("SELECT sdr_id::text AS sdr, open_leads FROM sdrs WHERE tenant_id = $1",
+                          tenant.tenant_id)  # fmt: skip
+    open_leads = {row["sdr"]: row["open_leads"] for row in rows}
+    assert open_leads[moved.to_sdr.sdr_id] == 1
+    assert open_leads[first.sdr_id] == 0
+    later = await router.reassign(tenant.tenant_id, lead, "leak", "leak-deadline-2")
+    assert later is not None
+    assert later.to_sdr.sdr_id != moved.to_sdr.sdr_id  # another leak moves it on
+
+
 # --------------------------------------------------------------------------- through a worker
 
 
