@@ -114,7 +114,10 @@ class Interviewer:
         await self._lead_event(message, "qualification_updated", updated, extraction.source, step)
         if step.escalate:
             await self._escalated(message, updated, assignment)
-        if assignment is not None and assignment.newly_assigned:
+        # Also when the router had assigned the lead already but the state does not say so:
+        # this message, read again after a crash between the assignment and the state's write,
+        # sends the assignment's effects it never sent (their ids repeat: sent once).
+        if assignment is not None and (assignment.newly_assigned or current["sdr_id"] is None):
             await self._assigned(message, updated, assignment)
         if step.question_slot is not None:
             await self._ask(message, question_for(step.question_slot, extraction.question))
