@@ -32,6 +32,8 @@ class FakeMailbox:
     refresh_token: str = field(default_factory=lambda: "1//r-" + secrets.token_urlsafe(12))
     revoked: bool = False
     sent: list[dict[str, Any]] = field(default_factory=list)
+    # Deleted messages: still in the history (it records what happened), gone from messages.get.
+    deleted: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 MAILBOX = web.RequestKey("mailbox", FakeMailbox)
@@ -87,6 +89,12 @@ class GmailFake:
         }  # fmt: skip
         mailbox.history.append((mailbox.history_id, message_id))
         return message_id
+
+    def delete(self, email: str, message_id: str) -> None:
+        """The message deleted for good (messages.get answers 404; history.list still says it
+        was added, as Gmail's does between the two calls)."""
+        mailbox = self.mailboxes[email]
+        mailbox.deleted[message_id] = mailbox.messages.pop(message_id)
 
     # ----------------------------------------------------------------- HTTP
     @staticmethod
@@ -167,18 +175,19 @@ class GmailFake:
         start = int(request.query["startHistoryId"])
         if start < mailbox.oldest_history_id:
             return self._error(404, "Requested entity was not found.", "notFound")
+        known = {**mailbox.deleted, **mailbox.messages}
         records = [(h, m) for h, m in mailbox.history if h > start]
         if "INBOX" in request.query.getall("labelId", []):
-            records = [(h, m) for h, m in records if "INBOX" in mailbox.messages[m]["labelIds"]]
+            records = [(h, m) for h, m in records if "INBOX" in known[m]["labelIds"]]
         offset = int(request.query.get("pageToken", "0"))
         page = records[offset : offset + self.page_size]
         body: dict[str, Any] = {"historyId": str(mailbox.history_id)}
         if page:
             body["history"] = [
-                {"id": str(h), "messages": [{"id": m, "threadId": mailbox.messages[m]["threadId"]}],
+                {"id": str(h), "messages": [{"id": m, "threadId": known[m]["threadId"]}],
                  "messagesAdded": [{"message": {
-                     "id": m, "threadId": mailbox.messages[m]["threadId"],
-                     "labelIds": mailbox.messages[m]["labelIds"]}}]}
+                     "id": m, "threadId": known[m]["threadId"],
+                     "labelIds": known[m]["labelIds"]}}]}
                 for h, m in page
             ]  # fmt: skip
         if offset + self.page_size < len(records):

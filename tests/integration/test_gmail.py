@@ -307,8 +307,8 @@ async def test_a_crash_before_the_cursor_moves_re_polls_without_ingesting_twice(
     email, integration_id = await connected(gmail, store, tenant.tenant_id)
     ids = [gmail.deliver(email, mail("ed@example.com", f"s{i}", f"b{i}")) for i in range(3)]
 
-    class Crashed(Exception):
-        pass
+    class Crashed(BaseException):
+        """The process killed: no error a poller handles."""
 
     crashing = GmailStore.__new__(GmailStore)
     crashing.__dict__.update(store.__dict__)
@@ -346,7 +346,7 @@ async def test_a_deleted_message_hostile_headers_or_a_parser_failure_do_not_hold
     hostile = gmail.deliver(email, mail("cy@example.com", "Quote", "20 seats", message_id="<"))
     breaking = gmail.deliver(email, mail("di@example.com", "Hi", "the parser fails on me"))
     good = gmail.deliver(email, mail("ed@example.com", "Hello", "after them"))
-    del gmail.mailboxes[email].messages[deleted]  # between history.list and messages.get
+    gmail.delete(email, deleted)  # between history.list and messages.get
 
     def failing_on_one(raw: bytes) -> ParsedMail:
         if b"the parser fails on me" in raw:
