@@ -27,6 +27,10 @@ class PaymentProviderError(RuntimeError):
     """Razorpay refused or could not be reached."""
 
 
+# The SDK's requests wait for ever by default: a hung Razorpay held an API thread for good.
+RAZORPAY_TIMEOUT_S = 10.0
+
+
 def new_receipt() -> str:
     # Razorpay limits receipts to 40 characters; ours are unique per order.
     return f"tok_{uuid.uuid4().hex}"
@@ -74,7 +78,9 @@ class RazorpayGateway:
             "notes": {"tenant_id": tenant_id, "pack": pack.name, "tokens": str(pack.tokens)},
         }
         try:
-            order: dict[str, Any] = await asyncio.to_thread(client.order.create, data)
+            order: dict[str, Any] = await asyncio.to_thread(
+                client.order.create, data, timeout=RAZORPAY_TIMEOUT_S
+            )
         except (BadRequestError, GatewayError, ServerError, RequestException) as exc:
             raise PaymentProviderError(f"Razorpay did not create the order: {exc}") from exc
         return order

@@ -64,6 +64,8 @@ class PaidOrder:
     tenant_id: str
     tokens: int
     newly_credited: bool
+    # Paid already by another payment: the customer was charged twice (refund one).
+    paid_twice: bool = False
 
 
 async def credit_paid_order(conn: Connection, order_id: str, payment_id: str) -> PaidOrder | None:
@@ -88,11 +90,23 @@ async def credit_paid_order(conn: Connection, order_id: str, payment_id: str) ->
                            details={"order_id": order_id, "tokens": row["tokens"]})  # fmt: skip
         return PaidOrder(order_id, row["tenant_id"], row["tokens"], newly_credited=True)
     existing = await conn.fetchrow(
-        "SELECT tenant_id::text, tokens FROM payment_orders WHERE order_id = $1", order_id
+        "SELECT tenant_id::text, tokens, payment_id FROM payment_orders WHERE order_id = $1",
+        order_id,
     )
     if existing is None:
         return None
-    return PaidOrder(order_id, existing["tenant_id"], existing["tokens"], newly_credited=False)
+    paid_twice = existing["payment_id"] not in (None, payment_id)
+    if paid_twice:
+        # Credited once (the order's tokens), but the money came twice: said loudly, and in
+        # the audit log, for a refund; Razorpay does not refuse a second payment of an order.
+        logger.error("order %s was paid again by %s (credited to %s): refund one",
+                     order_id, payment_id, existing["payment_id"])  # fmt: skip
+        await audit.record(conn, tenant_id=existing["tenant_id"], actor="razorpay",
+                           action="payment.duplicate", target=payment_id,
+                           details={"order_id": order_id,
+                                    "credited_payment": existing["payment_id"]})  # fmt: skip
+    return PaidOrder(order_id, existing["tenant_id"], existing["tokens"], newly_credited=False,
+                     paid_twice=paid_twice)  # fmt: skip
 
 
 def add_month(moment: datetime) -> datetime:

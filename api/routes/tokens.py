@@ -26,7 +26,7 @@ from connectors.razorpay import (
     new_receipt,
     webhook_signature_valid,
 )
-from flexoraa.credits import Connection, credit_paid_order
+from flexoraa.credits import Connection, PaidOrder, credit_paid_order
 from schemas.latency import NO_TENANT
 
 logger = logging.getLogger(__name__)
@@ -118,7 +118,8 @@ class VerifyRequest(BaseModel):
 
 
 class CreditView(BaseModel):
-    status: Literal["credited", "already_credited"]
+    # paid_twice: the order was paid by another payment before; this one is to be refunded.
+    status: Literal["credited", "already_credited", "paid_twice"]
     order_id: str
     tokens: int
 
@@ -149,7 +150,7 @@ async def verify(body: VerifyRequest, principal: PrincipalDep, services: Service
         paid = await credit_paid_order(conn, stored_order_id, body.razorpay_payment_id)
     assert paid is not None  # the order exists: we just read it
     return CreditView(
-        status="credited" if paid.newly_credited else "already_credited",
+        status=_outcome(paid),
         order_id=paid.order_id,
         tokens=paid.tokens,
     )
@@ -176,7 +177,10 @@ async def razorpay_webhook(request: Request, services: ServicesDep) -> JSONRespo
         event_type = str(event["event"])
         entities = event.get("payload") or {}
     except (ValueError, KeyError, TypeError) as exc:
-        raise ApiError(400, f"unparseable webhook payload: {exc}") from exc
+        # Signed, so Razorpay's: an error answer would be retried for a day and then the
+        # webhook disabled, every later payment with it. Acknowledged and said.
+        logger.error("signed Razorpay webhook not understood (%r): %.500r", exc, body)
+        return JSONResponse({"status": "unparseable"})
     # Razorpay sends the id in a header; a body hash stands in if a proxy dropped it.
     event_id = request.headers.get(EVENT_ID_HEADER) or hashlib.sha256(body).hexdigest()
     payment = _entity(entities, "payment")
@@ -243,6 +247,12 @@ async def _apply(
         )
         return "amount_mismatch"
     paid = await credit_paid_order(conn, order_id, payment_id)
+    return _outcome(paid)
+
+
+def _outcome(paid: PaidOrder | None) -> Literal["credited", "already_credited", "paid_twice"]:
+    if paid is not None and paid.paid_twice:
+        return "paid_twice"
     return "credited" if paid is not None and paid.newly_credited else "already_credited"
 
 

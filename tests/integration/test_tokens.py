@@ -209,11 +209,26 @@ async def test_a_webhook_replayed_ten_times_credits_once(
         # order.paid for the same payment (another event id) finds it credited.
         paid = await deliver_webhook(api, "order.paid", order, payment_id, "evt_order_paid")
         assert paid.json()["status"] == "already_credited"
+        # Another payment of the paid order: credited once, the double charge said for a refund.
+        twice = await deliver_webhook(api, "payment.captured", order, "pay_second0000001")
+        assert twice.json()["status"] == "paid_twice"
         assert len(await purchase_credits(db, tenant)) == 1
+        audited = await db.fetchval(
+            "SELECT details->>'credited_payment' FROM audit_log WHERE tenant_id = $1"
+            " AND action = 'payment.duplicate' AND target = 'pay_second0000001'",
+            tenant.tenant_id,
+        )
+        assert audited == payment_id
+        # Signed but not understood: an error answer would be retried for a day, then the
+        # webhook disabled with every later payment.
+        garbled = b"not json"
+        odd = await api.post("/webhooks/razorpay", content=garbled, headers={
+            "X-Razorpay-Signature": webhook_signature(garbled, WEBHOOK_SECRET)})  # fmt: skip
+        assert (odd.status_code, odd.json()["status"]) == (200, "unparseable")
         recorded = await db.fetchval(
             "SELECT count(*) FROM payment_events WHERE order_id = $1", order["order_id"]
         )
-        assert recorded == 2
+        assert recorded == 3
 
         failing = await create_order(api, tenant, "starter")
         failed = await deliver_webhook(api, "payment.failed", failing, "pay_failed0001")
