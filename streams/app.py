@@ -355,6 +355,7 @@ def create_worker_app(settings: Settings) -> faust.App:
             local_hour=settings.recovery_local_hour,
             gate=gate,
             meter=meter,
+            template_configured=settings.whatsapp_template_name is not None,
         )
         recovery_agent.register(batch_lane, inbound=inbound, recovery=recovery, max_batch=lane_max)
         deadline_handlers |= recovery.handlers()

@@ -34,6 +34,8 @@ from streams.rules.recovery import (
     recovery_text,
     step_due_ms,
 )
+from streams.rules.sending import reachable
+from streams.rules.window import is_window_open
 from streams.timers import Scheduler
 
 logger = logging.getLogger(__name__)
@@ -59,7 +61,10 @@ class Recovery:
         local_hour: int | None,
         gate: AiGate,
         meter: Meter,
+        template_configured: bool = False,
     ) -> None:
+        # Whether a WhatsApp lead can be written to outside its 24-hour window.
+        self._template_configured = template_configured
         self._gate = gate
         self._meter = meter
         gate.add_resumer("recovery", self._resume, on_dropped=self._skip_failed_step)
@@ -147,6 +152,16 @@ class Recovery:
         step = state["step"]
         lead_id, tenant_id = fired.lead_id, session["tenant_id"]
         if step >= len(STRATEGIES):
+            return
+        now_ms = int(time.time() * 1000)
+        window_open = is_window_open(session.get("last_customer_message_ms"), now_ms)
+        if not reachable(session.get("channel", ""), window_open, self._template_configured):
+            # Nothing would go out (an Instagram or Messenger window closed, WhatsApp without
+            # a template, a channel without a sender): the sequence ends here, not charged for
+            # messages the outbound agent can only report failed.
+            logger.info("recovery of lead %s ended at step %d: %s unreachable", lead_id, step,
+                        session.get("channel"))  # fmt: skip
+            del self._table[key]
             return
         if not await self._gate.allows(tenant_id):
             # No tokens: the step waits for the next top-up instead of being lost.

@@ -28,6 +28,13 @@ def plan_send(channel: str, window_open: bool, template_configured: bool) -> Sen
     return SendPlan(None, f"no sender for the {channel} channel")
 
 
+def reachable(channel: str, window_open: bool, template_configured: bool) -> bool:
+    """Whether a message to a lead on `channel` can go out now (e-mail has no window)."""
+    return (
+        channel == "email" or plan_send(channel, window_open, template_configured).kind is not None
+    )
+
+
 def template_parameters(
     spec: str, *, contact_name: str | None, text: str, contact: str
 ) -> list[str]:

@@ -27,7 +27,12 @@ from streams.timers import DeadlineIndex, Scheduler
 LEAD = str(uuid.uuid4())
 KEY = LEAD.encode()
 TENANT = str(uuid.uuid4())
-SESSION = {"tenant_id": TENANT, "contact_name": "Asha"}
+SESSION = {
+    "tenant_id": TENANT,
+    "contact_name": "Asha",
+    "channel": "email",
+    "last_customer_message_ms": 0,
+}
 COMMANDS = "acme.outbound-commands"
 
 

@@ -64,3 +64,26 @@ async def test_a_step_resumed_after_a_top_up_outside_its_local_hour_waits_for_it
     due = datetime.fromtimestamp(scheduler.pending(KEY)["recovery"] / 1000, tz=UTC)
     assert (due.hour, due.minute) == (hour, 0)
     assert due > datetime.now(UTC)
+
+
+async def test_a_lead_no_message_can_reach_ends_its_sequence_uncharged() -> None:
+    # Silence (a day by default) outlasts Instagram's and Messenger's 24-hour window: every
+    # step was charged for a message the outbound agent could only report failed.
+    meter = FailingMeter(failing_step=-1)
+    recovery, table, scheduler = recovery_with(meter)
+    now_ms = int(time.time() * 1000)
+    table[KEY] = {"step": 0, "started_ms": now_ms, "last_sent_ms": now_ms, "time_zone": "UTC"}
+    scheduler.set(KEY, {"recovery": now_ms})
+    session = {"tenant_id": TENANT, "channel": "instagram",
+               "last_customer_message_ms": now_ms - 2 * 86_400_000}  # fmt: skip
+    fired = DeadlineReached(event_id=str(uuid.uuid4()), tenant_id=TENANT,
+                            occurred_at=datetime.now(UTC), lead_id=LEAD, deadline="recovery",
+                            due_ms=now_ms, fired_at=datetime.now(UTC))  # fmt: skip
+    await recovery.handlers()["recovery"](KEY, fired, session)
+    assert meter.steps == 0
+    assert table == {}
+    # E-mail has no window: the same step goes out.
+    table[KEY] = {"step": 0, "started_ms": now_ms, "last_sent_ms": now_ms, "time_zone": "UTC"}
+    await recovery.handlers()["recovery"](KEY, fired, {**session, "channel": "email"})
+    assert meter.steps == 1
+    assert table[KEY]["step"] == 1

@@ -4,7 +4,7 @@ from typing import Any, cast
 import pytest
 
 from streams.rules.delivery import supersedes
-from streams.rules.sending import plan_send, template_parameters
+from streams.rules.sending import plan_send, reachable, template_parameters
 from streams.rules.window import WINDOW_MS, window_deadlines
 from streams.timers import DeadlineIndex, Scheduler
 
@@ -104,3 +104,20 @@ def test_moved_and_cancelled_deadlines_do_not_pile_up_in_the_index() -> None:
     assert index.pop_due(10**12) == [(b"lead", "silence", 19_999),
                                      (b"lead", "window_expired", 86_419_999)]  # fmt: skip
     assert index.heap_size == 0
+
+
+@pytest.mark.parametrize(
+    ("channel", "window_open", "template", "expected"),
+    [
+        ("email", False, False, True),
+        ("whatsapp", False, True, True),
+        ("whatsapp", False, False, False),
+        ("instagram", False, True, False),
+        ("facebook", True, False, True),
+        ("sms", True, True, False),
+    ],
+)
+def test_which_leads_a_message_can_reach(
+    channel: str, window_open: bool, template: bool, expected: bool
+) -> None:
+    assert reachable(channel, window_open, template) is expected
