@@ -98,13 +98,19 @@ class Recovery:
         if state is not None and occurred_ms >= state["started_ms"]:
             del self._table[key]
             self._scheduler.cancel(key, "recovery")
-            last_step = max(0, state["step"] - 1)
+            if state["step"] == 0:  # nothing sent yet: no reply to a recovery message
+                self._move_silence(key, occurred_ms)
+                return
+            last_step = state["step"] - 1
             RECOVERY.labels(STRATEGIES[last_step], "replied").inc()
             await self._event(
                 message.lead_id, message.tenant_id, "recovery_replied",
                 {"step": last_step, "time_to_reply_ms": occurred_ms - state["last_sent_ms"]},
                 _id(message.lead_id, "replied", state["started_ms"]), message.occurred_at,
             )  # fmt: skip
+        self._move_silence(key, occurred_ms)
+
+    def _move_silence(self, key: bytes, occurred_ms: int) -> None:
         # Only later: a message read late (a Meta retry, a Gmail backfill) that occurred
         # before the lead's latest one would have ended the silence early.
         silence_ends = occurred_ms + self._silence_ms
@@ -152,6 +158,9 @@ class Recovery:
         step = state["step"]
         lead_id, tenant_id = fired.lead_id, session["tenant_id"]
         if step >= len(STRATEGIES):
+            # A silence after the last step without a reply: the sequence is over, and a
+            # reply months later is no recovery's success.
+            del self._table[key]
             return
         now_ms = int(time.time() * 1000)
         window_open = is_window_open(session.get("last_customer_message_ms"), now_ms)
@@ -194,13 +203,15 @@ class Recovery:
         self._advance(key, state, int(now.timestamp() * 1000))
 
     def _advance(self, key: bytes, state: dict[str, Any], sent_ms: int) -> None:
-        """On to the step after `state`'s, due at its time (at once if that has passed). After
-        the last, the state stays until the silence ends: a late reply still counts."""
+        """On to the step after `state`'s, due at its time. After the last, the sequence waits
+        one silence for a reply, and ends."""
         step = state["step"] + 1
         if step < len(STRATEGIES):
             due = next_step_due_ms(state["started_ms"], step, sent_ms, self._delays_s,
                                    state["time_zone"], self._local_hour)  # fmt: skip
-            self._scheduler.set(key, {"recovery": due})
+        else:
+            due = sent_ms + self._silence_ms
+        self._scheduler.set(key, {"recovery": due})
         self._table[key] = {**state, "step": step, "last_sent_ms": sent_ms}
 
     def dead_lettered(self) -> dict[str, DeadLettered]:

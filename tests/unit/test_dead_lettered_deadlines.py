@@ -215,6 +215,17 @@ async def fire_pending_recovery(acting: DeadlineActions, scheduler: Scheduler) -
     )
 
 
+async def ends_after_a_silence(
+    acting: DeadlineActions, scheduler: Scheduler, table: dict[bytes, Any]
+) -> None:
+    """After its last step the sequence waits one silence for a reply, then ends."""
+    assert table[KEY]["step"] == len(STRATEGIES)
+    assert scheduler.pending(KEY)["recovery"] == table[KEY]["last_sent_ms"] + 1_000
+    await fire_pending_recovery(acting, scheduler)
+    assert KEY not in table
+    assert "recovery" not in scheduler.pending(KEY)
+
+
 async def test_a_recovery_step_that_fails_is_skipped_and_the_sequence_goes_on() -> None:
     recovery, table, scheduler = recovery_with(FailingMeter(failing_step=1))
     acting, dead_letters = actions(scheduler, recovery.handlers(), recovery.dead_lettered())
@@ -230,8 +241,7 @@ async def test_a_recovery_step_that_fails_is_skipped_and_the_sequence_goes_on() 
     assert scheduler.pending(KEY)["recovery"] == started_ms + 7_200_000
     await fire_pending_recovery(acting, scheduler)
     await fire_pending_recovery(acting, scheduler)
-    assert table[KEY]["step"] == len(STRATEGIES)
-    assert "recovery" not in scheduler.pending(KEY)
+    await ends_after_a_silence(acting, scheduler, table)
     assert len(dead_letters.sent) == 1
 
 
@@ -243,8 +253,7 @@ async def test_a_failing_last_step_ends_the_sequence() -> None:
     for _ in STRATEGIES:
         await fire_pending_recovery(acting, scheduler)
     assert len(dead_letters.sent) == 1
-    assert table[KEY]["step"] == len(STRATEGIES)
-    assert "recovery" not in scheduler.pending(KEY)
+    await ends_after_a_silence(acting, scheduler, table)
 
 
 def gate_with(deferred: dict[bytes, Any]) -> tuple[AiGate, Scheduler]:

@@ -87,3 +87,14 @@ async def test_a_lead_no_message_can_reach_ends_its_sequence_uncharged() -> None
     await recovery.handlers()["recovery"](KEY, fired, {**session, "channel": "email"})
     assert meter.steps == 1
     assert table[KEY]["step"] == 1
+
+
+async def test_a_message_before_any_step_went_out_is_no_recovery_success() -> None:
+    recovery, table, scheduler = recovery_with(FailingMeter(failing_step=-1))
+    now = datetime.now(UTC)
+    table[KEY] = {"step": 0, "started_ms": ms(now), "last_sent_ms": ms(now), "time_zone": "UTC"}
+    scheduler.set(KEY, {"recovery": ms(now) + 60_000})
+    await recovery.on_customer_message(message(now + timedelta(seconds=1)))
+    assert table == {}
+    assert scheduler.pending(KEY) == {"silence": ms(now + timedelta(seconds=1)) + SILENCE_MS}
+    assert recovery._lead_events.sent == []  # type: ignore[attr-defined]
