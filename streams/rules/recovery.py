@@ -3,7 +3,7 @@
 A lead whose temperature is COLD and who has been silent for 24 hours enters recovery. Step
 k is sent `delays_s[k]` seconds after recovery starts, moved to the next `local_hour` in the
 tenant's time zone (people answer in their morning, not at 03:00). A reply ends it (success);
-so does the last step.
+so does a silence after the last step.
 """
 
 from __future__ import annotations
