@@ -195,6 +195,10 @@ class LeakActions:
                 previous = moved.from_sdr.sdr_id if moved.from_sdr else None
                 details.update(reassigned=True, to_sdr_id=moved.to_sdr.sdr_id, from_sdr_id=previous)
                 sdr_id = moved.to_sdr.sdr_id
+                # The interview's SDR too: the lead's later leaks and interview events named
+                # the SDR it was taken from.
+                if (interview := self._qualification.get(key)) is not None:
+                    self._qualification[key] = {**interview, "sdr_id": sdr_id}
                 await self._send(self._lead_events, lead_id, LeadEvent(
                     event_id=_id(lead_id, "reassigned", fired.due_ms), tenant_id=tenant_id,
                     occurred_at=now, lead_id=lead_id, type="reassigned",

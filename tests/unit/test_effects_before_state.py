@@ -119,3 +119,26 @@ async def test_a_scheduled_command_leaves_the_table_only_after_it_was_sent() -> 
     assert list(held[KEY]) == [other.event_id]
     # Back to the outbound agent as the same command, due now.
     assert sent == [command.model_copy(update={"send_at": None})]
+
+
+async def test_a_lead_reassigned_for_a_leak_is_the_new_sdrs_in_its_interview_too() -> None:
+    # Its later leak alerts went to the SDR it was taken from.
+    from connectors.sdrs import Assignment, Reassignment
+
+    class Router:
+        async def reassign(self, *args: Any) -> Reassignment:
+            return Reassignment(Assignment("sdr-a", "A", "a@acme.test", False),
+                                Assignment("sdr-b", "B", "b@acme.test", True))  # fmt: skip
+
+    journal: list[str] = []
+    leakage = JournalTable("leakage", journal)
+    dict.__setitem__(leakage, KEY, {"waiting_since_ms": 1_000, "due_ms": 6_000, "fired": False})
+    interview = {KEY: {"score": 35.0, "sdr_id": "sdr-a", "turn": 3}}  # WARM: reassigned
+    topic = JournalTopic(journal)
+    actions = LeakActions(
+        leakage=cast(Any, leakage), qualification=cast(Any, interview), router=cast(Any, Router()),
+        lead_events=cast(Any, topic), outbound_commands=cast(Any, topic),
+        notifications=cast(Any, topic), gate=cast(Any, PausedGate()), meter=cast(Any, None),
+    )  # fmt: skip
+    await actions.on_leak(KEY, fired("leak", 6_000), SESSION)
+    assert interview[KEY] == {"score": 35.0, "sdr_id": "sdr-b", "turn": 3}
