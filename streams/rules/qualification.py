@@ -9,7 +9,7 @@ every slot is filled or six questions have been asked.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 SLOTS = ("need", "budget", "timeline", "authority", "objections", "next_step")
 MAX_QUESTIONS = 6
@@ -40,6 +40,8 @@ class QualificationState(TypedDict):
     first_message_ms: int
     updated_ms: int
     recent_event_ids: list[str]
+    # Questions asked per slot (absent in states written before it was kept).
+    slot_asks: NotRequired[dict[str, int]]
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ def new_state(lead_id: str, tenant_id: str, now_ms: int) -> QualificationState:
         first_message_ms=now_ms,
         updated_ms=now_ms,
         recent_event_ids=[],
+        slot_asks={},
     )
 
 
@@ -151,13 +154,19 @@ def advance(
     facts = merge_facts(state["facts"], found)
     missing = [slot for slot in SLOTS if slot not in facts]
     completed = not missing or state["questions_asked"] >= MAX_QUESTIONS
-    question = None if completed else missing[0]
+    asks = dict(state.get("slot_asks", {}))
+    # The missing slot asked least, then in interview order: a slot the lead does not answer
+    # is asked again only once every other was asked (re-asking the budget used up the
+    # questions, and the interview ended without the objections or the next step).
+    question = None if completed else min(missing, key=lambda s: (asks.get(s, 0), SLOTS.index(s)))
+    if question is not None:
+        asks[question] = asks.get(question, 0) + 1
     escalate = not state["escalated"] and is_high_value(facts, policy)
     updated = QualificationState(
         lead_id=state["lead_id"],
         tenant_id=state["tenant_id"],
         status="completed" if completed else "in_progress",
-        turn=MAX_QUESTIONS if completed else SLOTS.index(missing[0]) + 1,
+        turn=MAX_QUESTIONS if question is None else SLOTS.index(question) + 1,
         asked=question,
         questions_asked=state["questions_asked"] + (1 if question else 0),
         facts=facts,
@@ -167,5 +176,6 @@ def advance(
         first_message_ms=state["first_message_ms"],
         updated_ms=now_ms,
         recent_event_ids=[*state["recent_event_ids"], event_id][-RECENT_IDS_KEPT:],
+        slot_asks=asks,
     )
     return Step(updated, question, escalate, completed)

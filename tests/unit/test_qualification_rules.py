@@ -135,3 +135,24 @@ def test_circuit_breaker_opens_and_cools_down() -> None:
     assert breaker.allows(31)
     breaker.record_success()
     assert breaker.allows(32)
+
+
+def test_a_slot_left_unanswered_is_asked_again_only_after_every_other() -> None:
+    # Re-asking the budget used up the six questions: the interview ended without ever asking
+    # about objections or the next step.
+    state: Any = new_state("l", "t", 0)
+    asked = []
+    for n, found in enumerate([{"need": "a CRM"}, {}, {}, {}, {}, {}, {}], start=1):
+        result = advance(state, found, event_id=f"e{n}", now_ms=n, policy=POLICY)
+        if result is None:
+            break
+        state = result.state
+        asked.append(result.question_slot)
+    assert asked == ["budget", "timeline", "authority", "objections", "next_step", "budget", None]
+    assert state["status"] == "completed"
+
+
+def test_a_state_written_before_asks_were_kept_goes_on() -> None:
+    old: Any = {**new_state("l", "t", 0)}
+    del old["slot_asks"]
+    assert step(old, {"need": "a CRM"}, 1).question_slot == "budget"
