@@ -112,18 +112,24 @@ class OAuthFlow:
 
     async def exchange(self, code: str) -> Tokens:
         client_id, secret = self._client()
-        async with httpx.AsyncClient(timeout=15) as client:
-            response = await client.post(
-                self._settings.gmail_token_url,
-                data={
-                    "code": code,
-                    "client_id": client_id,
-                    "client_secret": secret,
-                    "redirect_uri": self._settings.gmail_redirect_uri,
-                    "grant_type": "authorization_code",
-                },
-            )
-        body = response.json() if response.content else {}
+        try:
+            async with httpx.AsyncClient(timeout=15) as client:
+                response = await client.post(
+                    self._settings.gmail_token_url,
+                    data={
+                        "code": code,
+                        "client_id": client_id,
+                        "client_secret": secret,
+                        "redirect_uri": self._settings.gmail_redirect_uri,
+                        "grant_type": "authorization_code",
+                    },
+                )
+            body = response.json() if response.content else {}
+        except (httpx.HTTPError, ValueError) as exc:
+            # Unreachable, or an outage's page instead of JSON: Google's trouble, not the code's.
+            raise GmailApiError(f"Google's token endpoint did not answer: {exc!r}") from exc
+        if response.status_code >= 500 or not isinstance(body, dict):
+            raise GmailApiError(f"Google's token endpoint answered {response.status_code}")
         if response.status_code != 200:
             raise MailboxRevoked(f"Google refused the code: {body.get('error', response.text)}")
         if not body.get("refresh_token"):

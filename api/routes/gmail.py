@@ -67,7 +67,12 @@ async def callback(
     except MailboxRevoked as exc:
         raise ApiError(400, f"code: {exc}") from exc
     except GmailApiError as exc:
-        raise ApiError(502, f"Gmail did not answer the profile request: {exc}") from exc
+        # Google's outage, not the user's: the state is theirs again, so the same callback
+        # (a reload of the page) tries again instead of starting over.
+        await services.pool.execute(
+            "UPDATE oauth_states SET used_at = NULL WHERE state = $1 AND provider = 'gmail'", state
+        )
+        raise ApiError(502, f"Google did not answer; reload to try again: {exc}") from exc
     except GmailNotConfigured as exc:
         raise ApiError(503, str(exc)) from exc
     integration_id = await services.gmail_store.connect(

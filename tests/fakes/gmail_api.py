@@ -49,6 +49,7 @@ class GmailFake:
     in_flight: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     max_in_flight: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     request_delay_s: float = 0.0
+    token_outages: int = 0  # token requests answered 502 before the endpoint works again
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _runner: web.AppRunner | None = None
     url: str = ""
@@ -109,6 +110,11 @@ class GmailFake:
     async def _token(self, request: web.Request) -> web.Response:
         form = {k: v[0] for k, v in parse_qs(await request.text()).items()}
         self.token_requests.append(form)
+        if self.token_outages:
+            # A proxy's page, as Google's front end answers an outage: not JSON.
+            self.token_outages -= 1
+            return web.Response(text="<html>502 Bad Gateway</html>", status=502,
+                                content_type="text/html")  # fmt: skip
         if form.get("grant_type") == "authorization_code":
             email = self.codes.pop(form.get("code", ""), None)
             if email is None:

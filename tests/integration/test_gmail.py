@@ -140,6 +140,11 @@ async def test_the_oauth_flow_connects_a_mailbox_and_a_state_works_once(
         forged = await api.get(callback, params={"code": gmail.issue_code(email), "state": "x"})
         assert forged.status_code == 400
         code = gmail.issue_code(email)
+        # Google's token endpoint down (an HTML error page): a 502, and the same callback,
+        # reloaded, works once it is back (the state was not used up).
+        gmail.token_outages = 1
+        down = await api.get(callback, params={"code": code, "state": consent["state"]})
+        assert down.status_code == 502, down.text
         done = await api.get("/api/integrations/gmail/callback",
                              params={"code": code, "state": consent["state"]})  # fmt: skip
         assert done.status_code == 200, done.text
