@@ -115,26 +115,43 @@ _SYSTEM = (
 
 class CircuitBreaker:
     """Opens after `failures` consecutive failures; while open, calls are skipped until the
-    cool-down has passed, then one trial call decides (half-open)."""
+    cool-down has passed, then one trial call decides (half-open): its success closes the
+    breaker, its failure opens it again. The other calls meanwhile are skipped too (every
+    message of a busy tenant went to a model that had just failed, each waiting its timeout)."""
 
     def __init__(self, failures: int, cooldown_s: float) -> None:
         self._threshold = failures
         self._cooldown_s = cooldown_s
         self._consecutive = 0
         self._open_until = 0.0
+        self._tripped = False
+        # When the half-open trial call started; one that never reported (cancelled) is
+        # given up after a cool-down, and another call tries.
+        self._trial_since: float | None = None
 
     def allows(self, now_s: float) -> bool:
-        return now_s >= self._open_until
+        if now_s < self._open_until:
+            return False
+        if not self._tripped:
+            return True
+        if self._trial_since is not None and now_s < self._trial_since + self._cooldown_s:
+            return False
+        self._trial_since = now_s
+        return True
 
     def record_success(self) -> None:
         self._consecutive = 0
         self._open_until = 0.0
+        self._tripped = False
+        self._trial_since = None
 
     def record_failure(self, now_s: float) -> None:
         self._consecutive += 1
-        if self._consecutive >= self._threshold:
+        if self._tripped or self._consecutive >= self._threshold:
             self._open_until = now_s + self._cooldown_s
             self._consecutive = 0
+            self._tripped = True
+            self._trial_since = None
 
     @property
     def is_open(self) -> bool:

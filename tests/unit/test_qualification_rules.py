@@ -137,6 +137,27 @@ def test_circuit_breaker_opens_and_cools_down() -> None:
     assert breaker.allows(32)
 
 
+def test_after_the_cool_down_one_trial_call_decides() -> None:
+    breaker = CircuitBreaker(failures=3, cooldown_s=30)
+    for now in (0, 1, 2):
+        breaker.record_failure(now)
+    assert not breaker.allows(10)
+    assert breaker.allows(33)  # the trial
+    assert not breaker.allows(34)  # the others meanwhile
+    breaker.record_failure(35)  # one failed trial opens it again, not three
+    assert not breaker.allows(36)
+    assert breaker.allows(66)
+    breaker.record_success()
+    assert breaker.allows(67)
+    assert breaker.allows(67)
+    # A trial that never reported (cancelled) is given up after a cool-down.
+    for now in (70, 71, 72):
+        breaker.record_failure(now)
+    assert breaker.allows(103)
+    assert not breaker.allows(120)
+    assert breaker.allows(134)
+
+
 def test_a_slot_left_unanswered_is_asked_again_only_after_every_other() -> None:
     # Re-asking the budget used up the six questions: the interview ended without ever asking
     # about objections or the next step.
