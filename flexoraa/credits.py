@@ -111,9 +111,20 @@ async def credit_paid_order(conn: Connection, order_id: str, payment_id: str) ->
 
 def add_month(moment: datetime) -> datetime:
     """The same day and time next month, clamped to the month's last day (Jan 31 → Feb 28)."""
-    year, month = (moment.year + 1, 1) if moment.month == 12 else (moment.year, moment.month + 1)
-    day = min(moment.day, calendar.monthrange(year, month)[1])
-    return moment.replace(year=year, month=month, day=day)
+    return months_after(moment, 1)
+
+
+def months_after(anchor: datetime, months: int) -> datetime:
+    """`anchor`'s day and time `months` months later, clamped to that month's last day: from
+    Jan 31, Feb 28 and then Mar 31 (not Mar 28)."""
+    year, month = divmod(anchor.month - 1 + months, 12)
+    year, month = anchor.year + year, month + 1
+    day = min(anchor.day, calendar.monthrange(year, month)[1])
+    return anchor.replace(year=year, month=month, day=day)
+
+
+def _months_between(anchor: datetime, moment: datetime) -> int:
+    return (moment.year - anchor.year) * 12 + moment.month - anchor.month
 
 
 async def create_subscription(
@@ -123,7 +134,8 @@ async def create_subscription(
     subscription_id = uuid.uuid4()
     await conn.execute(
         "INSERT INTO subscriptions (subscription_id, tenant_id, plan, monthly_tokens,"
-        " current_period_start, current_period_end) VALUES ($1, $2, $3, $4, $5, $6)",
+        " current_period_start, current_period_end, billing_anchor)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $5)",
         subscription_id,
         tenant_id,
         plan,
@@ -140,7 +152,7 @@ async def credit_due_subscriptions(pool: asyncpg.Pool, now: datetime) -> int:
     async with pool.acquire() as conn, conn.transaction():
         rows = await conn.fetch(
             "SELECT s.subscription_id, s.tenant_id::text AS tenant_id, s.monthly_tokens,"
-            " s.current_period_start, s.current_period_end FROM subscriptions s"
+            " s.current_period_start, s.current_period_end, s.billing_anchor FROM subscriptions s"
             " WHERE s.status = 'active' AND s.current_period_start <= $1"
             " AND (s.current_period_end <= $1 OR NOT EXISTS ("
             "   SELECT 1 FROM subscription_credits c WHERE c.subscription_id = s.subscription_id"
@@ -150,8 +162,9 @@ async def credit_due_subscriptions(pool: asyncpg.Pool, now: datetime) -> int:
         )
         for row in rows:
             start, end = row["current_period_start"], row["current_period_end"]
+            anchor = row["billing_anchor"]
             while end <= now:
-                start, end = end, add_month(end)
+                start, end = end, months_after(anchor, _months_between(anchor, end) + 1)
             if (start, end) != (row["current_period_start"], row["current_period_end"]):
                 await conn.execute(
                     "UPDATE subscriptions SET current_period_start = $2, current_period_end = $3"

@@ -557,5 +557,13 @@ async def test_a_subscription_credits_each_monthly_cycle_once(
         assert await subscription_credits() == [
             "2099-10-30T08:00:00+00:00", "2099-11-30T08:00:00+00:00",
         ]  # fmt: skip
+        # On the anchor's day after a short month: Feb 28, then Mar 30 (not Mar 28).
+        assert await credit_due_subscriptions(pool, datetime(2100, 3, 29, tzinfo=UTC)) == 1
+        assert (await subscription_credits())[-1] == "2100-02-28T08:00:00+00:00"
+        end = await db.fetchval(
+            "SELECT current_period_end FROM subscriptions WHERE subscription_id = $1",
+            uuid.UUID(subscription_id),
+        )
+        assert end == datetime(2100, 3, 30, 8, tzinfo=UTC)
     finally:
         await pool.close()

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from connectors.razorpay import RazorpayGateway, webhook_signature_valid
-from flexoraa.credits import add_month
+from flexoraa.credits import add_month, months_after
 from flexoraa.settings import Settings
 from streams.rules.tokens import Account, Pack, charge, credit, parse_packs, parse_prices, spend
 
@@ -149,3 +149,13 @@ def test_checkout_signature_vector_and_tampering() -> None:
 def test_subscription_cycles_advance_by_calendar_month() -> None:
     assert add_month(datetime(2026, 1, 31, 9, tzinfo=UTC)) == datetime(2026, 2, 28, 9, tzinfo=UTC)
     assert add_month(datetime(2026, 12, 15, tzinfo=UTC)) == datetime(2027, 1, 15, tzinfo=UTC)
+
+
+def test_cycles_end_on_the_anchors_day_not_a_drifting_one() -> None:
+    # From Jan 31: Feb 28, then Mar 31 (a month after Feb 28 was Mar 28, and every later
+    # cycle ended on the 28th, three days short).
+    anchor = datetime(2026, 1, 31, 9, tzinfo=UTC)
+    assert [months_after(anchor, n).date().isoformat() for n in range(1, 5)] == [
+        "2026-02-28", "2026-03-31", "2026-04-30", "2026-05-31",
+    ]  # fmt: skip
+    assert months_after(datetime(2026, 11, 15, tzinfo=UTC), 14) == datetime(2028, 1, 15, tzinfo=UTC)
