@@ -76,6 +76,7 @@ def parse_message(raw: bytes) -> ParsedMail:
     if body is not None:
         content = _content(body)
         text = html_to_text(content) if body.get_content_type() == "text/html" else content
+    text = text.replace("\x00", "")
     return ParsedMail(
         sender=address.strip().lower(),
         sender_name=name.strip() or None,
@@ -113,7 +114,8 @@ def _header_text(message: EmailMessage, name: str) -> str:
         values = [str(value) for value in message.get_all(name, [])]
     except (LookupError, AttributeError, ValueError, TypeError):  # the header registry's
         values = [str(value) for key, value in message.raw_items() if key.lower() == name.lower()]
-    return " ".join(", ".join(values).split())
+    # No NUL: PostgreSQL's text holds none (a thread's subject with one failed every poll).
+    return " ".join(", ".join(values).replace("\x00", "").split())
 
 
 def compose(

@@ -101,10 +101,12 @@ async def credit_paid_order(conn: Connection, order_id: str, payment_id: str) ->
         # the audit log, for a refund; Razorpay does not refuse a second payment of an order.
         logger.error("order %s was paid again by %s (credited to %s): refund one",
                      order_id, payment_id, existing["payment_id"])  # fmt: skip
+        # Once per payment: its capture, the order's paid event and the checkout all say it.
         await audit.record(conn, tenant_id=existing["tenant_id"], actor="razorpay",
                            action="payment.duplicate", target=payment_id,
                            details={"order_id": order_id,
-                                    "credited_payment": existing["payment_id"]})  # fmt: skip
+                                    "credited_payment": existing["payment_id"]},
+                           event_key=f"payment.duplicate|{payment_id}")  # fmt: skip
     return PaidOrder(order_id, existing["tenant_id"], existing["tokens"], newly_credited=False,
                      paid_twice=paid_twice)  # fmt: skip
 

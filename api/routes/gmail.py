@@ -62,17 +62,24 @@ async def callback(
         raise ApiError(400, "state: unknown, expired or already used; start from auth-url again")
     try:
         tokens = await services.gmail_oauth.exchange(code)
+    except MailboxRevoked as exc:
+        raise ApiError(400, f"code: {exc}") from exc
+    except GmailApiError as exc:
+        # Google's outage, not the user's, and the code unspent: the state is theirs again,
+        # so the same callback (a reload of the page) tries again instead of starting over.
+        await services.pool.execute(
+            "UPDATE oauth_states SET used_at = NULL WHERE state = $1 AND provider = 'gmail'", state
+        )
+        raise ApiError(502, f"Google did not answer; reload to try again: {exc}") from exc
+    except GmailNotConfigured as exc:
+        raise ApiError(503, str(exc)) from exc
+    try:
         mailbox = Mailbox(services.settings, tokens)
         email, history_id = await mailbox.profile()
     except MailboxRevoked as exc:
         raise ApiError(400, f"code: {exc}") from exc
     except GmailApiError as exc:
-        # Google's outage, not the user's: the state is theirs again, so the same callback
-        # (a reload of the page) tries again instead of starting over.
-        await services.pool.execute(
-            "UPDATE oauth_states SET used_at = NULL WHERE state = $1 AND provider = 'gmail'", state
-        )
-        raise ApiError(502, f"Google did not answer; reload to try again: {exc}") from exc
+        raise ApiError(502, f"Gmail did not answer the profile request: {exc}") from exc
     except GmailNotConfigured as exc:
         raise ApiError(503, str(exc)) from exc
     integration_id = await services.gmail_store.connect(

@@ -3,4 +3,5 @@
 -- moving the lead on to a third SDR.
 ALTER TABLE sdr_assignments
     ADD COLUMN cause text,
-    ADD COLUMN previous_sdr_id uuid REFERENCES sdrs (sdr_id);
+    ADD COLUMN previous_sdr_id uuid REFERENCES sdrs (sdr_id) ON DELETE SET NULL;
+CREATE INDEX sdr_assignments_previous ON sdr_assignments (previous_sdr_id);

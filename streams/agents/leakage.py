@@ -196,9 +196,11 @@ class LeakActions:
                 details.update(reassigned=True, to_sdr_id=moved.to_sdr.sdr_id, from_sdr_id=previous)
                 sdr_id = moved.to_sdr.sdr_id
                 # The interview's SDR too: the lead's later leaks and interview events named
-                # the SDR it was taken from.
-                if (interview := self._qualification.get(key)) is not None:
-                    self._qualification[key] = {**interview, "sdr_id": sdr_id}
+                # the SDR it was taken from. Under the lead's lock: an interview step in
+                # progress would write its older copy back.
+                async with self._gate.lead_lock(key):
+                    if (interview := self._qualification.get(key)) is not None:
+                        self._qualification[key] = {**interview, "sdr_id": sdr_id}
                 await self._send(self._lead_events, lead_id, LeadEvent(
                     event_id=_id(lead_id, "reassigned", fired.due_ms), tenant_id=tenant_id,
                     occurred_at=now, lead_id=lead_id, type="reassigned",

@@ -77,8 +77,14 @@ def next_step_due_ms(
     own pace, instead of sending its overdue steps at once, one after the other."""
     planned = started_ms + delays_s[step] * 1000
     spaced = sent_ms + (delays_s[step] - delays_s[step - 1]) * 1000
-    due = max(planned, spaced)
-    return due if hour is None else next_local_hour(due, time_zone, hour)
+    if hour is None:
+        return max(planned, spaced)
+    # The spacing counts from a send a little after its hour began (a timer tick, the work):
+    # it ends within the same hour, days later, not past it (a day late at every step).
+    return max(
+        next_local_hour(planned, time_zone, hour),
+        local_hour_window_start(spaced, time_zone, hour),
+    )
 
 
 def local_hour_window_start(now_ms: int, time_zone: str, hour: int) -> int:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import uuid
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from typing import Any, cast
 
 from schemas.messaging import DeadlineReached, OutboundCommand
 from streams.agents.leakage import LeakActions
 from streams.agents.outbound import ScheduledSends, SentCommands
+from streams.locks import KeyLocks
 from streams.timers import DeadlineIndex, Scheduler
 
 LEAD = str(uuid.uuid4())
@@ -44,8 +46,14 @@ class JournalTopic:
 
 
 class PausedGate:
+    def __init__(self) -> None:
+        self._locks = KeyLocks()
+
     async def allows(self, tenant_id: str) -> bool:
         return False
+
+    def lead_lock(self, key: bytes) -> AbstractAsyncContextManager[None]:
+        return self._locks.hold(key)
 
 
 def fired(deadline: str, due_ms: int) -> DeadlineReached:

@@ -81,3 +81,16 @@ def test_a_step_resumed_outside_its_local_hour_waits_for_it() -> None:
     assert local_hour_window_start(ten + 59 * 60_000, "UTC", 10) == ten  # still its hour
     assert local_hour_window_start(ten + HOUR_MS, "UTC", 10) == ten + DAY_MS
     assert local_hour_window_start(ten - 1, "UTC", 10) == ten
+
+
+def test_a_step_sent_just_after_its_hour_keeps_the_next_on_its_day() -> None:
+    # Sent 0.3 s after 10:00 (a timer tick, the work), the spacing ended just past 10:00 two
+    # days later and the next step went a day late, every step.
+    zone = "Asia/Kolkata"
+    started = int(datetime(2026, 3, 2, 15, 37, tzinfo=UTC).timestamp() * 1000)
+    delays = (0, 2 * 86_400, 4 * 86_400, 7 * 86_400)
+    sent = step_due_ms(started, 0, delays, zone, 10) + 300
+    for step in (1, 2, 3):
+        due = next_step_due_ms(started, step, sent, delays, zone, 10)
+        assert due == step_due_ms(started, step, delays, zone, 10)
+        sent = due + 300
