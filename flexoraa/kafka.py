@@ -362,7 +362,7 @@ class EventPublisher:
             # refusal, never a finished attempt.
             self._starting = None
 
-    async def publish(self, topic: str, key: bytes, value: bytes) -> None:
+    async def publish(self, topic: str, key: bytes | None, value: bytes) -> None:
         producer = await self._ensure_started()
         try:
             # A timeout scope, not `wait_for`: in Python 3.11 that runs the send in a task of

@@ -16,6 +16,7 @@ Channel = Literal["whatsapp", "email", "instagram", "facebook", "sms", "webchat"
 CHANNELS: tuple[str, ...] = ("whatsapp", "email", "instagram", "facebook", "sms", "webchat")
 
 MAX_TEXT_CHARS = 16_384
+MAX_NAME_CHARS = 200
 
 # Times an event can carry. Rules add days and months to them (deadlines, the extractor's "by
 # January", a minute's window), and an event of year 1 or 9999 overflowed Python's datetime
@@ -48,7 +49,7 @@ class InboundMessage(Event):
     lead_id: str = Field(min_length=1, max_length=64)
     channel: Channel
     contact: str = Field(min_length=1, max_length=320)
-    contact_name: str | None = Field(None, max_length=200)
+    contact_name: str | None = Field(None, max_length=MAX_NAME_CHARS)
     text: str = Field(max_length=MAX_TEXT_CHARS)
     message_type: str = Field("text", max_length=32)
     channel_message_id: str | None = Field(None, max_length=256)
@@ -74,6 +75,14 @@ class DeadLetter(BaseModel):
     # The handler that set the record aside while the topic's other readers took it: a replay
     # is for it alone (`REPLAY_FOR_HEADER`). None: every reader, none of which took it.
     consumer: str | None = None
+
+
+# The source of a dead letter the API set aside from a signed webhook (no topic's record).
+WEBHOOK_SOURCE_PREFIX = "webhook:"
+
+
+def is_webhook_source(source_topic: str) -> bool:
+    return source_topic.startswith(WEBHOOK_SOURCE_PREFIX)
 
 
 class ReplayedLetter(BaseModel):

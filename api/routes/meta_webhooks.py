@@ -10,13 +10,15 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
-from prometheus_client import Counter
+from pydantic import ValidationError
 
 from api.deps import ServicesDep, WebhookLimit
 from api.errors import ApiError
+from api.webhook_letters import WEBHOOK_RECORDS, item_bytes, webhook_letter
 from connectors.channels import verify_token_hash
 from connectors.meta import (
     SIGNATURE_HEADER,
+    MalformedItem,
     MalformedPayload,
     MetaMessage,
     MetaStatus,
@@ -38,9 +40,6 @@ from streams.rules.identity import (
 logger = logging.getLogger(__name__)
 router = APIRouter(tags=["webhooks"])
 
-WEBHOOK_RECORDS = Counter(
-    "flexoraa_webhook_records", "Messages and statuses received by webhooks", ["channel", "outcome"]
-)
 _DELIVERY_STATES = {"sent", "delivered", "read", "failed"}
 
 
@@ -86,24 +85,32 @@ async def receive(request: Request, services: ServicesDep) -> JSONResponse:
             raise MalformedPayload("the body is not a JSON object")
         kind = payload.get("object")
         if kind == "whatsapp_business_account":
-            messages, statuses = parse_whatsapp(payload)
+            parsed = parse_whatsapp(payload)
         elif kind in {"instagram", "page"}:
-            messages, statuses = parse_messaging(payload), []
+            parsed = parse_messaging(payload)
         else:
             WEBHOOK_RECORDS.labels(str(kind)[:32], "ignored_object").inc()
             return JSONResponse({"status": "ignored", "detail": f"object {kind!r} not handled"})
-    except (ValueError, MalformedPayload) as exc:
-        # Signed by Meta but not understood: a 4xx makes Meta retry for nothing, yet silently
-        # accepting hides a format change, so answer 400 and log loudly.
-        logger.error("unparseable signed webhook: %s", exc)
-        raise ApiError(400, f"unparseable webhook payload: {exc}") from exc
+    except (ValueError, RecursionError, MalformedPayload) as exc:
+        # Signed by Meta, so an error answer would be retried for days, failing the same way
+        # each time: kept whole on the dead-letter topic and acknowledged.
+        logger.error("unparseable signed Meta webhook: %s", exc)
+        await _publish(services, [_letter(services, "meta", body, f"unparseable webhook: {exc}")])
+        WEBHOOK_RECORDS.labels("meta", "malformed").inc()
+        return JSONResponse({"status": "unparseable", "accepted": 0, "set_aside": 1})
 
+    source = str(kind)
     now = datetime.now(UTC)
-    records: list[tuple[str, bytes, bytes]] = []
+    records: list[tuple[str, bytes | None, bytes]] = []
     accepted_ids: list[str] = []
+    malformed = list(parsed.malformed)
     dropped = 0
-    for message in messages:
-        event = await _inbound_event(services, secret, message, now)
+    for message in parsed.messages:
+        try:
+            event = await _inbound_event(services, secret, message, now)
+        except ValidationError as exc:
+            malformed.append(MalformedItem(_validation_reason(exc), message.item))
+            continue
         if event is None:
             dropped += 1
             continue
@@ -118,8 +125,12 @@ async def receive(request: Request, services: ServicesDep) -> JSONResponse:
             )
         )
         accepted_ids.append(message.message_id)
-    for status in statuses:
-        update = await _delivery_status(services, secret, status)
+    for status in parsed.statuses:
+        try:
+            update = await _delivery_status(services, secret, status)
+        except ValidationError as exc:
+            malformed.append(MalformedItem(_validation_reason(exc), status.item))
+            continue
         if update is None:
             dropped += 1
             continue
@@ -130,6 +141,29 @@ async def receive(request: Request, services: ServicesDep) -> JSONResponse:
                 update.model_dump_json().encode(),
             )
         )
+    accepted = len(records)
+    for item in malformed:
+        # Loud, but the batch's valid messages go on: Meta would retry the whole webhook.
+        logger.error("signed %s webhook item set aside: %s", source, item.reason)
+        WEBHOOK_RECORDS.labels(source[:32], "malformed").inc()
+        records.append(_letter(services, source, item_bytes(item.item), item.reason))
+    await _publish(services, records)
+    for message_id in accepted_ids:
+        services.recent_message_ids.add(message_id)
+    return JSONResponse(
+        {"status": "ok", "accepted": accepted, "dropped": dropped, "set_aside": len(malformed)}
+    )
+
+
+def _letter(
+    services: ServicesDep, source: str, raw: bytes, reason: str
+) -> tuple[str, bytes | None, bytes]:
+    return (services.topics.dead_letters, None, webhook_letter(source, raw, reason))
+
+
+async def _publish(services: ServicesDep, records: list[tuple[str, bytes | None, bytes]]) -> None:
+    """Every record acknowledged by Kafka, or a 503 that Meta retries; the events a retry
+    produces again carry the same ids (deterministic), and the sessions deduplicate them."""
     try:
         await asyncio.gather(
             *(
@@ -138,13 +172,14 @@ async def receive(request: Request, services: ServicesDep) -> JSONResponse:
             )
         )
     except PublishUnavailable as exc:
-        # Meta retries on 5xx; the records already acknowledged have deterministic event ids.
         raise ApiError(
             503, "events not accepted: Kafka is unavailable", headers={"Retry-After": "5"}
         ) from exc
-    for message_id in accepted_ids:
-        services.recent_message_ids.add(message_id)
-    return JSONResponse({"status": "ok", "accepted": len(records), "dropped": dropped})
+
+
+def _validation_reason(exc: ValidationError) -> str:
+    fields = ", ".join(".".join(str(part) for part in error["loc"]) for error in exc.errors()[:5])
+    return f"refused by the event schema ({fields})"
 
 
 async def _inbound_event(

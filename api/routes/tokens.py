@@ -20,6 +20,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from api.deps import PrincipalDep, ServicesDep, WebhookLimit
 from api.errors import ApiError
 from api.lead_state import StateUnavailable
+from api.webhook_letters import WEBHOOK_RECORDS, webhook_letter
 from connectors.razorpay import (
     PaymentProviderError,
     PaymentsNotConfigured,
@@ -27,6 +28,7 @@ from connectors.razorpay import (
     webhook_signature_valid,
 )
 from flexoraa.credits import Connection, PaidOrder, credit_paid_order
+from flexoraa.kafka import PublishUnavailable
 from schemas.latency import NO_TENANT
 
 logger = logging.getLogger(__name__)
@@ -176,10 +178,19 @@ async def razorpay_webhook(request: Request, services: ServicesDep) -> JSONRespo
         event = json.loads(body)
         event_type = str(event["event"])
         entities = event.get("payload") or {}
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         # Signed, so Razorpay's: an error answer would be retried for a day and then the
-        # webhook disabled, every later payment with it. Acknowledged and said.
+        # webhook disabled, every later payment with it. Kept on the dead-letter topic (a
+        # payment may be in it), acknowledged and said.
         logger.error("signed Razorpay webhook not understood (%r): %.500r", exc, body)
+        letter = webhook_letter("razorpay", body, f"unparseable webhook: {exc!r}")
+        try:
+            await services.publisher.publish(services.topics.dead_letters, None, letter)
+        except PublishUnavailable as unavailable:
+            raise ApiError(
+                503, "webhook not kept: Kafka is unavailable", headers={"Retry-After": "5"}
+            ) from unavailable
+        WEBHOOK_RECORDS.labels("razorpay", "malformed").inc()
         return JSONResponse({"status": "unparseable"})
     # Razorpay sends the id in a header; a body hash stands in if a proxy dropped it.
     event_id = request.headers.get(EVENT_ID_HEADER) or hashlib.sha256(body).hexdigest()

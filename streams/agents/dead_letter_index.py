@@ -28,7 +28,7 @@ from faust.types import AppT, TopicT
 from pydantic import ValidationError
 
 from flexoraa.db import DB_ERRORS
-from schemas.events import DeadLetter, ReplayedLetter
+from schemas.events import DeadLetter, ReplayedLetter, is_webhook_source
 from streams.batches import BatchLane, SourceRecord
 from streams.metrics import DEAD_LETTERS_UNINDEXED, SINK_ROWS
 from streams.sink import BatchSink, RejectedRow
@@ -113,7 +113,9 @@ def letter_row(record: SourceRecord) -> LetterRow | None:
         partition=record.partition,
         offset=record.offset,
         dead_lettered_at=_utc(letter.dead_lettered_at),
-        tenant_id=record_tenant(raw),
+        # What a webhook's sender signed is not ours: whoever holds a channel's app secret could
+        # name another tenant in it. Operator-only (`flexoraa dead-letters list`).
+        tenant_id=None if is_webhook_source(letter.source_topic) else record_tenant(raw),
         source_topic=_text(letter.source_topic),
         source_partition=letter.partition,
         source_offset=letter.offset,

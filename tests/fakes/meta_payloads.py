@@ -35,7 +35,7 @@ def whatsapp_change(
         value["contacts"] = [
             {"profile": {"name": (names or {}).get(m["from"], "Customer")}, "wa_id": m["from"]}
             for m in messages
-            if "from" in m
+            if isinstance(m, dict) and isinstance(m.get("from"), str)
         ]
         value["messages"] = messages
     if statuses is not None:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import base64
+import json
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -111,3 +113,11 @@ def flexoraa(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]
         [sys.executable, "-m", "flexoraa", *args],
         env=settings_env(settings), capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
+
+
+def webhook_letters(settings: Settings, source: str) -> list[tuple[str, bytes]]:
+    """The operator's view of what the API set aside from `source`: (reason, raw bytes)."""
+    done = flexoraa(settings, "dead-letters", "list", "--json", "--source", f"webhook:{source}")
+    assert done.returncode == 0, done.stderr
+    letters = [json.loads(line) for line in done.stdout.splitlines()]
+    return [(letter["reason"], base64.b64decode(letter["raw_base64"])) for letter in letters]

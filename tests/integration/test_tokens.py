@@ -40,7 +40,7 @@ from tests.fakes.razorpay_api import (
     webhook_body,
     webhook_signature,
 )
-from tests.integration.conftest import ApiFactory, read_topic
+from tests.integration.conftest import ApiFactory, read_topic, webhook_letters
 from tests.integration.test_pipeline import eventually, post
 
 pytestmark = pytest.mark.integration
@@ -192,6 +192,7 @@ async def test_a_webhook_replayed_ten_times_credits_once(
     razorpay_fake: RazorpayFake,
     make_tenant: MakeTenant,
     db: asyncpg.Connection,
+    test_settings: Settings,
 ) -> None:
     tenant = await make_tenant()
     async with payments(api_factory, razorpay_fake) as api:
@@ -223,10 +224,15 @@ async def test_a_webhook_replayed_ten_times_credits_once(
         assert [row["credited"] for row in audited] == [payment_id]  # once, for one refund
         # Signed but not understood: an error answer would be retried for a day, then the
         # webhook disabled with every later payment.
-        garbled = b"not json"
+        # Kept on the dead-letter topic: it may carry a payment.
+        garbled = b"not json " + uuid.uuid4().hex.encode()
         odd = await api.post("/webhooks/razorpay", content=garbled, headers={
             "X-Razorpay-Signature": webhook_signature(garbled, WEBHOOK_SECRET)})  # fmt: skip
         assert (odd.status_code, odd.json()["status"]) == (200, "unparseable")
+        kept = [reason for reason, raw in webhook_letters(test_settings, "razorpay")
+                if raw == garbled]  # fmt: skip
+        assert len(kept) == 1
+        assert kept[0].startswith("unparseable webhook: JSONDecodeError")
         recorded = await db.fetchval(
             "SELECT count(*) FROM payment_events WHERE order_id = $1", order["order_id"]
         )

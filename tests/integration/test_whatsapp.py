@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -42,7 +43,13 @@ from tests.fakes.meta_payloads import (
     whatsapp_payload,
     whatsapp_status,
 )
-from tests.integration.conftest import ApiFactory, read_records, send_records
+from tests.integration.conftest import (
+    ApiFactory,
+    flexoraa,
+    read_records,
+    send_records,
+    webhook_letters,
+)
 from tests.integration.test_pipeline import eventually, lead_state
 
 pytestmark = pytest.mark.integration
@@ -230,6 +237,50 @@ async def test_signed_webhook_with_many_entries_reaches_every_lead(
     assert again["message_count"] == 2
 
 
+async def test_a_malformed_item_is_set_aside_and_the_rest_of_the_webhook_is_taken(
+    api: httpx.AsyncClient, make_tenant: MakeTenant, test_settings: Settings
+) -> None:
+    # One bad item answered 400 for the whole webhook: Meta retried it for days, failing the
+    # same way, and the valid messages beside it waited with it.
+    business = await register(api, await make_tenant())
+    t = now_s() - 60
+    good = whatsapp_message("wamid.M1", "919855500001", t, body="Still there?")
+    no_sender = {"id": "wamid.M2", "timestamp": str(t), "type": "text", "text": {"body": "x"}}
+    # Read, but refused by the event's schema: a 500 before, retried by Meta for days.
+    long_type = whatsapp_message("wamid.M3", "919855500003", t) | {"type": "t" * 40}
+    change = whatsapp_change(business.phone_number_id, [good, no_sender, long_type])
+    response = await deliver(api, whatsapp_payload([change]), business.app_secret)
+    assert response.status_code == 200, response.text
+    assert response.json() == {"status": "ok", "accepted": 1, "dropped": 0, "set_aside": 2}
+    await lead_state(api, business.tenant, business.lead("919855500001"), 1)
+
+    kept = {
+        json.loads(raw)["id"]: reason
+        for reason, raw in webhook_letters(test_settings, "whatsapp_business_account")
+    }
+    assert kept["wamid.M2"] == "a message without from or id"
+    assert kept["wamid.M3"].startswith("refused by the event schema (message_type")
+    lookup = await api.get(
+        f"/api/leads/{business.lead('919855500003')}", headers=business.tenant.headers
+    )
+    assert lookup.status_code == 404
+
+    # A signed body that is no JSON at all: kept whole, acknowledged.
+    garbled = b'{"object": "whatsapp_business_account", ' + uuid.uuid4().hex.encode()
+    headers = {"X-Hub-Signature-256": signature_for(garbled, business.app_secret)}
+    odd = await api.post("/webhooks/whatsapp", content=garbled, headers=headers)
+    assert odd.status_code == 200, odd.text
+    assert odd.json() == {"status": "unparseable", "accepted": 0, "set_aside": 1}
+    assert [reason for reason, raw in webhook_letters(test_settings, "meta") if raw == garbled]
+    metrics = (await api.get("/metrics")).text
+    counted = re.search(r'channel="whatsapp_business_account",outcome="malformed"} (\S+)', metrics)
+    assert counted is not None
+    assert float(counted.group(1)) >= 2
+    # Not a topic's record: the replay leaves it alone.
+    replayed = flexoraa(test_settings, "dead-letters", "replay", "--source", "webhook:meta")
+    assert json.loads(replayed.stdout)["replayed"] == {}, replayed.stdout
+
+
 @pytest.mark.parametrize(
     "header",
     [None, "", "sha256=" + "0" * 64, "md5=abc", "WRONG_SECRET", "OTHER_BODY"],
@@ -272,7 +323,7 @@ async def test_unknown_number_is_acknowledged_and_dropped(
     )
     response = await deliver(api, payload, business.app_secret)
     assert response.status_code == 200
-    assert response.json() == {"status": "ok", "accepted": 0, "dropped": 1}
+    assert response.json() == {"status": "ok", "accepted": 0, "dropped": 1, "set_aside": 0}
     metrics = (await api.get("/metrics")).text
     assert 'flexoraa_webhook_records_total{channel="whatsapp",outcome="unknown_account"}' in metrics
 

@@ -35,9 +35,14 @@ class Record:
     key: bytes | None = None
 
 
-def letter(raw: bytes, reason: str = "processing failed: boom", key: bytes | None = b"k") -> bytes:
+def letter(
+    raw: bytes,
+    reason: str = "processing failed: boom",
+    key: bytes | None = b"k",
+    source_topic: str = "acme.lead-events",
+) -> bytes:
     return DeadLetter(
-        source_topic="acme.lead-events", partition=1, offset=7, reason=reason,
+        source_topic=source_topic, partition=1, offset=7, reason=reason,
         raw_base64=base64.b64encode(raw).decode(),
         key_base64=base64.b64encode(key).decode() if key is not None else None,
         dead_lettered_at=datetime.now(UTC), kind="processing_failed", consumer="sink-lead-events",
@@ -59,6 +64,14 @@ def letter(raw: bytes, reason: str = "processing failed: boom", key: bytes | Non
 )
 def test_a_letter_is_the_tenants_its_record_names(raw: bytes, tenant: str | None) -> None:
     assert record_tenant(raw) == tenant
+
+
+def test_a_webhooks_letter_is_no_tenants_whatever_it_names() -> None:
+    # Anyone holding a channel's app secret signs what the webhook carries.
+    raw = b'{"tenant_id": "%s"}' % TENANT.encode()
+    row = letter_row(Record(letter(raw, source_topic="webhook:whatsapp_business_account")))
+    assert row is not None
+    assert (row.tenant_id, row.record) == (None, raw)
 
 
 def test_a_letters_row_keeps_its_place_record_and_key_and_no_nul() -> None:

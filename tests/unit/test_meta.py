@@ -5,11 +5,13 @@ import pytest
 
 from connectors.meta import (
     MalformedPayload,
+    ParsedWebhook,
     matching_secret,
     parse_messaging,
     parse_whatsapp,
     signature_for,
 )
+from schemas.events import MAX_NAME_CHARS
 from tests.fakes.meta_payloads import (
     messaging_payload,
     whatsapp_change,
@@ -56,7 +58,9 @@ def test_every_message_of_every_entry_and_change() -> None:
         ],
         [whatsapp_change("222", [whatsapp_message("wamid.4", "15550002222", 1732450003)])],
     )
-    messages, statuses = parse_whatsapp(payload)
+    parsed = parse_whatsapp(payload)
+    messages, statuses = parsed.messages, parsed.statuses
+    assert parsed.malformed == []
     assert [(m.account_id, m.message_id) for m in messages] == [
         ("111", "wamid.1"),
         ("111", "wamid.2"),
@@ -93,7 +97,7 @@ def test_every_message_type_is_a_customer_message(
     payload = whatsapp_payload(
         [whatsapp_change("111", [whatsapp_message("wamid.t", "919800000001", 1, kind, **content)])]
     )
-    (message,), _ = parse_whatsapp(payload)
+    (message,) = parse_whatsapp(payload).messages
     assert message.message_type == kind
     assert message.text == text
 
@@ -110,7 +114,8 @@ def test_statuses_are_parsed_with_errors() -> None:
             )
         ]
     )
-    messages, statuses = parse_whatsapp(payload)
+    parsed = parse_whatsapp(payload)
+    messages, statuses = parsed.messages, parsed.statuses
     assert messages == []
     assert [(s.status, s.error_code) for s in statuses] == [
         ("delivered", None),
@@ -122,49 +127,100 @@ def test_statuses_are_parsed_with_errors() -> None:
 @pytest.mark.parametrize(("kind", "channel"), [("instagram", "instagram"), ("page", "facebook")])
 def test_instagram_and_messenger_messages(kind: str, channel: str) -> None:
     payload = messaging_payload(kind, "17841400000", "PSID123", "m_abc", 1732450000123)
-    (message,) = parse_messaging(payload)
+    (message,) = parse_messaging(payload).messages
     assert message.channel == channel
     assert message.account_id == "17841400000"
     assert message.contact == "PSID123"
     assert message.message_id == "m_abc"
     assert message.occurred_at == datetime.fromtimestamp(1732450000.123, tz=UTC)
     attachment = messaging_payload(kind, "1", "PSID", "m_img", 1, text=None)
-    assert parse_messaging(attachment)[0].text == "[image]"
+    assert parse_messaging(attachment).messages[0].text == "[image]"
 
 
 def test_echoes_of_the_business_own_messages_are_skipped() -> None:
     payload = messaging_payload("page", "1", "PSID", "m_echo", 1, echo=True)
-    assert parse_messaging(payload) == []
+    assert parse_messaging(payload) == ParsedWebhook()
+
+
+GOOD = whatsapp_message("wamid.good", "919800000001", 1732450000)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"id": "wamid.1", "timestamp": "1", "type": "text"},
+        whatsapp_message("w", "9198", 0) | {"timestamp": "soon"},
+        # Past the times an event can carry (1970 to 2200): a 500 building it, retried by Meta.
+        whatsapp_message("w", "9198", 0) | {"timestamp": "-1"},
+        whatsapp_message("w", "9198", 0) | {"timestamp": "9999999999"},
+        # Hostile shapes that raised TypeError or AttributeError, a 500 for the whole batch.
+        whatsapp_message("w", "9198", 0) | {"type": ["text"]},
+        whatsapp_message("w", {"n": 1}, 0),  # type: ignore[arg-type]
+        whatsapp_message("w", "9198", 0, "interactive", button_reply="Pricing"),
+        "not an object",
+    ],
+    ids=["no-sender", "bad-timestamp", "before-1970", "after-2200", "type-list", "sender-object",
+         "reply-not-object", "not-object"],
+)  # fmt: skip
+def test_a_malformed_message_is_set_aside_and_the_others_are_read(bad: object) -> None:
+    payload = whatsapp_payload([whatsapp_change("1", [GOOD, bad])])  # type: ignore[list-item]
+    parsed = parse_whatsapp(payload)
+    assert [m.message_id for m in parsed.messages] == ["wamid.good"]
+    assert [item.item for item in parsed.malformed] == [bad]
+    assert parsed.malformed[0].reason
+
+
+def test_a_change_without_its_number_is_set_aside_whole_and_other_changes_are_read() -> None:
+    nameless = {"field": "messages", "value": {"metadata": {}, "messages": [GOOD]}}
+    statuses_not_list = whatsapp_change("2", [GOOD])
+    statuses_not_list["value"]["statuses"] = "none"
+    payload = whatsapp_payload([nameless, whatsapp_change("1", [GOOD]), statuses_not_list])
+    payload["entry"].append({"id": "9", "changes": "nope"})
+    parsed = parse_whatsapp(payload)
+    assert [(m.account_id, m.message_id) for m in parsed.messages] == [("1", "wamid.good")]
+    # The change with a bad status list gives none of its messages: set aside as one item.
+    assert [item.item for item in parsed.malformed] == [
+        nameless,
+        statuses_not_list,
+        {"id": "9", "changes": "nope"},
+    ]
+
+
+def test_a_contact_entry_that_cannot_be_read_costs_only_the_name() -> None:
+    change = whatsapp_change("1", [GOOD])
+    change["value"]["contacts"] = [{"wa_id": "919800000001", "profile": "Asha"}, 7]
+    (message,) = parse_whatsapp(whatsapp_payload([change])).messages
+    assert message.contact_name is None
+    long_name = whatsapp_change("1", [GOOD], names={"919800000001": "A" * 500})
+    (message,) = parse_whatsapp(whatsapp_payload([long_name])).messages
+    assert message.contact_name == "A" * MAX_NAME_CHARS
+
+
+def test_a_status_with_an_unreadable_id_is_set_aside() -> None:
+    bad = whatsapp_status("wamid.9", "read", 10, "919800000001") | {"id": ["x"]}
+    good = whatsapp_status("wamid.8", "read", 10, "919800000001")
+    parsed = parse_whatsapp(whatsapp_payload([whatsapp_change("1", statuses=[bad, good])]))
+    assert [s.message_id for s in parsed.statuses] == ["wamid.8"]
+    assert [item.item for item in parsed.malformed] == [bad]
+
+
+def test_a_messaging_event_without_a_readable_sender_is_set_aside() -> None:
+    payload = messaging_payload("instagram", "17841400000", "PSID1", "m_1", 1732450000123)
+    bad = messaging_payload("instagram", "17841400000", "PSID2", "m_2", 1)["entry"][0]["messaging"][
+        0
+    ]
+    bad = bad | {"sender": "PSID2"}
+    payload["entry"][0]["messaging"].append(bad)
+    parsed = parse_messaging(payload)
+    assert [m.message_id for m in parsed.messages] == ["m_1"]
+    assert [item.item for item in parsed.malformed] == [bad]
 
 
 @pytest.mark.parametrize(
     "payload",
-    [
-        {"object": "whatsapp_business_account", "entry": "nope"},
-        whatsapp_payload([{"field": "messages", "value": {"metadata": {}, "messages": []}}]),
-        whatsapp_payload(
-            [whatsapp_change("1", [{"id": "wamid.1", "timestamp": "1", "type": "text"}])]
-        ),
-        whatsapp_payload(
-            [whatsapp_change("1", [whatsapp_message("w", "9198", 0) | {"timestamp": "soon"}])]
-        ),
-        # Past the times an event can carry (1970 to 2200): a 500 building it, retried by Meta.
-        whatsapp_payload(
-            [whatsapp_change("1", [whatsapp_message("w", "9198", 0) | {"timestamp": "-1"}])]
-        ),
-        whatsapp_payload(
-            [whatsapp_change("1", [whatsapp_message("w", "9198", 0) | {"timestamp": "9999999999"}])]
-        ),
-    ],
-    ids=[
-        "entry-not-list",
-        "no-phone-number-id",
-        "no-sender",
-        "bad-timestamp",
-        "before-1970",
-        "after-2200",
-    ],
+    [{"object": "whatsapp_business_account", "entry": "nope"}, {"object": "page", "entry": 1}],
 )
-def test_malformed_payloads_are_refused(payload: dict[str, object]) -> None:
+def test_a_body_without_a_list_of_entries_is_malformed(payload: dict[str, object]) -> None:
+    parse = parse_messaging if payload["object"] == "page" else parse_whatsapp
     with pytest.raises(MalformedPayload):
-        parse_whatsapp(payload)
+        parse(payload)
