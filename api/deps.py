@@ -65,6 +65,17 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 
 _UNAUTHORIZED_HEADERS = {"WWW-Authenticate": "Bearer"}
 
+# A connector key is a channel bridge's: it brings customer messages in and can do nothing
+# else (read leads, send as an SDR, change the roster), whoever it leaks to.
+_CONNECTOR_REQUESTS = {("POST", "/api/events/inbound")}
+
+
+def require_admin(principal: Principal) -> None:
+    """Configuration (keys, channels' secrets, the SDR roster, mailboxes, buying tokens) is
+    an admin key's; an SDR key works leads."""
+    if principal.role != "admin":
+        raise ApiError(403, "this needs an admin API key")
+
 
 async def authenticate(request: Request, services: ServicesDep) -> Principal:
     header = request.headers.get("authorization", "")
@@ -84,6 +95,9 @@ async def authenticate(request: Request, services: ServicesDep) -> Principal:
         if principal is None:
             raise ApiError(401, "invalid or revoked API key", headers=_UNAUTHORIZED_HEADERS)
         services.principals.put(api_key, principal)
+    request_kind = (request.method, request.url.path)
+    if principal.role == "connector" and request_kind not in _CONNECTOR_REQUESTS:
+        raise ApiError(403, "a connector key can only post inbound events")
     # The metrics middleware attributes the request's latency event to this tenant.
     request.state.tenant_id = principal.tenant_id
     await services.rate_limiter.check_api_key(principal.key_id)
@@ -100,3 +114,13 @@ WebhookLimit = Depends(limit_webhook)
 
 
 PrincipalDep = Annotated[Principal, Depends(authenticate)]
+
+
+async def authenticate_admin(principal: PrincipalDep) -> Principal:
+    # A dependency, not a call in the handler: FastAPI validates the body before the
+    # handler runs, and an SDR key's bad body must be a 403, not a 422 naming the fields.
+    require_admin(principal)
+    return principal
+
+
+AdminDep = Annotated[Principal, Depends(authenticate_admin)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -12,6 +13,9 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger(__name__)
+
+# PostgreSQL unreachable: a 503 to retry, not a 500.
+DATABASE_ERRORS = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, TimeoutError)
 
 
 class ApiError(Exception):
@@ -73,6 +77,15 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, DATABASE_ERRORS):
+            # PostgreSQL unreachable on a path that does not say so itself: a 503 to retry
+            # (it was a 500, which clients and the SLA count as our fault).
+            logger.warning("%s %s: database unavailable: %r", request.method, request.url.path, exc)
+            return JSONResponse(
+                {"detail": "database unavailable, retry later"},
+                status_code=503,
+                headers={"Retry-After": "5"},
+            )
         # Never a stack trace in a response; the log has it.
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
         return JSONResponse({"detail": "internal error"}, status_code=500)

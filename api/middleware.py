@@ -45,6 +45,10 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if "\x00" in scope["path"] or b"%00" in scope["query_string"]:
+            # No id or filter of ours holds a NUL, and PostgreSQL's text refuses it (a 500).
+            await _send_json(send, 400, "NUL (%00) is not allowed in a path or query")
+            return
         for name, value in scope["headers"]:
             if name == b"content-length":
                 try:

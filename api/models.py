@@ -5,12 +5,28 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from schemas.events import MAX_TEXT_CHARS, Channel, EventTime
 
 
-class InboundMessageRequest(BaseModel):
+class RequestBody(BaseModel):
+    """A request's body: no unknown field, and no NUL in any text. PostgreSQL's text refuses
+    NUL, so one let through here failed later: a 500, or a message accepted (202) whose row
+    the sink could never write."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_nul(cls, value: Any) -> Any:
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if isinstance(text, str) and "\x00" in text:
+            raise ValueError("must not contain NUL (\\u0000)")
+        return value
+
+
+class InboundMessageRequest(RequestBody):
     """A customer message from a channel connector that is not built in."""
 
     model_config = ConfigDict(extra="forbid")
@@ -105,7 +121,7 @@ class MessageView(BaseModel):
     error: str | None = None
 
 
-class SendRequest(BaseModel):
+class SendRequest(RequestBody):
     model_config = ConfigDict(extra="forbid")
 
     text: str = Field(min_length=1, max_length=4096)

@@ -105,6 +105,9 @@ class PrincipalCache:
         self._ttl_s = ttl_s
         self._max_entries = max_entries
         self._entries: dict[bytes, tuple[float, Principal]] = {}
+        # Keys revoked through this process: a request that read the key before the revoke
+        # must not cache it again after. Small (one id per revocation, for the process's life).
+        self._revoked: set[str] = set()
 
     def get(self, api_key: str) -> Principal | None:
         entry = self._entries.get(hash_api_key(api_key))
@@ -114,10 +117,11 @@ class PrincipalCache:
 
     def forget_key(self, key_id: str) -> None:
         """A revoked key stops working on this replica at once (others: within the TTL)."""
+        self._revoked.add(key_id)
         self._entries = {h: e for h, e in self._entries.items() if e[1].key_id != key_id}
 
     def put(self, api_key: str, principal: Principal) -> None:
-        if self._ttl_s <= 0:
+        if self._ttl_s <= 0 or principal.key_id in self._revoked:
             return
         if len(self._entries) >= self._max_entries:
             self._entries.clear()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import re
 import uuid
 from typing import Any
 
@@ -36,6 +37,9 @@ def new_receipt() -> str:
     return f"tok_{uuid.uuid4().hex}"
 
 
+_HEX_DIGEST = re.compile(r"[0-9a-fA-F]{64}")
+
+
 def webhook_signature_valid(body: bytes, signature: str | None, secret: str) -> bool:
     """X-Razorpay-Signature = hex HMAC-SHA256 of the raw body with the webhook secret.
 
@@ -45,7 +49,9 @@ def webhook_signature_valid(body: bytes, signature: str | None, secret: str) -> 
     if not signature:
         return False
     expected = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-    return hmac.compare_digest(expected, signature.strip())
+    # Bytes: compare_digest refuses a str with non-ASCII characters (a TypeError, a 500 that
+    # anyone could cause and that counted as a failed verification in the SLA).
+    return hmac.compare_digest(expected.encode(), signature.strip().encode())
 
 
 class RazorpayGateway:
@@ -88,6 +94,9 @@ class RazorpayGateway:
     def payment_signature_valid(self, order_id: str, payment_id: str, signature: str) -> bool:
         """The checkout's signature over *our stored* order id and the payment id."""
         client = self._require()
+        if not _HEX_DIGEST.fullmatch(signature):
+            # The SDK compares str to str, which raises on non-ASCII text: a hex digest or no.
+            return False
         try:
             client.utility.verify_payment_signature(
                 {

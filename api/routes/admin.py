@@ -4,37 +4,33 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Response
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
-from api.deps import PrincipalDep, ServicesDep
+from api.deps import AdminDep, PrincipalDep, ServicesDep
 from api.errors import ApiError
-from api.tenants import Principal, create_api_key
+from api.models import RequestBody
+from api.paging import CursorQuery, cursor_time, decode_cursor, encode_cursor
+from api.tenants import create_api_key
 from flexoraa import audit
+from schemas.events import EventTime
 from streams.rules.recovery import known_zone
 
 router = APIRouter(tags=["admin"])
 
 
-def require_admin(principal: Principal) -> None:
-    if principal.role != "admin":
-        raise ApiError(403, "this needs an admin API key")
-
-
-class KeyRequest(BaseModel):
+class KeyRequest(RequestBody):
     model_config = ConfigDict(extra="forbid")
     role: Literal["admin", "sdr", "connector"] = "sdr"
 
 
 @router.post("/api/keys", status_code=201, responses={403: {}})
 async def create_key(
-    body: KeyRequest, principal: PrincipalDep, services: ServicesDep
+    body: KeyRequest, principal: AdminDep, services: ServicesDep
 ) -> dict[str, Any]:
     """A new API key, shown once (stored only as a hash)."""
-    require_admin(principal)
     async with services.pool.acquire() as conn, conn.transaction():
         key_id, api_key = await create_api_key(
             conn, principal.tenant_id, body.role, actor=f"key:{principal.key_id}"
@@ -43,8 +39,7 @@ async def create_key(
 
 
 @router.get("/api/keys", responses={403: {}})
-async def list_keys(principal: PrincipalDep, services: ServicesDep) -> list[dict[str, Any]]:
-    require_admin(principal)
+async def list_keys(principal: AdminDep, services: ServicesDep) -> list[dict[str, Any]]:
     rows = await services.pool.fetch(
         "SELECT key_id::text, key_prefix, role, created_at, revoked_at FROM api_keys"
         " WHERE tenant_id = $1 ORDER BY created_at",
@@ -54,8 +49,7 @@ async def list_keys(principal: PrincipalDep, services: ServicesDep) -> list[dict
 
 
 @router.delete("/api/keys/{key_id}", status_code=204, responses={403: {}, 404: {}})
-async def revoke_key(key_id: str, principal: PrincipalDep, services: ServicesDep) -> Response:
-    require_admin(principal)
+async def revoke_key(key_id: str, principal: AdminDep, services: ServicesDep) -> Response:
     try:
         parsed = uuid.UUID(key_id)
     except ValueError:
@@ -70,31 +64,54 @@ async def revoke_key(key_id: str, principal: PrincipalDep, services: ServicesDep
             raise ApiError(404, "no such API key")
         await audit.record(conn, tenant_id=principal.tenant_id, actor=f"key:{principal.key_id}",
                            action="api_key.revoked", target=key_id)  # fmt: skip
-    services.principals.forget_key(key_id)
+    # The canonical text: the cache holds principals by it, and the path may be any form a
+    # UUID can take (upper case, braces), which left the revoked key cached.
+    services.principals.forget_key(str(parsed))
     return Response(status_code=204)
 
 
 @router.get("/api/audit-log", responses={403: {}})
 async def audit_log(
-    principal: PrincipalDep,
+    principal: AdminDep,
     services: ServicesDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    before: AwareDatetime | None = None,
+    before: EventTime | None = None,
+    cursor: CursorQuery = None,
 ) -> dict[str, Any]:
-    """The tenant's audit entries, newest first (append-only: nothing here can be edited)."""
-    require_admin(principal)
+    """The tenant's audit entries, newest first (append-only: nothing here can be edited);
+    `before` filters by time, `cursor` pages."""
+    after_at, after_id = None, None
+    if cursor is not None:
+        # Keyset on (time, id): entries of one transaction share their time, and paging by
+        # time alone skipped those past a page's end.
+        at, audit_id = decode_cursor(cursor, 2)
+        after_at, after_id = cursor_time(at), _cursor_int(audit_id)
     rows = await services.pool.fetch(
         "SELECT audit_id, actor, action, target, details::text AS details, occurred_at"
         " FROM audit_log WHERE tenant_id = $1 AND ($2::timestamptz IS NULL OR occurred_at < $2)"
-        " ORDER BY occurred_at DESC, audit_id DESC LIMIT $3",
-        principal.tenant_id, before, limit,
+        " AND ($3::timestamptz IS NULL OR (occurred_at, audit_id) < ($3, $4::bigint))"
+        " ORDER BY occurred_at DESC, audit_id DESC LIMIT $5",
+        principal.tenant_id, before, after_at, after_id, limit,
     )  # fmt: skip
     entries = [{**dict(r), "details": json.loads(r["details"])} for r in rows]
-    last: datetime | None = entries[-1]["occurred_at"] if len(entries) == limit else None
-    return {"entries": entries, "next_before": last.isoformat() if last else None}
+    next_cursor = None
+    if len(entries) == limit:
+        last = entries[-1]
+        next_cursor = encode_cursor(last["occurred_at"].isoformat(), str(last["audit_id"]))
+    return {"entries": entries, "next_cursor": next_cursor}
 
 
-class TenantSettingsBody(BaseModel):
+def _cursor_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise ApiError(400, "cursor: not a cursor returned by this API") from exc
+    if not 0 <= value < 2**63:
+        raise ApiError(400, "cursor: not a cursor returned by this API")
+    return value
+
+
+class TenantSettingsBody(RequestBody):
     """The tenant's own policy; null restores the platform's setting."""
 
     model_config = ConfigDict(extra="forbid")
@@ -128,10 +145,9 @@ async def tenant_settings(principal: PrincipalDep, services: ServicesDep) -> Ten
 
 @router.put("/api/tenant/settings", response_model=TenantSettingsBody, responses={403: {}})
 async def change_tenant_settings(
-    body: TenantSettingsBody, principal: PrincipalDep, services: ServicesDep
+    body: TenantSettingsBody, principal: AdminDep, services: ServicesDep
 ) -> TenantSettingsBody:
     """Workers pick the change up within a minute (they cache tenant settings)."""
-    require_admin(principal)
     async with services.pool.acquire() as conn, conn.transaction():
         await conn.execute(
             "UPDATE tenants SET time_zone = $2, leak_threshold_s = $3,"

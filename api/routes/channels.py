@@ -9,8 +9,10 @@ from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.deps import PrincipalDep, ServicesDep
+from api.deps import AdminDep, PrincipalDep, ServicesDep
 from api.errors import ApiError
+from api.models import RequestBody
+from api.tenants import Principal
 from connectors.channels import ChannelTaken, register_channel
 from flexoraa import audit
 
@@ -19,7 +21,7 @@ router = APIRouter(tags=["channels"])
 _SECRET = Field(min_length=1, max_length=1024)
 
 
-class WhatsAppChannelRequest(BaseModel):
+class WhatsAppChannelRequest(RequestBody):
     model_config = ConfigDict(extra="forbid")
 
     phone_number_id: str = Field(min_length=1, max_length=64, pattern=r"^[0-9]+$")
@@ -30,7 +32,7 @@ class WhatsAppChannelRequest(BaseModel):
     access_token: str = _SECRET
 
 
-class MetaPageChannelRequest(BaseModel):
+class MetaPageChannelRequest(RequestBody):
     """An Instagram professional account or a Facebook page (the webhook's `entry[].id`)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -52,7 +54,7 @@ class ChannelView(BaseModel):
 
 async def _register(
     services: ServicesDep,
-    principal: PrincipalDep,
+    principal: Principal,
     kind: str,
     external_id: str,
     body: WhatsAppChannelRequest | MetaPageChannelRequest,
@@ -88,7 +90,7 @@ async def _register(
 
 @router.post("/api/channels/whatsapp", status_code=201, responses={200: {}, 409: {}})
 async def register_whatsapp(
-    body: WhatsAppChannelRequest, principal: PrincipalDep, services: ServicesDep
+    body: WhatsAppChannelRequest, principal: AdminDep, services: ServicesDep
 ) -> JSONResponse:
     """Register a WhatsApp business number; secrets are stored encrypted, never returned."""
     return await _register(services, principal, "whatsapp", body.phone_number_id, body)
@@ -96,14 +98,14 @@ async def register_whatsapp(
 
 @router.post("/api/channels/instagram", status_code=201, responses={200: {}, 409: {}})
 async def register_instagram(
-    body: MetaPageChannelRequest, principal: PrincipalDep, services: ServicesDep
+    body: MetaPageChannelRequest, principal: AdminDep, services: ServicesDep
 ) -> JSONResponse:
     return await _register(services, principal, "instagram", body.page_id, body)
 
 
 @router.post("/api/channels/facebook", status_code=201, responses={200: {}, 409: {}})
 async def register_facebook(
-    body: MetaPageChannelRequest, principal: PrincipalDep, services: ServicesDep
+    body: MetaPageChannelRequest, principal: AdminDep, services: ServicesDep
 ) -> JSONResponse:
     return await _register(services, principal, "facebook", body.page_id, body)
 

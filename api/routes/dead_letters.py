@@ -9,12 +9,18 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Query
-from pydantic import AwareDatetime, BaseModel, Field
+from pydantic import BaseModel, Field
 
-from api.deps import PrincipalDep, ServicesDep
-from api.errors import ApiError
-from api.paging import DATABASE_ERRORS, CursorQuery, LimitQuery, decode_cursor, encode_cursor
-from api.routes.admin import require_admin
+from api.deps import AdminDep, ServicesDep
+from api.errors import DATABASE_ERRORS, ApiError
+from api.paging import (
+    CursorQuery,
+    LimitQuery,
+    cursor_time,
+    decode_cursor,
+    encode_cursor,
+)
+from schemas.events import EventTime
 
 router = APIRouter(tags=["admin"])
 
@@ -72,22 +78,21 @@ def _as_json(record: bytes) -> Any:
     "/api/dead-letters", response_model=DeadLetterPage, responses={400: {}, 403: {}, 503: {}}
 )
 async def dead_letters(
-    principal: PrincipalDep,
+    principal: AdminDep,
     services: ServicesDep,
     limit: LimitQuery = 50,
     cursor: CursorQuery = None,
     kind: Annotated[str | None, Query(max_length=64)] = None,
     source: SourceQuery = None,
-    since: AwareDatetime | None = None,
+    since: EventTime | None = None,
 ) -> DeadLetterPage:
     """The tenant's records that were set aside (a record naming no tenant is nobody's but the
     operators'), newest first."""
-    require_admin(principal)
     after: tuple[datetime, int, int] | None = None
     if cursor is not None:
         at, partition, offset = decode_cursor(cursor, 3)
         try:
-            after = (datetime.fromisoformat(at), int(partition), int(offset))
+            after = (cursor_time(at), int(partition), int(offset))
         except ValueError as exc:
             raise ApiError(400, "cursor: not a cursor returned by this API") from exc
         # Past what the columns hold, PostgreSQL would refuse the query (a 500).

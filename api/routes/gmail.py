@@ -10,11 +10,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel, ConfigDict, EmailStr, Field, model_validator
+from pydantic import ConfigDict, EmailStr, Field, model_validator
 
-from api.deps import PrincipalDep, ServicesDep
+from api.deps import AdminDep, PrincipalDep, ServicesDep
 from api.errors import ApiError
 from api.lead_state import StateUnavailable
+from api.models import RequestBody
 from connectors.gmail import GmailApiError, GmailNotConfigured, Mailbox, MailboxRevoked
 from connectors.gmail_send import NoMailbox
 from flexoraa.kafka import PublishUnavailable
@@ -26,7 +27,7 @@ _NOT_CONFIGURED = "Gmail is not configured: set GMAIL_CLIENT_ID and GMAIL_CLIENT
 
 
 @router.get("/api/integrations/gmail/auth-url", responses={503: {}})
-async def auth_url(principal: PrincipalDep, services: ServicesDep) -> dict[str, str]:
+async def auth_url(principal: AdminDep, services: ServicesDep) -> dict[str, str]:
     """Google's consent URL; its `state` is bound to the caller's tenant, expires, works once."""
     if not services.gmail_oauth.configured:
         raise ApiError(503, _NOT_CONFIGURED)
@@ -118,7 +119,7 @@ async def integrations_status(principal: PrincipalDep, services: ServicesDep) ->
     return {"integrations": integrations, "gmail_configured": services.gmail_oauth.configured}
 
 
-class SendRequest(BaseModel):
+class SendRequest(RequestBody):
     model_config = ConfigDict(extra="forbid")
 
     lead_id: uuid.UUID | None = None

@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import APIRouter
 
 from api.deps import PrincipalDep, ServicesDep
-from api.errors import ApiError
+from api.errors import DATABASE_ERRORS, ApiError
 from api.lead_state import StateUnavailable
 from api.models import (
     LeadPage,
@@ -24,7 +24,13 @@ from api.models import (
     SendRequest,
     WindowView,
 )
-from api.paging import DATABASE_ERRORS, CursorQuery, LimitQuery, decode_cursor, encode_cursor
+from api.paging import (
+    CursorQuery,
+    LimitQuery,
+    cursor_time,
+    decode_cursor,
+    encode_cursor,
+)
 from flexoraa.kafka import PublishUnavailable
 from schemas.messaging import CancelScheduled, OutboundCommand
 from streams.rules.window import window_state
@@ -256,7 +262,10 @@ async def cancel_scheduled(
         )
     except PublishUnavailable as exc:
         await services.pool.execute(
-            "UPDATE scheduled_messages SET status = 'scheduled' WHERE scheduled_id = $1", parsed
+            # Only our own cancel is undone: the sink may have marked it sent meanwhile.
+            "UPDATE scheduled_messages SET status = 'scheduled'"
+            " WHERE scheduled_id = $1 AND status = 'cancelled'",
+            parsed,
         )
         raise ApiError(503, "not cancelled: Kafka is unavailable, retry later") from exc
     return _scheduled_view(row)
@@ -274,7 +283,7 @@ async def list_leads(
     if cursor is not None:
         activity, lead = decode_cursor(cursor, 2)
         try:
-            after = (datetime.fromisoformat(activity), str(uuid.UUID(lead)))
+            after = (cursor_time(activity), str(uuid.UUID(lead)))
         except ValueError as exc:
             raise ApiError(400, "cursor: not a cursor returned by this API") from exc
     try:
@@ -316,7 +325,7 @@ async def list_messages(
     if cursor is not None:
         occurred, event = decode_cursor(cursor, 2)
         try:
-            after = (datetime.fromisoformat(occurred), str(uuid.UUID(event)))
+            after = (cursor_time(occurred), str(uuid.UUID(event)))
         except ValueError as exc:
             raise ApiError(400, "cursor: not a cursor returned by this API") from exc
     try:

@@ -10,6 +10,7 @@ from pydantic import BaseModel
 
 from api.deps import PrincipalDep, ServicesDep
 from api.errors import ApiError
+from schemas.events import EventTime
 
 router = APIRouter(tags=["monitoring"])
 
@@ -29,14 +30,12 @@ class LeakageStats(BaseModel):
 async def leakage_stats(
     principal: PrincipalDep,
     services: ServicesDep,
-    since: Annotated[datetime | None, Query(alias="from")] = None,
-    until: Annotated[datetime | None, Query(alias="to")] = None,
+    since: Annotated[EventTime | None, Query(alias="from")] = None,
+    until: Annotated[EventTime | None, Query(alias="to")] = None,
 ) -> LeakageStats:
     """Leaks by temperature and action, median time to first reply, reassignments per SDR."""
     until = until or datetime.now(UTC)
     since = since or until - timedelta(days=7)
-    if since.tzinfo is None or until.tzinfo is None:
-        raise ApiError(400, "from and to need a time zone (ISO 8601, e.g. 2026-11-24T00:00:00Z)")
     if since >= until:
         raise ApiError(400, "from must be before to")
     tenant = principal.tenant_id
@@ -101,14 +100,14 @@ class RecoveryStats(BaseModel):
 async def recovery_stats(
     principal: PrincipalDep,
     services: ServicesDep,
-    since: Annotated[datetime | None, Query(alias="from")] = None,
-    until: Annotated[datetime | None, Query(alias="to")] = None,
+    since: Annotated[EventTime | None, Query(alias="from")] = None,
+    until: Annotated[EventTime | None, Query(alias="to")] = None,
 ) -> RecoveryStats:
     """Cold-recovery attempts, replies and success rate per step."""
     until = until or datetime.now(UTC)
     since = since or until - timedelta(days=30)
-    if since.tzinfo is None or until.tzinfo is None or since >= until:
-        raise ApiError(400, "from and to need a time zone and from must be before to")
+    if since >= until:
+        raise ApiError(400, "from must be before to")
     rows = await services.pool.fetch(
         """SELECT step, strategy, count(*) AS attempts, count(replied_at) AS replies
            FROM lead_recovery_log

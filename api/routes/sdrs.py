@@ -9,13 +9,14 @@ import asyncpg
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, EmailStr, Field
 
-from api.deps import PrincipalDep, ServicesDep
+from api.deps import AdminDep, PrincipalDep, ServicesDep
 from api.errors import ApiError
+from api.models import RequestBody
 
 router = APIRouter(tags=["sdrs"])
 
 
-class SdrRequest(BaseModel):
+class SdrRequest(RequestBody):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=200)
@@ -42,7 +43,7 @@ def _view(row: asyncpg.Record) -> SdrView:
 
 
 @router.post("/api/sdrs", status_code=201, response_model=SdrView, responses={409: {}})
-async def add_sdr(body: SdrRequest, principal: PrincipalDep, services: ServicesDep) -> SdrView:
+async def add_sdr(body: SdrRequest, principal: AdminDep, services: ServicesDep) -> SdrView:
     try:
         row = await services.pool.fetchrow(
             f"""INSERT INTO sdrs (sdr_id, tenant_id, name, email, active, max_open_leads)
@@ -71,22 +72,25 @@ async def list_sdrs(principal: PrincipalDep, services: ServicesDep) -> list[SdrV
 
 @router.put("/api/sdrs/{sdr_id}", response_model=SdrView, responses={404: {}})
 async def update_sdr(
-    sdr_id: str, body: SdrRequest, principal: PrincipalDep, services: ServicesDep
+    sdr_id: str, body: SdrRequest, principal: AdminDep, services: ServicesDep
 ) -> SdrView:
     try:
         parsed = uuid.UUID(sdr_id)
     except ValueError as exc:
         raise ApiError(404, "SDR not found") from exc
-    row = await services.pool.fetchrow(
-        f"""UPDATE sdrs SET name = $3, email = $4, active = $5, max_open_leads = $6
-            WHERE sdr_id = $1 AND tenant_id = $2 RETURNING {_COLUMNS}""",
-        parsed,
-        principal.tenant_id,
-        body.name,
-        str(body.email).lower(),
-        body.active,
-        body.max_open_leads,
-    )
+    try:
+        row = await services.pool.fetchrow(
+            f"""UPDATE sdrs SET name = $3, email = $4, active = $5, max_open_leads = $6
+                WHERE sdr_id = $1 AND tenant_id = $2 RETURNING {_COLUMNS}""",
+            parsed,
+            principal.tenant_id,
+            body.name,
+            str(body.email).lower(),
+            body.active,
+            body.max_open_leads,
+        )
+    except asyncpg.UniqueViolationError as exc:
+        raise ApiError(409, f"another SDR has the email {body.email}") from exc
     if row is None:
         raise ApiError(404, "SDR not found")
     return _view(row)

@@ -15,11 +15,13 @@ from typing import Annotated, Any, Literal
 import asyncpg
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from api.deps import PrincipalDep, ServicesDep, WebhookLimit
+from api.deps import AdminDep, PrincipalDep, ServicesDep, WebhookLimit
 from api.errors import ApiError
 from api.lead_state import StateUnavailable
+from api.models import RequestBody
+from api.paging import CursorQuery, cursor_time, decode_cursor, encode_cursor
 from api.webhook_letters import WEBHOOK_RECORDS, webhook_letter
 from connectors.razorpay import (
     PaymentProviderError,
@@ -29,6 +31,7 @@ from connectors.razorpay import (
 )
 from flexoraa.credits import Connection, PaidOrder, credit_paid_order
 from flexoraa.kafka import PublishUnavailable
+from schemas.events import EventTime
 from schemas.latency import NO_TENANT
 
 logger = logging.getLogger(__name__)
@@ -60,7 +63,7 @@ async def packs(principal: PrincipalDep, services: ServicesDep) -> list[PackView
     ]
 
 
-class CreateOrderRequest(BaseModel):
+class CreateOrderRequest(RequestBody):
     model_config = ConfigDict(extra="forbid")
     pack: str = Field(min_length=1, max_length=64)
 
@@ -82,7 +85,7 @@ class OrderView(BaseModel):
     responses={400: {}, 502: {}, 503: {"description": "payments are not configured"}},
 )
 async def create_order(
-    body: CreateOrderRequest, principal: PrincipalDep, services: ServicesDep
+    body: CreateOrderRequest, principal: AdminDep, services: ServicesDep
 ) -> OrderView:
     pack = services.packs.get(body.pack)
     if pack is None:
@@ -112,7 +115,7 @@ async def create_order(
     )
 
 
-class VerifyRequest(BaseModel):
+class VerifyRequest(RequestBody):
     model_config = ConfigDict(extra="forbid")
     razorpay_order_id: str = Field(min_length=1, max_length=64)
     razorpay_payment_id: str = Field(min_length=1, max_length=64)
@@ -131,7 +134,7 @@ class CreditView(BaseModel):
     response_model=CreditView,
     responses={400: {"description": "signature mismatch"}, 404: {}, 503: {}},
 )
-async def verify(body: VerifyRequest, principal: PrincipalDep, services: ServicesDep) -> CreditView:
+async def verify(body: VerifyRequest, principal: AdminDep, services: ServicesDep) -> CreditView:
     if not services.razorpay.configured:
         raise ApiError(503, "payments are not configured: set RAZORPAY_KEY_ID and "
                             "RAZORPAY_KEY_SECRET")  # fmt: skip
@@ -272,7 +275,8 @@ async def balance(principal: PrincipalDep, services: ServicesDep) -> dict[str, A
     try:
         account = await services.lead_state.tenant_tokens(principal.tenant_id)
     except StateUnavailable as exc:
-        raise ApiError(503, f"token account unavailable: {exc}") from exc
+        # Not the error's text: it names the worker's internal address.
+        raise ApiError(503, "token account unavailable: no worker answered") from exc
     return {
         "balance": account["balance"],
         "used_this_cycle": account["used_this_cycle"],
@@ -296,8 +300,8 @@ _GROUP_COLUMN = {
 async def usage(
     principal: PrincipalDep,
     services: ServicesDep,
-    from_: Annotated[AwareDatetime | None, Query(alias="from")] = None,
-    to: AwareDatetime | None = None,
+    from_: Annotated[EventTime | None, Query(alias="from")] = None,
+    to: EventTime | None = None,
     group_by: GroupBy = "day",
 ) -> dict[str, Any]:
     until = to or datetime.now(UTC)
@@ -339,19 +343,30 @@ async def payment_history(
     principal: PrincipalDep,
     services: ServicesDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    before: AwareDatetime | None = None,
+    before: EventTime | None = None,
+    cursor: CursorQuery = None,
 ) -> dict[str, Any]:
+    """The tenant's orders, newest first; `before` filters by time, `cursor` pages."""
+    after_at, after_order = None, None
+    if cursor is not None:
+        # Keyset on (time, order id): orders created in one instant are not skipped.
+        at, after_order = decode_cursor(cursor, 2)
+        after_at = cursor_time(at)
     rows: list[asyncpg.Record] = await services.pool.fetch(
         """SELECT order_id, pack, tokens, amount, currency, status, payment_id, failure_reason,
                   created_at, credited_at
            FROM payment_orders WHERE tenant_id = $1 AND ($2::timestamptz IS NULL OR created_at < $2)
-           ORDER BY created_at DESC LIMIT $3""",
+             AND ($3::timestamptz IS NULL OR (created_at, order_id) < ($3, $4::text))
+           ORDER BY created_at DESC, order_id DESC LIMIT $5""",
         principal.tenant_id,
         before,
+        after_at,
+        after_order,
         limit,
     )
     payments = [dict(r) for r in rows]
-    return {
-        "payments": payments,
-        "next_before": payments[-1]["created_at"].isoformat() if len(rows) == limit else None,
-    }
+    next_cursor = None
+    if len(rows) == limit:
+        last = payments[-1]
+        next_cursor = encode_cursor(last["created_at"].isoformat(), last["order_id"])
+    return {"payments": payments, "next_cursor": next_cursor}

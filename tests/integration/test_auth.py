@@ -9,6 +9,7 @@ import pytest
 
 from api.main import create_app
 from flexoraa.settings import Settings
+from tests.conftest import MakeTenant
 
 pytestmark = pytest.mark.integration
 
@@ -36,3 +37,39 @@ async def test_every_route_requires_a_key(api: httpx.AsyncClient, test_settings:
         concrete = re.sub(r"\{[^}]+\}", "00000000-0000-4000-8000-000000000000", path)
         response = await api.request(method, concrete, json={})
         assert response.status_code == 401, (method, path, response.status_code)
+
+
+# An admin key's alone: configuration, money and the tenant's records. An SDR key works leads;
+# a connector key (a channel bridge's) only brings messages in.
+ADMIN_ONLY = {
+    ("POST", "/api/keys"), ("GET", "/api/keys"), ("DELETE", "/api/keys/{key_id}"),
+    ("GET", "/api/audit-log"), ("PUT", "/api/tenant/settings"), ("GET", "/api/dead-letters"),
+    ("POST", "/api/channels/whatsapp"), ("POST", "/api/channels/instagram"),
+    ("POST", "/api/channels/facebook"), ("POST", "/api/sdrs"), ("PUT", "/api/sdrs/{sdr_id}"),
+    ("GET", "/api/integrations/gmail/auth-url"), ("POST", "/api/tokens/topup/create-order"),
+    ("POST", "/api/tokens/topup/verify"),
+}  # fmt: skip
+CONNECTOR_ONLY = ("POST", "/api/events/inbound")
+
+
+async def test_each_role_reaches_only_its_routes(
+    api: httpx.AsyncClient, test_settings: Settings, make_tenant: MakeTenant
+) -> None:
+    # An SDR key replaced a channel's app secret (every real webhook then failed its
+    # signature) and edited the roster; a connector key could do all an SDR key could.
+    tenant = await make_tenant()
+    keys = {
+        role: (await api.post("/api/keys", headers=tenant.headers, json={"role": role})).json()
+        for role in ("sdr", "connector")
+    }
+    routes = documented_routes(test_settings)
+    assert set(routes) >= ADMIN_ONLY
+    for method, path in routes:
+        concrete = re.sub(r"\{[^}]+\}", "00000000-0000-4000-8000-000000000000", path)
+        for role, key in keys.items():
+            headers = {"Authorization": f"Bearer {key['api_key']}"}
+            response = await api.request(method, concrete, headers=headers, json={})
+            refused = (
+                (method, path) in ADMIN_ONLY if role == "sdr" else (method, path) != CONNECTOR_ONLY
+            )
+            assert (response.status_code == 403) == refused, (role, method, path, response.text)

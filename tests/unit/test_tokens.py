@@ -123,6 +123,8 @@ def test_webhook_signature_vector() -> None:
         (WEBHOOK_BODY, WEBHOOK_SIGNATURE, "rzp_key_secret"),  # the API secret, not the webhook's
         (WEBHOOK_BODY, None, WEBHOOK_SECRET),
         (WEBHOOK_BODY, "", WEBHOOK_SECRET),
+        # Non-ASCII text raised TypeError in compare_digest: a 500 anyone could cause.
+        (WEBHOOK_BODY, "\xe9" * 64, WEBHOOK_SECRET),
     ],
 )
 def test_tampered_webhook_signatures_are_refused(
@@ -144,6 +146,8 @@ def test_checkout_signature_vector_and_tampering() -> None:
     assert not gateway.payment_signature_valid(
         "order_IluGWxBm9U8zJ8", "pay_IH4NVgf4Dreq1m", signature
     )
+    for garbled in ("\xe9", "é" * 64, signature + " ", ""):
+        assert not gateway.payment_signature_valid("order_IluGWxBm9U8zJ8", "pay_1", garbled)
 
 
 def test_subscription_cycles_advance_by_calendar_month() -> None:
