@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Literal
 
+import asyncpg
 from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -81,6 +82,10 @@ async def _register(
             )  # fmt: skip
     except ChannelTaken as exc:
         raise ApiError(409, str(exc)) from exc
+    except asyncpg.UniqueViolationError as exc:
+        # Registered by a request at the same moment (UNIQUE (kind, external_id)); a retry
+        # finds it and answers as above.
+        raise ApiError(409, f"{kind} {external_id} is being registered by another request") from exc
     services.channels.invalidate()
     return JSONResponse(
         {"channel_id": channel_id, "kind": kind, "external_id": external_id},
