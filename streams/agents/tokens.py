@@ -402,6 +402,8 @@ class AiGate:
         self._failed_resumes: dict[bytes, tuple[str, int]] = {}
         # Told that a kind's deferred actions of a lead were dropped (`dead_lettered`).
         self._on_dropped: dict[str, Callable[[bytes], None]] = {}
+        # Leads whose deferred actions are being resumed now (`_resume_held`).
+        self._resuming: set[bytes] = set()
 
     def add_resumer(
         self, kind: str, resumer: Resumer, on_dropped: Callable[[bytes], None] | None = None
@@ -427,9 +429,13 @@ class AiGate:
         self._deferred[key] = {**entry, "actions": actions}
         now_ms = int(time.time() * 1000)
         pending = self._scheduler.pending(key).get(RESUME_DEADLINE)
-        # A due one is the one firing now (it is cancelled after its handler): set the next.
-        if pending is None or pending <= now_ms:
-            self._scheduler.set(key, {RESUME_DEADLINE: now_ms + _RESUME_RECHECK_MS})
+        # A due one is the one firing now, and so is any during a resume (a top-up fires the
+        # lead's deadline early): it is cancelled after its handler, so set the next. Kept,
+        # an action deferred again by a resume (the tenant ran dry again) had no deadline
+        # left, and no later top-up resumed it.
+        if pending is None or pending <= now_ms or key in self._resuming:
+            due_ms = now_ms + _RESUME_RECHECK_MS
+            self._scheduler.set(key, {RESUME_DEADLINE: due_ms + (due_ms == pending)})
         self._waiting[tenant_id].add(key)
         AI_ACTIONS_DEFERRED.labels(kind).inc()
 
@@ -461,7 +467,19 @@ class AiGate:
             return
         del self._deferred[key]
         self._waiting[tenant_id].discard(key)
-        actions = list(entry["actions"].items())
+        self._resuming.add(key)
+        try:
+            await self._run_resumers(key, tenant_id, list(entry["actions"].items()), session)
+        finally:
+            self._resuming.discard(key)
+
+    async def _run_resumers(
+        self,
+        key: bytes,
+        tenant_id: str,
+        actions: list[tuple[str, list[Any]]],
+        session: dict[str, Any] | None,
+    ) -> None:
         for done, (kind, payloads) in enumerate(actions):
             resumer = self._resumers.get(kind)
             if resumer is None:

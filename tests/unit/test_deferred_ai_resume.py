@@ -1,0 +1,86 @@
+"""AI work kept while a tenant has no tokens is resumed by a top-up, including work a resume
+had to keep again because the tenant ran dry in the middle of it."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from schemas.messaging import DeadlineReached
+from streams.agents.deadlines import DeadlineActions
+from streams.agents.tokens import RESUME_DEADLINE, AiGate, TenantStatusView
+from streams.poison import PoisonRecords
+from streams.timers import DeadlineIndex, Scheduler
+
+TENANT = str(uuid.uuid4())
+KEY = str(uuid.uuid4()).encode()
+EVERY_PARTITION = set(range(8))
+
+
+class View:
+    paused = True
+
+    def is_paused(self, tenant_id: str) -> bool:
+        return self.paused
+
+    async def wait_loaded(self, timeout_s: float = 30.0) -> None:
+        return None
+
+
+@dataclass
+class Topic:
+    sent: list[bytes] = field(default_factory=list)
+
+    async def send(self, *, key: bytes, value: bytes) -> None:
+        self.sent.append(value)
+
+
+class NeverPoison:
+    def should_dead_letter(self, exc: BaseException) -> bool:
+        return False
+
+
+async def top_up(gate: AiGate, view: View, actions: DeadlineActions) -> int:
+    """The tenant's tokens are back: the tick fires the lead's resume deadline now."""
+    view.paused = False
+    topic = Topic()
+    await gate.release_resumed(cast(Any, topic), owned=EVERY_PARTITION, partitions=8)
+    for value in topic.sent:
+        await actions.act_on(DeadlineReached.model_validate_json(value))
+    return len(topic.sent)
+
+
+async def test_work_deferred_again_during_a_resume_is_resumed_by_the_next_top_up() -> None:
+    view = View()
+    scheduler = Scheduler(cast(Any, {}), DeadlineIndex())
+    deferred: dict[bytes, Any] = {}
+    gate = AiGate(cast(TenantStatusView, view), scheduler, cast(Any, deferred), cast(Any, {}))
+    answered: list[str] = []
+
+    async def answer(key: bytes, messages: list[Any], session: Any) -> None:
+        # As the interviewer does: keep the message if earlier ones wait or the tenant is dry.
+        for message in messages:
+            if gate.has_deferred(key) or not await gate.allows(TENANT):
+                gate.defer(key, TENANT, "qualification", message)
+                continue
+            answered.append(message)
+            view.paused = True  # this answer spent the last tokens
+
+    gate.add_resumer("qualification", answer)
+    gate.defer(KEY, TENANT, "qualification", "m1")
+    gate.defer(KEY, TENANT, "qualification", "m2")
+    actions = DeadlineActions(
+        scheduler, {}, gate.handlers(), cast(PoisonRecords, NeverPoison()), {}
+    )
+
+    assert await top_up(gate, view, actions) == 1
+    assert answered == ["m1"]
+    assert deferred[KEY]["actions"] == {"qualification": ["m2"]}
+    # Still due: the deadline fired by the top-up was cancelled after its handler, and m2
+    # had none left (nothing resumed it, however many top-ups came).
+    assert RESUME_DEADLINE in scheduler.pending(KEY)
+
+    assert await top_up(gate, view, actions) == 1
+    assert answered == ["m1", "m2"]
+    assert KEY not in deferred
