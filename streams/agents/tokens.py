@@ -208,12 +208,16 @@ class Accounts:
         for kind, count in counts.items():
             TOKEN_EVENTS.labels(kind).inc(count)
         now = datetime.now(UTC)
+        # Effects first, then the accounts that mark their records applied: the status and
+        # the alerts exist only for a flip or a crossing, which a replay of records already in
+        # the account does not see again. Written first, an account reached its changelog
+        # while a status send waited (on metadata, on a full batch), and a worker killed then
+        # left the tenant paused after its top-up, or unpaused and spending, for good.
+        for usage, percent, account in alerts:
+            await self._alert(usage, percent, account)
         for tenant, (partition, account, up_to) in changed.items():
             key = tenant.encode()
             before = self._accounts.get(key)
-            put_in_partition(
-                self._accounts, partition, key, {**account.as_dict(), "applied_up_to": up_to}
-            )
             # Workers gate on the paused flag only: a status record when it flips (or for a
             # new account), not one per batch of a busy tenant.
             if before is None or Account.from_dict(before).paused != account.paused:
@@ -224,11 +228,12 @@ class Accounts:
                 await self._status_topic.send(key=key, value=status.model_dump_json().encode())
                 if before is not None:
                     await self._audit_flip(tenant, account)
+            put_in_partition(
+                self._accounts, partition, key, {**account.as_dict(), "applied_up_to": up_to}
+            )
             TOKEN_BALANCE.labels(tenant).set(account.balance)
             TOKEN_CYCLE_USED_PERCENT.labels(tenant).set(account.cycle_percent)
             TOKEN_TENANT_PAUSED.labels(tenant).set(1 if account.paused else 0)
-        for usage, percent, account in alerts:
-            await self._alert(usage, percent, account)
 
     async def _audit_flip(self, tenant_id: str, account: Account) -> None:
         action = "tenant.paused" if account.paused else "tenant.resumed"

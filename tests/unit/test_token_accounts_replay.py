@@ -3,6 +3,7 @@ changelog records (the accounts, the seen ids) were saved before the worker died
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -10,7 +11,7 @@ from typing import Any, cast
 
 from faust.types import TableT, TopicT
 
-from schemas.tokens import TokenCredit, TokenUsage
+from schemas.tokens import TenantStatus, TokenCredit, TokenUsage
 from streams.agents.tokens import Accounts, SeenIds
 
 TENANT = "00000000-0000-4000-8000-000000000007"
@@ -101,3 +102,45 @@ async def test_a_usage_produced_twice_is_applied_once() -> None:
     await accounts.apply(events)
     await accounts.apply([Record(events[2].value, offset=9)])
     assert accounts.account(TENANT).balance == 988
+
+
+class UnreachableTopic(FakeTopic):
+    async def send(self, *, key: bytes, value: bytes) -> None:
+        raise ConnectionError("the status topic's metadata did not come")
+
+
+class AuditPool:
+    async def execute(self, *args: Any) -> None:
+        return None
+
+
+async def test_a_flip_whose_status_was_not_sent_is_sent_by_the_replay() -> None:
+    # The account was written before its status: a worker that died while the status send
+    # waited came back with the flip in the account, so the replay saw no flip, and the
+    # tenant stayed unpaused (spending) or paused (after paying) for good.
+    accounts, seen = FakeTable(), FakeTable()
+    now = datetime.now(UTC)
+    credit = TokenCredit(event_id=str(uuid.uuid4()), tenant_id=TENANT, occurred_at=now,
+                         source="trial", reference="trial", tokens=5)  # fmt: skip
+    spent = TokenUsage(event_id=str(uuid.uuid4()), tenant_id=TENANT, occurred_at=now,
+                       feature="qualification", tokens=5)  # fmt: skip
+    await accounts_over(accounts, seen).apply([Record(credit.model_dump_json().encode(), 0)])
+    usage = [Record(spent.model_dump_json().encode(), 1)]
+
+    async def pool() -> Any:
+        return AuditPool()
+
+    def fold(status_topic: FakeTopic) -> Accounts:
+        return Accounts(
+            accounts=cast(TableT[bytes, Any], accounts),
+            seen=SeenIds(cast(TableT[bytes, Any], seen)), status_topic=cast(TopicT, status_topic),
+            notifications=cast(TopicT, FakeTopic()), dead_letters=cast(TopicT, FakeTopic()),
+            pool=pool,
+        )  # fmt: skip
+
+    with contextlib.suppress(ConnectionError):
+        await fold(UnreachableTopic()).apply(usage)
+    statuses = FakeTopic()
+    await fold(statuses).apply(usage)  # the worker's restart reads the batch again
+    assert [TenantStatus.model_validate_json(v).paused for v in statuses.sent] == [True]
+    assert (accounts[TENANT.encode()]["credited"], accounts[TENANT.encode()]["used"]) == (5, 5)
