@@ -164,6 +164,13 @@ class Settings(BaseSettings):
         description="longest wait to fill a batch of PostgreSQL rows (the sinks) or of "
         "notifications",
     )
+    token_seen_kept_days: int = Field(
+        7,
+        ge=1,
+        le=365,
+        description="days a worker remembers applied token event ids, to ignore one published "
+        "again at a new offset (replays are recognised by offset, for ever)",
+    )
     dead_letters_kept_days: int = Field(
         30,
         ge=1,

@@ -168,7 +168,8 @@ def create_worker_app(settings: Settings) -> faust.App:
         "token_accounts", key_type=bytes, partitions=settings.kafka_partitions
     )
     seen_token_events = SeenIds(
-        app.Table("token_seen", key_type=bytes, partitions=settings.kafka_partitions)
+        app.Table("token_seen", key_type=bytes, partitions=settings.kafka_partitions),
+        kept_s=settings.token_seen_kept_days * 86_400,
     )
     # The token topics skip Faust's per-record delivery: their handlers take whole fetches.
     # A record failing for what it carries is dead-lettered, not a worker stopped at every

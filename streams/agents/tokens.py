@@ -95,22 +95,48 @@ def put_in_partition(table: TableT[Any, Any], partition: int, key: Any, value: A
         table.send_changelog(partition, key, value)
 
 
+def delete_in_partition(table: TableT[bytes, Any], partition: int, key: bytes) -> None:
+    """`put_in_partition`'s delete: a tombstone, so compaction frees the changelog too."""
+    table.data.pop(key, None)
+    if isinstance(table, HeldChangelogTable):
+        table.write_changelog(partition, key, None, value_serializer="raw")
+    else:
+        table.send_changelog(partition, key, None, value_serializer="raw")
+
+
 class SeenIds:
     """The event ids already applied, each with the record it was applied from, kept in a table
     as one record per partition and batch (a record per event would double the changelog
-    traffic) and in memory for lookups."""
+    traffic) and in memory for lookups.
 
-    def __init__(self, table: TableT[bytes, Any]) -> None:
+    Kept `kept_s`: a replay is recognised by its offset (the account's `applied_up_to`); the
+    ids catch an event published again at a new offset (an outbox row relayed twice, an effect
+    re-sent after a crash), which happens within minutes. Kept for good, they took about 216 MB
+    of memory per million token events and were all read back at every recovery.
+    """
+
+    def __init__(self, table: TableT[bytes, Any], kept_s: float = 7 * 86_400) -> None:
         self.table = table
+        self.kept_s = kept_s
         self._ids: dict[str, str | None] = {}
+        # Each batch record of the partitions held: (partition, written at (unix s), its ids).
+        self._batches: dict[bytes, tuple[int | None, float, list[str]]] = {}
 
     def rebuild(self) -> None:
         """After every recovery: the ids of the partitions this worker now holds."""
         self._ids = {}
-        for ids in self.table.values():
-            # A list (records written before positions were kept): ids without a position.
-            positions = ids if isinstance(ids, dict) else dict.fromkeys(ids)
+        self._batches = {}
+        for key, value in self.table.items():
+            if isinstance(value, dict) and "positions" in value:
+                positions = value["positions"]
+                batch = (value["partition"], value["at"], list(positions))
+            else:
+                # Written before batches carried their time: a dict of positions, or a list
+                # of ids without one. Dropped by the first prune.
+                positions = value if isinstance(value, dict) else dict.fromkeys(value)
+                batch = (None, 0.0, list(positions))
             self._ids.update(positions)
+            self._batches[key] = batch
 
     def __contains__(self, event_id: str) -> bool:
         return event_id in self._ids
@@ -119,10 +145,32 @@ class SeenIds:
         """Where the id was first applied from ("topic:partition:offset"), if known."""
         return self._ids.get(event_id)
 
-    def add(self, by_partition: dict[int, dict[str, str]]) -> None:
+    def add(self, by_partition: dict[int, dict[str, str]], now_s: float | None = None) -> None:
+        at = time.time() if now_s is None else now_s
         for partition, positions in by_partition.items():
-            put_in_partition(self.table, partition, uuid.uuid4().bytes, positions)
+            key = uuid.uuid4().bytes
+            record = {"partition": partition, "at": at, "positions": positions}
+            put_in_partition(self.table, partition, key, record)
             self._ids.update(positions)
+            self._batches[key] = (partition, at, list(positions))
+
+    def prune(self, owned: set[int], now_s: float | None = None) -> int:
+        """Forgets the batches older than `kept_s` of the partitions this worker is active for
+        (a standby's are its active's to delete); returns how many ids were forgotten."""
+        cutoff = (time.time() if now_s is None else now_s) - self.kept_s
+        forgotten = 0
+        for key, (partition, at, ids) in list(self._batches.items()):
+            if at >= cutoff or (partition is not None and partition not in owned):
+                continue
+            if partition is not None:
+                delete_in_partition(self.table, partition, key)
+            # else written before records named their partition: forgotten here only (its
+            # changelog record stays, read again and forgotten again after a recovery).
+            del self._batches[key]
+            for event_id in ids:
+                self._ids.pop(event_id, None)
+            forgotten += len(ids)
+        return forgotten
 
 
 class Accounts:
@@ -611,6 +659,19 @@ def register(
     @seen.table.on_recover
     async def rebuild_seen() -> None:
         seen.rebuild()
+
+    token_topic_names = {topic.get_topic_name() for topic in token_topics}
+
+    @app.timer(interval=3600.0)
+    async def forget_old_token_ids() -> None:
+        if app.rebalancing:
+            return
+        owned = {
+            tp.partition for tp in app.assignor.assigned_actives() if tp.topic in token_topic_names
+        }
+        forgotten = seen.prune(owned)
+        if forgotten:
+            logger.info("forgot %d token event ids older than %.0f s", forgotten, seen.kept_s)
 
     @app.timer(interval=tick_s)
     async def resume_deferred_ai() -> None:
