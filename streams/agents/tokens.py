@@ -420,8 +420,9 @@ class TenantStatusView:
             logger.warning("undecodable tenant status skipped")
             return
         previous = self._statuses.get(status.tenant_id)
-        if previous is not None and previous.updated_at > status.updated_at:
-            return
+        # The log's order is the truth (a tenant's statuses share a partition, written by its
+        # account's one owner): comparing `updated_at` dropped a flip written after a
+        # rebalance by a worker whose clock was behind, until the next flip.
         self._statuses[status.tenant_id] = status
         if previous is None or previous.paused != status.paused:
             for listener in self._listeners:

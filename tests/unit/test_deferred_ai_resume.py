@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from schemas.messaging import DeadlineReached
+from schemas.tokens import TenantStatus
 from streams.agents.deadlines import DeadlineActions
 from streams.agents.tokens import RESUME_DEADLINE, AiGate, TenantStatusView
 from streams.poison import PoisonRecords
@@ -84,3 +86,17 @@ async def test_work_deferred_again_during_a_resume_is_resumed_by_the_next_top_up
     assert await top_up(gate, view, actions) == 1
     assert answered == ["m1", "m2"]
     assert KEY not in deferred
+
+
+def test_the_status_view_takes_the_logs_order_not_the_writers_clocks() -> None:
+    # After a rebalance the account's new owner may run a clock behind the old one's: its
+    # flip was dropped as older, and the tenant stayed paused (or spending) until the next.
+    view = TenantStatusView("127.0.0.1:9092", "acme.tenant-status", 8)
+    later = datetime.now(UTC)
+    paused = TenantStatus(tenant_id=TENANT, balance=0, paused=True, updated_at=later)
+    topped_up = TenantStatus(
+        tenant_id=TENANT, balance=500, paused=False, updated_at=later - timedelta(seconds=2)
+    )
+    for status in (paused, topped_up):
+        view._apply(status.model_dump_json().encode())
+    assert not view.is_paused(TENANT)
