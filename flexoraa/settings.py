@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from limits import parse_many
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas.tokens import Feature
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -450,6 +452,16 @@ class Settings(BaseSettings):
             parse_many(value)
         except ValueError as exc:
             raise ValueError(f"not a rate limit like '100/second;3000/minute': {exc}") from exc
+        return value
+
+    @field_validator("token_prices")
+    @classmethod
+    def _every_feature_priced(cls, value: str) -> str:
+        # A feature left out (or misspelt: `qualifcation=1`) was charged 0: AI for free.
+        named = [part.split("=", 1)[0] for part in value.split(",")]
+        features = set(get_args(Feature))
+        if sorted(named) != sorted(features):
+            raise ValueError(f"price each of {sorted(features)} once, got {named}")
         return value
 
     @property

@@ -31,3 +31,16 @@ def test_worker_advertised_url_defaults_to_its_bind_address() -> None:
     assert settings.worker_advertised_url == "http://10.0.0.5:6070"
     override = Settings(worker_canonical_url="http://worker-1:6066")
     assert override.worker_advertised_url == "http://worker-1:6066"
+
+
+@pytest.mark.parametrize(
+    "prices",
+    [
+        "qualifcation=1,reengagement=1,recovery=1",  # misspelt: qualification ran free
+        "qualification=1,reengagement=1",
+        "qualification=1,reengagement=1,recovery=1,recovery=2",
+    ],
+)
+def test_every_ai_feature_has_exactly_one_price(prices: str) -> None:
+    with pytest.raises(ValidationError, match="price each of"):
+        Settings(token_prices=prices)
