@@ -79,6 +79,8 @@ _NOTIFICATION_NAMESPACE = uuid.UUID("0f3a9e57-2b6d-4c1e-8f40-7d2c5a9b1e63")
 _REPORT_CHECK_S = 30.0
 # PostgreSQL unreachable or refusing: the timer tries again on its next tick.
 _UNAVAILABLE = DB_ERRORS
+# Probe minutes kept while PostgreSQL cannot store them: a day (about 1,440 small dicts).
+UNSTORED_MINUTES_KEPT = 24 * 60
 
 ViolationKey = tuple[str, str, str]  # tenant_key, operation, metric
 
@@ -159,7 +161,19 @@ class Evaluator:
         self._loaded_for = None
 
     async def run(self, owned: set[int], owns: Callable[[str], bool], now_ms: int) -> None:
-        await self._store_minutes(owns)
+        # The gauges come from the windows in memory: published whatever PostgreSQL does, or
+        # every P90 and error alert went blind (frozen values) exactly while it was down.
+        try:
+            await self._judge(owned, owns, now_ms)
+        finally:
+            self._publish_gauges(owns, now_ms)
+
+    async def _judge(self, owned: set[int], owns: Callable[[str], bool], now_ms: int) -> None:
+        try:
+            await self._store_minutes(owns)
+        except _UNAVAILABLE as exc:
+            # Kept dirty for the next run; the violations below may still be judged.
+            logger.warning("SLA minutes not stored yet: %r", exc)
         if self._loaded_for != frozenset(owned):
             self.open = {
                 (v.tenant_key, v.operation, v.metric): v
@@ -175,7 +189,6 @@ class Evaluator:
             for check in checks(self._targets, operation, judged):
                 key = (tenant_key, operation, check.metric)
                 await self._step(key, check, now_ms)
-        self._publish_gauges(owns, now_ms)
 
     async def _store_minutes(self, owns: Callable[[str], bool]) -> None:
         keys = [k for k in self.dirty if k in self._windows.windows]
@@ -250,24 +263,32 @@ class UptimeRecorder:
         self._store = store
         self._targets = targets_from(settings)
         self.prober_id = str(uuid.uuid4())
-        self._minute_ms = 0
-        self._counts: dict[str, tuple[int, int]] = {}
+        # Each minute's counts, kept until stored: while PostgreSQL is down its own probes
+        # fail, and a minute dropped at its end (as it was) left an outage of the database
+        # out of the downtime (30 minutes down stored as 0 s).
+        self._minutes: dict[int, dict[str, tuple[int, int]]] = {}
         self._last_ratios_ms = 0
         self.open: dict[str, Violation] | None = None
 
     async def probe(self, now_ms: int) -> dict[str, bool]:
         results = await self._prober.probe()
         minute = minute_of(now_ms)
-        if minute != self._minute_ms:
-            self._minute_ms, self._counts = minute, {}
+        counts = self._minutes.setdefault(minute, {})
         for component, up in results.items():
-            probes, ups = self._counts.get(component, (0, 0))
-            self._counts[component] = (probes + 1, ups + up)
+            probes, ups = counts.get(component, (0, 0))
+            counts[component] = (probes + 1, ups + up)
             SLA_COMPONENT_UP.labels(component).set(1 if up else 0)
             SLA_PROBES.labels(component, "up" if up else "down").inc()
-        await self._store.record_uptime(
-            self.prober_id, minute, self._counts, self._settings.sla_probe_interval_s
-        )
+        for old in sorted(self._minutes)[:-UNSTORED_MINUTES_KEPT]:
+            logger.warning("uptime of minute %d dropped: not stored for a day", old)
+            del self._minutes[old]
+        # Oldest first; a past minute is let go once stored, the current one stays to count.
+        for stored in sorted(self._minutes):
+            await self._store.record_uptime(
+                self.prober_id, stored, self._minutes[stored], self._settings.sla_probe_interval_s
+            )
+            if stored != minute:
+                del self._minutes[stored]
         return results
 
     async def judge(self, now_ms: int, notify: Callable[[Notification], Any]) -> None:

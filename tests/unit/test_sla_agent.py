@@ -1,0 +1,75 @@
+"""The SLA agent's evaluator and uptime recorder when PostgreSQL is down: the gauges keep
+coming from memory, and the probe minutes are stored once it is back."""
+
+from __future__ import annotations
+
+import contextlib
+from datetime import UTC, datetime
+from typing import Any, cast
+
+from prometheus_client import REGISTRY
+
+from flexoraa.settings import Settings
+from streams.agents.sla import Evaluator, UptimeRecorder
+from streams.agents.sla_probes import Prober
+from streams.agents.sla_store import SlaStore
+from streams.rules.sla import MINUTE_MS, Observation, SlaWindows
+
+T0 = int(datetime(2026, 3, 10, 12, 0, tzinfo=UTC).timestamp() * 1000)
+
+
+class DownStore:
+    """PostgreSQL unreachable for the first `down_calls` writes."""
+
+    def __init__(self, down_calls: int = 10**9) -> None:
+        self.down_calls = down_calls
+        self.uptime: dict[int, dict[str, tuple[int, int]]] = {}
+
+    def _maybe_down(self) -> None:
+        if self.down_calls > 0:
+            self.down_calls -= 1
+            raise OSError("connection refused")
+
+    async def upsert_minutes(self, windows: list[Any]) -> None:
+        self._maybe_down()
+
+    async def open_violations(self) -> list[Any]:
+        return []
+
+    async def record_uptime(
+        self, prober_id: str, minute_ms: int, counts: dict[str, tuple[int, int]], interval: float
+    ) -> None:
+        self._maybe_down()
+        self.uptime[minute_ms] = dict(counts)
+
+
+class PostgresDown:
+    async def probe(self) -> dict[str, bool]:
+        return {"postgres": False, "kafka": True}
+
+
+async def test_the_gauges_are_published_while_the_minutes_cannot_be_stored() -> None:
+    windows = SlaWindows(lateness_ms=60_000, retention_min=61)
+    for offset in range(30):
+        windows.apply(Observation("routing", "t1", T0 + offset, 4_000.0, False, 0, offset), T0)
+    evaluator = Evaluator(settings=Settings(), windows=windows,
+                          store=cast(SlaStore, DownStore()), notify=lambda _: None)  # fmt: skip
+    evaluator.dirty.update(windows.windows)
+    await evaluator.run({0}, lambda operation: True, T0 + 1_000)
+    p90 = REGISTRY.get_sample_value("flexoraa_sla_latency_p90_seconds",
+                                    {"operation": "routing", "window": "5m"})  # fmt: skip
+    assert p90 is not None
+    assert 3.9 < p90 < 4.1
+    assert evaluator.dirty  # kept for the run after PostgreSQL is back
+
+
+async def test_minutes_probed_while_postgres_is_down_are_stored_once_it_is_back() -> None:
+    # Each minute's counts were dropped at its end: 30 minutes down stored as 0 s of downtime.
+    store = DownStore(down_calls=30)
+    recorder = UptimeRecorder(settings=Settings(), prober=cast(Prober, PostgresDown()),
+                              store=cast(SlaStore, store))  # fmt: skip
+    for minute in range(31):
+        with contextlib.suppress(OSError):
+            await recorder.probe(T0 + minute * MINUTE_MS)
+    assert sorted(store.uptime) == [T0 + m * MINUTE_MS for m in range(31)]
+    assert all(counts["postgres"] == (1, 0) for counts in store.uptime.values())
