@@ -23,6 +23,7 @@ from streams.agents.sla_metrics import publish_rolling
 from streams.agents.sla_store import SlaStore
 from streams.rules.sla import (
     MINUTE_MS,
+    OPERATIONS,
     PLATFORM,
     WINDOWS_MIN,
     MinuteRow,
@@ -74,7 +75,9 @@ class SlaGauges:
 
 
 def _publish(rows: list[MinuteRow], last_minute: int) -> None:
-    for operation in sorted({r.operation for r in rows}):
+    # Every operation, not only those with rows: one quiet for an hour kept its last figures
+    # (an 8 s P90 a day later), and the dashboards' max() picked them.
+    for operation in sorted({r.operation for r in rows} | set(OPERATIONS)):
         for name, minutes in WINDOWS_MIN.items():
             first = last_minute - (minutes - 1) * MINUTE_MS
             chosen = [r for r in rows if r.operation == operation and r.minute_ms >= first]

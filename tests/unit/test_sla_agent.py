@@ -4,16 +4,18 @@ coming from memory, and the probe minutes are stored once it is back."""
 from __future__ import annotations
 
 import contextlib
+import math
 from datetime import UTC, datetime
 from typing import Any, cast
 
 from prometheus_client import REGISTRY
 
+from api.sla_gauges import _publish
 from flexoraa.settings import Settings
 from streams.agents.sla import Evaluator, UptimeRecorder
 from streams.agents.sla_probes import Prober
 from streams.agents.sla_store import SlaStore
-from streams.rules.sla import MINUTE_MS, Observation, SlaWindows
+from streams.rules.sla import MINUTE_MS, PLATFORM, MinuteRow, Observation, SlaWindows, new_sketch
 
 T0 = int(datetime(2026, 3, 10, 12, 0, tzinfo=UTC).timestamp() * 1000)
 
@@ -73,3 +75,18 @@ async def test_minutes_probed_while_postgres_is_down_are_stored_once_it_is_back(
             await recorder.probe(T0 + minute * MINUTE_MS)
     assert sorted(store.uptime) == [T0 + m * MINUTE_MS for m in range(31)]
     assert all(counts["postgres"] == (1, 0) for counts in store.uptime.values())
+
+
+def test_the_apis_gauges_of_an_operation_gone_quiet_show_nothing_not_its_last_figures() -> None:
+    sketch = new_sketch()
+    for _ in range(50):
+        sketch.add(8_000.0)
+    minute = T0 - T0 % MINUTE_MS
+    _publish([MinuteRow("outbound_send", PLATFORM, minute, 50, 0, sketch)], minute)
+    labels = {"operation": "outbound_send", "window": "1h"}
+    assert REGISTRY.get_sample_value("flexoraa_sla_calls", labels) == 50
+    _publish([], minute + 61 * MINUTE_MS)  # an hour later, nothing was sent
+    assert REGISTRY.get_sample_value("flexoraa_sla_calls", labels) == 0
+    p90 = REGISTRY.get_sample_value("flexoraa_sla_latency_p90_seconds", labels)
+    assert p90 is not None
+    assert math.isnan(p90)
