@@ -215,6 +215,10 @@ class Interviewer:
             title="New qualified lead assigned to you",
             body=f"{_summary(state['facts'])} (score {state['score']:.0f}).",
         )
+        if not assignment.newly_assigned:
+            # Effects re-sent after a crash: the SLA windows count latency events by offset,
+            # not id, and the duration measured now would add the outage to routing's P90.
+            return
         # Capped as the event allows: a lead replayed from long ago is still routed.
         routing_ms = min(max(0.0, time.time() * 1000 - state["first_message_ms"]), MAX_DURATION_MS)
         await self._send(

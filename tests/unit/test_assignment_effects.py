@@ -1,6 +1,6 @@
-"""An assignment's effects (its lead event, the SDR's notification, the routing latency) go out
-even when the message is read again after a crash between the assignment, committed in
-PostgreSQL, and the interview state's write: the router then says "already assigned"."""
+"""An assignment's effects (its lead event, the SDR's notification) go out even when the message
+is read again after a crash between the assignment, committed in PostgreSQL, and the interview
+state's write: the router then says "already assigned". Its routing latency goes out once."""
 
 from __future__ import annotations
 
@@ -57,11 +57,13 @@ class Meter:
         return 1
 
 
-async def interview(newly_assigned: bool, state: dict[str, Any] | None) -> Topic:
+async def interview(
+    newly_assigned: bool, state: dict[str, Any] | None, latency: Topic | None = None
+) -> Topic:
     events = Topic()
     topics = QualificationTopics(
         lead_events=cast(Any, events), outbound_commands=cast(Any, Topic()),
-        notifications=cast(Any, Topic()), latency=cast(Any, Topic()),
+        notifications=cast(Any, Topic()), latency=cast(Any, latency or Topic()),
     )  # fmt: skip
     interviewer = Interviewer(
         QualificationAI(Settings(openai_api_key=None)), cast(Any, Router(newly_assigned)),
@@ -86,3 +88,13 @@ async def test_an_escalated_lead_the_router_had_assigned_before_a_crash_is_annou
 async def test_a_new_assignment_is_announced_once() -> None:
     events = await interview(newly_assigned=True, state=None)
     assert [event["type"] for event in events.sent].count("sdr_assigned") == 1
+
+
+async def test_the_routing_latency_is_measured_once_not_again_after_a_crash() -> None:
+    # Measured again at the replay, it counted twice (the SLA windows tell records apart by
+    # offset) and added the outage to routing's P90.
+    first, again = Topic(), Topic()
+    await interview(newly_assigned=True, state=None, latency=first)
+    await interview(newly_assigned=False, state=None, latency=again)
+    assert [event["operation"] for event in first.sent] == ["routing"]
+    assert again.sent == []
