@@ -477,6 +477,14 @@ def register(
             # PostgreSQL down: the round was probed (and is on the gauges) but not stored.
             logger.warning("uptime round not stored: %r", exc)
 
+    @app.timer(interval=settings.sla_probe_interval_s)
+    async def forget_uptime_unless_leader() -> None:
+        # Set by the leader alone: an ex-leader kept exporting its last "postgres up" beside
+        # the new leader's "down", and the alert's max() saw the component up.
+        if not app.is_leader():
+            for gauge in (SLA_COMPONENT_UP, SLA_UPTIME_RATIO, SLA_DOWNTIME):
+                gauge.clear()
+
     @app.timer(interval=_REPORT_CHECK_S, on_leader=True)
     async def daily_report() -> None:
         try:

@@ -104,6 +104,12 @@ def delete_in_partition(table: TableT[bytes, Any], partition: int, key: bytes) -
         table.send_changelog(partition, key, None, value_serializer="raw")
 
 
+def _gauge_account(tenant_id: str, account: Account) -> None:
+    TOKEN_BALANCE.labels(tenant_id).set(account.balance)
+    TOKEN_CYCLE_USED_PERCENT.labels(tenant_id).set(account.cycle_percent)
+    TOKEN_TENANT_PAUSED.labels(tenant_id).set(1 if account.paused else 0)
+
+
 class SeenIds:
     """The event ids already applied, each with the record it was applied from, kept in a table
     as one record per partition and batch (a record per event would double the changelog
@@ -193,6 +199,10 @@ class Accounts:
         self._notifications = notifications
         self._dead_letters = dead_letters
 
+    @property
+    def table(self) -> TableT[bytes, Any]:
+        return self._accounts
+
     def account(self, tenant_id: str) -> Account:
         return Account.from_dict(self._accounts.get(tenant_id.encode()))
 
@@ -279,9 +289,18 @@ class Accounts:
             put_in_partition(
                 self._accounts, partition, key, {**account.as_dict(), "applied_up_to": up_to}
             )
-            TOKEN_BALANCE.labels(tenant).set(account.balance)
-            TOKEN_CYCLE_USED_PERCENT.labels(tenant).set(account.cycle_percent)
-            TOKEN_TENANT_PAUSED.labels(tenant).set(1 if account.paused else 0)
+            _gauge_account(tenant, account)
+
+    def republish_gauges(self, owns: Callable[[bytes], bool]) -> None:
+        """After a recovery: the gauges of the accounts this worker is active for, and none of
+        the others. Set only when a token event came, a restarted worker exported nothing for
+        a quiet paused tenant (its alert resolved while it stayed paused), and the previous
+        owner kept exporting moved accounts' old figures."""
+        for gauge in (TOKEN_BALANCE, TOKEN_CYCLE_USED_PERCENT, TOKEN_TENANT_PAUSED):
+            gauge.clear()
+        for key, state in self._accounts.items():
+            if state and owns(key):
+                _gauge_account(key.decode(), Account.from_dict(state))
 
     async def _audit_flip(self, tenant_id: str, account: Account) -> None:
         action = "tenant.paused" if account.paused else "tenant.resumed"
@@ -663,14 +682,21 @@ def register(
 
     token_topic_names = {topic.get_topic_name() for topic in token_topics}
 
+    def owned_token_partitions() -> set[int]:
+        return {
+            tp.partition for tp in app.assignor.assigned_actives() if tp.topic in token_topic_names
+        }
+
+    @accounts.table.on_recover
+    async def republish_token_gauges() -> None:
+        owned = owned_token_partitions()
+        accounts.republish_gauges(lambda key: partition_of(key, partitions) in owned)
+
     @app.timer(interval=3600.0)
     async def forget_old_token_ids() -> None:
         if app.rebalancing:
             return
-        owned = {
-            tp.partition for tp in app.assignor.assigned_actives() if tp.topic in token_topic_names
-        }
-        forgotten = seen.prune(owned)
+        forgotten = seen.prune(owned_token_partitions())
         if forgotten:
             logger.info("forgot %d token event ids older than %.0f s", forgotten, seen.kept_s)
 

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 from faust.types import TableT, TopicT
+from prometheus_client import REGISTRY
 
 from schemas.tokens import TenantStatus, TokenCredit, TokenUsage
 from streams.agents.tokens import Accounts, SeenIds
@@ -177,3 +178,18 @@ def test_ids_are_forgotten_after_the_days_kept_on_the_partitions_this_worker_is_
     assert "id-old" not in again
     assert "id-new" in again
     assert "id-standby" in again
+
+
+def test_a_recovery_republishes_the_gauges_of_the_accounts_this_worker_is_active_for() -> None:
+    # Set only when a token event came: a restarted worker exported nothing for a quiet
+    # paused tenant (its alert resolved while it stayed paused).
+    paused, moved = str(uuid.uuid4()), str(uuid.uuid4())
+    accounts = FakeTable()
+    accounts[paused.encode()] = {"credited": 10, "used": 10, "cycle_base": 10, "cycle_used": 10,
+                                 "alerted": [100], "cycles": 1}  # fmt: skip
+    accounts[moved.encode()] = {"credited": 50, "used": 0, "cycle_base": 50, "cycle_used": 0,
+                                "alerted": [], "cycles": 1}  # fmt: skip
+    fold = accounts_over(accounts, FakeTable())
+    fold.republish_gauges(lambda key: key != moved.encode())
+    assert REGISTRY.get_sample_value("flexoraa_token_tenant_paused", {"tenant_id": paused}) == 1
+    assert REGISTRY.get_sample_value("flexoraa_token_balance", {"tenant_id": moved}) is None
