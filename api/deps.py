@@ -88,11 +88,14 @@ async def authenticate(request: Request, services: ServicesDep) -> Principal:
     api_key = api_key.strip()
     principal = services.principals.get(api_key)
     if principal is None:
+        source = request.client.host if request.client else "unknown"
+        await services.rate_limiter.refuse_if_guessing(source)
         try:
             principal = await find_principal(services.pool, api_key)
         except DB_ERRORS as exc:
             raise ApiError(503, "cannot verify the API key: database unavailable") from exc
         if principal is None:
+            await services.rate_limiter.count_auth_failure(source)
             raise ApiError(401, "invalid or revoked API key", headers=_UNAUTHORIZED_HEADERS)
         services.principals.put(api_key, principal)
     request_kind = (request.method, request.url.path)

@@ -82,7 +82,11 @@ def create_app(settings: Settings) -> FastAPI:
             sla_gauges=SlaGauges(SlaStore(_constant(pool)), settings.sla_gauge_refresh_s),
             razorpay=RazorpayGateway(settings),
             packs=parse_packs(settings.token_packs, settings.payment_currency),
-            rate_limiter=RateLimiter(settings.api_rate_limit, settings.webhook_rate_limit),
+            rate_limiter=RateLimiter(
+                settings.api_rate_limit,
+                settings.webhook_rate_limit,
+                settings.auth_failure_rate_limit,
+            ),
             gmail_oauth=OAuthFlow(settings),
             gmail_store=gmail_store,
             email_sender=EmailSender(settings, gmail_store),

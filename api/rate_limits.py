@@ -18,11 +18,24 @@ from api.errors import ApiError
 
 
 class RateLimiter:
-    def __init__(self, api_limits: str, webhook_limits: str) -> None:
+    def __init__(self, api_limits: str, webhook_limits: str, auth_failure_limits: str) -> None:
         storage = MemoryStorage()
         self._limiter = SlidingWindowCounterRateLimiter(storage)
         self._api: list[RateLimitItem] = parse_many(api_limits)
         self._webhook: list[RateLimitItem] = parse_many(webhook_limits)
+        self._auth_failures: list[RateLimitItem] = parse_many(auth_failure_limits)
+
+    async def refuse_if_guessing(self, source: str) -> None:
+        """429 for an address whose keys kept failing, before its next key costs a lookup:
+        without it, keys nobody issued were an unlimited stream of database queries."""
+        for item in self._auth_failures:
+            if not await self._limiter.test(item, "auth-failure", source):
+                what = "client address's failed keys"
+                raise await self._limited_error(item, "auth-failure", source, what)
+
+    async def count_auth_failure(self, source: str) -> None:
+        for item in self._auth_failures:
+            await self._limiter.hit(item, "auth-failure", source)
 
     async def check_api_key(self, key_id: str) -> None:
         await self._check(self._api, "key", key_id, "API key")
@@ -33,10 +46,15 @@ class RateLimiter:
     async def _check(self, items: list[RateLimitItem], scope: str, who: str, what: str) -> None:
         for item in items:
             if not await self._limiter.hit(item, scope, who):
-                stats = await self._limiter.get_window_stats(item, scope, who)
-                retry_after = max(1, math.ceil(stats.reset_time - time.time()))
-                raise ApiError(
-                    429,
-                    f"rate limit of {item} per {what} exceeded; retry after {retry_after} s",
-                    headers={"Retry-After": str(retry_after)},
-                )
+                raise await self._limited_error(item, scope, who, what)
+
+    async def _limited_error(
+        self, item: RateLimitItem, scope: str, who: str, what: str
+    ) -> ApiError:
+        stats = await self._limiter.get_window_stats(item, scope, who)
+        retry_after = max(1, math.ceil(stats.reset_time - time.time()))
+        return ApiError(
+            429,
+            f"rate limit of {item} per {what} exceeded; retry after {retry_after} s",
+            headers={"Retry-After": str(retry_after)},
+        )

@@ -195,6 +195,11 @@ class Settings(BaseSettings):
     webhook_rate_limit: str = Field(
         "2000/second", description="webhook requests per sender address, per API process"
     )
+    auth_failure_rate_limit: str = Field(
+        "30/minute",
+        description="unknown or revoked API keys tried per client address, per API process; "
+        "past it the address's uncached keys get 429 before any database lookup",
+    )
     api_key_cache_ttl_s: float = Field(
         30.0, ge=0, description="how long a verified API key is cached (revocation delay)"
     )
@@ -445,7 +450,7 @@ class Settings(BaseSettings):
             raise ValueError("KAFKA_BOOTSTRAP_SERVERS must be set explicitly in production")
         return self
 
-    @field_validator("api_rate_limit", "webhook_rate_limit")
+    @field_validator("api_rate_limit", "webhook_rate_limit", "auth_failure_rate_limit")
     @classmethod
     def _valid_rate_limit(cls, value: str) -> str:
         try:

@@ -50,6 +50,23 @@ async def test_an_api_key_over_its_limit_gets_429_with_retry_after(
         assert (await api.get("/api/sdrs", headers=other.headers)).status_code == 200
 
 
+async def test_an_address_guessing_keys_gets_429_before_a_lookup(
+    api_factory: ApiFactory, make_tenant: MakeTenant
+) -> None:
+    # Keys nobody issued were never limited: each one was a database query.
+    tenant = await make_tenant()
+    async with api_factory(auth_failure_rate_limit="3/minute") as api:
+        assert (await api.get("/api/sdrs", headers=tenant.headers)).status_code == 200
+        guesses = [
+            (await api.get("/api/sdrs", headers={"Authorization": f"Bearer guess-{i}"}))
+            for i in range(5)
+        ]
+        assert [g.status_code for g in guesses] == [401] * 3 + [429] * 2
+        assert 1 <= int(guesses[-1].headers["Retry-After"]) <= 60
+        # A key verified before goes on (cached: no lookup to protect).
+        assert (await api.get("/api/sdrs", headers=tenant.headers)).status_code == 200
+
+
 async def test_a_webhook_sender_over_its_limit_gets_429(api_factory: ApiFactory) -> None:
     async with api_factory(
         webhook_rate_limit="3/minute", razorpay_webhook_secret=SecretStr("whsec_x")

@@ -70,7 +70,7 @@ def build(*, direct: bool, limit: str = "2/minute", prefix: str = "") -> tuple[F
     principals = PrincipalCache(ttl_s=60)
     principals.put(API_KEY, PRINCIPAL)
     app.state.services = SimpleNamespace(
-        principals=principals, rate_limiter=RateLimiter(limit, "100/minute")
+        principals=principals, rate_limiter=RateLimiter(limit, "100/minute", "100/minute")
     )
     routed: list[str] = []
 
