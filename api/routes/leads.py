@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Header
 
 from api.deps import PrincipalDep, ServicesDep
 from api.errors import DATABASE_ERRORS, ApiError
@@ -32,6 +32,7 @@ from api.paging import (
     encode_cursor,
 )
 from flexoraa.kafka import PublishUnavailable
+from schemas.ids import name_based_id
 from schemas.messaging import CancelScheduled, OutboundCommand
 from streams.rules.window import window_state
 
@@ -58,6 +59,17 @@ def _database_unavailable(exc: Exception) -> ApiError:
 
 
 LEAD_PATH = "/api/leads/{lead_id}"
+
+
+# A client's Idempotency-Key names one command per lead and tenant.
+_SEND_NAMESPACE = uuid.UUID("3a7e0c52-9b1d-4f6e-8c2a-5d4b7e9f1a03")
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key", min_length=1, max_length=200,
+        description="any text naming this send: a retry with it is the same message, sent once",
+    ),
+]  # fmt: skip
 
 
 @router.get(LEAD_PATH, response_model=LeadView, responses={404: {}, 503: {}})
@@ -141,9 +153,16 @@ async def qualification_history(
     responses={404: {}, 422: {}, 503: {}},
 )
 async def send_message(
-    lead_id: str, body: SendRequest, principal: PrincipalDep, services: ServicesDep
+    lead_id: str,
+    body: SendRequest,
+    principal: PrincipalDep,
+    services: ServicesDep,
+    idempotency_key: IdempotencyKey = None,
 ) -> SendAccepted:
-    """An SDR's reply: queued as an outbound command; the 24-hour window decides how it goes."""
+    """An SDR's reply: queued as an outbound command; the 24-hour window decides how it goes.
+
+    With an `Idempotency-Key`, a retry (after a 503 or a lost answer) is the same command, sent
+    once: a 503 on a Kafka timeout does not prove the record was not written."""
     lead_id = _parse_lead_id(lead_id)
     try:
         session = await services.lead_state.session(lead_id)
@@ -156,8 +175,13 @@ async def send_message(
         raise ApiError(422, "send_at: must be in the future (omit it to send now)")
     if body.send_at is not None and body.send_at > now + _MAX_SCHEDULE_AHEAD:
         raise ApiError(422, "send_at: at most 90 days ahead")
+    command_id = (
+        str(uuid.uuid4())
+        if idempotency_key is None
+        else name_based_id(_SEND_NAMESPACE, f"{principal.tenant_id}|{lead_id}|{idempotency_key}")
+    )
     command = OutboundCommand(
-        event_id=str(uuid.uuid4()),
+        event_id=command_id,
         tenant_id=principal.tenant_id,
         occurred_at=now,
         lead_id=lead_id,
@@ -168,7 +192,7 @@ async def send_message(
     if body.send_at is not None:
         await services.pool.execute(
             "INSERT INTO scheduled_messages (scheduled_id, tenant_id, lead_id, body, send_at)"
-            " VALUES ($1, $2, $3, $4, $5)",
+            " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (scheduled_id) DO NOTHING",
             command.event_id, principal.tenant_id, lead_id, body.text, body.send_at,
         )  # fmt: skip
     try:
@@ -178,7 +202,9 @@ async def send_message(
             value=command.model_dump_json().encode(),
         )
     except PublishUnavailable as exc:
-        if body.send_at is not None:
+        # Kept with a key: the retry it invites is the same command, and the record may have
+        # been written after all. Without one, nothing could ever cancel a row left here.
+        if body.send_at is not None and idempotency_key is None:
             await services.pool.execute(
                 "DELETE FROM scheduled_messages WHERE scheduled_id = $1", command.event_id
             )

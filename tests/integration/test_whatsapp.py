@@ -402,6 +402,32 @@ async def test_inside_the_window_a_freeform_text_goes_out(
     assert request["body"]["text"]["body"] == "Pro is $49 a month."
 
 
+async def test_a_reply_retried_with_its_idempotency_key_goes_out_once(
+    api: httpx.AsyncClient, make_tenant: MakeTenant, graph: GraphApiFake
+) -> None:
+    # A 503 on a Kafka timeout does not prove the record was not written: a retry was a new
+    # command, and the customer got the reply twice.
+    business = await register(api, await make_tenant())
+    lead_id = await inbound(api, business, "919844400009", now_s() - 60, "wamid.S9")
+    headers = business.tenant.headers | {"Idempotency-Key": "reply-42"}
+    answers = [
+        await api.post(f"/api/leads/{lead_id}/messages", headers=headers,
+                       json={"text": "Once, please."})
+        for _ in range(3)
+    ]  # fmt: skip
+    assert {a.status_code for a in answers} == {202}
+    assert len({a.json()["command_id"] for a in answers}) == 1
+    await reply(api, business, lead_id, "A second reply, without a key.")
+    await eventually(lambda: _sent_count(graph, business, 2), what="both replies at the Graph API")
+    await asyncio.sleep(1.0)  # a duplicate would follow within the worker's next fetch
+    texts = [r["body"]["text"]["body"] for r in graph.sent_to(business.phone_number_id)]
+    assert sorted(texts) == ["A second reply, without a key.", "Once, please."]
+
+
+async def _sent_count(graph: GraphApiFake, business: Business, count: int) -> bool | None:
+    return len(graph.sent_to(business.phone_number_id)) >= count or None
+
+
 @pytest.mark.parametrize(
     ("age", "kind"),
     [(timedelta(hours=24) - timedelta(seconds=30), "freeform"), (timedelta(hours=24), "template")],
