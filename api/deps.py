@@ -7,6 +7,7 @@ from typing import Annotated
 
 import asyncpg
 from fastapi import Depends, Request
+from starlette.types import Scope
 
 from api.dedup import RecentIds
 from api.errors import ApiError
@@ -70,6 +71,14 @@ _UNAUTHORIZED_HEADERS = {"WWW-Authenticate": "Bearer"}
 _CONNECTOR_REQUESTS = {("POST", "/api/events/inbound")}
 
 
+def _connector_may(scope: Scope) -> bool:
+    # The path within the app: under a root_path (a proxy's prefix) scope["path"] carries it.
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    return (scope["method"], path) in _CONNECTOR_REQUESTS
+
+
 def require_admin(principal: Principal) -> None:
     """Configuration (keys, channels' secrets, the SDR roster, mailboxes, buying tokens) is
     an admin key's; an SDR key works leads."""
@@ -89,7 +98,10 @@ async def authenticate(request: Request, services: ServicesDep) -> Principal:
     principal = services.principals.get(api_key)
     if principal is None:
         source = request.client.host if request.client else "unknown"
-        await services.rate_limiter.refuse_if_guessing(source)
+        # Behind a load balancer every client has its address: a key verified before (its
+        # cache entry expired) must not be refused for someone else's guesses.
+        if not services.principals.verified_before(api_key):
+            await services.rate_limiter.refuse_if_guessing(source)
         try:
             principal = await find_principal(services.pool, api_key)
         except DB_ERRORS as exc:
@@ -98,8 +110,7 @@ async def authenticate(request: Request, services: ServicesDep) -> Principal:
             await services.rate_limiter.count_auth_failure(source)
             raise ApiError(401, "invalid or revoked API key", headers=_UNAUTHORIZED_HEADERS)
         services.principals.put(api_key, principal)
-    request_kind = (request.method, request.url.path)
-    if principal.role == "connector" and request_kind not in _CONNECTOR_REQUESTS:
+    if principal.role == "connector" and not _connector_may(request.scope):
         raise ApiError(403, "a connector key can only post inbound events")
     # The metrics middleware attributes the request's latency event to this tenant.
     request.state.tenant_id = principal.tenant_id

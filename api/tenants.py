@@ -115,6 +115,12 @@ class PrincipalCache:
             return None
         return entry[1]
 
+    def verified_before(self, api_key: str) -> bool:
+        """Whether this key was verified here and not revoked since (its entry may have
+        expired): a key a client has used before is no guess."""
+        entry = self._entries.get(hash_api_key(api_key))
+        return entry is not None and entry[1].key_id not in self._revoked
+
     def forget_key(self, key_id: str) -> None:
         """A revoked key stops working on this replica at once (others: within the TTL)."""
         self._revoked.add(key_id)

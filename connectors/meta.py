@@ -248,10 +248,10 @@ def parse_messaging(payload: dict[str, Any]) -> ParsedWebhook:
     for entry in _objects(payload, "entry", parsed):
         try:
             events = _objects(entry, "messaging", parsed)
+            account_id = _text(entry.get("id"))
         except MalformedPayload as exc:
             parsed.set_aside(entry, exc)
             continue
-        account_id = _text(entry.get("id"))
         for event in events:
             try:
                 message = _messaging_message(channel, account_id, event)
@@ -326,4 +326,8 @@ def _text(value: Any) -> str:
         return ""
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise MalformedPayload(f"{value!r} is not an identifier")
-    return str(value)
+    text = str(value)
+    # Looked up in PostgreSQL, whose text holds neither a NUL nor a lone surrogate (a 500).
+    if "\x00" in text or not text.isprintable():
+        raise MalformedPayload(f"{text!r} is not an identifier")
+    return text

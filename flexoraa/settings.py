@@ -461,12 +461,13 @@ class Settings(BaseSettings):
 
     @field_validator("token_prices")
     @classmethod
-    def _every_feature_priced(cls, value: str) -> str:
-        # A feature left out (or misspelt: `qualifcation=1`) was charged 0: AI for free.
+    def _known_features_priced_once(cls, value: str) -> str:
+        # A misspelt feature (`qualifcation=1`) left the real one at its default unnoticed.
         named = [part.split("=", 1)[0] for part in value.split(",")]
-        features = set(get_args(Feature))
-        if sorted(named) != sorted(features):
-            raise ValueError(f"price each of {sorted(features)} once, got {named}")
+        features = sorted(get_args(Feature))
+        unknown = sorted(set(named) - set(features))
+        if unknown or len(set(named)) != len(named):
+            raise ValueError(f"price features of {features}, each at most once; got {named}")
         return value
 
     @property

@@ -94,11 +94,13 @@ async def audit_log(
         principal.tenant_id, before, after_at, after_id, limit,
     )  # fmt: skip
     entries = [{**dict(r), "details": json.loads(r["details"])} for r in rows]
-    next_cursor = None
+    next_cursor, next_before = None, None
     if len(entries) == limit:
         last = entries[-1]
         next_cursor = encode_cursor(last["occurred_at"].isoformat(), str(last["audit_id"]))
-    return {"entries": entries, "next_cursor": next_cursor}
+        next_before = last["occurred_at"].isoformat()
+    # next_before: kept for clients written before the cursor (it skips entries of one instant).
+    return {"entries": entries, "next_cursor": next_cursor, "next_before": next_before}
 
 
 def _cursor_int(text: str) -> int:

@@ -198,8 +198,7 @@ async def _inbound_event(
     except InvalidContact:
         WEBHOOK_RECORDS.labels(message.channel, "invalid_contact").inc()
         return None
-    WEBHOOK_RECORDS.labels(message.channel, "accepted").inc()
-    return InboundMessage(
+    event = InboundMessage(
         event_id=inbound_event_id(channel.tenant_id, message.channel, message.message_id),
         tenant_id=channel.tenant_id,
         occurred_at=message.occurred_at,
@@ -213,6 +212,9 @@ async def _inbound_event(
         channel_account_id=message.account_id,
         received_at=now,
     )
+    # After the model took it: a refused one is counted as set aside instead.
+    WEBHOOK_RECORDS.labels(message.channel, "accepted").inc()
+    return event
 
 
 async def _delivery_status(

@@ -365,8 +365,10 @@ async def payment_history(
         limit,
     )
     payments = [dict(r) for r in rows]
-    next_cursor = None
+    next_cursor, next_before = None, None
     if len(rows) == limit:
         last = payments[-1]
         next_cursor = encode_cursor(last["created_at"].isoformat(), last["order_id"])
-    return {"payments": payments, "next_cursor": next_cursor}
+        next_before = last["created_at"].isoformat()
+    # next_before: kept for clients written before the cursor (it skips orders of one instant).
+    return {"payments": payments, "next_cursor": next_cursor, "next_before": next_before}

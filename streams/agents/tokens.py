@@ -160,18 +160,29 @@ class SeenIds:
             self._ids.update(positions)
             self._batches[key] = (partition, at, list(positions))
 
-    def prune(self, owned: set[int], now_s: float | None = None) -> int:
+    def prune(self, owned: set[int], held: set[int], now_s: float | None = None) -> int:
         """Forgets the batches older than `kept_s` of the partitions this worker is active for
-        (a standby's are its active's to delete); returns how many ids were forgotten."""
+        (`owned`: a tombstone each; a standby's are its active's to delete), and every batch
+        of a partition it no longer holds at all (`held`: actives and standbys; Faust's store
+        keeps keys written with an explicit partition after that partition moved). Returns
+        how many ids were forgotten."""
         cutoff = (time.time() if now_s is None else now_s) - self.kept_s
+        key_partitions = getattr(self.table.data, "_key_partition", {})
         forgotten = 0
         for key, (partition, at, ids) in list(self._batches.items()):
-            if at >= cutoff or (partition is not None and partition not in owned):
+            if partition is None:
+                # Written before records named their partition: the store's, when it read it.
+                partition = key_partitions.get(key)
+            if partition is not None and partition not in held:
+                self.table.data.pop(key, None)  # no longer this worker's: no tombstone
+            elif at >= cutoff:
                 continue
-            if partition is not None:
+            elif partition is None:
+                pass  # its partition unknown: forgotten here only, read again at a recovery
+            elif partition in owned:
                 delete_in_partition(self.table, partition, key)
-            # else written before records named their partition: forgotten here only (its
-            # changelog record stays, read again and forgotten again after a recovery).
+            else:
+                continue  # a standby's: its active worker deletes it
             del self._batches[key]
             for event_id in ids:
                 self._ids.pop(event_id, None)
@@ -366,6 +377,8 @@ class TenantStatusView:
         self._topic = topic
         self._partitions = partitions
         self._statuses: dict[str, TenantStatus] = {}
+        # Per partition, the offset after the last status applied.
+        self._next_offsets: dict[int, int] = {}
         self._loaded = asyncio.Event()
         self._listeners: list[Callable[[TenantStatus], None]] = []
 
@@ -415,7 +428,14 @@ class TenantStatusView:
             # out on the same connection and this request waited behind it.
             end_offsets = await consumer.end_offsets(assigned)
             consumer.assign(assigned)
-            await consumer.seek_to_beginning(*assigned)
+            # A restarted reader goes on from where it was: read from the beginning again, the
+            # topic's uncompacted head set tenants back to older statuses until it caught up.
+            fresh = [tp for tp in assigned if tp.partition not in self._next_offsets]
+            if fresh:
+                await consumer.seek_to_beginning(*fresh)
+            for tp in assigned:
+                if tp.partition in self._next_offsets:
+                    consumer.seek(tp, self._next_offsets[tp.partition])
             while True:
                 # Checked before each read too: an empty topic is loaded at once.
                 if not self._loaded.is_set():
@@ -427,6 +447,7 @@ class TenantStatusView:
                 for records in batches.values():
                     for record in records:
                         self._apply(record.value)
+                        self._next_offsets[record.partition] = record.offset + 1
         finally:
             await consumer.stop()
 
@@ -687,6 +708,14 @@ def register(
             tp.partition for tp in app.assignor.assigned_actives() if tp.topic in token_topic_names
         }
 
+    def held_token_partitions() -> set[int]:
+        standbys = {
+            tp.partition
+            for tp in app.assignor.assigned_standbys()
+            if tp.topic.endswith(f"-{seen.table.name}-changelog")
+        }
+        return owned_token_partitions() | standbys
+
     @accounts.table.on_recover
     async def republish_token_gauges() -> None:
         owned = owned_token_partitions()
@@ -696,7 +725,7 @@ def register(
     async def forget_old_token_ids() -> None:
         if app.rebalancing:
             return
-        forgotten = seen.prune(owned_token_partitions())
+        forgotten = seen.prune(owned_token_partitions(), held_token_partitions())
         if forgotten:
             logger.info("forgot %d token event ids older than %.0f s", forgotten, seen.kept_s)
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
-from typing import Any
+from typing import Any, get_args
+
+from schemas.tokens import Feature
 
 THRESHOLDS_PERCENT: tuple[int, ...] = (50, 80, 100)
 
@@ -39,9 +41,15 @@ def parse_packs(spec: str, currency: str) -> dict[str, Pack]:
     return packs
 
 
+# The price of a feature TOKEN_PRICES leaves out (it was 0: that feature's AI ran free).
+DEFAULT_PRICE = 1
+
+
 def parse_prices(spec: str) -> dict[str, int]:
-    """`feature=tokens,…`: platform tokens charged per AI action."""
-    return {feature: int(tokens) for feature, tokens in (p.split("=", 1) for p in spec.split(","))}
+    """`feature=tokens,…`: platform tokens charged per AI action; a feature not named costs
+    `DEFAULT_PRICE` (`recovery=0` makes one free)."""
+    named = {feature: int(tokens) for feature, tokens in (p.split("=", 1) for p in spec.split(","))}
+    return {feature: DEFAULT_PRICE for feature in get_args(Feature)} | named
 
 
 def charge(

@@ -80,3 +80,34 @@ async def test_loaded_once_every_earlier_status_is_read(
         # as it was when the reader started: all forty are there.
         assert [view.status(t) is not None for t in tenants] == [True] * len(tenants)
         assert [view.is_paused(t) for t in tenants] == [i % 2 == 0 for i in range(len(tenants))]
+
+
+async def test_a_restarted_reader_goes_on_from_where_it_was(
+    test_settings: Settings, status_topic: str
+) -> None:
+    # It read the topic from the beginning again, keeping what it knew: the older statuses
+    # in the uncompacted head set the tenant back (paused after its top-up) until it caught up.
+    tenant_id = str(uuid.uuid4())
+    producer = AIOKafkaProducer(bootstrap_servers=test_settings.kafka_bootstrap_servers)
+    await producer.start()
+    try:
+        for balance, paused in ((0, True), (500, False)):
+            status = TenantStatus(tenant_id=tenant_id, balance=balance, paused=paused,
+                                  updated_at=datetime.now(UTC))  # fmt: skip
+            await producer.send_and_wait(
+                status_topic, key=tenant_id.encode(), value=status.model_dump_json().encode()
+            )
+    finally:
+        await producer.stop()
+    view = TenantStatusView(
+        test_settings.kafka_bootstrap_servers, status_topic, test_settings.kafka_partitions
+    )
+    async with reading(view):
+        await asyncio.wait_for(view.wait_loaded(), 30)
+    assert not view.is_paused(tenant_id)
+    seen: list[bool] = []
+    view.on_change(lambda status: seen.append(status.paused))
+    async with reading(view):  # the reader's restart after a failure
+        await asyncio.sleep(2)
+    assert seen == []
+    assert not view.is_paused(tenant_id)

@@ -1,8 +1,10 @@
 # ruff: noqa: E501  (table rows read best on one line)
+import json
 from datetime import UTC, datetime
 
 import pytest
 
+from api.webhook_letters import item_bytes
 from connectors.meta import (
     MalformedPayload,
     ParsedWebhook,
@@ -224,3 +226,23 @@ def test_a_body_without_a_list_of_entries_is_malformed(payload: dict[str, object
     parse = parse_messaging if payload["object"] == "page" else parse_whatsapp
     with pytest.raises(MalformedPayload):
         parse(payload)
+
+
+def test_an_account_id_postgresql_cannot_hold_sets_its_part_aside() -> None:
+    # Looked up as it came, a NUL in it was a 500 from PostgreSQL for the whole batch.
+    parsed = parse_whatsapp(whatsapp_payload([whatsapp_change("1\x00", [GOOD]),
+                                              whatsapp_change("2", [GOOD])]))  # fmt: skip
+    assert [m.account_id for m in parsed.messages] == ["2"]
+    assert len(parsed.malformed) == 1
+    page = messaging_payload("page", "17841400000", "PSID1", "m_1", 1732450000123)
+    page["entry"].insert(0, {"id": 1.5, "messaging": []})
+    parsed = parse_messaging(page)
+    assert [m.message_id for m in parsed.messages] == ["m_1"]  # the other entry is read
+    assert [item.item for item in parsed.malformed] == [{"id": 1.5, "messaging": []}]
+
+
+def test_a_set_aside_item_with_half_an_emoji_is_kept_as_ascii_json() -> None:
+    item = {"id": "wamid.1", "text": {"body": "hi \ud83d"}}
+    kept = item_bytes(item)
+    assert kept.isascii()
+    assert json.loads(kept) == item

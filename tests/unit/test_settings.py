@@ -2,6 +2,7 @@ import pytest
 from pydantic import ValidationError
 
 from flexoraa.settings import Settings
+from streams.rules.tokens import parse_prices
 
 
 def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -37,10 +38,16 @@ def test_worker_advertised_url_defaults_to_its_bind_address() -> None:
     "prices",
     [
         "qualifcation=1,reengagement=1,recovery=1",  # misspelt: qualification ran free
-        "qualification=1,reengagement=1",
         "qualification=1,reengagement=1,recovery=1,recovery=2",
     ],
 )
-def test_every_ai_feature_has_exactly_one_price(prices: str) -> None:
-    with pytest.raises(ValidationError, match="price each of"):
+def test_token_prices_name_known_features_once(prices: str) -> None:
+    with pytest.raises(ValidationError, match="each at most once"):
         Settings(token_prices=prices)
+
+
+def test_a_feature_token_prices_leaves_out_costs_the_default_not_nothing() -> None:
+    # It was charged 0; a deployment pricing only qualification still starts.
+    prices = parse_prices(Settings(token_prices="qualification=2").token_prices)
+    assert prices == {"qualification": 2, "reengagement": 1, "recovery": 1}
+    assert parse_prices("qualification=2,recovery=0")["recovery"] == 0

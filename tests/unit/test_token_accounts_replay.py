@@ -164,8 +164,9 @@ def test_ids_are_forgotten_after_the_days_kept_on_the_partitions_this_worker_is_
     ids.add({3: {"id-old": "acme.token-usage:3:2"}, 5: {"id-standby": "acme.token-usage:5:2"}},
             now_s=100 * day)  # fmt: skip
     ids.add({3: {"id-new": "acme.token-usage:3:9"}}, now_s=106 * day)
-    assert ids.prune(owned={3}, now_s=106 * day) == 1  # only the legacy record is a week old
-    assert ids.prune(owned={3}, now_s=108 * day) == 1
+    # Only the legacy record (no time, no partition) is a week old.
+    assert ids.prune(owned={3}, held={3, 5}, now_s=106 * day) == 1
+    assert ids.prune(owned={3}, held={3, 5}, now_s=108 * day) == 1
     assert "id-old" not in ids
     assert "id-legacy" not in ids
     assert "id-new" in ids
@@ -193,3 +194,15 @@ def test_a_recovery_republishes_the_gauges_of_the_accounts_this_worker_is_active
     fold.republish_gauges(lambda key: key != moved.encode())
     assert REGISTRY.get_sample_value("flexoraa_token_tenant_paused", {"tenant_id": paused}) == 1
     assert REGISTRY.get_sample_value("flexoraa_token_balance", {"tenant_id": moved}) is None
+
+
+def test_the_ids_of_a_partition_no_longer_held_are_forgotten_without_a_tombstone() -> None:
+    # Faust's store keeps keys written with an explicit partition after the partition moved:
+    # a long-lived worker held every id it ever wrote for partitions it had lost.
+    table = FakeTable()
+    ids = SeenIds(cast(TableT[bytes, Any], table), kept_s=7 * 86_400)
+    ids.add({4: {"id-moved": "acme.token-usage:4:1"}}, now_s=100.0)
+    assert ids.prune(owned={3}, held={3}, now_s=101.0) == 1
+    assert "id-moved" not in ids
+    assert dict(table) == {}
+    assert [value for _, _, value in table.changelog if value is None] == []
