@@ -135,7 +135,13 @@ class Sender:
             return
         kind = plan.kind
         delay_s = self._settings.whatsapp_send_backoff_ms / 1000
-        for attempt in range(1, self._settings.whatsapp_send_max_attempts + 1):
+        # Calls made (reported as the attempt), and those counted against the maximum: the
+        # template fallback is no retry. Counted, a 131047 on the last attempt ended the loop
+        # with "retrying" as the last word: the message never went and nothing said so.
+        attempt = tries = 0
+        while True:
+            attempt += 1
+            tries += 1
             started = time.perf_counter()
             try:
                 message_id = await self._attempt(channel, kind, command, session)
@@ -157,8 +163,9 @@ class Sender:
                         command, attempt, channel_kind, kind, "retrying", error=error
                     )
                     kind = "template"
+                    tries -= 1
                     continue
-                last = attempt == self._settings.whatsapp_send_max_attempts
+                last = tries >= self._settings.whatsapp_send_max_attempts
                 if exc.retryable and not last:
                     await self._report(
                         command, attempt, channel_kind, kind, "retrying", error=error
