@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import base64
+import logging
 from dataclasses import dataclass
 
 from connectors.gmail import Mailbox
 from connectors.gmail_mime import compose, parse_message, reply_subject
 from connectors.gmail_store import GmailStore
+from flexoraa.db import DB_ERRORS
 from flexoraa.settings import Settings
+
+logger = logging.getLogger(__name__)
 
 
 class NoMailbox(RuntimeError):
@@ -70,7 +74,12 @@ class EmailSender:
             references=references,
         )
         sent = await mailbox.send(raw, thread_id)
-        await self._store.save_tokens(mailbox_row, mailbox.tokens)
+        try:
+            await self._store.save_tokens(mailbox_row, mailbox.tokens)
+        except DB_ERRORS as exc:
+            # The mail is gone: raising here made the caller's retry (PostgreSQL unreachable)
+            # send it again. The refresh token is unchanged, so the next send refreshes anew.
+            logger.warning("refreshed Gmail token of %s not saved: %r", mailbox_row.email, exc)
         return SentEmail(
             sent["id"], sent.get("threadId", thread_id or ""), rfc_message_id, mailbox_row.email, to
         )
