@@ -266,13 +266,17 @@ async def cancel_scheduled(
     row = await services.pool.fetchrow(
         f"""UPDATE scheduled_messages SET status = 'cancelled', updated_at = now()
             WHERE scheduled_id = $1 AND tenant_id = $2 AND status = 'scheduled'
+              AND send_at > now()
             RETURNING {_SCHEDULED_COLUMNS}""",
         parsed,
         principal.tenant_id,
     )
     if row is None:
+        # Due already: its deadline has fired or is firing, and a cancel read after the command
+        # would answer "cancelled" while the message goes out.
         current = await get_scheduled(scheduled_id, principal, services)
-        raise ApiError(409, f"the message is {current.status} already")
+        state = "due, being sent" if current.status == "scheduled" else current.status
+        raise ApiError(409, f"the message is {state} already")
     cancel = CancelScheduled(
         event_id=str(uuid.uuid4()),
         tenant_id=principal.tenant_id,

@@ -685,6 +685,25 @@ async def test_a_cancelled_message_never_goes_out(
     assert "send_at" in past.json()["detail"]
 
 
+async def test_a_message_already_due_cannot_be_cancelled(
+    api: httpx.AsyncClient, make_tenant: MakeTenant, db: asyncpg.Connection
+) -> None:
+    # Due, its row says "scheduled" until the send is recorded: a cancel then answered
+    # "cancelled" while the message went out.
+    business = await register(api, await make_tenant())
+    lead_id = await inbound(api, business, "919877700004", now_s() - 60, "wamid.T4")
+    accepted = await schedule(api, business, lead_id, "Due now", 3600)
+    await db.execute(
+        "UPDATE scheduled_messages SET send_at = now() - interval '1 second'"
+        " WHERE scheduled_id = $1",
+        uuid.UUID(accepted["command_id"]),
+    )
+    path = f"/api/scheduled-messages/{accepted['command_id']}"
+    refused = await api.delete(path, headers=business.tenant.headers)
+    assert refused.status_code == 409
+    assert "due" in refused.json()["detail"]
+
+
 async def test_a_command_read_before_its_leads_first_message_goes_out_once_the_lead_is_known(
     api: httpx.AsyncClient, make_tenant: MakeTenant, graph: GraphApiFake, test_settings: Settings
 ) -> None:
