@@ -15,6 +15,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas.tokens import Feature
+from streams.rules.sending import template_fields
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -457,6 +458,14 @@ class Settings(BaseSettings):
             parse_many(value)
         except ValueError as exc:
             raise ValueError(f"not a rate limit like '100/second;3000/minute': {exc}") from exc
+        return value
+
+    @field_validator("whatsapp_template_parameters")
+    @classmethod
+    def _known_template_fields(cls, value: str) -> str:
+        # Checked at start: a typo raised at the first send outside the window, and every such
+        # command was dead-lettered.
+        template_fields(value)
         return value
 
     @field_validator("token_prices")

@@ -339,7 +339,7 @@ class ScheduledSends:
         held = dict(self._table.get(key) or {})
         if held.pop(request.command_id, None) is None:
             return
-        self._table[key] = held
+        self._keep(key, held)
         self._scheduler.cancel(key, f"scheduled:{request.command_id}")
 
     def handlers(self) -> dict[str, DeadlineHandler]:
@@ -360,7 +360,15 @@ class ScheduledSends:
     def _drop(self, key: bytes, fired: DeadlineReached) -> None:
         held = dict(self._table.get(key) or {})
         if held.pop(_held_command_id(fired), None) is not None:
+            self._keep(key, held)
+
+    def _keep(self, key: bytes, held: dict[str, str]) -> None:
+        """The lead's held commands; none: the key goes (an empty entry per lead that was
+        ever sent a scheduled message stayed, in memory and changelog, for good)."""
+        if held:
             self._table[key] = held
+        elif key in self._table:
+            del self._table[key]
 
     async def _due(
         self, key: bytes, fired: DeadlineReached, session: dict[str, Any] | None
@@ -379,7 +387,7 @@ class ScheduledSends:
         # again, as other commands of the lead may have been held or cancelled meanwhile.
         held = dict(self._table.get(key) or {})
         if held.pop(command_id, None) is not None:
-            self._table[key] = held
+            self._keep(key, held)
 
 
 def register(

@@ -40,8 +40,19 @@ def template_parameters(
 ) -> list[str]:
     """The template's body parameters, in the configured order."""
     values = {"contact_name": contact_name or "there", "text": text, "contact": contact}
+    fields = template_fields(spec)
+    # One line each: Meta refuses a parameter with a newline, a tab or more than four spaces
+    # in a row (error 132018), so a multi-line reply outside the window failed.
+    return [" ".join(values[field].split()) for field in fields]
+
+
+TEMPLATE_FIELDS = ("contact_name", "text", "contact")
+
+
+def template_fields(spec: str) -> list[str]:
+    """The fields named by WHATSAPP_TEMPLATE_PARAMETERS; raises ValueError on an unknown one."""
     fields = [field.strip() for field in spec.split(",") if field.strip()]
-    unknown = [field for field in fields if field not in values]
+    unknown = [field for field in fields if field not in TEMPLATE_FIELDS]
     if unknown:
         raise ValueError(f"unknown template parameter(s): {', '.join(unknown)}")
-    return [values[field] for field in fields]
+    return fields

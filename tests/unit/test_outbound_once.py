@@ -117,3 +117,16 @@ def test_a_cancel_read_again_pushes_no_sent_id_out() -> None:
         sent.add(each)
     sent.settle(LEAD, commands[-1].event_id)  # cancelled after it went out, read again
     assert sent.contains(commands[0])
+
+
+async def test_a_lead_with_nothing_held_any_more_leaves_no_entry() -> None:
+    # An empty entry stayed, in memory and changelog, for every lead ever sent a scheduled
+    # message.
+    scheduled, held, _ = scheduled_with(SentCommands(cast(Any, Table())))
+    later = command("Tomorrow").model_copy(
+        update={"send_at": datetime.now(UTC) + timedelta(hours=1)}
+    )
+    scheduled.hold(later)
+    assert LEAD.encode() in held
+    scheduled.cancel(cancel(later))
+    assert held == {}

@@ -2,7 +2,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import pytest
+from pydantic import ValidationError
 
+from flexoraa.settings import Settings
 from streams.rules.delivery import supersedes
 from streams.rules.sending import plan_send, reachable, template_parameters
 from streams.rules.window import WINDOW_MS, window_deadlines
@@ -45,6 +47,19 @@ def test_template_parameters_in_order() -> None:
     ]
     with pytest.raises(ValueError, match="favourite_colour"):
         template_parameters("favourite_colour", contact_name=None, text="x", contact="9")
+
+
+def test_template_parameters_are_one_line_as_meta_requires() -> None:
+    # Meta refuses a parameter with a newline, a tab or over four spaces in a row (132018):
+    # a multi-line reply outside the window failed.
+    assert template_parameters(
+        "contact_name,text", contact_name="Asha\tK", text="Hi!\n\nOur call:     3pm", contact="9"
+    ) == ["Asha K", "Hi! Our call: 3pm"]
+
+
+def test_an_unknown_template_field_stops_the_process_at_start() -> None:
+    with pytest.raises(ValidationError, match="txet"):
+        Settings(whatsapp_template_parameters="contact_name,txet")
 
 
 @pytest.mark.parametrize(
