@@ -13,6 +13,9 @@ PYTEST_ARGS ?=
 setup: $(INSTALLED) system-deps
 
 $(INSTALLED): pyproject.toml
+	@# Debian's Python has no venv module (ensurepip) without its own package.
+	@$(PYTHON) -c "import ensurepip" 2>/dev/null || { $(SUDO) apt-get update -qq \
+		&& $(APT_INSTALL) $(notdir $(PYTHON))-venv; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e ".[dev]"

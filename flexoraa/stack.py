@@ -89,18 +89,31 @@ def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:
         return False
 
 
-def _read_pid(pid_file: Path) -> int | None:
+KAFKA_MAIN_CLASS = "kafka.Kafka"
+
+
+def _read_pid(pid_file: Path, command_has: str) -> int | None:
+    """The pid the file names, if that process is alive and still ours: after a reboot or a
+    crash the number may belong to another process (a shell, a service), which `stop` would
+    have killed with its whole process group."""
     try:
         pid = int(pid_file.read_text().strip())
     except (OSError, ValueError):
         return None
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        command_line = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
         return None
-    except PermissionError:
+    except OSError:
+        # No /proc (not Linux): alive is all that can be known.
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            return pid
         return pid
-    return pid
+    return pid if command_has.encode() in command_line else None
 
 
 def _tail(path: Path, lines: int = 30) -> str:
@@ -195,7 +208,7 @@ def _java_command(libs: Path, *args: str, log4j: Path | None = None) -> list[str
 
 
 def kafka_status(settings: Settings) -> ServerStatus:
-    pid = _read_pid(kafka_dir(settings) / "kafka.pid")
+    pid = _read_pid(kafka_dir(settings) / "kafka.pid", KAFKA_MAIN_CLASS)
     address = f"127.0.0.1:{settings.kafka_port}"
     running = port_open("127.0.0.1", settings.kafka_port)
     if running:
@@ -241,7 +254,7 @@ def start_kafka(settings: Settings) -> ServerStatus:
             raise StackError(f"formatting KRaft storage failed:\n{formatted.stderr[-3000:]}")
     with log_file.open("ab") as log:
         process = subprocess.Popen(
-            _java_command(libs, "kafka.Kafka", str(properties), log4j=log4j),
+            _java_command(libs, KAFKA_MAIN_CLASS, str(properties), log4j=log4j),
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -282,7 +295,7 @@ def _kafka_answers_metadata(settings: Settings) -> bool:
 
 def stop_kafka(settings: Settings) -> ServerStatus:
     pid_file = kafka_dir(settings) / "kafka.pid"
-    pid = _read_pid(pid_file)
+    pid = _read_pid(pid_file, KAFKA_MAIN_CLASS)
     if pid is not None:
         _terminate(pid, grace_s=30.0)
     pid_file.unlink(missing_ok=True)
@@ -479,7 +492,14 @@ def stack_up(settings: Settings) -> list[ServerStatus]:
 
 
 def stack_down(settings: Settings) -> list[ServerStatus]:
-    return [stop_kafka(settings), stop_postgres(settings)]
+    """Stops both; raises StackError if either still answers (`make clean` deletes their data
+    right after)."""
+    statuses = [stop_kafka(settings), stop_postgres(settings)]
+    running = [status.name for status in statuses if status.running]
+    if running:
+        names = ", ".join(running)
+        raise StackError(f"still running after stop: {names}\n{describe(statuses)}")
+    return statuses
 
 
 def stack_status(settings: Settings) -> list[ServerStatus]:
