@@ -195,6 +195,9 @@ def register(
                 )  # fmt: skip
             # Tenants found without any mailbox in this batch: not looked up again for it.
             no_mailbox: set[str] = set()
+            # The mail server unreachable once: the batch's other e-mails are not tried. Each
+            # waited out SMTP_TIMEOUT_S in turn, and the next batch's in-app alerts behind them.
+            server_down = False
             for notification, recipients in recorded.stored:
                 NOTIFICATIONS.labels(notification.category, "in_app").inc()
                 if (
@@ -202,6 +205,9 @@ def register(
                     or not recipients
                     or notification.tenant_id in no_mailbox
                 ):
+                    continue
+                if server_down:
+                    NOTIFICATIONS.labels(notification.category, "email_failed").inc()
                     continue
                 try:
                     delivery = await email(notification, recipients)
@@ -213,5 +219,8 @@ def register(
                         GmailNotConfigured, ValueError) as exc:  # fmt: skip
                     logger.warning("notification e-mail failed: %r", exc)
                     NOTIFICATIONS.labels(notification.category, "email_failed").inc()
+                    server_down = mailer.configured and isinstance(
+                        exc, OSError | smtplib.SMTPServerDisconnected
+                    )
                 else:
                     NOTIFICATIONS.labels(notification.category, delivery).inc()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import json
+import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
@@ -18,6 +21,7 @@ from aiokafka import AIOKafkaProducer
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from flexoraa.kafka import ensure_topics
 from flexoraa.settings import Settings
 from schemas.notifications import Notification
 from schemas.topics import TopicNames
@@ -245,3 +249,52 @@ async def test_a_dead_lettered_notification_is_stored_once_replayed_after_its_te
     ).stdout.splitlines()]  # fmt: skip
     assert marked["replayed_at"] is not None
     assert worker.process.poll() is None
+
+
+async def test_an_unreachable_mail_server_is_tried_once_per_batch_not_once_per_alert(
+    processes: StartProcess,
+    test_settings: Settings,
+    make_tenant: MakeTenant,
+    db: asyncpg.Connection,
+    api_factory: ApiFactory,
+) -> None:
+    # Each e-mail waited out the SMTP timeout in turn, and the next batch's in-app alerts
+    # behind them: a leak storm with the mail server firewalled delayed alerts by hours.
+    black_hole = socket.socket()
+    black_hole.bind(("127.0.0.1", 0))
+    black_hole.listen(16)  # accepts, never answers: every attempt waits for the timeout
+    tenant = await make_tenant()
+    await db.execute("INSERT INTO tenant_admins (tenant_id, email) VALUES ($1, 'a@example.com')",
+                     tenant.tenant_id)  # fmt: skip
+    topic_prefix = f"{test_settings.topic_prefix}-smtpdown"
+    settings = test_settings.model_copy(update={"topic_prefix": topic_prefix})
+    await ensure_topics(settings)
+    worker = start_worker(
+        processes, settings, name="smtp-down-worker",
+        SMTP_HOST="127.0.0.1", SMTP_PORT=str(black_hole.getsockname()[1]),
+        SMTP_STARTTLS="false", SMTP_TIMEOUT_S="2",
+        ENABLE_AI_QUALIFICATION="false", ENABLE_LEAKAGE_PREVENTION="false",
+    )  # fmt: skip
+    try:
+        for i in range(6):
+            await publish(settings, admin_alert(tenant.tenant_id, f"alert {i}"))
+        async with api_factory(
+            worker_url=f"http://127.0.0.1:{worker.ports['web']}", topic_prefix=topic_prefix
+        ) as api:
+
+            async def all_listed() -> Any:
+                rows = (await api.get("/api/notifications", headers=tenant.headers)).json()
+                return rows if len(rows) == 6 else None
+
+            await eventually(all_listed, timeout_s=30, what="the six in-app rows")
+        await asyncio.sleep(3)  # time for one more attempt, were it made
+        attempts = 0
+        black_hole.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                black_hole.accept()[0].close()
+                attempts += 1
+        assert 1 <= attempts <= 2, attempts  # one per batch (the six may be split in two)
+    finally:
+        worker.stop()
+        black_hole.close()
