@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import logging
 import os
 import socket
@@ -183,8 +184,13 @@ class GmailPoller:
         return list(threads.values())
 
     async def _notify_disconnected(self, row: MailboxRow, reason: str) -> None:
+        # One notice per authorisation lost: a retried poll repeats the id (the stored tokens
+        # are the same), but a reconnect's tokens make the next revocation another notice
+        # (keyed on the mailbox and reason alone, it was dropped as a duplicate of the first).
+        tokens = f"{row.tokens.access_token}|{row.tokens.refresh_token}"
+        grant = hashlib.sha256(tokens.encode()).hexdigest()[:16]
         notification = Notification(
-            event_id=name_based_id(_NOTIFY_NAMESPACE, f"{row.integration_id}|{reason}"),
+            event_id=name_based_id(_NOTIFY_NAMESPACE, f"{row.integration_id}|{reason}|{grant}"),
             tenant_id=row.tenant_id,
             occurred_at=datetime.now(UTC),
             audience="admins",

@@ -299,6 +299,22 @@ async def test_a_revoked_refresh_token_disconnects_and_notifies_the_admins(
     claimed = await store.claim_due("someone", 60, 1000)
     assert integration_id not in {m.integration_id for m in claimed}  # no longer polled
 
+    # Connected again, then revoked again: the admins hear of it again (the notice's id was
+    # the mailbox's and the reason's alone, and the second one was dropped as a duplicate).
+    token, refresh = gmail.grant(email)
+    mailbox = gmail.mailboxes[email]
+    mailbox.revoked = False
+    assert await store.connect(tenant.tenant_id, email, Tokens(token, refresh, None),
+                               mailbox.history_id) == integration_id  # fmt: skip
+    gmail.expire_access_tokens(email)
+    mailbox.revoked = True
+    await poller.poll_due()
+    records = await read_topic(
+        gmail_settings, [TopicNames(gmail_settings.topic_prefix).notifications], tenant.tenant_id
+    )
+    again = [Notification.model_validate_json(v) for _, _, v in records]
+    assert len({n.event_id for n in again}) == 2
+
 
 async def test_a_crash_before_the_cursor_moves_re_polls_without_ingesting_twice(
     gmail: GmailFake,
