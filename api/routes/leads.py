@@ -256,17 +256,18 @@ async def get_scheduled(
 @router.delete(
     "/api/scheduled-messages/{scheduled_id}",
     response_model=ScheduledMessageView,
-    responses={404: {}, 409: {"description": "already sent, failed or cancelled"}, 503: {}},
+    responses={404: {}, 409: {"description": "due, sent or failed already"}, 503: {}},
 )
 async def cancel_scheduled(
     scheduled_id: str, principal: PrincipalDep, services: ServicesDep
 ) -> ScheduledMessageView:
-    """Cancel a scheduled message that has not gone out yet."""
+    """Cancel a scheduled message that has not gone out yet. Idempotent: cancelling a
+    cancelled message sends the cancel again (the retry of a 503) and answers 200."""
     parsed = _scheduled_id(scheduled_id)
     row = await services.pool.fetchrow(
         f"""UPDATE scheduled_messages SET status = 'cancelled', updated_at = now()
-            WHERE scheduled_id = $1 AND tenant_id = $2 AND status = 'scheduled'
-              AND send_at > now()
+            WHERE scheduled_id = $1 AND tenant_id = $2
+              AND ((status = 'scheduled' AND send_at > now()) OR status = 'cancelled')
             RETURNING {_SCHEDULED_COLUMNS}""",
         parsed,
         principal.tenant_id,
@@ -291,13 +292,14 @@ async def cancel_scheduled(
             value=cancel.model_dump_json().encode(),
         )
     except PublishUnavailable as exc:
-        await services.pool.execute(
-            # Only our own cancel is undone: the sink may have marked it sent meanwhile.
-            "UPDATE scheduled_messages SET status = 'scheduled'"
-            " WHERE scheduled_id = $1 AND status = 'cancelled'",
-            parsed,
-        )
-        raise ApiError(503, "not cancelled: Kafka is unavailable, retry later") from exc
+        # The row stays cancelled: a timeout does not prove the cancel was not written (put
+        # back to "scheduled", a cancel that landed left it so for good, never to be sent).
+        # Sent after all, the sink marks it sent.
+        raise ApiError(
+            503,
+            "cancel not confirmed: Kafka is unavailable; cancel again to make sure",
+            headers={"Retry-After": "5"},
+        ) from exc
     return _scheduled_view(row)
 
 

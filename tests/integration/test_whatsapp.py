@@ -674,8 +674,9 @@ async def test_a_cancelled_message_never_goes_out(
     assert cancelled.json()["status"] == "cancelled"
     await asyncio.sleep(3)
     assert graph.sent_to(business.phone_number_id) == []
-    again = await api.delete(path, headers=business.tenant.headers)
-    assert again.status_code == 409
+    again = await api.delete(path, headers=business.tenant.headers)  # a retry: idempotent
+    assert again.status_code == 200
+    assert again.json()["status"] == "cancelled"
     past = await api.post(
         f"/api/leads/{lead_id}/messages",
         headers=business.tenant.headers,
@@ -683,6 +684,31 @@ async def test_a_cancelled_message_never_goes_out(
     )
     assert past.status_code == 422
     assert "send_at" in past.json()["detail"]
+
+
+async def test_a_cancel_kafka_did_not_confirm_stays_cancelled_and_is_retried_safely(
+    api: httpx.AsyncClient,
+    api_factory: ApiFactory,
+    make_tenant: MakeTenant,
+    db: asyncpg.Connection,
+    graph: GraphApiFake,
+) -> None:
+    # On a 503 the row went back to "scheduled"; a cancel that had landed (a timeout proves
+    # nothing) then left it "scheduled" for good while nothing was sent.
+    business = await register(api, await make_tenant())
+    lead_id = await inbound(api, business, "919877700005", now_s() - 60, "wamid.T5")
+    accepted = await schedule(api, business, lead_id, "Maybe later", 3)
+    path = f"/api/scheduled-messages/{accepted['command_id']}"
+    async with api_factory(kafka_bootstrap_servers="127.0.0.1:9") as no_kafka:
+        unconfirmed = await no_kafka.delete(path, headers=business.tenant.headers)
+    assert unconfirmed.status_code == 503
+    status = await db.fetchval("SELECT status FROM scheduled_messages WHERE scheduled_id = $1",
+                               uuid.UUID(accepted["command_id"]))  # fmt: skip
+    assert status == "cancelled"
+    retried = await api.delete(path, headers=business.tenant.headers)
+    assert retried.status_code == 200
+    await asyncio.sleep(4)
+    assert graph.sent_to(business.phone_number_id) == []
 
 
 async def test_a_message_already_due_cannot_be_cancelled(
