@@ -44,21 +44,30 @@ def _view(row: asyncpg.Record) -> SdrView:
 
 @router.post("/api/sdrs", status_code=201, response_model=SdrView, responses={409: {}})
 async def add_sdr(body: SdrRequest, principal: AdminDep, services: ServicesDep) -> SdrView:
-    try:
-        row = await services.pool.fetchrow(
-            f"""INSERT INTO sdrs (sdr_id, tenant_id, name, email, active, max_open_leads)
-                VALUES ($1, $2, $3, $4, $5, $6) RETURNING {_COLUMNS}""",
-            uuid.uuid4(),
-            principal.tenant_id,
-            body.name,
-            str(body.email).lower(),
-            body.active,
-            body.max_open_leads,
-        )
-    except asyncpg.UniqueViolationError as exc:
-        raise ApiError(409, f"an SDR with email {body.email} exists already") from exc
+    row = await _write(
+        services,
+        f"""INSERT INTO sdrs (sdr_id, tenant_id, name, email, active, max_open_leads)
+            VALUES ($1, $2, $3, $4, $5, $6) RETURNING {_COLUMNS}""",
+        uuid.uuid4(),
+        principal.tenant_id,
+        body,
+    )
     assert row is not None
     return _view(row)
+
+
+async def _write(
+    services: ServicesDep, sql: str, sdr_id: uuid.UUID, tenant_id: str, body: SdrRequest
+) -> asyncpg.Record | None:
+    """An SDR row written from `body`; another SDR of the tenant with its email is a 409."""
+    try:
+        row: asyncpg.Record | None = await services.pool.fetchrow(
+            sql, sdr_id, tenant_id, body.name, str(body.email).lower(), body.active,
+            body.max_open_leads,
+        )  # fmt: skip
+    except asyncpg.UniqueViolationError as exc:
+        raise ApiError(409, f"another SDR has the email {body.email}") from exc
+    return row
 
 
 @router.get("/api/sdrs", response_model=list[SdrView])
@@ -78,19 +87,14 @@ async def update_sdr(
         parsed = uuid.UUID(sdr_id)
     except ValueError as exc:
         raise ApiError(404, "SDR not found") from exc
-    try:
-        row = await services.pool.fetchrow(
-            f"""UPDATE sdrs SET name = $3, email = $4, active = $5, max_open_leads = $6
-                WHERE sdr_id = $1 AND tenant_id = $2 RETURNING {_COLUMNS}""",
-            parsed,
-            principal.tenant_id,
-            body.name,
-            str(body.email).lower(),
-            body.active,
-            body.max_open_leads,
-        )
-    except asyncpg.UniqueViolationError as exc:
-        raise ApiError(409, f"another SDR has the email {body.email}") from exc
+    row = await _write(
+        services,
+        f"""UPDATE sdrs SET name = $3, email = $4, active = $5, max_open_leads = $6
+            WHERE sdr_id = $1 AND tenant_id = $2 RETURNING {_COLUMNS}""",
+        parsed,
+        principal.tenant_id,
+        body,
+    )
     if row is None:
         raise ApiError(404, "SDR not found")
     return _view(row)

@@ -43,6 +43,19 @@ async def reading(view: TenantStatusView) -> AsyncIterator[None]:
             await task
 
 
+async def write_statuses(settings: Settings, topic: str, statuses: list[TenantStatus]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await producer.start()
+    try:
+        for status in statuses:
+            await producer.send(
+                topic, key=status.tenant_id.encode(), value=status.model_dump_json().encode()
+            )
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
 async def test_an_empty_topic_is_loaded(test_settings: Settings, status_topic: str) -> None:
     view = TenantStatusView(
         test_settings.kafka_bootstrap_servers, status_topic, test_settings.kafka_partitions
@@ -57,18 +70,11 @@ async def test_loaded_once_every_earlier_status_is_read(
     test_settings: Settings, status_topic: str
 ) -> None:
     tenants = [str(uuid.uuid4()) for _ in range(40)]
-    producer = AIOKafkaProducer(bootstrap_servers=test_settings.kafka_bootstrap_servers)
-    await producer.start()
-    try:
-        now = datetime.now(UTC)
-        for i, tenant_id in enumerate(tenants):
-            status = TenantStatus(tenant_id=tenant_id, balance=i, paused=i % 2 == 0, updated_at=now)
-            await producer.send(
-                status_topic, key=tenant_id.encode(), value=status.model_dump_json().encode()
-            )
-        await producer.flush()
-    finally:
-        await producer.stop()
+    now = datetime.now(UTC)
+    await write_statuses(test_settings, status_topic, [
+        TenantStatus(tenant_id=tenant_id, balance=i, paused=i % 2 == 0, updated_at=now)
+        for i, tenant_id in enumerate(tenants)
+    ])  # fmt: skip
 
     view = TenantStatusView(
         test_settings.kafka_bootstrap_servers, status_topic, test_settings.kafka_partitions
@@ -88,17 +94,11 @@ async def test_a_restarted_reader_goes_on_from_where_it_was(
     # It read the topic from the beginning again, keeping what it knew: the older statuses
     # in the uncompacted head set the tenant back (paused after its top-up) until it caught up.
     tenant_id = str(uuid.uuid4())
-    producer = AIOKafkaProducer(bootstrap_servers=test_settings.kafka_bootstrap_servers)
-    await producer.start()
-    try:
-        for balance, paused in ((0, True), (500, False)):
-            status = TenantStatus(tenant_id=tenant_id, balance=balance, paused=paused,
-                                  updated_at=datetime.now(UTC))  # fmt: skip
-            await producer.send_and_wait(
-                status_topic, key=tenant_id.encode(), value=status.model_dump_json().encode()
-            )
-    finally:
-        await producer.stop()
+    await write_statuses(test_settings, status_topic, [
+        TenantStatus(tenant_id=tenant_id, balance=balance, paused=paused,
+                     updated_at=datetime.now(UTC))
+        for balance, paused in ((0, True), (500, False))
+    ])  # fmt: skip
     view = TenantStatusView(
         test_settings.kafka_bootstrap_servers, status_topic, test_settings.kafka_partitions
     )
