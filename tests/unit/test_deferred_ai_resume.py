@@ -4,7 +4,6 @@ had to keep again because the tenant ran dry in the middle of it."""
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -14,6 +13,7 @@ from streams.agents.deadlines import DeadlineActions
 from streams.agents.tokens import RESUME_DEADLINE, AiGate, TenantStatusView
 from streams.poison import PoisonRecords
 from streams.timers import DeadlineIndex, Scheduler
+from tests.fakes.topics import RecordingTopic
 
 TENANT = str(uuid.uuid4())
 KEY = str(uuid.uuid4()).encode()
@@ -30,14 +30,6 @@ class View:
         return None
 
 
-@dataclass
-class Topic:
-    sent: list[bytes] = field(default_factory=list)
-
-    async def send(self, *, key: bytes, value: bytes) -> None:
-        self.sent.append(value)
-
-
 class NeverPoison:
     def should_dead_letter(self, exc: BaseException) -> bool:
         return False
@@ -46,7 +38,7 @@ class NeverPoison:
 async def top_up(gate: AiGate, view: View, actions: DeadlineActions) -> int:
     """The tenant's tokens are back: the tick fires the lead's resume deadline now."""
     view.paused = False
-    topic = Topic()
+    topic = RecordingTopic()
     await gate.release_resumed(cast(Any, topic), owned=EVERY_PARTITION, partitions=8)
     for value in topic.sent:
         await actions.act_on(DeadlineReached.model_validate_json(value))

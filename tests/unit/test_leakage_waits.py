@@ -14,6 +14,7 @@ from schemas.messaging import OutboundMessage
 from streams.agents import leakage as leakage_agent
 from streams.batches import SourceRecord
 from streams.timers import DeadlineIndex, Scheduler
+from tests.fakes.topics import RecordingTopic
 
 LEAD = str(uuid.uuid4())
 KEY = LEAD.encode()
@@ -38,21 +39,13 @@ class Lane:
         self.handlers[name] = handle
 
 
-@dataclass
-class Topic:
-    sent: list[bytes] = field(default_factory=list)
-
-    async def send(self, *, key: bytes, value: bytes) -> None:
-        self.sent.append(value)
-
-
 class Tenants:
     async def leak_threshold_s(self, tenant_id: str) -> int:
         return 1800
 
 
-def waits() -> tuple[Lane, dict[bytes, Any], Scheduler, Topic]:
-    lane, events = Lane(), Topic()
+def waits() -> tuple[Lane, dict[bytes, Any], Scheduler, RecordingTopic]:
+    lane, events = Lane(), RecordingTopic()
     table: dict[bytes, Any] = {}
     scheduler = Scheduler(cast(Any, {}), DeadlineIndex())
     leakage_agent.register(

@@ -14,6 +14,7 @@ from prometheus_client import REGISTRY
 
 from schemas.tokens import TenantStatus, TokenCredit, TokenUsage
 from streams.agents.tokens import Accounts, SeenIds
+from tests.fakes.topics import RecordingTopic
 
 TENANT = "00000000-0000-4000-8000-000000000007"
 USAGE_TOPIC = "acme.token-usage"
@@ -33,14 +34,6 @@ class FakeTable(dict[bytes, Any]):
     def changelog(self) -> list[tuple[int, bytes, Any]]:
         written: list[tuple[int, bytes, Any]] = self.__dict__.setdefault("_changelog", [])
         return written
-
-
-class FakeTopic:
-    def __init__(self) -> None:
-        self.sent: list[bytes] = []
-
-    async def send(self, *, key: bytes, value: bytes) -> None:
-        self.sent.append(value)
 
 
 @dataclass(frozen=True)
@@ -63,8 +56,8 @@ def accounts_over(accounts: FakeTable, seen: FakeTable) -> Accounts:
 
     return Accounts(
         accounts=cast(TableT[bytes, Any], accounts), seen=ids,
-        status_topic=cast(TopicT, FakeTopic()), notifications=cast(TopicT, FakeTopic()),
-        dead_letters=cast(TopicT, FakeTopic()), pool=no_pool,
+        status_topic=cast(TopicT, RecordingTopic()), notifications=cast(TopicT, RecordingTopic()),
+        dead_letters=cast(TopicT, RecordingTopic()), pool=no_pool,
     )  # fmt: skip
 
 
@@ -110,7 +103,7 @@ async def test_a_usage_produced_twice_is_applied_once() -> None:
     assert accounts.account(TENANT).balance == 988
 
 
-class UnreachableTopic(FakeTopic):
+class UnreachableTopic(RecordingTopic):
     async def send(self, *, key: bytes, value: bytes) -> None:
         raise ConnectionError("the status topic's metadata did not come")
 
@@ -136,17 +129,18 @@ async def test_a_flip_whose_status_was_not_sent_is_sent_by_the_replay() -> None:
     async def pool() -> Any:
         return AuditPool()
 
-    def fold(status_topic: FakeTopic) -> Accounts:
+    def fold(status_topic: RecordingTopic) -> Accounts:
         return Accounts(
             accounts=cast(TableT[bytes, Any], accounts),
             seen=SeenIds(cast(TableT[bytes, Any], seen)), status_topic=cast(TopicT, status_topic),
-            notifications=cast(TopicT, FakeTopic()), dead_letters=cast(TopicT, FakeTopic()),
+            notifications=cast(TopicT, RecordingTopic()),
+            dead_letters=cast(TopicT, RecordingTopic()),
             pool=pool,
         )  # fmt: skip
 
     with contextlib.suppress(ConnectionError):
         await fold(UnreachableTopic()).apply(usage)
-    statuses = FakeTopic()
+    statuses = RecordingTopic()
     await fold(statuses).apply(usage)  # the worker's restart reads the batch again
     assert [TenantStatus.model_validate_json(v).paused for v in statuses.sent] == [True]
     assert (accounts[TENANT.encode()]["credited"], accounts[TENANT.encode()]["used"]) == (5, 5)
