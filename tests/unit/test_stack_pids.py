@@ -19,13 +19,18 @@ def test_a_pid_now_someone_elses_is_not_ours_to_stop(tmp_path: Path) -> None:
 
 def test_the_brokers_own_pid_is_found(tmp_path: Path) -> None:
     broker = subprocess.Popen(
-        [sys.executable, "-c", "import time; time.sleep(30)", KAFKA_MAIN_CLASS]
+        [sys.executable, "-c", "import time; print(flush=True); time.sleep(30)", KAFKA_MAIN_CLASS],
+        stdout=subprocess.PIPE,
     )
     try:
+        assert broker.stdout is not None
+        broker.stdout.readline()  # running its own command line (forked, not exec'd, before)
         pid_file = tmp_path / "kafka.pid"
         pid_file.write_text(str(broker.pid))
         assert _read_pid(pid_file, KAFKA_MAIN_CLASS) == broker.pid
     finally:
         broker.kill()
         broker.wait()
+        if broker.stdout is not None:
+            broker.stdout.close()
     assert _read_pid(pid_file, KAFKA_MAIN_CLASS) is None  # gone
