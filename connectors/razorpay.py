@@ -1,4 +1,5 @@
-"""Razorpay: orders through the official SDK, and the two signature checks (PLATFORM.md).
+"""Razorpay: orders and payments through the official SDK, and the two signature checks
+(PLATFORM.md).
 
 The SDK is synchronous (requests), so its calls run in a thread and never block the loop.
 """
@@ -10,7 +11,8 @@ import hashlib
 import hmac
 import re
 import uuid
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import razorpay
 from razorpay.errors import BadRequestError, GatewayError, ServerError, SignatureVerificationError
@@ -26,6 +28,11 @@ class PaymentsNotConfigured(RuntimeError):
 
 class PaymentProviderError(RuntimeError):
     """Razorpay refused or could not be reached."""
+
+
+class PaymentRefused(PaymentProviderError):
+    """Razorpay answered the request was wrong (a 4xx): an unknown payment, one already
+    captured."""
 
 
 # The SDK's requests wait for ever by default: a hung Razorpay held an API thread for good.
@@ -52,6 +59,39 @@ def webhook_signature_valid(body: bytes, signature: str | None, secret: str) -> 
     # Bytes: compare_digest refuses a str with non-ASCII characters (a TypeError, a 500 that
     # anyone could cause and that counted as a failed verification in the SLA).
     return hmac.compare_digest(expected.encode(), signature.strip().encode())
+
+
+@dataclass(frozen=True)
+class PaymentCheck:
+    """What a payment, as Razorpay reports it, allows for the order it should pay."""
+
+    # credit: captured, for this order's amount; capture: authorised only (manual capture),
+    # ours to capture; refuse: nothing to credit (failed, refunded, another order or amount).
+    verdict: Literal["credit", "capture", "refuse"]
+    reason: str = ""
+
+
+def check_payment(
+    payment: dict[str, Any], order_id: str, amount: int, currency: str
+) -> PaymentCheck:
+    """The checkout's signature says only that the payment was authorised: an authorisation
+    that is never captured, or is refunded, must not leave its tokens behind. Pure."""
+    status = payment.get("status")
+    if payment.get("order_id") != order_id:
+        return PaymentCheck("refuse", f"payment {payment.get('id')} is not of order {order_id}")
+    if (payment.get("amount"), payment.get("currency")) != (amount, currency):
+        return PaymentCheck(
+            "refuse",
+            f"payment of {payment.get('amount')} {payment.get('currency')} does not match the"
+            f" order's {amount} {currency}",
+        )
+    if payment.get("amount_refunded"):
+        return PaymentCheck("refuse", f"payment is refunded ({payment.get('amount_refunded')})")
+    if status == "captured":
+        return PaymentCheck("credit")
+    if status == "authorized":
+        return PaymentCheck("capture")
+    return PaymentCheck("refuse", f"payment is {status}")
 
 
 class RazorpayGateway:
@@ -83,13 +123,41 @@ class RazorpayGateway:
             "receipt": receipt,
             "notes": {"tenant_id": tenant_id, "pack": pack.name, "tokens": str(pack.tokens)},
         }
+        return await self._call(client.order.create, data)
+
+    async def captured_payment(
+        self, payment_id: str, order_id: str, amount: int, currency: str
+    ) -> PaymentCheck:
+        """Fetches the payment and captures it if it is only authorised: "credit" once it is
+        captured for this order's amount. PaymentProviderError when Razorpay cannot say."""
+        client = self._require()
+        payment = await self._call(client.payment.fetch, payment_id)
+        check = check_payment(payment, order_id, amount, currency)
+        if check.verdict != "capture":
+            return check
         try:
-            order: dict[str, Any] = await asyncio.to_thread(
-                client.order.create, data, timeout=RAZORPAY_TIMEOUT_S
+            # The SDK writes the amount into the dict it is given (its default is shared).
+            payment = await self._call(
+                client.payment.capture, payment_id, amount, {"currency": currency}
             )
-        except (BadRequestError, GatewayError, ServerError, RequestException) as exc:
-            raise PaymentProviderError(f"Razorpay did not create the order: {exc}") from exc
-        return order
+        except PaymentRefused:
+            # Captured meanwhile (by the dashboard, auto-capture, another verify): say what is.
+            payment = await self._call(client.payment.fetch, payment_id)
+        check = check_payment(payment, order_id, amount, currency)
+        if check.verdict == "capture":
+            return PaymentCheck("refuse", "Razorpay did not capture the payment")
+        return check
+
+    async def _call(self, method: Any, *args: Any) -> dict[str, Any]:
+        try:
+            answer: dict[str, Any] = await asyncio.to_thread(
+                method, *args, timeout=RAZORPAY_TIMEOUT_S
+            )
+        except BadRequestError as exc:
+            raise PaymentRefused(f"Razorpay refused: {exc}") from exc
+        except (GatewayError, ServerError, RequestException) as exc:
+            raise PaymentProviderError(f"Razorpay did not answer: {exc}") from exc
+        return answer
 
     def payment_signature_valid(self, order_id: str, payment_id: str, signature: str) -> bool:
         """The checkout's signature over *our stored* order id and the payment id."""

@@ -15,18 +15,28 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Literal
 
 import asyncpg
 
 from flexoraa import audit
-from schemas.tokens import CreditSource, TokenCredit, credit_event_id
+from schemas.tokens import (
+    BalanceChange,
+    BalanceChangeRecord,
+    CreditSource,
+    DebitSource,
+    TokenCredit,
+    TokenDebit,
+    credit_event_id,
+)
+from streams.rules.tokens import refund_debit
 
 logger = logging.getLogger(__name__)
 
 Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 
-# Publishes one credit (keyed by tenant) and returns once Kafka acknowledged it.
-PublishCredit = Callable[[TokenCredit], Awaitable[None]]
+# Publishes one credit or debit (keyed by tenant) and returns once Kafka acknowledged it.
+PublishCredit = Callable[[BalanceChange], Awaitable[None]]
 
 
 async def enqueue_credit(
@@ -41,15 +51,35 @@ async def enqueue_credit(
         reference=reference,
         tokens=tokens,
     )
+    await _enqueue(conn, credit)
+    return credit
+
+
+async def enqueue_debit(
+    conn: Connection, tenant_id: str, source: DebitSource, reference: str, tokens: int
+) -> TokenDebit:
+    """Adds a debit to the outbox; call inside the transaction of the refund that caused it."""
+    debit = TokenDebit(
+        event_id=credit_event_id(tenant_id, source, reference),
+        tenant_id=tenant_id,
+        occurred_at=datetime.now(UTC),
+        source=source,
+        reference=reference,
+        tokens=tokens,
+    )
+    await _enqueue(conn, debit)
+    return debit
+
+
+async def _enqueue(conn: Connection, change: BalanceChange) -> None:
     await conn.execute(
         # text → jsonb in SQL: the same with or without the pool's jsonb codec.
         "INSERT INTO token_outbox (event_id, tenant_id, payload) VALUES ($1, $2, $3::text::jsonb)"
         " ON CONFLICT (event_id) DO NOTHING",
-        credit.event_id,
-        tenant_id,
-        credit.model_dump_json(),
+        change.event_id,
+        change.tenant_id,
+        change.model_dump_json(),
     )
-    return credit
 
 
 async def grant_trial(conn: Connection, tenant_id: str, tokens: int) -> None:
@@ -109,6 +139,104 @@ async def credit_paid_order(conn: Connection, order_id: str, payment_id: str) ->
                            event_key=f"payment.duplicate|{payment_id}")  # fmt: skip
     return PaidOrder(order_id, existing["tenant_id"], existing["tokens"], newly_credited=False,
                      paid_twice=paid_twice)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Reversal:
+    """What a refund or lost dispute did to the tokens of the order it paid back."""
+
+    # debited: tokens taken back now; already: this reversal was handled before;
+    # not_credited: the payment credited no order (a second payment of a paid order, or not
+    # ours), so no tokens come back; currency_mismatch: recorded only, said in the log.
+    outcome: Literal["debited", "already", "not_credited", "currency_mismatch"]
+    tokens: int = 0
+    order_id: str | None = None
+
+
+async def debit_reversal(
+    conn: Connection,
+    *,
+    kind: DebitSource,
+    reversal_id: str,
+    payment_id: str,
+    amount: int,
+    currency: str | None,
+) -> Reversal:
+    """Takes back the tokens a refund (or a lost dispute) of `amount` returned to the
+    customer, once per `reversal_id`; call inside a transaction.
+
+    The share of the order's tokens is computed on the running total of the order's refunds
+    (streams.rules.tokens.refund_debit): partial refunds adding up to the price take back
+    exactly the pack. The order's row lock serialises two refunds of one payment.
+    """
+    order = await conn.fetchrow(
+        "SELECT order_id, tenant_id::text, tokens, amount, currency FROM payment_orders"
+        " WHERE payment_id = $1 AND status = 'paid' FOR UPDATE",
+        payment_id,
+    )
+    if order is None:
+        # A second payment of a paid order (its refund is what paid_twice asked for), or a
+        # payment that is none of ours: no tokens were credited for it.
+        return Reversal("not_credited")
+    if currency is not None and currency != order["currency"]:
+        logger.error("%s %s in %s of order %s in %s: recorded, no tokens taken back",
+                     kind, reversal_id, currency, order["order_id"], order["currency"])  # fmt: skip
+        return Reversal("currency_mismatch", order_id=order["order_id"])
+    refunded_before = await conn.fetchval(
+        "SELECT coalesce(sum(amount), 0)::bigint FROM payment_reversals"
+        " WHERE order_id = $1 AND status = 'debited'",
+        order["order_id"],
+    )
+    tokens = refund_debit(order["tokens"], order["amount"], refunded_before, amount)
+    inserted = await conn.fetchval(
+        "INSERT INTO payment_reversals (reversal_id, kind, order_id, tenant_id, payment_id,"
+        " amount, tokens, status) VALUES ($1, $2, $3, $4, $5, $6, $7, 'debited')"
+        " ON CONFLICT (reversal_id) DO NOTHING RETURNING 1",
+        reversal_id, kind, order["order_id"], order["tenant_id"], payment_id, amount, tokens,
+    )  # fmt: skip
+    if inserted is None:
+        return Reversal("already", order_id=order["order_id"])
+    if tokens > 0:
+        await enqueue_debit(conn, order["tenant_id"], kind, reversal_id, tokens)
+    await audit.record(conn, tenant_id=order["tenant_id"], actor="razorpay",
+                       action=f"payment.{'refunded' if kind == 'refund' else 'charged_back'}",
+                       target=reversal_id,
+                       details={"order_id": order["order_id"], "payment_id": payment_id,
+                                "amount": amount, "tokens": tokens})  # fmt: skip
+    return Reversal("debited", tokens, order["order_id"])
+
+
+async def refund_failed(conn: Connection, *, refund_id: str, payment_id: str) -> Reversal:
+    """A refund Razorpay could not complete: the money stayed with us, so the tokens its
+    debit took come back (once). Failing before any debit, it is kept as failed and a later
+    refund.created or refund.processed for it (webhooks come in any order) takes nothing."""
+    row = await conn.fetchrow(
+        "UPDATE payment_reversals SET status = 'failed', updated_at = now()"
+        " WHERE reversal_id = $1 AND status = 'debited'"
+        " RETURNING tenant_id::text, tokens, order_id",
+        refund_id,
+    )
+    if row is None:
+        order = await conn.fetchrow(
+            "SELECT order_id, tenant_id::text FROM payment_orders"
+            " WHERE payment_id = $1 AND status = 'paid'",
+            payment_id,
+        )
+        if order is None:
+            return Reversal("not_credited")
+        inserted = await conn.fetchval(
+            "INSERT INTO payment_reversals (reversal_id, kind, order_id, tenant_id, payment_id,"
+            " amount, tokens, status) VALUES ($1, 'refund', $2, $3, $4, 0, 0, 'failed')"
+            " ON CONFLICT (reversal_id) DO NOTHING RETURNING 1",
+            refund_id, order["order_id"], order["tenant_id"], payment_id,
+        )  # fmt: skip
+        return Reversal("debited" if inserted else "already", order_id=order["order_id"])
+    if row["tokens"] > 0:
+        await enqueue_credit(conn, row["tenant_id"], "refund_failed", refund_id, row["tokens"])
+    await audit.record(conn, tenant_id=row["tenant_id"], actor="razorpay",
+                       action="payment.refund_failed", target=refund_id,
+                       details={"order_id": row["order_id"], "tokens": row["tokens"]})  # fmt: skip
+    return Reversal("debited", -row["tokens"], row["order_id"])
 
 
 def add_month(moment: datetime) -> datetime:
@@ -204,7 +332,7 @@ async def relay_pending(pool: asyncpg.Pool, publish: PublishCredit, limit: int =
             limit,
         )
         for row in rows:
-            await publish(TokenCredit.model_validate_json(row["payload"]))
+            await publish(BalanceChangeRecord.model_validate_json(row["payload"]).root)
         if rows:
             await conn.execute(
                 "UPDATE token_outbox SET published_at = now() WHERE event_id = ANY($1::text[])",

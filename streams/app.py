@@ -22,7 +22,7 @@ from flexoraa.kafka import KeyPartitioner
 from flexoraa.settings import Settings
 from schemas.events import InboundMessage
 from schemas.messaging import DeliveryStatus, LeadEvent, OutboundMessage
-from schemas.tokens import TokenCredit, TokenUsage
+from schemas.tokens import BalanceChangeRecord, TokenUsage
 from schemas.topics import TopicNames
 from streams import web
 from streams.agents import dead_letter_index
@@ -240,7 +240,7 @@ def create_worker_app(settings: Settings) -> faust.App:
         # The account fold dead-letters undecodable token events.
         SinkSpec("token-usage", token_usage, TokenUsage, TokenUsageSink(pool),
                  dead_letter_invalid=False),
-        SinkSpec("token-credits", token_credits, TokenCredit, TokenCreditSink(pool),
+        SinkSpec("token-credits", token_credits, BalanceChangeRecord, TokenCreditSink(pool),
                  dead_letter_invalid=False),
     ]  # fmt: skip
     for spec in sinks:

@@ -87,7 +87,7 @@ NOTIFICATIONS = Counter(
     "flexoraa_notifications", "Notifications delivered by channel", ["category", "delivery"]
 )
 TOKEN_EVENTS = Counter(
-    "flexoraa_token_events", "Token usage and credit events applied to accounts", ["kind"]
+    "flexoraa_token_events", "Token usage, credit and debit events applied to accounts", ["kind"]
 )
 TOKEN_BALANCE = Gauge("flexoraa_token_balance", "Token balance per tenant", ["tenant_id"])
 TOKEN_CYCLE_USED_PERCENT = Gauge(
@@ -101,7 +101,7 @@ TOKEN_TENANT_PAUSED = Gauge(
 AI_ACTIONS_DEFERRED = Counter(
     "flexoraa_ai_actions_deferred", "AI actions kept for later: the tenant had no tokens", ["kind"]
 )
-for _kind in ("usage", "credit", "duplicate"):
+for _kind in ("usage", "credit", "debit", "duplicate"):
     TOKEN_EVENTS.labels(_kind)
 SINK_ROWS.labels("token_ledger")
 for _kind in ("qualification", "recovery"):

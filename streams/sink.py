@@ -17,7 +17,7 @@ import asyncpg
 from flexoraa.db import while_unreachable
 from schemas.events import InboundMessage
 from schemas.messaging import DeliveryStatus, LeadEvent, OutboundMessage
-from schemas.tokens import TokenCredit, TokenUsage
+from schemas.tokens import BalanceChangeRecord, TokenCredit, TokenUsage
 from streams.metrics import SINK_RETRIES, SINK_ROWS
 from streams.poison import is_poison
 from streams.rules.delivery import RANK, supersedes
@@ -407,18 +407,24 @@ class TokenUsageSink(BatchSink[TokenUsage]):
         SINK_ROWS.labels("token_ledger").inc(len(batch))
 
 
-class TokenCreditSink(BatchSink[TokenCredit]):
-    async def _write_batch(self, pool: asyncpg.Pool, batch: Sequence[TokenCredit]) -> None:
+class TokenCreditSink(BatchSink[BalanceChangeRecord]):
+    """The credits topic's records, credits and debits, into the ledger (tokens positive, the
+    kind saying which way)."""
+
+    async def _write_batch(self, pool: asyncpg.Pool, batch: Sequence[BalanceChangeRecord]) -> None:
+        changes = [record.root for record in batch]
         await pool.execute(
             """INSERT INTO token_ledger (event_id, tenant_id, kind, source, tokens, occurred_at)
-               SELECT e, t, 'credit', s, k, o
-               FROM unnest($1::text[], $2::uuid[], $3::text[], $4::bigint[], $5::timestamptz[])
-                    AS u(e, t, s, k, o)
+               SELECT e, t, c, s, k, o
+               FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::bigint[],
+                           $6::timestamptz[])
+                    AS u(e, t, c, s, k, o)
                ON CONFLICT DO NOTHING""",
-            [e.event_id for e in batch],
-            [e.tenant_id for e in batch],
-            [e.source for e in batch],
-            [e.tokens for e in batch],
-            [e.occurred_at for e in batch],
+            [e.event_id for e in changes],
+            [e.tenant_id for e in changes],
+            ["credit" if isinstance(e, TokenCredit) else "debit" for e in changes],
+            [e.source for e in changes],
+            [e.tokens for e in changes],
+            [e.occurred_at for e in changes],
         )
         SINK_ROWS.labels("token_ledger").inc(len(batch))

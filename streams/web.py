@@ -129,6 +129,7 @@ def register(
             {
                 "balance": account.balance,
                 "credited": account.credited,
+                "debited": account.debited,
                 "used": account.used,
                 "used_this_cycle": account.cycle_used,
                 "cycle_base": account.cycle_base,

@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 import asyncpg
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -25,11 +25,18 @@ from api.paging import CursorQuery, cursor_time, decode_cursor, encode_cursor
 from api.webhook_letters import WEBHOOK_RECORDS, webhook_letter
 from connectors.razorpay import (
     PaymentProviderError,
+    PaymentRefused,
     PaymentsNotConfigured,
     new_receipt,
     webhook_signature_valid,
 )
-from flexoraa.credits import Connection, PaidOrder, credit_paid_order
+from flexoraa.credits import (
+    Connection,
+    PaidOrder,
+    credit_paid_order,
+    debit_reversal,
+    refund_failed,
+)
 from flexoraa.kafka import PublishUnavailable
 from schemas.events import EventTime
 from schemas.latency import NO_TENANT
@@ -124,7 +131,9 @@ class VerifyRequest(RequestBody):
 
 class CreditView(BaseModel):
     # paid_twice: the order was paid by another payment before; this one is to be refunded.
-    status: Literal["credited", "already_credited", "paid_twice"]
+    # pending: Razorpay could not be asked whether the payment is captured; its webhook
+    # credits the order once it is (or verify again).
+    status: Literal["credited", "already_credited", "paid_twice", "pending"]
     order_id: str
     tokens: int
 
@@ -132,27 +141,66 @@ class CreditView(BaseModel):
 @router.post(
     "/api/tokens/topup/verify",
     response_model=CreditView,
-    responses={400: {"description": "signature mismatch"}, 404: {}, 503: {}},
+    responses={
+        202: {"description": "pending: Razorpay did not answer; credited on its webhook"},
+        400: {"description": "signature mismatch"},
+        404: {},
+        409: {"description": "the payment is not captured for this order (failed, refunded)"},
+        503: {},
+    },
 )
-async def verify(body: VerifyRequest, principal: AdminDep, services: ServicesDep) -> CreditView:
+async def verify(
+    body: VerifyRequest, principal: AdminDep, services: ServicesDep, response: Response
+) -> CreditView:
+    """Credits a checkout's payment once Razorpay says it is captured for this order.
+
+    The checkout's signature only says the payment was authorised; an authorisation left
+    uncaptured is released to the customer after some days, and a payment may be refunded
+    before this call. So the payment is fetched (and captured, if the account captures
+    manually) before any token is credited."""
     if not services.razorpay.configured:
         raise ApiError(503, "payments are not configured: set RAZORPAY_KEY_ID and "
                             "RAZORPAY_KEY_SECRET")  # fmt: skip
-    stored_order_id = await services.pool.fetchval(
-        "SELECT order_id FROM payment_orders WHERE order_id = $1 AND tenant_id = $2",
+    order = await services.pool.fetchrow(
+        "SELECT order_id, tokens, amount, currency, status, payment_id FROM payment_orders"
+        " WHERE order_id = $1 AND tenant_id = $2",
         body.razorpay_order_id,
         principal.tenant_id,
     )
-    if stored_order_id is None:
+    if order is None:
         raise ApiError(404, "razorpay_order_id: no such order of this tenant")
     with services.latency.measure("verification", tenant_id=principal.tenant_id):
         valid = services.razorpay.payment_signature_valid(
-            stored_order_id, body.razorpay_payment_id, body.razorpay_signature
+            order["order_id"], body.razorpay_payment_id, body.razorpay_signature
         )
     if not valid:
         raise ApiError(400, "razorpay_signature: does not match the order and payment")
+    if order["status"] == "paid" and order["payment_id"] == body.razorpay_payment_id:
+        # Credited before (this call again, or the webhook first): no need to ask Razorpay.
+        return CreditView(
+            status="already_credited", order_id=order["order_id"], tokens=order["tokens"]
+        )
+    try:
+        check = await services.razorpay.captured_payment(
+            body.razorpay_payment_id, order["order_id"], order["amount"], order["currency"]
+        )
+    except PaymentRefused as exc:
+        raise ApiError(409, f"razorpay_payment_id: {exc}; no tokens credited") from exc
+    except PaymentProviderError as exc:
+        logger.warning("payment %s not confirmed (%s): left to the webhook",
+                       body.razorpay_payment_id, exc)  # fmt: skip
+        response.status_code = 202
+        return CreditView(status="pending", order_id=order["order_id"], tokens=order["tokens"])
+    if check.verdict != "credit":
+        await services.pool.execute(
+            "UPDATE payment_orders SET failure_reason = $2, updated_at = now()"
+            " WHERE order_id = $1 AND status <> 'paid'",
+            order["order_id"],
+            check.reason[:500],
+        )
+        raise ApiError(409, f"razorpay_payment_id: {check.reason}; no tokens credited")
     async with services.pool.acquire() as conn, conn.transaction():
-        paid = await credit_paid_order(conn, stored_order_id, body.razorpay_payment_id)
+        paid = await credit_paid_order(conn, order["order_id"], body.razorpay_payment_id)
     assert paid is not None  # the order exists: we just read it
     return CreditView(
         status=_outcome(paid),
@@ -199,8 +247,10 @@ async def razorpay_webhook(request: Request, services: ServicesDep) -> JSONRespo
     event_id = request.headers.get(EVENT_ID_HEADER) or hashlib.sha256(body).hexdigest()
     payment = _entity(entities, "payment")
     order = _entity(entities, "order")
+    # Refunds and disputes name their payment; their payload's payment entity may be absent.
+    reversal = _entity(entities, "refund") or _entity(entities, "dispute")
     order_id = payment.get("order_id") or order.get("id")
-    payment_id = payment.get("id")
+    payment_id = payment.get("id") or reversal.get("payment_id")
     async with services.pool.acquire() as conn, conn.transaction():
         # Recorded in the transaction of its effect: a crash leaves neither, and Razorpay's
         # redelivery is processed; a redelivery after success is acknowledged and ignored.
@@ -211,7 +261,10 @@ async def razorpay_webhook(request: Request, services: ServicesDep) -> JSONRespo
         )  # fmt: skip
         if recorded is None:
             return JSONResponse({"status": "duplicate", "event_id": event_id})
-        outcome = await _apply(conn, event_type, order_id, payment_id, payment)
+        if event_type in REVERSAL_EVENTS:
+            outcome = await _reverse(conn, event_type, reversal)
+        else:
+            outcome = await _apply(conn, event_type, order_id, payment_id, payment)
     return JSONResponse({"status": outcome, "event_id": event_id})
 
 
@@ -264,6 +317,39 @@ async def _apply(
     return _outcome(paid)
 
 
+# Money going back to the customer, and a refund that did not: the tokens follow the money.
+REVERSAL_EVENTS = frozenset(
+    {"refund.created", "refund.processed", "refund.failed", "payment.dispute.lost"}
+)
+
+
+async def _reverse(conn: Connection, event_type: str, reversal: dict[str, Any]) -> str:
+    """A refund (debited at refund.created or refund.processed, whichever comes first, and
+    given back at refund.failed) or a lost dispute (a chargeback): the order's tokens that
+    money bought are taken back (flexoraa.credits.debit_reversal)."""
+    reversal_id, payment_id = reversal.get("id"), reversal.get("payment_id")
+    amount = reversal.get("amount")
+    if not (isinstance(reversal_id, str) and reversal_id and isinstance(payment_id, str)
+            and payment_id and type(amount) is int and amount >= 0):  # fmt: skip
+        logger.warning("%s without a readable refund or dispute: recorded only", event_type)
+        return "recorded"
+    if event_type == "refund.failed":
+        failed = await refund_failed(conn, refund_id=reversal_id, payment_id=payment_id)
+        return {"debited": "refund_failed", "already": "already_failed"}.get(
+            failed.outcome, failed.outcome
+        )
+    currency = reversal.get("currency")
+    reversed_ = await debit_reversal(
+        conn,
+        kind="chargeback" if event_type == "payment.dispute.lost" else "refund",
+        reversal_id=reversal_id,
+        payment_id=payment_id,
+        amount=amount,
+        currency=currency if isinstance(currency, str) else None,
+    )
+    return "already_debited" if reversed_.outcome == "already" else reversed_.outcome
+
+
 def _outcome(paid: PaidOrder | None) -> Literal["credited", "already_credited", "paid_twice"]:
     if paid is not None and paid.paid_twice:
         return "paid_twice"
@@ -284,6 +370,8 @@ async def balance(principal: PrincipalDep, services: ServicesDep) -> dict[str, A
         "percent_used": account["percent_used"],
         "paused": account["paused"],
         "total_credited": account["credited"],
+        # Taken back by refunds and lost disputes (a worker older than debits says nothing).
+        "total_debited": account.get("debited", 0),
         "total_used": account["used"],
     }
 
@@ -354,8 +442,13 @@ async def payment_history(
         after_at = cursor_time(at)
     rows: list[asyncpg.Record] = await services.pool.fetch(
         """SELECT order_id, pack, tokens, amount, currency, status, payment_id, failure_reason,
-                  created_at, credited_at
-           FROM payment_orders WHERE tenant_id = $1 AND ($2::timestamptz IS NULL OR created_at < $2)
+                  created_at, credited_at, refunded_amount, tokens_taken_back
+           FROM payment_orders o, LATERAL (
+               SELECT coalesce(sum(r.amount), 0)::bigint AS refunded_amount,
+                      coalesce(sum(r.tokens), 0)::bigint AS tokens_taken_back
+               FROM payment_reversals r WHERE r.order_id = o.order_id AND r.status = 'debited'
+           ) reversed
+           WHERE tenant_id = $1 AND ($2::timestamptz IS NULL OR created_at < $2)
              AND ($3::timestamptz IS NULL OR (created_at, order_id) < ($3, $4::text))
            ORDER BY created_at DESC, order_id DESC LIMIT $5""",
         principal.tenant_id,

@@ -1,7 +1,7 @@
 """Token accounts, the tenant status every worker reads, the AI gate and the credit relay.
 
-* `Accounts` folds usage and credit events (keyed by tenant; whole fetches of the token topics,
-  through the consumer's batch lane) into the `token_accounts` table, counting each event id
+* `Accounts` folds usage, credit and debit events (keyed by tenant; whole fetches of the token
+  topics, through the consumer's batch lane) into the `token_accounts` table, counting each event id
   once (the `token_seen` table), alerts at the thresholds and publishes each changed account's
   balance and paused flag to the compacted tenant-status topic.
 * `TenantStatusView` reads that whole topic on every worker (the lead-keyed agents need the
@@ -10,7 +10,7 @@
 * `AiGate` is asked before every AI action. A paused tenant's action is kept (in the
   `deferred_ai` table, keyed by lead) and an "ai_resume" deadline is set; when the tenant has
   tokens again the worker owning the lead fires that deadline at once and the action runs.
-* The outbox relay publishes credits committed in PostgreSQL (flexoraa.credits).
+* The outbox relay publishes credits and debits committed in PostgreSQL (flexoraa.credits).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from schemas.messaging import DeadlineReached
 from schemas.notifications import Notification
 from schemas.tokens import (
     MAX_TOKENS_PER_EVENT,
+    BalanceChange,
     Feature,
     TenantStatus,
     TokenCredit,
@@ -66,7 +67,7 @@ from streams.metrics import (
 )
 from streams.poison import is_poison
 from streams.producer import HeldChangelogTable
-from streams.rules.tokens import Account, charge, credit, spend
+from streams.rules.tokens import Account, charge, credit, debit, spend
 from streams.timers import Scheduler
 
 logger = logging.getLogger(__name__)
@@ -269,9 +270,12 @@ class Accounts:
                 outcome = spend(account, token_event.tokens)
                 alerts.extend((token_event, percent, outcome.account) for percent in outcome.alerts)
                 counts["usage"] += 1
-            else:
+            elif isinstance(token_event, TokenCredit):
                 outcome = credit(account, token_event.tokens)
                 counts["credit"] += 1
+            else:
+                outcome = debit(account, token_event.tokens)
+                counts["debit"] += 1
             changed[tenant] = (message.partition, outcome.account, up_to)
         self._seen.add(applied)
         for kind, count in counts.items():
@@ -744,7 +748,7 @@ def register_relay(
 ) -> None:
     """Publishes committed credits (outbox) and credits subscription cycles as they start."""
 
-    async def publish(credit_event: TokenCredit) -> None:
+    async def publish(credit_event: BalanceChange) -> None:
         sent = await credits_topic.send(
             key=credit_event.tenant_id.encode(), value=credit_event.model_dump_json().encode()
         )

@@ -1,11 +1,13 @@
 """The token account rule: balance, cycle usage, threshold alerts and the pause at zero. Pure.
 
-* balance = credits - usage, each event counted once by its id (the caller keeps the ids seen),
-  so any order and any duplication of events yields the same balance.
+* balance = credits - debits - usage, each event counted once by its id (the caller keeps the
+  ids seen), so any order and any duplication of events yields the same balance.
 * A cycle starts at every credit: its base is the balance right after the credit ("the tokens
   available at the last top-up"); usage in the cycle is measured against that base.
 * Alerts fire when the cycle's usage first reaches 50 %, 80 % and 100 % of the base, each once
   per cycle, on the usage event that crosses it.
+* A debit (tokens taken back when the money that bought them was refunded) shrinks the cycle's
+  base by as much, so the cycle's percentages measure what is left of the top-up.
 * A tenant is paused while its balance is zero or less; a credit that makes it positive resumes
   it. A tenant with no account has no tokens and is paused.
 """
@@ -75,10 +77,11 @@ class Account:
     cycle_used: int = 0
     alerted: tuple[int, ...] = ()
     cycles: int = 0
+    debited: int = 0
 
     @property
     def balance(self) -> int:
-        return self.credited - self.used
+        return self.credited - self.debited - self.used
 
     @property
     def paused(self) -> bool:
@@ -98,6 +101,7 @@ class Account:
             "cycle_used": self.cycle_used,
             "alerted": list(self.alerted),
             "cycles": self.cycles,
+            "debited": self.debited,
         }
 
     @classmethod
@@ -111,6 +115,8 @@ class Account:
             cycle_used=data["cycle_used"],
             alerted=tuple(data["alerted"]),
             cycles=data["cycles"],
+            # Absent from accounts stored before debits existed.
+            debited=data.get("debited", 0),
         )
 
 
@@ -142,6 +148,7 @@ def spend(account: Account, tokens: int) -> Outcome:
         cycle_used=cycle_used,
         alerted=account.alerted + crossed if crossed else account.alerted,
         cycles=account.cycles,
+        debited=account.debited,
     )
     return Outcome(updated, crossed)
 
@@ -152,12 +159,36 @@ def credit(account: Account, tokens: int) -> Outcome:
         replace(
             account,
             credited=credited,
-            cycle_base=max(0, credited - account.used),
+            cycle_base=max(0, credited - account.debited - account.used),
             cycle_used=0,
             alerted=(),
             cycles=account.cycles + 1,
         )
     )
+
+
+def debit(account: Account, tokens: int) -> Outcome:
+    return Outcome(
+        replace(
+            account,
+            debited=account.debited + tokens,
+            cycle_base=max(0, account.cycle_base - tokens),
+        )
+    )
+
+
+def refund_debit(order_tokens: int, order_amount: int, refunded_before: int, refunded: int) -> int:
+    """Tokens a refund of `refunded` (minor units) takes back from an order of `order_tokens`
+    for `order_amount`, after refunds of `refunded_before`: the refunded share of the tokens,
+    rounded down on the running total, so partial refunds adding up to the whole take back
+    exactly the order's tokens and never more."""
+    if order_amount <= 0:
+        return 0
+
+    def share(amount: int) -> int:
+        return order_tokens * min(max(amount, 0), order_amount) // order_amount
+
+    return share(refunded_before + refunded) - share(refunded_before)
 
 
 def _reached(cycle_used: int, cycle_base: int, percent: int) -> bool:

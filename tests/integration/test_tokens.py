@@ -19,10 +19,15 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from pydantic import SecretStr
 
-from flexoraa.credits import credit_due_subscriptions, enqueue_credit, relay_pending
+from flexoraa.credits import (
+    credit_due_subscriptions,
+    enqueue_credit,
+    enqueue_debit,
+    relay_pending,
+)
 from flexoraa.kafka import delete_topics, ensure_topics
 from flexoraa.settings import Settings
-from schemas.tokens import TokenCredit, credit_event_id
+from schemas.tokens import BalanceChange, TokenCredit, credit_event_id
 from schemas.topics import TopicNames
 from tests.conftest import (
     MakeTenant,
@@ -37,6 +42,8 @@ from tests.conftest import (
 from tests.fakes.razorpay_api import (
     RazorpayFake,
     checkout_signature,
+    dispute_lost_body,
+    refund_webhook_body,
     webhook_body,
     webhook_signature,
 )
@@ -157,7 +164,7 @@ async def test_an_order_is_created_through_the_sdk_and_verified_once(
         assert row["status"] == "created"
         assert row["tokens"] == 1000
 
-        payment_id = f"pay_{uuid.uuid4().hex[:14]}"
+        payment_id = razorpay_fake.pay(order["order_id"])
         signature = checkout_signature(order["order_id"], payment_id, razorpay_fake.key_secret)
         tampered = await api.post("/api/tokens/topup/verify", headers=tenant.headers, json={
             "razorpay_order_id": order["order_id"], "razorpay_payment_id": payment_id,
@@ -259,7 +266,7 @@ async def test_verify_and_webhook_racing_credit_each_payment_once(
         orders = [await create_order(api, tenant, "starter") for _ in range(15)]
 
         async def race(order: Any) -> list[str]:
-            payment_id = f"pay_{uuid.uuid4().hex[:14]}"
+            payment_id = razorpay_fake.pay(order["order_id"])
             signature = checkout_signature(order["order_id"], payment_id, razorpay_fake.key_secret)
             verify = api.post("/api/tokens/topup/verify", headers=tenant.headers, json={
                 "razorpay_order_id": order["order_id"], "razorpay_payment_id": payment_id,
@@ -274,6 +281,167 @@ async def test_verify_and_webhook_racing_credit_each_payment_once(
     assert len(await purchase_credits(db, tenant)) == len(orders)
 
 
+async def verify_payment(
+    api: httpx.AsyncClient, tenant: Tenant, fake: RazorpayFake, order: Any, payment_id: str
+) -> httpx.Response:
+    signature = checkout_signature(order["order_id"], payment_id, fake.key_secret)
+    return await api.post("/api/tokens/topup/verify", headers=tenant.headers, json={
+        "razorpay_order_id": order["order_id"], "razorpay_payment_id": payment_id,
+        "razorpay_signature": signature})  # fmt: skip
+
+
+async def test_verify_credits_only_a_payment_razorpay_says_is_captured_for_the_order(
+    api_factory: ApiFactory,
+    razorpay_fake: RazorpayFake,
+    make_tenant: MakeTenant,
+    db: asyncpg.Connection,
+) -> None:
+    tenant = await make_tenant()
+
+    async def credited_payments() -> set[str]:
+        return {json.loads(r["payload"])["reference"] for r in await purchase_credits(db, tenant)}
+
+    async with payments(api_factory, razorpay_fake) as api:
+        # Authorised only (an account capturing manually): captured here, then credited.
+        order = await create_order(api, tenant, "starter")
+        authorised = razorpay_fake.pay(order["order_id"], status="authorized")
+        answer = await verify_payment(api, tenant, razorpay_fake, order, authorised)
+        assert (answer.status_code, answer.json()["status"]) == (200, "credited")
+        assert razorpay_fake.captures == [authorised]
+        assert razorpay_fake.payments[authorised]["status"] == "captured"
+
+        # Signed by the checkout, but never money: nothing credited, the reason kept.
+        refused: dict[str, dict[str, Any]] = {
+            "failed": {"status": "failed"},
+            "refunded before verify": {"status": "refunded", "amount_refunded": 5000},
+            "for less than the order": {"amount": 100},
+        }
+        for case, changes in refused.items():
+            order = await create_order(api, tenant, "starter")
+            payment_id = razorpay_fake.pay(order["order_id"], **changes)
+            answer = await verify_payment(api, tenant, razorpay_fake, order, payment_id)
+            assert answer.status_code == 409, (case, answer.text)
+            assert "no tokens credited" in answer.json()["detail"]
+            reason = await db.fetchval("SELECT failure_reason FROM payment_orders"
+                                       " WHERE order_id = $1", order["order_id"])  # fmt: skip
+            assert reason, case
+        # A payment of another order: the signature is the customer's to make for any pair it
+        # holds only with our key secret, but Razorpay's word is what counts.
+        order, other_order = [await create_order(api, tenant, "starter") for _ in range(2)]
+        elsewhere = razorpay_fake.pay(other_order["order_id"])
+        answer = await verify_payment(api, tenant, razorpay_fake, order, elsewhere)
+        assert answer.status_code == 409
+        assert "is not of order" in answer.json()["detail"]
+        unknown = await verify_payment(api, tenant, razorpay_fake, order, "pay_NOSUCH000001")
+        assert unknown.status_code == 409
+        assert "does not exist" in unknown.json()["detail"]
+
+        # Razorpay down: pending (202), nothing credited; its webhook credits the order, and
+        # verifying again finds it credited without asking Razorpay.
+        order = await create_order(api, tenant, "starter")
+        razorpay_fake.fail_next = 1
+        later = razorpay_fake.pay(order["order_id"])
+        pending = await verify_payment(api, tenant, razorpay_fake, order, later)
+        assert (pending.status_code, pending.json()["status"]) == (202, "pending")
+        assert later not in await credited_payments()
+        webhook = await deliver_webhook(api, "payment.captured", order, later)
+        assert webhook.json()["status"] == "credited"
+        razorpay_fake.fail_next = 1  # not asked: a call would fail
+        again = await verify_payment(api, tenant, razorpay_fake, order, later)
+        assert (again.status_code, again.json()["status"]) == (200, "already_credited")
+        razorpay_fake.fail_next = 0
+    assert await credited_payments() == {authorised, later}
+
+
+async def deliver_signed(api: httpx.AsyncClient, body: bytes) -> str:
+    answer = await api.post("/webhooks/razorpay", content=body, headers={
+        "Content-Type": "application/json",
+        "X-Razorpay-Signature": webhook_signature(body, WEBHOOK_SECRET),
+        "X-Razorpay-Event-Id": f"evt_{uuid.uuid4().hex[:14]}"})  # fmt: skip
+    assert answer.status_code == 200, answer.text
+    return str(answer.json()["status"])
+
+
+async def outbox_changes(db: asyncpg.Connection, tenant: Tenant) -> list[tuple[str, str, int]]:
+    rows = await db.fetch(
+        "SELECT payload FROM token_outbox WHERE tenant_id = $1 AND payload->>'source' IN"
+        " ('refund', 'chargeback', 'refund_failed') ORDER BY created_at",
+        tenant.tenant_id,
+    )
+    changes = [json.loads(r["payload"]) for r in rows]
+    return [(c["source"], c["reference"], c["tokens"]) for c in changes]
+
+
+async def test_refunds_and_lost_disputes_take_back_the_tokens_their_money_bought(
+    api_factory: ApiFactory,
+    razorpay_fake: RazorpayFake,
+    make_tenant: MakeTenant,
+    db: asyncpg.Connection,
+) -> None:
+    tenant = await make_tenant()
+    async with payments(api_factory, razorpay_fake) as api:
+        order = await create_order(api, tenant, "pro")  # 1000 tokens for 350.00
+        payment_id = razorpay_fake.pay(order["order_id"])
+        assert (await verify_payment(api, tenant, razorpay_fake, order, payment_id)).is_success
+
+        def refund(event: str, refund_id: str, amount: int) -> bytes:
+            return refund_webhook_body(event, refund_id, payment_id, amount, "USD")
+
+        # 100.00 of 350.00 back: 285 tokens (rounded down), once for both of its webhooks.
+        assert await deliver_signed(api, refund("refund.created", "rfnd_A1", 10000)) == "debited"
+        processed = await deliver_signed(api, refund("refund.processed", "rfnd_A1", 10000))
+        assert processed == "already_debited"
+        # The rest: the running total takes back exactly the pack, 715 more.
+        assert await deliver_signed(api, refund("refund.processed", "rfnd_A2", 25000)) == "debited"
+        # That refund then failed: its tokens come back, once.
+        assert await deliver_signed(api, refund("refund.failed", "rfnd_A2", 25000)) == (
+            "refund_failed"
+        )
+        again = await deliver_signed(api, refund("refund.failed", "rfnd_A2", 25000))
+        assert again == "already_failed"
+        # Failed before any debit (webhooks come in any order): its late success takes nothing.
+        assert await deliver_signed(api, refund("refund.failed", "rfnd_A3", 5000)) == (
+            "refund_failed"
+        )
+        late = await deliver_signed(api, refund("refund.processed", "rfnd_A3", 5000))
+        assert late == "already_debited"
+        # A refund in another currency than the order's is recorded, and takes nothing.
+        mismatch = refund_webhook_body("refund.processed", "rfnd_A4", payment_id, 100, "INR")
+        assert await deliver_signed(api, mismatch) == "currency_mismatch"
+
+        # The double payment of a paid order is the one refunded: it bought no tokens.
+        await deliver_webhook(api, "payment.captured", order, "pay_TWICE00000001")
+        twice = refund_webhook_body("refund.processed", "rfnd_B1", "pay_TWICE00000001", 35000,
+                                    "USD")  # fmt: skip
+        assert await deliver_signed(api, twice) == "not_credited"
+
+        # A lost dispute (a chargeback) takes the whole pack back.
+        disputed = await create_order(api, tenant, "growth")
+        disputed_payment = razorpay_fake.pay(disputed["order_id"])
+        await verify_payment(api, tenant, razorpay_fake, disputed, disputed_payment)
+        lost = dispute_lost_body("disp_C1", disputed_payment, 20000, "USD")
+        assert await deliver_signed(api, lost) == "debited"
+        assert await deliver_signed(api, lost) == "already_debited"
+
+        history = (await api.get("/api/tokens/payment-history", headers=tenant.headers)).json()
+        reversed_ = {p["order_id"]: (p["refunded_amount"], p["tokens_taken_back"])
+                     for p in history["payments"]}  # fmt: skip
+        assert reversed_ == {order["order_id"]: (10000, 285), disputed["order_id"]: (20000, 500)}
+    assert await outbox_changes(db, tenant) == [
+        ("refund", "rfnd_A1", 285), ("refund", "rfnd_A2", 715),
+        ("refund_failed", "rfnd_A2", 715), ("chargeback", "disp_C1", 500),
+    ]  # fmt: skip
+    audited = await db.fetch(
+        "SELECT action, target FROM audit_log WHERE tenant_id = $1 AND action IN"
+        " ('payment.refunded', 'payment.refund_failed', 'payment.charged_back') ORDER BY audit_id",
+        tenant.tenant_id,
+    )
+    assert [(r["action"], r["target"]) for r in audited] == [
+        ("payment.refunded", "rfnd_A1"), ("payment.refunded", "rfnd_A2"),
+        ("payment.refund_failed", "rfnd_A2"), ("payment.charged_back", "disp_C1"),
+    ]  # fmt: skip
+
+
 async def test_the_outbox_survives_a_crash_between_commit_and_publish(
     test_settings: Settings, make_tenant: MakeTenant, db: asyncpg.Connection
 ) -> None:
@@ -283,7 +451,7 @@ async def test_the_outbox_survives_a_crash_between_commit_and_publish(
     await producer.start()
     topic = TopicNames(test_settings.topic_prefix).token_credits
 
-    async def publish(credit: TokenCredit) -> None:
+    async def publish(credit: BalanceChange) -> None:
         await producer.send_and_wait(
             topic, key=credit.tenant_id.encode(), value=credit.model_dump_json().encode()
         )
@@ -301,7 +469,7 @@ async def test_the_outbox_survives_a_crash_between_commit_and_publish(
     assert pending == 3
     published: list[str] = []
 
-    async def publish_then_crash(credit: TokenCredit) -> None:
+    async def publish_then_crash(credit: BalanceChange) -> None:
         await publish(credit)
         published.append(credit.event_id)
         raise ConnectionResetError("crashed after the broker's ack, before marking the row")
@@ -404,7 +572,7 @@ async def test_usage_pauses_the_tenant_at_zero_and_a_top_up_resumes_the_intervie
         assert (await balance(api, tenant))["balance"] == 0
 
         order = await create_order(api, tenant, "starter")
-        payment_id = f"pay_{uuid.uuid4().hex[:14]}"
+        payment_id = razorpay_fake.pay(order["order_id"])
         signature = checkout_signature(order["order_id"], payment_id, razorpay_fake.key_secret)
         verified = await api.post("/api/tokens/topup/verify", headers=tenant.headers, json={
             "razorpay_order_id": order["order_id"], "razorpay_payment_id": payment_id,
@@ -453,6 +621,61 @@ async def test_usage_pauses_the_tenant_at_zero_and_a_top_up_resumes_the_intervie
         assert bad.status_code == 422
 
 
+async def test_a_refund_takes_its_tokens_from_the_balance_and_pauses_the_tenant_it_empties(
+    api_factory: ApiFactory,
+    razorpay_fake: RazorpayFake,
+    worker: ManagedProcess,
+    make_tenant: MakeTenant,
+    db: asyncpg.Connection,
+) -> None:
+    tenant = await make_tenant(tokens=0)
+    worker_url = f"http://127.0.0.1:{worker.ports['web']}"
+    async with payments(api_factory, razorpay_fake, worker_url=worker_url) as api:
+        order = await create_order(api, tenant, "starter")  # 100 tokens for 50.00
+        payment_id = razorpay_fake.pay(order["order_id"])
+        assert (await verify_payment(api, tenant, razorpay_fake, order, payment_id)).is_success
+        await balance(api, tenant, balance=100, paused=False, cycle_tokens=100)
+
+        def refund(event: str, refund_id: str) -> bytes:
+            return refund_webhook_body(event, refund_id, payment_id, 2500, "USD")
+
+        assert await deliver_signed(api, refund("refund.processed", "rfnd_W1")) == "debited"
+        # Half the money back: half the tokens, and the cycle measured against what is left.
+        await balance(api, tenant, balance=50, paused=False, total_debited=50, cycle_tokens=50)
+        assert await deliver_signed(api, refund("refund.created", "rfnd_W2")) == "debited"
+        await balance(api, tenant, balance=0, paused=True, total_debited=100)
+        # The second refund failed: the money stayed, and so do its tokens.
+        assert await deliver_signed(api, refund("refund.failed", "rfnd_W2")) == "refund_failed"
+        await balance(api, tenant, balance=50, paused=False, total_debited=100)
+
+    async def ledger() -> Any:
+        rows = await db.fetch(
+            "SELECT kind, source, tokens FROM token_ledger WHERE tenant_id = $1"
+            " ORDER BY occurred_at",
+            tenant.tenant_id,
+        )
+        entries = [(r["kind"], r["source"], r["tokens"]) for r in rows]
+        return entries if len(entries) == 4 else None
+
+    assert await eventually(ledger, what="the ledger's credits and debits") == [
+        ("credit", "purchase", 100), ("debit", "refund", 50), ("debit", "refund", 50),
+        ("credit", "refund_failed", 50),
+    ]  # fmt: skip
+
+    async def audited() -> Any:
+        rows = await db.fetch(
+            "SELECT action FROM audit_log WHERE tenant_id = $1 AND actor = 'system'"
+            " ORDER BY audit_id",
+            tenant.tenant_id,
+        )
+        return [r["action"] for r in rows] if len(rows) >= 2 else None
+
+    # No account before the first credit: the refund's emptying is its first pause.
+    assert await eventually(audited, what="pause and resume audited") == [
+        "tenant.paused", "tenant.resumed",
+    ]  # fmt: skip
+
+
 async def test_the_token_topics_replayed_into_a_fresh_app_give_the_same_balances(
     test_settings: Settings,
     processes: StartProcess,
@@ -460,10 +683,11 @@ async def test_the_token_topics_replayed_into_a_fresh_app_give_the_same_balances
     make_tenant: MakeTenant,
     db: asyncpg.Connection,
 ) -> None:
-    # Some history of our own beside the previous test's: usage, and credits of every kind.
+    # Some history of our own beside the previous tests': usage, credits of every kind, a debit.
     tenant = await make_tenant(tokens=50)
     async with db.transaction():
         await enqueue_credit(db, tenant.tenant_id, "adjustment", "replay-test", 7)
+        await enqueue_debit(db, tenant.tenant_id, "refund", "replay-refund", 5)
     names = TopicNames(test_settings.topic_prefix)
 
     async def settled() -> Any:
@@ -483,13 +707,14 @@ async def test_the_token_topics_replayed_into_a_fresh_app_give_the_same_balances
     original_url = f"http://127.0.0.1:{worker.ports['web']}"
 
     async def credited() -> Any:
-        # Relayed is not yet applied: the worker takes the credit from its topic a moment later
+        # Relayed is not yet applied: the worker takes the credit (and the debit) from its topic a
+        # moment later
         # (read at once, the balance was 50 in one CI run of many).
-        return account(original_url, tenant.tenant_id)["balance"] == 57
+        return account(original_url, tenant.tenant_id)["balance"] == 52
 
     await eventually(credited, what="the worker applied the credit")
     original = {t: account(original_url, t)["balance"] for t in tenants}
-    assert original[tenant.tenant_id] == 57
+    assert original[tenant.tenant_id] == 52
 
     fresh_settings = test_settings.model_copy(
         update={"topic_prefix": f"{test_settings.topic_prefix}-replay"}

@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import UTC, datetime
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from connectors.razorpay import RazorpayGateway, webhook_signature_valid
+from connectors.razorpay import RazorpayGateway, check_payment, webhook_signature_valid
 from flexoraa.credits import add_month, months_after
 from flexoraa.settings import Settings
-from streams.rules.tokens import Account, Pack, charge, credit, parse_packs, parse_prices, spend
+from streams.rules.tokens import (
+    Account,
+    Pack,
+    charge,
+    credit,
+    debit,
+    parse_packs,
+    parse_prices,
+    refund_debit,
+    spend,
+)
 
 
 def test_default_packs_are_the_seeds() -> None:
@@ -65,11 +76,78 @@ def test_one_event_can_cross_several_thresholds() -> None:
 
 
 def test_account_round_trips_through_the_table_encoding() -> None:
-    account = spend(credit(Account(), 7).account, 6).account
+    account = debit(spend(credit(Account(), 7).account, 6).account, 1).account
     assert Account.from_dict(account.as_dict()) == account
+    # Stored before debits existed: read as none.
+    stored = {k: v for k, v in account.as_dict().items() if k != "debited"}
+    assert Account.from_dict(stored).debited == 0
 
 
-usage_or_credit = st.tuples(st.sampled_from(["usage", "credit"]), st.integers(0, 500))
+def test_a_debit_takes_tokens_back_and_shrinks_the_cycle() -> None:
+    account = spend(credit(Account(), 100).account, 20).account  # 20 % of the cycle used
+    refunded = debit(account, 50).account
+    assert (refunded.balance, refunded.cycle_base, refunded.cycle_percent) == (30, 50, 40.0)
+    assert refunded.alerted == account.alerted
+    emptied = debit(refunded, 50).account
+    assert (emptied.balance, emptied.cycle_base, emptied.paused) == (-20, 0, True)
+    # A credit after a debit measures its cycle from the balance then available.
+    assert credit(emptied, 70).account.cycle_base == 50
+
+
+@given(
+    tokens=st.integers(1, 10_000),
+    amount=st.integers(100, 10**7),
+    cuts=st.lists(st.integers(0, 10**7), max_size=8),
+)
+def test_partial_refunds_adding_up_to_the_price_take_back_exactly_the_pack(
+    tokens: int, amount: int, cuts: list[int]
+) -> None:
+    points = sorted({min(c, amount) for c in cuts} | {0, amount})
+    parts = [b - a for a, b in itertools.pairwise(points)]
+    taken, refunded = [], 0
+    for part in parts:
+        taken.append(refund_debit(tokens, amount, refunded, part))
+        refunded += part
+    assert sum(taken) == tokens
+    assert all(t >= 0 for t in taken)
+    # Refunding more than the price takes nothing more.
+    assert refund_debit(tokens, amount, amount, 500) == 0
+    assert refund_debit(tokens, amount, 0, amount + 500) == tokens
+
+
+def test_refund_shares_round_down() -> None:
+    assert refund_debit(1000, 35000, 0, 10000) == 285  # 285.7
+    assert refund_debit(1000, 35000, 10000, 25000) == 715
+
+
+PAYMENT = {"id": "pay_1", "order_id": "order_1", "amount": 5000, "currency": "USD",
+           "status": "captured", "amount_refunded": 0}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("changes", "verdict", "reason"),
+    [
+        ({}, "credit", ""),
+        ({"status": "authorized"}, "capture", ""),
+        ({"status": "failed"}, "refuse", "payment is failed"),
+        ({"status": "created"}, "refuse", "payment is created"),
+        ({"status": "refunded", "amount_refunded": 5000}, "refuse", "refunded"),
+        ({"amount_refunded": 100}, "refuse", "refunded"),
+        ({"order_id": "order_2"}, "refuse", "is not of order order_1"),
+        ({"amount": 4999}, "refuse", "does not match"),
+        ({"currency": "INR"}, "refuse", "does not match"),
+        ({"status": None}, "refuse", "payment is None"),
+    ],
+)
+def test_a_payment_is_credited_only_captured_for_its_order(
+    changes: dict[str, object], verdict: str, reason: str
+) -> None:
+    check = check_payment(PAYMENT | changes, "order_1", 5000, "USD")
+    assert check.verdict == verdict
+    assert reason in check.reason
+
+
+usage_or_credit = st.tuples(st.sampled_from(["usage", "credit", "debit"]), st.integers(0, 500))
 
 
 @given(
@@ -94,11 +172,12 @@ def test_any_order_and_duplication_gives_the_same_balance(
             if kind == "usage":
                 account = spend(account, tokens).account
             elif tokens > 0:
-                account = credit(account, tokens).account
+                change = credit if kind == "credit" else debit
+                account = change(account, tokens).account
         return account
 
     expected = sum(t for _, k, t in identified if k == "credit") - sum(
-        t for _, k, t in identified if k == "usage"
+        t for _, k, t in identified if k != "credit"
     )
     replayed = fold(delivered)
     assert replayed.balance == fold(identified).balance == expected
