@@ -277,7 +277,8 @@ async def create_subscription(
 
 
 async def credit_due_subscriptions(pool: asyncpg.Pool, now: datetime) -> int:
-    """Rolls active subscriptions into their current cycle and credits each cycle once."""
+    """Rolls active subscriptions into their current cycle and credits each cycle once,
+    those begun while no pass ran included."""
     credited = 0
     async with pool.acquire() as conn, conn.transaction():
         rows = await conn.fetch(
@@ -293,8 +294,12 @@ async def credit_due_subscriptions(pool: asyncpg.Pool, now: datetime) -> int:
         for row in rows:
             start, end = row["current_period_start"], row["current_period_end"]
             anchor = row["billing_anchor"]
+            # Every cycle begun since the last pass, not only the current one: a relay down
+            # for two months (no worker running) owes the tenant both months' tokens.
+            starts = [start]
             while end <= now:
                 start, end = end, months_after(anchor, _months_between(anchor, end) + 1)
+                starts.append(start)
             if (start, end) != (row["current_period_start"], row["current_period_end"]):
                 await conn.execute(
                     "UPDATE subscriptions SET current_period_start = $2, current_period_end = $3"
@@ -303,19 +308,20 @@ async def credit_due_subscriptions(pool: asyncpg.Pool, now: datetime) -> int:
                     start,
                     end,
                 )
-            inserted = await conn.fetchval(
-                "INSERT INTO subscription_credits (subscription_id, period_start, tokens)"
-                " VALUES ($1, $2, $3) ON CONFLICT DO NOTHING RETURNING 1",
-                row["subscription_id"],
-                start,
-                row["monthly_tokens"],
-            )
-            if inserted and row["monthly_tokens"] > 0:
-                reference = f"{row['subscription_id']}|{start.isoformat()}"
-                await enqueue_credit(
-                    conn, row["tenant_id"], "subscription", reference, row["monthly_tokens"]
+            for period_start in starts:
+                inserted = await conn.fetchval(
+                    "INSERT INTO subscription_credits (subscription_id, period_start, tokens)"
+                    " VALUES ($1, $2, $3) ON CONFLICT DO NOTHING RETURNING 1",
+                    row["subscription_id"],
+                    period_start,
+                    row["monthly_tokens"],
                 )
-                credited += 1
+                if inserted and row["monthly_tokens"] > 0:
+                    reference = f"{row['subscription_id']}|{period_start.isoformat()}"
+                    await enqueue_credit(
+                        conn, row["tenant_id"], "subscription", reference, row["monthly_tokens"]
+                    )
+                    credited += 1
     return credited
 
 

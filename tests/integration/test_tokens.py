@@ -784,8 +784,11 @@ async def test_a_subscription_credits_each_monthly_cycle_once(
             credit_due_subscriptions(pool, now), credit_due_subscriptions(pool, now)
         )
         assert await credit_due_subscriptions(pool, now) == 0
-        # Sep 30 → Oct 30 → Nov 30: the cycle of Nov 24 started on Oct 30.
-        assert await subscription_credits() == ["2099-10-30T08:00:00+00:00"]
+        # Sep 30 → Oct 30 → Nov 30: the cycle of Nov 24 started on Oct 30, and the first cycle,
+        # begun while no pass ran, is owed too.
+        assert await subscription_credits() == [
+            "2099-09-30T08:00:00+00:00", "2099-10-30T08:00:00+00:00",
+        ]  # fmt: skip
         period = await db.fetchrow(
             "SELECT current_period_start, current_period_end FROM subscriptions"
             " WHERE subscription_id = $1",
@@ -794,12 +797,14 @@ async def test_a_subscription_credits_each_monthly_cycle_once(
         assert period is not None
         assert period["current_period_end"] == datetime(2099, 11, 30, 8, tzinfo=UTC)
         assert await credit_due_subscriptions(pool, datetime(2099, 12, 1, tzinfo=UTC)) == 1
-        assert await subscription_credits() == [
-            "2099-10-30T08:00:00+00:00", "2099-11-30T08:00:00+00:00",
+        assert (await subscription_credits())[-1] == "2099-11-30T08:00:00+00:00"
+        # Three months without a pass: each of their cycles credited, on the anchor's day
+        # after a short month: Dec 30, Jan 30, Feb 28, then Mar 30 (not Mar 28).
+        assert await credit_due_subscriptions(pool, datetime(2100, 3, 29, tzinfo=UTC)) == 3
+        assert (await subscription_credits())[-3:] == [
+            "2099-12-30T08:00:00+00:00", "2100-01-30T08:00:00+00:00",
+            "2100-02-28T08:00:00+00:00",
         ]  # fmt: skip
-        # On the anchor's day after a short month: Feb 28, then Mar 30 (not Mar 28).
-        assert await credit_due_subscriptions(pool, datetime(2100, 3, 29, tzinfo=UTC)) == 1
-        assert (await subscription_credits())[-1] == "2100-02-28T08:00:00+00:00"
         end = await db.fetchval(
             "SELECT current_period_end FROM subscriptions WHERE subscription_id = $1",
             uuid.UUID(subscription_id),
