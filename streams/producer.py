@@ -73,7 +73,7 @@ from faust.tables import TableManager
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.drivers.aiokafka import Consumer as AiokafkaConsumer
 from faust.transport.drivers.aiokafka import Producer as AiokafkaProducer
-from faust.types import TP, CodecArg, ConsumerT, Message, ProducerT, StoreT
+from faust.types import TP, CodecArg, ConsumerT, Message, ProducerT, StoreT, TableT
 from faust.types.tuples import FutureMessage, RecordMetadata, ack_lock
 from mode import Service
 from mode.utils.futures import maybe_async, notify
@@ -822,3 +822,25 @@ class WorkerApp(faust.App):
             beacon=self.beacon,
             loop=self.loop,
         )
+
+
+def put_in_partition(table: TableT[Any, Any], partition: int, key: Any, value: Any) -> None:
+    """`table[key] = value`, with the changelog record on `partition`.
+
+    Faust writes a change to the partition of the current event; a batch lane handler has no
+    current event, and its batch spans partitions.
+    """
+    table.data[key] = value
+    if isinstance(table, HeldChangelogTable):
+        table.write_changelog(partition, key, value)
+    else:
+        table.send_changelog(partition, key, value)
+
+
+def delete_in_partition(table: TableT[bytes, Any], partition: int, key: bytes) -> None:
+    """`put_in_partition`'s delete: a tombstone, so compaction frees the changelog too."""
+    table.data.pop(key, None)
+    if isinstance(table, HeldChangelogTable):
+        table.write_changelog(partition, key, None, value_serializer="raw")
+    else:
+        table.send_changelog(partition, key, None, value_serializer="raw")

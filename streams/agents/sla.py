@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 from faust.types import AppT, TableT, TopicT
@@ -53,6 +54,7 @@ from streams.agents.sla_probes import Prober
 from streams.agents.sla_store import PoolFactory, SlaStore
 from streams.batches import BatchLane, SourceRecord
 from streams.dead_letters import dead_letter_record, decode_or_dead_letter
+from streams.producer import put_in_partition
 from streams.rules.sla import (
     PLATFORM,
     WINDOWS_MIN,
@@ -403,6 +405,16 @@ def register(
     unpersisted: dict[str, dict[str, Any]] = {}
     persisted_at: dict[str, float] = {}
 
+    def save_due(
+        pending: dict[str, Any], now_s: float, save: Callable[[str, dict[str, Any]], None]
+    ) -> None:
+        """Saves (and forgets) each pending window not saved within PERSIST_EVERY_S."""
+        for key, window in list(pending.items()):
+            if now_s - persisted_at.get(key, float("-inf")) >= PERSIST_EVERY_S:
+                save(key, window.to_state())
+                persisted_at[key] = now_s
+                del pending[key]
+
     async def collect_latency(record: SourceRecord) -> None:
         measured = await decode_or_dead_letter(
             LatencyEvent.model_validate_json, record, dead_letters
@@ -438,12 +450,8 @@ def register(
         for window in applied.changed:
             pending[window.key] = window
             evaluator.dirty.add(window.key)
-        now_s = time.monotonic()
-        for key, window in list(pending.items()):
-            if now_s - persisted_at.get(key, float("-inf")) >= PERSIST_EVERY_S:
-                table[key] = window.to_state()
-                persisted_at[key] = now_s
-                del pending[key]
+        # As the record's own write, on its partition (the current event's).
+        save_due(pending, time.monotonic(), table.__setitem__)
         for key in applied.expired:
             pending.pop(key, None)
             persisted_at.pop(key, None)
@@ -454,6 +462,26 @@ def register(
         OPERATION_DURATION.labels(measured.operation).observe(measured.duration_ms / 1000)
 
     lane.add_record_handler("sla", [latency], collect_latency, max_batch=max_batch)
+
+    @app.timer(interval=PERSIST_EVERY_S)
+    async def persist_quiet_windows() -> None:
+        """Saves the windows an operation's last event changed within PERSIST_EVERY_S of the
+        save before: they waited for the operation's next event, which for a quiet operation
+        could be an hour away, and a crash lost that much of its sketches."""
+        if app.rebalancing or not unpersisted:
+            return
+        mine = owned()
+        now_s = time.monotonic()
+        for operation, pending in list(unpersisted.items()):
+            # The operation's partition, as its events' keys put its windows' changelog.
+            partition = partition_of(operation.encode(), partitions)
+            if partition not in mine:
+                # Moved: its new owner restored the windows from the changelog.
+                del unpersisted[operation]
+                continue
+            save_due(pending, now_s, partial(put_in_partition, table, partition))
+            if not pending:
+                del unpersisted[operation]
 
     @app.timer(interval=settings.sla_evaluate_interval_s)
     async def evaluate_sla() -> None:

@@ -66,7 +66,7 @@ from streams.metrics import (
     TOKEN_TENANT_PAUSED,
 )
 from streams.poison import is_poison
-from streams.producer import HeldChangelogTable
+from streams.producer import delete_in_partition, put_in_partition
 from streams.rules.tokens import Account, charge, credit, debit, spend
 from streams.timers import Scheduler
 
@@ -81,28 +81,6 @@ _ALERT_NAMESPACE = uuid.UUID("b0d8f3e2-6a41-4f7c-9b25-1c3e5d7f9a0b")
 RESUME_DEADLINE = "ai_resume"
 # A deferred action is re-checked at least this often even if no status change is seen.
 _RESUME_RECHECK_MS = 3_600_000
-
-
-def put_in_partition(table: TableT[Any, Any], partition: int, key: Any, value: Any) -> None:
-    """`table[key] = value`, with the changelog record on `partition`.
-
-    Faust writes a change to the partition of the current event; a batch lane handler has no
-    current event, and its batch spans partitions.
-    """
-    table.data[key] = value
-    if isinstance(table, HeldChangelogTable):
-        table.write_changelog(partition, key, value)
-    else:
-        table.send_changelog(partition, key, value)
-
-
-def delete_in_partition(table: TableT[bytes, Any], partition: int, key: bytes) -> None:
-    """`put_in_partition`'s delete: a tombstone, so compaction frees the changelog too."""
-    table.data.pop(key, None)
-    if isinstance(table, HeldChangelogTable):
-        table.write_changelog(partition, key, None, value_serializer="raw")
-    else:
-        table.send_changelog(partition, key, None, value_serializer="raw")
 
 
 def _gauge_account(tenant_id: str, account: Account) -> None:

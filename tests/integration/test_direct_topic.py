@@ -20,10 +20,9 @@ from prometheus_client import CollectorRegistry
 
 from flexoraa.settings import Settings
 from schemas.topics import TopicNames
-from streams.agents.tokens import put_in_partition
 from streams.batches import SourceRecord, one_record_at_a_time
 from streams.monitor import LeanPrometheusMonitor
-from streams.producer import DirectTopic, HeldChangelogTable, WorkerApp
+from streams.producer import DirectTopic, HeldChangelogTable, WorkerApp, put_in_partition
 from tests.integration.conftest import read_records
 
 pytestmark = pytest.mark.integration

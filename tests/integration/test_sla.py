@@ -414,6 +414,29 @@ async def _no_notification(_: Any) -> None:
     return None
 
 
+async def test_a_quiet_operations_last_events_reach_the_changelog_without_another_event(
+    test_settings: Settings, worker: ManagedProcess
+) -> None:
+    """Windows are saved at most once a second per window; the events of the second after a
+    save waited for the operation's next event, and a crash before it lost them."""
+    tenant_id = str(uuid.uuid4())
+    # No other test or probe in this module sends this operation's events.
+    operation: Operation = "outbound_send"
+    for _ in range(5):
+        # One at a time, so the first is saved at once and the others fall within its second.
+        await produce(test_settings, [(operation.encode(), latency_event(tenant_id, operation, 9))])
+        await asyncio.sleep(0.1)
+    changelog = TopicNames(test_settings.topic_prefix).changelog("sla_windows")
+
+    async def saved_calls() -> Any:
+        states = [json.loads(value) for value in await read_topic(test_settings, changelog, 1.0)]
+        calls = [s["calls"] for s in states
+                 if s["operation"] == operation and s["tenant_key"] == tenant_id]  # fmt: skip
+        return calls[-1] if calls and calls[-1] == 5 else None
+
+    assert await eventually(saved_calls, timeout_s=20, what="the last events saved") == 5
+
+
 async def test_an_event_counted_while_minutes_are_stored_is_stored_on_the_next_run(
     test_settings: Settings, pool: asyncpg.Pool, make_tenant: MakeTenant
 ) -> None:
