@@ -126,15 +126,19 @@ class RazorpayGateway:
         return await self._call(client.order.create, data)
 
     async def captured_payment(
-        self, payment_id: str, order_id: str, amount: int, currency: str
+        self, payment_id: str, order_id: str, amount: int, currency: str, *, capture: bool = True
     ) -> PaymentCheck:
-        """Fetches the payment and captures it if it is only authorised: "credit" once it is
-        captured for this order's amount. PaymentProviderError when Razorpay cannot say."""
+        """Fetches the payment and captures it if it is only authorised (unless `capture` is
+        False: an order paid already, whose second authorisation is better left to lapse than
+        charged and refunded): "credit" once it is captured for this order's amount.
+        PaymentProviderError when Razorpay cannot say."""
         client = self._require()
         payment = await self._call(client.payment.fetch, payment_id)
         check = check_payment(payment, order_id, amount, currency)
         if check.verdict != "capture":
             return check
+        if not capture:
+            return PaymentCheck("refuse", "the order is paid already: authorisation not captured")
         try:
             # The SDK writes the amount into the dict it is given (its default is shared).
             payment = await self._call(

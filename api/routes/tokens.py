@@ -17,7 +17,7 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.deps import AdminDep, PrincipalDep, ServicesDep, WebhookLimit
+from api.deps import AdminDep, PrincipalDep, Services, ServicesDep, WebhookLimit
 from api.errors import ApiError
 from api.lead_state import StateUnavailable
 from api.models import RequestBody
@@ -182,8 +182,9 @@ async def verify(
         )
     try:
         check = await services.razorpay.captured_payment(
-            body.razorpay_payment_id, order["order_id"], order["amount"], order["currency"]
-        )
+            body.razorpay_payment_id, order["order_id"], order["amount"], order["currency"],
+            capture=order["status"] != "paid",
+        )  # fmt: skip
     except PaymentRefused as exc:
         raise ApiError(409, f"razorpay_payment_id: {exc}; no tokens credited") from exc
     except PaymentProviderError as exc:
@@ -251,6 +252,12 @@ async def razorpay_webhook(request: Request, services: ServicesDep) -> JSONRespo
     reversal = _entity(entities, "refund") or _entity(entities, "dispute")
     order_id = payment.get("order_id") or order.get("id")
     payment_id = payment.get("id") or reversal.get("payment_id")
+    applied_as = event_type
+    if event_type == "payment.authorized" and await _capture_authorized(
+        services, order_id, payment_id
+    ):
+        # Captured now: credited as its payment.captured would be (which then finds it so).
+        applied_as = "payment.captured"
     async with services.pool.acquire() as conn, conn.transaction():
         # Recorded in the transaction of its effect: a crash leaves neither, and Razorpay's
         # redelivery is processed; a redelivery after success is acknowledged and ignored.
@@ -264,8 +271,41 @@ async def razorpay_webhook(request: Request, services: ServicesDep) -> JSONRespo
         if event_type in REVERSAL_EVENTS:
             outcome = await _reverse(conn, event_type, reversal)
         else:
-            outcome = await _apply(conn, event_type, order_id, payment_id, payment)
+            outcome = await _apply(conn, applied_as, order_id, payment_id, payment)
     return JSONResponse({"status": outcome, "event_id": event_id})
+
+
+async def _capture_authorized(services: Services, order_id: Any, payment_id: Any) -> bool:
+    """Captures an authorised payment of one of our unpaid orders, for an account capturing
+    manually whose customer closed the checkout before `verify`: uncaptured, the payment
+    would lapse back to the customer after some days and the pack never be credited.
+
+    Before the event is recorded: Razorpay not answering is a 503, and its redelivery tries
+    again. Refused (not ours, another amount, paid already), the event is only recorded."""
+    if not (isinstance(order_id, str) and isinstance(payment_id, str)):
+        return False
+    if not services.razorpay.configured:
+        return False
+    order = await services.pool.fetchrow(
+        "SELECT amount, currency, status FROM payment_orders WHERE order_id = $1", order_id
+    )
+    if order is None or order["status"] == "paid":
+        return False
+    try:
+        check = await services.razorpay.captured_payment(
+            payment_id, order_id, order["amount"], order["currency"]
+        )
+    except PaymentRefused as exc:
+        logger.warning("authorised payment %s not captured: %s", payment_id, exc)
+        return False
+    except PaymentProviderError as exc:
+        raise ApiError(
+            503, "payment not captured: Razorpay did not answer", headers={"Retry-After": "60"}
+        ) from exc
+    if check.verdict != "credit":
+        logger.warning("authorised payment %s not captured: %s", payment_id, check.reason)
+        return False
+    return True
 
 
 def _entity(entities: Any, name: str) -> dict[str, Any]:

@@ -26,8 +26,11 @@ def webhook_body(event: str, order_id: str, payment_id: str, amount: int, curren
     """A webhook body shaped like Razorpay's (payment entity, and the order for order.paid)."""
     payment = {
         "id": payment_id, "entity": "payment", "amount": amount, "currency": currency,
-        "status": "failed" if event == "payment.failed" else "captured", "order_id": order_id,
-        "method": "card", "captured": event != "payment.failed",
+        "status": {"payment.failed": "failed", "payment.authorized": "authorized"}.get(
+            event, "captured"
+        ),
+        "order_id": order_id, "method": "card",
+        "captured": event not in {"payment.failed", "payment.authorized"},
         "error_code": "BAD_REQUEST_ERROR" if event == "payment.failed" else None,
         "error_description": "Payment failed due to insufficient balance"
         if event == "payment.failed" else None,

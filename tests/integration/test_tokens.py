@@ -353,6 +353,45 @@ async def test_verify_credits_only_a_payment_razorpay_says_is_captured_for_the_o
     assert await credited_payments() == {authorised, later}
 
 
+async def test_an_authorised_payment_is_captured_by_its_webhook_once_and_credited(
+    api_factory: ApiFactory,
+    razorpay_fake: RazorpayFake,
+    make_tenant: MakeTenant,
+    db: asyncpg.Connection,
+) -> None:
+    """An account capturing manually, whose customer closed the checkout before verify."""
+    tenant = await make_tenant()
+    async with payments(api_factory, razorpay_fake) as api:
+        order = await create_order(api, tenant, "starter")
+        payment_id = razorpay_fake.pay(order["order_id"], status="authorized")
+        # Razorpay down: not recorded, so its redelivery captures and credits.
+        razorpay_fake.fail_next = 1
+        down = await deliver_webhook(api, "payment.authorized", order, payment_id, "evt_auth1")
+        assert (down.status_code, down.headers["Retry-After"]) == (503, "60")
+        assert await purchase_credits(db, tenant) == []
+        again = await deliver_webhook(api, "payment.authorized", order, payment_id, "evt_auth1")
+        assert again.json()["status"] == "credited"
+        assert razorpay_fake.payments[payment_id]["status"] == "captured"
+        recorded = await db.fetchval(
+            "SELECT event_type FROM payment_events WHERE event_id = 'evt_auth1'"
+        )
+        assert recorded == "payment.authorized"
+        captured = await deliver_webhook(api, "payment.captured", order, payment_id)
+        assert captured.json()["status"] == "already_credited"
+
+        # A second authorisation of the paid order is left to lapse, not charged twice.
+        second = razorpay_fake.pay(order["order_id"], status="authorized")
+        lapsed = await deliver_webhook(api, "payment.authorized", order, second)
+        assert lapsed.json()["status"] == "recorded"
+        verified = await verify_payment(api, tenant, razorpay_fake, order, second)
+        assert verified.status_code == 409
+        assert "paid already" in verified.json()["detail"]
+        assert razorpay_fake.payments[second]["status"] == "authorized"
+    assert [json.loads(r["payload"])["reference"] for r in await purchase_credits(db, tenant)] == [
+        payment_id
+    ]
+
+
 async def deliver_signed(api: httpx.AsyncClient, body: bytes) -> str:
     answer = await api.post("/webhooks/razorpay", content=body, headers={
         "Content-Type": "application/json",
