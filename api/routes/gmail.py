@@ -24,6 +24,7 @@ from schemas.messaging import OutboundMessage
 logger = logging.getLogger(__name__)
 router = APIRouter(tags=["integrations"])
 _NOT_CONFIGURED = "Gmail is not configured: set GMAIL_CLIENT_ID and GMAIL_CLIENT_SECRET"
+_STATE_REFUSED = "state: unknown, expired or already used; start from auth-url again"
 
 
 @router.get("/api/integrations/gmail/auth-url", responses={503: {}})
@@ -44,34 +45,70 @@ async def auth_url(principal: AdminDep, services: ServicesDep) -> dict[str, str]
     }
 
 
-@router.get("/api/integrations/gmail/callback", responses={400: {}, 502: {}, 503: {}})
+@router.get("/api/integrations/gmail/callback", responses={400: {}, 503: {}})
 async def callback(
     services: ServicesDep,
     code: Annotated[str, Query(min_length=1, max_length=2048)],
     state: Annotated[str, Query(min_length=1, max_length=200)],
 ) -> dict[str, Any]:
-    """Google redirects the browser here (no API key: the state names the tenant)."""
+    """Google redirects the browser here. It connects nothing: whoever's browser this is,
+    `POST /api/integrations/gmail/connect` with an admin key of the tenant that asked for
+    the consent URL does. Connected here, a tenant's admin could send its consent URL to
+    anyone and read the mailbox of whoever consented (a phished consent)."""
     if not services.gmail_oauth.configured:
         raise ApiError(503, _NOT_CONFIGURED)
-    # Consumed atomically: a replayed callback finds it used.
-    tenant_id = await services.pool.fetchval(
-        "UPDATE oauth_states SET used_at = now() WHERE state = $1 AND provider = 'gmail'"
-        " AND used_at IS NULL AND expires_at > now() RETURNING tenant_id::text",
+    pending = await services.pool.fetchval(
+        "SELECT 1 FROM oauth_states WHERE state = $1 AND provider = 'gmail'"
+        " AND used_at IS NULL AND expires_at > now()",
         state,
     )
-    if tenant_id is None:
-        raise ApiError(400, "state: unknown, expired or already used; start from auth-url again")
+    if pending is None:
+        raise ApiError(400, _STATE_REFUSED)
+    return {
+        "status": "consented",
+        "code": code,
+        "state": state,
+        "next": "POST /api/integrations/gmail/connect with {code, state} and an admin key of"
+        " the tenant that asked for the consent URL",
+    }
+
+
+class ConnectRequest(RequestBody):
+    model_config = ConfigDict(extra="forbid")
+    code: str = Field(min_length=1, max_length=2048)
+    state: str = Field(min_length=1, max_length=200)
+
+
+@router.post("/api/integrations/gmail/connect", responses={400: {}, 502: {}, 503: {}})
+async def connect(
+    body: ConnectRequest, principal: AdminDep, services: ServicesDep
+) -> dict[str, Any]:
+    """Exchanges Google's code for the mailbox's tokens (stored AES-GCM encrypted), reads its
+    profile and starts polling it, for the tenant whose admin asked for the consent URL."""
+    if not services.gmail_oauth.configured:
+        raise ApiError(503, _NOT_CONFIGURED)
+    # Consumed atomically, and only by its own tenant: a replay finds it used, another
+    # tenant's key finds nothing (and does not use it up).
+    consumed = await services.pool.fetchval(
+        "UPDATE oauth_states SET used_at = now() WHERE state = $1 AND provider = 'gmail'"
+        " AND tenant_id = $2 AND used_at IS NULL AND expires_at > now() RETURNING 1",
+        body.state,
+        principal.tenant_id,
+    )
+    if consumed is None:
+        raise ApiError(400, _STATE_REFUSED)
     try:
-        tokens = await services.gmail_oauth.exchange(code)
+        tokens = await services.gmail_oauth.exchange(body.code)
     except MailboxRevoked as exc:
         raise ApiError(400, f"code: {exc}") from exc
     except GmailApiError as exc:
         # Google's outage, not the user's, and the code unspent: the state is theirs again,
-        # so the same callback (a reload of the page) tries again instead of starting over.
+        # so the same request tries again instead of starting over.
         await services.pool.execute(
-            "UPDATE oauth_states SET used_at = NULL WHERE state = $1 AND provider = 'gmail'", state
+            "UPDATE oauth_states SET used_at = NULL WHERE state = $1 AND provider = 'gmail'",
+            body.state,
         )
-        raise ApiError(502, f"Google did not answer; reload to try again: {exc}") from exc
+        raise ApiError(502, f"Google did not answer; try again: {exc}") from exc
     except GmailNotConfigured as exc:
         raise ApiError(503, str(exc)) from exc
     try:
@@ -84,7 +121,7 @@ async def callback(
     except GmailNotConfigured as exc:
         raise ApiError(503, str(exc)) from exc
     integration_id = await services.gmail_store.connect(
-        tenant_id, email, mailbox.tokens, history_id
+        principal.tenant_id, email, mailbox.tokens, history_id
     )
     return {"status": "connected", "provider": "gmail", "account": email,
             "integration_id": integration_id}  # fmt: skip

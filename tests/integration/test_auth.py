@@ -13,8 +13,8 @@ from tests.conftest import MakeTenant
 
 pytestmark = pytest.mark.integration
 
-# Google redirects the browser to the OAuth callback: its one-time state names the tenant
-# (tests/integration/test_gmail.py).
+# Google redirects the browser to the OAuth callback, which hands the code back and connects
+# nothing (tests/integration/test_gmail.py).
 PUBLIC = {"/health", "/ready", "/api/integrations/gmail/callback"}
 
 
@@ -46,7 +46,8 @@ ADMIN_ONLY = {
     ("GET", "/api/audit-log"), ("PUT", "/api/tenant/settings"), ("GET", "/api/dead-letters"),
     ("POST", "/api/channels/whatsapp"), ("POST", "/api/channels/instagram"),
     ("POST", "/api/channels/facebook"), ("POST", "/api/sdrs"), ("PUT", "/api/sdrs/{sdr_id}"),
-    ("GET", "/api/integrations/gmail/auth-url"), ("POST", "/api/tokens/topup/create-order"),
+    ("GET", "/api/integrations/gmail/auth-url"), ("POST", "/api/integrations/gmail/connect"),
+    ("POST", "/api/tokens/topup/create-order"),
     ("POST", "/api/tokens/topup/verify"),
 }  # fmt: skip
 CONNECTOR_ONLY = ("POST", "/api/events/inbound")

@@ -136,33 +136,43 @@ async def test_the_oauth_flow_connects_a_mailbox_and_a_state_works_once(
 
         email = f"owner-{uuid.uuid4().hex[:6]}@acme.test"
         gmail.add_mailbox(email)
-        callback = "/api/integrations/gmail/callback"
+        callback, connect = "/api/integrations/gmail/callback", "/api/integrations/gmail/connect"
         forged = await api.get(callback, params={"code": gmail.issue_code(email), "state": "x"})
         assert forged.status_code == 400
         code = gmail.issue_code(email)
-        # Google's token endpoint down (an HTML error page): a 502, and the same callback,
-        # reloaded, works once it is back (the state was not used up).
+        # Google's redirect connects nothing: whoever's browser consented gets the code back.
+        handed = await api.get(callback, params={"code": code, "state": consent["state"]})
+        assert handed.status_code == 200, handed.text
+        assert (handed.json()["status"], handed.json()["code"]) == ("consented", code)
+        assert "/api/integrations/gmail/connect" in handed.json()["next"]
+        assert await db.fetchval("SELECT count(*) FROM integration_credentials"
+                                 " WHERE account = $1", email) == 0  # fmt: skip
+        body = {"code": code, "state": consent["state"]}
+        # Another tenant's admin cannot finish this tenant's consent (nor use its state up).
+        other = await make_tenant("Phisher")
+        stolen = await api.post(connect, headers=other.headers, json=body)
+        assert stolen.status_code == 400
+        # Google's token endpoint down (an HTML error page): a 502, and the same request
+        # works once it is back (the state was not used up).
         gmail.token_outages = 1
-        down = await api.get(callback, params={"code": code, "state": consent["state"]})
+        down = await api.post(connect, headers=tenant.headers, json=body)
         assert down.status_code == 502, down.text
-        done = await api.get("/api/integrations/gmail/callback",
-                             params={"code": code, "state": consent["state"]})  # fmt: skip
+        done = await api.post(connect, headers=tenant.headers, json=body)
         assert done.status_code == 200, done.text
         assert done.json()["account"] == email
         exchange = gmail.token_requests[-1]
         assert exchange["grant_type"] == "authorization_code"
         assert exchange["redirect_uri"] == gmail_settings.gmail_redirect_uri
-        reused = await api.get(
-            callback, params={"code": gmail.issue_code(email), "state": consent["state"]}
-        )
+        again = {"code": gmail.issue_code(email), "state": consent["state"]}
+        reused = await api.post(connect, headers=tenant.headers, json=again)
         assert reused.status_code == 400
+        assert (await api.get(callback, params=body)).status_code == 400
 
         expired = (await api.get("/api/integrations/gmail/auth-url", headers=tenant.headers)).json()
         await db.execute("UPDATE oauth_states SET expires_at = now() - interval '1 second'"
                          " WHERE state = $1", expired["state"])  # fmt: skip
-        late = await api.get(
-            callback, params={"code": gmail.issue_code(email), "state": expired["state"]}
-        )
+        too_late = {"code": gmail.issue_code(email), "state": expired["state"]}
+        late = await api.post(connect, headers=tenant.headers, json=too_late)
         assert late.status_code == 400
 
         row = await db.fetchrow(
