@@ -250,8 +250,10 @@ async def razorpay_webhook(request: Request, services: ServicesDep) -> JSONRespo
     order = _entity(entities, "order")
     # Refunds and disputes name their payment; their payload's payment entity may be absent.
     reversal = _entity(entities, "refund") or _entity(entities, "dispute")
-    order_id = payment.get("order_id") or order.get("id")
-    payment_id = payment.get("id") or reversal.get("payment_id")
+    # Only ids that are ids: an odd type reached PostgreSQL as a 503, which Razorpay retries
+    # for a day and then disables the webhook with every later payment.
+    order_id = _text(payment.get("order_id")) or _text(order.get("id"))
+    payment_id = _text(payment.get("id")) or _text(reversal.get("payment_id"))
     applied_as = event_type
     if event_type == "payment.authorized" and await _capture_authorized(
         services, order_id, payment_id
@@ -269,7 +271,7 @@ async def razorpay_webhook(request: Request, services: ServicesDep) -> JSONRespo
         if recorded is None:
             return JSONResponse({"status": "duplicate", "event_id": event_id})
         if event_type in REVERSAL_EVENTS:
-            outcome = await _reverse(conn, event_type, reversal)
+            outcome = await _reverse(conn, event_type, reversal, order_id)
         else:
             outcome = await _apply(conn, applied_as, order_id, payment_id, payment)
     return JSONResponse({"status": outcome, "event_id": event_id})
@@ -363,19 +365,23 @@ REVERSAL_EVENTS = frozenset(
 )
 
 
-async def _reverse(conn: Connection, event_type: str, reversal: dict[str, Any]) -> str:
+async def _reverse(
+    conn: Connection, event_type: str, reversal: dict[str, Any], order_id: str | None
+) -> str:
     """A refund (debited at refund.created or refund.processed, whichever comes first, and
     given back at refund.failed) or a lost dispute (a chargeback): the order's tokens that
     money bought are taken back (flexoraa.credits.debit_reversal)."""
-    reversal_id, payment_id = reversal.get("id"), reversal.get("payment_id")
+    reversal_id = _text(reversal.get("id"))
+    payment_id = _text(reversal.get("payment_id"))
     amount = reversal.get("amount")
-    if not (isinstance(reversal_id, str) and reversal_id and isinstance(payment_id, str)
-            and payment_id and type(amount) is int and amount >= 0):  # fmt: skip
+    if not (reversal_id and payment_id and type(amount) is int and 0 <= amount <= MAX_AMOUNT):
         logger.warning("%s without a readable refund or dispute: recorded only", event_type)
         return "recorded"
     if event_type == "refund.failed":
-        failed = await refund_failed(conn, refund_id=reversal_id, payment_id=payment_id)
-        return {"debited": "refund_failed", "already": "already_failed"}.get(
+        failed = await refund_failed(
+            conn, refund_id=reversal_id, payment_id=payment_id, order_id=order_id
+        )
+        return {"failed": "refund_failed", "already": "already_failed"}.get(
             failed.outcome, failed.outcome
         )
     currency = reversal.get("currency")
@@ -384,10 +390,23 @@ async def _reverse(conn: Connection, event_type: str, reversal: dict[str, Any]) 
         kind="chargeback" if event_type == "payment.dispute.lost" else "refund",
         reversal_id=reversal_id,
         payment_id=payment_id,
+        order_id=order_id,
         amount=amount,
         currency=currency if isinstance(currency, str) else None,
     )
     return "already_debited" if reversed_.outcome == "already" else reversed_.outcome
+
+
+# Razorpay's ids are short; anything else in a signed payload is recorded, never stored as one
+# (a refund id becomes a debit's reference, at most 128 characters).
+MAX_ID_CHARS = 128
+# Amounts in minor units past any real payment (and far inside PostgreSQL's bigint).
+MAX_AMOUNT = 10**15
+
+
+def _text(value: Any) -> str | None:
+    """A signed payload's id, if it is one: a non-empty string of at most MAX_ID_CHARS."""
+    return value if isinstance(value, str) and 0 < len(value) <= MAX_ID_CHARS else None
 
 
 def _outcome(paid: PaidOrder | None) -> Literal["credited", "already_credited", "paid_twice"]:

@@ -2,7 +2,8 @@
 -- per Razorpay refund or dispute id, so each is debited once whichever of its webhooks comes
 -- first or how often. `tokens` is what was debited; a refund that failed afterwards gives them
 -- back (status 'failed'), and one that failed before any debit is kept so a late
--- refund.processed for it debits nothing.
+-- refund.processed for it debits nothing. A reversal of a payment whose order is not credited
+-- yet waits ('pending') for the credit, which takes it back in its own transaction.
 CREATE TABLE payment_reversals (
     reversal_id  text PRIMARY KEY,
     kind         text NOT NULL CHECK (kind IN ('refund', 'chargeback')),
@@ -11,7 +12,7 @@ CREATE TABLE payment_reversals (
     payment_id   text NOT NULL,
     amount       bigint NOT NULL CHECK (amount >= 0),
     tokens       bigint NOT NULL CHECK (tokens >= 0),
-    status       text NOT NULL CHECK (status IN ('debited', 'failed')),
+    status       text NOT NULL CHECK (status IN ('pending', 'debited', 'failed')),
     created_at   timestamptz NOT NULL DEFAULT now(),
     updated_at   timestamptz NOT NULL DEFAULT now()
 );

@@ -19,7 +19,6 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from functools import partial
 from typing import Any
 
 from faust.types import AppT, TableT, TopicT
@@ -59,6 +58,7 @@ from streams.rules.sla import (
     PLATFORM,
     WINDOWS_MIN,
     Check,
+    MinuteWindow,
     Observation,
     SlaWindows,
     Targets,
@@ -398,22 +398,36 @@ def register(
     @table.on_recover
     async def restore_windows() -> None:
         windows.restore(state for state in table.values() if state)
+        # A window kept from before the rebalance that the restore replaced by a newer saved
+        # copy (its partition went to another worker and came back) must not be saved again.
+        for pending in unpersisted.values():
+            for key, window in list(pending.items()):
+                if windows.windows.get(key) is not window:
+                    del pending[key]
         evaluator.dirty.update(windows.windows)
         evaluator.invalidate()
         logger.info("SLA windows restored: %d minute windows", len(windows.windows))
 
-    unpersisted: dict[str, dict[str, Any]] = {}
+    unpersisted: dict[str, dict[str, MinuteWindow]] = {}
     persisted_at: dict[str, float] = {}
 
     def save_due(
-        pending: dict[str, Any], now_s: float, save: Callable[[str, dict[str, Any]], None]
+        pending: dict[str, MinuteWindow], now_s: float, save: Callable[[MinuteWindow], None]
     ) -> None:
         """Saves (and forgets) each pending window not saved within PERSIST_EVERY_S."""
         for key, window in list(pending.items()):
             if now_s - persisted_at.get(key, float("-inf")) >= PERSIST_EVERY_S:
-                save(key, window.to_state())
+                save(window)
                 persisted_at[key] = now_s
                 del pending[key]
+
+    def save_current(window: MinuteWindow) -> None:
+        # As the record's own write, on its partition (the current event's).
+        table[window.key] = window.to_state()
+
+    def save_in_partition(window: MinuteWindow) -> None:
+        # The partition its events came from, which the current event's write would name.
+        put_in_partition(table, window.partition, window.key, window.to_state())
 
     async def collect_latency(record: SourceRecord) -> None:
         measured = await decode_or_dead_letter(
@@ -450,8 +464,7 @@ def register(
         for window in applied.changed:
             pending[window.key] = window
             evaluator.dirty.add(window.key)
-        # As the record's own write, on its partition (the current event's).
-        save_due(pending, time.monotonic(), table.__setitem__)
+        save_due(pending, time.monotonic(), save_current)
         for key in applied.expired:
             pending.pop(key, None)
             persisted_at.pop(key, None)
@@ -473,13 +486,11 @@ def register(
         mine = owned()
         now_s = time.monotonic()
         for operation, pending in list(unpersisted.items()):
-            # The operation's partition, as its events' keys put its windows' changelog.
-            partition = partition_of(operation.encode(), partitions)
-            if partition not in mine:
-                # Moved: its new owner restored the windows from the changelog.
-                del unpersisted[operation]
-                continue
-            save_due(pending, now_s, partial(put_in_partition, table, partition))
+            for key, window in list(pending.items()):
+                if window.partition not in mine:
+                    # Moved: its new owner restored the windows from the changelog.
+                    del pending[key]
+            save_due(pending, now_s, save_in_partition)
             if not pending:
                 del unpersisted[operation]
 

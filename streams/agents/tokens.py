@@ -302,7 +302,11 @@ class Accounts:
                 await self._pool(), tenant_id=tenant_id, actor="system", action=action,
                 target=tenant_id, details={"balance": account.balance},
                 # The account's totals identify the flip: a replayed batch adds no second entry.
-                event_key=f"tenant-status|{tenant_id}|{account.credited}|{account.used}",
+                # Debits too (a refund pauses a tenant at the credited and used totals of the
+                # credit that resumed it, and that pause went unaudited), appended only when
+                # there are any, so the keys of flips before debits existed stay the same.
+                event_key=f"tenant-status|{tenant_id}|{account.credited}|{account.used}"
+                + (f"|{account.debited}" if account.debited else ""),
             )  # fmt: skip
         except asyncpg.PostgresError as exc:
             if not is_poison(exc):

@@ -23,6 +23,7 @@ import httpx
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from flexoraa.kafka import partition_of
 from flexoraa.settings import PROJECT_ROOT, Settings
 from schemas.events import DeadLetter
 from schemas.latency import LatencyEvent, Operation
@@ -149,6 +150,13 @@ async def produce(settings: Settings, records: list[tuple[bytes, bytes]]) -> Non
 
 
 async def read_topic(settings: Settings, topic: str, timeout_s: float = 3.0) -> list[bytes]:
+    return [value for _, value in await read_records(settings, topic, timeout_s)]
+
+
+async def read_records(
+    settings: Settings, topic: str, timeout_s: float = 3.0
+) -> list[tuple[int, bytes]]:
+    """(partition, value) of the topic's records, in each partition's order."""
     consumer = AIOKafkaConsumer(
         topic,
         bootstrap_servers=settings.kafka_bootstrap_servers,
@@ -156,12 +164,12 @@ async def read_topic(settings: Settings, topic: str, timeout_s: float = 3.0) -> 
         enable_auto_commit=False,
     )
     await consumer.start()
-    found: list[bytes] = []
+    found: list[tuple[int, bytes]] = []
     try:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             for records in (await consumer.getmany(timeout_ms=300)).values():
-                found += [r.value for r in records if r.value is not None]
+                found += [(r.partition, r.value) for r in records if r.value is not None]
     finally:
         await consumer.stop()
     return found
@@ -428,13 +436,19 @@ async def test_a_quiet_operations_last_events_reach_the_changelog_without_anothe
         await asyncio.sleep(0.1)
     changelog = TopicNames(test_settings.topic_prefix).changelog("sla_windows")
 
-    async def saved_calls() -> Any:
-        states = [json.loads(value) for value in await read_topic(test_settings, changelog, 1.0)]
-        calls = [s["calls"] for s in states
-                 if s["operation"] == operation and s["tenant_key"] == tenant_id]  # fmt: skip
-        return calls[-1] if calls and calls[-1] == 5 else None
+    async def saved() -> Any:
+        records = await read_records(test_settings, changelog, 1.0)
+        states = [(partition, json.loads(value)) for partition, value in records]
+        mine = [(partition, s["calls"]) for partition, s in states
+                if s["operation"] == operation and s["tenant_key"] == tenant_id]  # fmt: skip
+        return mine[-1] if mine and mine[-1][1] == 5 else None
 
-    assert await eventually(saved_calls, timeout_s=20, what="the last events saved") == 5
+    partition, calls = await eventually(saved, timeout_s=20, what="the last events saved")
+    # On the operation's partition, as its events' own writes: recovery reads it there.
+    assert (partition, calls) == (
+        partition_of(operation.encode(), test_settings.kafka_partitions),
+        5,
+    )
 
 
 async def test_an_event_counted_while_minutes_are_stored_is_stored_on_the_next_run(

@@ -20,6 +20,7 @@ from aiokafka import AIOKafkaProducer
 from pydantic import SecretStr
 
 from flexoraa.credits import (
+    create_subscription,
     credit_due_subscriptions,
     enqueue_credit,
     enqueue_debit,
@@ -462,13 +463,41 @@ async def test_refunds_and_lost_disputes_take_back_the_tokens_their_money_bought
         assert await deliver_signed(api, lost) == "debited"
         assert await deliver_signed(api, lost) == "already_debited"
 
+        # Refunded before its capture webhook was credited (webhooks come in any order): the
+        # refund waits, and the credit takes its tokens back in the same transaction.
+        early = await create_order(api, tenant, "starter")  # 100 tokens for 50.00
+        early_payment = razorpay_fake.pay(early["order_id"])
+        refund_first = json.loads(refund_webhook_body("refund.processed", "rfnd_D1",
+                                                      early_payment, 5000, "USD"))  # fmt: skip
+        refund_first["payload"]["payment"]["entity"]["order_id"] = early["order_id"]
+        waiting = await deliver_signed(api, json.dumps(refund_first).encode())
+        assert waiting == "pending"
+        credited = await deliver_webhook(api, "payment.captured", early, early_payment)
+        assert credited.json()["status"] == "credited"
+
+        # Signed, but not a refund this can read: recorded (an error answer would be retried
+        # for a day, then the webhook disabled), nothing taken back.
+        odd_shapes = [
+            {"id": 7, "payment_id": payment_id, "amount": 100},
+            {"id": "rfnd_E1", "payment_id": 12345, "amount": 100},
+            {"id": "rfnd_E2", "payment_id": payment_id, "amount": 2**63},
+            {"id": "r" * 500, "payment_id": payment_id, "amount": 100},
+            {"id": "rfnd_E3", "payment_id": payment_id, "amount": "100"},
+        ]
+        for entity in odd_shapes:
+            body = json.dumps({"event": "refund.processed",
+                               "payload": {"refund": {"entity": entity}}}).encode()  # fmt: skip
+            assert await deliver_signed(api, body) == "recorded", entity
+
         history = (await api.get("/api/tokens/payment-history", headers=tenant.headers)).json()
         reversed_ = {p["order_id"]: (p["refunded_amount"], p["tokens_taken_back"])
                      for p in history["payments"]}  # fmt: skip
-        assert reversed_ == {order["order_id"]: (10000, 285), disputed["order_id"]: (20000, 500)}
+        assert reversed_ == {order["order_id"]: (10000, 285), disputed["order_id"]: (20000, 500),
+                             early["order_id"]: (5000, 100)}  # fmt: skip
     assert await outbox_changes(db, tenant) == [
         ("refund", "rfnd_A1", 285), ("refund", "rfnd_A2", 715),
         ("refund_failed", "rfnd_A2", 715), ("chargeback", "disp_C1", 500),
+        ("refund", "rfnd_D1", 100),
     ]  # fmt: skip
     audited = await db.fetch(
         "SELECT action, target FROM audit_log WHERE tenant_id = $1 AND action IN"
@@ -478,7 +507,39 @@ async def test_refunds_and_lost_disputes_take_back_the_tokens_their_money_bought
     assert [(r["action"], r["target"]) for r in audited] == [
         ("payment.refunded", "rfnd_A1"), ("payment.refunded", "rfnd_A2"),
         ("payment.refund_failed", "rfnd_A2"), ("payment.charged_back", "disp_C1"),
+        ("payment.refunded", "rfnd_D1"),
     ]  # fmt: skip
+
+
+async def test_a_refund_failing_while_it_is_debited_gives_its_tokens_back(
+    api_factory: ApiFactory,
+    razorpay_fake: RazorpayFake,
+    make_tenant: MakeTenant,
+    db: asyncpg.Connection,
+) -> None:
+    """refund.created and refund.failed of one refund at once: the failure waited for
+    nothing and found no debit to undo, and the tokens stayed taken for good."""
+    tenant = await make_tenant()
+    async with payments(api_factory, razorpay_fake) as api:
+        order = await create_order(api, tenant, "enterprise")  # 5000 tokens for 1500.00
+        payment_id = razorpay_fake.pay(order["order_id"])
+        assert (await verify_payment(api, tenant, razorpay_fake, order, payment_id)).is_success
+
+        async def both(refund_id: str) -> None:
+            await asyncio.gather(*(
+                deliver_signed(api, refund_webhook_body(event, refund_id, payment_id, 1000, "USD"))
+                for event in ("refund.created", "refund.failed")
+            ))  # fmt: skip
+
+        await asyncio.gather(*(both(f"rfnd_R{i}") for i in range(12)))
+    changes = await outbox_changes(db, tenant)
+    taken = sum(tokens for source, _, tokens in changes if source == "refund")
+    given_back = sum(tokens for source, _, tokens in changes if source == "refund_failed")
+    assert taken == given_back
+    statuses = await db.fetch(
+        "SELECT DISTINCT status FROM payment_reversals WHERE order_id = $1", order["order_id"]
+    )
+    assert [r["status"] for r in statuses] == ["failed"]
 
 
 async def test_the_outbox_survives_a_crash_between_commit_and_publish(
@@ -497,13 +558,24 @@ async def test_the_outbox_survives_a_crash_between_commit_and_publish(
 
     # Earlier tests' credits (no relay runs in this module yet) go first.
     await relay_pending(pool, publish)
+    # A row a newer version wrote, of a kind this one does not know: left pending, and the
+    # credits behind it published all the same.
+    unknown = f"future-{uuid.uuid4().hex}"
+    await db.execute(
+        "INSERT INTO token_outbox (event_id, tenant_id, payload)"
+        ' VALUES ($1, $2, \'{"kind": "token_gift"}\'::jsonb)',
+        unknown,
+        tenant.tenant_id,
+    )
     async with db.transaction():
         credits = [await enqueue_credit(db, tenant.tenant_id, "adjustment", f"adj-{i}", 10 + i)
                    for i in range(3)]  # fmt: skip
     # Committed, not published (the process "crashed" here): the rows wait.
     pending = await db.fetchval(
-        "SELECT count(*) FROM token_outbox WHERE tenant_id = $1 AND published_at IS NULL",
+        "SELECT count(*) FROM token_outbox WHERE tenant_id = $1 AND published_at IS NULL"
+        " AND event_id <> $2",
         tenant.tenant_id,
+        unknown,
     )
     assert pending == 3
     published: list[str] = []
@@ -527,6 +599,9 @@ async def test_the_outbox_survives_a_crash_between_commit_and_publish(
         tenant.tenant_id,
     )
     assert {r["event_id"] for r in rows} == {c.event_id for c in credits}
+    left = await db.fetchval("SELECT published_at FROM token_outbox WHERE event_id = $1", unknown)
+    assert left is None
+    await db.execute("DELETE FROM token_outbox WHERE event_id = $1", unknown)
     # On the topic: the first credit twice, with one event id (the account counts it once).
     on_topic = await read_topic(test_settings, [topic], tenant.tenant_id)
     ids = [TokenCredit.model_validate_json(value).event_id for _, _, value in on_topic]
@@ -686,6 +761,9 @@ async def test_a_refund_takes_its_tokens_from_the_balance_and_pauses_the_tenant_
         # The second refund failed: the money stayed, and so do its tokens.
         assert await deliver_signed(api, refund("refund.failed", "rfnd_W2")) == "refund_failed"
         await balance(api, tenant, balance=50, paused=False, total_debited=100)
+        # Paused again at the credited and used totals it was resumed at: audited as well.
+        assert await deliver_signed(api, refund("refund.processed", "rfnd_W3")) == "debited"
+        await balance(api, tenant, balance=0, paused=True, total_debited=150)
 
     async def ledger() -> Any:
         rows = await db.fetch(
@@ -694,11 +772,11 @@ async def test_a_refund_takes_its_tokens_from_the_balance_and_pauses_the_tenant_
             tenant.tenant_id,
         )
         entries = [(r["kind"], r["source"], r["tokens"]) for r in rows]
-        return entries if len(entries) == 4 else None
+        return entries if len(entries) == 5 else None
 
     assert await eventually(ledger, what="the ledger's credits and debits") == [
         ("credit", "purchase", 100), ("debit", "refund", 50), ("debit", "refund", 50),
-        ("credit", "refund_failed", 50),
+        ("credit", "refund_failed", 50), ("debit", "refund", 50),
     ]  # fmt: skip
 
     async def audited() -> Any:
@@ -707,11 +785,11 @@ async def test_a_refund_takes_its_tokens_from_the_balance_and_pauses_the_tenant_
             " ORDER BY audit_id",
             tenant.tenant_id,
         )
-        return [r["action"] for r in rows] if len(rows) >= 2 else None
+        return [r["action"] for r in rows] if len(rows) >= 3 else None
 
     # No account before the first credit: the refund's emptying is its first pause.
-    assert await eventually(audited, what="pause and resume audited") == [
-        "tenant.paused", "tenant.resumed",
+    assert await eventually(audited, what="pauses and resume audited") == [
+        "tenant.paused", "tenant.resumed", "tenant.paused",
     ]  # fmt: skip
 
 
@@ -785,6 +863,33 @@ async def test_the_token_topics_replayed_into_a_fresh_app_give_the_same_balances
         replica.process.wait(30)
     finally:
         await delete_topics(fresh_settings)
+
+
+async def test_a_subscription_entered_with_a_past_start_is_owed_from_its_creation(
+    test_settings: Settings, make_tenant: MakeTenant, db: asyncpg.Connection
+) -> None:
+    tenant = await make_tenant(tokens=0)
+    now = datetime.now(UTC)
+    async with db.transaction():
+        subscription_id = await create_subscription(
+            db, tenant.tenant_id, "growth", 400, now - timedelta(days=100)
+        )
+    pool = await asyncpg.create_pool(test_settings.database_url, min_size=1, max_size=2)
+    try:
+        # (A worker's own pass may be first: either way, once per cycle.)
+        await credit_due_subscriptions(pool, now)
+    finally:
+        await pool.close()
+    credited = await db.fetch(
+        "SELECT period_start FROM subscription_credits WHERE subscription_id = $1",
+        uuid.UUID(subscription_id),
+    )
+    # The cycle running at its creation, not the three that ended before it.
+    (only,) = credited
+    assert now - timedelta(days=32) < only["period_start"] <= now
+    # Ended: the next test's passes run its clock to 2100, which would credit every month.
+    await db.execute("UPDATE subscriptions SET status = 'cancelled' WHERE subscription_id = $1",
+                     uuid.UUID(subscription_id))  # fmt: skip
 
 
 async def test_a_subscription_credits_each_monthly_cycle_once(
