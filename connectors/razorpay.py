@@ -126,14 +126,21 @@ class RazorpayGateway:
         return await self._call(client.order.create, data)
 
     async def captured_payment(
-        self, payment_id: str, order_id: str, amount: int, currency: str, *, capture: bool = True
+        self,
+        payment_id: str,
+        order_id: str,
+        amount: int,
+        currency: str,
+        *,
+        capture: bool = True,
+        timeout_s: float = RAZORPAY_TIMEOUT_S,
     ) -> PaymentCheck:
         """Fetches the payment and captures it if it is only authorised (unless `capture` is
         False: an order paid already, whose second authorisation is better left to lapse than
         charged and refunded): "credit" once it is captured for this order's amount.
         PaymentProviderError when Razorpay cannot say."""
         client = self._require()
-        payment = await self._call(client.payment.fetch, payment_id)
+        payment = await self._call(client.payment.fetch, payment_id, timeout_s=timeout_s)
         check = check_payment(payment, order_id, amount, currency)
         if check.verdict != "capture":
             return check
@@ -142,21 +149,22 @@ class RazorpayGateway:
         try:
             # The SDK writes the amount into the dict it is given (its default is shared).
             payment = await self._call(
-                client.payment.capture, payment_id, amount, {"currency": currency}
-            )
+                client.payment.capture, payment_id, amount, {"currency": currency},
+                timeout_s=timeout_s,
+            )  # fmt: skip
         except PaymentRefused:
             # Captured meanwhile (by the dashboard, auto-capture, another verify): say what is.
-            payment = await self._call(client.payment.fetch, payment_id)
+            payment = await self._call(client.payment.fetch, payment_id, timeout_s=timeout_s)
         check = check_payment(payment, order_id, amount, currency)
         if check.verdict == "capture":
             return PaymentCheck("refuse", "Razorpay did not capture the payment")
         return check
 
-    async def _call(self, method: Any, *args: Any) -> dict[str, Any]:
+    async def _call(
+        self, method: Any, *args: Any, timeout_s: float = RAZORPAY_TIMEOUT_S
+    ) -> dict[str, Any]:
         try:
-            answer: dict[str, Any] = await asyncio.to_thread(
-                method, *args, timeout=RAZORPAY_TIMEOUT_S
-            )
+            answer: dict[str, Any] = await asyncio.to_thread(method, *args, timeout=timeout_s)
         except BadRequestError as exc:
             raise PaymentRefused(f"Razorpay refused: {exc}") from exc
         except (GatewayError, ServerError, RequestException) as exc:

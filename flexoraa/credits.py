@@ -9,13 +9,16 @@ between publish and mark publishes it again with the same event id, which the ac
 
 from __future__ import annotations
 
+import asyncio
 import calendar
 import logging
+import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Literal, cast, get_args
 
 import asyncpg
 from pydantic import ValidationError
@@ -36,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 
+# The outbox kinds this version publishes.
+RELAYED_KINDS = [cast(str, model.model_fields["kind"].default) for model in get_args(BalanceChange)]
 # Publishes one credit or debit (keyed by tenant) and returns once Kafka acknowledged it.
 PublishCredit = Callable[[BalanceChange], Awaitable[None]]
 
@@ -301,6 +306,37 @@ async def refund_failed(
     return Reversal("failed", -row["tokens"], order["order_id"])
 
 
+@asynccontextmanager
+async def capturing(
+    pool: asyncpg.Pool, order_id: str, wait_s: float
+) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy | None]:
+    """Holds the order's capture lock while the caller captures a payment and credits it,
+    yielding the connection holding it (for the caller's own queries: waiting for a second
+    connection while holding one starved the pool under load), or None if another capture
+    of the order held it for `wait_s`.
+
+    Capturing takes Razorpay calls of seconds, outside any transaction. Two payments of one
+    order (a checkout retried: the first's `payment.authorized` webhook, the second's verify)
+    both found the order unpaid and both were captured: the customer charged twice. A
+    PostgreSQL advisory lock (every API process shares it) on its own connection, so no
+    transaction stays open while Razorpay answers."""
+    async with pool.acquire() as conn:
+        deadline = time.monotonic() + wait_s
+        while not await conn.fetchval(
+            "SELECT pg_try_advisory_lock(hashtextextended($1, 0))", f"capture|{order_id}"
+        ):
+            if time.monotonic() >= deadline:
+                yield None
+                return
+            await asyncio.sleep(0.05)
+        try:
+            yield conn
+        finally:
+            await conn.execute(
+                "SELECT pg_advisory_unlock(hashtextextended($1, 0))", f"capture|{order_id}"
+            )
+
+
 def add_month(moment: datetime) -> datetime:
     """The same day and time next month, clamped to the month's last day (Jan 31 → Feb 28)."""
     return months_after(moment, 1)
@@ -400,8 +436,12 @@ async def relay_pending(pool: asyncpg.Pool, publish: PublishCredit, limit: int =
     async with pool.acquire() as conn, conn.transaction():
         rows = await conn.fetch(
             "SELECT event_id, payload::text AS payload FROM token_outbox WHERE published_at IS NULL"
+            # Only the kinds this version can publish: a newer version's rows (an upgrade's
+            # mixed fleet) would otherwise fill every batch and hold the credits behind them.
+            " AND (payload->>'kind' IS NULL OR payload->>'kind' = ANY($2::text[]))"
             " ORDER BY created_at LIMIT $1 FOR UPDATE SKIP LOCKED",
             limit,
+            RELAYED_KINDS,
         )
         published = []
         for row in rows:

@@ -5,6 +5,7 @@ sign what Razorpay's checkout and webhooks would send.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -90,6 +91,8 @@ class RazorpayFake:
     payments: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Payment ids asked to be captured, in order.
     captures: list[str] = field(default_factory=list)
+    # How long a capture takes (the bank's round trip), to let two of them overlap.
+    capture_delay_s: float = 0.0
     fail_next: int = 0
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _runner: web.AppRunner | None = None
@@ -132,6 +135,7 @@ class RazorpayFake:
             return refused
         body = await request.json()
         self.captures.append(request.match_info["payment_id"])
+        await asyncio.sleep(self.capture_delay_s)
         payment = self.payments.get(request.match_info["payment_id"])
         if payment is None:
             return _error(400, "BAD_REQUEST_ERROR", "The id provided does not exist")
