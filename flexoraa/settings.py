@@ -6,6 +6,7 @@ explicitly; no other module reads the environment.
 
 from __future__ import annotations
 
+import socket
 from functools import cached_property
 from pathlib import Path
 from typing import Literal, get_args
@@ -76,7 +77,8 @@ class Settings(BaseSettings):
     worker_web_port: int = Field(6066, description="port of the worker's web server")
     worker_canonical_url: str | None = Field(
         None,
-        description="URL other workers use to reach this one (default http://WORKER_WEB_HOST:PORT)",
+        description="URL other workers use to reach this one (default http://WORKER_WEB_HOST:PORT,"
+        " this machine's address when WORKER_WEB_HOST is 0.0.0.0 or ::)",
     )
     worker_url: str = Field(
         "http://127.0.0.1:6066",
@@ -487,7 +489,15 @@ class Settings(BaseSettings):
 
     @property
     def worker_advertised_url(self) -> str:
-        return self.worker_canonical_url or f"http://{self.worker_web_host}:{self.worker_web_port}"
+        if self.worker_canonical_url:
+            return self.worker_canonical_url
+        host = self.worker_web_host
+        if host in _EVERY_INTERFACE:
+            # Bound to every interface (a container's worker): the others reach it at this
+            # machine's address. Advertised as 0.0.0.0, a read routed to it went nowhere, and
+            # one fixed name for all (a compose service scaled out) sent them all to one.
+            host = _own_address()
+        return f"http://{host}:{self.worker_web_port}"
 
     @cached_property
     def kafka_port(self) -> int:
@@ -510,3 +520,17 @@ def unused_standby_copies(settings: Settings) -> str | None:
             "changelog's start, so the copies cost changelog traffic and save nothing"
         )
     return None
+
+
+# Hosts meaning "bind every interface": never an address another machine can reach.
+_EVERY_INTERFACE = frozenset({"0.0.0.0", "::", ""})
+
+
+def _own_address() -> str:
+    """This machine's address as its name resolves (a container's /etc/hosts maps its name
+    to its address on the network), or the name itself."""
+    name = socket.gethostname()
+    try:
+        return socket.gethostbyname(name)
+    except OSError:
+        return name

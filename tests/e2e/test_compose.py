@@ -58,3 +58,32 @@ def test_grafana_provisioning_files_exist() -> None:
     for relative in re.findall(r"\./(dashboards/[^:\s]+)", text):
         assert (PROJECT_ROOT / relative).exists(), relative
     assert list(Path(PROJECT_ROOT / "dashboards").rglob("*.json"))
+
+
+def service_block(name: str) -> str:
+    """The text of one service's definition in docker-compose.yml."""
+    text = COMPOSE.read_text()
+    match = re.search(rf"^  {name}:\n((?:    .*\n|\s*\n)+)", text, re.M)
+    assert match, name
+    return match.group(1)
+
+
+def test_the_worker_service_scales_out() -> None:
+    """`docker compose up --scale worker=3`: no fixed host port, and no one name that every
+    replica would advertise (each advertises its own container's address)."""
+    assert "ports:" not in service_block("worker")
+    assert "WORKER_CANONICAL_URL" not in COMPOSE.read_text()
+    assert re.search(r"^\s+WORKER_WEB_HOST: 0\.0\.0\.0$", COMPOSE.read_text(), re.M)
+
+
+def test_prometheus_finds_every_worker_replica() -> None:
+    config = PROJECT_ROOT / "dashboards" / "prometheus" / "prometheus.yml"
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is installed by `make setup` (Debian package prometheus)"
+    checked = subprocess.run(
+        [promtool, "check", "config", str(config)], capture_output=True, text=True, check=False
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    worker_job = config.read_text().split("job_name: worker", 1)[1]
+    assert "dns_sd_configs:" in worker_job
+    assert 'names: ["worker"]' in worker_job

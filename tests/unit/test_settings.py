@@ -34,6 +34,26 @@ def test_worker_advertised_url_defaults_to_its_bind_address() -> None:
     assert override.worker_advertised_url == "http://worker-1:6066"
 
 
+@pytest.mark.parametrize("every_interface", ["0.0.0.0", "::"])
+def test_a_worker_bound_to_every_interface_advertises_its_own_address(
+    monkeypatch: pytest.MonkeyPatch, every_interface: str
+) -> None:
+    """Replicas of one compose service: each reachable at its own container's address."""
+    monkeypatch.setattr("socket.gethostname", lambda: "3f2a9c1b7d4e")
+    monkeypatch.setattr("socket.gethostbyname", {"3f2a9c1b7d4e": "172.18.0.7"}.__getitem__)
+    settings = Settings(worker_web_host=every_interface, worker_web_port=6066)
+    assert settings.worker_advertised_url == "http://172.18.0.7:6066"
+
+
+def test_an_unresolvable_name_is_advertised_as_it_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    def unresolved(name: str) -> str:
+        raise OSError(f"{name}: no address")
+
+    monkeypatch.setattr("socket.gethostname", lambda: "worker-host")
+    monkeypatch.setattr("socket.gethostbyname", unresolved)
+    assert Settings(worker_web_host="0.0.0.0").worker_advertised_url == "http://worker-host:6066"
+
+
 @pytest.mark.parametrize(
     "prices",
     [
