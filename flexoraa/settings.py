@@ -100,6 +100,15 @@ class Settings(BaseSettings):
         "deadlock, a missing table) always stops the worker; the sinks always reject the rows "
         "PostgreSQL refuses",
     )
+    worker_poison_breaker_records: int = Field(
+        200,
+        ge=0,
+        description="past this many records dead-lettered within WORKER_POISON_BREAKER_WINDOW_S"
+        " a worker stops instead (a deployment's failure, not the records'); 0: no breaker",
+    )
+    worker_poison_breaker_window_s: float = Field(
+        60.0, gt=0, description="the window WORKER_POISON_BREAKER_RECORDS counts letters in"
+    )
     worker_shutdown_drain_s: float = Field(
         20.0,
         gt=0,

@@ -178,6 +178,8 @@ def create_worker_app(settings: Settings) -> faust.App:
         dead_letters,
         policy=settings.worker_poison_records,
         is_stopping=lambda: bool(app.should_stop),
+        breaker_records=settings.worker_poison_breaker_records,
+        breaker_window_s=settings.worker_poison_breaker_window_s,
     )
     batch_lane = BatchLane(guard=poison.handle)
     app.batch_lane = batch_lane

@@ -116,3 +116,7 @@ FETCH_MIN_BYTES = Gauge(
     "flexoraa_consumer_fetch_min_bytes",
     "Bytes the worker's fetches ask the broker to wait for (WORKER_FETCH_PACING_MS)",
 )
+POISON_BREAKER_TRIPS = Counter(
+    "flexoraa_poison_breaker_trips",
+    "Times a worker stopped because too many records failed at once (streams.poison)",
+)

@@ -22,11 +22,20 @@ replay of the dead letter once the cause is mended repeats none of them, but a t
 may make such a replay do less than the first run would have. `WORKER_POISON_RECORDS=stop` keeps
 the old behaviour, for a deployment that would rather halt than skip a record. A stopping worker
 always stops: a failure while the app shuts down is the shutdown's, not the record's.
+
+A breaker bounds the skipping: past `WORKER_POISON_BREAKER_RECORDS` letters within
+`WORKER_POISON_BREAKER_WINDOW_S`, a failure stops the worker instead. So many records failing
+at once is a deployment's failure (a release that cannot read what it is given), not theirs,
+and dead-lettering the whole traffic while it lasts would leave every lead's processing to a
+replay. Stopped, the records wait in their topics for the fix (each restart sets aside at most
+that many again).
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Literal
 
@@ -36,7 +45,7 @@ from faust.types import TopicT
 from flexoraa.db import UNREACHABLE
 from streams.batches import SourceRecord
 from streams.dead_letters import dead_letter_record
-from streams.metrics import DEAD_LETTERS
+from streams.metrics import DEAD_LETTERS, POISON_BREAKER_TRIPS
 
 logger = logging.getLogger(__name__)
 
@@ -77,13 +86,43 @@ class PoisonRecords:
         *,
         policy: PoisonPolicy,
         is_stopping: Callable[[], bool],
+        breaker_records: int = 0,
+        breaker_window_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._dead_letters = dead_letters
         self._policy = policy
         self._is_stopping = is_stopping
+        # 0: no breaker. The times of the letters within the window, oldest first.
+        self._breaker_records = breaker_records
+        self._breaker_window_s = breaker_window_s
+        self._clock = clock
+        self._lettered_at: deque[float] = deque()
 
     def should_dead_letter(self, exc: BaseException) -> bool:
-        return self._policy == "dead_letter" and is_poison(exc) and not self._is_stopping()
+        return (
+            self._policy == "dead_letter"
+            and is_poison(exc)
+            and not self._is_stopping()
+            and not self._tripped(exc)
+        )
+
+    def _tripped(self, exc: BaseException) -> bool:
+        if self._breaker_records <= 0:
+            return False
+        now = self._clock()
+        while self._lettered_at and now - self._lettered_at[0] > self._breaker_window_s:
+            self._lettered_at.popleft()
+        if len(self._lettered_at) < self._breaker_records:
+            return False
+        logger.critical(
+            "poison breaker: %d records dead-lettered within %.0f s; stopping on %r instead."
+            " So many failing records are a deployment's failure: fix it and restart, then"
+            " `flexoraa dead-letters replay --reason \"processing failed\"` the letters",
+            len(self._lettered_at), self._breaker_window_s, exc,
+        )  # fmt: skip
+        POISON_BREAKER_TRIPS.inc()
+        return True
 
     async def handle(
         self, handler: Callable[[SourceRecord], Awaitable[None]], record: SourceRecord
@@ -108,6 +147,7 @@ class PoisonRecords:
         """Dead-letters `record`, or only `raw`, the part of it that failed (one deadline of a
         record carrying a partition's due deadlines), under that part's own `key` and from its
         own `source_topic` if given."""
+        self._lettered_at.append(self._clock())
         logger.error(
             "record %s[%s]@%s failed and is dead-lettered",
             record.topic, record.partition, record.offset, exc_info=exc,

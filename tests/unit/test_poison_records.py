@@ -191,3 +191,39 @@ async def test_a_replay_its_handler_cannot_decode_is_set_aside_again_not_dropped
     )
     assert "ValidationError" in letter.reason
     assert base64.b64decode(letter.raw_base64) == b"{}"
+
+
+async def test_past_the_breaker_a_failing_record_stops_the_worker() -> None:
+    """A release that cannot read its traffic: three records set aside, then the worker stops
+    on the fourth and the records wait in their topic for the fix."""
+    now = [0.0]
+    letters = DeadLetters()
+    guard = PoisonRecords(cast(TopicT, letters), policy="dead_letter", is_stopping=lambda: False,
+                          breaker_records=3, breaker_window_s=60, clock=lambda: now[0])  # fmt: skip
+
+    async def handle(record: SourceRecord) -> None:
+        raise AttributeError("'NoneType' object has no attribute 'tenant_id'")
+
+    for offset in range(3):
+        now[0] += 10
+        await guard.handle(handle, Record(offset=offset))
+    with pytest.raises(AttributeError):
+        await guard.handle(handle, Record(offset=3))
+    assert [letter.offset for _, letter in letters.sent] == [0, 1, 2]
+    # A minute later the window holds none of them: one failing record is its own again.
+    now[0] += 61
+    await guard.handle(handle, Record(offset=4))
+    assert [letter.offset for _, letter in letters.sent] == [0, 1, 2, 4]
+
+
+async def test_without_a_breaker_every_failing_record_is_set_aside() -> None:
+    letters = DeadLetters()
+    guard = PoisonRecords(cast(TopicT, letters), policy="dead_letter", is_stopping=lambda: False,
+                          breaker_records=0)  # fmt: skip
+
+    async def handle(record: SourceRecord) -> None:
+        raise ValueError("bad")
+
+    for offset in range(500):
+        await guard.handle(handle, Record(offset=offset))
+    assert len(letters.sent) == 500
