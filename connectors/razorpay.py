@@ -35,10 +35,6 @@ class PaymentRefused(PaymentProviderError):
     captured."""
 
 
-# The SDK's requests wait for ever by default: a hung Razorpay held an API thread for good.
-RAZORPAY_TIMEOUT_S = 10.0
-
-
 def new_receipt() -> str:
     # Razorpay limits receipts to 40 characters; ours are unique per order.
     return f"tok_{uuid.uuid4().hex}"
@@ -97,6 +93,7 @@ def check_payment(
 class RazorpayGateway:
     def __init__(self, settings: Settings) -> None:
         self.key_id = settings.razorpay_key_id
+        self.timeout_s = settings.razorpay_timeout_s
         secret = settings.razorpay_key_secret
         self._client: Any = None
         if self.key_id and secret is not None:
@@ -133,38 +130,45 @@ class RazorpayGateway:
         currency: str,
         *,
         capture: bool = True,
-        timeout_s: float = RAZORPAY_TIMEOUT_S,
     ) -> PaymentCheck:
         """Fetches the payment and captures it if it is only authorised (unless `capture` is
         False: an order paid already, whose second authorisation is better left to lapse than
         charged and refunded): "credit" once it is captured for this order's amount.
         PaymentProviderError when Razorpay cannot say."""
-        client = self._require()
-        payment = await self._call(client.payment.fetch, payment_id, timeout_s=timeout_s)
-        check = check_payment(payment, order_id, amount, currency)
+        check = await self.payment_check(payment_id, order_id, amount, currency)
         if check.verdict != "capture":
             return check
+        client = self._require()
         if not capture:
             return PaymentCheck("refuse", "the order is paid already: authorisation not captured")
         try:
             # The SDK writes the amount into the dict it is given (its default is shared).
             payment = await self._call(
-                client.payment.capture, payment_id, amount, {"currency": currency},
-                timeout_s=timeout_s,
-            )  # fmt: skip
+                client.payment.capture, payment_id, amount, {"currency": currency}
+            )
         except PaymentRefused:
             # Captured meanwhile (by the dashboard, auto-capture, another verify): say what is.
-            payment = await self._call(client.payment.fetch, payment_id, timeout_s=timeout_s)
+            payment = await self._call(client.payment.fetch, payment_id)
         check = check_payment(payment, order_id, amount, currency)
         if check.verdict == "capture":
             return PaymentCheck("refuse", "Razorpay did not capture the payment")
         return check
 
-    async def _call(
-        self, method: Any, *args: Any, timeout_s: float = RAZORPAY_TIMEOUT_S
-    ) -> dict[str, Any]:
+    async def payment_check(
+        self,
+        payment_id: str,
+        order_id: str,
+        amount: int,
+        currency: str,
+    ) -> PaymentCheck:
+        """What the payment, as Razorpay reports it now, allows for the order."""
+        client = self._require()
+        payment = await self._call(client.payment.fetch, payment_id)
+        return check_payment(payment, order_id, amount, currency)
+
+    async def _call(self, method: Any, *args: Any) -> dict[str, Any]:
         try:
-            answer: dict[str, Any] = await asyncio.to_thread(method, *args, timeout=timeout_s)
+            answer: dict[str, Any] = await asyncio.to_thread(method, *args, timeout=self.timeout_s)
         except BadRequestError as exc:
             raise PaymentRefused(f"Razorpay refused: {exc}") from exc
         except (GatewayError, ServerError, RequestException) as exc:

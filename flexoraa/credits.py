@@ -9,13 +9,10 @@ between publish and mark publishes it again with the same event id, which the ac
 
 from __future__ import annotations
 
-import asyncio
 import calendar
 import logging
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal, cast, get_args
@@ -306,35 +303,43 @@ async def refund_failed(
     return Reversal("failed", -row["tokens"], order["order_id"])
 
 
-@asynccontextmanager
-async def capturing(
-    pool: asyncpg.Pool, order_id: str, wait_s: float
-) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy | None]:
-    """Holds the order's capture lock while the caller captures a payment and credits it,
-    yielding the connection holding it (for the caller's own queries: waiting for a second
-    connection while holding one starved the pool under load), or None if another capture
-    of the order held it for `wait_s`.
+# How long a claim on an order's capture stands while its payment is not captured: past it,
+# another payment of the order may be captured (a capture request lost that long never lands).
+CAPTURE_CLAIM_S = 120
 
-    Capturing takes Razorpay calls of seconds, outside any transaction. Two payments of one
-    order (a checkout retried: the first's `payment.authorized` webhook, the second's verify)
-    both found the order unpaid and both were captured: the customer charged twice. A
-    PostgreSQL advisory lock (every API process shares it) on its own connection, so no
-    transaction stays open while Razorpay answers."""
-    async with pool.acquire() as conn:
-        deadline = time.monotonic() + wait_s
-        while not await conn.fetchval(
-            "SELECT pg_try_advisory_lock(hashtextextended($1, 0))", f"capture|{order_id}"
-        ):
-            if time.monotonic() >= deadline:
-                yield None
-                return
-            await asyncio.sleep(0.05)
-        try:
-            yield conn
-        finally:
-            await conn.execute(
-                "SELECT pg_advisory_unlock(hashtextextended($1, 0))", f"capture|{order_id}"
-            )
+
+async def claim_capture(conn: Connection, order_id: str, payment_id: str) -> str | None:
+    """Claims the capture of the unpaid order `order_id` for `payment_id`; None once claimed
+    (or claimed already by it), else the payment holding a standing claim. A claim past
+    CAPTURE_CLAIM_S is not taken over here: see `take_over_capture`."""
+    claimed = await conn.fetchval(
+        "UPDATE payment_orders SET capturing_payment_id = $2, capture_claimed_at = now()"
+        " WHERE order_id = $1 AND status <> 'paid'"
+        " AND (capturing_payment_id IS NULL OR capturing_payment_id = $2) RETURNING 1",
+        order_id,
+        payment_id,
+    )
+    if claimed is not None:
+        return None
+    holder: str | None = await conn.fetchval(
+        "SELECT capturing_payment_id FROM payment_orders WHERE order_id = $1", order_id
+    )
+    return holder
+
+
+async def take_over_capture(
+    conn: Connection, order_id: str, payment_id: str, holder: str, *, stale_only: bool
+) -> bool:
+    """Moves the order's capture claim from `holder` (whose payment Razorpay says is not
+    captured) to `payment_id`; with `stale_only`, only a claim older than CAPTURE_CLAIM_S
+    (its holder may be capturing it this moment)."""
+    moved = await conn.fetchval(
+        "UPDATE payment_orders SET capturing_payment_id = $2, capture_claimed_at = now()"
+        " WHERE order_id = $1 AND status <> 'paid' AND capturing_payment_id = $3"
+        " AND (NOT $4 OR capture_claimed_at < now() - make_interval(secs => $5)) RETURNING 1",
+        order_id, payment_id, holder, stale_only, CAPTURE_CLAIM_S,
+    )  # fmt: skip
+    return moved is not None
 
 
 def add_month(moment: datetime) -> datetime:
@@ -438,7 +443,7 @@ async def relay_pending(pool: asyncpg.Pool, publish: PublishCredit, limit: int =
             "SELECT event_id, payload::text AS payload FROM token_outbox WHERE published_at IS NULL"
             # Only the kinds this version can publish: a newer version's rows (an upgrade's
             # mixed fleet) would otherwise fill every batch and hold the credits behind them.
-            " AND (payload->>'kind' IS NULL OR payload->>'kind' = ANY($2::text[]))"
+            " AND payload->>'kind' = ANY($2::text[])"
             " ORDER BY created_at LIMIT $1 FOR UPDATE SKIP LOCKED",
             limit,
             RELAYED_KINDS,

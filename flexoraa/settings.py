@@ -397,6 +397,9 @@ class Settings(BaseSettings):
     razorpay_webhook_secret: SecretStr | None = Field(
         None, description="secret of the Razorpay webhook (not the API key secret)"
     )
+    razorpay_timeout_s: float = Field(
+        10.0, gt=0, le=60, description="longest wait for each Razorpay API call"
+    )
     razorpay_api_url: str = Field(
         "https://api.razorpay.com", description="Razorpay API base URL (tests use a local server)"
     )
@@ -537,9 +540,11 @@ _EVERY_INTERFACE = frozenset({"0.0.0.0", "::", ""})
 
 def _own_address() -> str:
     """This machine's address as its name resolves (a container's /etc/hosts maps its name
-    to its address on the network), or the name itself."""
+    to its address on the network), or the name itself where it resolves to a loopback
+    address (Debian maps its own name to 127.0.1.1) or not at all."""
     name = socket.gethostname()
     try:
-        return socket.gethostbyname(name)
+        address = socket.gethostbyname(name)
     except OSError:
         return name
+    return name if address.startswith("127.") else address

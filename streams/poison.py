@@ -23,8 +23,9 @@ may make such a replay do less than the first run would have. `WORKER_POISON_REC
 the old behaviour, for a deployment that would rather halt than skip a record. A stopping worker
 always stops: a failure while the app shuts down is the shutdown's, not the record's.
 
-A breaker bounds the skipping: past `WORKER_POISON_BREAKER_RECORDS` letters within
-`WORKER_POISON_BREAKER_WINDOW_S`, a failure stops the worker instead. So many records failing
+A breaker bounds the skipping: past `WORKER_POISON_BREAKER_RECORDS` records whose handling
+failed within `WORKER_POISON_BREAKER_WINDOW_S`, a failure stops the worker instead (records
+that are no event at all are dead-lettered when decoded and not counted). So many records failing
 at once is a deployment's failure (a release that cannot read what it is given), not theirs,
 and dead-lettering the whole traffic while it lasts would leave every lead's processing to a
 replay. Stopped, the records wait in their topics for the fix (each restart sets aside at most
@@ -98,13 +99,17 @@ class PoisonRecords:
         self._breaker_window_s = breaker_window_s
         self._clock = clock
         self._lettered_at: deque[float] = deque()
+        self._last_lettered: tuple[str, int, int] | None = None
 
-    def should_dead_letter(self, exc: BaseException) -> bool:
+    def should_dead_letter(self, exc: BaseException, *, breaker: bool = True) -> bool:
+        """Whether the failure is the record's own and it is set aside; `breaker=False` for
+        the parts of a batch whose whole the breaker let through (stopping halfway would
+        leave the parts handled before it half done)."""
         return (
             self._policy == "dead_letter"
             and is_poison(exc)
             and not self._is_stopping()
-            and not self._tripped(exc)
+            and not (breaker and self._tripped(exc))
         )
 
     def _tripped(self, exc: BaseException) -> bool:
@@ -147,7 +152,11 @@ class PoisonRecords:
         """Dead-letters `record`, or only `raw`, the part of it that failed (one deadline of a
         record carrying a partition's due deadlines), under that part's own `key` and from its
         own `source_topic` if given."""
-        self._lettered_at.append(self._clock())
+        position = (record.topic, record.partition, record.offset)
+        if self._breaker_records > 0 and position != self._last_lettered:
+            # Per record: the deadlines of one record are letters of their own.
+            self._lettered_at.append(self._clock())
+            self._last_lettered = position
         logger.error(
             "record %s[%s]@%s failed and is dead-lettered",
             record.topic, record.partition, record.offset, exc_info=exc,

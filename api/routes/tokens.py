@@ -24,6 +24,7 @@ from api.models import RequestBody
 from api.paging import CursorQuery, cursor_time, decode_cursor, encode_cursor
 from api.webhook_letters import WEBHOOK_RECORDS, webhook_letter
 from connectors.razorpay import (
+    PaymentCheck,
     PaymentProviderError,
     PaymentRefused,
     PaymentsNotConfigured,
@@ -33,10 +34,11 @@ from connectors.razorpay import (
 from flexoraa.credits import (
     Connection,
     PaidOrder,
-    capturing,
+    claim_capture,
     credit_paid_order,
     debit_reversal,
     refund_failed,
+    take_over_capture,
 )
 from flexoraa.kafka import PublishUnavailable
 from schemas.events import EventTime
@@ -143,7 +145,10 @@ class CreditView(BaseModel):
     "/api/tokens/topup/verify",
     response_model=CreditView,
     responses={
-        202: {"description": "pending: Razorpay did not answer; credited on its webhook"},
+        202: {
+            "description": "pending: Razorpay did not answer, or another payment of the"
+            " order is being captured; credited on its webhook"
+        },
         400: {"description": "signature mismatch"},
         404: {},
         409: {"description": "the payment is not captured for this order (failed, refunded)"},
@@ -176,30 +181,29 @@ async def verify(
         )
     if not valid:
         raise ApiError(400, "razorpay_signature: does not match the order and payment")
-    async with capturing(services.pool, order["order_id"], VERIFY_CAPTURE_WAIT_S) as conn:
-        if conn is None:
-            # Another payment of the order is being captured and credited this moment.
-            response.status_code = 202
-            return CreditView(status="pending", order_id=order["order_id"], tokens=order["tokens"])
+    try:
         return await _confirm_and_credit(
-            services, conn, order["order_id"], body.razorpay_payment_id, response
+            services, order["order_id"], body.razorpay_payment_id, response
         )
+    except (PaymentProviderError, _CapturePending) as exc:
+        if isinstance(exc, PaymentRefused):
+            raise ApiError(409, f"razorpay_payment_id: {exc}; no tokens credited") from exc
+        logger.warning("payment %s not confirmed (%s): left to the webhook",
+                       body.razorpay_payment_id, exc)  # fmt: skip
+        response.status_code = 202
+        return CreditView(status="pending", order_id=order["order_id"], tokens=order["tokens"])
 
 
-# How long verify waits for another capture of its order, and the webhook (answered in 5 s,
-# or Razorpay counts a failure) for one and for each Razorpay call.
-VERIFY_CAPTURE_WAIT_S = 15.0
-WEBHOOK_CAPTURE_WAIT_S = 1.0
-WEBHOOK_RAZORPAY_TIMEOUT_S = 1.2
+class _CapturePending(Exception):
+    """Another payment of the order is being captured this moment."""
 
 
 async def _confirm_and_credit(
-    services: Services, conn: Connection, order_id: str, payment_id: str, response: Response
+    services: Services, order_id: str, payment_id: str, response: Response
 ) -> CreditView:
-    """verify's work under the order's capture lock: the order read again (the other holder
-    may have paid it), the payment confirmed captured (captured here if only authorised and
-    the order is unpaid), then credited."""
-    order = await conn.fetchrow(
+    """The payment confirmed captured for the order, captured here if it is only authorised
+    and holds the order's capture claim, then credited."""
+    order = await services.pool.fetchrow(
         "SELECT tokens, amount, currency, status, payment_id FROM payment_orders"
         " WHERE order_id = $1",
         order_id,
@@ -208,29 +212,55 @@ async def _confirm_and_credit(
     if order["status"] == "paid" and order["payment_id"] == payment_id:
         # Credited before (this call again, or the webhook first): no need to ask Razorpay.
         return CreditView(status="already_credited", order_id=order_id, tokens=order["tokens"])
-    try:
-        check = await services.razorpay.captured_payment(
-            payment_id, order_id, order["amount"], order["currency"],
-            capture=order["status"] != "paid",
-        )  # fmt: skip
-    except PaymentRefused as exc:
-        raise ApiError(409, f"razorpay_payment_id: {exc}; no tokens credited") from exc
-    except PaymentProviderError as exc:
-        logger.warning("payment %s not confirmed (%s): left to the webhook", payment_id, exc)
-        response.status_code = 202
-        return CreditView(status="pending", order_id=order_id, tokens=order["tokens"])
+    capture = order["status"] != "paid" and await _claim_capture(
+        services, order_id, payment_id, order["amount"], order["currency"]
+    )
+    check = await services.razorpay.captured_payment(
+        payment_id, order_id, order["amount"], order["currency"], capture=capture
+    )
     if check.verdict != "credit":
-        await conn.execute(
+        await services.pool.execute(
             "UPDATE payment_orders SET failure_reason = $2, updated_at = now()"
             " WHERE order_id = $1 AND status <> 'paid'",
             order_id,
             check.reason[:500],
         )
         raise ApiError(409, f"razorpay_payment_id: {check.reason}; no tokens credited")
-    async with conn.transaction():
+    async with services.pool.acquire() as conn, conn.transaction():
         paid = await credit_paid_order(conn, order_id, payment_id)
     assert paid is not None  # the order exists: we just read it
     return CreditView(status=_outcome(paid), order_id=paid.order_id, tokens=paid.tokens)
+
+
+async def _claim_capture(
+    services: Services, order_id: str, payment_id: str, amount: int, currency: str
+) -> bool:
+    """Whether this payment may be captured: True once it holds the order's capture claim.
+
+    A retried checkout leaves two authorised payments of one order; both captured, the
+    customer is charged twice. The claim names the payment being captured, and another is
+    captured only once Razorpay says the claimant is not, even when the claimant's capture
+    timed out and may have landed. A claimant Razorpay reports captured is credited here
+    (this payment is then only looked at: "paid already")."""
+    async with services.pool.acquire() as conn:
+        holder = await claim_capture(conn, order_id, payment_id)
+    if holder is None:
+        return True
+    try:
+        held = await services.razorpay.payment_check(holder, order_id, amount, currency)
+    except PaymentRefused:
+        held = PaymentCheck("refuse", "unknown to Razorpay")
+    if held.verdict == "credit":
+        async with services.pool.acquire() as conn, conn.transaction():
+            await credit_paid_order(conn, order_id, holder)
+        return False
+    async with services.pool.acquire() as conn:
+        # Still authorised: its capture may be under way this moment; taken over only stale.
+        if await take_over_capture(
+            conn, order_id, payment_id, holder, stale_only=held.verdict == "capture"
+        ):
+            return True
+    raise _CapturePending(f"payment {holder} of the order is being captured")
 
 
 @router.post(
@@ -277,21 +307,9 @@ async def razorpay_webhook(request: Request, services: ServicesDep) -> JSONRespo
     # for a day and then disables the webhook with every later payment.
     order_id = _text(payment.get("order_id")) or _text(order.get("id"))
     payment_id = _text(payment.get("id")) or _text(reversal.get("payment_id"))
-    if event_type == "payment.authorized" and order_id and payment_id:
-        async with capturing(services.pool, order_id, WEBHOOK_CAPTURE_WAIT_S) as conn:
-            if conn is None:
-                raise ApiError(503, "another payment of this order is being captured",
-                               headers={"Retry-After": "60"})  # fmt: skip
-            # Captured now: credited as its payment.captured would be (which then finds it
-            # so), before the lock lets another payment of the order be looked at.
-            captured = await _capture_authorized(services, conn, order_id, payment_id)
-            return await _record_and_apply(
-                conn, body, event_id, event_type, "payment.captured" if captured else None,
-                order_id, payment_id, payment, reversal,
-            )  # fmt: skip
     async with services.pool.acquire() as conn:
         return await _record_and_apply(
-            conn, body, event_id, event_type, None, order_id, payment_id, payment, reversal
+            conn, body, event_id, event_type, order_id, payment_id, payment, reversal
         )
 
 
@@ -300,13 +318,12 @@ async def _record_and_apply(
     body: bytes,
     event_id: str,
     event_type: str,
-    applied_as: str | None,
     order_id: str | None,
     payment_id: str | None,
     payment: dict[str, Any],
     reversal: dict[str, Any],
 ) -> JSONResponse:
-    """Records the event and applies it (as `applied_as`, if given) in one transaction."""
+    """Records the event and applies it in one transaction."""
     async with conn.transaction():
         # Recorded in the transaction of its effect: a crash leaves neither, and Razorpay's
         # redelivery is processed; a redelivery after success is acknowledged and ignored.
@@ -320,42 +337,8 @@ async def _record_and_apply(
         if event_type in REVERSAL_EVENTS:
             outcome = await _reverse(conn, event_type, reversal, order_id)
         else:
-            outcome = await _apply(conn, applied_as or event_type, order_id, payment_id, payment)
+            outcome = await _apply(conn, event_type, order_id, payment_id, payment)
     return JSONResponse({"status": outcome, "event_id": event_id})
-
-
-async def _capture_authorized(
-    services: Services, conn: Connection, order_id: str, payment_id: str
-) -> bool:
-    """Captures an authorised payment of one of our unpaid orders, for an account capturing
-    manually whose customer closed the checkout before `verify`: uncaptured, the payment
-    would lapse back to the customer after some days and the pack never be credited.
-
-    Before the event is recorded: Razorpay not answering is a 503, and its redelivery tries
-    again. Refused (not ours, another amount, paid already), the event is only recorded."""
-    if not services.razorpay.configured:
-        return False
-    order = await conn.fetchrow(
-        "SELECT amount, currency, status FROM payment_orders WHERE order_id = $1", order_id
-    )
-    if order is None or order["status"] == "paid":
-        return False
-    try:
-        check = await services.razorpay.captured_payment(
-            payment_id, order_id, order["amount"], order["currency"],
-            timeout_s=WEBHOOK_RAZORPAY_TIMEOUT_S,
-        )  # fmt: skip
-    except PaymentRefused as exc:
-        logger.warning("authorised payment %s not captured: %s", payment_id, exc)
-        return False
-    except PaymentProviderError as exc:
-        raise ApiError(
-            503, "payment not captured: Razorpay did not answer", headers={"Retry-After": "60"}
-        ) from exc
-    if check.verdict != "credit":
-        logger.warning("authorised payment %s not captured: %s", payment_id, check.reason)
-        return False
-    return True
 
 
 def _entity(entities: Any, name: str) -> dict[str, Any]:

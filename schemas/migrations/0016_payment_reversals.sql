@@ -21,3 +21,10 @@ CREATE INDEX payment_reversals_order ON payment_reversals (order_id);
 ALTER TABLE token_ledger DROP CONSTRAINT token_ledger_kind_check;
 ALTER TABLE token_ledger ADD CONSTRAINT token_ledger_kind_check
     CHECK (kind IN ('usage', 'credit', 'debit'));
+
+-- The payment being captured for an order (verify): a second payment of the order is captured
+-- only once Razorpay says this one was not, so a retried checkout is never charged twice, even
+-- when a capture's answer was lost to a timeout.
+ALTER TABLE payment_orders
+    ADD COLUMN capturing_payment_id text,
+    ADD COLUMN capture_claimed_at   timestamptz;

@@ -164,7 +164,9 @@ def register(
             try:
                 one = await while_unreachable(store.record, [notification])
             except Exception as exc:
-                if not poison.should_dead_letter(exc):
+                # The breaker judged the batch above: stopping halfway left the ones stored
+                # before unmailed for good (stored, they count as delivered on a restart).
+                if not poison.should_dead_letter(exc, breaker=False):
                     raise
                 await poison.dead_letter(event_of[notification.event_id].message, exc)
                 continue

@@ -227,3 +227,18 @@ async def test_without_a_breaker_every_failing_record_is_set_aside() -> None:
     for offset in range(500):
         await guard.handle(handle, Record(offset=offset))
     assert len(letters.sent) == 500
+
+
+async def test_the_breaker_counts_records_not_the_parts_set_aside_of_one() -> None:
+    letters = DeadLetters()
+    guard = PoisonRecords(cast(TopicT, letters), policy="dead_letter", is_stopping=lambda: False,
+                          breaker_records=2, breaker_window_s=60, clock=lambda: 0.0)  # fmt: skip
+    deadlines = Record(offset=7)
+    for part in range(5):  # five deadlines of one record
+        assert guard.should_dead_letter(KeyError("x"))
+        await guard.dead_letter(deadlines, KeyError("x"), raw=f"{part}".encode(), key=b"lead")
+    assert guard.should_dead_letter(KeyError("x"))
+    await guard.dead_letter(Record(offset=8), KeyError("x"))
+    assert not guard.should_dead_letter(KeyError("x"))
+    # A batch's parts after the batch was let through are not stopped halfway.
+    assert guard.should_dead_letter(KeyError("x"), breaker=False)

@@ -45,6 +45,14 @@ def test_a_worker_bound_to_every_interface_advertises_its_own_address(
     assert settings.worker_advertised_url == "http://172.18.0.7:6066"
 
 
+def test_a_name_resolving_to_loopback_is_advertised_as_it_is(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("socket.gethostname", lambda: "debian-host")
+    monkeypatch.setattr("socket.gethostbyname", lambda name: "127.0.1.1")
+    assert Settings(worker_web_host="0.0.0.0").worker_advertised_url == "http://debian-host:6066"
+
+
 def test_an_unresolvable_name_is_advertised_as_it_is(monkeypatch: pytest.MonkeyPatch) -> None:
     def unresolved(name: str) -> str:
         raise OSError(f"{name}: no address")
