@@ -122,25 +122,12 @@ class RazorpayGateway:
         }
         return await self._call(client.order.create, data)
 
-    async def captured_payment(
-        self,
-        payment_id: str,
-        order_id: str,
-        amount: int,
-        currency: str,
-        *,
-        capture: bool = True,
+    async def capture(
+        self, payment_id: str, order_id: str, amount: int, currency: str
     ) -> PaymentCheck:
-        """Fetches the payment and captures it if it is only authorised (unless `capture` is
-        False: an order paid already, whose second authorisation is better left to lapse than
-        charged and refunded): "credit" once it is captured for this order's amount.
-        PaymentProviderError when Razorpay cannot say."""
-        check = await self.payment_check(payment_id, order_id, amount, currency)
-        if check.verdict != "capture":
-            return check
+        """Captures an authorised payment; what Razorpay then reports ("capture" again: still
+        authorised, its capture under way elsewhere or not done)."""
         client = self._require()
-        if not capture:
-            return PaymentCheck("refuse", "the order is paid already: authorisation not captured")
         try:
             # The SDK writes the amount into the dict it is given (its default is shared).
             payment = await self._call(
@@ -149,10 +136,7 @@ class RazorpayGateway:
         except PaymentRefused:
             # Captured meanwhile (by the dashboard, auto-capture, another verify): say what is.
             payment = await self._call(client.payment.fetch, payment_id)
-        check = check_payment(payment, order_id, amount, currency)
-        if check.verdict == "capture":
-            return PaymentCheck("refuse", "Razorpay did not capture the payment")
-        return check
+        return check_payment(payment, order_id, amount, currency)
 
     async def payment_check(
         self,

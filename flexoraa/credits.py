@@ -304,14 +304,26 @@ async def refund_failed(
 
 
 # How long a claim on an order's capture stands while its payment is not captured: past it,
-# another payment of the order may be captured (a capture request lost that long never lands).
+# another payment of the order may be captured. Renewed right before the capture request,
+# which gives up within twice RAZORPAY_TIMEOUT_S (at most 30 s: a connect and a read), so a
+# request lost that long has never landed.
 CAPTURE_CLAIM_S = 120
 
 
-async def claim_capture(conn: Connection, order_id: str, payment_id: str) -> str | None:
-    """Claims the capture of the unpaid order `order_id` for `payment_id`; None once claimed
-    (or claimed already by it), else the payment holding a standing claim. A claim past
-    CAPTURE_CLAIM_S is not taken over here: see `take_over_capture`."""
+@dataclass(frozen=True)
+class Claim:
+    """An attempt to claim an order's capture: held by the caller, paid already, or held by
+    another payment (`holder`)."""
+
+    held: bool
+    paid: bool = False
+    holder: str | None = None
+
+
+async def claim_capture(conn: Connection, order_id: str, payment_id: str) -> Claim:
+    """Claims the capture of the unpaid order `order_id` for `payment_id` (again, if it held
+    it: the claim's time is renewed, so call it right before capturing). A standing claim of
+    another payment is not taken over here: see `take_over_capture`."""
     claimed = await conn.fetchval(
         "UPDATE payment_orders SET capturing_payment_id = $2, capture_claimed_at = now()"
         " WHERE order_id = $1 AND status <> 'paid'"
@@ -320,11 +332,14 @@ async def claim_capture(conn: Connection, order_id: str, payment_id: str) -> str
         payment_id,
     )
     if claimed is not None:
-        return None
-    holder: str | None = await conn.fetchval(
-        "SELECT capturing_payment_id FROM payment_orders WHERE order_id = $1", order_id
+        return Claim(held=True)
+    row = await conn.fetchrow(
+        "SELECT status, capturing_payment_id FROM payment_orders WHERE order_id = $1", order_id
     )
-    return holder
+    if row is None or row["status"] == "paid":
+        # Paid meanwhile (a webhook, another payment's verify), claimed or not.
+        return Claim(held=False, paid=True)
+    return Claim(held=False, holder=row["capturing_payment_id"])
 
 
 async def take_over_capture(

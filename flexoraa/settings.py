@@ -398,7 +398,11 @@ class Settings(BaseSettings):
         None, description="secret of the Razorpay webhook (not the API key secret)"
     )
     razorpay_timeout_s: float = Field(
-        10.0, gt=0, le=60, description="longest wait for each Razorpay API call"
+        10.0,
+        gt=0,
+        le=30,
+        # At most 30: a capture's claim on its order stands 120 s (flexoraa.credits).
+        description="longest wait for each Razorpay API call (its connect, then its answer)",
     )
     razorpay_api_url: str = Field(
         "https://api.razorpay.com", description="Razorpay API base URL (tests use a local server)"

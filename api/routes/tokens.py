@@ -212,12 +212,23 @@ async def _confirm_and_credit(
     if order["status"] == "paid" and order["payment_id"] == payment_id:
         # Credited before (this call again, or the webhook first): no need to ask Razorpay.
         return CreditView(status="already_credited", order_id=order_id, tokens=order["tokens"])
-    capture = order["status"] != "paid" and await _claim_capture(
-        services, order_id, payment_id, order["amount"], order["currency"]
+    check = await services.razorpay.payment_check(
+        payment_id, order_id, order["amount"], order["currency"]
     )
-    check = await services.razorpay.captured_payment(
-        payment_id, order_id, order["amount"], order["currency"], capture=capture
-    )
+    if check.verdict == "capture":
+        # Authorised only (an account capturing manually): captured here if this payment
+        # holds the order's capture claim, renewed right before the request.
+        if order["status"] == "paid" or not await _claim_capture(
+            services, order_id, payment_id, order["amount"], order["currency"]
+        ):
+            check = PaymentCheck("refuse", "the order is paid already: authorisation not captured")
+        else:
+            check = await services.razorpay.capture(
+                payment_id, order_id, order["amount"], order["currency"]
+            )
+            if check.verdict == "capture":
+                # Still authorised: its capture under way in another call, or not done.
+                raise _CapturePending(f"payment {payment_id} not captured yet")
     if check.verdict != "credit":
         await services.pool.execute(
             "UPDATE payment_orders SET failure_reason = $2, updated_at = now()"
@@ -235,27 +246,33 @@ async def _confirm_and_credit(
 async def _claim_capture(
     services: Services, order_id: str, payment_id: str, amount: int, currency: str
 ) -> bool:
-    """Whether this payment may be captured: True once it holds the order's capture claim.
+    """Whether this payment may be captured now: True once it holds the order's capture
+    claim; False when the order is paid (by another payment, credited here if Razorpay
+    reports the claimant captured). _CapturePending while that cannot be told.
 
     A retried checkout leaves two authorised payments of one order; both captured, the
     customer is charged twice. The claim names the payment being captured, and another is
     captured only once Razorpay says the claimant is not, even when the claimant's capture
-    timed out and may have landed. A claimant Razorpay reports captured is credited here
-    (this payment is then only looked at: "paid already")."""
+    timed out here and may have landed there."""
     async with services.pool.acquire() as conn:
-        holder = await claim_capture(conn, order_id, payment_id)
-    if holder is None:
-        return True
+        claim = await claim_capture(conn, order_id, payment_id)
+    if claim.held or claim.paid:
+        return claim.held
+    holder = claim.holder
+    assert holder is not None  # an unpaid order claimed by none is claimed above
     try:
         held = await services.razorpay.payment_check(holder, order_id, amount, currency)
-    except PaymentRefused:
-        held = PaymentCheck("refuse", "unknown to Razorpay")
+    except PaymentProviderError as exc:
+        # A refusal too (a rate limit, a key problem): whether the claimant was captured
+        # cannot be told, and taking its claim over could charge the customer twice.
+        raise _CapturePending(f"payment {holder} of the order cannot be checked: {exc}") from exc
     if held.verdict == "credit":
         async with services.pool.acquire() as conn, conn.transaction():
             await credit_paid_order(conn, order_id, holder)
         return False
     async with services.pool.acquire() as conn:
         # Still authorised: its capture may be under way this moment; taken over only stale.
+        # Failed or refunded: never captured for this order, taken over at once.
         if await take_over_capture(
             conn, order_id, payment_id, holder, stale_only=held.verdict == "capture"
         ):
