@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal, cast, get_args
+from typing import Literal, TypeVar, cast, get_args
 
 import asyncpg
 from pydantic import ValidationError
@@ -38,6 +38,7 @@ Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 
 # The outbox kinds this version publishes.
 RELAYED_KINDS = [cast(str, model.model_fields["kind"].default) for model in get_args(BalanceChange)]
+Change = TypeVar("Change", TokenCredit, TokenDebit)
 # Publishes one credit or debit (keyed by tenant) and returns once Kafka acknowledged it.
 PublishCredit = Callable[[BalanceChange], Awaitable[None]]
 
@@ -46,35 +47,35 @@ async def enqueue_credit(
     conn: Connection, tenant_id: str, source: CreditSource, reference: str, tokens: int
 ) -> TokenCredit:
     """Adds a credit to the outbox; call inside the transaction of the change that earned it."""
-    credit = TokenCredit(
-        event_id=credit_event_id(tenant_id, source, reference),
-        tenant_id=tenant_id,
-        occurred_at=datetime.now(UTC),
-        source=source,
-        reference=reference,
-        tokens=tokens,
-    )
-    await _enqueue(conn, credit)
-    return credit
+    return await _enqueue(conn, TokenCredit, tenant_id, source, reference, tokens)
 
 
 async def enqueue_debit(
     conn: Connection, tenant_id: str, source: DebitSource, reference: str, tokens: int
 ) -> TokenDebit:
     """Adds a debit to the outbox; call inside the transaction of the refund that caused it."""
-    debit = TokenDebit(
-        event_id=credit_event_id(tenant_id, source, reference),
-        tenant_id=tenant_id,
-        occurred_at=datetime.now(UTC),
-        source=source,
-        reference=reference,
-        tokens=tokens,
+    return await _enqueue(conn, TokenDebit, tenant_id, source, reference, tokens)
+
+
+async def _enqueue(
+    conn: Connection,
+    kind: type[Change],
+    tenant_id: str,
+    source: CreditSource | DebitSource,
+    reference: str,
+    tokens: int,
+) -> Change:
+    change = kind.model_validate(
+        {
+            # One id per tenant, source and reference: a repeat is the same event.
+            "event_id": credit_event_id(tenant_id, source, reference),
+            "tenant_id": tenant_id,
+            "occurred_at": datetime.now(UTC),
+            "source": source,
+            "reference": reference,
+            "tokens": tokens,
+        }
     )
-    await _enqueue(conn, debit)
-    return debit
-
-
-async def _enqueue(conn: Connection, change: BalanceChange) -> None:
     await conn.execute(
         # text → jsonb in SQL: the same with or without the pool's jsonb codec.
         "INSERT INTO token_outbox (event_id, tenant_id, payload) VALUES ($1, $2, $3::text::jsonb)"
@@ -83,6 +84,7 @@ async def _enqueue(conn: Connection, change: BalanceChange) -> None:
         change.tenant_id,
         change.model_dump_json(),
     )
+    return change
 
 
 async def grant_trial(conn: Connection, tenant_id: str, tokens: int) -> None:

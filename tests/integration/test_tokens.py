@@ -665,6 +665,21 @@ async def balance(api: httpx.AsyncClient, tenant: Tenant, **expected: Any) -> An
     return await eventually(check, what=f"token balance {expected}")
 
 
+async def system_audit(db: asyncpg.Connection, tenant: Tenant, entries: int) -> list[str]:
+    """The tenant's audit entries by the system (pauses, resumes), once there are `entries`."""
+
+    async def audited() -> Any:
+        rows = await db.fetch(
+            "SELECT action FROM audit_log WHERE tenant_id = $1 AND actor = 'system'"
+            " ORDER BY audit_id",
+            tenant.tenant_id,
+        )
+        return [r["action"] for r in rows] if len(rows) >= entries else None
+
+    actions: list[str] = await eventually(audited, what=f"{entries} system audit entries")
+    return actions
+
+
 async def test_usage_pauses_the_tenant_at_zero_and_a_top_up_resumes_the_interview(
     api_factory: ApiFactory,
     razorpay_fake: RazorpayFake,
@@ -737,17 +752,7 @@ async def test_usage_pauses_the_tenant_at_zero_and_a_top_up_resumes_the_intervie
         assert state["used_this_cycle"] == 2
         assert state["cycle_tokens"] == 100
 
-        async def audited() -> Any:
-            rows = await db.fetch(
-                "SELECT action FROM audit_log WHERE tenant_id = $1 AND actor = 'system'"
-                " ORDER BY audit_id",
-                tenant.tenant_id,
-            )
-            return [r["action"] for r in rows] if len(rows) >= 2 else None
-
-        assert await eventually(audited, what="pause and resume audited") == [
-            "tenant.paused", "tenant.resumed",
-        ]  # fmt: skip
+        assert await system_audit(db, tenant, entries=2) == ["tenant.paused", "tenant.resumed"]
 
         async def resumed() -> Any:
             return await turn() > turn_when_paused
@@ -819,16 +824,8 @@ async def test_a_refund_takes_its_tokens_from_the_balance_and_pauses_the_tenant_
         ("credit", "refund_failed", 50), ("debit", "refund", 50),
     ]  # fmt: skip
 
-    async def audited() -> Any:
-        rows = await db.fetch(
-            "SELECT action FROM audit_log WHERE tenant_id = $1 AND actor = 'system'"
-            " ORDER BY audit_id",
-            tenant.tenant_id,
-        )
-        return [r["action"] for r in rows] if len(rows) >= 3 else None
-
     # No account before the first credit: the refund's emptying is its first pause.
-    assert await eventually(audited, what="pauses and resume audited") == [
+    assert await system_audit(db, tenant, entries=3) == [
         "tenant.paused", "tenant.resumed", "tenant.paused",
     ]  # fmt: skip
 
