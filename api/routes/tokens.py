@@ -182,9 +182,7 @@ async def verify(
     if not valid:
         raise ApiError(400, "razorpay_signature: does not match the order and payment")
     try:
-        return await _confirm_and_credit(
-            services, order["order_id"], body.razorpay_payment_id, response
-        )
+        return await _confirm_and_credit(services, order["order_id"], body.razorpay_payment_id)
     except (PaymentProviderError, _CapturePending) as exc:
         if isinstance(exc, PaymentRefused):
             raise ApiError(409, f"razorpay_payment_id: {exc}; no tokens credited") from exc
@@ -195,12 +193,11 @@ async def verify(
 
 
 class _CapturePending(Exception):
-    """Another payment of the order is being captured this moment."""
+    """The payment's capture cannot be done or told yet: another payment of the order holds
+    the capture claim (or cannot be checked), or this one's capture is still under way."""
 
 
-async def _confirm_and_credit(
-    services: Services, order_id: str, payment_id: str, response: Response
-) -> CreditView:
+async def _confirm_and_credit(services: Services, order_id: str, payment_id: str) -> CreditView:
     """The payment confirmed captured for the order, captured here if it is only authorised
     and holds the order's capture claim, then credited."""
     order = await services.pool.fetchrow(
