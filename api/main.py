@@ -17,6 +17,7 @@ from api.deps import Services
 from api.direct import DirectRoutes
 from api.lead_state import LeadStateClient
 from api.middleware import BodyLimitMiddleware, MetricsMiddleware
+from api.payments import run_capture_sweeps
 from api.rate_limits import RateLimiter
 from api.routes import (
     admin,
@@ -68,6 +69,7 @@ def create_app(settings: Settings) -> FastAPI:
         lead_state = LeadStateClient(settings.worker_url)
         secret_box = load_secret_box(settings)
         gmail_store = GmailStore(_constant(pool), secret_box)
+        razorpay = RazorpayGateway(settings)
         app.state.services = Services(
             settings=settings,
             topics=TopicNames(settings.topic_prefix),
@@ -80,7 +82,7 @@ def create_app(settings: Settings) -> FastAPI:
             recent_message_ids=RecentIds(settings.webhook_dedup_cache_size),
             latency=latency,
             sla_gauges=SlaGauges(SlaStore(_constant(pool)), settings.sla_gauge_refresh_s),
-            razorpay=RazorpayGateway(settings),
+            razorpay=razorpay,
             packs=parse_packs(settings.token_packs, settings.payment_currency),
             rate_limiter=RateLimiter(
                 settings.api_rate_limit,
@@ -94,12 +96,24 @@ def create_app(settings: Settings) -> FastAPI:
         await latency.start()
         time_garbage_collections()
         loop_lag = asyncio.create_task(watch_loop_lag(), name="loop-lag")
+        background = [loop_lag]
+        if razorpay.configured and settings.razorpay_capture_sweep_s > 0:
+            sweeps = run_capture_sweeps(
+                pool,
+                razorpay,
+                interval_s=settings.razorpay_capture_sweep_s,
+                older_than_s=settings.razorpay_capture_after_s,
+            )
+            background.append(asyncio.create_task(sweeps, name="capture-sweep"))
         # Everything allocated so far lives as long as the process.
         settle_collector(settings.gc_gen0_threshold)
         try:
             yield
         finally:
-            loop_lag.cancel()
+            for task in background:
+                task.cancel()
+            # A sweep cancelled mid-call gives its connection back before the pool closes.
+            await asyncio.wait(background, timeout=SHUTDOWN_STEP_S)
             # Each step bounded: a shutdown that hangs (a broker or database that stopped
             # answering) would keep the process from exiting at all.
             for step in (latency.close(), publisher.close(), lead_state.close()):

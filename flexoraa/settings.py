@@ -404,6 +404,21 @@ class Settings(BaseSettings):
         # At most 30: a capture's claim on its order stands 120 s (flexoraa.credits).
         description="longest wait for each Razorpay API call (its connect, then its answer)",
     )
+    razorpay_capture_sweep_s: float = Field(
+        60.0,
+        ge=0,
+        description="how often the API captures and credits authorised payments whose checkout"
+        " never verified them (an account capturing manually, a late authorisation); 0: never",
+    )
+    razorpay_capture_after_s: float = Field(
+        600.0,
+        ge=0,
+        # Razorpay refunds an authorisation not captured within 3 days (its default): the
+        # sweep must come well before that, and after the checkout's own verify.
+        le=86_400,
+        description="how old a payment.authorized webhook is before the sweep captures its"
+        " payment (the checkout's verify goes first)",
+    )
     razorpay_api_url: str = Field(
         "https://api.razorpay.com", description="Razorpay API base URL (tests use a local server)"
     )

@@ -17,14 +17,19 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.deps import AdminDep, PrincipalDep, Services, ServicesDep, WebhookLimit
+from api.deps import AdminDep, PrincipalDep, ServicesDep, WebhookLimit
 from api.errors import ApiError
 from api.lead_state import StateUnavailable
 from api.models import RequestBody
 from api.paging import CursorQuery, cursor_time, decode_cursor, encode_cursor
+from api.payments import (
+    CapturePending,
+    PaymentNotCredited,
+    confirm_and_credit,
+    outcome_of,
+)
 from api.webhook_letters import WEBHOOK_RECORDS, webhook_letter
 from connectors.razorpay import (
-    PaymentCheck,
     PaymentProviderError,
     PaymentRefused,
     PaymentsNotConfigured,
@@ -33,12 +38,9 @@ from connectors.razorpay import (
 )
 from flexoraa.credits import (
     Connection,
-    PaidOrder,
-    claim_capture,
     credit_paid_order,
     debit_reversal,
     refund_failed,
-    take_over_capture,
 )
 from flexoraa.kafka import PublishUnavailable
 from schemas.events import EventTime
@@ -182,99 +184,19 @@ async def verify(
     if not valid:
         raise ApiError(400, "razorpay_signature: does not match the order and payment")
     try:
-        return await _confirm_and_credit(services, order["order_id"], body.razorpay_payment_id)
-    except (PaymentProviderError, _CapturePending) as exc:
-        if isinstance(exc, PaymentRefused):
-            raise ApiError(409, f"razorpay_payment_id: {exc}; no tokens credited") from exc
+        confirmed = await confirm_and_credit(
+            services.pool, services.razorpay, order["order_id"], body.razorpay_payment_id
+        )
+    except (PaymentNotCredited, PaymentRefused) as exc:
+        raise ApiError(409, f"razorpay_payment_id: {exc}; no tokens credited") from exc
+    except (PaymentProviderError, CapturePending) as exc:
         logger.warning("payment %s not confirmed (%s): left to the webhook",
                        body.razorpay_payment_id, exc)  # fmt: skip
         response.status_code = 202
         return CreditView(status="pending", order_id=order["order_id"], tokens=order["tokens"])
-
-
-class _CapturePending(Exception):
-    """The payment's capture cannot be done or told yet: another payment of the order holds
-    the capture claim (or cannot be checked), or this one's capture is still under way."""
-
-
-async def _confirm_and_credit(services: Services, order_id: str, payment_id: str) -> CreditView:
-    """The payment confirmed captured for the order, captured here if it is only authorised
-    and holds the order's capture claim, then credited."""
-    order = await services.pool.fetchrow(
-        "SELECT tokens, amount, currency, status, payment_id FROM payment_orders"
-        " WHERE order_id = $1",
-        order_id,
+    return CreditView(
+        status=confirmed.outcome, order_id=confirmed.order_id, tokens=confirmed.tokens
     )
-    assert order is not None  # read by the caller; orders are never deleted
-    if order["status"] == "paid" and order["payment_id"] == payment_id:
-        # Credited before (this call again, or the webhook first): no need to ask Razorpay.
-        return CreditView(status="already_credited", order_id=order_id, tokens=order["tokens"])
-    check = await services.razorpay.payment_check(
-        payment_id, order_id, order["amount"], order["currency"]
-    )
-    if check.verdict == "capture":
-        # Authorised only (an account capturing manually): captured here if this payment
-        # holds the order's capture claim, renewed right before the request.
-        if order["status"] == "paid" or not await _claim_capture(
-            services, order_id, payment_id, order["amount"], order["currency"]
-        ):
-            check = PaymentCheck("refuse", "the order is paid already: authorisation not captured")
-        else:
-            check = await services.razorpay.capture(
-                payment_id, order_id, order["amount"], order["currency"]
-            )
-            if check.verdict == "capture":
-                # Still authorised: its capture under way in another call, or not done.
-                raise _CapturePending(f"payment {payment_id} not captured yet")
-    if check.verdict != "credit":
-        await services.pool.execute(
-            "UPDATE payment_orders SET failure_reason = $2, updated_at = now()"
-            " WHERE order_id = $1 AND status <> 'paid'",
-            order_id,
-            check.reason[:500],
-        )
-        raise ApiError(409, f"razorpay_payment_id: {check.reason}; no tokens credited")
-    async with services.pool.acquire() as conn, conn.transaction():
-        paid = await credit_paid_order(conn, order_id, payment_id)
-    assert paid is not None  # the order exists: we just read it
-    return CreditView(status=_outcome(paid), order_id=paid.order_id, tokens=paid.tokens)
-
-
-async def _claim_capture(
-    services: Services, order_id: str, payment_id: str, amount: int, currency: str
-) -> bool:
-    """Whether this payment may be captured now: True once it holds the order's capture
-    claim; False when the order is paid (by another payment, credited here if Razorpay
-    reports the claimant captured). _CapturePending while that cannot be told.
-
-    A retried checkout leaves two authorised payments of one order; both captured, the
-    customer is charged twice. The claim names the payment being captured, and another is
-    captured only once Razorpay says the claimant is not, even when the claimant's capture
-    timed out here and may have landed there."""
-    async with services.pool.acquire() as conn:
-        claim = await claim_capture(conn, order_id, payment_id)
-    if claim.held or claim.paid:
-        return claim.held
-    holder = claim.holder
-    assert holder is not None  # an unpaid order claimed by none is claimed above
-    try:
-        held = await services.razorpay.payment_check(holder, order_id, amount, currency)
-    except PaymentProviderError as exc:
-        # A refusal too (a rate limit, a key problem): whether the claimant was captured
-        # cannot be told, and taking its claim over could charge the customer twice.
-        raise _CapturePending(f"payment {holder} of the order cannot be checked: {exc}") from exc
-    if held.verdict == "credit":
-        async with services.pool.acquire() as conn, conn.transaction():
-            await credit_paid_order(conn, order_id, holder)
-        return False
-    async with services.pool.acquire() as conn:
-        # Still authorised: its capture may be under way this moment; taken over only stale.
-        # Failed or refunded: never captured for this order, taken over at once.
-        if await take_over_capture(
-            conn, order_id, payment_id, holder, stale_only=held.verdict == "capture"
-        ):
-            return True
-    raise _CapturePending(f"payment {holder} of the order is being captured")
 
 
 @router.post(
@@ -401,7 +323,7 @@ async def _apply(
         )
         return "amount_mismatch"
     paid = await credit_paid_order(conn, order_id, payment_id)
-    return _outcome(paid)
+    return outcome_of(paid)
 
 
 # Money going back to the customer, and a refund that did not: the tokens follow the money.
@@ -452,12 +374,6 @@ MAX_AMOUNT = 10**15
 def _text(value: Any) -> str | None:
     """A signed payload's id, if it is one: a non-empty string of at most MAX_ID_CHARS."""
     return value if isinstance(value, str) and 0 < len(value) <= MAX_ID_CHARS else None
-
-
-def _outcome(paid: PaidOrder | None) -> Literal["credited", "already_credited", "paid_twice"]:
-    if paid is not None and paid.paid_twice:
-        return "paid_twice"
-    return "credited" if paid is not None and paid.newly_credited else "already_credited"
 
 
 @router.get("/api/tokens/balance", responses={503: {}})

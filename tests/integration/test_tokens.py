@@ -415,9 +415,12 @@ async def test_two_payments_of_one_order_are_never_both_captured(
             statuses = {razorpay_fake.payments[p]["status"] for p in (one, other)}
             assert statuses == {"captured", "authorized"}
             # The payment.authorized webhook only records: capturing there raced verify.
-            webhook = await deliver_webhook(api, "payment.authorized", order, other)
+            (waited,) = (
+                p for p in (one, other) if razorpay_fake.payments[p]["status"] != "captured"
+            )
+            webhook = await deliver_webhook(api, "payment.authorized", order, waited)
             assert webhook.json()["status"] == "recorded"
-            assert razorpay_fake.payments[other]["status"] == "authorized"
+            assert razorpay_fake.payments[waited]["status"] == "authorized"
     finally:
         razorpay_fake.capture_delay_s = 0.0
     mine = {first, second, later, one, other}
@@ -431,6 +434,82 @@ async def test_two_payments_of_one_order_are_never_both_captured(
         tenant.tenant_id,
     )
     assert duplicates == 0
+
+
+async def test_an_authorisation_no_checkout_verified_is_captured_and_credited_by_the_sweep(
+    api_factory: ApiFactory,
+    razorpay_fake: RazorpayFake,
+    make_tenant: MakeTenant,
+    db: asyncpg.Connection,
+) -> None:
+    """A customer who closes the checkout before it verifies (or whose bank authorises late)
+    leaves an authorised payment only its webhook tells of. Never captured, Razorpay refunds
+    it after 3 days: the customer charged for a while, no tokens, no sale."""
+    tenant = await make_tenant()
+
+    async def swept(payment_id: str) -> asyncpg.Record | None:
+        return await db.fetchrow(
+            "SELECT outcome, settled, attempts FROM payment_capture_sweeps WHERE payment_id = $1",
+            payment_id,
+        )
+
+    async def authorised(api: httpx.AsyncClient, order: Any) -> str:
+        payment_id = razorpay_fake.pay(order["order_id"], status="authorized")
+        answer = await deliver_webhook(api, "payment.authorized", order, payment_id)
+        assert answer.json()["status"] == "recorded"
+        return payment_id
+
+    async with payments(api_factory, razorpay_fake) as api:
+        # Left to the checkout's verify first (RAZORPAY_CAPTURE_AFTER_S): an API sweeping with
+        # the defaults leaves a fresh authorisation alone.
+        order = await create_order(api, tenant, "starter")
+        fresh = await authorised(api, order)
+    assert razorpay_fake.payments[fresh]["status"] == "authorized"
+
+    sweeping = {"razorpay_capture_after_s": 0.0, "razorpay_capture_sweep_s": 0.2}
+    async with payments(api_factory, razorpay_fake, **sweeping) as api:
+        lapsing_order = await create_order(api, tenant, "starter")
+        # Authorised, then failed at the bank before anyone captured it: nothing to credit.
+        failed_order = await create_order(api, tenant, "starter")
+        failed = razorpay_fake.pay(failed_order["order_id"], status="failed")
+        await deliver_webhook(api, "payment.authorized", failed_order, failed)
+        # A second authorisation of an order paid already: never captured (charged twice).
+        paid_order = await create_order(api, tenant, "starter")
+        paid = razorpay_fake.pay(paid_order["order_id"])
+        await deliver_webhook(api, "payment.captured", paid_order, paid)
+        second = await authorised(api, paid_order)
+        lapsed = await authorised(api, lapsing_order)
+
+        async def settled() -> bool:
+            rows = [await swept(p) for p in (fresh, lapsed, failed)]
+            return all(row is not None and row["settled"] for row in rows)
+
+        await eventually(settled, timeout_s=20, what="the authorisations swept")
+        # Razorpay unreachable at the sweep: asked again, then captured.
+        late_order = await create_order(api, tenant, "starter")
+        razorpay_fake.fail_next = 1
+        late = await authorised(api, late_order)
+
+        async def late_credited() -> bool:
+            row = await swept(late)
+            return row is not None and row["settled"]
+
+        await eventually(late_credited, timeout_s=20, what="the late authorisation swept")
+        await asyncio.sleep(0.6)  # sweeps enough to ask a settled payment again
+    mine = [fresh, lapsed, failed, paid, second, late]
+    assert [p for p in razorpay_fake.captures if p in mine] == [fresh, lapsed, late]
+    assert razorpay_fake.payments[second]["status"] == "authorized"
+    outcomes = {p: tuple((await swept(p)) or ()) for p in mine}
+    assert outcomes == {
+        fresh: ("credited", True, 1),
+        lapsed: ("credited", True, 1),
+        failed: ("refused", True, 1),
+        paid: (),
+        second: (),
+        late: ("credited", True, 2),
+    }
+    credited = {json.loads(r["payload"])["reference"] for r in await purchase_credits(db, tenant)}
+    assert credited == {fresh, lapsed, paid, late}
 
 
 async def deliver_signed(api: httpx.AsyncClient, body: bytes) -> str:
