@@ -20,7 +20,7 @@ from typing import Literal
 import asyncpg
 from prometheus_client import Counter as MetricCounter
 
-from connectors.razorpay import PaymentCheck, PaymentProviderError, PaymentRefused, RazorpayGateway
+from connectors.razorpay import PaymentCheck, PaymentProviderError, RazorpayGateway
 from flexoraa.credits import PaidOrder, claim_capture, credit_paid_order, take_over_capture
 from flexoraa.db import DB_ERRORS
 
@@ -36,6 +36,9 @@ CAPTURE_WINDOW = timedelta(days=3)
 MAX_SWEEP_BACKOFF = timedelta(hours=1)
 # Payments judged per pass: each may take a few Razorpay calls.
 SWEEP_BATCH = 50
+# How long a payment being judged is kept from other API processes' sweeps: longer than the
+# few Razorpay calls of a judgement (each at most RAZORPAY_TIMEOUT_S, 30 s).
+SWEEP_LEASE = timedelta(minutes=5)
 
 CAPTURE_SWEEPS = MetricCounter(
     "flexoraa_payment_capture_sweeps",
@@ -166,21 +169,26 @@ async def sweep_authorised(
     pass and not waiting for its retry, is confirmed and credited like a verify would.
     Returns the outcomes counted.
 
-    Settled (never asked again): credited, refused. Asked again after `retry_after`, doubled
-    per attempt: pending, or Razorpay unreachable. Another API process sweeping the same
-    payment is safe: the order's capture claim and row lock make one capture and one credit."""
+    Settled, never asked again: credited, or Razorpay says there is nothing to credit. Any
+    other outcome is asked again after `retry_after`, doubled per attempt up to an hour: a
+    capture under way, Razorpay unreachable, and Razorpay refusing the request too (a rate
+    limit, a key being rotated: settled on those, every due authorisation would lapse)."""
     candidates = await pool.fetch(
-        """SELECT DISTINCT ON (e.payment_id) e.payment_id, e.order_id
-             FROM payment_events e
-             JOIN payment_orders o ON o.order_id = e.order_id
-             LEFT JOIN payment_capture_sweeps s ON s.payment_id = e.payment_id
-            WHERE e.event_type = 'payment.authorized' AND e.payment_id IS NOT NULL
-              AND e.received_at < now() - $1::interval
-              AND e.received_at > now() - $2::interval
-              AND o.status <> 'paid'
-              AND (s.payment_id IS NULL OR (NOT s.settled AND s.next_attempt_at <= now()))
-            ORDER BY e.payment_id, e.received_at
-            LIMIT $3""",
+        """SELECT payment_id, order_id FROM (
+               SELECT DISTINCT ON (e.payment_id) e.payment_id, e.order_id,
+                      coalesce(s.next_attempt_at, e.received_at) AS due
+                 FROM payment_events e
+                 JOIN payment_orders o ON o.order_id = e.order_id
+                 LEFT JOIN payment_capture_sweeps s ON s.payment_id = e.payment_id
+                WHERE e.event_type = 'payment.authorized' AND e.payment_id IS NOT NULL
+                  AND e.received_at < now() - $1::interval
+                  AND e.received_at > now() - $2::interval
+                  AND o.status <> 'paid'
+                  AND (s.payment_id IS NULL OR (NOT s.settled AND s.next_attempt_at <= now()))
+                ORDER BY e.payment_id, e.received_at
+           ) due_now
+           ORDER BY due  -- the longest waiting first: one that keeps failing holds no other
+           LIMIT $3""",
         older_than,
         CAPTURE_WINDOW,
         limit,
@@ -188,36 +196,57 @@ async def sweep_authorised(
     outcomes: Counter[str] = Counter()
     for candidate in candidates:
         payment_id, order_id = candidate["payment_id"], candidate["order_id"]
-        settled, reason = True, ""
-        try:
-            confirmed = await confirm_and_credit(pool, razorpay, order_id, payment_id)
-            outcome: str = confirmed.outcome
-            logger.info("capture sweep: payment %s of order %s %s (%d tokens)",
-                        payment_id, order_id, outcome, confirmed.tokens)  # fmt: skip
-        except (PaymentNotCredited, PaymentRefused) as exc:
-            # PaymentRefused: Razorpay refused the request (no such payment): asked again it
-            # says the same.
-            outcome, reason = "refused", str(exc)
-            logger.warning("capture sweep: payment %s of order %s not credited: %s",
-                           payment_id, order_id, exc)  # fmt: skip
-        except (CapturePending, PaymentProviderError) as exc:
-            outcome, settled, reason = "pending", False, str(exc)
-            logger.warning("capture sweep: payment %s of order %s pending: %s",
-                           payment_id, order_id, exc)  # fmt: skip
-        await pool.execute(
+        # Leased first: another API process sweeping now skips it (one set of Razorpay calls,
+        # one attempt counted); one that dies mid-judgement leaves it to the next after the
+        # lease.
+        leased = await pool.fetchval(
             """INSERT INTO payment_capture_sweeps AS s
-                   (payment_id, order_id, attempts, outcome, reason, settled, next_attempt_at)
-               VALUES ($1, $2, 1, $3, $4, $5, now() + $6::interval)
-               ON CONFLICT (payment_id) DO UPDATE SET
-                   attempts = s.attempts + 1, outcome = $3, reason = $4, settled = $5,
-                   next_attempt_at = now() + least($6::interval * 2 ^ s.attempts, $7::interval),
-                   updated_at = now()""",
-            payment_id, order_id, outcome, reason[:500], settled, retry_after,
-            MAX_SWEEP_BACKOFF,
+                   (payment_id, order_id, attempts, outcome, settled, next_attempt_at)
+               VALUES ($1, $2, 0, 'sweeping', false, now() + $3::interval)
+               ON CONFLICT (payment_id) DO UPDATE SET next_attempt_at = now() + $3::interval
+                   WHERE NOT s.settled AND s.next_attempt_at <= now()
+               RETURNING 1""",
+            payment_id, order_id, SWEEP_LEASE,
+        )  # fmt: skip
+        if leased is None:
+            continue
+        outcome, settled, reason = await _judge(pool, razorpay, order_id, payment_id)
+        await pool.execute(
+            """UPDATE payment_capture_sweeps SET
+                   attempts = attempts + 1, outcome = $2, reason = $3, settled = $4,
+                   -- The exponent capped: past about 2^38 the interval overflows.
+                   next_attempt_at = now() + least($5::interval * 2 ^ least(attempts, 16),
+                                                   $6::interval),
+                   updated_at = now()
+               WHERE payment_id = $1""",
+            payment_id, outcome, reason[:500], settled, retry_after, MAX_SWEEP_BACKOFF,
         )  # fmt: skip
         outcomes[outcome] += 1
         CAPTURE_SWEEPS.labels(outcome).inc()
     return outcomes
+
+
+async def _judge(
+    pool: asyncpg.Pool, razorpay: RazorpayGateway, order_id: str, payment_id: str
+) -> tuple[str, bool, str]:
+    """(outcome, settled, reason) of one swept payment."""
+    try:
+        confirmed = await confirm_and_credit(pool, razorpay, order_id, payment_id)
+    except PaymentNotCredited as exc:
+        logger.warning("capture sweep: payment %s of order %s not credited: %s",
+                       payment_id, order_id, exc)  # fmt: skip
+        return "refused", True, str(exc)
+    except (CapturePending, PaymentProviderError) as exc:
+        logger.warning("capture sweep: payment %s of order %s pending: %s",
+                       payment_id, order_id, exc)  # fmt: skip
+        return "pending", False, str(exc)
+    except Exception as exc:
+        # A database error, a bug: this payment waits for its retry, the others go on.
+        logger.exception("capture sweep: payment %s of order %s failed", payment_id, order_id)
+        return "failed", False, repr(exc)
+    logger.info("capture sweep: payment %s of order %s %s (%d tokens)",
+                payment_id, order_id, confirmed.outcome, confirmed.tokens)  # fmt: skip
+    return confirmed.outcome, True, ""
 
 
 async def run_capture_sweeps(

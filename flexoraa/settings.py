@@ -407,8 +407,8 @@ class Settings(BaseSettings):
     razorpay_capture_sweep_s: float = Field(
         60.0,
         ge=0,
-        description="how often the API captures and credits authorised payments whose checkout"
-        " never verified them (an account capturing manually, a late authorisation); 0: never",
+        description="how often the API captures and credits authorised payments no checkout"
+        " verified (a customer who closed the checkout, a late authorisation); 0: never",
     )
     razorpay_capture_after_s: float = Field(
         600.0,

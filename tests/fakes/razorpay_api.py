@@ -94,6 +94,9 @@ class RazorpayFake:
     # How long a capture takes (the bank's round trip), to let two of them overlap.
     capture_delay_s: float = 0.0
     fail_next: int = 0
+    # Per payment id, the error statuses its next requests are answered with, in order (500:
+    # an outage, 429: a rate limit); only that payment's requests take them.
+    payment_errors: dict[str, list[int]] = field(default_factory=dict)
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _runner: web.AppRunner | None = None
     url: str = ""
@@ -111,10 +114,17 @@ class RazorpayFake:
         return payment_id
 
     def _refused(self, request: web.Request) -> web.Response | None:
-        """Razorpay's answers before the request is looked at: bad credentials, an outage."""
+        """Razorpay's answers before the request is looked at: bad credentials, an outage, a
+        rate limit."""
         expected = "Basic " + base64.b64encode(f"{self.key_id}:{self.key_secret}".encode()).decode()
         if request.headers.get("Authorization") != expected:
             return _error(401, "BAD_REQUEST_ERROR", "Authentication failed")
+        errors = self.payment_errors.get(request.match_info.get("payment_id", ""))
+        if errors:
+            status = errors.pop(0)
+            if status == 429:
+                return _error(429, "BAD_REQUEST_ERROR", "Too many requests")
+            return _error(status, "SERVER_ERROR", "The server encountered an error")
         if self.fail_next > 0:
             self.fail_next -= 1
             return _error(500, "SERVER_ERROR",

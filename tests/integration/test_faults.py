@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
@@ -331,7 +332,10 @@ async def billed_once(load: Load, settings: Settings, url: str, db: asyncpg.Conn
     try:
         await eventually(matched, timeout_s=120, what="one usage row per AI action")
     except AssertionError:
-        assert mismatches == {}  # (billed, handled, AI messages, AI actions) per lead
+        # (billed, handled, AI messages, AI actions) per lead, and where each lead's AI
+        # actions got to: charged, commanded, reported sent or failed.
+        explained = await trace_ai_actions(settings, db, list(mismatches)[:5])
+        assert mismatches == {}, explained
         raise
     await asyncio.sleep(2)  # nothing more in flight
     assert await matched(), mismatches
@@ -352,6 +356,33 @@ async def billed_once(load: Load, settings: Settings, url: str, db: asyncpg.Conn
         assert status == 200, account
         expected = credits - sum(usage_on_topic[tenant_id].values())
         assert account["balance"] == expected, (tenant_id, account)  # type: ignore[index]
+
+
+async def trace_ai_actions(
+    settings: Settings, db: asyncpg.Connection, mismatched: list[str]
+) -> dict[str, Any]:
+    """Where a mismatched lead's AI actions got to: the usage billed (feature, id), the AI
+    commands on the topic (purpose, id) and the sends reported for them (status, command)."""
+    leads = {name.rsplit(" ", 1)[-1] for name in mismatched}
+    names = TopicNames(settings.topic_prefix)
+    trace: dict[str, dict[str, list[Any]]] = {
+        lead: {"usage": [], "commands": [], "reports": []} for lead in leads
+    }
+    for row in await db.fetch(
+        "SELECT lead_id AS lead, feature, event_id FROM token_ledger"
+        " WHERE kind = 'usage' AND lead_id = ANY($1::text[]) ORDER BY 1",
+        list(leads),
+    ):
+        trace[row["lead"]]["usage"].append((row["feature"], row["event_id"]))
+    for topic, kind, fields in (
+        (names.outbound_commands, "commands", ("purpose", "event_id")),
+        (names.outbound_messages, "reports", ("status", "command_id")),
+    ):
+        for _, _, value in await read_topic(settings, [topic]):
+            record = json.loads(value)
+            if record.get("lead_id") in leads and record.get("sent_by") == "ai":
+                trace[record["lead_id"]][kind].append(tuple(record.get(f) for f in fields))
+    return trace
 
 
 async def leaks_once(load: Load, settings: Settings, db: asyncpg.Connection) -> int:

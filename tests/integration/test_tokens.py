@@ -8,6 +8,7 @@ import json
 import random
 import sys
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime, timedelta
@@ -447,69 +448,76 @@ async def test_an_authorisation_no_checkout_verified_is_captured_and_credited_by
     it after 3 days: the customer charged for a while, no tokens, no sale."""
     tenant = await make_tenant()
 
-    async def swept(payment_id: str) -> asyncpg.Record | None:
-        return await db.fetchrow(
+    async def swept(payment_id: str) -> tuple[Any, ...]:
+        row = await db.fetchrow(
             "SELECT outcome, settled, attempts FROM payment_capture_sweeps WHERE payment_id = $1",
             payment_id,
         )
+        return tuple(row or ())
 
-    async def authorised(api: httpx.AsyncClient, order: Any) -> str:
+    async def authorised(api: httpx.AsyncClient, order: Any, errors: tuple[int, ...] = ()) -> str:
         payment_id = razorpay_fake.pay(order["order_id"], status="authorized")
+        razorpay_fake.payment_errors[payment_id] = list(errors)
         answer = await deliver_webhook(api, "payment.authorized", order, payment_id)
         assert answer.json()["status"] == "recorded"
         return payment_id
 
-    async with payments(api_factory, razorpay_fake) as api:
-        # Left to the checkout's verify first (RAZORPAY_CAPTURE_AFTER_S): an API sweeping with
-        # the defaults leaves a fresh authorisation alone.
-        order = await create_order(api, tenant, "starter")
-        fresh = await authorised(api, order)
-    assert razorpay_fake.payments[fresh]["status"] == "authorized"
+    async def order() -> Any:
+        return await create_order(api, tenant, "starter")
+
+    often = {"razorpay_capture_sweep_s": 0.2}
+    async with payments(api_factory, razorpay_fake, **often) as api:
+        # Left to the checkout's verify first (RAZORPAY_CAPTURE_AFTER_S, 600 s by default).
+        fresh = await authorised(api, await order())
+        await asyncio.sleep(0.6)
+        assert (razorpay_fake.payments[fresh]["status"], await swept(fresh)) == ("authorized", ())
 
     sweeping = {"razorpay_capture_after_s": 0.0, "razorpay_capture_sweep_s": 0.2}
-    async with payments(api_factory, razorpay_fake, **sweeping) as api:
-        lapsing_order = await create_order(api, tenant, "starter")
+    # Two API processes sweep at once: each payment is judged by one of them.
+    async with (
+        payments(api_factory, razorpay_fake, **sweeping) as api,
+        payments(api_factory, razorpay_fake, **sweeping),
+    ):
+        lapsed = await authorised(api, await order())
         # Authorised, then failed at the bank before anyone captured it: nothing to credit.
-        failed_order = await create_order(api, tenant, "starter")
+        failed_order = await order()
         failed = razorpay_fake.pay(failed_order["order_id"], status="failed")
         await deliver_webhook(api, "payment.authorized", failed_order, failed)
         # A second authorisation of an order paid already: never captured (charged twice).
-        paid_order = await create_order(api, tenant, "starter")
+        paid_order = await order()
         paid = razorpay_fake.pay(paid_order["order_id"])
         await deliver_webhook(api, "payment.captured", paid_order, paid)
         second = await authorised(api, paid_order)
-        lapsed = await authorised(api, lapsing_order)
+        # A checkout retried, neither verified: one of the two captured.
+        retried = await order()
+        twins = [await authorised(api, retried) for _ in range(2)]
+        # Razorpay unreachable, then rate-limiting: asked again, then captured. Settled on a
+        # refusal, the authorisation would lapse.
+        late = await authorised(api, await order(), errors=(500,))
+        limited = await authorised(api, await order(), errors=(429,))
+        mine = [fresh, lapsed, failed, paid, second, *twins, late, limited]
 
-        async def settled() -> bool:
-            rows = [await swept(p) for p in (fresh, lapsed, failed)]
-            return all(row is not None and row["settled"] for row in rows)
+        async def all_settled() -> bool:
+            outcomes = [await swept(p) for p in (fresh, lapsed, failed, late, limited)]
+            return all(outcome[1:2] == (True,) for outcome in outcomes)
 
-        await eventually(settled, timeout_s=20, what="the authorisations swept")
-        # Razorpay unreachable at the sweep: asked again, then captured.
-        late_order = await create_order(api, tenant, "starter")
-        razorpay_fake.fail_next = 1
-        late = await authorised(api, late_order)
-
-        async def late_credited() -> bool:
-            row = await swept(late)
-            return row is not None and row["settled"]
-
-        await eventually(late_credited, timeout_s=20, what="the late authorisation swept")
+        await eventually(all_settled, timeout_s=20, what="the authorisations swept")
         await asyncio.sleep(0.6)  # sweeps enough to ask a settled payment again
-    mine = [fresh, lapsed, failed, paid, second, late]
-    assert [p for p in razorpay_fake.captures if p in mine] == [fresh, lapsed, late]
+    captured = Counter(p for p in razorpay_fake.captures if p in mine)
+    (twin,) = (p for p in twins if p in captured)
+    assert captured == Counter([fresh, lapsed, twin, late, limited])
     assert razorpay_fake.payments[second]["status"] == "authorized"
-    outcomes = {p: tuple((await swept(p)) or ()) for p in mine}
-    assert outcomes == {
+    assert {p: await swept(p) for p in mine if p not in twins} == {
         fresh: ("credited", True, 1),
         lapsed: ("credited", True, 1),
         failed: ("refused", True, 1),
         paid: (),
         second: (),
         late: ("credited", True, 2),
+        limited: ("credited", True, 2),
     }
     credited = {json.loads(r["payload"])["reference"] for r in await purchase_credits(db, tenant)}
-    assert credited == {fresh, lapsed, paid, late}
+    assert credited == {fresh, lapsed, paid, twin, late, limited}
 
 
 async def deliver_signed(api: httpx.AsyncClient, body: bytes) -> str:
