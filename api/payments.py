@@ -45,6 +45,9 @@ CAPTURE_SWEEPS = MetricCounter(
     "Authorised payments the capture sweep judged, by outcome",
     ["outcome"],
 )
+# At zero from the start: the alert's increase() sees the first (a series born at 1 does not).
+for _outcome in ("pending", "failed"):
+    CAPTURE_SWEEPS.labels(_outcome)
 
 
 class CapturePending(Exception):
