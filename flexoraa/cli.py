@@ -199,6 +199,7 @@ def exit_if_still_running_after(seconds: float) -> threading.Timer:
 def cmd_worker(args: argparse.Namespace) -> int:
     from faust import Worker
 
+    from flexoraa.kafka import wait_for_topics
     from flexoraa.runtime import settle_collector
     from streams.app import create_worker_app
 
@@ -229,6 +230,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
         mode.loop.use("uvloop")
     if (unused := unused_standby_copies(settings)) is not None:
         logger.warning(unused)
+    # On a loop of its own, left unset: asyncio.run would leave the thread with no current
+    # loop, and mode's Worker asks for one.
+    waiting = asyncio.new_event_loop()
+    try:
+        waiting.run_until_complete(wait_for_topics(settings))
+    finally:
+        waiting.close()
     app = create_worker_app(settings)
     worker = QuietWorker(app, loglevel=settings.log_level.lower())
     settle_collector(settings.gc_gen0_threshold)

@@ -237,6 +237,43 @@ async def ensure_topics(settings: Settings) -> TopicsEnsured:
         await admin.close()
 
 
+async def missing_topics(settings: Settings) -> list[str]:
+    """The pipeline's topics the broker does not list (yet)."""
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.kafka_bootstrap_servers, request_timeout_ms=10_000
+    )
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+    finally:
+        await admin.close()
+    return [name for name in TopicNames(settings.topic_prefix).all() if name not in existing]
+
+
+async def wait_for_topics(
+    settings: Settings, *, poll_s: float = 1.0, say_every_s: float = 30.0
+) -> None:
+    """Returns once the broker lists every pipeline topic, saying what is missing meanwhile.
+
+    A worker subscribed to a topic the broker does not list yet ignores it until its next
+    metadata refresh, up to 5 minutes later (aiokafka's metadata_max_age_ms), and stays
+    unready all that while: started before `flexoraa topics create`, or right after it on a
+    busy broker (a test's worker waited past its 2 minutes, 3 runs of 3)."""
+    said_at = -say_every_s
+    while True:
+        try:
+            missing = await missing_topics(settings)
+            problem = f"topics missing: {', '.join(missing)}; run `flexoraa topics create`"
+        except KafkaError as exc:
+            missing, problem = ["?"], f"Kafka at {settings.kafka_bootstrap_servers}: {exc!r}"
+        if not missing:
+            return
+        if time.monotonic() - said_at >= say_every_s:
+            logger.warning("worker waiting before it subscribes: %s", problem)
+            said_at = time.monotonic()
+        await asyncio.sleep(poll_s)
+
+
 async def _reconfigure(
     admin: AIOKafkaAdminClient, names: list[str], wanted: dict[str, str]
 ) -> list[str]:

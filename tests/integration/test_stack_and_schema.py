@@ -16,6 +16,8 @@ from flexoraa.kafka import TopicMismatch, TopicsEnsured, delete_topics, ensure_t
 from flexoraa.settings import Settings
 from schemas.migrate import MigrationError, load_migrations, migrate
 from schemas.topics import TopicNames
+from tests.conftest import process_starter, start_worker
+from tests.integration.test_pipeline import eventually
 
 SEED_TABLES = {
     "lead_qualification_state",
@@ -163,3 +165,29 @@ async def test_a_topic_with_another_partition_count_is_an_error(test_settings: S
     other = test_settings.model_copy(update={"kafka_partitions": 3})
     with pytest.raises(TopicMismatch, match="partitions"):
         await ensure_topics(other)
+
+
+async def test_a_worker_started_before_its_topics_waits_for_them_and_says_so(
+    test_settings: Settings, tmp_path: Path
+) -> None:
+    """Subscribed to topics the broker did not list yet, a worker ignored them until its next
+    metadata refresh, minutes later, and was not ready all that while."""
+    settings = test_settings.model_copy(update={"topic_prefix": f"early-{uuid.uuid4().hex[:8]}"})
+    log = tmp_path / "early.log"
+    with process_starter(tmp_path) as processes:
+        starting = asyncio.create_task(
+            asyncio.to_thread(start_worker, processes, settings, "early")
+        )
+        try:
+
+            async def says_what_is_missing() -> bool:
+                return log.exists() and "topics missing" in log.read_text(errors="replace")
+
+            await eventually(says_what_is_missing, timeout_s=60, what="the worker to say so")
+            assert "run `flexoraa topics create`" in log.read_text()
+            assert not starting.done()  # not ready
+            await ensure_topics(settings)
+            worker = await asyncio.wait_for(starting, 120)  # ready once they exist
+            assert worker.process.poll() is None
+        finally:
+            await delete_topics(settings)
