@@ -230,11 +230,21 @@ def cmd_worker(args: argparse.Namespace) -> int:
         mode.loop.use("uvloop")
     if (unused := unused_standby_copies(settings)) is not None:
         logger.warning(unused)
-    # On a loop of its own, left unset: asyncio.run would leave the thread with no current
-    # loop, and mode's Worker asks for one.
+    # On a loop of its own, closed before mode's Worker makes its own. A stop asked for while
+    # waiting ends the wait: before mode installs its handlers, SIGTERM's default action is
+    # ignored by a container's PID 1 (docker stop would wait, then kill).
     waiting = asyncio.new_event_loop()
     try:
-        waiting.run_until_complete(wait_for_topics(settings))
+        wait = waiting.create_task(wait_for_topics(settings))
+        for stop_signal in (signal.SIGTERM, signal.SIGINT):
+            waiting.add_signal_handler(stop_signal, wait.cancel)
+        try:
+            waiting.run_until_complete(wait)
+        except asyncio.CancelledError:
+            logger.info("worker stopped while waiting for its topics")
+            return 0
+        for stop_signal in (signal.SIGTERM, signal.SIGINT):
+            waiting.remove_signal_handler(stop_signal)
     finally:
         waiting.close()
     app = create_worker_app(settings)

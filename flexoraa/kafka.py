@@ -264,7 +264,9 @@ async def wait_for_topics(
         try:
             missing = await missing_topics(settings)
             problem = f"topics missing: {', '.join(missing)}; run `flexoraa topics create`"
-        except KafkaError as exc:
+        # OSError: TimeoutError too (a broker that accepts the connection and then does not
+        # answer), which is not a KafkaError.
+        except (KafkaError, OSError) as exc:
             missing, problem = ["?"], f"Kafka at {settings.kafka_bootstrap_servers}: {exc!r}"
         if not missing:
             return

@@ -198,6 +198,9 @@ log.retention.hours=168
 # their topics and then stop the broker, and files still waiting stayed (7,710 directories
 # after a day of test runs, all read again at every start).
 log.segment.delete.delay.ms=1000
+# And the first clean-up a second after a start, not 30: a test session's broker is often
+# stopped sooner.
+log.initial.task.delay.ms=1000
 """
 
 

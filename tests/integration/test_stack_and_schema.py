@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import uuid
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from flexoraa.kafka import TopicMismatch, TopicsEnsured, delete_topics, ensure_t
 from flexoraa.settings import Settings
 from schemas.migrate import MigrationError, load_migrations, migrate
 from schemas.topics import TopicNames
-from tests.conftest import process_starter, start_worker
+from tests.conftest import process_starter, settings_env, start_worker
 from tests.integration.test_pipeline import eventually
 
 SEED_TABLES = {
@@ -174,11 +175,11 @@ async def test_a_worker_started_before_its_topics_waits_for_them_and_says_so(
     metadata refresh, minutes later, and was not ready all that while."""
     settings = test_settings.model_copy(update={"topic_prefix": f"early-{uuid.uuid4().hex[:8]}"})
     log = tmp_path / "early.log"
-    with process_starter(tmp_path) as processes:
-        starting = asyncio.create_task(
-            asyncio.to_thread(start_worker, processes, settings, "early")
-        )
-        try:
+    try:
+        with process_starter(tmp_path) as processes:
+            starting = asyncio.create_task(
+                asyncio.to_thread(start_worker, processes, settings, "early")
+            )
 
             async def says_what_is_missing() -> bool:
                 return log.exists() and "topics missing" in log.read_text(errors="replace")
@@ -187,7 +188,18 @@ async def test_a_worker_started_before_its_topics_waits_for_them_and_says_so(
             assert "run `flexoraa topics create`" in log.read_text()
             assert not starting.done()  # not ready
             await ensure_topics(settings)
-            worker = await asyncio.wait_for(starting, 120)  # ready once they exist
+            worker = await starting  # ready once they exist (or start_worker's deadline)
             assert worker.process.poll() is None
-        finally:
-            await delete_topics(settings)
+
+            # Stopped while it waits: at once, and cleanly.
+            never = settings.model_copy(update={"topic_prefix": f"{settings.topic_prefix}-none"})
+            stopped = processes("stopped", ["worker"], settings_env(never))
+            stopped_log = tmp_path / "stopped.log"
+
+            async def waiting() -> bool:
+                return stopped_log.exists() and "topics missing" in stopped_log.read_text()
+
+            await eventually(waiting, timeout_s=60, what="the second worker to wait")
+            assert await asyncio.to_thread(stopped.stop, signal.SIGTERM, 5) == 0
+    finally:
+        await delete_topics(settings)
