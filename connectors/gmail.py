@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -31,6 +32,11 @@ SCOPES = (
     "https://www.googleapis.com/auth/gmail.send",
 )
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
+# A send that may have failed is looked for, then sent again, this many times in all; the first
+# look waits this long (doubling), so a message Gmail took has time to show in its search.
+SEND_ATTEMPTS = 3
+SEND_BACKOFF_S = 1.0
 
 
 GMAIL_NOT_CONFIGURED = "Gmail is not configured: set GMAIL_CLIENT_ID and GMAIL_CLIENT_SECRET"
@@ -264,10 +270,51 @@ class Mailbox:
         )
         return result
 
-    async def send(self, raw: str, thread_id: str | None) -> dict[str, Any]:
+    async def send(self, raw: str, thread_id: str | None, rfc_message_id: str) -> dict[str, Any]:
+        """Sends the message once: {id, threadId}.
+
+        Gmail takes no idempotency key, and its client library sends again after a timeout or
+        a 5xx, when the first request may have gone out. So the library never retries here;
+        after a failure that may have sent it, the mailbox is searched for the message's own
+        Message-ID, and only a message not found there is sent again. A search that fails too
+        raises: the lead might get it twice otherwise."""
         body: dict[str, Any] = {"raw": raw}
         if thread_id:
             body["threadId"] = thread_id
-        request = self._service.users().messages().send(userId="me", body=body)
-        result: dict[str, Any] = await self._call(lambda: request.execute(num_retries=2))
-        return result
+        messages = self._service.users().messages()
+        delay_s = SEND_BACKOFF_S
+        for attempt in range(1, SEND_ATTEMPTS + 1):
+            request = messages.send(userId="me", body=body)
+            try:
+                result: dict[str, Any] = await self._call(request.execute)
+                return result
+            except MailboxRevoked:
+                raise
+            except GmailApiError as exc:
+                if attempt == SEND_ATTEMPTS or not _may_have_sent(exc):
+                    raise
+                logger.warning("Gmail send failed (%s); looking for it before a retry", exc)
+            await asyncio.sleep(delay_s)
+            delay_s *= 2
+            found = await self._sent_copy(rfc_message_id)
+            if found is not None:
+                return found
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _sent_copy(self, rfc_message_id: str) -> dict[str, Any] | None:
+        """The mailbox's message with this Message-ID header, if Gmail has it."""
+        query = f"rfc822msgid:{rfc_message_id.strip('<>')}"
+        messages = self._service.users().messages()
+        request = messages.list(userId="me", q=query, includeSpamTrash=True)
+        page: dict[str, Any] = await self._call(request.execute)
+        found = page.get("messages") or []
+        return dict(found[0]) if found else None
+
+
+def _may_have_sent(exc: GmailApiError) -> bool:
+    """False for an answer that proves the send was refused (a 4xx other than 429)."""
+    cause = exc.__cause__
+    if isinstance(cause, HttpError):
+        status = int(cause.resp.status)
+        return status >= 500 or status == 429
+    return True

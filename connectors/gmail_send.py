@@ -73,7 +73,7 @@ class EmailSender:
             in_reply_to=in_reply_to,
             references=references,
         )
-        sent = await mailbox.send(raw, thread_id)
+        sent = await mailbox.send(raw, thread_id, rfc_message_id)
         try:
             await self._store.save_tokens(mailbox_row, mailbox.tokens)
         except DB_ERRORS as exc:

@@ -15,6 +15,14 @@ import httpx
 OUTSIDE_WINDOW_ERROR = "131047"
 
 
+# Our code for a send whose request reached Meta but whose answer did not (a read timeout, a
+# connection dropped mid-answer): it may have gone out, and Meta takes no idempotency key.
+UNCONFIRMED_ERROR = "unconfirmed"
+
+# Failures before any byte of the request could reach Meta: another attempt cannot duplicate.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.WriteTimeout)
+
+
 class GraphApiError(Exception):
     def __init__(self, status: int | None, code: str | None, message: str) -> None:
         super().__init__(f"{status} {code}: {message}")
@@ -24,7 +32,10 @@ class GraphApiError(Exception):
 
     @property
     def retryable(self) -> bool:
-        """429, 5xx and transport failures are worth another attempt; other errors are final."""
+        """429, 5xx and a request that never left are worth another attempt. A request whose
+        answer was lost is not: the lead could get the message twice."""
+        if self.code == UNCONFIRMED_ERROR:
+            return False
         return self.status is None or self.status == 429 or self.status >= 500
 
 
@@ -97,8 +108,14 @@ class GraphApiClient:
             response = await self._client.post(
                 path, json=body, headers={"Authorization": f"Bearer {token}"}
             )
-        except httpx.HTTPError as exc:
+        except _NOT_SENT as exc:
             raise GraphApiError(None, None, f"transport error: {exc!r}") from exc
+        except httpx.HTTPError as exc:
+            raise GraphApiError(
+                None,
+                UNCONFIRMED_ERROR,
+                f"sent, but Meta's answer was lost ({exc!r}): not retried, it may have gone out",
+            ) from exc
         try:
             payload = response.json()
         except ValueError:

@@ -16,6 +16,8 @@ import secrets
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from email import policy
+from email.parser import BytesParser
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -50,6 +52,10 @@ class GmailFake:
     max_in_flight: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     request_delay_s: float = 0.0
     token_outages: int = 0  # token requests answered 502 before the endpoint works again
+    # Sends that go out but are answered 500 (the answer lost, as after a timeout).
+    sends_answered_500: int = 0
+    sends_refused_429: int = 0  # sends refused (rate limit) without going out
+    send_requests: int = 0
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _runner: web.AppRunner | None = None
     url: str = ""
@@ -205,6 +211,9 @@ class GmailFake:
         query = request.query.get("q", "")
         ids = [m for m, message in mailbox.messages.items()
                if "in:inbox" not in query or "INBOX" in message["labelIds"]]  # fmt: skip
+        if query.startswith("rfc822msgid:"):
+            wanted = query.removeprefix("rfc822msgid:").strip("<>")
+            ids = [m for m in ids if _message_id(mailbox.messages[m]) == wanted]
         ids.reverse()  # newest first, as Gmail lists
         offset = int(request.query.get("pageToken", "0"))
         page = ids[offset : offset + self.page_size]
@@ -226,10 +235,17 @@ class GmailFake:
     async def _send(self, request: web.Request) -> web.Response:
         mailbox: FakeMailbox = request[MAILBOX]
         body = await request.json()
+        self.send_requests += 1
+        if self.sends_refused_429:
+            self.sends_refused_429 -= 1
+            return self._error(429, "User-rate limit exceeded.", "rateLimitExceeded")
         raw = base64.urlsafe_b64decode(body["raw"] + "=" * 3)
         thread_id = body.get("threadId")
         message_id = self.deliver(mailbox.email, raw, thread_id, labels=("SENT",))
         mailbox.sent.append({"raw": raw, "threadId": thread_id, "id": message_id})
+        if self.sends_answered_500:
+            self.sends_answered_500 -= 1
+            return self._error(500, "Internal error encountered.", "backendError")
         return web.json_response({"id": message_id, "threadId": thread_id or message_id,
                                   "labelIds": ["SENT"]})  # fmt: skip
 
@@ -250,3 +266,10 @@ class GmailFake:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+
+
+def _message_id(message: dict[str, Any]) -> str:
+    """The Message-ID header of a stored message, without its angle brackets."""
+    raw = base64.urlsafe_b64decode(message["raw"] + "=" * 3)
+    parsed = BytesParser(policy=policy.default).parsebytes(raw, headersonly=True)
+    return str(parsed.get("Message-ID", "")).strip().strip("<>")

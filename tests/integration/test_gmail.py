@@ -17,8 +17,8 @@ import pytest
 from pydantic import SecretStr
 
 from connectors import gmail_poller
-from connectors.gmail import Tokens
-from connectors.gmail_mime import ParsedMail, parse_message
+from connectors.gmail import Mailbox, Tokens
+from connectors.gmail_mime import ParsedMail, compose, parse_message
 from connectors.gmail_poller import GmailPoller
 from connectors.gmail_store import GmailStore
 from flexoraa.crypto import load_secret_box
@@ -435,6 +435,30 @@ def gmail_worker(
         GMAIL_TOKEN_URL=f"{gmail.url}/token", GMAIL_API_URL=f"{gmail.url}/",
         ENABLE_AI_QUALIFICATION="false",
     )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("lost", "refused", "requests"), [(1, 0, 1), (0, 1, 2)], ids=["answer-lost", "rate-limited"]
+)
+async def test_a_send_gmail_may_have_taken_is_looked_for_before_it_is_sent_again(
+    gmail: GmailFake, gmail_settings: Settings, lost: int, refused: int, requests: int
+) -> None:
+    # Gmail takes no idempotency key: its client library resent after a 500, and the lead got
+    # the mail twice. A rate-limited send, which did not go out, is still sent.
+    email = f"sales-{uuid.uuid4().hex[:6]}@acme.test"
+    gmail.add_mailbox(email)
+    token, refresh = gmail.grant(email)
+    raw, rfc_message_id = compose(
+        sender=email, to="gus@example.com", subject="Pricing", body="About 2,000 USD.",
+        in_reply_to=None, references=None,
+    )  # fmt: skip
+    gmail.sends_answered_500, gmail.sends_refused_429 = lost, refused
+    before = gmail.send_requests
+    sent = await Mailbox(gmail_settings, Tokens(token, refresh, None)).send(
+        raw, None, rfc_message_id
+    )
+    assert [s["id"] for s in gmail.mailboxes[email].sent] == [sent["id"]]
+    assert gmail.send_requests - before == requests
 
 
 async def test_replies_go_out_in_the_leads_thread_from_the_api_and_the_worker(

@@ -22,7 +22,7 @@ class Mailbox:
     def __init__(self, settings: Settings, tokens: Any) -> None:
         self.tokens = "refreshed"  # an hour on: the access token was refreshed
 
-    async def send(self, raw: bytes, thread_id: str | None) -> dict[str, str]:
+    async def send(self, raw: bytes, thread_id: str | None, rfc_id: str) -> dict[str, str]:
         Mailbox.sent.append(raw)
         return {"id": f"m{len(Mailbox.sent)}", "threadId": "t"}
 

@@ -1,5 +1,6 @@
-"""The WhatsApp send loop: retries 429/5xx up to the maximum, falls back to the template on
-Meta's 131047 without spending an attempt, and always ends with a final report."""
+"""The WhatsApp send loop: retries 429/5xx and requests that never left up to the maximum,
+never a request whose answer was lost, falls back to the template on Meta's 131047 without
+spending an attempt, and always ends with a final report."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from typing import Any, cast
 
 import pytest
 
-from connectors.whatsapp import GraphApiError
+from connectors.whatsapp import UNCONFIRMED_ERROR, GraphApiClient, GraphApiError
 from flexoraa.settings import Settings
 from schemas.messaging import OutboundCommand, OutboundMessage
 from streams.agents.outbound import Sender, SentCommands
+from tests.conftest import free_port
+from tests.fakes.graph_api import GraphApiFake
 
 TENANT = str(uuid.uuid4())
 LEAD = str(uuid.uuid4())
@@ -67,12 +70,19 @@ def server_error() -> GraphApiError:
 
 
 async def send(max_attempts: int, errors: list[GraphApiError]) -> tuple[list[str], list[str]]:
+    graph = Graph(errors)
+    reports = await send_through(graph, max_attempts)
+    return graph.calls, [report.status for report in reports]
+
+
+async def send_through(graph: Any, max_attempts: int) -> list[OutboundMessage]:
+    """One SDR reply through the send loop, inside the 24-hour window: its reports."""
     settings = Settings(
         whatsapp_template_name="cold_recovery",
         whatsapp_send_max_attempts=max_attempts,
         whatsapp_send_backoff_ms=0,
     )
-    graph, reports = Graph(errors), Reports()
+    reports = Reports()
     sender = Sender(settings, cast(Any, graph), cast(Any, None), cast(Any, reports),
                     cast(Any, Latency()), cast(Any, None), SentCommands(cast(Any, {})))  # fmt: skip
 
@@ -89,7 +99,7 @@ async def send(max_attempts: int, errors: list[GraphApiError]) -> tuple[list[str
         "contact_name": "Asha", "last_customer_message_ms": int(time.time() * 1000) - 60_000,
     }  # fmt: skip
     await sender.send(command, session)
-    return graph.calls, [report.status for report in reports.sent]
+    return reports.sent
 
 
 @pytest.mark.parametrize(
@@ -111,3 +121,28 @@ async def test_retries_stop_at_the_maximum_with_a_final_failure() -> None:
     calls, statuses = await send(3, [server_error() for _ in range(5)])
     assert calls == ["freeform"] * 3
     assert statuses == ["retrying", "retrying", "failed"]
+
+
+async def test_a_send_whose_answer_is_lost_is_reported_unconfirmed_and_not_sent_again() -> None:
+    # Meta took the request and its answer never came: sent again, the lead got it twice.
+    meta = GraphApiFake(answer_after_s=1.0)
+    await meta.start(free_port())
+    graph = GraphApiClient(meta.url, meta.version, timeout_s=0.2)
+    try:
+        reports = await send_through(graph, max_attempts=3)
+    finally:
+        await graph.close()
+        await meta.stop()
+    assert len(meta.requests) == 1
+    assert [(r.status, r.error_code) for r in reports] == [("failed", UNCONFIRMED_ERROR)]
+
+
+async def test_a_request_that_could_not_connect_is_tried_again() -> None:
+    graph = GraphApiClient(f"http://127.0.0.1:{free_port()}", "v21.0", timeout_s=0.2)
+    try:
+        reports = await send_through(graph, max_attempts=3)
+    finally:
+        await graph.close()
+    assert [r.status for r in reports] == ["retrying", "retrying", "failed"]
+    assert reports[-1].error_code is not None
+    assert reports[-1].error_code != UNCONFIRMED_ERROR
