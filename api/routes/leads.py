@@ -202,14 +202,30 @@ async def send_message(
             value=command.model_dump_json().encode(),
         )
     except PublishUnavailable as exc:
-        # Kept with a key: the retry it invites is the same command, and the record may have
-        # been written after all. Without one, nothing could ever cancel a row left here.
+        # A timeout does not prove the record was not written. With a key, the retry it
+        # invites is the same command. Without one, the row stays, cancelled: deleted, a
+        # command that landed went out unlisted and could not be cancelled; cancelled, the
+        # caller can send the cancel (a send that raced it is recorded "sent").
         if body.send_at is not None and idempotency_key is None:
             await services.pool.execute(
-                "DELETE FROM scheduled_messages WHERE scheduled_id = $1", command.event_id
+                "UPDATE scheduled_messages SET status = 'cancelled', error = $2, updated_at = now()"
+                " WHERE scheduled_id = $1 AND status = 'scheduled'",
+                uuid.UUID(command.event_id),
+                _NOT_CONFIRMED,
             )
+            raise ApiError(
+                503,
+                f"message not queued: Kafka is unavailable. Scheduled message {command.event_id}"
+                f" is listed as cancelled; once Kafka is back, DELETE /api/scheduled-messages/"
+                f"{command.event_id} makes sure it never goes out, then schedule it again"
+                " (with an Idempotency-Key, a retry is the same message)",
+                headers={"Retry-After": "5"},
+            ) from exc
         raise ApiError(503, "message not queued: Kafka is unavailable, retry later") from exc
     return SendAccepted(command_id=command.event_id, lead_id=lead_id, send_at=body.send_at)
+
+
+_NOT_CONFIRMED = "not queued: Kafka did not confirm the message (a 503 answered its request)"
 
 
 def _scheduled_id(scheduled_id: str) -> uuid.UUID:

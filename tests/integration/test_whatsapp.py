@@ -711,6 +711,45 @@ async def test_a_cancel_kafka_did_not_confirm_stays_cancelled_and_is_retried_saf
     assert graph.sent_to(business.phone_number_id) == []
 
 
+async def test_a_scheduled_message_kafka_did_not_confirm_stays_listed_and_can_be_cancelled(
+    api: httpx.AsyncClient,
+    api_factory: ApiFactory,
+    make_tenant: MakeTenant,
+    db: asyncpg.Connection,
+    worker: ManagedProcess,
+) -> None:
+    # Without an Idempotency-Key the row was deleted on the 503: a command written after all
+    # went out at send_at, unlisted, and nothing could cancel it.
+    business = await register(api, await make_tenant())
+    lead_id = await inbound(api, business, "919877700006", now_s() - 60, "wamid.T6")
+    send_at = datetime.now(UTC) + timedelta(seconds=60)
+    no_broker = {"kafka_bootstrap_servers": "127.0.0.1:9",
+                 "worker_url": f"http://127.0.0.1:{worker.ports['web']}"}  # fmt: skip
+    async with api_factory(**no_broker) as no_kafka:
+        refused = await no_kafka.post(
+            f"/api/leads/{lead_id}/messages",
+            headers=business.tenant.headers,
+            json={"text": "See you Monday", "send_at": send_at.isoformat()},
+        )
+    assert refused.status_code == 503
+    assert refused.headers["Retry-After"] == "5"
+    (scheduled_id,) = await db.fetch(
+        "SELECT scheduled_id::text FROM scheduled_messages WHERE lead_id = $1", uuid.UUID(lead_id)
+    )
+    assert scheduled_id[0] in refused.json()["detail"]
+    listed = await api.get(
+        f"/api/scheduled-messages/{scheduled_id[0]}", headers=business.tenant.headers
+    )
+    assert listed.status_code == 200
+    assert listed.json()["status"] == "cancelled"
+    assert "not queued" in listed.json()["error"]
+    # Kafka back: the cancel the 503 advises goes out, so a command that landed never sends.
+    cancelled = await api.delete(
+        f"/api/scheduled-messages/{scheduled_id[0]}", headers=business.tenant.headers
+    )
+    assert cancelled.status_code == 200
+
+
 async def test_a_message_already_due_cannot_be_cancelled(
     api: httpx.AsyncClient, make_tenant: MakeTenant, db: asyncpg.Connection
 ) -> None:
