@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal
@@ -36,6 +36,10 @@ CAPTURE_WINDOW = timedelta(days=3)
 MAX_SWEEP_BACKOFF = timedelta(hours=1)
 # Payments judged per pass: each may take a few Razorpay calls.
 SWEEP_BATCH = 50
+# Orders a pass judges at once. Each judgement is up to three Razorpay calls, made in the
+# default thread pool (the SDK blocks): one at a time, a backlog of thousands of
+# authorisations (a sweep switched on late, an outage) took hours.
+SWEEP_CONCURRENCY = 4
 # How long a payment being judged is kept from other API processes' sweeps: longer than the
 # few Razorpay calls of a judgement (each at most RAZORPAY_TIMEOUT_S, 30 s).
 SWEEP_LEASE = timedelta(minutes=5)
@@ -196,37 +200,68 @@ async def sweep_authorised(
         CAPTURE_WINDOW,
         limit,
     )
-    outcomes: Counter[str] = Counter()
+    # Orders judged side by side (each judgement waits on Razorpay for most of its time), an
+    # order's payments one after another: the second of a retried checkout then finds the
+    # first's capture claim settled, not held (it would wait for a retry).
+    by_order: dict[str, list[str]] = defaultdict(list)
     for candidate in candidates:
-        payment_id, order_id = candidate["payment_id"], candidate["order_id"]
-        # Leased first: another API process sweeping now skips it (one set of Razorpay calls,
-        # one attempt counted); one that dies mid-judgement leaves it to the next after the
-        # lease.
-        leased = await pool.fetchval(
-            """INSERT INTO payment_capture_sweeps AS s
-                   (payment_id, order_id, attempts, outcome, settled, next_attempt_at)
-               VALUES ($1, $2, 0, 'sweeping', false, now() + $3::interval)
-               ON CONFLICT (payment_id) DO UPDATE SET next_attempt_at = now() + $3::interval
-                   WHERE NOT s.settled AND s.next_attempt_at <= now()
-               RETURNING 1""",
-            payment_id, order_id, SWEEP_LEASE,
-        )  # fmt: skip
-        if leased is None:
-            continue
-        outcome, settled, reason = await _judge(pool, razorpay, order_id, payment_id)
-        await pool.execute(
-            """UPDATE payment_capture_sweeps SET
-                   attempts = attempts + 1, outcome = $2, reason = $3, settled = $4,
-                   -- The exponent capped: past about 2^38 the interval overflows.
-                   next_attempt_at = now() + least($5::interval * 2 ^ least(attempts, 16),
-                                                   $6::interval),
-                   updated_at = now()
-               WHERE payment_id = $1""",
-            payment_id, outcome, reason[:500], settled, retry_after, MAX_SWEEP_BACKOFF,
-        )  # fmt: skip
-        outcomes[outcome] += 1
-        CAPTURE_SWEEPS.labels(outcome).inc()
+        by_order[candidate["order_id"]].append(candidate["payment_id"])
+    outcomes: Counter[str] = Counter()
+    slots = asyncio.Semaphore(SWEEP_CONCURRENCY)
+
+    async def sweep_order(order_id: str, payment_ids: list[str]) -> None:
+        async with slots:
+            for payment_id in payment_ids:
+                outcome = await _sweep_one(pool, razorpay, order_id, payment_id, retry_after)
+                if outcome is not None:
+                    outcomes[outcome] += 1
+
+    # Every order's judgement ends before the pass does (a database error raised at once
+    # would leave the others running into the next pass).
+    failures = await asyncio.gather(
+        *(sweep_order(o, ids) for o, ids in by_order.items()), return_exceptions=True
+    )
+    for failure in failures:
+        if isinstance(failure, BaseException):
+            raise failure
     return outcomes
+
+
+async def _sweep_one(
+    pool: asyncpg.Pool,
+    razorpay: RazorpayGateway,
+    order_id: str,
+    payment_id: str,
+    retry_after: timedelta,
+) -> str | None:
+    """Leases, judges and records one payment: its outcome, or None if another process has
+    it."""
+    # Leased first: another API process sweeping now skips it (one set of Razorpay calls, one
+    # attempt counted); one that dies mid-judgement leaves it to the next after the lease.
+    leased = await pool.fetchval(
+        """INSERT INTO payment_capture_sweeps AS s
+               (payment_id, order_id, attempts, outcome, settled, next_attempt_at)
+           VALUES ($1, $2, 0, 'sweeping', false, now() + $3::interval)
+           ON CONFLICT (payment_id) DO UPDATE SET next_attempt_at = now() + $3::interval
+               WHERE NOT s.settled AND s.next_attempt_at <= now()
+           RETURNING 1""",
+        payment_id, order_id, SWEEP_LEASE,
+    )  # fmt: skip
+    if leased is None:
+        return None
+    outcome, settled, reason = await _judge(pool, razorpay, order_id, payment_id)
+    await pool.execute(
+        """UPDATE payment_capture_sweeps SET
+               attempts = attempts + 1, outcome = $2, reason = $3, settled = $4,
+               -- The exponent capped: past about 2^38 the interval overflows.
+               next_attempt_at = now() + least($5::interval * 2 ^ least(attempts, 16),
+                                               $6::interval),
+               updated_at = now()
+           WHERE payment_id = $1""",
+        payment_id, outcome, reason[:500], settled, retry_after, MAX_SWEEP_BACKOFF,
+    )  # fmt: skip
+    CAPTURE_SWEEPS.labels(outcome).inc()
+    return outcome
 
 
 async def _judge(

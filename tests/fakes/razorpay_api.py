@@ -93,6 +93,8 @@ class RazorpayFake:
     captures: list[str] = field(default_factory=list)
     # How long a capture takes (the bank's round trip), to let two of them overlap.
     capture_delay_s: float = 0.0
+    captures_in_flight: int = 0
+    most_captures_in_flight: int = 0
     fail_next: int = 0
     # Per payment id, the error statuses its next requests are answered with, in order (500:
     # an outage, 429: a rate limit); only that payment's requests take them.
@@ -145,7 +147,12 @@ class RazorpayFake:
             return refused
         body = await request.json()
         self.captures.append(request.match_info["payment_id"])
-        await asyncio.sleep(self.capture_delay_s)
+        self.captures_in_flight += 1
+        self.most_captures_in_flight = max(self.most_captures_in_flight, self.captures_in_flight)
+        try:
+            await asyncio.sleep(self.capture_delay_s)
+        finally:
+            self.captures_in_flight -= 1
         payment = self.payments.get(request.match_info["payment_id"])
         if payment is None:
             return _error(400, "BAD_REQUEST_ERROR", "The id provided does not exist")

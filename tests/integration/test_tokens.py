@@ -520,6 +520,42 @@ async def test_an_authorisation_no_checkout_verified_is_captured_and_credited_by
     assert credited == {fresh, lapsed, paid, twin, late, limited}
 
 
+async def test_a_backlog_of_authorisations_is_swept_several_orders_at_once(
+    api_factory: ApiFactory,
+    razorpay_fake: RazorpayFake,
+    make_tenant: MakeTenant,
+    db: asyncpg.Connection,
+) -> None:
+    # One at a time, each judgement up to three Razorpay calls: a backlog of thousands (the
+    # sweep switched on late, an outage) took hours.
+    tenant = await make_tenant()
+    sweeping = {"razorpay_capture_after_s": 0.0, "razorpay_capture_sweep_s": 0.2}
+    razorpay_fake.capture_delay_s, razorpay_fake.most_captures_in_flight = 0.5, 0
+    try:
+        async with payments(api_factory, razorpay_fake) as api:
+            orders = [await create_order(api, tenant, "starter") for _ in range(6)]
+            lapsed = []
+            for order in orders:
+                lapsed.append(razorpay_fake.pay(order["order_id"], status="authorized"))
+                await deliver_webhook(api, "payment.authorized", order, lapsed[-1])
+        async with payments(api_factory, razorpay_fake, **sweeping):
+
+            async def all_credited() -> bool:
+                outcomes = await db.fetch(
+                    "SELECT outcome FROM payment_capture_sweeps WHERE payment_id = ANY($1)",
+                    lapsed,
+                )
+                return [r["outcome"] for r in outcomes] == ["credited"] * len(lapsed)
+
+            await eventually(all_credited, timeout_s=20, what="the backlog swept")
+    finally:
+        razorpay_fake.capture_delay_s = 0.0
+    assert razorpay_fake.most_captures_in_flight > 1
+    assert Counter(p for p in razorpay_fake.captures if p in lapsed) == Counter(lapsed)
+    credited = {json.loads(r["payload"])["reference"] for r in await purchase_credits(db, tenant)}
+    assert credited == set(lapsed)
+
+
 async def deliver_signed(api: httpx.AsyncClient, body: bytes) -> str:
     answer = await api.post("/webhooks/razorpay", content=body, headers={
         "Content-Type": "application/json",
