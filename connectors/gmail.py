@@ -140,6 +140,15 @@ class OAuthFlow:
             raise MailboxRevoked(f"Google refused the code: {body.get('error', response.text)}")
         if not body.get("refresh_token"):
             raise MailboxRevoked("Google issued no refresh token (offline access not granted)")
+        # Google's consent lets the user untick a scope: without send, every reply and notice
+        # by this mailbox would fail while it showed as connected.
+        missing = set(SCOPES) - set(str(body.get("scope", "")).split())
+        if missing:
+            raise MailboxRevoked(
+                "the consent left out "
+                + ", ".join(sorted(s.rsplit("/", 1)[-1] for s in missing))
+                + ": connect again and allow reading and sending mail"
+            )
         expires_in = int(body.get("expires_in", 3600))
         return Tokens(
             body["access_token"],
@@ -195,7 +204,12 @@ class Mailbox:
         try:
             return await asyncio.to_thread(request)
         except RefreshError as exc:
-            raise MailboxRevoked(f"Google refused the refresh token: {exc}") from exc
+            if _grant_refused(exc):
+                raise MailboxRevoked(f"Google refused the refresh token: {exc}") from exc
+            # An outage of the token endpoint (google-auth calls a 502 final), or our client's
+            # own credentials refused: not the mailbox's, which a disconnect would make its
+            # admins connect again by hand.
+            raise GmailApiError(f"the access token could not be refreshed: {exc}") from exc
         except HttpError as exc:
             if exc.resp.status == 404 and history_id is not None:
                 raise HistoryExpired(f"historyId {history_id} is no longer available") from exc
@@ -244,7 +258,8 @@ class Mailbox:
                 return ids, newest
 
     async def inbox_since(self, since: datetime) -> list[str]:
-        """Ids of INBOX messages received after `since` (every page), for a full resync."""
+        """Ids of INBOX messages received after `since` (every page), oldest first, for a full
+        resync."""
         messages = self._service.users().messages()
         ids: list[str] = []
         page_token: str | None = None
@@ -259,6 +274,9 @@ class Mailbox:
             ids.extend(m["id"] for m in page.get("messages", []))
             page_token = page.get("nextPageToken")
             if not page_token:
+                # Gmail lists the newest first. Read so, a lead's events went out newest
+                # first, and the thread remembered for its replies was its oldest.
+                ids.reverse()
                 return ids
 
     async def fetch(self, message_id: str) -> dict[str, Any]:
@@ -309,6 +327,13 @@ class Mailbox:
         page: dict[str, Any] = await self._call(request.execute)
         found = page.get("messages") or []
         return dict(found[0]) if found else None
+
+
+def _grant_refused(exc: RefreshError) -> bool:
+    """Whether Google's token endpoint refused the refresh token itself (`invalid_grant`:
+    revoked, expired, the password changed), the one answer that ends a mailbox's grant."""
+    details = exc.args[1] if len(exc.args) > 1 else None
+    return isinstance(details, dict) and details.get("error") == "invalid_grant"
 
 
 def _may_have_sent(exc: GmailApiError) -> bool:

@@ -20,6 +20,7 @@ import os
 import socket
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from connectors.gmail import (
     GmailApiError,
@@ -28,7 +29,7 @@ from connectors.gmail import (
     MailboxRevoked,
     MessageGone,
 )
-from connectors.gmail_mime import parse_message
+from connectors.gmail_mime import ParsedMail, parse_message
 from connectors.gmail_store import GmailStore, MailboxRow
 from flexoraa.db import DB_ERRORS
 from flexoraa.kafka import EventPublisher, PublishUnavailable
@@ -89,6 +90,28 @@ class GmailPoller:
         return len(mailboxes)
 
     async def poll(self, row: MailboxRow) -> None:
+        # The lease renewed while the poll runs: a full resync reads a week of mail one message
+        # at a time and outlasted it, another poller then took the mailbox and read it all
+        # again, and the first one's cursor was refused.
+        heartbeat = asyncio.create_task(self._keep_lease(row))
+        try:
+            await self._poll(row)
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+
+    async def _keep_lease(self, row: MailboxRow) -> None:
+        lease_s = self._settings.gmail_lease_s
+        while True:
+            await asyncio.sleep(lease_s / 3)
+            try:
+                if not await self._store.renew(row, self.owner, lease_s):
+                    return  # taken over: the poll's cursor will be refused, and it says so
+            except _PASS_ERRORS as exc:
+                logger.warning("lease on %s not renewed (%r); trying again", row.email, exc)
+
+    async def _poll(self, row: MailboxRow) -> None:
         interval = self._settings.gmail_poll_interval_s
         try:
             client = Mailbox(self._settings, row.tokens)
@@ -149,32 +172,17 @@ class GmailPoller:
             if mail.sender == row.email:
                 continue  # what the mailbox itself sent
             try:
-                contact = normalize_contact("email", mail.sender)
-            except InvalidContact:
-                logger.warning("message %s without a usable sender skipped", message_id)
+                event = self._event(row, message_id, fetched, mail)
+            except Exception:
+                # A mail no event can carry (a sender address past any limit, say): skipped
+                # like an unparseable one. Raised, it failed the poll and held the cursor, and
+                # the mailbox's intake stopped for good on that one mail.
+                logger.exception("message %s of %s cannot be an inbound event; skipped",
+                                 message_id, row.email)  # fmt: skip
                 continue
-            lead_id = lead_id_for(row.tenant_id, "email", contact)
-            received = datetime.fromtimestamp(int(fetched.get("internalDate", 0)) / 1000, UTC)
-            if not is_supported_time(received):
-                # Imported mail can carry any date; an event cannot (schemas.events).
-                received = datetime.now(UTC)
-            text = mail.text or mail.subject
-            if mail.attachments:
-                text = f"{text}\n[attachments: {', '.join(mail.attachments)}]".strip()
-            event = InboundMessage(
-                event_id=inbound_event_id(row.tenant_id, "email", message_id),
-                tenant_id=row.tenant_id,
-                occurred_at=received,
-                lead_id=lead_id,
-                channel="email",
-                contact=contact,
-                contact_name=mail.sender_name[:200] if mail.sender_name else None,
-                text=text[:16_384],
-                message_type="email",
-                channel_message_id=message_id,
-                channel_account_id=row.integration_id,
-                received_at=datetime.now(UTC),
-            )
+            if event is None:
+                continue
+            lead_id = event.lead_id
             await self._publisher.publish(
                 self._topics.inbound_messages, lead_id.encode(), event.model_dump_json().encode()
             )
@@ -182,6 +190,39 @@ class GmailPoller:
                                 fetched.get("threadId") or message_id, mail.message_id,
                                 mail.references, mail.subject)  # fmt: skip
         return list(threads.values())
+
+    def _event(
+        self, row: MailboxRow, message_id: str, fetched: dict[str, Any], mail: ParsedMail
+    ) -> InboundMessage | None:
+        """The inbound event of one fetched mail, or None for a mail without a usable
+        sender."""
+        try:
+            contact = normalize_contact("email", mail.sender)
+        except InvalidContact:
+            logger.warning("message %s without a usable sender skipped", message_id)
+            return None
+        lead_id = lead_id_for(row.tenant_id, "email", contact)
+        received = datetime.fromtimestamp(int(fetched.get("internalDate", 0)) / 1000, UTC)
+        if not is_supported_time(received):
+            # Imported mail can carry any date; an event cannot (schemas.events).
+            received = datetime.now(UTC)
+        text = mail.text or mail.subject
+        if mail.attachments:
+            text = f"{text}\n[attachments: {', '.join(mail.attachments)}]".strip()
+        return InboundMessage(
+            event_id=inbound_event_id(row.tenant_id, "email", message_id),
+            tenant_id=row.tenant_id,
+            occurred_at=received,
+            lead_id=lead_id,
+            channel="email",
+            contact=contact,
+            contact_name=mail.sender_name[:200] if mail.sender_name else None,
+            text=text[:16_384],
+            message_type="email",
+            channel_message_id=message_id,
+            channel_account_id=row.integration_id,
+            received_at=datetime.now(UTC),
+        )
 
     async def _notify_disconnected(self, row: MailboxRow, reason: str) -> None:
         # One notice per authorisation lost: a retried poll repeats the id (the stored tokens

@@ -55,7 +55,10 @@ class EmailSender:
         if mailbox_row is None:
             raise NoMailbox("no connected Gmail mailbox: connect one first")
         mailbox = Mailbox(self._settings, mailbox_row.tokens)
-        thread_id = thread.thread_id if thread else None
+        # A thread id is the mailbox's own: the thread of a mailbox since disconnected is not
+        # this one's, and Gmail refuses the send (the headers still thread it for the lead).
+        same_mailbox = thread is not None and thread.integration_id == mailbox_row.integration_id
+        thread_id = thread.thread_id if thread and same_mailbox else None
         in_reply_to = thread.last_message_id if thread else None
         references = thread.references if thread else None
         original_subject = thread.subject if thread else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -11,6 +12,8 @@ import asyncpg
 from connectors.gmail import Tokens
 from flexoraa import audit
 from flexoraa.crypto import SecretBox
+
+logger = logging.getLogger(__name__)
 
 PROVIDER = "gmail"
 
@@ -99,18 +102,38 @@ class GmailStore:
                          c.encrypted_secret""",
             owner, float(lease_s), limit,
         )  # fmt: skip
-        return [
-            MailboxRow(
-                r["integration_id"],
-                r["tenant_id"],
-                r["email"],
-                r["history_id"],
-                Tokens.from_json(
+        mailboxes = []
+        for r in rows:
+            try:
+                tokens = Tokens.from_json(
                     self._box.decrypt(r["encrypted_secret"], _associated(r["integration_id"]))
-                ),
+                )
+            except (ValueError, KeyError, TypeError) as exc:
+                # Another key, a row restored from elsewhere: raised here, it stopped the
+                # poller at every start, and every tenant's intake with it. Kept failing,
+                # visible in the integration's status, until it is connected again.
+                logger.error("tokens of mailbox %s unreadable: %r", r["email"], exc)
+                await (await self._pool()).execute(
+                    "UPDATE gmail_poll_state SET last_error = $3, last_error_at = now(),"
+                    " next_poll_at = now() + make_interval(secs => $4), lease_owner = NULL,"
+                    " lease_expires_at = NULL WHERE integration_id = $1 AND lease_owner = $2",
+                    uuid.UUID(r["integration_id"]), owner,
+                    f"stored tokens unreadable ({exc}): connect the mailbox again", float(lease_s),
+                )  # fmt: skip
+                continue
+            mailboxes.append(
+                MailboxRow(r["integration_id"], r["tenant_id"], r["email"], r["history_id"], tokens)
             )
-            for r in rows
-        ]
+        return mailboxes
+
+    async def renew(self, mailbox: MailboxRow, owner: str, lease_s: int) -> bool:
+        """Extends `owner`'s lease on the mailbox; False if it was lost."""
+        renewed = await (await self._pool()).fetchval(
+            "UPDATE gmail_poll_state SET lease_expires_at = now() + make_interval(secs => $3)"
+            " WHERE integration_id = $1 AND lease_owner = $2 RETURNING 1",
+            uuid.UUID(mailbox.integration_id), owner, float(lease_s),
+        )  # fmt: skip
+        return renewed is not None
 
     async def advance(
         self, mailbox: MailboxRow, owner: str, history_id: int, interval_s: float, tokens: Tokens

@@ -21,13 +21,24 @@ class InvalidContact(ValueError):
     """The contact address cannot identify a customer on its channel."""
 
 
+# An e-mail address's longest (RFC 3696 errata), and the events' limit.
+MAX_CONTACT_LENGTH = 320
+
+
 def normalize_contact(channel: str, contact: str) -> str:
     """The canonical form of a contact address on a channel.
 
     Phone numbers keep only their digits (`+91 98000-00001` and `919800000001` are one person);
     e-mail addresses are case-insensitive in practice; other channels' ids are kept as sent.
     """
-    stripped = contact.strip()
+    normalized = _normalized(channel, contact.strip())
+    # Measured normalised: lowering can lengthen a string ("İ" is two characters lowered).
+    if len(normalized) > MAX_CONTACT_LENGTH:
+        raise InvalidContact(f"contact must be at most {MAX_CONTACT_LENGTH} characters")
+    return normalized
+
+
+def _normalized(channel: str, stripped: str) -> str:
     if channel in _PHONE_CHANNELS:
         digits = _NON_DIGITS.sub("", stripped)
         if not 6 <= len(digits) <= 15:

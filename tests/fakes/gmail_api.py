@@ -56,6 +56,9 @@ class GmailFake:
     sends_answered_500: int = 0
     sends_refused_429: int = 0  # sends refused (rate limit) without going out
     send_requests: int = 0
+    # What a code exchange says was granted (Google's consent lets the user untick a scope).
+    granted_scope: str = ("https://www.googleapis.com/auth/gmail.readonly "
+                          "https://www.googleapis.com/auth/gmail.send")  # fmt: skip
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _runner: web.AppRunner | None = None
     url: str = ""
@@ -142,8 +145,7 @@ class GmailFake:
             return web.json_response({"error": "unsupported_grant_type"}, status=400)
         token, refresh = self.grant(email)
         body = {"access_token": token, "expires_in": 3599, "token_type": "Bearer",
-                "scope": "https://www.googleapis.com/auth/gmail.readonly "
-                         "https://www.googleapis.com/auth/gmail.send"}  # fmt: skip
+                "scope": self.granted_scope}  # fmt: skip
         if form["grant_type"] == "authorization_code":
             body["refresh_token"] = refresh
         return web.json_response(body)
@@ -241,6 +243,8 @@ class GmailFake:
             return self._error(429, "User-rate limit exceeded.", "rateLimitExceeded")
         raw = base64.urlsafe_b64decode(body["raw"] + "=" * 3)
         thread_id = body.get("threadId")
+        if thread_id and not any(m["threadId"] == thread_id for m in mailbox.messages.values()):
+            return self._error(404, "Requested entity was not found.", "notFound")
         message_id = self.deliver(mailbox.email, raw, thread_id, labels=("SENT",))
         mailbox.sent.append({"raw": raw, "threadId": thread_id, "id": message_id})
         if self.sends_answered_500:

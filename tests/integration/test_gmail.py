@@ -17,9 +17,10 @@ import pytest
 from pydantic import SecretStr
 
 from connectors import gmail_poller
-from connectors.gmail import Mailbox, Tokens
+from connectors.gmail import Mailbox, MailboxRevoked, OAuthFlow, Tokens
 from connectors.gmail_mime import ParsedMail, compose, parse_message
 from connectors.gmail_poller import GmailPoller
+from connectors.gmail_send import EmailSender
 from connectors.gmail_store import GmailStore
 from flexoraa.crypto import load_secret_box
 from flexoraa.kafka import EventPublisher
@@ -28,6 +29,7 @@ from schemas.events import InboundMessage
 from schemas.messaging import OutboundMessage
 from schemas.notifications import Notification
 from schemas.topics import TopicNames
+from streams.rules.identity import lead_id_for
 from tests.conftest import MakeTenant, ManagedProcess, StartProcess, free_port, start_worker
 from tests.fakes.gmail_api import GmailFake
 from tests.integration.conftest import ApiFactory, read_topic
@@ -257,6 +259,10 @@ async def test_a_too_old_history_id_triggers_a_bounded_full_resync_without_dupli
     assert sorted({e.channel_message_id or "" for e in events}) == sorted(first + later)
     # Resync re-published `first` with the same event ids: downstream they are one event each.
     assert len(ids) == len(first) + len(later)
+    # Oldest first, as history.list gives them (Gmail lists the newest first); one lead's
+    # events share a partition, so their order is the order they were published in.
+    resynced = [e.channel_message_id for e in events if e.contact == "bo@example.com"]
+    assert resynced[-3:] == first
     state = await db.fetchval("SELECT history_id FROM gmail_poll_state WHERE integration_id = $1",
                               uuid.UUID(integration_id))  # fmt: skip
     assert state == gmail.mailboxes[email].history_id
@@ -376,6 +382,8 @@ async def test_a_deleted_message_hostile_headers_or_a_parser_failure_do_not_hold
     deleted = gmail.deliver(email, mail("bo@example.com", "Hi", "then deleted"))
     hostile = gmail.deliver(email, mail("cy@example.com", "Quote", "20 seats", message_id="<"))
     breaking = gmail.deliver(email, mail("di@example.com", "Hi", "the parser fails on me"))
+    # An event cannot carry it (320 characters at most): it failed every poll of the mailbox.
+    endless = gmail.deliver(email, mail("x" * 400 + "@spam.example.com", "Win", "now"))
     good = gmail.deliver(email, mail("ed@example.com", "Hello", "after them"))
     gmail.delete(email, deleted)  # between history.list and messages.get
 
@@ -388,10 +396,93 @@ async def test_a_deleted_message_hostile_headers_or_a_parser_failure_do_not_hold
     await GmailPoller(gmail_settings, store, publisher).poll_due()
     events = await inbound_events(gmail_settings, tenant.tenant_id)
     assert sorted(e.channel_message_id or "" for e in events) == sorted([hostile, good])
-    assert breaking not in {e.channel_message_id for e in events}
+    assert {breaking, endless}.isdisjoint(e.channel_message_id for e in events)
     cursor = await db.fetchval("SELECT history_id FROM gmail_poll_state WHERE integration_id = $1",
                                uuid.UUID(integration_id))  # fmt: skip
     assert cursor == gmail.mailboxes[email].history_id  # moved on
+
+
+async def test_a_token_endpoint_outage_or_unreadable_tokens_do_not_disconnect_or_stop_anyone(
+    gmail: GmailFake,
+    gmail_settings: Settings,
+    store: GmailStore,
+    publisher: EventPublisher,
+    make_tenant: MakeTenant,
+    db: asyncpg.Connection,
+) -> None:
+    # Any refusal of a refresh disconnected the mailbox (a 502 for a few seconds, and every
+    # tenant whose token expired then had to connect again by hand); a row whose tokens do not
+    # decrypt stopped the poller, every tenant's intake with it.
+    tenant = await make_tenant()
+    email, integration_id = await connected(gmail, store, tenant.tenant_id)
+    _, unreadable = await connected(gmail, store, tenant.tenant_id)
+    await db.execute(
+        "UPDATE integration_credentials SET encrypted_secret = $2 WHERE integration_id = $1",
+        uuid.UUID(unreadable), b"\x01garbage",
+    )  # fmt: skip
+    gmail.expire_access_tokens(email)
+    message_id = gmail.deliver(email, mail("flo@example.com", "Hi", "during the outage"))
+    poller = GmailPoller(gmail_settings, store, publisher)
+    gmail.token_outages = 5
+    try:
+        await poller.poll_due()
+    finally:
+        gmail.token_outages = 0
+    rows = await db.fetch(
+        "SELECT p.integration_id::text AS id, c.status || ': ' || coalesce(p.last_error, '') AS s"
+        " FROM gmail_poll_state p JOIN integration_credentials c USING (integration_id)"
+        " WHERE p.integration_id = ANY($1::uuid[])", [integration_id, unreadable],
+    )  # fmt: skip
+    states = {r["id"]: r["s"] for r in rows}
+    assert states[integration_id].startswith("connected: the access token could not be")
+    assert states[unreadable].startswith("connected: stored tokens unreadable")
+    await due_now(db, integration_id)
+    await poller.poll_due()
+    events = await inbound_events(gmail_settings, tenant.tenant_id)
+    assert [e.channel_message_id for e in events] == [message_id]
+
+
+async def test_a_consent_without_send_is_refused_at_connect(
+    gmail: GmailFake, gmail_settings: Settings
+) -> None:
+    # Connected read-only, every reply and notice by the mailbox failed while it showed as
+    # connected.
+    email = f"owner-{uuid.uuid4().hex[:6]}@acme.test"
+    gmail.add_mailbox(email)
+    gmail.granted_scope = "https://www.googleapis.com/auth/gmail.readonly"
+    try:
+        with pytest.raises(MailboxRevoked, match=r"gmail\.send"):
+            await OAuthFlow(gmail_settings).exchange(gmail.issue_code(email))
+    finally:
+        gmail.granted_scope = GmailFake.granted_scope
+
+
+async def test_a_reply_in_a_thread_of_a_mailbox_since_disconnected_goes_out_by_another(
+    gmail: GmailFake,
+    gmail_settings: Settings,
+    store: GmailStore,
+    publisher: EventPublisher,
+    make_tenant: MakeTenant,
+    db: asyncpg.Connection,
+) -> None:
+    # The other mailbox's thread id went with it, Gmail refused it, and every reply to the
+    # lead failed until the first mailbox was connected again.
+    tenant = await make_tenant()
+    first, first_id = await connected(gmail, store, tenant.tenant_id)
+    original = "<CAF-gone-1@mail.example.com>"
+    gmail.deliver(first, mail("ivy@example.com", "Seats", "10 seats?", original),
+                  thread_id="thread-ivy")  # fmt: skip
+    await GmailPoller(gmail_settings, store, publisher).poll_due()
+    await db.execute("UPDATE integration_credentials SET status = 'disconnected'"
+                     " WHERE integration_id = $1", uuid.UUID(first_id))  # fmt: skip
+    second, _ = await connected(gmail, store, tenant.tenant_id)
+    lead_id = lead_id_for(tenant.tenant_id, "email", "ivy@example.com")
+    sent = await EmailSender(gmail_settings, store).send(
+        tenant.tenant_id, to="ivy@example.com", body="Yes, 10 seats.", lead_id=lead_id
+    )
+    (out,) = gmail.mailboxes[second].sent
+    assert (sent.sender, out["threadId"]) == (second, None)
+    assert message_from_bytes(out["raw"], policy=policy.default)["In-Reply-To"] == original
 
 
 async def test_two_pollers_never_poll_one_mailbox_at_once(
@@ -423,6 +514,36 @@ async def test_two_pollers_never_poll_one_mailbox_at_once(
     published = Counter(e.channel_message_id for e in events)
     assert set(published) == {m for ids in expected.values() for m in ids}
     assert set(published.values()) == {1}
+
+
+async def test_a_poll_longer_than_its_lease_keeps_the_mailbox_to_itself(
+    gmail: GmailFake,
+    gmail_settings: Settings,
+    store: GmailStore,
+    publisher: EventPublisher,
+    make_tenant: MakeTenant,
+) -> None:
+    # The lease was never renewed: a long poll (a week's resync) lost its mailbox to another
+    # poller, which read it all again, and the first poll's cursor was refused.
+    tenant = await make_tenant()
+    email, integration_id = await connected(gmail, store, tenant.tenant_id)
+    ids = [gmail.deliver(email, mail("hal@example.com", "q", f"m{i}")) for i in range(6)]
+    short_lease = gmail_settings.model_copy(update={"gmail_lease_s": 2})
+    gmail.request_delay_s = 0.5  # 8 requests: twice the lease
+    try:
+        first = asyncio.create_task(
+            GmailPoller(short_lease, store, publisher, owner="slow").poll_due()
+        )
+        taken = []
+        while not first.done():
+            await asyncio.sleep(0.4)
+            taken += await store.claim_due("other", 60, 1000)
+        await first
+    finally:
+        gmail.request_delay_s = 0.0
+    assert integration_id not in {m.integration_id for m in taken}
+    events = await inbound_events(gmail_settings, tenant.tenant_id)
+    assert [e.channel_message_id for e in events] == ids
 
 
 @pytest.fixture(scope="module")

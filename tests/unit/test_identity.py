@@ -36,6 +36,10 @@ def test_normalize_contact(channel: str, raw: str, normal: str) -> None:
         ("email", "a@b@c"),
         ("email", "@example.com"),
         ("facebook", "   "),
+        # Past an event's 320 characters: a 500 from the API, a mailbox's intake held.
+        ("email", "x" * 400 + "@spam.example.com"),
+        ("email", "İ" * 300 + "@x.io"),  # 305 characters, 605 lowered
+        ("instagram", "9" * 321),
     ],
 )
 def test_invalid_contacts_are_refused(channel: str, raw: str) -> None:
