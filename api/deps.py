@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -100,15 +101,22 @@ async def authenticate(request: Request, services: ServicesDep) -> Principal:
         source = request.client.host if request.client else "unknown"
         # Behind a load balancer every client has its address: a key verified before (its
         # cache entry expired) must not be refused for someone else's guesses.
-        if not services.principals.verified_before(api_key):
-            await services.rate_limiter.refuse_if_guessing(source)
-        try:
-            principal = await find_principal(services.pool, api_key)
-        except DB_ERRORS as exc:
-            raise ApiError(503, "cannot verify the API key: database unavailable") from exc
-        if principal is None:
-            await services.rate_limiter.count_auth_failure(source)
-            raise ApiError(401, "invalid or revoked API key", headers=_UNAUTHORIZED_HEADERS)
+        guarded = (
+            contextlib.nullcontext()
+            if services.principals.verified_before(api_key)
+            else services.rate_limiter.unverified_key_lookup(source)
+        )
+        async with guarded:
+            try:
+                principal = await find_principal(services.pool, api_key)
+            except DB_ERRORS as exc:
+                raise ApiError(503, "cannot verify the API key: database unavailable") from exc
+            if principal is None:
+                # Revoked on another replica (or by hand): no longer "verified before", so
+                # its next tries count against the address like any unknown key.
+                services.principals.forget(api_key)
+                await services.rate_limiter.count_auth_failure(source)
+                raise ApiError(401, "invalid or revoked API key", headers=_UNAUTHORIZED_HEADERS)
         services.principals.put(api_key, principal)
     if principal.role == "connector" and not _connector_may(request.scope):
         raise ApiError(403, "a connector key can only post inbound events")

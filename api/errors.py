@@ -18,6 +18,9 @@ logger = logging.getLogger(__name__)
 DATABASE_ERRORS = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, TimeoutError)
 
 
+_RETRY_AFTER_S = "5"
+
+
 class ApiError(Exception):
     def __init__(
         self,
@@ -30,6 +33,11 @@ class ApiError(Exception):
         super().__init__(detail)
         self.status_code = status_code
         self.detail = detail
+        if status_code == 503 and not any(h.lower() == "retry-after" for h in headers or {}):
+            # A 503 here is a part away for a moment (PostgreSQL, Kafka, a worker) or not set
+            # up yet: when to ask again is said once, not left to each route to remember
+            # (several forgot it).
+            headers = {**(headers or {}), "Retry-After": _RETRY_AFTER_S}
         self.headers = headers
         self.errors = errors
 

@@ -7,6 +7,7 @@ import json
 import time
 
 from prometheus_client import Counter, Histogram
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from flexoraa.latency import LatencyRecorder
@@ -23,12 +24,20 @@ REQUEST_DURATION = Histogram(
 _SLA_ROUTE_PREFIXES = ("/api/", "/webhooks/")
 
 
-class _BodyTooLarge(Exception):
-    pass
+# HTTP exceptions, not plain ones: FastAPI answers any other error raised while it reads a body
+# it parses with "400 There was an error parsing the body", and lets these through.
+class _BodyTooLarge(HTTPException):
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(413, f"request body is larger than {max_bytes} bytes", _CLOSE)
 
 
-class _BodyTooSlow(Exception):
-    pass
+class _BodyTooSlow(HTTPException):
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(408, f"request body not received within {timeout_s:g} s", _CLOSE)
+
+
+# The rest of a body refused part-way would be read as the next request.
+_CLOSE = {"Connection": "close"}
 
 
 class BodyLimitMiddleware:
@@ -72,11 +81,11 @@ class BodyLimitMiddleware:
                 async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                     message = await receive()
             except TimeoutError:
-                raise _BodyTooSlow from None
+                raise _BodyTooSlow(self.timeout_s) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise _BodyTooLarge
+                    raise _BodyTooLarge(self.max_bytes)
                 body_complete = not message.get("more_body", False)
             return message
 
@@ -88,14 +97,10 @@ class BodyLimitMiddleware:
 
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except _BodyTooLarge:
+        except (_BodyTooLarge, _BodyTooSlow) as exc:
+            # Raised outside the app's own exception handling (a body read by a middleware).
             if not started:
-                await _send_json(send, 413, self._too_large())
-        except _BodyTooSlow:
-            if not started:
-                await _send_json(
-                    send, 408, f"request body not received within {self.timeout_s:g} s"
-                )
+                await _send_json(send, exc.status_code, exc.detail)
 
     def _too_large(self) -> str:
         return f"request body is larger than {self.max_bytes} bytes"

@@ -11,11 +11,14 @@ from schemas.events import MAX_TEXT_CHARS, Channel, EventTime
 
 
 class RequestBody(BaseModel):
-    """A request's body: no unknown field, and no NUL in any text. PostgreSQL's text refuses
+    """A request's body: no unknown field, no NUL in any text and no infinite number.
+    PostgreSQL's text refuses
     NUL, so one let through here failed later: a 500, or a message accepted (202) whose row
     the sink could never write."""
 
-    model_config = ConfigDict(extra="forbid")
+    # No infinity or NaN either (JSON's 1e309 reads as infinity): no rule can use one, and
+    # PostgreSQL's jsonb refuses it (the audit entry of a settings change: a 500).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     @field_validator("*", mode="after")
     @classmethod

@@ -7,8 +7,11 @@ is one `storage` URI away if that ever matters more than the extra moving part.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections import Counter
+from collections.abc import AsyncIterator
 
 from limits import RateLimitItem, parse_many
 from limits.aio.storage import MemoryStorage
@@ -24,14 +27,27 @@ class RateLimiter:
         self._api: list[RateLimitItem] = parse_many(api_limits)
         self._webhook: list[RateLimitItem] = parse_many(webhook_limits)
         self._auth_failures: list[RateLimitItem] = parse_many(auth_failure_limits)
+        # Per client address, its lookups of keys not verified before that are under way.
+        self._lookups: Counter[str] = Counter()
 
-    async def refuse_if_guessing(self, source: str) -> None:
-        """429 for an address whose keys kept failing, before its next key costs a lookup:
-        without it, keys nobody issued were an unlimited stream of database queries."""
+    @contextlib.asynccontextmanager
+    async def unverified_key_lookup(self, source: str) -> AsyncIterator[None]:
+        """Around the lookup of a key not verified before: 429 for an address whose keys kept
+        failing, before its next key costs a lookup (keys nobody issued were an unlimited
+        stream of database queries). The address's lookups under way count as failures until
+        they end: counted only once failed, any number sent at once all passed the check."""
+        in_flight = self._lookups[source] + 1
         for item in self._auth_failures:
-            if not await self._limiter.test(item, "auth-failure", source):
+            if not await self._limiter.test(item, "auth-failure", source, cost=in_flight):
                 what = "client address's failed keys"
                 raise await self._limited_error(item, "auth-failure", source, what)
+        self._lookups[source] = in_flight
+        try:
+            yield
+        finally:
+            self._lookups[source] -= 1
+            if not self._lookups[source]:
+                del self._lookups[source]
 
     async def count_auth_failure(self, source: str) -> None:
         for item in self._auth_failures:

@@ -121,6 +121,10 @@ class PrincipalCache:
         entry = self._entries.get(hash_api_key(api_key))
         return entry is not None and entry[1].key_id not in self._revoked
 
+    def forget(self, api_key: str) -> None:
+        """Drops the key's entry: the database no longer knows it."""
+        self._entries.pop(hash_api_key(api_key), None)
+
     def forget_key(self, key_id: str) -> None:
         """A revoked key stops working on this replica at once (others: within the TTL)."""
         self._revoked.add(key_id)

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header
 
-from api.deps import PrincipalDep, ServicesDep
+from api.deps import PrincipalDep, Services, ServicesDep
 from api.errors import DATABASE_ERRORS, ApiError
 from api.lead_state import StateUnavailable
 from api.models import (
@@ -150,8 +150,9 @@ async def qualification_history(
     "/api/leads/{lead_id}/messages",
     status_code=202,
     response_model=SendAccepted,
-    responses={404: {}, 422: {}, 503: {}},
-)
+    responses={404: {}, 409: {"description": "Idempotency-Key used for another message"},
+               422: {}, 503: {}},
+)  # fmt: skip
 async def send_message(
     lead_id: str,
     body: SendRequest,
@@ -171,15 +172,24 @@ async def send_message(
     if session is None or session["tenant_id"] != principal.tenant_id:
         raise ApiError(404, _NOT_FOUND)
     now = datetime.now(UTC)
-    if body.send_at is not None and body.send_at <= now:
-        raise ApiError(422, "send_at: must be in the future (omit it to send now)")
-    if body.send_at is not None and body.send_at > now + _MAX_SCHEDULE_AHEAD:
-        raise ApiError(422, "send_at: at most 90 days ahead")
     command_id = (
         str(uuid.uuid4())
         if idempotency_key is None
         else name_based_id(_SEND_NAMESPACE, f"{principal.tenant_id}|{lead_id}|{idempotency_key}")
     )
+    retried = (
+        idempotency_key is not None
+        and body.send_at is not None
+        and await _same_scheduled(services, principal.tenant_id, command_id, body)
+    )
+    # A retry is the message scheduled before, even once its time has passed (the worker then
+    # sends it at once): refused as "not in the future", one Kafka never took stayed listed
+    # "scheduled" for good.
+    if body.send_at is not None and not retried:
+        if body.send_at <= now:
+            raise ApiError(422, "send_at: must be in the future (omit it to send now)")
+        if body.send_at > now + _MAX_SCHEDULE_AHEAD:
+            raise ApiError(422, "send_at: at most 90 days ahead")
     command = OutboundCommand(
         event_id=command_id,
         tenant_id=principal.tenant_id,
@@ -189,7 +199,7 @@ async def send_message(
         sent_by="sdr",
         send_at=body.send_at,
     )
-    if body.send_at is not None:
+    if body.send_at is not None and not retried:
         await services.pool.execute(
             "INSERT INTO scheduled_messages (scheduled_id, tenant_id, lead_id, body, send_at)"
             " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (scheduled_id) DO NOTHING",
@@ -223,6 +233,24 @@ async def send_message(
             ) from exc
         raise ApiError(503, "message not queued: Kafka is unavailable, retry later") from exc
     return SendAccepted(command_id=command.event_id, lead_id=lead_id, send_at=body.send_at)
+
+
+async def _same_scheduled(
+    services: Services, tenant_id: str, scheduled_id: str, body: SendRequest
+) -> bool:
+    """Whether the message this Idempotency-Key scheduled is this one; 409 if the key
+    scheduled another (kept, the first row would be listed while the new one went out)."""
+    stored = await services.pool.fetchrow(
+        "SELECT body, send_at FROM scheduled_messages WHERE scheduled_id = $1 AND tenant_id = $2",
+        uuid.UUID(scheduled_id), tenant_id,
+    )  # fmt: skip
+    if stored is None:
+        return False
+    if (stored["body"], stored["send_at"]) != (body.text, body.send_at):
+        raise ApiError(
+            409, "Idempotency-Key: already used for another message (its text or send_at differ)"
+        )
+    return True
 
 
 _NOT_CONFIRMED = "not queued: Kafka did not confirm the message (a 503 answered its request)"

@@ -43,8 +43,15 @@ router = APIRouter(tags=["webhooks"])
 _DELIVERY_STATES = {"sent", "delivered", "read", "failed"}
 
 
-@router.get("/webhooks/whatsapp", response_class=PlainTextResponse, responses={403: {}})
-@router.get("/webhooks/meta", response_class=PlainTextResponse, include_in_schema=False)
+# Limited like the deliveries: keyless, each handshake is a database query.
+@router.get(
+    "/webhooks/whatsapp", response_class=PlainTextResponse, responses={403: {}, 429: {}},
+    dependencies=[WebhookLimit],
+)  # fmt: skip
+@router.get(
+    "/webhooks/meta", response_class=PlainTextResponse, include_in_schema=False,
+    dependencies=[WebhookLimit],
+)  # fmt: skip
 async def verify_subscription(
     services: ServicesDep,
     mode: Annotated[str | None, Query(alias="hub.mode")] = None,

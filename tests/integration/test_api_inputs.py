@@ -69,6 +69,22 @@ async def test_times_and_cursors_out_of_range_are_refused_not_a_500(
     assert response.status_code in (400, 422), (path, response.status_code, response.text)
 
 
+async def test_an_infinite_number_or_a_contact_longer_lowered_is_refused_not_a_500(
+    api: httpx.AsyncClient, make_tenant: MakeTenant
+) -> None:
+    # 1e309 reads as infinity, which the audit entry's jsonb refused; 300 "İ" lowered are 600
+    # characters, past what an event carries.
+    tenant = await make_tenant()
+    infinite = await api.put(
+        "/api/tenant/settings", headers={**tenant.headers, "Content-Type": "application/json"},
+        content=b'{"qualification_budget_threshold": 1e309}',
+    )  # fmt: skip
+    assert infinite.status_code == 422, infinite.text
+    message = {"channel": "email", "contact": "İ" * 300 + "@x.io", "text": "hi"}
+    lowered = await api.post("/api/events/inbound", headers=tenant.headers, json=message)
+    assert lowered.status_code == 422, lowered.text
+
+
 async def test_the_audit_log_pages_through_entries_of_one_instant(
     api: httpx.AsyncClient, make_tenant: MakeTenant
 ) -> None:

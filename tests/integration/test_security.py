@@ -6,6 +6,7 @@ import asyncio
 import re
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -67,6 +68,32 @@ async def test_an_address_guessing_keys_gets_429_before_a_lookup(
         assert (await api.get("/api/sdrs", headers=tenant.headers)).status_code == 200
 
 
+async def test_guesses_sent_at_once_or_a_key_revoked_elsewhere_are_limited_too(
+    api_factory: ApiFactory, make_tenant: MakeTenant, db: asyncpg.Connection
+) -> None:
+    # Counted only once they failed, guesses sent at once all passed the check (500 lookups
+    # at "30/minute"); a key revoked on another replica counted as "verified before" forever.
+    tenant = await make_tenant()
+    limits = {"auth_failure_rate_limit": "3/minute", "api_key_cache_ttl_s": 0.2}
+    async with api_factory(**limits) as api:
+        burst = await asyncio.gather(*(
+            api.get("/api/sdrs", headers={"Authorization": f"Bearer burst-{i}"})
+            for i in range(12)
+        ))  # fmt: skip
+        codes = Counter(b.status_code for b in burst)
+        assert codes[401] <= 3
+        assert codes[429] == 12 - codes[401]
+    async with api_factory(**limits) as api:
+        assert (await api.get("/api/sdrs", headers=tenant.headers)).status_code == 200
+        await db.execute(
+            "UPDATE api_keys SET revoked_at = now() WHERE tenant_id = $1",
+            uuid.UUID(tenant.tenant_id),
+        )
+        await asyncio.sleep(0.3)  # past the cache's TTL
+        tries = [(await api.get("/api/sdrs", headers=tenant.headers)).status_code for _ in range(5)]
+        assert tries == [401] * 3 + [429] * 2
+
+
 async def test_a_webhook_sender_over_its_limit_gets_429(api_factory: ApiFactory) -> None:
     async with api_factory(
         webhook_rate_limit="3/minute", razorpay_webhook_secret=SecretStr("whsec_x")
@@ -74,6 +101,12 @@ async def test_a_webhook_sender_over_its_limit_gets_429(api_factory: ApiFactory)
         codes = [(await api.post("/webhooks/razorpay", content=b"{}")).status_code
                  for _ in range(4)]  # fmt: skip
     assert codes == [400, 400, 400, 429]
+    # Meta's handshake too: keyless, each one was a database query, never limited.
+    handshake = {"hub.mode": "subscribe", "hub.verify_token": "guess", "hub.challenge": "1"}
+    async with api_factory(webhook_rate_limit="3/minute") as api:
+        codes = [(await api.get("/webhooks/whatsapp", params=handshake)).status_code
+                 for _ in range(4)]  # fmt: skip
+    assert codes == [403, 403, 403, 429]
 
 
 async def test_webhook_signature_attacks_are_refused_and_produce_nothing(
@@ -102,6 +135,17 @@ async def test_webhook_signature_attacks_are_refused_and_produce_nothing(
             headers={"X-Hub-Signature-256": signature_for(huge, "any")},
         )  # fmt: skip
         assert meta_huge.status_code == 413
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield b'{"name": "'
+            for _ in range(10):
+                yield b"x" * 1000
+            yield b'"}'
+
+        # Chunked, no Content-Length, to a body FastAPI parses: it answered 400.
+        unsized = await api.post("/api/sdrs", content=chunks(),
+                                 headers={"Content-Type": "application/json"})  # fmt: skip
+        assert unsized.status_code == 413, unsized.text
     assert await db.fetchval("SELECT count(*) FROM payment_events WHERE order_id = $1",
                              "order_ATTACK0001") == 0  # fmt: skip
 
@@ -122,29 +166,32 @@ async def test_a_slow_body_is_cut_off_with_408_and_produces_nothing(
         "the API to be healthy",
     )
     body = webhook_body("payment.captured", "order_SLOW00001", "pay_SLOW00001", 5000, "USD")
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    head = (
-        "POST /webhooks/razorpay HTTP/1.1\r\nHost: api\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\nX-Razorpay-Signature: {webhook_signature(body, secret)}"
-        "\r\n\r\n"
-    )
-    writer.write(head.encode())
-    started = time.monotonic()
+    # A webhook reads its body itself; FastAPI parses an API route's, and answered 400 "error
+    # parsing the body" where the limit said 408.
+    for path in ("/webhooks/razorpay", "/api/sdrs"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: api\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n"
+            f"X-Razorpay-Signature: {webhook_signature(body, secret)}\r\n\r\n"
+        )
+        writer.write(head.encode())
+        started = time.monotonic()
 
-    async def drip() -> None:
-        for i in range(len(body) - 1):  # never the last byte in time
-            writer.write(body[i : i + 1])
-            await writer.drain()
-            await asyncio.sleep(0.2)
+        async def drip(writer: asyncio.StreamWriter = writer) -> None:
+            for i in range(len(body) - 1):  # never the last byte in time
+                writer.write(body[i : i + 1])
+                await writer.drain()
+                await asyncio.sleep(0.2)
 
-    dripping = asyncio.create_task(drip())
-    try:
-        status_line = await asyncio.wait_for(reader.readline(), timeout=15)
-    finally:
-        dripping.cancel()
-        writer.close()
-    assert status_line.split()[1] == b"408", status_line
-    assert time.monotonic() - started < 10
+        dripping = asyncio.create_task(drip())
+        try:
+            status_line = await asyncio.wait_for(reader.readline(), timeout=15)
+        finally:
+            dripping.cancel()
+            writer.close()
+        assert status_line.split()[1] == b"408", (path, status_line)
+        assert time.monotonic() - started < 10
     assert server.process.poll() is None
     # The server still serves, and the dripped webhook credited nothing.
     assert (await asyncio.to_thread(http_get_json, f"http://127.0.0.1:{port}/health"))[0] == 200

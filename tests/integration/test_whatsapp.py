@@ -424,6 +424,31 @@ async def test_a_reply_retried_with_its_idempotency_key_goes_out_once(
     assert sorted(texts) == ["A second reply, without a key.", "Once, please."]
 
 
+async def test_a_scheduled_message_retried_with_its_key_is_the_same_even_once_due(
+    api: httpx.AsyncClient, make_tenant: MakeTenant, graph: GraphApiFake
+) -> None:
+    # Retried after its send_at (as a 503 invites), it was refused as "not in the future";
+    # retried with another text, it was accepted while the first row stayed listed.
+    business = await register(api, await make_tenant())
+    lead_id = await inbound(api, business, "919844400010", now_s() - 60, "wamid.S10")
+    path = f"/api/leads/{lead_id}/messages"
+    headers = business.tenant.headers | {"Idempotency-Key": "later-7"}
+    message = {"text": "Talk at noon?",
+               "send_at": (datetime.now(UTC) + timedelta(seconds=2)).isoformat()}  # fmt: skip
+    first = await api.post(path, headers=headers, json=message)
+    assert first.status_code == 202, first.text
+    other = await api.post(path, headers=headers, json=message | {"text": "Talk at one?"})
+    assert other.status_code == 409, other.text
+    await asyncio.sleep(2.5)  # its time has passed
+    again = await api.post(path, headers=headers, json=message)
+    assert again.status_code == 202, again.text
+    assert again.json()["command_id"] == first.json()["command_id"]
+    await eventually(lambda: _sent_count(graph, business, 1), what="the scheduled message")
+    await asyncio.sleep(1.0)  # a duplicate would follow within the worker's next fetch
+    texts = [r["body"]["text"]["body"] for r in graph.sent_to(business.phone_number_id)]
+    assert texts == ["Talk at noon?"]
+
+
 async def _sent_count(graph: GraphApiFake, business: Business, count: int) -> bool | None:
     return len(graph.sent_to(business.phone_number_id)) >= count or None
 
