@@ -288,17 +288,22 @@ class LeadEventSink(BatchSink[LeadEvent]):
                         statement, *(list(column) for column in zip(*rows, strict=True))
                     )
             # Applied after the attempts above: an attempt and its reply may share a batch.
+            # A reply marks the attempt it answered; one written before replies named their
+            # attempt marks the lead's step, of whichever sequence.
             replies = {
-                (e.lead_id, e.data["step"]): e.occurred_at
+                (e.lead_id, e.data["step"], e.data.get("attempt_event_id")): e.occurred_at
                 for e in reversed(by_type.get("recovery_replied", []))
             }  # the first reply of a step wins, as it would row by row
             if replies:
                 await conn.execute(
                     """UPDATE lead_recovery_log SET status = 'replied', replied_at = u.at
-                       FROM unnest($1::uuid[], $2::int[], $3::timestamptz[]) AS u(l, s, at)
-                       WHERE lead_id = u.l AND step = u.s AND replied_at IS NULL""",
-                    [lead for lead, _ in replies],
-                    [step for _, step in replies],
+                       FROM unnest($1::uuid[], $2::int[], $3::uuid[], $4::timestamptz[])
+                            AS u(l, s, a, at)
+                       WHERE replied_at IS NULL
+                         AND (event_id = u.a OR (u.a IS NULL AND lead_id = u.l AND step = u.s))""",
+                    [lead for lead, _, _ in replies],
+                    [step for _, step, _ in replies],
+                    [attempt for _, _, attempt in replies],
                     list(replies.values()),
                 )
 

@@ -46,6 +46,11 @@ def _id(*parts: object) -> str:
     return name_based_id(_NAMESPACE, "|".join(str(p) for p in parts))
 
 
+def _attempt_id(lead_id: str, started_ms: int, step: int) -> str:
+    """The id of a sequence's step's `recovery_attempt` event."""
+    return _id(lead_id, "attempt", started_ms, step)
+
+
 class Recovery:
     def __init__(
         self,
@@ -95,17 +100,25 @@ class Recovery:
     async def _on_customer_message_held(self, key: bytes, message: InboundMessage) -> None:
         state = self._table.get(key)
         occurred_ms = int(message.occurred_at.timestamp() * 1000)
-        if state is not None and occurred_ms >= state["started_ms"]:
+        # Any message after the one the lead fell silent on ends the sequence, also one that
+        # occurred before the sequence started but was read after (a Gmail poll, a Meta
+        # retry): compared with the start, the sequence went on to a lead who had written.
+        # (Sequences started before the silence was kept: their start.)
+        silent_since_ms = state.get("silent_since_ms", state["started_ms"] - 1) if state else 0
+        if state is not None and occurred_ms > silent_since_ms:
             del self._table[key]
             self._scheduler.cancel(key, "recovery")
-            if state["step"] == 0:  # nothing sent yet: no reply to a recovery message
+            if state["step"] == 0 or occurred_ms < state["started_ms"]:
+                # Nothing sent yet, or written before the sequence began: no reply to it.
                 self._move_silence(key, occurred_ms)
                 return
             last_step = state["step"] - 1
             RECOVERY.labels(STRATEGIES[last_step], "replied").inc()
             await self._event(
                 message.lead_id, message.tenant_id, "recovery_replied",
-                {"step": last_step, "time_to_reply_ms": occurred_ms - state["last_sent_ms"]},
+                {"step": last_step, "time_to_reply_ms": occurred_ms - state["last_sent_ms"],
+                 # The attempt answered: a step of an earlier sequence is not this reply's.
+                 "attempt_event_id": _attempt_id(message.lead_id, state["started_ms"], last_step)},
                 _id(message.lead_id, "replied", state["started_ms"]), message.occurred_at,
             )  # fmt: skip
         self._move_silence(key, occurred_ms)
@@ -120,6 +133,12 @@ class Recovery:
     async def _silent(
         self, key: bytes, fired: DeadlineReached, session: dict[str, Any] | None
     ) -> None:
+        # The lead's lock: a message taken while this awaits the tenant's zone would find no
+        # sequence to end, and the sequence would start after the lead wrote.
+        async with self._gate.lead_lock(key):
+            await self._silent_held(key, session)
+
+    async def _silent_held(self, key: bytes, session: dict[str, Any] | None) -> None:
         if session is None or self._table.get(key) is not None:
             return
         now_ms = int(datetime.now(UTC).timestamp() * 1000)
@@ -137,8 +156,9 @@ class Recovery:
             logger.warning("tenant %s: unknown time zone %r; recovery runs on UTC",
                            session["tenant_id"], time_zone)  # fmt: skip
         due = step_due_ms(now_ms, 0, self._delays_s, time_zone, self._local_hour)
+        silent_since_ms = session.get("last_customer_message_ms", 0)
         self._table[key] = {"step": 0, "started_ms": now_ms, "last_sent_ms": now_ms,
-                            "time_zone": time_zone}  # fmt: skip
+                            "time_zone": time_zone, "silent_since_ms": silent_since_ms}  # fmt: skip
         self._scheduler.set(key, {"recovery": due})
 
     async def _step(
@@ -198,7 +218,7 @@ class Recovery:
             lead_id, tenant_id, "recovery_attempt",
             {"step": step, "strategy": STRATEGIES[step], "command_id": command.event_id,
              "tokens": tokens},
-            _id(lead_id, "attempt", state["started_ms"], step), now,
+            _attempt_id(lead_id, state["started_ms"], step), now,
         )  # fmt: skip
         self._advance(key, state, int(now.timestamp() * 1000))
 

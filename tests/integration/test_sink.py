@@ -159,6 +159,34 @@ async def test_lead_events_fill_the_seed_history_tables_once(
            "replied_at": batch[4].occurred_at}]  # fmt: skip
 
 
+async def test_a_recovery_reply_marks_the_attempt_it_answered_not_earlier_sequences(
+    test_settings: Settings, make_tenant: MakeTenant, db: asyncpg.Connection
+) -> None:
+    # Marked by lead and step, a reply to a second sequence's first step also marked the
+    # first sequence's, weeks older and never answered.
+    tenant = await make_tenant()
+    lead = lead_id_for(tenant.tenant_id, "sms", "5554000010")
+    older = lead_event(tenant.tenant_id, lead, "recovery_attempt", 0, step=0, strategy="soft")
+    newer = lead_event(tenant.tenant_id, lead, "recovery_attempt", 60, step=0, strategy="soft")
+    replied = lead_event(tenant.tenant_id, lead, "recovery_replied", 61, step=0,
+                         attempt_event_id=newer.event_id)  # fmt: skip
+    pool = await create_pool(test_settings)
+
+    async def pool_factory() -> asyncpg.Pool:
+        return pool
+
+    try:
+        assert await LeadEventSink(pool_factory).write([older, newer, replied]) == []
+    finally:
+        await pool.close()
+    statuses = await db.fetch("SELECT event_id::text, status FROM lead_recovery_log"
+                              " WHERE tenant_id = $1", tenant.tenant_id)  # fmt: skip
+    assert {r["event_id"]: r["status"] for r in statuses} == {
+        older.event_id: "sent",
+        newer.event_id: "replied",
+    }
+
+
 async def test_a_lead_event_its_history_table_cannot_take_is_returned_and_the_rest_written(
     test_settings: Settings, make_tenant: MakeTenant, db: asyncpg.Connection
 ) -> None:

@@ -3,6 +3,7 @@ read late (a Meta retry, a Gmail backfill, a message still queued when the deadl
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -98,3 +99,48 @@ async def test_a_message_before_any_step_went_out_is_no_recovery_success() -> No
     assert table == {}
     assert scheduler.pending(KEY) == {"silence": ms(now + timedelta(seconds=1)) + SILENCE_MS}
     assert recovery._lead_events.sent == []  # type: ignore[attr-defined]
+
+
+async def test_a_message_written_before_the_sequence_started_but_read_after_ends_it() -> None:
+    # Compared with the start, a mail written just before the silence fired and polled after
+    # it counted as old: the sequence went on to a lead who had just written.
+    recovery, table, scheduler = recovery_with(FailingMeter(failing_step=-1))
+    now = datetime.now(UTC)
+    silent_since = now - timedelta(days=1)
+    session = {
+        "tenant_id": TENANT,
+        "channel": "email",
+        "last_customer_message_ms": ms(silent_since),
+    }
+    fired = DeadlineReached(event_id=str(uuid.uuid4()), tenant_id=TENANT, occurred_at=now,
+                            lead_id=LEAD, deadline="silence", due_ms=ms(now),
+                            fired_at=now)  # fmt: skip
+    await recovery.handlers()["silence"](KEY, fired, session)
+    assert table[KEY]["step"] == 0  # started
+    await recovery.on_customer_message(message(now - timedelta(seconds=20)))
+    assert table == {}
+    assert "recovery" not in scheduler.pending(KEY)
+    # The lead's last message read again (a Meta retry) does not end a sequence.
+    await recovery.handlers()["silence"](KEY, fired, session)
+    await recovery.on_customer_message(message(silent_since))
+    assert table[KEY]["step"] == 0
+
+
+async def test_a_reply_names_the_attempt_it_answered() -> None:
+    # Marked by lead and step, a reply also marked that step of every earlier sequence as
+    # answered, and the recovery statistics counted replies that never came.
+    recovery, table, _ = recovery_with(FailingMeter(failing_step=-1))
+    now = datetime.now(UTC)
+    table[KEY] = {"step": 0, "started_ms": ms(now), "last_sent_ms": ms(now), "time_zone": "UTC",
+                  "silent_since_ms": ms(now - timedelta(days=1))}  # fmt: skip
+    session = {"tenant_id": TENANT, "channel": "email", "last_customer_message_ms": 0}
+    fired = DeadlineReached(event_id=str(uuid.uuid4()), tenant_id=TENANT, occurred_at=now,
+                            lead_id=LEAD, deadline="recovery", due_ms=ms(now),
+                            fired_at=now)  # fmt: skip
+    await recovery.handlers()["recovery"](KEY, fired, session)
+    await recovery.on_customer_message(message(datetime.now(UTC) + timedelta(seconds=1)))
+    sent = recovery._lead_events.sent  # type: ignore[attr-defined]
+    events = [json.loads(value) for _, value in sent]
+    (attempt,) = [e for e in events if e["type"] == "recovery_attempt"]
+    (replied,) = [e for e in events if e["type"] == "recovery_replied"]
+    assert replied["data"]["attempt_event_id"] == attempt["event_id"]
