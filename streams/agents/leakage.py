@@ -60,6 +60,10 @@ def register(
         if message is None:
             return
         key = message.lead_id.encode()
+        # Asked before the table is read, never between the read and the write: the replies'
+        # handler runs as a task of its own, and an answer it recorded while this awaited
+        # (a cache miss, PostgreSQL away) was overwritten by a new wait: a false leak.
+        threshold_s = await while_unreachable(tenants.leak_threshold_s, message.tenant_id)
         entry = leakage.get(key)
         if (waiting := _waiting(entry)) is not None:
             # Already waiting: the wait starts at the first unanswered message. Its deadline
@@ -71,7 +75,6 @@ def register(
         occurred_ms = int(message.occurred_at.timestamp() * 1000)
         if isinstance(entry, int) and occurred_ms <= entry:
             return  # answered already, its reply read first
-        threshold_s = await while_unreachable(tenants.leak_threshold_s, message.tenant_id)
         due_ms = leak_due_ms(occurred_ms, threshold_s)
         leakage[key] = {"waiting_since_ms": occurred_ms, "due_ms": due_ms, "fired": False}
         scheduler.set(key, {"leak": due_ms})

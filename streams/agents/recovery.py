@@ -183,6 +183,13 @@ class Recovery:
             del self._table[key]
             return
         now_ms = int(time.time() * 1000)
+        if self._local_hour is not None:
+            # Due at the hour but fired later (a worker down overnight, a step resumed after
+            # a top-up at 23:00): it waits for the next one, not a 03:00 message.
+            window = local_hour_window_start(now_ms, state["time_zone"], self._local_hour)
+            if window > now_ms:
+                self._scheduler.set(key, {"recovery": window})
+                return
         window_open = is_window_open(session.get("last_customer_message_ms"), now_ms)
         if not reachable(session.get("channel", ""), window_open, self._template_configured):
             # Nothing would go out (an Instagram or Messenger window closed, WhatsApp without
@@ -252,15 +259,9 @@ class Recovery:
     async def _resume(
         self, key: bytes, payloads: list[Any], session: dict[str, Any] | None
     ) -> None:
-        # Steps never pile up (the next is scheduled only after one is sent): run the last.
-        # Called by the gate with the lead's lock held.
-        state = self._table.get(key)
-        if state is not None and self._local_hour is not None:
-            now_ms = int(time.time() * 1000)
-            window = local_hour_window_start(now_ms, state["time_zone"], self._local_hour)
-            if window > now_ms:
-                self._scheduler.set(key, {"recovery": window})  # it asks the gate again then
-                return
+        # Steps never pile up (the next is scheduled only after one is sent): run the last
+        # (outside its hour, it waits for it and asks the gate again then). Called by the
+        # gate with the lead's lock held.
         await self._step_held(key, DeadlineReached.model_validate(payloads[-1]), session)
 
 

@@ -3,6 +3,7 @@ order the two topics' handlers (each with a queue of its own) read them in."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -101,3 +102,31 @@ async def test_a_message_under_another_leads_key_starts_no_wait() -> None:
     await lane.handlers["leakage-waits"](Record(wrong.value, key=str(uuid.uuid4()).encode()))
     assert table == {}
     assert scheduler.pending(KEY) == {}
+
+
+async def test_an_answer_recorded_while_the_threshold_is_looked_up_is_not_overwritten() -> None:
+    # The wait was decided on the table read before the lookup's await: the answer recorded
+    # meanwhile by the replies' handler was overwritten by a new wait, a false leak later.
+    lane, table, scheduler, _ = waits()
+    answered = asyncio.Event()
+    looked_up = asyncio.Event()
+
+    class SlowTenants:
+        async def leak_threshold_s(self, tenant_id: str) -> int:
+            looked_up.set()
+            await answered.wait()  # a cache miss: PostgreSQL asked
+            return 1800
+
+    slow_lane = Lane()
+    leakage_agent.register(
+        cast(Any, slow_lane), inbound=cast(Any, None), outbound_messages=cast(Any, None),
+        lead_events=cast(Any, RecordingTopic()), leakage=cast(Any, table), scheduler=scheduler,
+        tenants=cast(Any, SlowTenants()), max_batch=100,
+    )  # fmt: skip
+    waiting = asyncio.ensure_future(slow_lane.handlers["leakage-waits"](inbound(AT)))
+    await looked_up.wait()
+    await lane.handlers["leakage-replies"](reply(AT + timedelta(seconds=30)))
+    answered.set()
+    await waiting
+    assert scheduler.pending(KEY) == {}
+    assert table[KEY] == int((AT + timedelta(seconds=30)).timestamp() * 1000)

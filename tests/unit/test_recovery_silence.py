@@ -144,3 +144,22 @@ async def test_a_reply_names_the_attempt_it_answered() -> None:
     (attempt,) = [e for e in events if e["type"] == "recovery_attempt"]
     (replied,) = [e for e in events if e["type"] == "recovery_replied"]
     assert replied["data"]["attempt_event_id"] == attempt["event_id"]
+
+
+async def test_a_step_fired_late_past_its_local_hour_waits_for_the_next() -> None:
+    # Overdue steps fire on the first tick after a restart: a worker down overnight sent the
+    # 10:00 steps at 03:00.
+    meter = FailingMeter(failing_step=-1)
+    recovery, table, scheduler = recovery_with(meter)
+    now_ms = int(time.time() * 1000)
+    hour = (datetime.now(UTC) + timedelta(hours=3)).hour  # not the hour running now
+    recovery._local_hour = hour
+    table[KEY] = {"step": 1, "started_ms": now_ms, "last_sent_ms": now_ms, "time_zone": "UTC"}
+    fired = DeadlineReached(event_id=str(uuid.uuid4()), tenant_id=TENANT,
+                            occurred_at=datetime.now(UTC), lead_id=LEAD, deadline="recovery",
+                            due_ms=now_ms - 6 * 3_600_000, fired_at=datetime.now(UTC))  # fmt: skip
+    session = {"tenant_id": TENANT, "channel": "email", "last_customer_message_ms": 0}
+    await recovery.handlers()["recovery"](KEY, fired, session)
+    assert (meter.steps, table[KEY]["step"]) == (0, 1)  # not sent
+    due = datetime.fromtimestamp(scheduler.pending(KEY)["recovery"] / 1000, tz=UTC)
+    assert (due.hour, due.minute) == (hour, 0)
