@@ -315,6 +315,12 @@ class Settings(BaseSettings):
         "(tenants.leak_threshold_s overrides it per tenant)",
     )
 
+    inbound_stale_after_s: int = Field(
+        86_400, ge=0, description="a customer message read this long after it was written (a "
+        "mailbox's history imported on connect, a channel's retries after a long outage) is "
+        "recorded but not acted on: no AI interview step, no leak wait, no recovery silence; "
+        "0: every message is acted on",
+    )  # fmt: skip
     recovery_silence_s: int = Field(
         86_400, ge=1, description="a COLD lead silent this long enters cold recovery"
     )

@@ -291,6 +291,8 @@ def create_worker_app(settings: Settings) -> faust.App:
     # What a kind of deadline does when one of its own is dead-lettered (streams.poison).
     dead_lettered: dict[str, DeadLettered] = scheduled.dead_lettered()
     # --- AI qualification (issue 4) ---
+    # Customer messages read this late are recorded, not acted on (streams.rules.session).
+    stale_after_ms = settings.inbound_stale_after_s * 1000
     qualification = app.Table("qualification", key_type=bytes, partitions=settings.kafka_partitions)
     router = SdrRouter(pool)
     tenants = TenantSettings(pool, settings.leak_threshold_s)
@@ -316,6 +318,7 @@ def create_worker_app(settings: Settings) -> faust.App:
                 ),
                 gate,
                 meter,
+                stale_after_ms=stale_after_ms,
             ),
             gate=gate,
             max_batch=lane_max,
@@ -332,6 +335,7 @@ def create_worker_app(settings: Settings) -> faust.App:
             scheduler=scheduler,
             tenants=tenants,
             max_batch=lane_max,
+            stale_after_ms=stale_after_ms,
         )
         leak_actions = LeakActions(
             leakage=leakage,
@@ -359,6 +363,7 @@ def create_worker_app(settings: Settings) -> faust.App:
             gate=gate,
             meter=meter,
             template_configured=settings.whatsapp_template_name is not None,
+            stale_after_ms=stale_after_ms,
         )
         recovery_agent.register(batch_lane, inbound=inbound, recovery=recovery, max_batch=lane_max)
         deadline_handlers |= recovery.handlers()

@@ -26,6 +26,7 @@ from streams.batches import BatchLane, SourceRecord
 from streams.dead_letters import decoded_inbound, decoded_record
 from streams.metrics import LEAKS
 from streams.rules.leakage import ACTIONS, REENGAGEMENT_TEXT, leak_due_ms, temperature
+from streams.rules.session import read_too_late
 from streams.timers import Scheduler
 
 _NAMESPACE = uuid.UUID("9d7c6b5a-4e3f-4a2b-9c1d-0e9f8a7b6c5d")
@@ -54,10 +55,17 @@ def register(
     scheduler: Scheduler,
     tenants: TenantSettings,
     max_batch: int,
+    stale_after_ms: int = 0,
 ) -> None:
     async def start_waiting(record: SourceRecord) -> None:
         message = decoded_inbound(record)
         if message is None:
+            return
+        occurred_ms = int(message.occurred_at.timestamp() * 1000)
+        received_ms = int(message.received_at.timestamp() * 1000)
+        if read_too_late(occurred_ms, received_ms, stale_after_ms):
+            # Imported history: a wait for it would be overdue at once, a leak for every
+            # sender of the mailbox's last week the moment it is connected.
             return
         key = message.lead_id.encode()
         # Asked before the table is read, never between the read and the write: the replies'
@@ -72,7 +80,6 @@ def register(
             if not waiting["fired"]:
                 scheduler.set_if_absent(key, "leak", waiting["due_ms"])
             return
-        occurred_ms = int(message.occurred_at.timestamp() * 1000)
         if isinstance(entry, int) and occurred_ms <= entry:
             return  # answered already, its reply read first
         due_ms = leak_due_ms(occurred_ms, threshold_s)

@@ -26,6 +26,7 @@ from streams.batches import BatchLane, SourceRecord
 from streams.dead_letters import decoded_inbound
 from streams.metrics import QUALIFICATION_STEPS
 from streams.rules.qualification import Policy, Step, advance, new_state
+from streams.rules.session import read_too_late
 
 logger = logging.getLogger(__name__)
 _NAMESPACE = uuid.UUID("5c0e7f1a-2b3d-4c5e-8f9a-0b1c2d3e4f5a")
@@ -57,7 +58,9 @@ class Interviewer:
         topics: QualificationTopics,
         gate: AiGate,
         meter: Meter,
+        stale_after_ms: int = 0,
     ) -> None:
+        self._stale_after_ms = stale_after_ms
         self._ai = ai
         self._router = router
         self._policy = policy
@@ -75,6 +78,11 @@ class Interviewer:
         said_ms = int(said_at.timestamp() * 1000)
         current = state or new_state(message.lead_id, message.tenant_id, said_ms)
         if current["status"] != "in_progress" or message.event_id in current["recent_event_ids"]:
+            return None
+        if read_too_late(said_ms, int(message.received_at.timestamp() * 1000),
+                         self._stale_after_ms):  # fmt: skip
+            # Days old when read (a mailbox's history imported): an interview question now
+            # would answer the past; the lead's next message starts it.
             return None
         key = message.lead_id.encode()
         # A lead with kept messages keeps this one too, so answers are read in order.

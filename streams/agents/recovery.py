@@ -35,6 +35,7 @@ from streams.rules.recovery import (
     step_due_ms,
 )
 from streams.rules.sending import reachable
+from streams.rules.session import read_too_late
 from streams.rules.window import is_window_open
 from streams.timers import Scheduler
 
@@ -67,7 +68,9 @@ class Recovery:
         gate: AiGate,
         meter: Meter,
         template_configured: bool = False,
+        stale_after_ms: int = 0,
     ) -> None:
+        self._stale_after_ms = stale_after_ms
         # Whether a WhatsApp lead can be written to outside its 24-hour window.
         self._template_configured = template_configured
         self._gate = gate
@@ -121,7 +124,11 @@ class Recovery:
                  "attempt_event_id": _attempt_id(message.lead_id, state["started_ms"], last_step)},
                 _id(message.lead_id, "replied", state["started_ms"]), message.occurred_at,
             )  # fmt: skip
-        self._move_silence(key, occurred_ms)
+        received_ms = int(message.received_at.timestamp() * 1000)
+        if not read_too_late(occurred_ms, received_ms, self._stale_after_ms):
+            # Imported history sets no silence: counted from it, recovery would start at once
+            # for every COLD sender of the mailbox's last week.
+            self._move_silence(key, occurred_ms)
 
     def _move_silence(self, key: bytes, occurred_ms: int) -> None:
         # Only later: a message read late (a Meta retry, a Gmail backfill) that occurred

@@ -79,3 +79,11 @@ def apply_inbound(
         message_count=state["message_count"] + 1,
         recent_event_ids=recent[-RECENT_IDS_KEPT:],
     )
+
+
+def read_too_late(occurred_ms: int, received_ms: int, stale_after_ms: int) -> bool:
+    """Whether a customer message reached us so long after it was written that acting on it
+    now would be acting on the past (a mailbox's week of mail imported when it is connected,
+    a channel's retries after a long outage): it is kept and listed, but no AI answers it, no
+    wait for a rep starts and no silence is counted from it. `stale_after_ms` 0: never."""
+    return stale_after_ms > 0 and received_ms - occurred_ms > stale_after_ms

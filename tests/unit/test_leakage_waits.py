@@ -45,14 +45,14 @@ class Tenants:
         return 1800
 
 
-def waits() -> tuple[Lane, dict[bytes, Any], Scheduler, RecordingTopic]:
+def waits(stale_after_ms: int = 0) -> tuple[Lane, dict[bytes, Any], Scheduler, RecordingTopic]:
     lane, events = Lane(), RecordingTopic()
     table: dict[bytes, Any] = {}
     scheduler = Scheduler(cast(Any, {}), DeadlineIndex())
     leakage_agent.register(
         cast(Any, lane), inbound=cast(Any, None), outbound_messages=cast(Any, None),
         lead_events=cast(Any, events), leakage=cast(Any, table), scheduler=scheduler,
-        tenants=cast(Any, Tenants()), max_batch=100,
+        tenants=cast(Any, Tenants()), max_batch=100, stale_after_ms=stale_after_ms,
     )  # fmt: skip
     return lane, table, scheduler, events
 
