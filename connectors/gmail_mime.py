@@ -25,6 +25,8 @@ class ParsedMail:
     message_id: str | None  # RFC 822 Message-ID, with angle brackets
     references: str | None
     attachments: tuple[str, ...] = field(default=())
+    # Why a machine sent it (an auto-reply, a bounce, a mailing list), or None for a person's.
+    automated: str | None = None
 
 
 class _HtmlText(HTMLParser):
@@ -66,6 +68,13 @@ def parse_message(raw: bytes) -> ParsedMail:
     message = message_from_bytes(raw, policy=policy.default)
     assert isinstance(message, EmailMessage)
     name, address = parseaddr(_header_text(message, "From"))
+    # A web form's or a lead platform's notice comes from its no-reply address with the
+    # person in Reply-To: the lead is the person, and replies go to them.
+    replies_to = getaddresses([_header_text(message, "Reply-To")])
+    if len(replies_to) == 1 and "@" in replies_to[0][1]:
+        reply_name, reply_address = replies_to[0]
+        if reply_address.strip().lower() != address.strip().lower():
+            name, address = reply_name or name, reply_address
     attachments = tuple(
         part.get_filename() or part.get_content_type()
         for part in message.iter_attachments()
@@ -88,7 +97,30 @@ def parse_message(raw: bytes) -> ParsedMail:
         message_id=_header(message, "Message-ID"),
         references=_header(message, "References"),
         attachments=attachments,
+        automated=_automated(message, address.strip().lower()),
     )
+
+
+# Senders that are a mail system, never a person (bounces, delivery reports).
+_SYSTEM_SENDERS = frozenset({"mailer-daemon", "postmaster"})
+
+
+def _automated(message: EmailMessage, sender: str) -> str | None:
+    """Why the message is a machine's (RFC 3834's Auto-Submitted, a Precedence of bulk mail, a
+    mailing list's headers, a mail system's address), or None. Such mail is no lead: answered,
+    an auto-reply answers back, and the AI and the auto-responder write to each other."""
+    auto_submitted = _header_text(message, "Auto-Submitted").lower()
+    if auto_submitted and auto_submitted != "no":
+        return f"Auto-Submitted: {auto_submitted}"
+    precedence = _header_text(message, "Precedence").lower()
+    if precedence in {"bulk", "junk", "list", "auto_reply"}:
+        return f"Precedence: {precedence}"
+    for header in ("X-Autoreply", "X-Autorespond", "List-Id", "List-Unsubscribe"):
+        if _header_text(message, header):
+            return header
+    if sender.split("@", 1)[0] in _SYSTEM_SENDERS:
+        return "a mail system's address"
+    return None
 
 
 def _content(part: MIMEPart) -> str:

@@ -171,6 +171,10 @@ class GmailPoller:
                 continue
             if mail.sender == row.email:
                 continue  # what the mailbox itself sent
+            if mail.automated is not None:
+                logger.info("message %s of %s is automated (%s); not a lead", message_id,
+                            row.email, mail.automated)  # fmt: skip
+                continue
             try:
                 event = self._event(row, message_id, fetched, mail)
             except Exception:

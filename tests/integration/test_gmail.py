@@ -384,6 +384,9 @@ async def test_a_deleted_message_hostile_headers_or_a_parser_failure_do_not_hold
     breaking = gmail.deliver(email, mail("di@example.com", "Hi", "the parser fails on me"))
     # An event cannot carry it (320 characters at most): it failed every poll of the mailbox.
     endless = gmail.deliver(email, mail("x" * 400 + "@spam.example.com", "Win", "now"))
+    # An auto-reply is no lead: answered, it answers back.
+    away = gmail.deliver(email, b"From: fay@example.com\nAuto-Submitted: auto-replied\n"
+                                b"Subject: Out of office\n\nBack Monday.\n")  # fmt: skip
     good = gmail.deliver(email, mail("ed@example.com", "Hello", "after them"))
     gmail.delete(email, deleted)  # between history.list and messages.get
 
@@ -396,7 +399,7 @@ async def test_a_deleted_message_hostile_headers_or_a_parser_failure_do_not_hold
     await GmailPoller(gmail_settings, store, publisher).poll_due()
     events = await inbound_events(gmail_settings, tenant.tenant_id)
     assert sorted(e.channel_message_id or "" for e in events) == sorted([hostile, good])
-    assert {breaking, endless}.isdisjoint(e.channel_message_id for e in events)
+    assert {breaking, endless, away}.isdisjoint(e.channel_message_id for e in events)
     cursor = await db.fetchval("SELECT history_id FROM gmail_poll_state WHERE integration_id = $1",
                                uuid.UUID(integration_id))  # fmt: skip
     assert cursor == gmail.mailboxes[email].history_id  # moved on

@@ -135,3 +135,34 @@ def test_a_subject_with_a_line_break_is_one_line_and_a_reply_to_it_composes() ->
     sent = message_from_bytes(base64.urlsafe_b64decode(raw), policy=policy.default)
     assert sent["Subject"] == "Re: Quote Bcc: spy@example.com"
     assert sent["Bcc"] is None
+
+
+@pytest.mark.parametrize(
+    ("headers", "why"),
+    [
+        (b"Auto-Submitted: auto-replied\r\n", "Auto-Submitted: auto-replied"),
+        (b"Precedence: bulk\r\n", "Precedence: bulk"),
+        (b"List-Unsubscribe: <mailto:leave@news.example.com>\r\n", "List-Unsubscribe"),
+        (b"X-Autoreply: yes\r\n", "X-Autoreply"),
+    ],
+)
+def test_machine_mail_says_why_it_is_no_person(headers: bytes, why: str) -> None:
+    # Each became a lead the AI answered: an auto-responder then answered back, and the two
+    # wrote to each other on the tenant's tokens.
+    raw = b"From: ana@example.com\r\n" + headers + b"Subject: Away\r\n\r\nI am out of office."
+    assert parse_message(raw).automated == why
+    bounce = b"From: MAILER-DAEMON@mx.example.com\r\nSubject: Undelivered\r\n\r\nFailed."
+    assert parse_message(bounce).automated == "a mail system's address"
+    person = b"From: ana@example.com\r\nAuto-Submitted: no\r\nSubject: Quote\r\n\r\nPrice?"
+    assert parse_message(person).automated is None
+
+
+def test_a_form_notice_is_the_lead_of_its_reply_to() -> None:
+    # From a form's no-reply address with the person in Reply-To: every such lead was one
+    # "noreply" lead, and replies went to the form.
+    raw = (
+        b"From: Site Forms <noreply@forms.example.com>\r\n"
+        b"Reply-To: Gus Lee <Gus@Example.com>\r\nSubject: New enquiry\r\n\r\n10 seats?"
+    )
+    mail = parse_message(raw)
+    assert (mail.sender, mail.sender_name, mail.automated) == ("gus@example.com", "Gus Lee", None)
