@@ -45,6 +45,13 @@ def _waiting(entry: Any) -> dict[str, Any] | None:
     return entry if isinstance(entry, dict) else None
 
 
+def _earlier_unanswered(waiting: dict[str, Any], occurred_ms: int) -> bool:
+    """Whether a message read during a wait occurred before the wait's start and after the
+    last reply before it (waits recorded before replies were kept: never)."""
+    answered_ms = waiting.get("answered_ms")
+    return answered_ms is not None and answered_ms < occurred_ms < waiting["waiting_since_ms"]
+
+
 def register(
     lane: BatchLane,
     *,
@@ -74,16 +81,26 @@ def register(
         threshold_s = await while_unreachable(tenants.leak_threshold_s, message.tenant_id)
         entry = leakage.get(key)
         if (waiting := _waiting(entry)) is not None:
-            # Already waiting: the wait starts at the first unanswered message. Its deadline
-            # is another table's write; a worker killed between the two kept only the wait,
-            # and this message, read again, gives it its deadline back.
+            if not waiting["fired"] and _earlier_unanswered(waiting, occurred_ms):
+                # An earlier message read after a later one (channels deliver out of order):
+                # the wait starts at the first unanswered message, not the first read.
+                due_ms = leak_due_ms(occurred_ms, threshold_s)
+                leakage[key] = {**waiting, "waiting_since_ms": occurred_ms, "due_ms": due_ms}
+                scheduler.set(key, {"leak": due_ms})
+                return
+            # Already waiting. Its deadline is another table's write; a worker killed between
+            # the two kept only the wait, and this message, read again, gives it back.
             if not waiting["fired"]:
                 scheduler.set_if_absent(key, "leak", waiting["due_ms"])
             return
         if isinstance(entry, int) and occurred_ms <= entry:
             return  # answered already, its reply read first
         due_ms = leak_due_ms(occurred_ms, threshold_s)
-        leakage[key] = {"waiting_since_ms": occurred_ms, "due_ms": due_ms, "fired": False}
+        # `answered_ms`: the last reply before the wait, which an earlier message read late
+        # must follow to move the wait's start.
+        answered_ms = entry if isinstance(entry, int) else 0
+        leakage[key] = {"waiting_since_ms": occurred_ms, "due_ms": due_ms, "fired": False,
+                        "answered_ms": answered_ms}  # fmt: skip
         scheduler.set(key, {"leak": due_ms})
 
     lane.add_record_handler("leakage-waits", [inbound], start_waiting, max_batch=max_batch)
@@ -101,7 +118,11 @@ def register(
                 leakage[key] = sent_ms
             return
         if sent_ms < waiting["waiting_since_ms"]:
-            return  # sent before the message the lead is waiting on: no answer to it
+            # Sent before the message the lead is waiting on: no answer to it, but one to any
+            # message before it, which then cannot move the wait's start.
+            if "answered_ms" in waiting and waiting["answered_ms"] < sent_ms:
+                leakage[key] = {**waiting, "answered_ms": sent_ms}
+            return
         leakage[key] = sent_ms
         scheduler.cancel(key, "leak")
         waited_ms = sent_ms - waiting["waiting_since_ms"]

@@ -130,3 +130,23 @@ async def test_an_answer_recorded_while_the_threshold_is_looked_up_is_not_overwr
     await waiting
     assert scheduler.pending(KEY) == {}
     assert table[KEY] == int((AT + timedelta(seconds=30)).timestamp() * 1000)
+
+
+async def test_an_earlier_message_read_after_a_later_one_starts_the_wait() -> None:
+    # The wait started at the first message read: a leak 5 minutes late, and not counted as
+    # followed up although the lead wrote twice.
+    lane, table, scheduler, _ = waits()
+    await lane.handlers["leakage-waits"](inbound(AT + timedelta(minutes=5)))
+    await lane.handlers["leakage-waits"](inbound(AT))
+    assert table[KEY]["waiting_since_ms"] == int(AT.timestamp() * 1000)
+    assert scheduler.pending(KEY)["leak"] == int(AT.timestamp() * 1000) + 1_800_000
+
+
+async def test_an_earlier_message_answered_before_the_wait_does_not_move_it() -> None:
+    lane, table, scheduler, _ = waits()
+    await lane.handlers["leakage-waits"](inbound(AT + timedelta(minutes=5)))
+    await lane.handlers["leakage-replies"](reply(AT + timedelta(minutes=2)))  # answered M1
+    await lane.handlers["leakage-waits"](inbound(AT))  # M1, read last
+    since = int((AT + timedelta(minutes=5)).timestamp() * 1000)
+    assert table[KEY]["waiting_since_ms"] == since
+    assert scheduler.pending(KEY)["leak"] == since + 1_800_000
