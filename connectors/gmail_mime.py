@@ -37,14 +37,18 @@ class _HtmlText(HTMLParser):
         self.parts: list[str] = []
         self._skip = 0
 
+    # Not the lead's words: scripts, styles, and the quoted mail a reply carries (Gmail's,
+    # Apple Mail's and Outlook's all quote in a blockquote).
+    _SKIPPED = frozenset({"script", "style", "head", "blockquote"})
+
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag in {"script", "style", "head"}:
+        if tag in self._SKIPPED:
             self._skip += 1
         elif tag in self._BLOCKS:
             self.parts.append("\n")
 
     def handle_endtag(self, tag: str) -> None:
-        if tag in {"script", "style", "head"} and self._skip:
+        if tag in self._SKIPPED and self._skip:
             self._skip -= 1
         elif tag in self._BLOCKS:
             self.parts.append("\n")
@@ -52,6 +56,29 @@ class _HtmlText(HTMLParser):
     def handle_data(self, data: str) -> None:
         if not self._skip:
             self.parts.append(data)
+
+
+# Where a reply's quote of the mail before starts: Gmail's and Apple's attribution ("On Mon,
+# 1 Dec 2026 at 10:00, Gus <gus@example.com> wrote:", sometimes wrapped over two lines),
+# Outlook's "-----Original Message-----" and its rule of underscores before "From:".
+_QUOTE_START = re.compile(
+    r"^(?:On\b[^\n]{0,300}(?:\n[^\n]{0,300})?\bwrote:"
+    r"|-{2,} ?Original Message ?-{2,}|_{10,})[ \t]*$",
+    re.MULTILINE | re.IGNORECASE,
+)
+
+
+def without_quoted(text: str) -> str:
+    """The lead's own words of a reply: the quoted mail after an attribution line, and lines
+    quoted with ">", left out. Kept, the AI read our own earlier prices and dates as the
+    lead's facts, and the tenant paid tokens for the whole thread. A message that is all
+    quote (a forward) is kept whole."""
+    text = text.replace("\r\n", "\n")
+    start = _QUOTE_START.search(text)
+    own = text[: start.start()] if start is not None else text
+    lines = [line for line in own.splitlines() if not line.lstrip().startswith(">")]
+    stripped = "\n".join(lines).strip()
+    return stripped or text
 
 
 def html_to_text(html: str) -> str:
@@ -85,7 +112,7 @@ def parse_message(raw: bytes) -> ParsedMail:
     if body is not None:
         content = _content(body)
         text = html_to_text(content) if body.get_content_type() == "text/html" else content
-    text = text.replace("\x00", "")
+    text = without_quoted(text.replace("\x00", ""))
     return ParsedMail(
         sender=address.strip().lower(),
         sender_name=name.strip() or None,

@@ -166,3 +166,31 @@ def test_a_form_notice_is_the_lead_of_its_reply_to() -> None:
     )
     mail = parse_message(raw)
     assert (mail.sender, mail.sender_name, mail.automated) == ("gus@example.com", "Gus Lee", None)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        # Gmail's plain part: the attribution wrapped over two lines, then "> " lines.
+        b"From: gus@example.com\r\nSubject: Re: Pricing\r\n\r\nSounds good, 10 seats.\r\n\r\n"
+        b"On Mon, 1 Dec 2026 at 10:00, Acme Sales <sales@acme.test>\r\nwrote:\r\n"
+        b"> Pro is 2,000 USD a month, from next week.\r\n",
+        # Its HTML part alone: the quote in a blockquote.
+        b"From: gus@example.com\r\nSubject: Re: Pricing\r\nContent-Type: text/html\r\n\r\n"
+        b'<div dir="ltr">Sounds good, 10 seats.</div><div class="gmail_quote">'
+        b'<div class="gmail_attr">On Mon, 1 Dec 2026, Acme Sales wrote:</div>'
+        b"<blockquote>Pro is 2,000 USD a month, from next week.</blockquote></div>",
+        # Outlook's.
+        b"From: gus@example.com\r\nSubject: RE: Pricing\r\n\r\nSounds good, 10 seats.\r\n"
+        b"-----Original Message-----\r\nFrom: Acme Sales\r\nPro is 2,000 USD a month.\r\n",
+    ],
+    ids=["gmail-plain", "gmail-html", "outlook"],
+)
+def test_a_reply_is_its_own_words_without_the_quoted_mail(raw: bytes) -> None:
+    # The whole thread went to the AI: our own quoted price became the lead's budget.
+    assert parse_message(raw).text == "Sounds good, 10 seats."
+
+
+def test_a_message_that_is_all_quote_is_kept_whole() -> None:
+    raw = b"From: gus@example.com\r\nSubject: Fwd\r\n\r\n> Pro is 2,000 USD a month.\r\n"
+    assert parse_message(raw).text == "> Pro is 2,000 USD a month."
