@@ -3,6 +3,7 @@ built-in extractor when there is no key or the circuit breaker is open."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from typing import Any, Literal, get_args
 
 import openai
 from openai import AsyncOpenAI
+from openai.types.chat import ChatCompletion
 from pydantic import BaseModel, ConfigDict, Field
 
 from flexoraa.settings import Settings
@@ -108,8 +110,8 @@ _SYSTEM = (
     "what it states: need (their problem), budget (amounts and currency code), timeline (days "
     "from today until they want to start), authority (are they the decision maker, who "
     "approves), objections, next step. Use null for anything not stated. Then write "
-    "next_question: one short, friendly question asking for the slot named by the user, or "
-    "null if none is named."
+    "next_question: one short, friendly question asking for the slot the user names as the "
+    "slot to ask next, or null if that is none."
 )
 
 
@@ -194,6 +196,9 @@ class QualificationAI:
                 timeout=settings.openai_timeout_s,
                 max_retries=settings.openai_max_retries,
             )
+        # All of a message's attempts together: the timeout is per attempt, and with its
+        # retries one message waited about 31 s, the lead's interview lane with it.
+        self._deadline_s = settings.openai_timeout_s
         self.breaker = CircuitBreaker(settings.ai_breaker_failures, settings.ai_breaker_cooldown_s)
 
     @property
@@ -204,63 +209,76 @@ class QualificationAI:
     def uses_model(self) -> bool:
         return self._client is not None
 
-    async def extract(self, text: str, expecting: str | None, now: datetime) -> Extraction:
+    async def extract(
+        self, text: str, expecting: str | None, now: datetime, next_slot: str | None = None
+    ) -> Extraction:
+        """The facts `text` states (it answers the slot `expecting`), and the model's question
+        for `next_slot`."""
         builtin = extract(text, now, expecting=expecting).slots()
         if self._client is None or not self.breaker.allows(time.monotonic()):
             return Extraction(builtin, None, "builtin", None)
         started = time.perf_counter()
         response = None
         try:
-            response = await self._client.chat.completions.create(
-                model=self._model,
-                messages=[
-                    {"role": "system", "content": _SYSTEM},
-                    {
-                        "role": "user",
-                        "content": f"Today is {now.date().isoformat()}. Slot to ask next: "
-                        f"{expecting or 'need'}.\nCustomer message:\n{text}",
-                    },
-                ],
-                response_format={
-                    "type": "json_schema",
-                    "json_schema": {
-                        "name": "lead_facts",
-                        "schema": LEAD_FACTS_SCHEMA,
-                        "strict": True,
-                    },
-                },
-            )
+            async with asyncio.timeout(self._deadline_s):
+                response = await self._create(text, expecting, now, next_slot)
             content = response.choices[0].message.content or "{}"
             # Outside the schema (a list, a timeline as a string): a failed call like any
             # other (a ValidationError is a ValueError), the built-in extractor answering.
             answer = LeadFactsAnswer.model_validate_json(content).model_dump()
-        except (openai.OpenAIError, ValueError, IndexError) as exc:
+        # TypeError, AttributeError: a 200 whose body is not a completion (a proxy's error
+        # object, `choices: null`); TimeoutError: the attempts' time is up.
+        except (openai.OpenAIError, ValueError, IndexError, TypeError, AttributeError,
+                TimeoutError) as exc:  # fmt: skip
             duration_ms = (time.perf_counter() - started) * 1000
             self.breaker.record_failure(time.monotonic())
             logger.warning("model extraction failed (%r); using the built-in extractor", exc)
             # An answer outside the schema still used the model: its tokens are charged.
-            spent = response.usage if response is not None else None
-            call = ModelCall(
-                duration_ms,
-                False,
-                spent.prompt_tokens if spent else 0,
-                spent.completion_tokens if spent else 0,
-                error=type(exc).__name__,
-            )
+            prompt, completion = _tokens_used(response)
+            call = ModelCall(duration_ms, False, prompt, completion, error=type(exc).__name__)
             return Extraction(builtin, None, "builtin", call)
         duration_ms = (time.perf_counter() - started) * 1000
         self.breaker.record_success()
-        usage = response.usage
-        call = ModelCall(
-            duration_ms,
-            True,
-            usage.prompt_tokens if usage else 0,
-            usage.completion_tokens if usage else 0,
-        )
+        call = ModelCall(duration_ms, True, *_tokens_used(response))
         found = {slot: answer[slot] for slot in SLOTS if answer[slot] not in (None, [], "")}
         return Extraction(found, answer["next_question"] or None, "model", call)
+
+    async def _create(
+        self, text: str, expecting: str | None, now: datetime, next_slot: str | None
+    ) -> ChatCompletion:
+        assert self._client is not None
+        return await self._client.chat.completions.create(
+            model=self._model,
+            messages=[
+                {"role": "system", "content": _SYSTEM},
+                {
+                    "role": "user",
+                    "content": f"Today is {now.date().isoformat()}. The customer was "
+                    f"asked about: {expecting or 'need'}. Slot to ask next: "
+                    f"{next_slot or 'none'}.\nCustomer message:\n{text}",
+                },
+            ],
+            response_format={
+                "type": "json_schema",
+                "json_schema": {
+                    "name": "lead_facts",
+                    "schema": LEAD_FACTS_SCHEMA,
+                    "strict": True,
+                },
+            },
+        )
 
 
 def question_for(slot: str, generated: str | None) -> str:
     """The model's question when it wrote one, else the template for the slot."""
     return generated or QUESTIONS[slot]
+
+
+def _tokens_used(response: Any) -> tuple[int, int]:
+    """(prompt, completion) tokens a response reports; 0 for what it does not (a usage
+    without them made the charge fail)."""
+    usage = getattr(response, "usage", None)
+    prompt = getattr(usage, "prompt_tokens", None)
+    completion = getattr(usage, "completion_tokens", None)
+    return (prompt if isinstance(prompt, int) else 0,
+            completion if isinstance(completion, int) else 0)  # fmt: skip

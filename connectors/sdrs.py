@@ -35,7 +35,7 @@ class SdrRouter:
                 return Assignment(
                     str(existing["sdr_id"]), existing["name"], existing["email"], False
                 )
-            # FOR UPDATE serialises concurrent assignments for the tenant's rotation.
+            await _hold_rotation(conn, tenant_id)
             chosen = await conn.fetchrow(
                 """SELECT sdr_id, name, email FROM sdrs
                    WHERE tenant_id = $1 AND active AND open_leads < max_open_leads
@@ -102,6 +102,7 @@ async def _reassign(
         return Reassignment(
             before, Assignment(str(current["sdr_id"]), current["name"], current["email"], False)
         )
+    await _hold_rotation(conn, tenant_id)
     chosen = await conn.fetchrow(
         """SELECT sdr_id, name, email FROM sdrs
            WHERE tenant_id = $1 AND active AND open_leads < max_open_leads
@@ -145,3 +146,10 @@ async def _reassign(
     return Reassignment(
         previous, Assignment(str(chosen["sdr_id"]), chosen["name"], chosen["email"], True)
     )
+
+
+async def _hold_rotation(conn: PoolConnectionProxy[asyncpg.Record], tenant_id: str) -> None:
+    """Takes the tenant's rotation until the transaction ends. FOR UPDATE on the chosen SDR
+    did not serialise it: a transaction that waited for the row lock re-checks only the WHERE
+    clause, not the ORDER BY, so two leads assigned at once both went to the same SDR."""
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtext('sdr-rotation:' || $1))", tenant_id)

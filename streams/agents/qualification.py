@@ -25,7 +25,14 @@ from streams.agents.tokens import AiGate, Meter
 from streams.batches import BatchLane, SourceRecord
 from streams.dead_letters import decoded_inbound
 from streams.metrics import QUALIFICATION_STEPS
-from streams.rules.qualification import Policy, Step, advance, new_state
+from streams.rules.qualification import (
+    Policy,
+    Step,
+    advance,
+    is_answer,
+    likely_next_slot,
+    new_state,
+)
 from streams.rules.session import read_too_late
 
 logger = logging.getLogger(__name__)
@@ -79,6 +86,8 @@ class Interviewer:
         current = state or new_state(message.lead_id, message.tenant_id, said_ms)
         if current["status"] != "in_progress" or message.event_id in current["recent_event_ids"]:
             return None
+        if not is_answer(message.message_type, message.text):
+            return None  # a reaction, a sticker: no turn of the interview, nothing charged
         if read_too_late(said_ms, int(message.received_at.timestamp() * 1000),
                          self._stale_after_ms):  # fmt: skip
             # Days old when read (a mailbox's history imported): an interview question now
@@ -91,7 +100,13 @@ class Interviewer:
                 key, message.tenant_id, "qualification", message.model_dump(mode="json")
             )
             return None
-        extraction = await self._ai.extract(message.text, current["asked"] or "need", said_at)
+        # The model writes its question before the state machine picks the slot: for the one
+        # it picks if this message answers the one asked. Told the slot just asked instead,
+        # it asked the lead again what they had just answered.
+        next_slot = likely_next_slot(current)  # type: ignore[arg-type]
+        extraction = await self._ai.extract(
+            message.text, current["asked"] or "need", said_at, next_slot
+        )
         call = extraction.call
         await self._meter.charge(
             event_id=derived_id(message.event_id, "token-usage"),
@@ -128,7 +143,8 @@ class Interviewer:
         if assignment is not None and (assignment.newly_assigned or current["sdr_id"] is None):
             await self._assigned(message, updated, assignment)
         if step.question_slot is not None:
-            await self._ask(message, question_for(step.question_slot, extraction.question))
+            generated = extraction.question if step.question_slot == next_slot else None
+            await self._ask(message, question_for(step.question_slot, generated))
         QUALIFICATION_STEPS.labels(extraction.source, updated["status"]).inc()
         return updated
 

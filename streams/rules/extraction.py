@@ -265,7 +265,7 @@ def extract_timeline(text: str, now: datetime, lowered: str | None = None) -> Ti
 # ----------------------------------------------------------------------------- authority
 
 _NEEDS_APPROVAL = re.compile(
-    r"\b(check with|ask|talk to|speak (?:to|with)|run it by|discuss with|consult|loop in|"
+    r"\b(check with|ask (?:my|our|the)\b|talk to|speak (?:to|with)|run it by|discuss with|consult|loop in|"
     r"get approval|need approval|needs approval|approval from|sign[- ]off|not my (?:call|decision)|"
     r"not the decision maker|i don'?t decide|(?:my|our) (?:boss|manager|ceo|cfo|cto|founder|"
     r"director|head|team lead|partner|management|committee|board) (?:decides|will decide|"
@@ -280,7 +280,8 @@ _APPROVER = re.compile(
 _DECIDES = re.compile(
     r"\b(i'?m|i am|am the|as the|being the)\s+(?:the\s+)?(founder|co-?founder|ceo|cto|cfo|coo|owner|"
     r"proprietor|md|managing director|director|president|vp|head of [a-z]+|decision[- ]maker)\b|"
-    r"\b(i decide|i make the (?:call|decision)|my (?:call|decision)|i own the budget|i sign off|"
+    r"\b(i decide|i make the (?:call|decision)|(?:it'?s|it is|that'?s|that is) my (?:call|decision)|"
+    r"i own the budget|i sign off|"
     r"i can sign|i have (?:the )?authority|final say is mine|i have the final say|i approve)\b",
     re.IGNORECASE,
 )
@@ -435,6 +436,9 @@ _NO_OBJECTION = re.compile(r"\b(no|none|nothing|all good|no concerns|not really)
 def extract(text: str, now: datetime, *, expecting: str | None = None) -> Extracted:
     """Every slot a message answers. `expecting` is the slot the last question asked for:
     a free-text answer to "what problem are you solving?" is the need even without keywords."""
+    # Phones and Mac mail type curly apostrophes (U+2019): "I\u2019m the CEO" or "can\u2019t
+    # afford" matched none of the patterns, which spell them straight.
+    text = text.replace("\u2019", "'").replace("\u2018", "'")
     lowered = text.lower()
     budget = extract_budget(text)
     timeline = extract_timeline(text, now, lowered)

@@ -139,6 +139,34 @@ def is_high_value(facts: dict[str, Any], policy: Policy) -> bool:
     )
 
 
+# Message types that carry no words (channels' reactions, stickers, shared places and cards).
+_WORDLESS_TYPES = frozenset({"reaction", "sticker", "location", "contacts", "unsupported"})
+# Media types whose words are their caption, after the "[kind]" the channel gives the text.
+_MEDIA_TYPES = frozenset({"image", "video", "document", "audio", "file"})
+
+
+def is_answer(message_type: str, text: str) -> bool:
+    """Whether a message can answer an interview question. A 👍 or a sticker took a turn: it
+    was stored as the lead's need, used up the questions, and each was a charged model call."""
+    if message_type in _WORDLESS_TYPES:
+        return False
+    if message_type in _MEDIA_TYPES:
+        text = text.removeprefix(f"[{message_type}]")
+    return bool(text.strip())
+
+
+def likely_next_slot(state: QualificationState) -> str | None:
+    """The slot `advance` asks next if the message answers the slot just asked (and nothing
+    else): what a model writing the next question is told to ask, before it has read the
+    message. Its question is used only when `advance` does pick this slot."""
+    asked = state["asked"] or "need"
+    missing = [slot for slot in SLOTS if slot not in state["facts"] and slot != asked]
+    if not missing or state["questions_asked"] >= MAX_QUESTIONS:
+        return None
+    asks = state.get("slot_asks", {})
+    return min(missing, key=lambda s: (asks.get(s, 0), SLOTS.index(s)))
+
+
 def advance(
     state: QualificationState,
     found: dict[str, Any],

@@ -16,6 +16,7 @@ class OpenAIFake:
     requests: list[dict[str, Any]] = field(default_factory=list)
     # Each scripted answer: ("ok", facts dict) | ("status", http status) | ("hang", seconds)
     # | ("content", the message's content as is: what a server ignoring the schema answers)
+    # | ("body", a whole 200 body as is: what a compatible proxy answers instead of one)
     script: deque[tuple[str, Any]] = field(default_factory=deque)
     usage: tuple[int, int] = (120, 45)
     url: str = ""
@@ -31,6 +32,8 @@ class OpenAIFake:
                 {"error": {"message": "scripted failure", "type": "server_error"}},
                 status=int(value),
             )
+        if kind == "body":
+            return web.json_response(value)
         if kind == "hang":
             await asyncio.sleep(float(value))
             value = {}

@@ -3,6 +3,7 @@ against real PostgreSQL, and the interview end to end through a worker."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections import Counter
@@ -221,6 +222,14 @@ async def test_round_robin_is_fair_and_respects_limits(
     assert not again.newly_assigned
     nobody = await make_tenant("Nobody")
     assert await router.assign(nobody.tenant_id, str(uuid.uuid4()), "qualified") is None
+    # At once too: an assignment that waited on the chosen SDR's row lock took that SDR as
+    # well (PostgreSQL re-checks the WHERE clause after the wait, not the ORDER BY).
+    busy = await make_tenant("Busy")
+    sdrs = [await add_sdr(db, busy.tenant_id, name) for name in ("x", "y", "z")]
+    at_once = await asyncio.gather(
+        *(router.assign(busy.tenant_id, str(uuid.uuid4()), "qualified") for _ in range(12))
+    )
+    assert Counter(a.sdr_id for a in at_once if a is not None) == dict.fromkeys(sdrs, 4)
 
 
 async def test_a_reassignment_read_again_repeats_its_move(

@@ -92,6 +92,27 @@ def test_authority(text: str, decides: bool, approver: str | None) -> None:
     assert authority.approver == approver
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        # A lead asking a question is no lead waiting for approval; a lead booking "my call" is
+        # no decision maker for it.
+        "Can I ask what the Pro plan costs?",
+        "I wanted to ask about your Pro plan",
+        "Yes, book my call for Tuesday 3pm",
+    ],
+)
+def test_words_that_only_look_like_authority(text: str) -> None:
+    assert extract_authority(text) is None
+
+
+def test_curly_apostrophes_read_like_straight_ones() -> None:
+    # Typed on a phone: none of these matched.
+    found = extract("I\u2019m the CEO and we can\u2019t afford much", NOW).slots()
+    assert found["authority"]["decision_maker"] is True
+    assert found["objections"] == ["price"]
+
+
 def test_objections_and_a_message_filling_several_slots() -> None:
     assert extract_objections("too expensive and we already use Zoho") == ["price", "competitor"]
     found = extract(
