@@ -194,6 +194,7 @@ def create_worker_app(settings: Settings) -> faust.App:
             notifications=notifications,
             dead_letters=dead_letters,
             pool=pool,
+            published=status_view.status,
         ),
         seen=seen_token_events,
         gate=gate,

@@ -35,7 +35,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 
 from flexoraa import audit
 from flexoraa.credits import credit_due_subscriptions, relay_pending
-from flexoraa.db import DB_ERRORS
+from flexoraa.db import DB_ERRORS, while_unreachable
 from flexoraa.kafka import back_off_failed_metadata_updates, partition_of
 from schemas.ids import name_based_id
 from schemas.messaging import DeadlineReached
@@ -181,7 +181,10 @@ class Accounts:
         notifications: TopicT,
         dead_letters: TopicT,
         pool: PoolFactory,
+        published: Callable[[str], TenantStatus | None] = lambda tenant_id: None,
     ) -> None:
+        # The status the tenant-status topic holds for a tenant (the workers' view of it).
+        self._published = published
         self._pool = pool
         self._accounts = accounts
         self._seen = seen
@@ -269,16 +272,23 @@ class Accounts:
         for tenant, (partition, account, up_to) in changed.items():
             key = tenant.encode()
             before = self._accounts.get(key)
+            flipped = before is None or Account.from_dict(before).paused != account.paused
+            published = self._published(tenant)
             # Workers gate on the paused flag only: a status record when it flips (or for a
-            # new account), not one per batch of a busy tenant.
-            if before is None or Account.from_dict(before).paused != account.paused:
+            # new account), not one per batch of a busy tenant. Also when the topic says
+            # otherwise: a worker killed after a flip's status and before its account, then
+            # replaying a batch that flipped back, saw no flip, and the tenant stayed paused
+            # with tokens (or spending at zero) for good.
+            if flipped or published is None or published.paused != account.paused:
                 status = TenantStatus(
                     tenant_id=tenant, balance=account.balance, paused=account.paused,
                     updated_at=now,
                 )  # fmt: skip
                 await self._status_topic.send(key=key, value=status.model_dump_json().encode())
-                if before is not None:
-                    await self._audit_flip(tenant, account)
+                if flipped and before is not None:
+                    # Waits for PostgreSQL: raised, an outage during any flip stopped the
+                    # worker, at every restart, between the status and the account.
+                    await while_unreachable(self._audit_flip, tenant, account)
             put_in_partition(
                 self._accounts, partition, key, {**account.as_dict(), "applied_up_to": up_to}
             )
@@ -495,7 +505,8 @@ class AiGate:
             self._on_dropped[kind] = on_dropped
 
     def has_deferred(self, key: bytes) -> bool:
-        return self._deferred.get(key) is not None
+        # The entry being resumed is not "deferred" to the actions it holds: they run now.
+        return key not in self._resuming and self._deferred.get(key) is not None
 
     async def allows(self, tenant_id: str) -> bool:
         await self._view.wait_loaded()
@@ -545,7 +556,6 @@ class AiGate:
             self._scheduler.set(key, {RESUME_DEADLINE: now_ms + _RESUME_RECHECK_MS})
             self._waiting[tenant_id].add(key)
             return
-        del self._deferred[key]
         self._waiting[tenant_id].discard(key)
         self._resuming.add(key)
         try:
@@ -560,32 +570,42 @@ class AiGate:
         actions: list[tuple[str, list[Any]]],
         session: dict[str, Any] | None,
     ) -> None:
-        for done, (kind, payloads) in enumerate(actions):
+        """Each kind's actions, taken out of the lead's entry only once they ran. Taken out
+        first, a worker killed during a resume (a model call takes seconds) came back to an
+        entry its changelog said was gone: the deadline fired again, found nothing, and the
+        lead's deferred answers and recovery step were lost."""
+        for kind, payloads in actions:
             resumer = self._resumers.get(kind)
             if resumer is None:
                 logger.warning("no resumer for deferred %s actions; dropped", kind)
+                self._take_out(key, kind, len(payloads))
                 continue
             try:
                 await resumer(key, payloads, session)
             except BaseException as exc:
-                # Kept, not lost with the failed attempt: the deadlines agent runs this handler
-                # again while PostgreSQL is unreachable (it found nothing deferred and the
-                # lead's waiting answers were gone), and a poison failure drops only these
-                # actions (`dead_lettered`). Resumed actions that ran again repeat their
-                # effects' ids.
-                self._put_back(key, tenant_id, actions[done:])
+                # Still in the entry: the deadlines agent runs this handler again while
+                # PostgreSQL is unreachable, and a poison failure drops only these actions
+                # (`dead_lettered`). Resumed actions that run again repeat their effects' ids.
+                self._waiting[tenant_id].add(key)
                 if is_poison(exc):
                     self._failed_resumes[key] = (kind, len(payloads))
                 raise
+            # After the resumer's effects were sent: the changelog write waits for them.
+            self._take_out(key, kind, len(payloads))
 
-    def _put_back(self, key: bytes, tenant_id: str, actions: list[tuple[str, list[Any]]]) -> None:
-        """`actions` deferred again, ahead of any deferred while they were being resumed."""
-        merged = {kind: list(payloads) for kind, payloads in actions}
-        meanwhile = self._deferred.get(key)
-        for kind, payloads in (meanwhile or {"actions": {}})["actions"].items():
-            merged.setdefault(kind, []).extend(payloads)
-        self._deferred[key] = {"tenant_id": tenant_id, "actions": merged}
-        self._waiting[tenant_id].add(key)
+    def _take_out(self, key: bytes, kind: str, count: int) -> None:
+        """Removes the first `count` actions of `kind` (those resumed); actions deferred while
+        they ran, appended after them, stay."""
+        entry = self._deferred.get(key)
+        if entry is None:
+            return
+        rest = {k: payloads[count:] if k == kind else payloads
+                for k, payloads in entry["actions"].items()}  # fmt: skip
+        rest = {k: payloads for k, payloads in rest.items() if payloads}
+        if rest:
+            self._deferred[key] = {**entry, "actions": rest}
+        else:
+            del self._deferred[key]
 
     def dead_lettered(self) -> dict[str, DeadLettered]:
         # A resume whose action fails for a reason of its own: that kind's deferred actions are

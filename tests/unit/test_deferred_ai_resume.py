@@ -80,6 +80,34 @@ async def test_work_deferred_again_during_a_resume_is_resumed_by_the_next_top_up
     assert KEY not in deferred
 
 
+async def test_deferred_work_stays_in_its_entry_until_it_ran() -> None:
+    # Deleted before the resumers ran, a worker killed during a resume (a model call takes
+    # seconds) came back to an entry its changelog said was gone: the answers were lost.
+    view = View()
+    scheduler = Scheduler(cast(Any, {}), DeadlineIndex())
+    deferred: dict[bytes, Any] = {}
+    gate = AiGate(cast(TenantStatusView, view), scheduler, cast(Any, deferred), cast(Any, {}))
+    seen_during: list[Any] = []
+
+    async def answer(key: bytes, messages: list[Any], session: Any) -> None:
+        seen_during.append(deferred.get(key, {}).get("actions"))
+        assert not gate.has_deferred(key)  # its own entry holds nothing back
+
+    gate.add_resumer("qualification", answer)
+    gate.add_resumer("recovery", answer)
+    gate.defer(KEY, TENANT, "qualification", "m1")
+    gate.defer(KEY, TENANT, "recovery", "step")
+    actions = DeadlineActions(
+        scheduler, {}, gate.handlers(), cast(PoisonRecords, NeverPoison()), {}
+    )
+    assert await top_up(gate, view, actions) == 1
+    assert seen_during == [
+        {"qualification": ["m1"], "recovery": ["step"]},  # a kill here loses nothing
+        {"recovery": ["step"]},  # the answers ran: taken out after their effects
+    ]
+    assert KEY not in deferred
+
+
 def test_the_status_view_takes_the_logs_order_not_the_writers_clocks() -> None:
     # After a rebalance the account's new owner may run a clock behind the old one's: its
     # flip was dropped as older, and the tenant stayed paused (or spending) until the next.

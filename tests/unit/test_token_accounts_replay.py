@@ -200,3 +200,37 @@ def test_the_ids_of_a_partition_no_longer_held_are_forgotten_without_a_tombstone
     assert "id-moved" not in ids
     assert dict(table) == {}
     assert [value for _, _, value in table.changelog if value is None] == []
+
+
+async def test_a_status_the_topic_holds_wrongly_is_corrected_without_a_flip() -> None:
+    # Killed after a flip's status ("paused") and before its account, then replaying a batch
+    # with the top-up after it: the account never flipped, no status went out, and the
+    # tenant stayed paused with tokens for good.
+    accounts, seen = FakeTable(), FakeTable()
+    now = datetime.now(UTC)
+    credit = TokenCredit(event_id=str(uuid.uuid4()), tenant_id=TENANT, occurred_at=now,
+                         source="trial", reference="trial", tokens=10)  # fmt: skip
+    await accounts_over(accounts, seen).apply([Record(credit.model_dump_json().encode(), 0)])
+    topped_up = TokenCredit(event_id=str(uuid.uuid4()), tenant_id=TENANT, occurred_at=now,
+                            source="purchase", reference="order_1", tokens=100)  # fmt: skip
+    on_topic = {TENANT: TenantStatus(tenant_id=TENANT, balance=0, paused=True, updated_at=now)}
+
+    def fold(statuses: RecordingTopic) -> Accounts:
+        return Accounts(
+            accounts=cast(TableT[bytes, Any], accounts),
+            seen=SeenIds(cast(TableT[bytes, Any], seen)), status_topic=cast(TopicT, statuses),
+            notifications=cast(TopicT, RecordingTopic()),
+            dead_letters=cast(TopicT, RecordingTopic()), pool=cast(Any, None),
+            published=on_topic.get,
+        )  # fmt: skip
+
+    statuses = RecordingTopic()
+    await fold(statuses).apply([Record(topped_up.model_dump_json().encode(), 1)])
+    assert [TenantStatus.model_validate_json(v).paused for v in statuses.sent] == [False]
+    # The topic agreeing, a busy tenant's batches send nothing.
+    on_topic[TENANT] = TenantStatus.model_validate_json(statuses.sent[0])
+    again = TokenCredit(event_id=str(uuid.uuid4()), tenant_id=TENANT, occurred_at=now,
+                        source="purchase", reference="order_2", tokens=100)  # fmt: skip
+    quiet = RecordingTopic()
+    await fold(quiet).apply([Record(again.model_dump_json().encode(), 2)])
+    assert quiet.sent == []
