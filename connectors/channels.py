@@ -130,7 +130,11 @@ class ChannelDirectory:
 
     async def _reload(self) -> None:
         pool = await self._pool_factory()
-        rows = await pool.fetch(f"SELECT {self._COLUMNS} FROM channels")
+        # Oldest first: a lead without a number of its own is answered from the tenant's first
+        # channel, the same one on every worker and after every reload.
+        rows = await pool.fetch(
+            f"SELECT {self._COLUMNS} FROM channels ORDER BY created_at, channel_id"
+        )
         self._by_external = {(row["kind"], row["external_id"]): self._decode(row) for row in rows}
         self._misses.clear()
         self._tenant_misses.clear()

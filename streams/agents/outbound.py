@@ -34,8 +34,8 @@ from streams.dead_letters import decode_or_dead_letter
 from streams.keyed import KeyOrderedJobs
 from streams.metrics import DUPLICATE_EVENTS, OUTBOUND_SENDS
 from streams.poison import PoisonRecords
-from streams.rules.sending import plan_send, template_parameters
-from streams.rules.window import is_window_open
+from streams.rules.sending import freeform_window_open, plan_send, template_parameters
+from streams.rules.window import window_closes_at_ms
 from streams.timers import Scheduler
 
 logger = logging.getLogger(__name__)
@@ -114,10 +114,13 @@ class Sender:
             await self._send_email(command, session)
             return
         now_ms = int(time.time() * 1000)
+        template_configured = self._settings.whatsapp_template_name is not None
+        last_ms = session["last_customer_message_ms"]
+        closes_at_ms = None if last_ms is None else window_closes_at_ms(last_ms)
         plan = plan_send(
             channel_kind,
-            is_window_open(session["last_customer_message_ms"], now_ms),
-            self._settings.whatsapp_template_name is not None,
+            freeform_window_open(channel_kind, closes_at_ms, now_ms, template_configured),
+            template_configured,
         )
         if plan.kind is None:
             await self._report(
@@ -175,6 +178,9 @@ class Sender:
                     continue
                 await self._report(command, attempt, channel_kind, kind, "failed", error=error)
                 return
+            # Successes are calls too: counted only when they failed, a tenant's one retried
+            # 503 among a thousand good sends was an error rate of 100 %.
+            await self._latency(command, started, ok=True, detail=None)
             await self._report(
                 command, attempt, channel_kind, kind, "accepted", message_id=message_id
             )

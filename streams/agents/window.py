@@ -19,6 +19,10 @@ def handlers(lead_events: TopicT) -> dict[str, DeadlineHandler]:
         if session is None:
             return
         closes_at_ms = window_closes_at_ms(session["last_customer_message_ms"])
+        if fired.deadline == "window_closing" and closes_at_ms <= fired.fired_at.timestamp() * 1000:
+            # Its message read after the window ended (Meta's retries after an outage): a
+            # "closing" notice for a window closed already would say it is still open.
+            return
         event = LeadEvent(
             event_id=fired.event_id,
             tenant_id=session["tenant_id"],

@@ -28,6 +28,23 @@ def plan_send(channel: str, window_open: bool, template_configured: bool) -> Sen
     return SendPlan(None, f"no sender for the {channel} channel")
 
 
+# The last minutes of a WhatsApp window count as closed when a template can go instead: Meta
+# often answers a free-form message 200 and reports its 131047 later, as a "failed" status,
+# so one sent at the edge (a queue's delay, clocks apart) was recorded sent and never arrived.
+FREEFORM_MARGIN_MS = 120_000
+
+
+def freeform_window_open(
+    channel: str, window_closes_at_ms: int | None, now_ms: int, template_configured: bool
+) -> bool:
+    """Whether a free-form message may go now: the window open, and on WhatsApp with a
+    template to send instead, open for `FREEFORM_MARGIN_MS` more."""
+    if window_closes_at_ms is None:
+        return False
+    margin = FREEFORM_MARGIN_MS if channel == "whatsapp" and template_configured else 0
+    return now_ms + margin < window_closes_at_ms
+
+
 def reachable(channel: str, window_open: bool, template_configured: bool) -> bool:
     """Whether a message to a lead on `channel` can go out now (e-mail has no window)."""
     return (

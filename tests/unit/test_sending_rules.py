@@ -6,7 +6,12 @@ from pydantic import ValidationError
 
 from flexoraa.settings import Settings
 from streams.rules.delivery import supersedes
-from streams.rules.sending import plan_send, reachable, template_parameters
+from streams.rules.sending import (
+    freeform_window_open,
+    plan_send,
+    reachable,
+    template_parameters,
+)
 from streams.rules.window import WINDOW_MS, window_deadlines
 from streams.timers import DeadlineIndex, Scheduler
 
@@ -31,6 +36,26 @@ def test_plan_send(channel: str, window_open: bool, template: bool, kind: str | 
     plan = plan_send(channel, window_open, template)
     assert plan.kind == kind
     assert (plan.failure is None) == (kind is not None)
+
+
+@pytest.mark.parametrize(
+    ("channel", "template", "minutes_left", "freeform"),
+    [
+        ("whatsapp", True, 3, True),
+        # Meta answers 200 and fails it later: the template goes instead.
+        ("whatsapp", True, 1, False),
+        ("whatsapp", False, 1, True),  # nothing else could go
+        ("instagram", True, 1, True),
+        ("whatsapp", True, 0, False),
+    ],
+)
+def test_the_last_minutes_of_a_whatsapp_window_go_by_template(
+    channel: str, template: bool, minutes_left: int, freeform: bool
+) -> None:
+    now_ms = 1_764_000_000_000
+    closes_at_ms = now_ms + minutes_left * 60_000
+    assert freeform_window_open(channel, closes_at_ms, now_ms, template) is freeform
+    assert not freeform_window_open(channel, None, now_ms, template)
 
 
 def test_outside_the_window_never_freeform() -> None:
