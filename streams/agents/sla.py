@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -81,6 +82,7 @@ _NOTIFICATION_NAMESPACE = uuid.UUID("0f3a9e57-2b6d-4c1e-8f40-7d2c5a9b1e63")
 _REPORT_CHECK_S = 30.0
 # PostgreSQL unreachable or refusing: the timer tries again on its next tick.
 _UNAVAILABLE = DB_ERRORS
+_UNAVAILABLE_OR_HUNG: tuple[type[BaseException], ...] = (*DB_ERRORS, TimeoutError)
 # Probe minutes kept while PostgreSQL cannot store them: a day (about 1,440 small dicts).
 UNSTORED_MINUTES_KEPT = 24 * 60
 
@@ -284,14 +286,24 @@ class UptimeRecorder:
         for old in sorted(self._minutes)[:-UNSTORED_MINUTES_KEPT]:
             logger.warning("uptime of minute %d dropped: not stored for a day", old)
             del self._minutes[old]
-        # Oldest first; a past minute is let go once stored, the current one stays to count.
+        return results
+
+    async def store(self, now_ms: int) -> None:
+        """The minutes probed and not stored yet, oldest first; a past minute is let go once
+        stored, the current one stays to count."""
+        minute = minute_of(now_ms)
         for stored in sorted(self._minutes):
             await self._store.record_uptime(
                 self.prober_id, stored, self._minutes[stored], self._settings.sla_probe_interval_s
             )
             if stored != minute:
                 del self._minutes[stored]
-        return results
+
+    def step_down(self) -> None:
+        """No longer the leader: the open violations are read again from PostgreSQL when it
+        leads again. Kept, one the other leader opened meanwhile was unknown here, and this
+        worker opened it, and alerted it, a second time."""
+        self.open = None
 
     async def judge(self, now_ms: int, notify: Callable[[Notification], Any]) -> None:
         """Uptime so far today and this month (gauges) and the monthly budget (violations)."""
@@ -510,9 +522,14 @@ def register(
     async def probe_uptime() -> None:
         now_ms = _now_ms()
         try:
-            await uptime.probe(now_ms)
-            await uptime.judge(now_ms, notify)
-        except _UNAVAILABLE as exc:
+            # Storing and judging get one probe interval: a PostgreSQL that hangs (rather than
+            # refuses) held each round for up to a minute, and as each failed round counts one
+            # interval of downtime, a 30-minute outage was stored as a few minutes.
+            await uptime.probe(now_ms)  # each probe has its own timeout
+            async with asyncio.timeout(settings.sla_probe_interval_s):
+                await uptime.store(now_ms)
+                await uptime.judge(now_ms, notify)
+        except _UNAVAILABLE_OR_HUNG as exc:
             # PostgreSQL down: the round was probed (and is on the gauges) but not stored.
             logger.warning("uptime round not stored: %r", exc)
 
@@ -523,6 +540,7 @@ def register(
         if not app.is_leader():
             for gauge in (SLA_COMPONENT_UP, SLA_UPTIME_RATIO, SLA_DOWNTIME):
                 gauge.clear()
+            uptime.step_down()
 
     @app.timer(interval=_REPORT_CHECK_S, on_leader=True)
     async def daily_report() -> None:

@@ -15,7 +15,17 @@ from flexoraa.settings import Settings
 from streams.agents.sla import Evaluator, UptimeRecorder
 from streams.agents.sla_probes import Prober
 from streams.agents.sla_store import SlaStore
-from streams.rules.sla import MINUTE_MS, PLATFORM, MinuteRow, Observation, SlaWindows, new_sketch
+from streams.rules.sla import (
+    MINUTE_MS,
+    PLATFORM,
+    MinuteRow,
+    Observation,
+    SlaWindows,
+    Transition,
+    Uptime,
+    Violation,
+    new_sketch,
+)
 
 T0 = int(datetime(2026, 3, 10, 12, 0, tzinfo=UTC).timestamp() * 1000)
 
@@ -71,10 +81,50 @@ async def test_minutes_probed_while_postgres_is_down_are_stored_once_it_is_back(
     recorder = UptimeRecorder(settings=Settings(), prober=cast(Prober, PostgresDown()),
                               store=cast(SlaStore, store))  # fmt: skip
     for minute in range(31):
+        await recorder.probe(T0 + minute * MINUTE_MS)
         with contextlib.suppress(OSError):
-            await recorder.probe(T0 + minute * MINUTE_MS)
+            await recorder.store(T0 + minute * MINUTE_MS)
     assert sorted(store.uptime) == [T0 + m * MINUTE_MS for m in range(31)]
     assert all(counts["postgres"] == (1, 0) for counts in store.uptime.values())
+
+
+class BreachStore:
+    """Kafka's month: within its budget, or down past it; and the uptime violations
+    PostgreSQL holds."""
+
+    def __init__(self) -> None:
+        self.breached = False
+        self.violations: list[Violation] = []
+
+    async def uptime_between(self, start_ms: int, end_ms: int) -> dict[str, Uptime]:
+        down_s = 10_000.0 if self.breached else 0.0
+        return {"kafka": Uptime(probes=1000, up=1000 - int(down_s / 5), downtime_s=down_s)}
+
+    async def open_violations(self) -> list[Violation]:
+        return list(self.violations)
+
+    async def save_transition(self, transition: Transition) -> bool:
+        if transition.kind == "opened":
+            self.violations.append(transition.violation)
+        return True
+
+
+async def test_a_leader_back_after_another_knows_the_violation_it_opened() -> None:
+    # Read once per process: leading again, a worker opened (and alerted) the breach the
+    # other leader had opened meanwhile, a second time.
+    store = BreachStore()
+
+    def recorder() -> UptimeRecorder:
+        return UptimeRecorder(settings=Settings(), prober=cast(Prober, PostgresDown()),
+                              store=cast(SlaStore, store))  # fmt: skip
+
+    first, other = recorder(), recorder()
+    await first.judge(T0, lambda _: None)  # leads while Kafka is within its budget
+    first.step_down()
+    store.breached = True
+    await other.judge(T0 + 60_000, lambda _: None)  # the new leader opens the violation
+    await first.judge(T0 + 120_000, lambda _: None)  # the first one leads again
+    assert len(store.violations) == 1
 
 
 def test_the_apis_gauges_of_an_operation_gone_quiet_show_nothing_not_its_last_figures() -> None:

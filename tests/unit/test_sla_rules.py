@@ -183,6 +183,19 @@ def test_checks_need_enough_calls_and_treat_an_empty_window_as_recovered() -> No
     ] == ["error_rate"]  # no latency target for API requests: only the error rate applies
 
 
+def test_an_error_rate_is_judged_once_one_error_alone_is_within_the_target() -> None:
+    # Judged from 20 calls, one error in 200 (0.5 %) against 0.1 % was a breach: a tenant
+    # meeting its SLA got a violation about every hour.
+    windows = SlaWindows(lateness_ms=0, retention_min=61)
+    for i in range(999):
+        windows.apply(_obs(T0, 50.0, op="api_request", error=i == 0, offset=i), T0)
+    (few,) = checks(TARGETS, "api_request", windows.rolling("api_request", "t1", T0, 5))
+    assert (few.value, few.breached) == (None, None)
+    windows.apply(_obs(T0, 50.0, op="api_request", error=True, offset=999), T0)
+    (enough,) = checks(TARGETS, "api_request", windows.rolling("api_request", "t1", T0, 5))
+    assert enough.breached is True  # 2 errors in 1,000 calls: 0.2 %
+
+
 def test_a_synthetic_slow_period_opens_one_violation_and_recovery_closes_it() -> None:
     """Twenty minutes at 10 calls a minute; minutes 5-9 are slow. Evaluated every minute."""
     windows = SlaWindows(lateness_ms=60_000, retention_min=61)
