@@ -243,8 +243,11 @@ class Interviewer:
             # Effects re-sent after a crash: the SLA windows count latency events by offset,
             # not id, and the duration measured now would add the outage to routing's P90.
             return
-        # Capped as the event allows: a lead replayed from long ago is still routed.
-        routing_ms = min(max(0.0, time.time() * 1000 - state["first_message_ms"]), MAX_DURATION_MS)
+        # From the message that qualified or escalated the lead to its SDR: measured from the
+        # lead's first message, it held the whole interview (hours of the lead's own replies),
+        # and the 5 s routing target could never be met. Capped as the event allows.
+        received_ms = message.received_at.timestamp() * 1000
+        routing_ms = min(max(0.0, time.time() * 1000 - received_ms), MAX_DURATION_MS)
         await self._send(
             self._topics.latency,
             "routing",

@@ -17,7 +17,7 @@ from connectors.tenants import TenantProfile
 from flexoraa.settings import Settings
 from schemas.events import InboundMessage
 from streams.agents.qualification import Interviewer, QualificationTopics
-from streams.rules.qualification import Policy
+from streams.rules.qualification import Policy, new_state
 
 TENANT = str(uuid.uuid4())
 SDR = str(uuid.uuid4())
@@ -60,6 +60,7 @@ class Meter:
 async def interview(
     newly_assigned: bool, state: dict[str, Any] | None, latency: Topic | None = None
 ) -> Topic:
+    """One message escalating a lead; `state` None: its first."""
     events = Topic()
     topics = QualificationTopics(
         lead_events=cast(Any, events), outbound_commands=cast(Any, Topic()),
@@ -98,3 +99,14 @@ async def test_the_routing_latency_is_measured_once_not_again_after_a_crash() ->
     await interview(newly_assigned=False, state=None, latency=again)
     assert [event["operation"] for event in first.sent] == ["routing"]
     assert again.sent == []
+
+
+async def test_routing_is_timed_from_the_message_that_qualified_the_lead() -> None:
+    # Timed from the lead's first message, it held the whole interview (hours of the lead's
+    # own replies): the 5 s routing target could never be met.
+    latency = Topic()
+    a_day_ago_ms = int(datetime.now(UTC).timestamp() * 1000) - 86_400_000
+    earlier = new_state(str(uuid.uuid4()), TENANT, a_day_ago_ms)
+    await interview(newly_assigned=True, state=cast(dict[str, Any], earlier), latency=latency)
+    (routing,) = latency.sent
+    assert routing["duration_ms"] < 60_000
