@@ -101,6 +101,14 @@ async def confirm_and_credit(
         if order["status"] == "paid" or not await _claim_capture(
             pool, razorpay, order_id, payment_id, order["amount"], order["currency"]
         ):
+            # Paid meanwhile by this very payment (a verify sent twice, the other captured and
+            # credited it first): credited, not the 409 that invited a second payment.
+            paid_by = await pool.fetchval(
+                "SELECT payment_id FROM payment_orders WHERE order_id = $1 AND status = 'paid'",
+                order_id,
+            )
+            if paid_by == payment_id:
+                return Confirmed("already_credited", order_id, order["tokens"])
             check = PaymentCheck("refuse", "the order is paid already: authorisation not captured")
         else:
             check = await razorpay.capture(payment_id, order_id, order["amount"], order["currency"])

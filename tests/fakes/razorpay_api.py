@@ -12,6 +12,7 @@ import hmac
 import itertools
 import json
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,6 +100,9 @@ class RazorpayFake:
     # Per payment id, the error statuses its next requests are answered with, in order (500:
     # an outage, 429: a rate limit); only that payment's requests take them.
     payment_errors: dict[str, list[int]] = field(default_factory=dict)
+    # Per payment id, run once when it is next fetched, before the answer (what another
+    # process does meanwhile).
+    on_next_fetch: dict[str, Callable[[], Awaitable[None]]] = field(default_factory=dict)
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _runner: web.AppRunner | None = None
     url: str = ""
@@ -140,7 +144,10 @@ class RazorpayFake:
         payment = self.payments.get(request.match_info["payment_id"])
         if payment is None:
             return _error(400, "BAD_REQUEST_ERROR", "The id provided does not exist")
-        return web.json_response(payment)
+        answer = dict(payment)
+        if (meanwhile := self.on_next_fetch.pop(payment["id"], None)) is not None:
+            await meanwhile()
+        return web.json_response(answer)
 
     async def _capture(self, request: web.Request) -> web.Response:
         if (refused := self._refused(request)) is not None:

@@ -23,6 +23,7 @@ from pydantic import SecretStr
 from flexoraa.credits import (
     create_subscription,
     credit_due_subscriptions,
+    credit_paid_order,
     enqueue_credit,
     enqueue_debit,
     relay_pending,
@@ -435,6 +436,31 @@ async def test_two_payments_of_one_order_are_never_both_captured(
         tenant.tenant_id,
     )
     assert duplicates == 0
+
+
+async def test_a_verify_sent_twice_is_credited_not_refused_when_the_other_credited_first(
+    api_factory: ApiFactory,
+    razorpay_fake: RazorpayFake,
+    make_tenant: MakeTenant,
+    db: asyncpg.Connection,
+) -> None:
+    # The second read the payment authorised; the first captured and credited it before the
+    # second claimed the capture: the order paid, by this very payment, was answered 409
+    # "paid already", and the checkout invited a second payment.
+    tenant = await make_tenant()
+    async with payments(api_factory, razorpay_fake) as api:
+        order = await create_order(api, tenant, "starter")
+        payment_id = razorpay_fake.pay(order["order_id"], status="authorized")
+
+        async def the_other_verify_credits_it() -> None:
+            razorpay_fake.payments[payment_id].update(status="captured", captured=True)
+            async with db.transaction():
+                await credit_paid_order(db, order["order_id"], payment_id)
+
+        razorpay_fake.on_next_fetch[payment_id] = the_other_verify_credits_it
+        second = await verify_payment(api, tenant, razorpay_fake, order, payment_id)
+    assert (second.status_code, second.json()["status"]) == (200, "already_credited")
+    assert payment_id not in razorpay_fake.captures
 
 
 async def test_an_authorisation_no_checkout_verified_is_captured_and_credited_by_the_sweep(
