@@ -46,6 +46,7 @@ from schemas.tokens import (
     Feature,
     TenantStatus,
     TokenCredit,
+    TokenDebit,
     TokenEvent,
     TokenUsage,
 )
@@ -210,7 +211,7 @@ class Accounts:
         # was not is applied (its id's position is this very record). The ids alone made a
         # killed worker lose usage (the kill -9 test: balance 99,590 for 99,581).
         changed: dict[str, tuple[int, Account, dict[str, int]]] = {}
-        alerts: list[tuple[TokenUsage, int, Account]] = []
+        alerts: list[tuple[TokenUsage | TokenDebit, int, Account]] = []
         applied: dict[int, dict[str, str]] = defaultdict(dict)
         in_batch: set[str] = set()
         # Counted per batch: a labelled counter per event was a measurable share of the fold.
@@ -256,6 +257,7 @@ class Accounts:
                 counts["credit"] += 1
             else:
                 outcome = debit(account, token_event.tokens)
+                alerts.extend((token_event, percent, outcome.account) for percent in outcome.alerts)
                 counts["debit"] += 1
             changed[tenant] = (message.partition, outcome.account, up_to)
         self._seen.add(applied)
@@ -325,7 +327,7 @@ class Accounts:
             # and raising failed the whole fetch of token events at every restart.
             logger.warning("%s of tenant %r not audited: %s", action, tenant_id, exc)
 
-    async def _alert(self, usage: TokenUsage, percent: int, account: Account) -> None:
+    async def _alert(self, usage: TokenUsage | TokenDebit, percent: int, account: Account) -> None:
         if percent >= 100:
             title = "Tokens exhausted: AI paused"
             body = (

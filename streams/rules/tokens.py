@@ -168,13 +168,27 @@ def credit(account: Account, tokens: int) -> Outcome:
 
 
 def debit(account: Account, tokens: int) -> Outcome:
-    return Outcome(
-        replace(
-            account,
-            debited=account.debited + tokens,
-            cycle_base=max(0, account.cycle_base - tokens),
+    """Tokens taken back: the cycle's base shrinks, so the thresholds the cycle's use now
+    reaches are crossed, and a debit that pauses the tenant is its 100 %. Without them, a
+    refund that emptied the balance paused the tenant silently: paused, it used nothing that
+    could have alerted."""
+    updated = replace(
+        account,
+        debited=account.debited + tokens,
+        cycle_base=max(0, account.cycle_base - tokens),
+    )
+    crossed = tuple(
+        t
+        for t in THRESHOLDS_PERCENT
+        if t not in account.alerted
+        and (
+            _reached(updated.cycle_used, updated.cycle_base, t)
+            or (t == THRESHOLDS_PERCENT[-1] and updated.paused)
         )
     )
+    if crossed:
+        updated = replace(updated, alerted=account.alerted + crossed)
+    return Outcome(updated, crossed)
 
 
 def refund_debit(order_tokens: int, order_amount: int, refunded_before: int, refunded: int) -> int:

@@ -83,13 +83,28 @@ def test_account_round_trips_through_the_table_encoding() -> None:
     assert Account.from_dict(stored).debited == 0
 
 
+def test_a_debit_crossing_a_threshold_alerts_it() -> None:
+    account = spend(credit(Account(), 100).account, 60).account  # 60 %: 50 alerted
+    assert account.alerted == (50,)
+    outcome = debit(account, 20)  # 60 of 80: 75 %
+    assert outcome.alerts == ()
+    outcome = debit(outcome.account, 5)  # 60 of 75: 80 %
+    assert (outcome.alerts, outcome.account.paused) == ((80,), False)
+    # A pause with nothing used this cycle is still its 100 %.
+    fresh = debit(credit(Account(), 100).account, 100)
+    assert (fresh.alerts, fresh.account.paused) == ((100,), True)
+
+
 def test_a_debit_takes_tokens_back_and_shrinks_the_cycle() -> None:
     account = spend(credit(Account(), 100).account, 20).account  # 20 % of the cycle used
     refunded = debit(account, 50).account
     assert (refunded.balance, refunded.cycle_base, refunded.cycle_percent) == (30, 50, 40.0)
     assert refunded.alerted == account.alerted
-    emptied = debit(refunded, 50).account
+    refund = debit(refunded, 50)
+    emptied = refund.account
     assert (emptied.balance, emptied.cycle_base, emptied.paused) == (-20, 0, True)
+    # Paused by the refund: its alerts now, or never (paused, nothing is used to cross them).
+    assert refund.alerts == (50, 80, 100)
     # A credit after a debit measures its cycle from the balance then available.
     assert credit(emptied, 70).account.cycle_base == 50
 
