@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, SecretStr, field_validator
 
@@ -131,6 +131,19 @@ class SendRequest(RequestBody):
     send_at: AwareDatetime | None = Field(
         None, description="schedule for later (ISO 8601 with a time zone); default: now"
     )
+
+
+class CloseRequest(RequestBody):
+    model_config = ConfigDict(extra="forbid")
+
+    outcome: Literal["won", "lost", "disqualified"]
+
+
+class LeadClosed(BaseModel):
+    lead_id: str
+    sdr_id: str
+    outcome: str
+    closed_at: datetime
 
 
 class SendAccepted(BaseModel):

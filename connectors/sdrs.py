@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
@@ -27,14 +28,34 @@ class SdrRouter:
         pool = await self._pool_factory()
         async with pool.acquire() as conn, conn.transaction():
             existing = await conn.fetchrow(
-                """SELECT s.sdr_id, s.name, s.email FROM sdr_assignments a
-                   JOIN sdrs s USING (sdr_id) WHERE a.lead_id = $1""",
+                """SELECT s.sdr_id, s.name, s.email, s.active, a.closed_at FROM sdr_assignments a
+                   JOIN sdrs s USING (sdr_id) WHERE a.lead_id = $1 FOR UPDATE OF a""",
                 lead_id,
             )
-            if existing is not None:
-                return Assignment(
-                    str(existing["sdr_id"]), existing["name"], existing["email"], False
+            if existing is not None and not existing["active"]:
+                # Its SDR left (deactivated): the lead goes to an active one, not stays with
+                # someone who will never answer it.
+                moved = await _reassign(
+                    conn, tenant_id, lead_id, reason, f"inactive:{existing['sdr_id']}"
                 )
+                return moved.to_sdr if moved is not None else None  # none free: the admins'
+            if existing is not None:
+                if existing["closed_at"] is not None:
+                    # Closed, and qualified again (the lead wrote back): reopened with its SDR,
+                    # who counts it open again and hears of it.
+                    await conn.execute(
+                        "UPDATE sdr_assignments SET closed_at = NULL, outcome = NULL,"
+                        " reason = $2, assigned_at = now() WHERE lead_id = $1",
+                        lead_id, reason,
+                    )  # fmt: skip
+                    await conn.execute(
+                        "UPDATE sdrs SET open_leads = open_leads + 1 WHERE sdr_id = $1",
+                        existing["sdr_id"],
+                    )
+                return Assignment(
+                    str(existing["sdr_id"]), existing["name"], existing["email"],
+                    existing["closed_at"] is not None,
+                )  # fmt: skip
             await _hold_rotation(conn, tenant_id)
             chosen = await conn.fetchrow(
                 """SELECT sdr_id, name, email FROM sdrs
@@ -70,6 +91,35 @@ class SdrRouter:
             return await _reassign(conn, tenant_id, lead_id, reason, cause)
 
 
+async def close_lead(
+    pool: asyncpg.Pool, tenant_id: str, lead_id: str, outcome: str
+) -> tuple[str, str, datetime] | None:
+    """Closes the tenant's lead's assignment with `outcome`, releasing its SDR's slot once:
+    (sdr_id, outcome, closed_at), those of the first close when it was closed before; None if
+    the tenant has no such assigned lead."""
+    async with pool.acquire() as conn, conn.transaction():
+        closed = await conn.fetchrow(
+            "UPDATE sdr_assignments SET closed_at = now(), outcome = $3"
+            " WHERE lead_id = $1 AND tenant_id = $2 AND closed_at IS NULL"
+            " RETURNING sdr_id, outcome, closed_at",
+            lead_id, tenant_id, outcome,
+        )  # fmt: skip
+        if closed is not None:
+            await conn.execute(
+                "UPDATE sdrs SET open_leads = greatest(open_leads - 1, 0) WHERE sdr_id = $1",
+                closed["sdr_id"],
+            )
+        else:
+            closed = await conn.fetchrow(
+                "SELECT sdr_id, outcome, closed_at FROM sdr_assignments"
+                " WHERE lead_id = $1 AND tenant_id = $2",
+                lead_id, tenant_id,
+            )  # fmt: skip
+    if closed is None:
+        return None
+    return str(closed["sdr_id"]), closed["outcome"], closed["closed_at"]
+
+
 @dataclass(frozen=True, slots=True)
 class Reassignment:
     from_sdr: Assignment | None
@@ -84,7 +134,7 @@ async def _reassign(
     cause: str,
 ) -> Reassignment | None:
     current = await conn.fetchrow(
-        """SELECT s.sdr_id, s.name, s.email, a.cause, p.sdr_id AS previous_id,
+        """SELECT s.sdr_id, s.name, s.email, a.cause, a.closed_at, p.sdr_id AS previous_id,
                   p.name AS previous_name, p.email AS previous_email
            FROM sdr_assignments a JOIN sdrs s USING (sdr_id)
            LEFT JOIN sdrs p ON p.sdr_id = a.previous_sdr_id
@@ -120,7 +170,7 @@ async def _reassign(
            VALUES ($1, $2, $3, $4, $5, $6)
            ON CONFLICT (lead_id) DO UPDATE SET sdr_id = EXCLUDED.sdr_id,
                reason = EXCLUDED.reason, assigned_at = now(), cause = EXCLUDED.cause,
-               previous_sdr_id = EXCLUDED.previous_sdr_id""",
+               previous_sdr_id = EXCLUDED.previous_sdr_id, closed_at = NULL, outcome = NULL""",
         lead_id,
         tenant_id,
         chosen["sdr_id"],
@@ -128,7 +178,7 @@ async def _reassign(
         cause,
         current["sdr_id"] if current else None,
     )
-    if current is not None:
+    if current is not None and current["closed_at"] is None:  # a closed one was released
         await conn.execute(
             "UPDATE sdrs SET open_leads = greatest(open_leads - 1, 0) WHERE sdr_id = $1",
             current["sdr_id"],

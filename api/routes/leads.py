@@ -12,6 +12,8 @@ from api.deps import PrincipalDep, Services, ServicesDep
 from api.errors import DATABASE_ERRORS, ApiError
 from api.lead_state import StateUnavailable
 from api.models import (
+    CloseRequest,
+    LeadClosed,
     LeadPage,
     LeadSummary,
     LeadView,
@@ -31,6 +33,7 @@ from api.paging import (
     decode_cursor,
     encode_cursor,
 )
+from connectors.sdrs import close_lead
 from flexoraa.kafka import PublishUnavailable
 from schemas.ids import name_based_id
 from schemas.messaging import CancelScheduled, OutboundCommand
@@ -345,6 +348,29 @@ async def cancel_scheduled(
             headers={"Retry-After": "5"},
         ) from exc
     return _scheduled_view(row)
+
+
+@router.post(
+    "/api/leads/{lead_id}/close",
+    response_model=LeadClosed,
+    responses={404: {"description": "no such lead assigned to an SDR of the tenant"}, 422: {},
+               503: {}},
+)  # fmt: skip
+async def close(
+    lead_id: str, body: CloseRequest, principal: PrincipalDep, services: ServicesDep
+) -> LeadClosed:
+    """An SDR closes an assigned lead (won, lost, disqualified): it stops counting against the
+    SDR's `max_open_leads`. Closing again answers the first close. A closed lead that qualifies
+    again (it wrote back) is reopened with its SDR."""
+    parsed = _parse_lead_id(lead_id)
+    try:
+        closed = await close_lead(services.pool, principal.tenant_id, parsed, body.outcome)
+    except DATABASE_ERRORS as exc:
+        raise ApiError(503, "lead assignments are unavailable: database unreachable") from exc
+    if closed is None:
+        raise ApiError(404, "lead not found or not assigned to an SDR")
+    sdr_id, outcome, closed_at = closed
+    return LeadClosed(lead_id=parsed, sdr_id=sdr_id, outcome=outcome, closed_at=closed_at)
 
 
 @router.get("/api/leads", response_model=LeadPage, responses={400: {}, 503: {}})

@@ -17,7 +17,7 @@ import pytest
 from pydantic import SecretStr
 
 from connectors.ai import LEAD_FACTS_SCHEMA, LeadFactsAnswer, QualificationAI
-from connectors.sdrs import SdrRouter
+from connectors.sdrs import SdrRouter, close_lead
 from flexoraa.settings import Settings
 from tests.conftest import MakeTenant, ManagedProcess, StartProcess, Tenant, free_port, start_worker
 from tests.fakes.openai_api import OpenAIFake
@@ -186,15 +186,19 @@ async def add_sdr(db: asyncpg.Connection, tenant_id: str, name: str, **values: A
 
 
 @pytest.fixture
-async def router(test_settings: Settings) -> AsyncIterator[SdrRouter]:
+async def pool(test_settings: Settings) -> AsyncIterator[asyncpg.Pool]:
     pool = await asyncpg.create_pool(test_settings.database_url, min_size=0)
     assert pool is not None
+    yield pool
+    await pool.close()
 
+
+@pytest.fixture
+def router(pool: asyncpg.Pool) -> SdrRouter:
     async def factory() -> asyncpg.Pool:
         return pool
 
-    yield SdrRouter(factory)
-    await pool.close()
+    return SdrRouter(factory)
 
 
 async def test_round_robin_is_fair_and_respects_limits(
@@ -230,6 +234,64 @@ async def test_round_robin_is_fair_and_respects_limits(
         *(router.assign(busy.tenant_id, str(uuid.uuid4()), "qualified") for _ in range(12))
     )
     assert Counter(a.sdr_id for a in at_once if a is not None) == dict.fromkeys(sdrs, 4)
+
+
+async def test_a_closed_lead_frees_its_sdrs_slot_and_an_inactive_sdrs_lead_moves_on(
+    router: SdrRouter, make_tenant: MakeTenant, db: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    # Nothing released a slot: once each SDR had received max_open_leads leads, every later
+    # lead went unassigned for good. And a lead stayed with an SDR deactivated since.
+    tenant = await make_tenant()
+    only = await add_sdr(db, tenant.tenant_id, "only", max_open_leads=1)
+    first, second = str(uuid.uuid4()), str(uuid.uuid4())
+    assert (await router.assign(tenant.tenant_id, first, "qualified")) is not None
+    assert await router.assign(tenant.tenant_id, second, "qualified") is None  # full
+    closed = await close_lead(pool, tenant.tenant_id, first, "won")
+    assert closed is not None
+    assert (closed[0], closed[1]) == (only, "won")
+    assert await close_lead(pool, tenant.tenant_id, first, "lost") == closed  # closed once
+    other = await make_tenant("Other")
+    assert await close_lead(pool, other.tenant_id, second, "won") is None
+    taken = await router.assign(tenant.tenant_id, second, "qualified")
+    assert taken is not None
+    assert taken.sdr_id == only
+    # The first lead writes back and qualifies again: reopened with its SDR, who hears of it.
+    await close_lead(pool, tenant.tenant_id, second, "lost")
+    reopened = await router.assign(tenant.tenant_id, first, "qualified")
+    assert reopened is not None
+    assert (reopened.sdr_id, reopened.newly_assigned) == (only, True)
+    assert await db.fetchval("SELECT open_leads FROM sdrs WHERE sdr_id = $1", uuid.UUID(only)) == 1
+    # Deactivated: its open lead goes to an active SDR when it is next routed.
+    await db.execute("UPDATE sdrs SET active = false WHERE sdr_id = $1", uuid.UUID(only))
+    successor = await add_sdr(db, tenant.tenant_id, "successor")
+    moved = await router.assign(tenant.tenant_id, first, "qualified")
+    assert moved is not None
+    assert (moved.sdr_id, moved.newly_assigned) == (successor, True)
+
+
+async def test_an_sdr_closes_a_lead_through_the_api(
+    router: SdrRouter, make_tenant: MakeTenant, db: asyncpg.Connection, api: httpx.AsyncClient
+) -> None:
+    tenant = await make_tenant()
+    sdr = await add_sdr(db, tenant.tenant_id, "closer")
+    lead = str(uuid.uuid4())
+    assert await router.assign(tenant.tenant_id, lead, "qualified") is not None
+    path = f"/api/leads/{lead}/close"
+    closed = await api.post(path, headers=tenant.headers, json={"outcome": "won"})
+    assert closed.status_code == 200, closed.text
+    assert (closed.json()["sdr_id"], closed.json()["outcome"]) == (sdr, "won")
+    again = await api.post(path, headers=tenant.headers, json={"outcome": "lost"})
+    assert again.json() == closed.json()  # a retry answers the first close
+    assert await db.fetchval("SELECT open_leads FROM sdrs WHERE sdr_id = $1", uuid.UUID(sdr)) == 0
+    other = await make_tenant("Other")
+    for headers, target in (
+        (other.headers, path),
+        (tenant.headers, f"/api/leads/{uuid.uuid4()}/close"),
+    ):
+        answer = await api.post(target, headers=headers, json={"outcome": "won"})
+        assert answer.status_code == 404
+    bad = await api.post(path, headers=tenant.headers, json={"outcome": "maybe"})
+    assert bad.status_code == 422
 
 
 async def test_a_reassignment_read_again_repeats_its_move(

@@ -248,6 +248,7 @@ async def test_another_tenants_ids_look_exactly_like_missing_ones(
            "notification_id": notification_id, "scheduled_id": scheduled["command_id"]}  # fmt: skip
     bodies: dict[str, Any] = {
         "/api/leads/{lead_id}/messages": {"text": "hello"},
+        "/api/leads/{lead_id}/close": {"outcome": "won"},
         "/api/sdrs/{sdr_id}": {"name": "X", "email": "x@example.com"},
     }
     routes = routes_with_ids(test_settings)
