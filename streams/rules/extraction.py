@@ -60,12 +60,12 @@ _INDIAN_MULTIPLIERS = {"lakh", "lakhs", "lac", "lacs", "l", "crore", "crores", "
 _PREFIX = r"(?P<cur1>\$|₹|€|£|rs\.?|inr|usd|eur|gbp)?\s*"
 _NUMBER = r"(?P<num{n}>\d{{1,3}}(?:,\d{{2,3}})+|\d+(?:\.\d+)?)"
 _MULT = r"\s*(?P<mult{n}>k|thousand|grand|mn|million|mil|m|lakhs?|lacs?|l|crores?|cr)?\b"
-_SUFFIX = r"\s*(?P<cur2>dollars?|bucks|usd|rupees?|inr|euros?|eur|pounds?|gbp)?"
+_SUFFIX = r"\s*(?P<cur2>dollars?|bucks|usd|rupees?|inr|euros?|eur|pounds?|gbp|\$|₹|€|£)?"
 _AMOUNT_RE = re.compile(
     _PREFIX
     + _NUMBER.format(n=1)
     + _MULT.format(n=1)
-    + r"(?:\s*(?:-|–|to|and)\s*(?P<cur3>\$|₹|€|£|rs\.?)?\s*"
+    + r"(?:\s*(?P<join>-|–|to|and)\s*(?P<cur3>\$|₹|€|£|rs\.?)?\s*"
     + _NUMBER.format(n=2)
     + _MULT.format(n=2)
     + r")?"
@@ -113,25 +113,44 @@ def _number(text: str) -> float:
     return float(text.replace(",", ""))
 
 
+# A year ("our budget for 2025") or a phone number ("call me at 9876543210, budget 5 lakh"):
+# a bare number of these shapes, without a currency or a multiplier, is no amount.
+_YEAR = re.compile(r"^(?:19|20)\d\d$")
+_BETWEEN = re.compile(r"\bbetween\s*\S*\s*$", re.IGNORECASE)
+
+
 def extract_budget(text: str) -> Budget | None:
+    """The budget a message states. An amount with a currency or a multiplier wins over one
+    only near a budget word ("3 reps and 2 managers, budget 4k" is 4,000, not 2)."""
     if not _DIGIT.search(text):
         return None
+    weak: Budget | None = None
     for match in _AMOUNT_RE.finditer(text):
         raw1, raw2 = match["num1"], match["num2"]
         mult1 = (match["mult1"] or "").lower()
         mult2 = (match["mult2"] or "").lower()
         currency_mark = match["cur1"] or match["cur2"] or match["cur3"]
-        after = text[match.end() :]
-        if not raw2 and not mult1 and _UNITS_AFTER.match(after):
+        before = text[max(0, match.start() - 40) : match.start()]
+        if raw2 and match["join"].lower() == "and" and not _BETWEEN.search(before):
+            # "10k and 3 months": two things, not a range (unless "between 5k and 10k").
+            raw2, mult2 = None, ""
+            after = text[match.end("mult1") if match["mult1"] else match.end("num1") :]
+        else:
+            after = text[match.end() :]
+        # Ranges too: "go live in 2-3 months" is no budget of 2 to 3.
+        if not mult1 and not mult2 and _UNITS_AFTER.match(after):
             continue
         if mult1 == "m" and _UNITS_AFTER.match(after):
             continue
-        before = text[max(0, match.start() - 40) : match.start()]
         has_context = bool(_BUDGET_WORDS.search(before + " " + after[:20]))
-        if not (currency_mark or mult1 or mult2 or has_context):
+        strong = bool(currency_mark or mult1 or mult2)
+        if not (strong or has_context):
             continue
         # "l" and "m" alone are too ambiguous without a currency or budget word.
         if mult1 in {"l", "m"} and not (currency_mark or has_context):
+            continue
+        bare = raw1.replace(",", "")
+        if not strong and not raw2 and (_YEAR.match(bare) or len(bare.split(".")[0]) >= 7):
             continue
         value1 = _number(raw1)
         if value1 == 0:
@@ -143,16 +162,26 @@ def extract_budget(text: str) -> Budget | None:
         currency = _CURRENCY_WORDS.get((currency_mark or "").lower().rstrip())
         if currency is None and (mult1 in _INDIAN_MULTIPLIERS or mult2 in _INDIAN_MULTIPLIERS):
             currency = "INR"
-        phrase = match.group(0).strip()
+        phrase = (
+            match.group(0).strip()
+            if raw2 or not match["join"]
+            else text[
+                match.start() : match.end("mult1") if match["mult1"] else match.end("num1")
+            ].strip()
+        )
         if amount2 is not None:
             low, high = sorted((amount1, amount2))
-            return Budget(low, high, currency, phrase)
-        if _UPPER.search(before):
-            return Budget(None, amount1, currency, phrase)
-        if _LOWER.search(before):
-            return Budget(amount1, None, currency, phrase)
-        return Budget(amount1, amount1, currency, phrase)
-    return None
+            found = Budget(low, high, currency, phrase)
+        elif _UPPER.search(before):
+            found = Budget(None, amount1, currency, phrase)
+        elif _LOWER.search(before):
+            found = Budget(amount1, None, currency, phrase)
+        else:
+            found = Budget(amount1, amount1, currency, phrase)
+        if strong:
+            return found
+        weak = weak or found
+    return weak
 
 
 # ----------------------------------------------------------------------------- timeline
@@ -255,11 +284,18 @@ def extract_timeline(text: str, now: datetime, lowered: str | None = None) -> Ti
         return Timeline(_days_until(today, date(year, number, 1)), month.group(0))
     if not _ANY_PHRASE.search(lowered):
         return None
-    for pattern, days in _PHRASES:
-        found = pattern.search(lowered)
-        if found:
-            return Timeline(days(today), found.group(0))
-    return None
+    # The first phrase of the text that is not negated: "not this month, maybe next quarter"
+    # was this month (the list's order won, and the negation was not read).
+    said: list[tuple[int, int, Timeline]] = []
+    for rank, (pattern, days) in enumerate(_PHRASES):
+        for found in pattern.finditer(lowered):
+            if not _NEGATED.search(lowered[max(0, found.start() - 12) : found.start()]):
+                said.append((found.start(), rank, Timeline(days(today), found.group(0))))
+                break
+    return min(said, key=lambda s: (s[0], s[1]))[2] if said else None
+
+
+_NEGATED = re.compile(r"\b(?:not|no)\s+(?:\w+\s+)?$|n't\s+(?:\w+\s+)?$")
 
 
 # ----------------------------------------------------------------------------- authority

@@ -27,6 +27,14 @@ NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
         ("₹40k per month", 40_000, 40_000, "INR"),
         ("at least €2,000", 2_000, None, "EUR"),
         ("5 to 10 lakhs", 500_000, 1_000_000, "INR"),
+        ("between 5k and 10k", 5_000, 10_000, None),
+        # Each was read as another number of the message.
+        ("go live in 2-3 months, budget around 10k", 10_000, 10_000, None),
+        ("Our budget for 2025 is $20k", 20_000, 20_000, "USD"),
+        ("call me at 9876543210, budget 5 lakh", 500_000, 500_000, "INR"),
+        ("3 reps and 2 managers, budget 4k", 4_000, 4_000, None),
+        ("Budget 10k and 3 months", 10_000, 10_000, None),
+        ("about 5000€", 5_000, 5_000, "EUR"),
     ],
 )
 def test_budgets(text: str, low: float | None, high: float | None, currency: str) -> None:
@@ -168,3 +176,21 @@ def test_prefilters_never_turn_away_a_match(text: str) -> None:
         assert extraction._ANY_PHRASE.search(lowered)
     if extraction._AMOUNT_RE.search(text):
         assert extraction._DIGIT.search(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "days"),
+    [
+        # The list's order won and the negation was not read: 20 days, and an escalation.
+        ("Not this month, maybe next quarter", 100),
+        ("this month", 20),
+    ],
+)
+def test_a_negated_timeline_is_not_the_lead_s(text: str, days: int) -> None:
+    timeline = extract_timeline(text, NOW)
+    assert timeline is not None
+    assert timeline.days == days
+
+
+def test_only_a_negated_timeline_is_none() -> None:
+    assert extract_timeline("not this week", NOW) is None
