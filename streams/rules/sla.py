@@ -353,6 +353,9 @@ class Check:
     # None: not enough calls in the window to judge either way.
     value: float | None
     breached: bool | None
+    # The window's value even when too few calls judge it: enough to tell an open violation
+    # has recovered (10 fast calls a night), never to open one.
+    seen: float | None = None
 
 
 def checks(targets: Targets, operation: str, window: Rolling) -> list[Check]:
@@ -367,11 +370,12 @@ def checks(targets: Targets, operation: str, window: Rolling) -> list[Check]:
     p90_target = targets.p90_ms.get(operation)
     if p90_target is not None:
         value = window.p90_ms if judged else None
-        found.append(Check("p90_ms", p90_target, value, _breached(value, p90_target, empty)))
+        seen = None if empty else window.p90_ms
+        found.append(Check("p90_ms", p90_target, value, _breached(value, p90_target, empty), seen))
     value = window.error_rate if window.calls >= error_rate_min_calls(targets) else None
-    found.append(
-        Check("error_rate", targets.error_rate, value, _breached(value, targets.error_rate, empty))
-    )
+    seen = None if empty else window.error_rate
+    breached = _breached(value, targets.error_rate, empty)
+    found.append(Check("error_rate", targets.error_rate, value, breached, seen))
     return found
 
 
@@ -434,6 +438,14 @@ def step_violation(
     open, closes on recovery (`RECOVERY_FRACTION` of the target, or an empty window); an
     undecided check (too few calls) changes nothing."""
     if check.breached is None:
+        if (
+            current is not None
+            and check.seen is not None
+            and check.seen <= check.target * RECOVERY_FRACTION
+        ):
+            # Too few calls to judge, but all of them well within the target: open till
+            # morning, a violation of the evening's peak counted the whole night as breached.
+            return None, Transition("closed", _replace(current, ended_ms=now_ms))
         return current, None
     if current is None:
         if not check.breached:

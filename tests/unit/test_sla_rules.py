@@ -244,6 +244,20 @@ def test_an_open_violation_is_not_reopened_and_undecided_checks_change_nothing()
                                  now_ms=T0 + 20_000)  # fmt: skip
     assert third is None
     assert kept == state
+    # Too few calls to judge, and still slow: kept open. All well within the target (a quiet
+    # night of fast calls): closed, not open till the morning's traffic.
+    slow_few = Check("p90_ms", 500, None, None, seen=900.0)
+    assert step_violation(state, tenant_key="t", operation="verification", check=slow_few,
+                          now_ms=T0 + 30_000) == (state, None)  # fmt: skip
+    fast_few = Check("p90_ms", 500, None, None, seen=120.0)
+    ended, fourth = step_violation(state, tenant_key="t", operation="verification",
+                                   check=fast_few, now_ms=T0 + 40_000)  # fmt: skip
+    assert ended is None
+    assert fourth is not None
+    assert fourth.kind == "closed"
+    # Never opened by a window too small to judge, however slow.
+    assert step_violation(None, tenant_key="t", operation="verification", check=slow_few,
+                          now_ms=T0) == (None, None)  # fmt: skip
 
 
 def test_uptime_violations_follow_the_monthly_budget() -> None:
