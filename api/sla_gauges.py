@@ -5,8 +5,8 @@ no windows of its own, so before a scrape it merges the all-tenants rows of `sla
 same sketches, persisted at most a second behind) into the same gauges. A scraper of the API
 alone thus sees the SLA figures, and a dashboard taking `max by (operation)` over both jobs is
 unchanged. The rows are re-read at most once per `refresh_s`, so scrapes cost one query at most
-per interval; when PostgreSQL is unreachable the last figures stay and
-`flexoraa_sla_gauges_age_seconds` tells how old they are.
+per interval; when PostgreSQL is unreachable the last figures stay for a minute, then show
+empty, and `flexoraa_sla_gauges_age_seconds` tells how old they are.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ SLA_GAUGES_AGE = Gauge(
 )
 
 _QUERY_TIMEOUT_S = 2.0
+# Figures older than this are no SLA figures any more: shown empty until PostgreSQL is back.
+_STALE_AFTER_S = 60
 
 
 class SlaGauges:
@@ -68,7 +70,14 @@ class SlaGauges:
                     tenant_key=PLATFORM,
                 )
         except DB_ERRORS as exc:
-            logger.warning("SLA gauges not refreshed, keeping the last figures: %r", exc)
+            if self._read_at is not None and time.monotonic() - self._read_at > _STALE_AFTER_S:
+                # Kept through a long outage, an hour-old P90 fired the alerts (they take the
+                # max of the API's figures and the workers' live ones) till it ended.
+                logger.warning("SLA gauges not refreshed for over %d s, shown empty: %r",
+                               _STALE_AFTER_S, exc)  # fmt: skip
+                await asyncio.to_thread(_publish, [], last_minute)
+            else:
+                logger.warning("SLA gauges not refreshed, keeping the last figures: %r", exc)
             return
         await asyncio.to_thread(_publish, rows, last_minute)
         self._read_at = time.monotonic()

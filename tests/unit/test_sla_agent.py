@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from datetime import UTC, datetime
 from typing import Any, cast
 
+import pytest
 from prometheus_client import REGISTRY
 
-from api.sla_gauges import _publish
+from api.sla_gauges import SlaGauges, _publish
 from flexoraa.settings import Settings
 from streams.agents.sla import Evaluator, UptimeRecorder
 from streams.agents.sla_probes import Prober
@@ -24,6 +26,7 @@ from streams.rules.sla import (
     Transition,
     Uptime,
     Violation,
+    minute_of,
     new_sketch,
 )
 
@@ -136,6 +139,43 @@ def test_the_apis_gauges_of_an_operation_gone_quiet_show_nothing_not_its_last_fi
     labels = {"operation": "outbound_send", "window": "1h"}
     assert REGISTRY.get_sample_value("flexoraa_sla_calls", labels) == 50
     _publish([], minute + 61 * MINUTE_MS)  # an hour later, nothing was sent
+    assert REGISTRY.get_sample_value("flexoraa_sla_calls", labels) == 0
+    p90 = REGISTRY.get_sample_value("flexoraa_sla_latency_p90_seconds", labels)
+    assert p90 is not None
+    assert math.isnan(p90)
+
+
+class RowsThenDown:
+    """The API's store: one minute of slow calls, then PostgreSQL unreachable."""
+
+    def __init__(self, rows: list[MinuteRow]) -> None:
+        self.rows: list[MinuteRow] | None = rows
+
+    async def minute_rows(self, *args: Any, **kwargs: Any) -> list[MinuteRow]:
+        if self.rows is None:
+            raise OSError("connection refused")
+        return self.rows
+
+
+async def test_the_apis_gauges_show_empty_once_postgres_is_down_for_long() -> None:
+    # Kept through a long outage, an hour-old 3 s P90 fired the alerts (the max of the API's
+    # figures and the workers' live ones) till it ended.
+    sketch = new_sketch()
+    for _ in range(50):
+        sketch.add(3_000.0)
+    minute = minute_of(int(datetime.now(UTC).timestamp() * 1000))
+    store = RowsThenDown([MinuteRow("ai_message", PLATFORM, minute, 50, 0, sketch)])
+    gauges = SlaGauges(cast(SlaStore, store), refresh_s=0)
+    labels = {"operation": "ai_message", "window": "5m"}
+    await gauges.refresh()
+    assert REGISTRY.get_sample_value("flexoraa_sla_latency_p90_seconds", labels) == pytest.approx(
+        3.0, rel=0.02
+    )
+    store.rows = None
+    await gauges.refresh()  # down for a moment: the figures stay
+    assert REGISTRY.get_sample_value("flexoraa_sla_calls", labels) == 50
+    gauges._read_at = time.monotonic() - 61  # down for over a minute
+    await gauges.refresh()
     assert REGISTRY.get_sample_value("flexoraa_sla_calls", labels) == 0
     p90 = REGISTRY.get_sample_value("flexoraa_sla_latency_p90_seconds", labels)
     assert p90 is not None
