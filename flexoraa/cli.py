@@ -465,7 +465,8 @@ def cmd_dead_letters_replay(args: argparse.Namespace) -> int:
     async def run() -> Any:
         letters = await read_letters(settings, letter_filter)
         return await replay(settings, letters, dry_run=args.dry_run, again=args.again,
-                            to_all_readers=args.to_all_readers)  # fmt: skip
+                            to_all_readers=args.to_all_readers,
+                            past_token_dedup=args.past_token_dedup)  # fmt: skip
 
     try:
         report = asyncio.run(run())
@@ -563,6 +564,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also letters of older workers, which do not name the handler that set them "
         "aside: every reader of their topic takes them again",
+    )
+    replaying.add_argument(
+        "--past-token-dedup",
+        action="store_true",
+        help="also inbound and token letters older than TOKEN_SEEN_KEPT_DAYS, whose tokens "
+        "the workers no longer recognise: an AI action or credit may count twice",
     )
     replaying.set_defaults(func=cmd_dead_letters_replay)
 

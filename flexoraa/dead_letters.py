@@ -32,7 +32,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -313,9 +313,15 @@ def _identity(letter: DeadLetter) -> tuple[str, str | None, str, str | None]:
     return (letter.source_topic, letter.key_base64, letter.raw_base64, letter.consumer)
 
 
+def _charges_tokens(topic: str, names: TopicNames) -> bool:
+    """Whether a record of `topic` put back can charge or credit tokens: its AI actions and
+    token events are recognised by id only for TOKEN_SEEN_KEPT_DAYS."""
+    return topic in {names.inbound_messages, names.token_usage, names.token_credits}
+
+
 async def replay(
     settings: Settings, letters: list[StoredLetter], *, dry_run: bool = False,
-    again: bool = False, to_all_readers: bool = False,
+    again: bool = False, to_all_readers: bool = False, past_token_dedup: bool = False,
 ) -> ReplayReport:  # fmt: skip
     """Produces each letter's raw bytes under its key to its source topic, for the handler that
     set it aside if one did (a keyed topic's partition is the key's, as when the record was
@@ -326,8 +332,21 @@ async def replay(
     names = TopicNames(settings.topic_prefix)
     report = ReplayReport()
     copies: dict[tuple[str, str | None, str, str | None], list[StoredLetter]] = {}
+    # Older, a letter whose handling charged before it failed (a qualification step) was
+    # charged again: the workers had forgotten the usage's id (letters are kept 30 days).
+    dedup_from = datetime.now(UTC) - timedelta(days=settings.token_seen_kept_days)
     for stored in letters:
         reason = skip_reason(stored.letter, names, to_all_readers=to_all_readers)
+        if (
+            reason is None
+            and not past_token_dedup
+            and stored.letter.dead_lettered_at < dedup_from
+            and _charges_tokens(stored.letter.source_topic, names)
+        ):
+            reason = (
+                "older than TOKEN_SEEN_KEPT_DAYS: tokens could be charged or credited twice "
+                "(--past-token-dedup)"
+            )
         if reason is not None:
             report.skipped[reason] += 1
         else:

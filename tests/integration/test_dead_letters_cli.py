@@ -178,3 +178,27 @@ async def test_a_scheduled_message_cancelled_since_its_letter_is_not_put_back(
         "skipped": {"a scheduled message cancelled since": 1},
         "unmarked": 0,
     }
+
+
+async def test_a_letter_older_than_the_token_dedup_is_put_back_only_when_asked(
+    test_settings: Settings,
+) -> None:
+    # Replayed after the workers forgot its usage's id (7 days; letters are kept 30), an
+    # inbound message whose qualification step charged before it failed was charged again.
+    names = TopicNames(test_settings.topic_prefix)
+    lead = str(uuid.uuid4())
+    await send_records(test_settings, names.dead_letters, [
+        (lead.encode(), letter(names.inbound_messages, lead, b'{"old": 1}', "processing failed",
+                               timedelta(days=10), consumer="qualification")),
+        (lead.encode(), letter(names.inbound_messages, lead, b'{"new": 1}', "processing failed",
+                               timedelta(days=1), consumer="qualification")),
+    ])  # fmt: skip
+    dry = flexoraa(test_settings, "dead-letters", "replay", "--key", lead, "--dry-run")
+    assert json.loads(dry.stdout)["replayed"] == {names.inbound_messages: 1}
+    assert json.loads(dry.stdout)["skipped"] == {
+        "older than TOKEN_SEEN_KEPT_DAYS: tokens could be charged or credited twice "
+        "(--past-token-dedup)": 1
+    }
+    asked = flexoraa(test_settings, "dead-letters", "replay", "--key", lead, "--dry-run",
+                     "--past-token-dedup")  # fmt: skip
+    assert json.loads(asked.stdout)["replayed"] == {names.inbound_messages: 2}
