@@ -301,7 +301,8 @@ class Mailbox:
             body["threadId"] = thread_id
         messages = self._service.users().messages()
         delay_s = SEND_BACKOFF_S
-        for attempt in range(1, SEND_ATTEMPTS + 1):
+        failure: GmailApiError | None = None
+        for _ in range(SEND_ATTEMPTS):
             request = messages.send(userId="me", body=body)
             try:
                 result: dict[str, Any] = await self._call(request.execute)
@@ -309,15 +310,19 @@ class Mailbox:
             except MailboxRevoked:
                 raise
             except GmailApiError as exc:
-                if attempt == SEND_ATTEMPTS or not _may_have_sent(exc):
+                if not _may_have_sent(exc):
                     raise
                 logger.warning("Gmail send failed (%s); looking for it before a retry", exc)
+                failure = exc
             await asyncio.sleep(delay_s)
             delay_s *= 2
+            # Looked for after the last attempt too: gone out after all, a 502 would invite
+            # the caller to send it again.
             found = await self._sent_copy(rfc_message_id)
             if found is not None:
                 return found
-        raise AssertionError("unreachable: the last attempt returns or raises")
+        assert failure is not None  # every attempt that did not return failed
+        raise failure
 
     async def _sent_copy(self, rfc_message_id: str) -> dict[str, Any] | None:
         """The mailbox's message with this Message-ID header, if Gmail has it."""

@@ -31,25 +31,39 @@ class ParsedMail:
 
 class _HtmlText(HTMLParser):
     _BLOCKS = frozenset({"p", "div", "br", "li", "tr", "h1", "h2", "h3", "h4", "blockquote"})
+    _SKIPPED = frozenset({"script", "style", "head"})
 
-    def __init__(self) -> None:
+    def __init__(self, skip_quotes: bool) -> None:
         super().__init__(convert_charrefs=True)
         self.parts: list[str] = []
+        self._skip_quotes = skip_quotes
         self._skip = 0
-
-    # Not the lead's words: scripts, styles, and the quoted mail a reply carries (Gmail's,
-    # Apple Mail's and Outlook's all quote in a blockquote).
-    _SKIPPED = frozenset({"script", "style", "head", "blockquote"})
+        # Open blockquotes, and whether each is a reply's quote (then skipped with its inside).
+        self._quotes: list[bool] = []
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         if tag in self._SKIPPED:
             self._skip += 1
+        elif tag == "blockquote":
+            # A reply's quote of the mail before: Apple's and Thunderbird's type="cite",
+            # Gmail's class="gmail_quote". Not any blockquote (Gmail's "indent" is one).
+            values = dict(attrs)
+            quoted = self._skip_quotes and (
+                values.get("type") == "cite" or "gmail_quote" in (values.get("class") or "")
+            )
+            self._quotes.append(quoted)
+            self._skip += quoted
+            self.parts.append("\n")
         elif tag in self._BLOCKS:
             self.parts.append("\n")
 
     def handle_endtag(self, tag: str) -> None:
         if tag in self._SKIPPED and self._skip:
             self._skip -= 1
+        elif tag == "blockquote":
+            if self._quotes and self._quotes.pop():
+                self._skip -= 1
+            self.parts.append("\n")
         elif tag in self._BLOCKS:
             self.parts.append("\n")
 
@@ -59,30 +73,44 @@ class _HtmlText(HTMLParser):
 
 
 # Where a reply's quote of the mail before starts: Gmail's and Apple's attribution ("On Mon,
-# 1 Dec 2026 at 10:00, Gus <gus@example.com> wrote:", sometimes wrapped over two lines),
-# Outlook's "-----Original Message-----" and its rule of underscores before "From:".
-_QUOTE_START = re.compile(
-    r"^(?:On\b[^\n]{0,300}(?:\n[^\n]{0,300})?\bwrote:"
-    r"|-{2,} ?Original Message ?-{2,}|_{10,})[ \t]*$",
-    re.MULTILINE | re.IGNORECASE,
+# 1 Dec 2026 at 10:00, Gus <gus@example.com> wrote:", sometimes wrapped over two lines), quoted
+# with ">" after it, and Outlook's "-----Original Message-----" or its rule of underscores, the
+# whole mail before following unquoted.
+_ATTRIBUTION = re.compile(
+    r"^On\b[^\n]{0,300}(?:\n[^\n]{0,300})?\bwrote:[ \t]*$", re.MULTILINE | re.IGNORECASE
 )
+_OUTLOOK_QUOTE = re.compile(r"^(?:-{2,} ?Original Message ?-{2,}|_{10,})[ \t]*$", re.MULTILINE)
 
 
 def without_quoted(text: str) -> str:
-    """The lead's own words of a reply: the quoted mail after an attribution line, and lines
-    quoted with ">", left out. Kept, the AI read our own earlier prices and dates as the
-    lead's facts, and the tenant paid tokens for the whole thread. A message that is all
-    quote (a forward) is kept whole."""
+    """The lead's own words of a reply, without the mail before that it quotes at its end.
+    Kept, the AI read our own earlier prices and dates as the lead's facts, and the tenant
+    paid tokens for the whole thread. Only a quote that ends the message is cut: answers
+    written between quoted lines (inline replies) stay, and a message that is all quote (a
+    forward) is kept whole."""
     text = text.replace("\r\n", "\n")
-    start = _QUOTE_START.search(text)
-    own = text[: start.start()] if start is not None else text
-    lines = [line for line in own.splitlines() if not line.lstrip().startswith(">")]
-    stripped = "\n".join(lines).strip()
-    return stripped or text
+    own = text
+    outlook = _OUTLOOK_QUOTE.search(own)
+    if outlook is not None:
+        own = own[: outlook.start()]
+    attribution = _ATTRIBUTION.search(own)
+    if attribution is not None and all(
+        line.lstrip().startswith(">")
+        for line in own[attribution.end() :].splitlines()
+        if line.strip()
+    ):
+        own = own[: attribution.start()]
+    else:
+        # A trailing block of ">" lines without an attribution: the same quote.
+        lines = own.rstrip().splitlines()
+        while lines and (lines[-1].lstrip().startswith(">") or not lines[-1].strip()):
+            lines.pop()
+        own = "\n".join(lines)
+    return own.strip() or text.strip()
 
 
-def html_to_text(html: str) -> str:
-    parser = _HtmlText()
+def html_to_text(html: str, *, skip_quotes: bool = True) -> str:
+    parser = _HtmlText(skip_quotes)
     parser.feed(html)
     parser.close()
     text = "".join(parser.parts)
@@ -96,9 +124,15 @@ def parse_message(raw: bytes) -> ParsedMail:
     assert isinstance(message, EmailMessage)
     name, address = parseaddr(_header_text(message, "From"))
     # A web form's or a lead platform's notice comes from its no-reply address with the
-    # person in Reply-To: the lead is the person, and replies go to them.
+    # person in Reply-To: the lead is the person, and replies go to them. Only from such an
+    # address: Reply-To is not authenticated (DMARC checks From), and trusted on any mail, a
+    # stranger's mail would have joined another lead's history.
     replies_to = getaddresses([_header_text(message, "Reply-To")])
-    if len(replies_to) == 1 and "@" in replies_to[0][1]:
+    if (
+        len(replies_to) == 1
+        and "@" in replies_to[0][1]
+        and _NO_REPLY.match(address.strip().lower().split("@", 1)[0])
+    ):
         reply_name, reply_address = replies_to[0]
         if reply_address.strip().lower() != address.strip().lower():
             name, address = reply_name or name, reply_address
@@ -110,9 +144,12 @@ def parse_message(raw: bytes) -> ParsedMail:
     body = message.get_body(preferencelist=("plain", "html"))
     text = ""
     if body is not None:
-        content = _content(body)
-        text = html_to_text(content) if body.get_content_type() == "text/html" else content
-    text = without_quoted(text.replace("\x00", ""))
+        content = _content(body).replace("\x00", "")
+        if body.get_content_type() == "text/html":
+            # All quote (a forward in a blockquote): kept whole, as a plain one is.
+            text = without_quoted(html_to_text(content)) or html_to_text(content, skip_quotes=False)
+        else:
+            text = without_quoted(content)
     return ParsedMail(
         sender=address.strip().lower(),
         sender_name=name.strip() or None,
@@ -130,21 +167,30 @@ def parse_message(raw: bytes) -> ParsedMail:
 
 # Senders that are a mail system, never a person (bounces, delivery reports).
 _SYSTEM_SENDERS = frozenset({"mailer-daemon", "postmaster"})
+# Addresses of forms and platforms that send for someone else, who is in Reply-To.
+_NO_REPLY = re.compile(
+    r"^(?:no-?reply|do-?not-?reply|notifications?|notify|forms?|wordpress|webforms?|mailer)"
+    r"(?:[+._-].*)?$"
+)
 
 
 def _automated(message: EmailMessage, sender: str) -> str | None:
-    """Why the message is a machine's (RFC 3834's Auto-Submitted, a Precedence of bulk mail, a
-    mailing list's headers, a mail system's address), or None. Such mail is no lead: answered,
-    an auto-reply answers back, and the AI and the auto-responder write to each other."""
+    """Why the message is an automatic answer (RFC 3834's Auto-Submitted: auto-replied, an
+    auto-reply's Precedence or X- header, a bounce), or None. Such mail is no lead:
+    answered, it answers back, and the AI and the auto-responder write to each other. Not a
+    mailing list's headers, nor Auto-Submitted: auto-generated: a Google Group delivering
+    sales@ and a web form's notice carry those, and their mail is the leads'."""
     auto_submitted = _header_text(message, "Auto-Submitted").lower()
-    if auto_submitted and auto_submitted != "no":
+    if auto_submitted.startswith("auto-replied"):
         return f"Auto-Submitted: {auto_submitted}"
     precedence = _header_text(message, "Precedence").lower()
-    if precedence in {"bulk", "junk", "list", "auto_reply"}:
+    if precedence in {"junk", "auto_reply"}:
         return f"Precedence: {precedence}"
-    for header in ("X-Autoreply", "X-Autorespond", "List-Id", "List-Unsubscribe"):
+    for header in ("X-Autoreply", "X-Autorespond"):
         if _header_text(message, header):
             return header
+    if message.get_content_type() == "multipart/report":
+        return "a delivery report"
     if sender.split("@", 1)[0] in _SYSTEM_SENDERS:
         return "a mail system's address"
     return None

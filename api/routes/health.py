@@ -52,6 +52,7 @@ async def ready(services: ServicesDep) -> JSONResponse:
                 "checks": checks,
             },
             status_code=503,
+            headers={"Retry-After": "5"},
         )
     return JSONResponse({"status": "ready", "checks": checks})
 

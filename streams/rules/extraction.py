@@ -116,6 +116,7 @@ def _number(text: str) -> float:
 # A year ("our budget for 2025") or a phone number ("call me at 9876543210, budget 5 lakh"):
 # a bare number of these shapes, without a currency or a multiplier, is no amount.
 _YEAR = re.compile(r"^(?:19|20)\d\d$")
+_PHONE_LIKE = re.compile(r"^\d{7,}$")
 _BETWEEN = re.compile(r"\bbetween\s*\S*\s*$", re.IGNORECASE)
 
 
@@ -125,15 +126,19 @@ def extract_budget(text: str) -> Budget | None:
     if not _DIGIT.search(text):
         return None
     weak: Budget | None = None
-    for match in _AMOUNT_RE.finditer(text):
+    position = 0
+    while (match := _AMOUNT_RE.search(text, position)) is not None:
+        position = match.end()
         raw1, raw2 = match["num1"], match["num2"]
         mult1 = (match["mult1"] or "").lower()
         mult2 = (match["mult2"] or "").lower()
         currency_mark = match["cur1"] or match["cur2"] or match["cur3"]
         before = text[max(0, match.start() - 40) : match.start()]
         if raw2 and match["join"].lower() == "and" and not _BETWEEN.search(before):
-            # "10k and 3 months": two things, not a range (unless "between 5k and 10k").
-            raw2, mult2 = None, ""
+            # "10k and 3 months": two things, not a range (unless "between 5k and 10k"); the
+            # second, with its own currency, is read on its own next.
+            raw2, mult2, currency_mark = None, "", match["cur1"]
+            position = match.start("cur3") if match["cur3"] else match.start("num2")
             after = text[match.end("mult1") if match["mult1"] else match.end("num1") :]
         else:
             after = text[match.end() :]
@@ -149,8 +154,8 @@ def extract_budget(text: str) -> Budget | None:
         # "l" and "m" alone are too ambiguous without a currency or budget word.
         if mult1 in {"l", "m"} and not (currency_mark or has_context):
             continue
-        bare = raw1.replace(",", "")
-        if not strong and not raw2 and (_YEAR.match(bare) or len(bare.split(".")[0]) >= 7):
+        # A phone number has no grouping commas ("10,00,000" is ten lakh).
+        if not strong and not raw2 and (_YEAR.match(raw1) or _PHONE_LIKE.match(raw1)):
             continue
         value1 = _number(raw1)
         if value1 == 0:
@@ -295,7 +300,7 @@ def extract_timeline(text: str, now: datetime, lowered: str | None = None) -> Ti
     return min(said, key=lambda s: (s[0], s[1]))[2] if said else None
 
 
-_NEGATED = re.compile(r"\b(?:not|no)\s+(?:\w+\s+)?$|n't\s+(?:\w+\s+)?$")
+_NEGATED = re.compile(r"\b(?:not|no|n't)\s+(?!until\b|before\b|later\b)(?:\w+\s+)?$")
 
 
 # ----------------------------------------------------------------------------- authority

@@ -35,6 +35,10 @@ NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
         ("3 reps and 2 managers, budget 4k", 4_000, 4_000, None),
         ("Budget 10k and 3 months", 10_000, 10_000, None),
         ("about 5000€", 5_000, 5_000, "EUR"),
+        ("Team of 10 and $20k budget", 20_000, 20_000, "USD"),
+        ("we are 5 and 10k is our budget", 10_000, 10_000, None),
+        ("Our budget is 10,00,000", 1_000_000, 1_000_000, None),
+        ("budget 1,500,000", 1_500_000, 1_500_000, None),
     ],
 )
 def test_budgets(text: str, low: float | None, high: float | None, currency: str) -> None:
@@ -194,3 +198,7 @@ def test_a_negated_timeline_is_not_the_lead_s(text: str, days: int) -> None:
 
 def test_only_a_negated_timeline_is_none() -> None:
     assert extract_timeline("not this week", NOW) is None
+    # "Not until" is a timeline, not its negation.
+    until = extract_timeline("not until next month", NOW)
+    assert until is not None
+    assert until.days == 45

@@ -141,8 +141,7 @@ def test_a_subject_with_a_line_break_is_one_line_and_a_reply_to_it_composes() ->
     ("headers", "why"),
     [
         (b"Auto-Submitted: auto-replied\r\n", "Auto-Submitted: auto-replied"),
-        (b"Precedence: bulk\r\n", "Precedence: bulk"),
-        (b"List-Unsubscribe: <mailto:leave@news.example.com>\r\n", "List-Unsubscribe"),
+        (b"Precedence: auto_reply\r\n", "Precedence: auto_reply"),
         (b"X-Autoreply: yes\r\n", "X-Autoreply"),
     ],
 )
@@ -155,6 +154,28 @@ def test_machine_mail_says_why_it_is_no_person(headers: bytes, why: str) -> None
     assert parse_message(bounce).automated == "a mail system's address"
     person = b"From: ana@example.com\r\nAuto-Submitted: no\r\nSubject: Quote\r\n\r\nPrice?"
     assert parse_message(person).automated is None
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        # A Google Group delivering the tenant's sales@: every lead's mail carries these.
+        b"List-ID: <sales.acme.test>\r\nList-Unsubscribe: <mailto:x@acme.test>\r\n"
+        b"Precedence: list\r\n",
+        # A web form's notice (RFC 3834), and one sent through a mailing service.
+        b"Auto-Submitted: auto-generated\r\nList-Unsubscribe: <https://x.example/u>\r\n",
+    ],
+)
+def test_mail_a_list_or_a_form_delivers_is_still_a_lead(headers: bytes) -> None:
+    raw = b"From: ana@example.com\r\n" + headers + b"Subject: Quote\r\n\r\nPrice for 20 seats?"
+    assert parse_message(raw).automated is None
+
+
+def test_reply_to_is_trusted_only_from_a_no_reply_address() -> None:
+    # Not authenticated: from anyone, a stranger's mail joined another lead's history.
+    raw = (b"From: x@evil.example\r\nReply-To: victim@bigcorp.example\r\n"
+           b"Subject: Not interested\r\n\r\nCancel everything.")  # fmt: skip
+    assert parse_message(raw).sender == "x@evil.example"
 
 
 def test_a_form_notice_is_the_lead_of_its_reply_to() -> None:
@@ -179,7 +200,8 @@ def test_a_form_notice_is_the_lead_of_its_reply_to() -> None:
         b"From: gus@example.com\r\nSubject: Re: Pricing\r\nContent-Type: text/html\r\n\r\n"
         b'<div dir="ltr">Sounds good, 10 seats.</div><div class="gmail_quote">'
         b'<div class="gmail_attr">On Mon, 1 Dec 2026, Acme Sales wrote:</div>'
-        b"<blockquote>Pro is 2,000 USD a month, from next week.</blockquote></div>",
+        b'<blockquote class="gmail_quote" style="margin:0 0 0 .8ex">Pro is 2,000 USD a month,'
+        b" from next week.</blockquote></div>",
         # Outlook's.
         b"From: gus@example.com\r\nSubject: RE: Pricing\r\n\r\nSounds good, 10 seats.\r\n"
         b"-----Original Message-----\r\nFrom: Acme Sales\r\nPro is 2,000 USD a month.\r\n",
@@ -194,3 +216,20 @@ def test_a_reply_is_its_own_words_without_the_quoted_mail(raw: bytes) -> None:
 def test_a_message_that_is_all_quote_is_kept_whole() -> None:
     raw = b"From: gus@example.com\r\nSubject: Fwd\r\n\r\n> Pro is 2,000 USD a month.\r\n"
     assert parse_message(raw).text == "> Pro is 2,000 USD a month."
+    forward = (b"From: gus@example.com\r\nSubject: Fwd\r\nContent-Type: text/html\r\n\r\n"
+               b'<blockquote type="cite">Need 20 seats by March.</blockquote>')  # fmt: skip
+    assert parse_message(forward).text == "Need 20 seats by March."
+
+
+def test_answers_between_quoted_lines_and_an_own_greater_than_stay() -> None:
+    # Cut at the attribution, an inline reply lost every answer; a line of the lead's own
+    # beginning with ">" was dropped too.
+    inline = (b"From: gus@example.com\r\nSubject: Re: Questions\r\n\r\nHi,\r\n\r\n"
+              b"On Mon, 1 Dec 2026, Acme Sales wrote:\r\n> What is your budget?\r\n"
+              b"About $20,000.\r\n> When would you start?\r\nNext month.\r\n")  # fmt: skip
+    text = parse_message(inline).text
+    assert "About $20,000." in text
+    assert "Next month." in text
+    own = (b"From: gus@example.com\r\nSubject: Size\r\n\r\n"
+           b"We have\r\n> 200 employees in 3 cities.\r\nThanks")  # fmt: skip
+    assert parse_message(own).text == "We have\n> 200 employees in 3 cities.\nThanks"
