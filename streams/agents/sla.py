@@ -323,10 +323,12 @@ class UptimeRecorder:
             self.open = {
                 v.operation: v for v in await self._store.open_violations() if v.metric == "uptime"
             }
+        # This round's own: `step_down` may drop the attribute while the round awaits.
+        open_now = self.open
         for component, uptime in month.items():
             check = uptime_check(self._targets, uptime, (month_end - month_start) / 1000)
             state, transition = step_uptime_violation(
-                self.open.get(component), component=component, check=check, now_ms=now_ms
+                open_now.get(component), component=component, check=check, now_ms=now_ms
             )
             if transition is not None:
                 applied = await self._store.save_transition(transition)
@@ -334,15 +336,15 @@ class UptimeRecorder:
                 if transition.kind == "opened" and applied and alert_to:
                     await notify(violation_notification(transition.violation, alert_to))
             if state is None:
-                self.open.pop(component, None)
+                open_now.pop(component, None)
             else:
-                self.open[component] = state
+                open_now[component] = state
         # A month's budget starts afresh: last month's uptime violations end with it.
-        for component, violation in list(self.open.items()):
+        for component, violation in list(open_now.items()):
             if violation.started_ms < month_start:
                 closed = Violation(**{**_fields(violation), "ended_ms": month_start})
                 await self._store.save_transition(Transition("closed", closed))
-                del self.open[component]
+                del open_now[component]
 
 
 def _fields(violation: Violation) -> dict[str, Any]:
@@ -531,7 +533,9 @@ def register(
             await uptime.probe(now_ms)  # each probe has its own timeout
             async with asyncio.timeout(settings.sla_probe_interval_s):
                 await uptime.store(now_ms)
-                await uptime.judge(now_ms, notify)
+            # Not under the timeout: cancelled between a violation's save and its record in
+            # `open`, the next round opened it (and alerted) again.
+            await uptime.judge(now_ms, notify)
         except _UNAVAILABLE_OR_HUNG as exc:
             # PostgreSQL down: the round was probed (and is on the gauges) but not stored.
             logger.warning("uptime round not stored: %r", exc)

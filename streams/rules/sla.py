@@ -372,20 +372,19 @@ def checks(targets: Targets, operation: str, window: Rolling) -> list[Check]:
         value = window.p90_ms if judged else None
         seen = None if empty else window.p90_ms
         found.append(Check("p90_ms", p90_target, value, _breached(value, p90_target, empty), seen))
-    value = window.error_rate if window.calls >= error_rate_min_calls(targets) else None
+    value = window.error_rate if judged else None
     seen = None if empty else window.error_rate
     breached = _breached(value, targets.error_rate, empty)
+    if breached and window.errors < MIN_ERRORS:
+        # One error alone is no breach: from 20 calls against 0.1 %, any single error was a
+        # violation, about hourly for a tenant meeting its SLA.
+        breached = False
     found.append(Check("error_rate", targets.error_rate, value, breached, seen))
     return found
 
 
-def error_rate_min_calls(targets: Targets) -> int:
-    """Calls a window needs before its error rate is judged: enough that one error alone is
-    within the target. With fewer (20 calls against 0.1 %), any single error was a breach: a
-    tenant meeting its SLA got a violation, and its admins a mail, about every hour."""
-    if targets.error_rate <= 0:
-        return targets.min_calls
-    return max(targets.min_calls, math.ceil(1 / targets.error_rate - 1e-9))
+# Errors a window needs before its error rate can be over the target.
+MIN_ERRORS = 2
 
 
 def _breached(value: float | None, target: float, empty: bool) -> bool | None:
