@@ -45,13 +45,6 @@ def _waiting(entry: Any) -> dict[str, Any] | None:
     return entry if isinstance(entry, dict) else None
 
 
-def _earlier_unanswered(waiting: dict[str, Any], occurred_ms: int) -> bool:
-    """Whether a message read during a wait occurred before the wait's start and after the
-    last reply before it (waits recorded before replies were kept: never)."""
-    answered_ms = waiting.get("answered_ms")
-    return answered_ms is not None and answered_ms < occurred_ms < waiting["waiting_since_ms"]
-
-
 def register(
     lane: BatchLane,
     *,
@@ -75,33 +68,31 @@ def register(
             # sender of the mailbox's last week the moment it is connected.
             return
         key = message.lead_id.encode()
-        # Asked before the table is read, never between the read and the write: the replies'
-        # handler runs as a task of its own, and an answer it recorded while this awaited
-        # (a cache miss, PostgreSQL away) was overwritten by a new wait: a false leak.
+        if not _starts_wait(key, occurred_ms):
+            return
+        # Asked only for a wait to start (a cache miss waits for PostgreSQL, and every message
+        # holding the lane for it did while it was down), and the table read again after it:
+        # the replies' handler runs as a task of its own, and an answer it recorded during
+        # the await was overwritten by a new wait: a false leak.
         threshold_s = await while_unreachable(tenants.leak_threshold_s, message.tenant_id)
+        if not _starts_wait(key, occurred_ms):
+            return
+        due_ms = leak_due_ms(occurred_ms, threshold_s)
+        leakage[key] = {"waiting_since_ms": occurred_ms, "due_ms": due_ms, "fired": False}
+        scheduler.set(key, {"leak": due_ms})
+
+    def _starts_wait(key: bytes, occurred_ms: int) -> bool:
+        """Whether a message of the lead starts a wait, as its entry stands now."""
         entry = leakage.get(key)
         if (waiting := _waiting(entry)) is not None:
-            if not waiting["fired"] and _earlier_unanswered(waiting, occurred_ms):
-                # An earlier message read after a later one (channels deliver out of order):
-                # the wait starts at the first unanswered message, not the first read.
-                due_ms = leak_due_ms(occurred_ms, threshold_s)
-                leakage[key] = {**waiting, "waiting_since_ms": occurred_ms, "due_ms": due_ms}
-                scheduler.set(key, {"leak": due_ms})
-                return
-            # Already waiting. Its deadline is another table's write; a worker killed between
-            # the two kept only the wait, and this message, read again, gives it back.
+            # Already waiting: the wait starts at the first unanswered message. Its deadline
+            # is another table's write; a worker killed between the two kept only the wait,
+            # and this message, read again, gives it its deadline back.
             if not waiting["fired"]:
                 scheduler.set_if_absent(key, "leak", waiting["due_ms"])
-            return
-        if isinstance(entry, int) and occurred_ms <= entry:
-            return  # answered already, its reply read first
-        due_ms = leak_due_ms(occurred_ms, threshold_s)
-        # `answered_ms`: the last reply before the wait, which an earlier message read late
-        # must follow to move the wait's start.
-        answered_ms = entry if isinstance(entry, int) else 0
-        leakage[key] = {"waiting_since_ms": occurred_ms, "due_ms": due_ms, "fired": False,
-                        "answered_ms": answered_ms}  # fmt: skip
-        scheduler.set(key, {"leak": due_ms})
+            return False
+        # Answered already (its reply read first) when the entry is a later reply's time.
+        return not (isinstance(entry, int) and occurred_ms <= entry)
 
     lane.add_record_handler("leakage-waits", [inbound], start_waiting, max_batch=max_batch)
 
@@ -118,11 +109,7 @@ def register(
                 leakage[key] = sent_ms
             return
         if sent_ms < waiting["waiting_since_ms"]:
-            # Sent before the message the lead is waiting on: no answer to it, but one to any
-            # message before it, which then cannot move the wait's start.
-            if "answered_ms" in waiting and waiting["answered_ms"] < sent_ms:
-                leakage[key] = {**waiting, "answered_ms": sent_ms}
-            return
+            return  # sent before the message the lead is waiting on: no answer to it
         leakage[key] = sent_ms
         scheduler.cancel(key, "leak")
         waited_ms = sent_ms - waiting["waiting_since_ms"]
