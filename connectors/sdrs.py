@@ -141,6 +141,14 @@ async def _reassign(
            WHERE a.lead_id = $1 FOR UPDATE OF a""",
         lead_id,
     )
+    if (
+        current is not None
+        and current["closed_at"] is not None
+        and not cause.startswith("inactive:")
+    ):
+        # Closed (won, lost): a leak of its later message is no reason to reopen it with
+        # another SDR, its outcome erased. It reopens when it qualifies again.
+        return None
     if current is not None and current["cause"] == cause:
         # Done before: the worker stopped after the move and before it was marked fired.
         before = (

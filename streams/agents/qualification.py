@@ -140,7 +140,11 @@ class Interviewer:
         # Also when the router had assigned the lead already but the state does not say so:
         # this message, read again after a crash between the assignment and the state's write,
         # sends the assignment's effects it never sent (their ids repeat: sent once).
-        if assignment is not None and (assignment.newly_assigned or current["sdr_id"] is None):
+        # And when the SDR differs from the state's (moved off a deactivated one, the move
+        # committed before a crash): read again, the router reports it assigned already.
+        if assignment is not None and (
+            assignment.newly_assigned or current["sdr_id"] != assignment.sdr_id
+        ):
             await self._assigned(message, updated, assignment)
         if step.question_slot is not None:
             generated = extraction.question if step.question_slot == next_slot else None

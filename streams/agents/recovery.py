@@ -113,7 +113,7 @@ class Recovery:
             self._scheduler.cancel(key, "recovery")
             if state["step"] == 0 or occurred_ms < state["started_ms"]:
                 # Nothing sent yet, or written before the sequence began: no reply to it.
-                self._move_silence(key, occurred_ms)
+                self._move_silence_unless_stale(key, message, occurred_ms)
                 return
             last_step = state["step"] - 1
             RECOVERY.labels(STRATEGIES[last_step], "replied").inc()
@@ -124,6 +124,11 @@ class Recovery:
                  "attempt_event_id": _attempt_id(message.lead_id, state["started_ms"], last_step)},
                 _id(message.lead_id, "replied", state["started_ms"]), message.occurred_at,
             )  # fmt: skip
+        self._move_silence_unless_stale(key, message, occurred_ms)
+
+    def _move_silence_unless_stale(
+        self, key: bytes, message: InboundMessage, occurred_ms: int
+    ) -> None:
         received_ms = int(message.received_at.timestamp() * 1000)
         if not read_too_late(occurred_ms, received_ms, self._stale_after_ms):
             # Imported history sets no silence: counted from it, recovery would start at once

@@ -110,3 +110,11 @@ async def test_routing_is_timed_from_the_message_that_qualified_the_lead() -> No
     await interview(newly_assigned=True, state=cast(dict[str, Any], earlier), latency=latency)
     (routing,) = latency.sent
     assert routing["duration_ms"] < 60_000
+
+
+async def test_a_lead_moved_to_another_sdr_before_a_crash_announces_the_move() -> None:
+    # Moved off a deactivated SDR, the move committed, then a crash: read again, the router
+    # reports it assigned already, and the new SDR never heard of the lead.
+    earlier = {**new_state(str(uuid.uuid4()), TENANT, 0), "sdr_id": str(uuid.uuid4())}
+    events = await interview(newly_assigned=False, state=cast(dict[str, Any], earlier))
+    assert "sdr_assigned" in [event["type"] for event in events.sent]
