@@ -252,8 +252,6 @@ async def test_a_closed_lead_frees_its_sdrs_slot_and_an_inactive_sdrs_lead_moves
     assert await close_lead(pool, tenant.tenant_id, first, "lost") == closed  # closed once
     other = await make_tenant("Other")
     assert await close_lead(pool, other.tenant_id, second, "won") is None
-    # A leak of a closed lead's later message does not reopen it with another SDR.
-    assert await router.reassign(tenant.tenant_id, first, "leak", "leak-after-close") is None
     taken = await router.assign(tenant.tenant_id, second, "qualified")
     assert taken is not None
     assert taken.sdr_id == only
@@ -269,6 +267,10 @@ async def test_a_closed_lead_frees_its_sdrs_slot_and_an_inactive_sdrs_lead_moves
     moved = await router.assign(tenant.tenant_id, first, "qualified")
     assert moved is not None
     assert (moved.sdr_id, moved.newly_assigned) == (successor, True)
+    # A leak of a closed lead's later message does not reopen it with another SDR.
+    await add_sdr(db, tenant.tenant_id, "spare")
+    await close_lead(pool, tenant.tenant_id, first, "won")
+    assert await router.reassign(tenant.tenant_id, first, "leak", "leak-after-close") is None
 
 
 async def test_an_sdr_closes_a_lead_through_the_api(
