@@ -99,30 +99,38 @@ async def authenticate(request: Request, services: ServicesDep) -> Principal:
     principal = services.principals.get(api_key)
     if principal is None:
         source = request.client.host if request.client else "unknown"
-        # Behind a load balancer every client has its address: a key verified before (its
-        # cache entry expired) must not be refused for someone else's guesses.
-        guarded = (
-            contextlib.nullcontext()
-            if services.principals.verified_before(api_key)
-            else services.rate_limiter.unverified_key_lookup(source)
+        principal = await services.principals.once(
+            api_key, lambda: _verify(services, api_key, source)
         )
-        async with guarded:
-            try:
-                principal = await find_principal(services.pool, api_key)
-            except DB_ERRORS as exc:
-                raise ApiError(503, "cannot verify the API key: database unavailable") from exc
-            if principal is None:
-                # Revoked on another replica (or by hand): no longer "verified before", so
-                # its next tries count against the address like any unknown key.
-                services.principals.forget(api_key)
-                await services.rate_limiter.count_auth_failure(source)
-                raise ApiError(401, "invalid or revoked API key", headers=_UNAUTHORIZED_HEADERS)
-        services.principals.put(api_key, principal)
     if principal.role == "connector" and not _connector_may(request.scope):
         raise ApiError(403, "a connector key can only post inbound events")
     # The metrics middleware attributes the request's latency event to this tenant.
     request.state.tenant_id = principal.tenant_id
     await services.rate_limiter.check_api_key(principal.key_id)
+    return principal
+
+
+async def _verify(services: Services, api_key: str, source: str) -> Principal:
+    """The key's principal from PostgreSQL (cached), or the 401, 429 or 503 to answer."""
+    # Behind a load balancer every client has its address: a key verified before (its cache
+    # entry expired) must not be refused for someone else's guesses.
+    guarded = (
+        contextlib.nullcontext()
+        if services.principals.verified_before(api_key)
+        else services.rate_limiter.unverified_key_lookup(source)
+    )
+    async with guarded:
+        try:
+            principal = await find_principal(services.pool, api_key)
+        except DB_ERRORS as exc:
+            raise ApiError(503, "cannot verify the API key: database unavailable") from exc
+        if principal is None:
+            # Revoked on another replica (or by hand): no longer "verified before", so its
+            # next tries count against the address like any unknown key.
+            services.principals.forget(api_key)
+            await services.rate_limiter.count_auth_failure(source)
+            raise ApiError(401, "invalid or revoked API key", headers=_UNAUTHORIZED_HEADERS)
+    services.principals.put(api_key, principal)
     return principal
 
 

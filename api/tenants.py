@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import secrets
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import asyncpg
@@ -108,6 +110,8 @@ class PrincipalCache:
         # Keys revoked through this process: a request that read the key before the revoke
         # must not cache it again after. Small (one id per revocation, for the process's life).
         self._revoked: set[str] = set()
+        # Verifications under way, by key hash.
+        self._flights: dict[bytes, asyncio.Future[Principal]] = {}
 
     def get(self, api_key: str) -> Principal | None:
         entry = self._entries.get(hash_api_key(api_key))
@@ -120,6 +124,24 @@ class PrincipalCache:
         expired): a key a client has used before is no guess."""
         entry = self._entries.get(hash_api_key(api_key))
         return entry is not None and entry[1].key_id not in self._revoked
+
+    async def once(self, api_key: str, verify: Callable[[], Awaitable[Principal]]) -> Principal:
+        """`verify()`'s answer for the key, one verification at a time per key: requests
+        sent at once with one key share it (each a lookup of its own, a client's 50 parallel
+        requests after a restart counted as 50 unknown keys against its address's limit)."""
+        digest = hash_api_key(api_key)
+        flight = self._flights.get(digest)
+        if flight is None:
+            flight = asyncio.ensure_future(verify())
+            self._flights[digest] = flight
+            flight.add_done_callback(lambda done: self._landed(digest, done))
+        # Shielded: a caller that goes away does not cancel the others' answer.
+        return await asyncio.shield(flight)
+
+    def _landed(self, digest: bytes, flight: asyncio.Future[Principal]) -> None:
+        self._flights.pop(digest, None)
+        if not flight.cancelled():
+            flight.exception()  # retrieved: every caller that stayed has its own copy
 
     def forget(self, api_key: str) -> None:
         """Drops the key's entry: the database no longer knows it."""

@@ -180,11 +180,16 @@ async def send_message(
         if idempotency_key is None
         else name_based_id(_SEND_NAMESPACE, f"{principal.tenant_id}|{lead_id}|{idempotency_key}")
     )
-    retried = (
-        idempotency_key is not None
-        and body.send_at is not None
-        and await _same_scheduled(services, principal.tenant_id, command_id, body)
+    stored_status = (
+        None
+        if idempotency_key is None
+        else await _same_scheduled(services, principal.tenant_id, command_id, body)
     )
+    retried = stored_status is not None
+    if stored_status is not None and stored_status != "scheduled":
+        # Sent, failed or cancelled already: answered as it stands, not published again (its
+        # past send_at would have sent it at once, once the worker forgot the command's id).
+        return SendAccepted(command_id=command_id, lead_id=lead_id, send_at=body.send_at)
     # A retry is the message scheduled before, even once its time has passed (the worker then
     # sends it at once): refused as "not in the future", one Kafka never took stayed listed
     # "scheduled" for good.
@@ -240,20 +245,22 @@ async def send_message(
 
 async def _same_scheduled(
     services: Services, tenant_id: str, scheduled_id: str, body: SendRequest
-) -> bool:
-    """Whether the message this Idempotency-Key scheduled is this one; 409 if the key
-    scheduled another (kept, the first row would be listed while the new one went out)."""
+) -> str | None:
+    """The status of the message this Idempotency-Key scheduled, when it is this one; None if
+    the key scheduled nothing; 409 if it scheduled another (kept, the first row would be
+    listed while the new one went out), also for a message to send now."""
     stored = await services.pool.fetchrow(
-        "SELECT body, send_at FROM scheduled_messages WHERE scheduled_id = $1 AND tenant_id = $2",
+        "SELECT body, send_at, status FROM scheduled_messages"
+        " WHERE scheduled_id = $1 AND tenant_id = $2",
         uuid.UUID(scheduled_id), tenant_id,
     )  # fmt: skip
     if stored is None:
-        return False
+        return None
     if (stored["body"], stored["send_at"]) != (body.text, body.send_at):
         raise ApiError(
             409, "Idempotency-Key: already used for another message (its text or send_at differ)"
         )
-    return True
+    return str(stored["status"])
 
 
 _NOT_CONFIRMED = "not queued: Kafka did not confirm the message (a 503 answered its request)"

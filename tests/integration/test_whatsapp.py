@@ -444,6 +444,13 @@ async def test_a_scheduled_message_retried_with_its_key_is_the_same_even_once_du
     assert again.status_code == 202, again.text
     assert again.json()["command_id"] == first.json()["command_id"]
     await eventually(lambda: _sent_count(graph, business, 1), what="the scheduled message")
+    await scheduled_status(api, business, first.json()["command_id"], "sent")
+    # Sent: a retry now answers it as it stands, and does not publish it again; the key for
+    # a message to send now is another message.
+    late = await api.post(path, headers=headers, json=message)
+    assert late.status_code == 202, late.text
+    now_instead = await api.post(path, headers=headers, json={"text": "Talk at noon?"})
+    assert now_instead.status_code == 409, now_instead.text
     await asyncio.sleep(1.0)  # a duplicate would follow within the worker's next fetch
     texts = [r["body"]["text"]["body"] for r in graph.sent_to(business.phone_number_id)]
     assert texts == ["Talk at noon?"]
