@@ -100,7 +100,7 @@ async def authenticate(request: Request, services: ServicesDep) -> Principal:
     if principal is None:
         source = request.client.host if request.client else "unknown"
         principal = await services.principals.once(
-            api_key, lambda: _verify(services, api_key, source)
+            api_key, source, lambda: _verify(services, api_key, source)
         )
     if principal.role == "connector" and not _connector_may(request.scope):
         raise ApiError(403, "a connector key can only post inbound events")

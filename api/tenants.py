@@ -125,11 +125,14 @@ class PrincipalCache:
         entry = self._entries.get(hash_api_key(api_key))
         return entry is not None and entry[1].key_id not in self._revoked
 
-    async def once(self, api_key: str, verify: Callable[[], Awaitable[Principal]]) -> Principal:
-        """`verify()`'s answer for the key, one verification at a time per key: requests
-        sent at once with one key share it (each a lookup of its own, a client's 50 parallel
-        requests after a restart counted as 50 unknown keys against its address's limit)."""
-        digest = hash_api_key(api_key)
+    async def once(
+        self, api_key: str, source: str, verify: Callable[[], Awaitable[Principal]]
+    ) -> Principal:
+        """`verify()`'s answer for the key, one verification at a time per key and client
+        address: requests sent at once with one key share it (each a lookup of its own, a
+        client's 50 parallel requests after a restart counted as 50 unknown keys against its
+        address's limit). Per address: one address's refusal (429) is not another's."""
+        digest = hash_api_key(api_key) + b"|" + source.encode()
         flight = self._flights.get(digest)
         if flight is None:
             flight = asyncio.ensure_future(verify())
@@ -141,7 +144,7 @@ class PrincipalCache:
     def _landed(self, digest: bytes, flight: asyncio.Future[Principal]) -> None:
         self._flights.pop(digest, None)
         if not flight.cancelled():
-            flight.exception()  # retrieved: every caller that stayed has its own copy
+            flight.exception()  # retrieved, so none is logged as lost when every caller left
 
     def forget(self, api_key: str) -> None:
         """Drops the key's entry: the database no longer knows it."""

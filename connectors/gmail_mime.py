@@ -167,6 +167,11 @@ def parse_message(raw: bytes) -> ParsedMail:
 
 # Senders that are a mail system, never a person (bounces, delivery reports).
 _SYSTEM_SENDERS = frozenset({"mailer-daemon", "postmaster"})
+_AUTO_SUBJECT = re.compile(
+    r"^\s*(?:auto(?:matic)?[ -]?(?:reply|response)|out of (?:the )?office|away from|on vacation|"
+    r"vacation|autoreply)",
+    re.IGNORECASE,
+)
 # Addresses of forms and platforms that send for someone else, who is in Reply-To.
 _NO_REPLY = re.compile(
     r"^(?:no-?reply|do-?not-?reply|notifications?|notify|forms?|wordpress|webforms?|mailer)"
@@ -186,6 +191,10 @@ def _automated(message: EmailMessage, sender: str) -> str | None:
     precedence = _header_text(message, "Precedence").lower()
     if precedence in {"junk", "auto_reply"}:
         return f"Precedence: {precedence}"
+    # The classic vacation responder marks its answers "bulk" only; a list's mail is bulk too,
+    # so its subject tells them apart.
+    if precedence == "bulk" and _AUTO_SUBJECT.match(_header_text(message, "Subject")):
+        return "Precedence: bulk, an automatic reply's subject"
     for header in ("X-Autoreply", "X-Autorespond"):
         if _header_text(message, header):
             return header

@@ -367,8 +367,8 @@ async def close(
     lead_id: str, body: CloseRequest, principal: PrincipalDep, services: ServicesDep
 ) -> LeadClosed:
     """An SDR closes an assigned lead (won, lost, disqualified): it stops counting against the
-    SDR's `max_open_leads`. Closing again answers the first close. A closed lead that qualifies
-    again (it wrote back) is reopened with its SDR."""
+    SDR's `max_open_leads`. Closing again answers the first close. A closed lead stays closed,
+    with its SDR."""
     parsed = _parse_lead_id(lead_id)
     try:
         closed = await close_lead(services.pool, principal.tenant_id, parsed, body.outcome)

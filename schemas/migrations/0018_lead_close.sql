@@ -1,7 +1,7 @@
 -- An SDR closes a lead (won, lost, disqualified): its assignment stops counting against the
 -- SDR's open_leads. Without it nothing ever released a slot, and once every SDR had received
--- max_open_leads leads, every later lead went unassigned for good. A closed lead that is
--- assigned again (it wrote back and qualified) is reopened with its SDR.
+-- max_open_leads leads, every later lead went unassigned for good. A closed lead stays closed,
+-- with its SDR.
 ALTER TABLE sdr_assignments
     ADD COLUMN closed_at timestamptz,
     ADD COLUMN outcome text CHECK (outcome IN ('won', 'lost', 'disqualified')),

@@ -116,7 +116,12 @@ def _number(text: str) -> float:
 # A year ("our budget for 2025") or a phone number ("call me at 9876543210, budget 5 lakh"):
 # a bare number of these shapes, without a currency or a multiplier, is no amount.
 _YEAR = re.compile(r"^(?:19|20)\d\d$")
-_PHONE_LIKE = re.compile(r"^\d{7,}$")
+_PHONE_LIKE = re.compile(r"^\+?\d{7,}$")
+_BEFORE_YEAR = re.compile(r"\b(?:for|in|by|since|until|of|from|to|year)\s*$", re.IGNORECASE)
+_BEFORE_PHONE = re.compile(
+    r"\b(?:call|phone|mobile|cell|whatsapp|number|no\.?|tel|contact|at|on|me)\s*:?\s*\+?$",
+    re.IGNORECASE,
+)
 _BETWEEN = re.compile(r"\bbetween\s*\S*\s*$", re.IGNORECASE)
 
 
@@ -154,8 +159,16 @@ def extract_budget(text: str) -> Budget | None:
         # "l" and "m" alone are too ambiguous without a currency or budget word.
         if mult1 in {"l", "m"} and not (currency_mark or has_context):
             continue
-        # A phone number has no grouping commas ("10,00,000" is ten lakh).
-        if not strong and not raw2 and (_YEAR.match(raw1) or _PHONE_LIKE.match(raw1)):
+        # "Our budget for 2025", "call me at 9876543210": a year or a phone number, by the
+        # word before it; "budget is 2000" stays an amount.
+        if (
+            not strong
+            and not raw2
+            and (
+                (_YEAR.match(raw1) and _BEFORE_YEAR.search(before))
+                or (_PHONE_LIKE.match(raw1) and _BEFORE_PHONE.search(before))
+            )
+        ):
             continue
         value1 = _number(raw1)
         if value1 == 0:
@@ -300,7 +313,7 @@ def extract_timeline(text: str, now: datetime, lowered: str | None = None) -> Ti
     return min(said, key=lambda s: (s[0], s[1]))[2] if said else None
 
 
-_NEGATED = re.compile(r"\b(?:not|no|n't)\s+(?!until\b|before\b|later\b)(?:\w+\s+)?$")
+_NEGATED = re.compile(r"(?:\bnot|\bno|n't)\s+(?!until\b|before\b|later\b)(?:\w+\s+)?$")
 
 
 # ----------------------------------------------------------------------------- authority

@@ -255,21 +255,21 @@ async def test_a_closed_lead_frees_its_sdrs_slot_and_an_inactive_sdrs_lead_moves
     taken = await router.assign(tenant.tenant_id, second, "qualified")
     assert taken is not None
     assert taken.sdr_id == only
-    # The first lead writes back and qualifies again: reopened with its SDR, who hears of it.
-    await close_lead(pool, tenant.tenant_id, second, "lost")
-    reopened = await router.assign(tenant.tenant_id, first, "qualified")
-    assert reopened is not None
-    assert (reopened.sdr_id, reopened.newly_assigned) == (only, True)
+    # The first lead's interview completes after its close: it stays closed, with its SDR.
+    kept = await router.assign(tenant.tenant_id, first, "qualified")
+    assert kept is not None
+    assert (kept.sdr_id, kept.newly_assigned) == (only, False)
+    assert await db.fetchval("SELECT outcome FROM sdr_assignments WHERE lead_id = $1",
+                             uuid.UUID(first)) == "won"  # fmt: skip
     assert await db.fetchval("SELECT open_leads FROM sdrs WHERE sdr_id = $1", uuid.UUID(only)) == 1
     # Deactivated: its open lead goes to an active SDR when it is next routed.
     await db.execute("UPDATE sdrs SET active = false WHERE sdr_id = $1", uuid.UUID(only))
     successor = await add_sdr(db, tenant.tenant_id, "successor")
-    moved = await router.assign(tenant.tenant_id, first, "qualified")
+    moved = await router.assign(tenant.tenant_id, second, "qualified")
     assert moved is not None
     assert (moved.sdr_id, moved.newly_assigned) == (successor, True)
     # A leak of a closed lead's later message does not reopen it with another SDR.
     await add_sdr(db, tenant.tenant_id, "spare")
-    await close_lead(pool, tenant.tenant_id, first, "won")
     assert await router.reassign(tenant.tenant_id, first, "leak", "leak-after-close") is None
 
 

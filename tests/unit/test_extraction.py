@@ -39,6 +39,8 @@ NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
         ("we are 5 and 10k is our budget", 10_000, 10_000, None),
         ("Our budget is 10,00,000", 1_000_000, 1_000_000, None),
         ("budget 1,500,000", 1_500_000, 1_500_000, None),
+        ("Our budget is 2000", 2_000, 2_000, None),
+        ("budget is 1000000", 1_000_000, 1_000_000, None),
     ],
 )
 def test_budgets(text: str, low: float | None, high: float | None, currency: str) -> None:
@@ -187,6 +189,7 @@ def test_prefilters_never_turn_away_a_match(text: str) -> None:
     [
         # The list's order won and the negation was not read: 20 days, and an escalation.
         ("Not this month, maybe next quarter", 100),
+        ("we can't start this month, maybe next quarter", 100),
         ("this month", 20),
     ],
 )

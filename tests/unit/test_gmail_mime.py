@@ -143,6 +143,11 @@ def test_a_subject_with_a_line_break_is_one_line_and_a_reply_to_it_composes() ->
         (b"Auto-Submitted: auto-replied\r\n", "Auto-Submitted: auto-replied"),
         (b"Precedence: auto_reply\r\n", "Precedence: auto_reply"),
         (b"X-Autoreply: yes\r\n", "X-Autoreply"),
+        # The vacation responder's, whose subject is the only other sign.
+        (
+            b"Precedence: bulk\r\nSubject: Out of Office: back Monday\r\n",
+            "Precedence: bulk, an automatic reply's subject",
+        ),
     ],
 )
 def test_machine_mail_says_why_it_is_no_person(headers: bytes, why: str) -> None:
