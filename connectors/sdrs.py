@@ -32,7 +32,7 @@ class SdrRouter:
                    JOIN sdrs s USING (sdr_id) WHERE a.lead_id = $1 FOR UPDATE OF a""",
                 lead_id,
             )
-            if existing is not None and not existing["active"]:
+            if existing is not None and existing["closed_at"] is None and not existing["active"]:
                 # Its SDR left (deactivated): the lead goes to an active one, not stays with
                 # someone who will never answer it.
                 moved = await _reassign(
@@ -40,22 +40,11 @@ class SdrRouter:
                 )
                 return moved.to_sdr if moved is not None else None  # none free: the admins'
             if existing is not None:
-                if existing["closed_at"] is not None:
-                    # Closed, and qualified again (the lead wrote back): reopened with its SDR,
-                    # who counts it open again and hears of it.
-                    await conn.execute(
-                        "UPDATE sdr_assignments SET closed_at = NULL, outcome = NULL,"
-                        " reason = $2, assigned_at = now() WHERE lead_id = $1",
-                        lead_id, reason,
-                    )  # fmt: skip
-                    await conn.execute(
-                        "UPDATE sdrs SET open_leads = open_leads + 1 WHERE sdr_id = $1",
-                        existing["sdr_id"],
-                    )
+                # Closed (won, lost) stays closed, with its SDR: the interview that escalated
+                # it goes on and completes, and reopening it then wiped the SDR's outcome.
                 return Assignment(
-                    str(existing["sdr_id"]), existing["name"], existing["email"],
-                    existing["closed_at"] is not None,
-                )  # fmt: skip
+                    str(existing["sdr_id"]), existing["name"], existing["email"], False
+                )
             await _hold_rotation(conn, tenant_id)
             chosen = await conn.fetchrow(
                 """SELECT sdr_id, name, email FROM sdrs
@@ -141,13 +130,9 @@ async def _reassign(
            WHERE a.lead_id = $1 FOR UPDATE OF a""",
         lead_id,
     )
-    if (
-        current is not None
-        and current["closed_at"] is not None
-        and not cause.startswith("inactive:")
-    ):
+    if current is not None and current["closed_at"] is not None:
         # Closed (won, lost): a leak of its later message is no reason to reopen it with
-        # another SDR, its outcome erased. It reopens when it qualifies again.
+        # another SDR, its outcome erased.
         return None
     if current is not None and current["cause"] == cause:
         # Done before: the worker stopped after the move and before it was marked fired.
