@@ -525,14 +525,18 @@ async def test_a_poll_longer_than_its_lease_keeps_the_mailbox_to_itself(
     store: GmailStore,
     publisher: EventPublisher,
     make_tenant: MakeTenant,
+    db: asyncpg.Connection,
 ) -> None:
     # The lease was never renewed: a long poll (a week's resync) lost its mailbox to another
     # poller, which read it all again, and the first poll's cursor was refused.
     tenant = await make_tenant()
     email, integration_id = await connected(gmail, store, tenant.tenant_id)
+    # The earlier tests' mailboxes not due: the slow poller takes this one, not 8 of those.
+    await db.execute("UPDATE gmail_poll_state SET next_poll_at = now() + interval '1 hour'"
+                     " WHERE integration_id <> $1", uuid.UUID(integration_id))  # fmt: skip
     ids = [gmail.deliver(email, mail("hal@example.com", "q", f"m{i}")) for i in range(6)]
-    short_lease = gmail_settings.model_copy(update={"gmail_lease_s": 2})
-    gmail.request_delay_s = 0.5  # 8 requests: twice the lease
+    short_lease = gmail_settings.model_copy(update={"gmail_lease_s": 3})
+    gmail.request_delay_s = 0.6  # 8 requests: over half again the lease
     try:
         first = asyncio.create_task(
             GmailPoller(short_lease, store, publisher, owner="slow").poll_due()
