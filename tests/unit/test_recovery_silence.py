@@ -31,6 +31,14 @@ def ms(at: datetime) -> int:
     return int(at.timestamp() * 1000)
 
 
+def reached(deadline: str, due_ms: int) -> DeadlineReached:
+    """The lead's `deadline`, due at `due_ms`, fired now."""
+    now = datetime.now(UTC)
+    return DeadlineReached(event_id=str(uuid.uuid4()), tenant_id=TENANT, occurred_at=now,
+                           lead_id=LEAD, deadline=deadline, due_ms=due_ms,
+                           fired_at=now)  # fmt: skip
+
+
 async def test_a_message_read_late_does_not_end_the_silence_early() -> None:
     recovery, _, scheduler = recovery_with(FailingMeter(failing_step=-1))
     latest = datetime.now(UTC)
@@ -43,9 +51,7 @@ async def test_silence_fired_while_the_lead_had_written_since_waits_for_the_late
     recovery, table, scheduler = recovery_with(FailingMeter(failing_step=-1))
     now_ms = int(time.time() * 1000)
     session = {"tenant_id": TENANT, "last_customer_message_ms": now_ms}
-    fired = DeadlineReached(event_id=str(uuid.uuid4()), tenant_id=TENANT,
-                            occurred_at=datetime.now(UTC), lead_id=LEAD, deadline="silence",
-                            due_ms=now_ms - 5_000, fired_at=datetime.now(UTC))  # fmt: skip
+    fired = reached("silence", now_ms - 5_000)
     await recovery.handlers()["silence"](KEY, fired, session)
     assert table == {}  # no recovery started
     assert scheduler.pending(KEY) == {"silence": now_ms + SILENCE_MS}
@@ -57,9 +63,7 @@ async def test_a_step_resumed_after_a_top_up_outside_its_local_hour_waits_for_it
     hour = (datetime.now(UTC) + timedelta(hours=3)).hour  # not the hour running now
     recovery._local_hour = hour
     table[KEY] = {"step": 0, "started_ms": now_ms, "last_sent_ms": now_ms, "time_zone": "UTC"}
-    step = DeadlineReached(event_id=str(uuid.uuid4()), tenant_id=TENANT,
-                           occurred_at=datetime.now(UTC), lead_id=LEAD, deadline="recovery",
-                           due_ms=now_ms, fired_at=datetime.now(UTC))  # fmt: skip
+    step = reached("recovery", now_ms)
     await recovery._resume(KEY, [step.model_dump(mode="json")], {"tenant_id": TENANT})
     assert table[KEY]["step"] == 0  # not sent
     due = datetime.fromtimestamp(scheduler.pending(KEY)["recovery"] / 1000, tz=UTC)
@@ -77,9 +81,7 @@ async def test_a_lead_no_message_can_reach_ends_its_sequence_uncharged() -> None
     scheduler.set(KEY, {"recovery": now_ms})
     session = {"tenant_id": TENANT, "channel": "instagram",
                "last_customer_message_ms": now_ms - 2 * 86_400_000}  # fmt: skip
-    fired = DeadlineReached(event_id=str(uuid.uuid4()), tenant_id=TENANT,
-                            occurred_at=datetime.now(UTC), lead_id=LEAD, deadline="recovery",
-                            due_ms=now_ms, fired_at=datetime.now(UTC))  # fmt: skip
+    fired = reached("recovery", now_ms)
     await recovery.handlers()["recovery"](KEY, fired, session)
     assert meter.steps == 0
     assert table == {}
@@ -112,9 +114,7 @@ async def test_a_message_written_before_the_sequence_started_but_read_after_ends
         "channel": "email",
         "last_customer_message_ms": ms(silent_since),
     }
-    fired = DeadlineReached(event_id=str(uuid.uuid4()), tenant_id=TENANT, occurred_at=now,
-                            lead_id=LEAD, deadline="silence", due_ms=ms(now),
-                            fired_at=now)  # fmt: skip
+    fired = reached("silence", ms(now))
     await recovery.handlers()["silence"](KEY, fired, session)
     assert table[KEY]["step"] == 0  # started
     await recovery.on_customer_message(message(now - timedelta(seconds=20)))
@@ -134,9 +134,7 @@ async def test_a_reply_names_the_attempt_it_answered() -> None:
     table[KEY] = {"step": 0, "started_ms": ms(now), "last_sent_ms": ms(now), "time_zone": "UTC",
                   "silent_since_ms": ms(now - timedelta(days=1))}  # fmt: skip
     session = {"tenant_id": TENANT, "channel": "email", "last_customer_message_ms": 0}
-    fired = DeadlineReached(event_id=str(uuid.uuid4()), tenant_id=TENANT, occurred_at=now,
-                            lead_id=LEAD, deadline="recovery", due_ms=ms(now),
-                            fired_at=now)  # fmt: skip
+    fired = reached("recovery", ms(now))
     await recovery.handlers()["recovery"](KEY, fired, session)
     await recovery.on_customer_message(message(datetime.now(UTC) + timedelta(seconds=1)))
     sent = recovery._lead_events.sent  # type: ignore[attr-defined]
@@ -155,9 +153,7 @@ async def test_a_step_fired_late_past_its_local_hour_waits_for_the_next() -> Non
     hour = (datetime.now(UTC) + timedelta(hours=3)).hour  # not the hour running now
     recovery._local_hour = hour
     table[KEY] = {"step": 1, "started_ms": now_ms, "last_sent_ms": now_ms, "time_zone": "UTC"}
-    fired = DeadlineReached(event_id=str(uuid.uuid4()), tenant_id=TENANT,
-                            occurred_at=datetime.now(UTC), lead_id=LEAD, deadline="recovery",
-                            due_ms=now_ms - 6 * 3_600_000, fired_at=datetime.now(UTC))  # fmt: skip
+    fired = reached("recovery", now_ms - 6 * 3_600_000)
     session = {"tenant_id": TENANT, "channel": "email", "last_customer_message_ms": 0}
     await recovery.handlers()["recovery"](KEY, fired, session)
     assert (meter.steps, table[KEY]["step"]) == (0, 1)  # not sent
