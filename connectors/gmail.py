@@ -39,6 +39,9 @@ SEND_ATTEMPTS = 3
 SEND_BACKOFF_S = 1.0
 
 
+# The labels whose new mail a poll reads: the leads' mail, and what the mailbox sent.
+_READ_LABELS = frozenset({"INBOX", "SENT"})
+
 GMAIL_NOT_CONFIGURED = "Gmail is not configured: set GMAIL_CLIENT_ID and GMAIL_CLIENT_SECRET"
 
 
@@ -230,8 +233,12 @@ class Mailbox:
         return str(profile["emailAddress"]).lower(), int(profile["historyId"])
 
     async def added_since(self, history_id: int) -> tuple[list[str], int]:
-        """Ids of messages added to the INBOX after `history_id` (every page), and the newest
-        historyId seen."""
+        """Ids of messages added to the INBOX or SENT after `history_id` (every page), and the
+        newest historyId seen.
+
+        Sent mail too: a rep who answers a lead in Gmail itself answered it (its leak wait
+        ends). One unfiltered listing, not one per label: a poll a minute per mailbox is the
+        quota's largest user, and drafts, spam and chats are left out here."""
         history = self._service.users().history()
         ids: list[str] = []
         newest = history_id
@@ -241,7 +248,6 @@ class Mailbox:
                 userId="me",
                 startHistoryId=str(history_id),
                 historyTypes=["messageAdded"],
-                labelId="INBOX",
                 pageToken=page_token,
             )
             page: dict[str, Any] = await self._call(
@@ -250,15 +256,16 @@ class Mailbox:
             for record in page.get("history", []):
                 for added in record.get("messagesAdded", []):
                     message = added.get("message", {})
-                    if "INBOX" in message.get("labelIds", ["INBOX"]) and message["id"] not in ids:
+                    labels = message.get("labelIds", ["INBOX"])
+                    if _READ_LABELS.intersection(labels) and message["id"] not in ids:
                         ids.append(message["id"])
             newest = max(newest, int(page.get("historyId", newest)))
             page_token = page.get("nextPageToken")
             if not page_token:
                 return ids, newest
 
-    async def inbox_since(self, since: datetime) -> list[str]:
-        """Ids of INBOX messages received after `since` (every page), oldest first, for a full
+    async def mail_since(self, since: datetime) -> list[str]:
+        """Ids of INBOX and SENT messages after `since` (every page), oldest first, for a full
         resync."""
         messages = self._service.users().messages()
         ids: list[str] = []
@@ -266,7 +273,7 @@ class Mailbox:
         while True:
             request = messages.list(
                 userId="me",
-                q=f"in:inbox after:{int(since.timestamp())}",
+                q=f"{{in:inbox in:sent}} after:{int(since.timestamp())}",
                 pageToken=page_token,
                 maxResults=500,
             )

@@ -19,7 +19,7 @@ from html.parser import HTMLParser
 class ParsedMail:
     sender: str  # lower-case address
     sender_name: str | None
-    to: tuple[str, ...]
+    to: tuple[str, ...]  # To and Cc, lower-case addresses
     subject: str
     text: str
     message_id: str | None  # RFC 822 Message-ID, with angle brackets
@@ -153,7 +153,11 @@ def parse_message(raw: bytes) -> ParsedMail:
     return ParsedMail(
         sender=address.strip().lower(),
         sender_name=name.strip() or None,
-        to=tuple(a.lower() for _, a in getaddresses([_header_text(message, "To")])),
+        to=tuple(
+            a.strip().lower()
+            for _, a in getaddresses([_header_text(message, "To"), _header_text(message, "Cc")])
+            if a.strip()
+        ),
         # One line: a subject is a header again in every reply ("hi=0D=0ABcc: …" decodes to
         # two lines, and composing the reply failed).
         subject=_header_text(message, "Subject"),
@@ -246,13 +250,24 @@ def compose(
     message["From"] = sender
     message["To"] = to
     message["Subject"] = " ".join(subject.split())  # a line break would end the header
-    message_id = make_msgid(domain=sender.rsplit("@", 1)[-1] or None)
+    message_id = make_msgid(_PIPELINE_MARK, domain=sender.rsplit("@", 1)[-1] or None)
     message["Message-ID"] = message_id
     if in_reply_to:
         message["In-Reply-To"] = in_reply_to
         message["References"] = f"{references} {in_reply_to}" if references else in_reply_to
     message.set_content(body)
     return base64.urlsafe_b64encode(message.as_bytes()).decode(), message_id
+
+
+# In the Message-ID of every mail the pipeline composes (make_msgid appends ".flexoraa"
+# before the "@"): the poller reads the mailbox's sent mail for the replies reps write in
+# Gmail itself, and these it recorded already when it sent them.
+_PIPELINE_MARK = "flexoraa"
+
+
+def composed_here(message_id: str | None) -> bool:
+    """Whether a Message-ID is of a mail the pipeline composed (an AI or API send)."""
+    return message_id is not None and f".{_PIPELINE_MARK}@" in message_id
 
 
 def reply_subject(subject: str | None) -> str:

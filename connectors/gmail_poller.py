@@ -2,9 +2,10 @@
 
 Each pass claims the mailboxes that are due with a lease in PostgreSQL (SKIP LOCKED), so
 pollers in several processes share them and never poll one mailbox twice at once. For each:
-`history.list` from the stored historyId (every page, INBOX messageAdded), fetch and parse the
-new messages, publish them as inbound e-mail events and, only once Kafka acknowledged all of
-them, advance the cursor. A crash before that re-polls the same messages, whose event ids are
+`history.list` from the stored historyId (every page, INBOX and SENT messageAdded), fetch and
+parse the new messages, publish them as inbound e-mail events (and the replies reps wrote in
+Gmail itself as outbound messages) and, only once Kafka acknowledged all of them, advance the
+cursor. A crash before that re-polls the same messages, whose event ids are
 derived from the Gmail message id, so nothing is ingested twice. A 404 (historyId too old)
 triggers a full resync of the last GMAIL_RESYNC_DAYS, deduplicated the same way.
 """
@@ -29,13 +30,14 @@ from connectors.gmail import (
     MailboxRevoked,
     MessageGone,
 )
-from connectors.gmail_mime import ParsedMail, parse_message
+from connectors.gmail_mime import ParsedMail, composed_here, parse_message
 from connectors.gmail_store import GmailStore, MailboxRow
 from flexoraa.db import DB_ERRORS
 from flexoraa.kafka import EventPublisher, PublishUnavailable
 from flexoraa.settings import Settings
 from schemas.events import InboundMessage, is_supported_time
 from schemas.ids import name_based_id
+from schemas.messaging import OutboundMessage
 from schemas.notifications import Notification
 from schemas.topics import TopicNames
 from streams.rules.identity import (
@@ -49,6 +51,8 @@ logger = logging.getLogger(__name__)
 # PostgreSQL or Kafka away for a moment: a pass gives up and the next one tries again.
 _PASS_ERRORS: tuple[type[BaseException], ...] = (*DB_ERRORS, PublishUnavailable)
 _NOTIFY_NAMESPACE = uuid.UUID("0c6f2d7e-4b1a-4e8f-a3d5-9e2b7c1f6a40")
+_REPLY_NAMESPACE = uuid.UUID("5b0e9a43-8c21-4d6f-b7e2-31f4a9c8d0e6")
+_MAX_TEXT = 16_384
 
 # (lead_id, tenant_id, integration_id, thread_id, message_id, references, subject)
 ThreadRow = tuple[str, str, str, str, str | None, str | None, str]
@@ -146,10 +150,11 @@ class GmailPoller:
         # The profile's historyId first: mail arriving during the listing is read next time.
         _, current = await client.profile()
         since = datetime.now(UTC) - timedelta(days=self._settings.gmail_resync_days)
-        return await client.inbox_since(since), current
+        return await client.mail_since(since), current
 
     async def _ingest(self, row: MailboxRow, client: Mailbox, ids: list[str]) -> list[ThreadRow]:
         threads: dict[str, ThreadRow] = {}
+        sent: list[tuple[str, dict[str, Any], ParsedMail]] = []
         for message_id in ids:
             try:
                 fetched = await client.fetch(message_id)
@@ -159,7 +164,7 @@ class GmailPoller:
                 logger.info("message %s of %s deleted before it was read", message_id, row.email)
                 continue
             labels = fetched.get("labelIds", [])
-            if "SENT" in labels or "DRAFT" in labels:
+            if "DRAFT" in labels:
                 continue
             try:
                 mail = parse_message(base64.urlsafe_b64decode(fetched["raw"] + "=" * 3))
@@ -169,8 +174,13 @@ class GmailPoller:
                 logger.exception("message %s of %s cannot be parsed; skipped", message_id,
                                  row.email)  # fmt: skip
                 continue
+            if "SENT" in labels:
+                # A rep's reply written in Gmail; what the pipeline sent it recorded already.
+                if not composed_here(mail.message_id):
+                    sent.append((message_id, fetched, mail))
+                continue
             if mail.sender == row.email:
-                continue  # what the mailbox itself sent
+                continue  # the mailbox's own mail, in its inbox
             if mail.automated is not None:
                 logger.info("message %s of %s is automated (%s); not a lead", message_id,
                             row.email, mail.automated)  # fmt: skip
@@ -193,7 +203,49 @@ class GmailPoller:
             threads[lead_id] = (lead_id, row.tenant_id, row.integration_id,
                                 fetched.get("threadId") or message_id, mail.message_id,
                                 mail.references, mail.subject)  # fmt: skip
+        await self._record_replies(row, sent, set(threads))
         return list(threads.values())
+
+    async def _record_replies(
+        self, row: MailboxRow, sent: list[tuple[str, dict[str, Any], ParsedMail]], seen: set[str]
+    ) -> None:
+        """Publishes the mail a rep sent from Gmail to leads of the tenant as the outbound
+        messages it is: it ends their leak waits and joins their history. Unseen, a lead a rep
+        answered in Gmail leaked all the same, and the AI wrote to it again.
+
+        Only to leads (the senders of this poll's mail, or leads PostgreSQL has): mail to a
+        colleague or a supplier is none of the pipeline's business."""
+        recipients: dict[str, list[str]] = {}
+        for message_id, _, mail in sent:
+            leads: list[str] = []
+            for address in mail.to:
+                try:
+                    contact = normalize_contact("email", address)
+                except InvalidContact:
+                    continue
+                lead_id = lead_id_for(row.tenant_id, "email", contact)
+                if contact != row.email and lead_id not in leads:
+                    leads.append(lead_id)
+            recipients[message_id] = leads
+        unseen = {lead for leads in recipients.values() for lead in leads} - seen
+        known = seen | await self._store.known_leads(row.tenant_id, sorted(unseen))
+        for message_id, fetched, mail in sent:
+            for lead_id in recipients[message_id]:
+                if lead_id not in known:
+                    continue
+                event_id = name_based_id(
+                    _REPLY_NAMESPACE, f"{row.tenant_id}|{message_id}|{lead_id}"
+                )
+                reply = OutboundMessage(
+                    event_id=event_id, tenant_id=row.tenant_id, occurred_at=_mail_time(fetched),
+                    lead_id=lead_id, command_id=event_id, attempt=1, channel="email",
+                    send_kind="freeform", status="accepted", channel_message_id=message_id,
+                    text=(mail.text or mail.subject)[:_MAX_TEXT], sent_by="sdr",
+                )  # fmt: skip
+                await self._publisher.publish(
+                    self._topics.outbound_messages, lead_id.encode(),
+                    reply.model_dump_json().encode(),
+                )  # fmt: skip
 
     def _event(
         self, row: MailboxRow, message_id: str, fetched: dict[str, Any], mail: ParsedMail
@@ -206,10 +258,7 @@ class GmailPoller:
             logger.warning("message %s without a usable sender skipped", message_id)
             return None
         lead_id = lead_id_for(row.tenant_id, "email", contact)
-        received = datetime.fromtimestamp(int(fetched.get("internalDate", 0)) / 1000, UTC)
-        if not is_supported_time(received):
-            # Imported mail can carry any date; an event cannot (schemas.events).
-            received = datetime.now(UTC)
+        received = _mail_time(fetched)
         text = mail.text or mail.subject
         if mail.attachments:
             text = f"{text}\n[attachments: {', '.join(mail.attachments)}]".strip()
@@ -221,7 +270,7 @@ class GmailPoller:
             channel="email",
             contact=contact,
             contact_name=mail.sender_name[:200] if mail.sender_name else None,
-            text=text[:16_384],
+            text=text[:_MAX_TEXT],
             message_type="email",
             channel_message_id=message_id,
             channel_account_id=row.integration_id,
@@ -253,3 +302,10 @@ class GmailPoller:
             )
         except PublishUnavailable:
             logger.warning("disconnection notice for %s not published", row.email)
+
+
+def _mail_time(fetched: dict[str, Any]) -> datetime:
+    """When Gmail received (or sent) a fetched message."""
+    at = datetime.fromtimestamp(int(fetched.get("internalDate", 0)) / 1000, UTC)
+    # Imported mail can carry any date; an event cannot (schemas.events).
+    return at if is_supported_time(at) else datetime.now(UTC)

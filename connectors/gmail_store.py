@@ -197,6 +197,16 @@ class GmailStore:
             rows,
         )
 
+    async def known_leads(self, tenant_id: str, lead_ids: list[str]) -> set[str]:
+        """Which of `lead_ids` are leads of the tenant (the sink has their first message)."""
+        if not lead_ids:
+            return set()
+        rows = await (await self._pool()).fetch(
+            "SELECT lead_id::text FROM leads WHERE tenant_id = $1 AND lead_id = ANY($2::uuid[])",
+            uuid.UUID(tenant_id), [uuid.UUID(lead_id) for lead_id in lead_ids],
+        )  # fmt: skip
+        return {row["lead_id"] for row in rows}
+
     async def thread_of(self, lead_id: str) -> Thread | None:
         row = await (await self._pool()).fetchrow(
             "SELECT integration_id::text, thread_id, last_message_id, references_header, subject"

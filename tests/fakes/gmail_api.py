@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import itertools
+import re
 import secrets
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
@@ -86,7 +87,7 @@ class GmailFake:
 
     def deliver(
         self, email: str, raw: bytes, thread_id: str | None = None,
-        labels: tuple[str, ...] = ("INBOX", "UNREAD"),
+        labels: tuple[str, ...] = ("INBOX", "UNREAD"), internal_date_ms: int = 1764000000000,
     ) -> str:  # fmt: skip
         mailbox = self.mailboxes[email]
         message_id = f"18c{next(self._ids):013x}"
@@ -94,7 +95,7 @@ class GmailFake:
         mailbox.messages[message_id] = {
             "id": message_id, "threadId": thread_id or message_id, "labelIds": list(labels),
             "raw": base64.urlsafe_b64encode(raw).decode().rstrip("="),
-            "historyId": str(mailbox.history_id), "internalDate": "1764000000000",
+            "historyId": str(mailbox.history_id), "internalDate": str(internal_date_ms),
             "sizeEstimate": len(raw),
         }  # fmt: skip
         mailbox.history.append((mailbox.history_id, message_id))
@@ -211,8 +212,10 @@ class GmailFake:
     async def _list(self, request: web.Request) -> web.Response:
         mailbox: FakeMailbox = request[MAILBOX]
         query = request.query.get("q", "")
+        # `in:inbox`, `in:sent`, or either as `{in:inbox in:sent}`: the labels searched.
+        searched = {label.upper() for label in re.findall(r"in:(\w+)", query)}
         ids = [m for m, message in mailbox.messages.items()
-               if "in:inbox" not in query or "INBOX" in message["labelIds"]]  # fmt: skip
+               if not searched or searched.intersection(message["labelIds"])]  # fmt: skip
         if query.startswith("rfc822msgid:"):
             wanted = query.removeprefix("rfc822msgid:").strip("<>")
             ids = [m for m in ids if _message_id(mailbox.messages[m]) == wanted]

@@ -4,6 +4,7 @@ Google's token endpoint; real PostgreSQL and Kafka."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -26,7 +27,7 @@ from flexoraa.crypto import load_secret_box
 from flexoraa.kafka import EventPublisher
 from flexoraa.settings import Settings
 from schemas.events import InboundMessage
-from schemas.messaging import OutboundMessage
+from schemas.messaging import LeadEvent, OutboundMessage
 from schemas.notifications import Notification
 from schemas.topics import TopicNames
 from streams.rules.identity import lead_id_for
@@ -87,6 +88,21 @@ def mail(sender: str, subject: str, body: str, message_id: str | None = None) ->
     message_id = message_id or f"<{uuid.uuid4().hex}@mail.example.com>"
     return (f"From: {sender}\nTo: sales@acme.test\nSubject: {subject}\nMessage-ID: {message_id}\n"
             f"Content-Type: text/plain; charset=utf-8\n\n{body}\n").encode()  # fmt: skip
+
+
+def rep_mail(mailbox: str, to: str, body: str, cc: str = "", message_id: str = "") -> bytes:
+    """Mail a rep wrote in Gmail itself (its web client's Message-ID), as SENT holds it."""
+    message_id = message_id or f"<CAF{uuid.uuid4().hex}@mail.gmail.com>"
+    cc_header = f"Cc: {cc}\n" if cc else ""
+    return (f"From: Sales <{mailbox}>\nTo: {to}\n{cc_header}Subject: Re: Pricing\n"
+            f"Message-ID: {message_id}\nContent-Type: text/plain; charset=utf-8\n\n{body}\n"
+            ).encode()  # fmt: skip
+
+
+async def outbound_events(settings: Settings, lead_id: str) -> list[OutboundMessage]:
+    records = await read_topic(settings, [TopicNames(settings.topic_prefix).outbound_messages])
+    events = [OutboundMessage.model_validate_json(value) for _, _, value in records]
+    return [e for e in events if e.lead_id == lead_id]
 
 
 async def connected(
@@ -269,6 +285,46 @@ async def test_a_too_old_history_id_triggers_a_bounded_full_resync_without_dupli
     state = await db.fetchval("SELECT history_id FROM gmail_poll_state WHERE integration_id = $1",
                               uuid.UUID(integration_id))  # fmt: skip
     assert state == gmail.mailboxes[email].history_id
+
+
+async def test_a_reps_reply_written_in_gmail_is_the_leads_outbound_message(
+    gmail: GmailFake,
+    gmail_settings: Settings,
+    store: GmailStore,
+    publisher: EventPublisher,
+    make_tenant: MakeTenant,
+    db: asyncpg.Connection,
+) -> None:
+    # Read in the same pass as the lead's first mail (a resync, so the sent mail comes from
+    # the full listing): the lead is not in PostgreSQL yet, the pass knows it.
+    tenant = await make_tenant()
+    email, integration_id = await connected(gmail, store, tenant.tenant_id)
+    gmail.mailboxes[email].oldest_history_id = gmail.mailboxes[email].history_id + 1
+    gmail.deliver(email, mail("dee@example.com", "Pricing", "How much for 5 seats?"))
+    quoted = "About 1,000 USD a month.\n\nOn Mon, 1 Dec 2026, Dee wrote:\n> How much?"
+    reply = gmail.deliver(email, rep_mail(email, "Dee <dee@example.com>", quoted,
+                                          cc="boss@acme.test"), labels=("SENT",))  # fmt: skip
+    # Not a lead: a supplier, and a draft to the lead (not sent). And what the pipeline sent
+    # itself (its own Message-ID): it recorded that one when it sent it.
+    gmail.deliver(email, rep_mail(email, "vendor@example.com", "Invoice?"), labels=("SENT",))
+    gmail.deliver(email, rep_mail(email, "dee@example.com", "draft"), labels=("DRAFT",))
+    ours, _ = compose(sender=email, to="dee@example.com", subject="Re: Pricing", body="AI")
+    gmail.deliver(email, base64.urlsafe_b64decode(ours + "=="), labels=("SENT",))
+    await GmailPoller(gmail_settings, store, publisher).poll_due()
+    lead_id = lead_id_for(tenant.tenant_id, "email", "dee@example.com")
+    (recorded,) = await outbound_events(gmail_settings, lead_id)
+    assert (recorded.status, recorded.sent_by, recorded.channel) == ("accepted", "sdr", "email")
+    assert recorded.channel_message_id == reply
+    assert recorded.text == "About 1,000 USD a month."  # its quote of the lead left out
+    assert not await outbound_events(
+        gmail_settings, lead_id_for(tenant.tenant_id, "email", "vendor@example.com")
+    )
+    # Read again (the cursor lost, say): the same event, one message downstream.
+    gmail.mailboxes[email].oldest_history_id = gmail.mailboxes[email].history_id + 1
+    await due_now(db, integration_id)
+    await GmailPoller(gmail_settings, store, publisher).poll_due()
+    again = await outbound_events(gmail_settings, lead_id)
+    assert {e.event_id for e in again} == {recorded.event_id}
 
 
 async def test_an_expired_access_token_is_refreshed_and_stored(
@@ -664,6 +720,54 @@ async def test_replies_go_out_in_the_leads_thread_from_the_api_and_the_worker(
     mine = [m for m in accepted if m.lead_id == event.lead_id and m.status == "accepted"]
     assert sorted(m.sent_by for m in mine) == ["sdr", "sdr"]
     assert {m.channel for m in mine} == {"email"}
+
+
+async def test_a_reply_a_rep_wrote_in_gmail_ends_the_leads_leak_wait(
+    gmail: GmailFake,
+    gmail_settings: Settings,
+    gmail_worker: ManagedProcess,
+    store: GmailStore,
+    publisher: EventPublisher,
+    make_tenant: MakeTenant,
+    db: asyncpg.Connection,
+) -> None:
+    tenant = await make_tenant()
+    email, integration_id = await connected(gmail, store, tenant.tenant_id)
+    now_ms = int(datetime.now(UTC).timestamp() * 1000)
+    gmail.deliver(email, mail("eve@example.com", "Pricing", "Price for 3 seats?"),
+                  internal_date_ms=now_ms)  # fmt: skip
+    poller = GmailPoller(gmail_settings, store, publisher)
+    await poller.poll_due()
+    lead_id = lead_id_for(tenant.tenant_id, "email", "eve@example.com")
+
+    async def lead_stored() -> Any:
+        return await db.fetchval("SELECT 1 FROM leads WHERE lead_id = $1", uuid.UUID(lead_id))
+
+    await eventually(lead_stored, what="the lead in PostgreSQL")
+    reply = gmail.deliver(email, rep_mail(email, "eve@example.com", "600 USD a month."),
+                          labels=("SENT",), internal_date_ms=now_ms + 90_000)  # fmt: skip
+    await due_now(db, integration_id)
+    await poller.poll_due()
+    topic = TopicNames(gmail_settings.topic_prefix).lead_events
+
+    async def first_reply() -> Any:
+        events = [LeadEvent.model_validate_json(v)
+                  for _, _, v in await read_topic(gmail_settings, [topic])]  # fmt: skip
+        return [e for e in events if e.lead_id == lead_id and e.type == "first_reply"]
+
+    (answered,) = await eventually(first_reply, what="the lead's wait ended by the rep's reply")
+    assert answered.data["sent_by"] == "sdr"
+    assert answered.data["waited_ms"] == 90_000
+    assert answered.data["leaked"] is False
+
+    async def in_history() -> Any:
+        return await db.fetchrow(
+            "SELECT sent_by, body, channel_message_id FROM messages"
+            " WHERE lead_id = $1 AND direction = 'outbound'", uuid.UUID(lead_id),
+        )  # fmt: skip
+
+    row = await eventually(in_history, what="the reply in the lead's history")
+    assert dict(row) == {"sent_by": "sdr", "body": "600 USD a month.", "channel_message_id": reply}
 
 
 async def test_without_smtp_notifications_are_mailed_through_the_tenants_gmail(

@@ -7,7 +7,13 @@ from email import message_from_bytes, policy
 
 import pytest
 
-from connectors.gmail_mime import compose, html_to_text, parse_message, reply_subject
+from connectors.gmail_mime import (
+    compose,
+    composed_here,
+    html_to_text,
+    parse_message,
+    reply_subject,
+)
 
 ALTERNATIVE = b"""From: "Ravi Kumar" <Ravi@Example.com>
 To: sales@acme.test
@@ -104,6 +110,10 @@ def test_a_reply_carries_the_thread_headers() -> None:
     assert message["References"] == "<CAE0@x> <CAF1@mail.example.com>"
     assert message["Subject"] == "Re: Pricing"
     assert message["Message-ID"] == message_id
+    # Marked as the pipeline's: the poller does not take it for a rep's reply in Gmail.
+    assert composed_here(message_id)
+    assert not composed_here("<CAF1@mail.example.com>")
+    assert not composed_here(None)
     assert reply_subject("RE: Pricing") == "RE: Pricing"
     assert reply_subject(None) == "Re: your message"
 
