@@ -16,6 +16,8 @@ class TenantProfile:
     # None: the platform's QUALIFICATION_* setting applies.
     budget_threshold: float | None
     escalation_days: int | None
+    # A connected Gmail mailbox: an e-mail lead's messages can go out (streams.rules.sending).
+    mailbox_connected: bool = False
 
 
 class TenantSettings:
@@ -37,7 +39,10 @@ class TenantSettings:
         pool = await self._pool_factory()
         row = await pool.fetchrow(
             "SELECT leak_threshold_s, time_zone, qualification_budget_threshold,"
-            " qualification_escalation_days FROM tenants WHERE tenant_id = $1",
+            " qualification_escalation_days, EXISTS (SELECT 1 FROM integration_credentials c"
+            " WHERE c.tenant_id = t.tenant_id AND c.provider = 'gmail'"
+            " AND c.status = 'connected') AS mailbox_connected"
+            " FROM tenants t WHERE tenant_id = $1",
             tenant_id,
         )
         profile = TenantProfile(self._default, "UTC", None, None)
@@ -48,6 +53,7 @@ class TenantSettings:
                 row["time_zone"] or "UTC",
                 float(budget) if budget is not None else None,
                 row["qualification_escalation_days"],
+                row["mailbox_connected"],
             )
         self._cache[tenant_id] = (time.monotonic() + self._ttl_s, profile)
         return profile
@@ -57,3 +63,6 @@ class TenantSettings:
 
     async def time_zone(self, tenant_id: str) -> str:
         return (await self.profile(tenant_id)).time_zone
+
+    async def mailbox_connected(self, tenant_id: str) -> bool:
+        return (await self.profile(tenant_id)).mailbox_connected

@@ -347,6 +347,7 @@ def create_worker_app(settings: Settings) -> faust.App:
             notifications=notifications,
             gate=gate,
             meter=meter,
+            tenants=tenants,
         )
         deadline_handlers |= leak_actions.handlers()
         dead_lettered |= leak_actions.dead_lettered()

@@ -143,7 +143,9 @@ class LeakActions:
         notifications: TopicT,
         gate: AiGate,
         meter: Meter,
+        tenants: TenantSettings,
     ) -> None:
+        self._tenants = tenants
         self._gate = gate
         self._meter = meter
         self._leakage = leakage
@@ -184,7 +186,15 @@ class LeakActions:
         sdr_id = state.get("sdr_id")
         details: dict[str, Any] = {"score": state.get("score"), "followed_up": followed_up}
         now = datetime.now(UTC)
-        if action == "ai_reengagement" and not await self._gate.allows(tenant_id):
+        if (
+            action == "ai_reengagement"
+            and session["channel"] == "email"
+            and not await self._tenants.mailbox_connected(tenant_id)
+        ):
+            # The tenant's Gmail disconnected: the message could only fail, so it is neither
+            # sent nor charged. The alerts below still go.
+            details["ai_skipped"] = "no_mailbox"
+        elif action == "ai_reengagement" and not await self._gate.allows(tenant_id):
             # A paused tenant still gets the alerts below; only the AI message is skipped.
             details["ai_skipped"] = "tokens_exhausted"
         elif action == "ai_reengagement":

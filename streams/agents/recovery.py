@@ -40,6 +40,8 @@ from streams.rules.window import is_window_open
 from streams.timers import Scheduler
 
 logger = logging.getLogger(__name__)
+# How long a step for an e-mail lead of a tenant without a connected mailbox waits to try again.
+MAILBOX_RETRY_MS = 3_600_000
 _NAMESPACE = uuid.UUID("1f2e3d4c-5b6a-4978-8695-a4b3c2d1e0f9")
 
 
@@ -210,6 +212,15 @@ class Recovery:
             logger.info("recovery of lead %s ended at step %d: %s unreachable", lead_id, step,
                         session.get("channel"))  # fmt: skip
             del self._table[key]
+            return
+        if session.get("channel") == "email" and not await self._tenants.mailbox_connected(
+            tenant_id
+        ):
+            # The tenant's Gmail disconnected: charged, the step could only fail. Tried again
+            # later (and at the local hour), as a reconnect does not start the sequence anew.
+            logger.info("recovery step %d of lead %s waits for a connected mailbox", step,
+                        lead_id)  # fmt: skip
+            self._scheduler.set(key, {"recovery": now_ms + MAILBOX_RETRY_MS})
             return
         if not await self._gate.allows(tenant_id):
             # No tokens: the step waits for the next top-up instead of being lost.

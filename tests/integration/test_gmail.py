@@ -23,6 +23,7 @@ from connectors.gmail_mime import ParsedMail, compose, parse_message
 from connectors.gmail_poller import GmailPoller
 from connectors.gmail_send import EmailSender
 from connectors.gmail_store import GmailStore
+from connectors.tenants import TenantSettings
 from flexoraa.crypto import load_secret_box
 from flexoraa.kafka import EventPublisher
 from flexoraa.settings import Settings
@@ -325,6 +326,33 @@ async def test_a_reps_reply_written_in_gmail_is_the_leads_outbound_message(
     await GmailPoller(gmail_settings, store, publisher).poll_due()
     again = await outbound_events(gmail_settings, lead_id)
     assert {e.event_id for e in again} == {recorded.event_id}
+
+
+async def test_the_workers_know_whether_a_tenants_e_mail_leads_can_be_written_to(
+    gmail: GmailFake,
+    gmail_settings: Settings,
+    store: GmailStore,
+    make_tenant: MakeTenant,
+) -> None:
+    # Recovery and re-engagement of e-mail leads ask this before they send and charge.
+    tenant = await make_tenant()
+    pool = await asyncpg.create_pool(gmail_settings.database_url, min_size=1, max_size=2)
+    try:
+
+        async def factory() -> asyncpg.Pool:
+            return pool
+
+        tenants = TenantSettings(factory, 1800, ttl_s=0)
+        assert await tenants.mailbox_connected(tenant.tenant_id) is False
+        _, integration_id = await connected(gmail, store, tenant.tenant_id)
+        assert await tenants.mailbox_connected(tenant.tenant_id) is True
+        row = await store.mailbox(tenant.tenant_id, integration_id)
+        assert row is not None
+        await store.disconnect(row, "nobody", "invalid_grant")
+        assert await tenants.mailbox_connected(tenant.tenant_id) is False
+        assert (await tenants.profile(tenant.tenant_id)).leak_threshold_s > 0
+    finally:
+        await pool.close()
 
 
 async def test_an_expired_access_token_is_refreshed_and_stored(

@@ -16,6 +16,8 @@ import asyncpg
 import httpx
 import pytest
 
+from connectors.gmail import Tokens
+from flexoraa.crypto import load_secret_box
 from flexoraa.settings import Settings
 from schemas.events import DeadLetter, InboundMessage
 from schemas.messaging import DeadlineReached
@@ -136,6 +138,21 @@ async def test_a_reply_before_the_deadline_cancels_the_leak(
     assert stats["leaks"] == 0
 
 
+async def with_mailbox(db: asyncpg.Connection, settings: Settings, tenant_id: str) -> None:
+    """A connected Gmail mailbox for the tenant (never polled: no poll state): its e-mail
+    leads can be written to, so recovery sends and charges its steps. The worker has no Gmail
+    client, so each send is reported failed."""
+    integration_id = str(uuid.uuid4())
+    sealed = load_secret_box(settings).encrypt(
+        Tokens("ya29.t", "1//r", None).to_json(), f"{integration_id}:gmail_tokens"
+    )
+    await db.execute(
+        "INSERT INTO integration_credentials (integration_id, tenant_id, provider, account,"
+        " encrypted_secret) VALUES ($1, $2, 'gmail', 'sales@acme.test', $3)",
+        uuid.UUID(integration_id), uuid.UUID(tenant_id), sealed,
+    )  # fmt: skip
+
+
 async def recovery_rows(db: asyncpg.Connection, lead_id: str, count: int) -> list[Any]:
     async def check() -> Any:
         rows = await db.fetch(
@@ -150,9 +167,11 @@ async def recovery_rows(db: asyncpg.Connection, lead_id: str, count: int) -> lis
 
 
 async def test_a_silent_cold_lead_gets_the_recovery_sequence_in_order(
-    api: httpx.AsyncClient, make_tenant: MakeTenant, db: asyncpg.Connection
-) -> None:
+    api: httpx.AsyncClient, make_tenant: MakeTenant, db: asyncpg.Connection,
+    test_settings: Settings,
+) -> None:  # fmt: skip
     tenant = await make_tenant()
+    await with_mailbox(db, test_settings, tenant.tenant_id)
     # E-mail: it has no window (a lead on a channel nothing can reach ends its sequence).
     accepted = await post(api, tenant, channel="email",
                           contact=f"r-{uuid.uuid4().hex[:8]}@example.com",
@@ -183,12 +202,13 @@ def recovery_counts(text: str) -> dict[tuple[str, str], float]:
 
 async def test_a_reply_ends_recovery_as_a_success(
     api: httpx.AsyncClient, make_tenant: MakeTenant, db: asyncpg.Connection,
-    worker: ManagedProcess,
+    worker: ManagedProcess, test_settings: Settings,
 ) -> None:  # fmt: skip
     metrics_url = f"http://127.0.0.1:{worker.ports['web']}/metrics"
     async with httpx.AsyncClient() as scraper:
         before = recovery_counts((await scraper.get(metrics_url)).text)
     tenant = await make_tenant()
+    await with_mailbox(db, test_settings, tenant.tenant_id)
     contact = f"r-{uuid.uuid4().hex[:8]}@example.com"
     accepted = await post(api, tenant, channel="email", contact=contact, text="hmm")
     await recovery_rows(db, accepted["lead_id"], 1)

@@ -56,6 +56,16 @@ class PausedGate:
         return self._locks.hold(key)
 
 
+class MailboxTenants:
+    """The tenant settings leak actions ask: whether an e-mail lead can be written to."""
+
+    def __init__(self, connected: bool) -> None:
+        self.connected = connected
+
+    async def mailbox_connected(self, tenant_id: str) -> bool:
+        return self.connected
+
+
 def fired(deadline: str, due_ms: int) -> DeadlineReached:
     now = datetime.now(UTC)
     return DeadlineReached(event_id=str(uuid.uuid4()), tenant_id=TENANT, occurred_at=now,
@@ -69,6 +79,7 @@ def leak_actions(leakage: JournalTable, topic: JournalTopic) -> LeakActions:
         leakage=cast(Any, leakage), qualification=cast(Any, {}), router=cast(Any, None),
         lead_events=cast(Any, topic), outbound_commands=cast(Any, topic),
         notifications=cast(Any, topic), gate=cast(Any, PausedGate()), meter=cast(Any, None),
+        tenants=cast(Any, MailboxTenants(connected=True)),
     )  # fmt: skip
 
 
@@ -147,6 +158,7 @@ async def test_a_lead_reassigned_for_a_leak_is_the_new_sdrs_in_its_interview_too
         leakage=cast(Any, leakage), qualification=cast(Any, interview), router=cast(Any, Router()),
         lead_events=cast(Any, topic), outbound_commands=cast(Any, topic),
         notifications=cast(Any, topic), gate=cast(Any, PausedGate()), meter=cast(Any, None),
+        tenants=cast(Any, MailboxTenants(connected=True)),
     )  # fmt: skip
     await actions.on_leak(KEY, fired("leak", 6_000), SESSION)
     assert interview[KEY] == {"score": 35.0, "sdr_id": "sdr-b", "turn": 3}

@@ -1,0 +1,111 @@
+"""An e-mail lead of a tenant whose Gmail is disconnected is sent no AI message and charged
+nothing for one: the send could only fail, and the tokens would be spent all the same."""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import AbstractAsyncContextManager
+from typing import Any, cast
+
+from schemas.messaging import OutboundCommand
+from streams.agents.leakage import LeakActions
+from streams.agents.recovery import MAILBOX_RETRY_MS, Recovery
+from streams.locks import KeyLocks
+from streams.timers import DeadlineIndex, Scheduler
+from tests.unit.test_effects_before_state import KEY, TENANT, MailboxTenants, fired
+
+EMAIL_SESSION = {"tenant_id": TENANT, "channel": "email", "contact": "ana@example.com",
+                 "last_customer_message_ms": 1_000, "contact_name": "Ana"}  # fmt: skip
+
+
+class Records:
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+
+    async def send(self, *, key: bytes, value: bytes) -> None:
+        self.sent.append(json.loads(value))
+
+    def commands(self) -> list[OutboundCommand]:
+        return [
+            OutboundCommand.model_validate(r) for r in self.sent if r["kind"] == "outbound_command"
+        ]
+
+
+class OpenGate:
+    def __init__(self) -> None:
+        self._locks = KeyLocks()
+
+    async def allows(self, tenant_id: str) -> bool:
+        return True
+
+    def lead_lock(self, key: bytes) -> AbstractAsyncContextManager[None]:
+        return self._locks.hold(key)
+
+    def add_resumer(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+class Meter:
+    def __init__(self) -> None:
+        self.charges: list[dict[str, Any]] = []
+
+    async def charge(self, **usage: Any) -> int:
+        self.charges.append(usage)
+        return 1
+
+
+def hot_leak(connected: bool) -> tuple[LeakActions, Records, Meter]:
+    records, meter = Records(), Meter()
+    leakage = {KEY: {"waiting_since_ms": 1_000, "due_ms": 6_000, "fired": False}}
+    actions = LeakActions(
+        leakage=cast(Any, leakage), qualification=cast(Any, {KEY: {"score": 85.0}}),
+        router=cast(Any, None), lead_events=cast(Any, records),
+        outbound_commands=cast(Any, records), notifications=cast(Any, records),
+        gate=cast(Any, OpenGate()), meter=cast(Any, meter),
+        tenants=cast(Any, MailboxTenants(connected)),
+    )  # fmt: skip
+    return actions, records, meter
+
+
+async def test_a_hot_leak_is_re_engaged_only_through_a_connected_mailbox() -> None:
+    actions, records, meter = hot_leak(connected=False)
+    await actions.on_leak(KEY, fired("leak", 6_000), EMAIL_SESSION)
+    (leak,) = [r for r in records.sent if r.get("type") == "leak_detected"]
+    assert leak["data"]["action"] == "ai_reengagement"
+    assert leak["data"]["ai_skipped"] == "no_mailbox"
+    assert not records.commands()
+    assert not meter.charges
+    assert any(r.get("audience") == "admins" for r in records.sent)  # alerted all the same
+
+    actions, records, meter = hot_leak(connected=True)
+    await actions.on_leak(KEY, fired("leak", 6_000), EMAIL_SESSION)
+    assert [c.purpose for c in records.commands()] == ["re_engagement"]
+    assert [c["feature"] for c in meter.charges] == ["reengagement"]
+
+
+async def test_a_recovery_step_waits_for_a_connected_mailbox_uncharged() -> None:
+    records, meter, tenants = Records(), Meter(), MailboxTenants(connected=False)
+    scheduler = Scheduler(cast(Any, {}), DeadlineIndex())
+    started_ms = int(time.time() * 1000) - 60_000
+    table = {KEY: {"step": 0, "started_ms": started_ms, "last_sent_ms": started_ms,
+                   "time_zone": "UTC", "silent_since_ms": 1_000}}  # fmt: skip
+    recovery = Recovery(
+        table=cast(Any, table), qualification=cast(Any, {}), scheduler=scheduler,
+        tenants=cast(Any, tenants), lead_events=cast(Any, records),
+        outbound_commands=cast(Any, records), silence_ms=1_000, delays_s=(0, 3_600),
+        local_hour=None, gate=cast(Any, OpenGate()), meter=cast(Any, meter),
+    )  # fmt: skip
+    step = recovery.handlers()["recovery"]
+    before_ms = int(time.time() * 1000)
+    await step(KEY, fired("recovery", started_ms), EMAIL_SESSION)
+    assert not records.commands()
+    assert not meter.charges
+    assert table[KEY]["step"] == 0  # the sequence goes on, from the same step
+    assert scheduler.pending(KEY)["recovery"] >= before_ms + MAILBOX_RETRY_MS
+
+    tenants.connected = True  # reconnected: the step goes out when it fires again
+    await step(KEY, fired("recovery", scheduler.pending(KEY)["recovery"]), EMAIL_SESSION)
+    assert [c.purpose for c in records.commands()] == ["recovery"]
+    assert [c["feature"] for c in meter.charges] == ["recovery"]
+    assert table[KEY]["step"] == 1
