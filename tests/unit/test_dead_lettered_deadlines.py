@@ -194,6 +194,9 @@ class UtcTenants:
     async def time_zone(self, tenant_id: str) -> str:
         return "UTC"
 
+    async def mailbox_connected(self, tenant_id: str) -> bool:
+        return True  # e-mail leads can be written to
+
 
 def recovery_with(meter: FailingMeter) -> tuple[Recovery, dict[bytes, Any], Scheduler]:
     table: dict[bytes, Any] = {}
