@@ -11,10 +11,6 @@ from typing import Any
 
 import httpx
 
-# Meta's "re-engagement message" error: free-form text outside the 24-hour window.
-OUTSIDE_WINDOW_ERROR = "131047"
-
-
 # Our code for a send whose request reached Meta but whose answer did not (a read timeout, a
 # connection dropped mid-answer): it may have gone out, and Meta takes no idempotency key.
 UNCONFIRMED_ERROR = "unconfirmed"

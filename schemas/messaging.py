@@ -22,6 +22,9 @@ class OutboundCommand(Event):
     purpose: str = Field("reply", max_length=64, description="reply, re-engagement, recovery…")
     # Scheduled messages: held by the outbound agent until send_at, on the timer mechanism.
     send_at: EventTime | None = None
+    # WhatsApp's approved template only, whatever the window: a free-form message Meta took
+    # and failed later with 131047 (the window was closed by its clock) is sent again so.
+    template_only: bool = False
 
 
 class CancelScheduled(Event):

@@ -14,6 +14,7 @@ from connectors.gmail_send import EmailSender
 from connectors.gmail_store import GmailStore
 from connectors.mailer import Mailer
 from connectors.sdrs import SdrRouter
+from connectors.sent_messages import SentMessages
 from connectors.tenants import TenantSettings
 from connectors.whatsapp import GraphApiClient
 from flexoraa.crypto import load_secret_box
@@ -39,7 +40,7 @@ from streams.agents import window as window_agent
 from streams.agents.deadlines import DeadLettered
 from streams.agents.leakage import LeakActions
 from streams.agents.notifications import NotificationStore
-from streams.agents.outbound import ScheduledSends, Sender, SentCommands
+from streams.agents.outbound import LateWindowResends, ScheduledSends, Sender, SentCommands
 from streams.agents.qualification import Interviewer, QualificationTopics
 from streams.agents.recovery import Recovery
 from streams.agents.sink import SinkSpec
@@ -287,6 +288,16 @@ def create_worker_app(settings: Settings) -> faust.App:
         scheduled=scheduled,
         concurrency=settings.outbound_concurrency,
         poison=poison,
+    )
+    outbound_agent.register_resends(
+        batch_lane,
+        delivery_status=delivery_status,
+        resends=LateWindowResends(
+            SentMessages(pool),
+            outbound_commands,
+            template_configured=settings.whatsapp_template_name is not None,
+        ),
+        max_batch=lane_max,
     )
     deadline_handlers = window_agent.handlers(lead_events) | scheduled.handlers()
     # What a kind of deadline does when one of its own is dead-lettered (streams.poison).

@@ -16,7 +16,8 @@ from pydantic import Field, TypeAdapter
 from connectors.channels import Channel, ChannelDirectory
 from connectors.gmail import GmailApiError, GmailNotConfigured, MailboxRevoked
 from connectors.gmail_send import EmailSender, NoMailbox
-from connectors.whatsapp import OUTSIDE_WINDOW_ERROR, GraphApiClient, GraphApiError, Template
+from connectors.sent_messages import SentMessage, SentMessages
+from connectors.whatsapp import GraphApiClient, GraphApiError, Template
 from flexoraa.db import while_unreachable
 from flexoraa.latency import latency_tenant
 from flexoraa.settings import Settings
@@ -25,21 +26,29 @@ from schemas.latency import LatencyEvent
 from schemas.messaging import (
     CancelScheduled,
     DeadlineReached,
+    DeliveryStatus,
     OutboundCommand,
     OutboundMessage,
 )
 from streams.agents.deadlines import DeadLettered, DeadlineHandler, Evidence
-from streams.batches import SourceRecord, handle_as_current
-from streams.dead_letters import decode_or_dead_letter
+from streams.batches import BatchLane, SourceRecord, handle_as_current
+from streams.dead_letters import decode_or_dead_letter, decoded_record
 from streams.keyed import KeyOrderedJobs
 from streams.metrics import DUPLICATE_EVENTS, OUTBOUND_SENDS
 from streams.poison import PoisonRecords
-from streams.rules.sending import freeform_window_open, plan_send, template_parameters
+from streams.rules.sending import (
+    OUTSIDE_WINDOW_ERROR,
+    failed_outside_window,
+    freeform_window_open,
+    plan_send,
+    template_parameters,
+)
 from streams.rules.window import window_closes_at_ms
 from streams.timers import Scheduler
 
 logger = logging.getLogger(__name__)
 _ATTEMPT_NAMESPACE = uuid.UUID("a4b1c7e2-5d3f-4e6a-9b8c-1d2e3f4a5b6c")
+_RESEND_NAMESPACE = uuid.UUID("e07d3c5a-91b4-4f28-8a6e-2c5b7d9f1a34")
 # Commands remembered per lead as sent: a replay after a crash re-reads at most the records
 # since the last commit, a few per lead.
 SENT_IDS_KEPT = 64
@@ -121,6 +130,7 @@ class Sender:
             channel_kind,
             freeform_window_open(channel_kind, closes_at_ms, now_ms, template_configured),
             template_configured,
+            command.template_only,
         )
         if plan.kind is None:
             await self._report(
@@ -290,6 +300,80 @@ class Sender:
         await self._outbound_messages.send(
             key=command.lead_id.encode(), value=message.model_dump_json().encode()
         )
+
+
+class LateWindowResends:
+    """A free-form WhatsApp message that Meta answered 200 and failed later with 131047 (its
+    clock had the window closed) is sent again as the approved template.
+
+    The margin before the window's end (streams.rules.sending) makes this rare; without it the
+    message was recorded as sent and never arrived. The failed message is found in PostgreSQL
+    by its wamid (its text and command); a status can be read before the sink wrote that row,
+    so a miss is looked up again a few times. The resend's id comes from the command's, so a
+    status Meta repeats, or one read again, sends it once (SentCommands)."""
+
+    def __init__(
+        self,
+        messages: SentMessages,
+        outbound_commands: TopicT,
+        *,
+        template_configured: bool,
+        lookup_delays_s: tuple[float, ...] = (0.2, 0.5, 1.0),
+    ) -> None:
+        self._messages = messages
+        self._outbound_commands = outbound_commands
+        self._template_configured = template_configured
+        self._lookup_delays_s = lookup_delays_s
+
+    async def on_status(self, status: DeliveryStatus) -> None:
+        if not self._template_configured or not failed_outside_window(
+            status.channel, status.status, status.error_code
+        ):
+            return
+        failed = await self._find(status)
+        if failed is None:
+            logger.warning("131047 for %s, a message not recorded as sent; not resent",
+                           status.channel_message_id)  # fmt: skip
+            return
+        if failed.send_kind != "freeform":
+            return
+        resend = OutboundCommand(
+            event_id=name_based_id(_RESEND_NAMESPACE, f"{failed.command_id}|template"),
+            tenant_id=status.tenant_id,
+            occurred_at=datetime.now(UTC),
+            lead_id=status.lead_id,
+            text=failed.text,
+            sent_by="ai" if failed.sent_by == "ai" else "sdr",
+            purpose="window_resend",
+            template_only=True,
+        )
+        await self._outbound_commands.send(
+            key=status.lead_id.encode(), value=resend.model_dump_json().encode()
+        )
+
+    async def _find(self, status: DeliveryStatus) -> SentMessage | None:
+        for delay_s in (*self._lookup_delays_s, None):
+            found = await while_unreachable(
+                self._messages.find, status.tenant_id, status.channel, status.channel_message_id
+            )
+            if found is not None or delay_s is None:
+                return found
+            await asyncio.sleep(delay_s)
+        return None
+
+
+def register_resends(
+    lane: BatchLane, *, delivery_status: TopicT, resends: LateWindowResends, max_batch: int
+) -> None:
+    async def resend_if_late(record: SourceRecord) -> None:
+        # The statuses' sink dead-letters records it cannot decode.
+        status = decoded_record(record, DeliveryStatus)
+        if status is not None:
+            await resends.on_status(status)
+
+    lane.add_record_handler(
+        "late-window-resends", [delivery_status], resend_if_late, max_batch=max_batch
+    )
 
 
 OutboundRequest = Annotated[OutboundCommand | CancelScheduled, Field(discriminator="kind")]

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 TEMPLATE_FIELDS = ("contact_name", "text", "contact")
+# Meta's "re-engagement message" error: more than 24 hours since the customer last wrote.
+OUTSIDE_WINDOW_ERROR = "131047"
 
 
 @dataclass(frozen=True, slots=True)
@@ -14,7 +16,13 @@ class SendPlan:
     failure: str | None = None
 
 
-def plan_send(channel: str, window_open: bool, template_configured: bool) -> SendPlan:
+def plan_send(
+    channel: str, window_open: bool, template_configured: bool, template_only: bool = False
+) -> SendPlan:
+    if template_only:
+        if channel == "whatsapp" and template_configured:
+            return SendPlan("template")
+        return SendPlan(None, "only a WhatsApp template can take it, and none is configured")
     if channel == "whatsapp":
         if window_open:
             return SendPlan("freeform")
@@ -26,6 +34,13 @@ def plan_send(channel: str, window_open: bool, template_configured: bool) -> Sen
             return SendPlan("freeform")
         return SendPlan(None, "outside the 24-hour standard messaging window")
     return SendPlan(None, f"no sender for the {channel} channel")
+
+
+def failed_outside_window(channel: str, status: str, error_code: str | None) -> bool:
+    """Whether a delivery status reports a WhatsApp message that Meta took (200) and failed
+    afterwards because, by its clock, the 24-hour window had closed (131047). Sent free-form,
+    it is sent again as the approved template."""
+    return channel == "whatsapp" and status == "failed" and error_code == OUTSIDE_WINDOW_ERROR
 
 
 # The last minutes of a WhatsApp window count as closed when a template can go instead: Meta

@@ -510,6 +510,42 @@ async def test_error_131047_falls_back_to_the_template(
     assert kinds == ["text", "template"]
 
 
+async def test_a_freeform_message_meta_fails_later_with_131047_goes_again_as_the_template(
+    api: httpx.AsyncClient, make_tenant: MakeTenant, graph: GraphApiFake
+) -> None:
+    # Meta answers 200 and reports the 131047 afterwards, as a status (its clock had the
+    # window closed). Only recorded, the reply never reached the lead.
+    business = await register(api, await make_tenant())
+    contact = "919844400013"
+    lead_id = await inbound(api, business, contact, now_s() - 60, "wamid.S13")
+    await reply(api, business, lead_id, "Your quote is ready.")
+    (row,) = await outbound_rows(api, business, lead_id)
+    assert row["send_kind"] == "freeform"
+    failed = whatsapp_status(row["channel_message_id"], "failed", now_s(), contact, 131047)
+    payload = whatsapp_payload([whatsapp_change(business.phone_number_id, statuses=[failed])])
+    # Twice, as Meta may: sent again once.
+    for _ in range(2):
+        assert (await deliver(api, payload, business.app_secret)).status_code == 200
+
+    async def resent() -> Any:
+        rows = await outbound_rows(api, business, lead_id)
+        return rows if len(rows) == 2 else None
+
+    first, again = await eventually(resent, what="the reply sent again as the template")
+    assert (first["send_kind"], first["status"], first["error_code"]) == (
+        "freeform", "failed", "131047",
+    )  # fmt: skip
+    assert (again["send_kind"], again["status"], again["text"]) == (
+        "template", "accepted", "Your quote is ready.",
+    )  # fmt: skip
+    await asyncio.sleep(1.0)  # a second resend would have gone by now
+    requests = graph.sent_to(business.phone_number_id)
+    assert [r["body"]["type"] for r in requests] == ["text", "template"]
+    assert requests[1]["body"]["template"]["components"][0]["parameters"][1] == {
+        "type": "text", "text": "Your quote is ready.",
+    }  # fmt: skip
+
+
 async def test_500_twice_then_200_is_retried(
     api: httpx.AsyncClient, make_tenant: MakeTenant, graph: GraphApiFake
 ) -> None:

@@ -7,6 +7,7 @@ from pydantic import ValidationError
 from flexoraa.settings import Settings
 from streams.rules.delivery import supersedes
 from streams.rules.sending import (
+    failed_outside_window,
     freeform_window_open,
     plan_send,
     reachable,
@@ -36,6 +37,16 @@ def test_plan_send(channel: str, window_open: bool, template: bool, kind: str | 
     plan = plan_send(channel, window_open, template)
     assert plan.kind == kind
     assert (plan.failure is None) == (kind is not None)
+
+
+def test_a_resend_meta_failed_for_the_window_goes_only_as_a_template() -> None:
+    assert plan_send("whatsapp", True, True, template_only=True).kind == "template"
+    assert plan_send("whatsapp", True, False, template_only=True).kind is None
+    assert plan_send("instagram", True, True, template_only=True).kind is None
+    assert failed_outside_window("whatsapp", "failed", "131047")
+    assert not failed_outside_window("whatsapp", "failed", "131026")
+    assert not failed_outside_window("whatsapp", "delivered", None)
+    assert not failed_outside_window("instagram", "failed", "131047")
 
 
 @pytest.mark.parametrize(
