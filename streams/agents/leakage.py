@@ -25,7 +25,14 @@ from streams.agents.tokens import AiGate, Meter
 from streams.batches import BatchLane, SourceRecord
 from streams.dead_letters import decoded_inbound, decoded_record
 from streams.metrics import LEAKS
-from streams.rules.leakage import ACTIONS, REENGAGEMENT_TEXT, leak_due_ms, temperature
+from streams.rules.leakage import (
+    ACTIONS,
+    REENGAGEMENT_TEXT,
+    after_reply,
+    leak_due_ms,
+    temperature,
+    with_message,
+)
 from streams.rules.session import read_too_late
 from streams.timers import Scheduler
 
@@ -78,17 +85,25 @@ def register(
         if not _starts_wait(key, occurred_ms):
             return
         due_ms = leak_due_ms(occurred_ms, threshold_s)
-        leakage[key] = {"waiting_since_ms": occurred_ms, "due_ms": due_ms, "fired": False}
+        wait: dict[str, Any] = {"waiting_since_ms": occurred_ms, "due_ms": due_ms, "fired": False}
+        if isinstance(entry := leakage.get(key), int):
+            wait["replied_ms"] = entry  # an earlier message read late is answered by it
+        leakage[key] = wait
         scheduler.set(key, {"leak": due_ms})
 
     def _starts_wait(key: bytes, occurred_ms: int) -> bool:
         """Whether a message of the lead starts a wait, as its entry stands now."""
         entry = leakage.get(key)
         if (waiting := _waiting(entry)) is not None:
-            # Already waiting: the wait starts at the first unanswered message. Its deadline
-            # is another table's write; a worker killed between the two kept only the wait,
-            # and this message, read again, gives it its deadline back.
-            if not waiting["fired"]:
+            # Already waiting: the wait starts at the first unanswered message, also one read
+            # after a later one.
+            if (changed := with_message(waiting, occurred_ms)) is not None:
+                leakage[key] = changed
+                if not changed["fired"]:
+                    scheduler.set(key, {"leak": changed["due_ms"]})
+            elif not waiting["fired"]:
+                # Its deadline is another table's write; a worker killed between the two kept
+                # only the wait, and this message, read again, gives it its deadline back.
                 scheduler.set_if_absent(key, "leak", waiting["due_ms"])
             return False
         # Answered already (its reply read first) when the entry is a later reply's time.
@@ -109,9 +124,18 @@ def register(
                 leakage[key] = sent_ms
             return
         if sent_ms < waiting["waiting_since_ms"]:
-            return  # sent before the message the lead is waiting on: no answer to it
-        leakage[key] = sent_ms
-        scheduler.cancel(key, "leak")
+            # Sent before the message the lead is waiting on: no answer to it, but one to any
+            # earlier message read later (which then does not move the wait).
+            if sent_ms > waiting.get("replied_ms", -1):
+                leakage[key] = {**waiting, "replied_ms": sent_ms}
+            return
+        if (follow_up := after_reply(waiting, sent_ms)) is not None:
+            # The lead wrote again after this reply, and that message was read first.
+            leakage[key] = follow_up
+            scheduler.set(key, {"leak": follow_up["due_ms"]})
+        else:
+            leakage[key] = sent_ms
+            scheduler.cancel(key, "leak")
         waited_ms = sent_ms - waiting["waiting_since_ms"]
         reply = LeadEvent(
             event_id=_id(sent.lead_id, "first_reply", waiting["waiting_since_ms"]),
@@ -257,9 +281,11 @@ class LeakActions:
             await self._notify(fired, tenant_id, "sdr", sdr_id, title, body)
         # Marked fired after its effects, so the changelog write waits for them (a worker
         # killed in between reports the leak again, with the same ids). A reply taken while
-        # this ran ended the wait: it is not brought back.
+        # this ran ended the wait: it is not brought back, and a later wait it started is
+        # not this leak's. Moved to an earlier message meanwhile, it is still this wait: its
+        # moved deadline then finds it fired (a second leak otherwise).
         current = _waiting(self._leakage.get(key))
-        if current is not None and current["waiting_since_ms"] == waiting["waiting_since_ms"]:
+        if current is not None and current["waiting_since_ms"] <= waiting["waiting_since_ms"]:
             self._leakage[key] = {**current, "fired": True}
 
     async def _notify(

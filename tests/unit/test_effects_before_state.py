@@ -111,6 +111,24 @@ async def test_a_leak_handled_while_the_lead_was_answered_does_not_bring_the_wai
     assert KEY not in leakage
 
 
+async def test_a_wait_moved_to_an_earlier_message_during_its_leak_is_marked_fired() -> None:
+    # Its moved deadline fires next: unmarked, the one wait leaked twice.
+    journal: list[str] = []
+    leakage = JournalTable("leakage", journal)
+    dict.__setitem__(leakage, KEY, {"waiting_since_ms": 1_000, "due_ms": 6_000, "fired": False})
+
+    class MovedMeanwhile(JournalTopic):
+        async def send(self, *, key: bytes, value: bytes) -> None:
+            await super().send(key=key, value=value)
+            # The waits' handler read an earlier message of the lead while the leak was sent.
+            dict.__setitem__(leakage, KEY, {"waiting_since_ms": 500, "due_ms": 5_500,
+                                            "fired": False})  # fmt: skip
+
+    actions = leak_actions(leakage, MovedMeanwhile(journal))
+    await actions.on_leak(KEY, fired("leak", 6_000), SESSION)
+    assert leakage[KEY] == {"waiting_since_ms": 500, "due_ms": 5_500, "fired": True}
+
+
 async def test_a_scheduled_command_leaves_the_table_only_after_it_was_sent() -> None:
     journal: list[str] = []
     held = JournalTable("scheduled", journal)

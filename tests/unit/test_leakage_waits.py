@@ -4,6 +4,7 @@ order the two topics' handlers (each with a queue of its own) read them in."""
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -45,16 +46,28 @@ class Tenants:
         return 1800
 
 
-def waits(stale_after_ms: int = 0) -> tuple[Lane, dict[bytes, Any], Scheduler, RecordingTopic]:
+def waits(
+    stale_after_ms: int = 0,
+    *,
+    tenants: Any = None,
+    table: dict[bytes, Any] | None = None,
+    scheduler: Scheduler | None = None,
+) -> tuple[Lane, dict[bytes, Any], Scheduler, RecordingTopic]:
+    """The two handlers on a lane of their own; another lane's over the same `table` and
+    `scheduler` when given (a handler with other tenant settings, racing the first)."""
     lane, events = Lane(), RecordingTopic()
-    table: dict[bytes, Any] = {}
-    scheduler = Scheduler(cast(Any, {}), DeadlineIndex())
+    table = {} if table is None else table
+    scheduler = scheduler or Scheduler(cast(Any, {}), DeadlineIndex())
     leakage_agent.register(
         cast(Any, lane), inbound=cast(Any, None), outbound_messages=cast(Any, None),
         lead_events=cast(Any, events), leakage=cast(Any, table), scheduler=scheduler,
-        tenants=cast(Any, Tenants()), max_batch=100, stale_after_ms=stale_after_ms,
+        tenants=cast(Any, tenants or Tenants()), max_batch=100, stale_after_ms=stale_after_ms,
     )  # fmt: skip
     return lane, table, scheduler, events
+
+
+def ms(at: datetime) -> int:
+    return int(at.timestamp() * 1000)
 
 
 def inbound(at: datetime) -> Record:
@@ -117,12 +130,7 @@ async def test_an_answer_recorded_while_the_threshold_is_looked_up_is_not_overwr
             await answered.wait()  # a cache miss: PostgreSQL asked
             return 1800
 
-    slow_lane = Lane()
-    leakage_agent.register(
-        cast(Any, slow_lane), inbound=cast(Any, None), outbound_messages=cast(Any, None),
-        lead_events=cast(Any, RecordingTopic()), leakage=cast(Any, table), scheduler=scheduler,
-        tenants=cast(Any, SlowTenants()), max_batch=100,
-    )  # fmt: skip
+    slow_lane, *_ = waits(tenants=SlowTenants(), table=table, scheduler=scheduler)
     waiting = asyncio.ensure_future(slow_lane.handlers["leakage-waits"](inbound(AT)))
     await looked_up.wait()
     await lane.handlers["leakage-replies"](reply(AT + timedelta(seconds=30)))
@@ -141,13 +149,56 @@ async def test_a_message_that_starts_no_wait_asks_nothing_of_postgres() -> None:
         async def leak_threshold_s(self, tenant_id: str) -> int:
             raise AssertionError("asked although no wait starts")
 
-    quiet = Lane()
-    leakage_agent.register(
-        cast(Any, quiet), inbound=cast(Any, None), outbound_messages=cast(Any, None),
-        lead_events=cast(Any, RecordingTopic()), leakage=cast(Any, table), scheduler=scheduler,
-        tenants=cast(Any, Unreachable()), max_batch=100,
-    )  # fmt: skip
+    quiet, *_ = waits(tenants=Unreachable(), table=table, scheduler=scheduler)
     await lane.handlers["leakage-waits"](inbound(AT))  # waiting
     await quiet.handlers["leakage-waits"](inbound(AT + timedelta(minutes=1)))
     table[KEY] = int((AT + timedelta(minutes=5)).timestamp() * 1000)  # answered at :05
     await quiet.handlers["leakage-waits"](inbound(AT + timedelta(minutes=2)))
+
+
+async def test_an_earlier_message_read_late_moves_the_wait_to_it() -> None:
+    # A channel delivered the lead's two messages out of order: left at the later one, the
+    # leak fired late by the gap, and the lead counted as not having written again.
+    lane, table, scheduler, _ = waits()
+    await lane.handlers["leakage-waits"](inbound(AT + timedelta(minutes=5)))
+    await lane.handlers["leakage-waits"](inbound(AT))
+    assert table[KEY]["waiting_since_ms"] == ms(AT)
+    assert scheduler.pending(KEY) == {"leak": ms(AT + timedelta(seconds=1800))}
+
+
+async def test_an_earlier_message_answered_by_a_reply_read_before_it_does_not_move_it() -> None:
+    # Written at :00, answered at :02, the lead wrote again at :05; read :05, the reply, :00.
+    lane, table, scheduler, _ = waits()
+    await lane.handlers["leakage-waits"](inbound(AT + timedelta(minutes=5)))
+    await lane.handlers["leakage-replies"](reply(AT + timedelta(minutes=2)))
+    await lane.handlers["leakage-waits"](inbound(AT))
+    assert table[KEY]["waiting_since_ms"] == ms(AT + timedelta(minutes=5))
+    # So too when the reply was read first of all (the entry was its time).
+    lane, table, scheduler, _ = waits()
+    await lane.handlers["leakage-replies"](reply(AT + timedelta(minutes=2)))
+    await lane.handlers["leakage-waits"](inbound(AT + timedelta(minutes=5)))
+    await lane.handlers["leakage-waits"](inbound(AT))
+    assert table[KEY]["waiting_since_ms"] == ms(AT + timedelta(minutes=5))
+    assert scheduler.pending(KEY) == {"leak": ms(AT + timedelta(minutes=5, seconds=1800))}
+
+
+async def test_a_reply_read_after_the_leads_next_message_leaves_that_one_waited_on() -> None:
+    # :00 answered at :02, the lead wrote again at :05, and that was read before the reply
+    # (after an outage, the two topics' backlogs): the reply ended the wait for good, and the
+    # message at :05 never leaked.
+    lane, table, scheduler, events = waits()
+    await lane.handlers["leakage-waits"](inbound(AT))
+    await lane.handlers["leakage-waits"](inbound(AT + timedelta(minutes=5)))
+    await lane.handlers["leakage-replies"](reply(AT + timedelta(minutes=2)))
+    assert [json.loads(e)["type"] for e in events.sent] == ["first_reply"]  # :00 answered
+    assert table[KEY]["waiting_since_ms"] == ms(AT + timedelta(minutes=5))
+    assert scheduler.pending(KEY) == {"leak": ms(AT + timedelta(minutes=5, seconds=1800))}
+    # A message between the reply and that one, read last, is the wait's start.
+    await lane.handlers["leakage-waits"](inbound(AT + timedelta(minutes=3)))
+    assert table[KEY]["waiting_since_ms"] == ms(AT + timedelta(minutes=3))
+    # One before the reply is not.
+    await lane.handlers["leakage-waits"](inbound(AT + timedelta(minutes=1)))
+    assert table[KEY]["waiting_since_ms"] == ms(AT + timedelta(minutes=3))
+    await lane.handlers["leakage-replies"](reply(AT + timedelta(minutes=6)))
+    assert scheduler.pending(KEY) == {}
+    assert table[KEY] == ms(AT + timedelta(minutes=6))
