@@ -11,6 +11,7 @@ import asyncpg
 
 @dataclass(frozen=True, slots=True)
 class SentMessage:
+    lead_id: str
     command_id: str
     text: str
     sent_by: str
@@ -26,12 +27,12 @@ class SentMessages:
     ) -> SentMessage | None:
         """The accepted outbound message the channel knows as `channel_message_id`."""
         row = await (await self._pool_factory()).fetchrow(
-            "SELECT command_id::text, body, sent_by, send_kind FROM messages"
+            "SELECT lead_id::text, command_id::text, body, sent_by, send_kind FROM messages"
             " WHERE tenant_id = $1 AND channel = $2 AND direction = 'outbound'"
             " AND channel_message_id = $3",
             tenant_id, channel, channel_message_id,
         )  # fmt: skip
         if row is None or row["command_id"] is None:
             return None
-        return SentMessage(row["command_id"], row["body"], row["sent_by"] or "sdr",
-                           row["send_kind"])  # fmt: skip
+        return SentMessage(row["lead_id"], row["command_id"], row["body"],
+                           row["sent_by"] or "sdr", row["send_kind"])  # fmt: skip

@@ -24,7 +24,20 @@ class OutboundCommand(Event):
     send_at: EventTime | None = None
     # WhatsApp's approved template only, whatever the window: a free-form message Meta took
     # and failed later with 131047 (the window was closed by its clock) is sent again so.
-    template_only: bool = False
+    # Left out of the JSON when false: workers of the version before it refuse unknown fields,
+    # and during a rolling deploy they would have dead-lettered every command.
+    template_only: bool = Field(False, exclude_if=lambda value: not value)
+
+
+class ResendAsTemplate(Event):
+    """Send the free-form message Meta knows as `channel_message_id` again as the template: it
+    reported the message failed (131047) after taking it. Keyed by lead, on the commands'
+    topic: the outbound agent, which may wait, finds the message and sends it."""
+
+    kind: Literal["resend_as_template"] = "resend_as_template"
+    lead_id: str
+    channel: str
+    channel_message_id: str = Field(min_length=1, max_length=256)
 
 
 class CancelScheduled(Event):

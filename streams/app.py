@@ -279,6 +279,11 @@ def create_worker_app(settings: Settings) -> faust.App:
         outbound_commands,
         sent,
     )
+    resends = LateWindowResends(
+        SentMessages(pool),
+        outbound_commands,
+        template_configured=settings.whatsapp_template_name is not None,
+    )
     outbound_agent.register(
         app,
         outbound_commands=outbound_commands,
@@ -286,18 +291,12 @@ def create_worker_app(settings: Settings) -> faust.App:
         sessions=sessions,
         sender=sender,
         scheduled=scheduled,
+        resends=resends,
         concurrency=settings.outbound_concurrency,
         poison=poison,
     )
     outbound_agent.register_resends(
-        batch_lane,
-        delivery_status=delivery_status,
-        resends=LateWindowResends(
-            SentMessages(pool),
-            outbound_commands,
-            template_configured=settings.whatsapp_template_name is not None,
-        ),
-        max_batch=lane_max,
+        batch_lane, delivery_status=delivery_status, resends=resends, max_batch=lane_max
     )
     deadline_handlers = window_agent.handlers(lead_events) | scheduled.handlers()
     # What a kind of deadline does when one of its own is dead-lettered (streams.poison).

@@ -29,6 +29,7 @@ from schemas.messaging import (
     DeliveryStatus,
     OutboundCommand,
     OutboundMessage,
+    ResendAsTemplate,
 )
 from streams.agents.deadlines import DeadLettered, DeadlineHandler, Evidence
 from streams.batches import BatchLane, SourceRecord, handle_as_current
@@ -307,9 +308,11 @@ class LateWindowResends:
     clock had the window closed) is sent again as the approved template.
 
     The margin before the window's end (streams.rules.sending) makes this rare; without it the
-    message was recorded as sent and never arrived. The failed message is found in PostgreSQL
-    by its wamid (its text and command); a status can be read before the sink wrote that row,
-    so a miss is looked up again a few times. The resend's id comes from the command's, so a
+    message was recorded as sent and never arrived. The status becomes a request on the
+    commands' topic (the lane never waits on it); the outbound agent finds the failed message
+    in PostgreSQL by its wamid and sends its text again. A status read before the sink wrote
+    that row (both topics' backlogs after a restart) is looked up again for about half a
+    minute, holding only its lead's commands. The resend's id comes from the command's, so a
     status Meta repeats, or one read again, sends it once (SentCommands)."""
 
     def __init__(
@@ -318,44 +321,65 @@ class LateWindowResends:
         outbound_commands: TopicT,
         *,
         template_configured: bool,
-        lookup_delays_s: tuple[float, ...] = (0.2, 0.5, 1.0),
+        lookup_delays_s: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0),
     ) -> None:
         self._messages = messages
         self._outbound_commands = outbound_commands
         self._template_configured = template_configured
         self._lookup_delays_s = lookup_delays_s
 
-    async def on_status(self, status: DeliveryStatus) -> None:
+    def request_for(self, status: DeliveryStatus) -> ResendAsTemplate | None:
+        """The resend a status asks for, or None."""
         if not self._template_configured or not failed_outside_window(
             status.channel, status.status, status.error_code
         ):
-            return
-        failed = await self._find(status)
+            return None
+        return ResendAsTemplate(
+            event_id=name_based_id(
+                _RESEND_NAMESPACE, f"{status.tenant_id}|{status.channel_message_id}"
+            ),
+            tenant_id=status.tenant_id,
+            occurred_at=status.occurred_at,
+            lead_id=status.lead_id,
+            channel=status.channel,
+            channel_message_id=status.channel_message_id,
+        )
+
+    async def on_status(self, status: DeliveryStatus) -> None:
+        if (request := self.request_for(status)) is not None:
+            await self._outbound_commands.send(
+                key=status.lead_id.encode(), value=request.model_dump_json().encode()
+            )
+
+    async def resend(self, request: ResendAsTemplate) -> None:
+        failed = await self._find(request)
         if failed is None:
             logger.warning("131047 for %s, a message not recorded as sent; not resent",
-                           status.channel_message_id)  # fmt: skip
+                           request.channel_message_id)  # fmt: skip
             return
         if failed.send_kind != "freeform":
             return
-        resend = OutboundCommand(
+        command = OutboundCommand(
             event_id=name_based_id(_RESEND_NAMESPACE, f"{failed.command_id}|template"),
-            tenant_id=status.tenant_id,
+            tenant_id=request.tenant_id,
             occurred_at=datetime.now(UTC),
-            lead_id=status.lead_id,
+            # The lead the message was sent to, as recorded.
+            lead_id=failed.lead_id,
             text=failed.text,
             sent_by="ai" if failed.sent_by == "ai" else "sdr",
             purpose="window_resend",
             template_only=True,
         )
         await self._outbound_commands.send(
-            key=status.lead_id.encode(), value=resend.model_dump_json().encode()
+            key=command.lead_id.encode(), value=command.model_dump_json().encode()
         )
 
-    async def _find(self, status: DeliveryStatus) -> SentMessage | None:
+    async def _find(self, request: ResendAsTemplate) -> SentMessage | None:
         for delay_s in (*self._lookup_delays_s, None):
             found = await while_unreachable(
-                self._messages.find, status.tenant_id, status.channel, status.channel_message_id
-            )
+                self._messages.find, request.tenant_id, request.channel,
+                request.channel_message_id,
+            )  # fmt: skip
             if found is not None or delay_s is None:
                 return found
             await asyncio.sleep(delay_s)
@@ -376,8 +400,12 @@ def register_resends(
     )
 
 
-OutboundRequest = Annotated[OutboundCommand | CancelScheduled, Field(discriminator="kind")]
-_requests: TypeAdapter[OutboundCommand | CancelScheduled] = TypeAdapter(OutboundRequest)
+OutboundRequest = Annotated[
+    OutboundCommand | CancelScheduled | ResendAsTemplate, Field(discriminator="kind")
+]
+_requests: TypeAdapter[OutboundCommand | CancelScheduled | ResendAsTemplate] = TypeAdapter(
+    OutboundRequest
+)
 
 
 def _held_command_id(fired: DeadlineReached) -> str:
@@ -488,6 +516,7 @@ def register(
     sessions: TableT[bytes, Any],
     sender: Sender,
     scheduled: ScheduledSends,
+    resends: LateWindowResends,
     concurrency: int,
     poison: PoisonRecords,
 ) -> None:
@@ -497,6 +526,8 @@ def register(
             return
         if isinstance(request, CancelScheduled):
             scheduled.cancel(request)
+        elif isinstance(request, ResendAsTemplate):
+            await resends.resend(request)
         elif request.send_at is not None and request.send_at > datetime.now(UTC):
             scheduled.hold(request)
         elif (session := sessions.get(request.lead_id.encode())) is None:
