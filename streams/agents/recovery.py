@@ -42,6 +42,8 @@ from streams.timers import Scheduler
 logger = logging.getLogger(__name__)
 # How long a step for an e-mail lead of a tenant without a connected mailbox waits to try again.
 MAILBOX_RETRY_MS = 3_600_000
+# How long after the step before it a step waits for a connected mailbox before the sequence ends.
+MAILBOX_WAIT_MS = 7 * 86_400_000
 _NAMESPACE = uuid.UUID("1f2e3d4c-5b6a-4978-8695-a4b3c2d1e0f9")
 
 
@@ -216,10 +218,16 @@ class Recovery:
         if session.get("channel") == "email" and not await self._tenants.mailbox_connected(
             tenant_id
         ):
-            # The tenant's Gmail disconnected: charged, the step could only fail. Tried again
-            # later (and at the local hour), as a reconnect does not start the sequence anew.
-            logger.info("recovery step %d of lead %s waits for a connected mailbox", step,
-                        lead_id)  # fmt: skip
+            # The tenant's Gmail disconnected (or never connected): charged, the step could only
+            # fail. Tried again later (and at the local hour), as a reconnect does not start the
+            # sequence anew; for a week after the step before, then it ends like any other
+            # unreachable lead's (kept for good, a mailbox connected months later sent every
+            # COLD lead a stale step at once).
+            if now_ms - state["last_sent_ms"] > MAILBOX_WAIT_MS:
+                logger.info("recovery of lead %s ended at step %d: no connected mailbox",
+                            lead_id, step)  # fmt: skip
+                del self._table[key]
+                return
             self._scheduler.set(key, {"recovery": now_ms + MAILBOX_RETRY_MS})
             return
         if not await self._gate.allows(tenant_id):

@@ -10,7 +10,7 @@ from typing import Any, cast
 
 from schemas.messaging import OutboundCommand
 from streams.agents.leakage import LeakActions
-from streams.agents.recovery import MAILBOX_RETRY_MS, Recovery
+from streams.agents.recovery import MAILBOX_RETRY_MS, MAILBOX_WAIT_MS, Recovery
 from streams.locks import KeyLocks
 from streams.timers import DeadlineIndex, Scheduler
 from tests.unit.test_effects_before_state import KEY, TENANT, MailboxTenants, fired
@@ -109,3 +109,24 @@ async def test_a_recovery_step_waits_for_a_connected_mailbox_uncharged() -> None
     assert [c.purpose for c in records.commands()] == ["recovery"]
     assert [c["feature"] for c in meter.charges] == ["recovery"]
     assert table[KEY]["step"] == 1
+
+
+async def test_a_recovery_waiting_a_week_for_a_mailbox_ends_uncharged() -> None:
+    # Waiting for good, a tenant that never connects Gmail kept every COLD e-mail lead's
+    # sequence, and a mailbox connected months later sent each a stale step at once.
+    records, meter = Records(), Meter()
+    scheduler = Scheduler(cast(Any, {}), DeadlineIndex())
+    last_sent_ms = int(time.time() * 1000) - MAILBOX_WAIT_MS - 60_000
+    table = {KEY: {"step": 1, "started_ms": last_sent_ms, "last_sent_ms": last_sent_ms,
+                   "time_zone": "UTC", "silent_since_ms": 1_000}}  # fmt: skip
+    recovery = Recovery(
+        table=cast(Any, table), qualification=cast(Any, {}), scheduler=scheduler,
+        tenants=cast(Any, MailboxTenants(connected=False)), lead_events=cast(Any, records),
+        outbound_commands=cast(Any, records), silence_ms=1_000, delays_s=(0, 3_600),
+        local_hour=None, gate=cast(Any, OpenGate()), meter=cast(Any, meter),
+    )  # fmt: skip
+    await recovery.handlers()["recovery"](KEY, fired("recovery", last_sent_ms), EMAIL_SESSION)
+    assert KEY not in table
+    assert "recovery" not in scheduler.pending(KEY)
+    assert not records.commands()
+    assert not meter.charges
