@@ -175,8 +175,9 @@ class GmailPoller:
                                  row.email)  # fmt: skip
                 continue
             if "SENT" in labels:
-                # A rep's reply written in Gmail; what the pipeline sent it recorded already.
-                if not composed_here(mail.message_id):
+                # A rep's reply written in Gmail; what the pipeline sent it recorded already,
+                # and the mailbox's own automatic answers (a vacation responder) answer no one.
+                if not composed_here(mail.message_id) and mail.automated is None:
                     sent.append((message_id, fetched, mail))
                 continue
             if mail.sender == row.email:

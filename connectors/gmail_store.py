@@ -198,11 +198,14 @@ class GmailStore:
         )
 
     async def known_leads(self, tenant_id: str, lead_ids: list[str]) -> set[str]:
-        """Which of `lead_ids` are leads of the tenant (the sink has their first message)."""
+        """Which of `lead_ids` are leads of the tenant: the sink has their first message, or a
+        poll read their mail (its thread is remembered before the sink may have caught up)."""
         if not lead_ids:
             return set()
         rows = await (await self._pool()).fetch(
-            "SELECT lead_id::text FROM leads WHERE tenant_id = $1 AND lead_id = ANY($2::uuid[])",
+            "SELECT lead_id::text FROM leads WHERE tenant_id = $1 AND lead_id = ANY($2::uuid[])"
+            " UNION SELECT lead_id::text FROM email_threads"
+            " WHERE tenant_id = $1 AND lead_id = ANY($2::uuid[])",
             uuid.UUID(tenant_id), [uuid.UUID(lead_id) for lead_id in lead_ids],
         )  # fmt: skip
         return {row["lead_id"] for row in rows}

@@ -311,6 +311,9 @@ async def test_a_reps_reply_written_in_gmail_is_the_leads_outbound_message(
     gmail.deliver(email, rep_mail(email, "dee@example.com", "draft"), labels=("DRAFT",))
     ours, _ = compose(sender=email, to="dee@example.com", subject="Re: Pricing", body="AI")
     gmail.deliver(email, base64.urlsafe_b64decode(ours + "=="), labels=("SENT",))
+    away = rep_mail(email, "dee@example.com", "I am away until Monday.")
+    gmail.deliver(email, away.replace(b"Subject:", b"Auto-Submitted: auto-replied\nSubject:"),
+                  labels=("SENT",))  # the mailbox's vacation responder  # fmt: skip
     await GmailPoller(gmail_settings, store, publisher).poll_due()
     lead_id = lead_id_for(tenant.tenant_id, "email", "dee@example.com")
     (recorded,) = await outbound_events(gmail_settings, lead_id)
@@ -326,6 +329,17 @@ async def test_a_reps_reply_written_in_gmail_is_the_leads_outbound_message(
     await GmailPoller(gmail_settings, store, publisher).poll_due()
     again = await outbound_events(gmail_settings, lead_id)
     assert {e.event_id for e in again} == {recorded.event_id}
+    # A lead whose mail an earlier poll read, before the sink stored it (no worker here):
+    # known by its thread.
+    gmail.deliver(email, mail("hal@example.com", "Demo", "Can we see a demo?"))
+    await due_now(db, integration_id)
+    await GmailPoller(gmail_settings, store, publisher).poll_due()
+    hal = lead_id_for(tenant.tenant_id, "email", "hal@example.com")
+    assert await db.fetchval("SELECT 1 FROM leads WHERE lead_id = $1", uuid.UUID(hal)) is None
+    gmail.deliver(email, rep_mail(email, "hal@example.com", "Tuesday?"), labels=("SENT",))
+    await due_now(db, integration_id)
+    await GmailPoller(gmail_settings, store, publisher).poll_due()
+    assert [e.text for e in await outbound_events(gmail_settings, hal)] == ["Tuesday?"]
 
 
 async def test_the_workers_know_whether_a_tenants_e_mail_leads_can_be_written_to(
@@ -762,17 +776,22 @@ async def test_a_reply_a_rep_wrote_in_gmail_ends_the_leads_leak_wait(
     tenant = await make_tenant()
     email, integration_id = await connected(gmail, store, tenant.tenant_id)
     now_ms = int(datetime.now(UTC).timestamp() * 1000)
-    gmail.deliver(email, mail("eve@example.com", "Pricing", "Price for 3 seats?"),
-                  internal_date_ms=now_ms)  # fmt: skip
+    for sender in ("eve@example.com", "gil@example.com"):
+        gmail.deliver(email, mail(sender, "Pricing", "Price for 3 seats?"),
+                      internal_date_ms=now_ms)  # fmt: skip
     poller = GmailPoller(gmail_settings, store, publisher)
     await poller.poll_due()
     lead_id = lead_id_for(tenant.tenant_id, "email", "eve@example.com")
+    colleague_id = lead_id_for(tenant.tenant_id, "email", "gil@example.com")
 
-    async def lead_stored() -> Any:
-        return await db.fetchval("SELECT 1 FROM leads WHERE lead_id = $1", uuid.UUID(lead_id))
+    async def leads_stored() -> Any:
+        return await db.fetchval("SELECT count(*) = 2 FROM leads WHERE lead_id = ANY($1)",
+                                 [uuid.UUID(lead_id), uuid.UUID(colleague_id)])  # fmt: skip
 
-    await eventually(lead_stored, what="the lead in PostgreSQL")
-    reply = gmail.deliver(email, rep_mail(email, "eve@example.com", "600 USD a month."),
+    await eventually(leads_stored, what="the leads in PostgreSQL")
+    # One mail to both (the second in Cc): each lead's reply, in each one's history.
+    reply = gmail.deliver(email, rep_mail(email, "eve@example.com", "600 USD a month.",
+                                          cc="Gil <gil@example.com>"),
                           labels=("SENT",), internal_date_ms=now_ms + 90_000)  # fmt: skip
     await due_now(db, integration_id)
     await poller.poll_due()
@@ -796,6 +815,14 @@ async def test_a_reply_a_rep_wrote_in_gmail_ends_the_leads_leak_wait(
 
     row = await eventually(in_history, what="the reply in the lead's history")
     assert dict(row) == {"sent_by": "sdr", "body": "600 USD a month.", "channel_message_id": reply}
+
+    async def in_colleagues_history() -> Any:
+        return await db.fetchval(
+            "SELECT channel_message_id FROM messages WHERE lead_id = $1 AND direction = 'outbound'",
+            uuid.UUID(colleague_id),
+        )
+
+    assert await eventually(in_colleagues_history, what="the Cc lead's copy") == reply
 
 
 async def test_without_smtp_notifications_are_mailed_through_the_tenants_gmail(
