@@ -358,6 +358,7 @@ def create_worker_app(settings: Settings) -> faust.App:
             gate=gate,
             meter=meter,
             tenants=tenants,
+            scheduler=scheduler,
         )
         deadline_handlers |= leak_actions.handlers()
         dead_lettered |= leak_actions.dead_lettered()

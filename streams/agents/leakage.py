@@ -8,6 +8,7 @@ decides temperature and action.
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -29,8 +30,9 @@ from streams.rules.leakage import (
     ACTIONS,
     REENGAGEMENT_TEXT,
     after_reply,
-    leak_due_ms,
+    new_wait,
     temperature,
+    with_earlier_reply,
     with_message,
 )
 from streams.rules.session import read_too_late
@@ -41,6 +43,10 @@ _NAMESPACE = uuid.UUID("9d7c6b5a-4e3f-4a2b-9c1d-0e9f8a7b6c5d")
 
 def _id(*parts: object) -> str:
     return name_based_id(_NAMESPACE, "|".join(str(p) for p in parts))
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def _waiting(entry: Any) -> dict[str, Any] | None:
@@ -84,30 +90,30 @@ def register(
         threshold_s = await while_unreachable(tenants.leak_threshold_s, message.tenant_id)
         if not _starts_wait(key, occurred_ms):
             return
-        due_ms = leak_due_ms(occurred_ms, threshold_s)
-        wait: dict[str, Any] = {"waiting_since_ms": occurred_ms, "due_ms": due_ms, "fired": False}
-        if isinstance(entry := leakage.get(key), int):
-            wait["replied_ms"] = entry  # an earlier message read late is answered by it
+        # The lead's latest reply (the entry, when it is one): an earlier message read late
+        # is answered by it.
+        entry = leakage.get(key)
+        wait = new_wait(occurred_ms, threshold_s, entry if isinstance(entry, int) else None)
         leakage[key] = wait
-        scheduler.set(key, {"leak": due_ms})
+        scheduler.set(key, {"leak": wait["due_ms"]})
 
     def _starts_wait(key: bytes, occurred_ms: int) -> bool:
         """Whether a message of the lead starts a wait, as its entry stands now."""
         entry = leakage.get(key)
         if (waiting := _waiting(entry)) is not None:
-            # Already waiting: the wait starts at the first unanswered message, also one read
-            # after a later one.
-            if (changed := with_message(waiting, occurred_ms)) is not None:
-                leakage[key] = changed
-                if not changed["fired"]:
-                    scheduler.set(key, {"leak": changed["due_ms"]})
-            elif not waiting["fired"]:
-                # Its deadline is another table's write; a worker killed between the two kept
-                # only the wait, and this message, read again, gives it its deadline back.
-                scheduler.set_if_absent(key, "leak", waiting["due_ms"])
+            # Already waiting: the message joins the wait (and starts it, when earlier).
+            if (changed := with_message(waiting, occurred_ms, _now_ms())) is not None:
+                leakage[key] = waiting = changed
+            _keep_deadline(key, waiting)
             return False
         # Answered already (its reply read first) when the entry is a later reply's time.
         return not (isinstance(entry, int) and occurred_ms <= entry)
+
+    def _keep_deadline(key: bytes, waiting: dict[str, Any]) -> None:
+        # The deadline is another table's write: a worker killed between the two kept only
+        # the wait (new or moved), and its message or reply, read again, sets it right.
+        if not waiting["fired"]:
+            scheduler.set(key, {"leak": waiting["due_ms"]})
 
     lane.add_record_handler("leakage-waits", [inbound], start_waiting, max_batch=max_batch)
 
@@ -126,8 +132,9 @@ def register(
         if sent_ms < waiting["waiting_since_ms"]:
             # Sent before the message the lead is waiting on: no answer to it, but one to any
             # earlier message read later (which then does not move the wait).
-            if sent_ms > waiting.get("replied_ms", -1):
-                leakage[key] = {**waiting, "replied_ms": sent_ms}
+            if (changed := with_earlier_reply(waiting, sent_ms)) is not None:
+                leakage[key] = waiting = changed
+            _keep_deadline(key, waiting)
             return
         if (follow_up := after_reply(waiting, sent_ms)) is not None:
             # The lead wrote again after this reply, and that message was read first.
@@ -138,7 +145,9 @@ def register(
             scheduler.cancel(key, "leak")
         waited_ms = sent_ms - waiting["waiting_since_ms"]
         reply = LeadEvent(
-            event_id=_id(sent.lead_id, "first_reply", waiting["waiting_since_ms"]),
+            # The reply's own id: the wait it ends can depend on the order the two topics
+            # were read in (an earlier message read before or after it), the reply cannot.
+            event_id=_id(sent.lead_id, "first_reply", sent.event_id),
             tenant_id=sent.tenant_id,
             occurred_at=sent.occurred_at,
             lead_id=sent.lead_id,
@@ -168,7 +177,9 @@ class LeakActions:
         gate: AiGate,
         meter: Meter,
         tenants: TenantSettings,
+        scheduler: Scheduler,
     ) -> None:
+        self._scheduler = scheduler
         self._tenants = tenants
         self._gate = gate
         self._meter = meter
@@ -201,6 +212,11 @@ class LeakActions:
     ) -> None:
         waiting = _waiting(self._leakage.get(key))
         if waiting is None or session is None or waiting["fired"]:
+            return
+        if fired.due_ms < waiting["due_ms"]:
+            # The wait was left for a later message (a reply answered the first) and the
+            # move of its deadline lost in a crash: it is due then, not now.
+            self._scheduler.set(key, {"leak": waiting["due_ms"]})
             return
         lead_id, tenant_id = fired.lead_id, session["tenant_id"]
         state = self._qualification.get(key) or {}

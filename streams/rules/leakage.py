@@ -36,44 +36,72 @@ def temperature(score: float | None, followed_up: bool) -> str:
 
 
 # A lead's wait, as the leakage table keeps it: {"waiting_since_ms", "due_ms", "fired"}, the
-# latest unanswered message's time once a later one was read ("latest_ms"), and the latest
-# reply known to precede it ("replied_ms"). The inbound messages and the replies are two topics
+# times of its unanswered messages ("unanswered_ms", sorted) and the latest reply known to
+# precede them ("replied_ms", -1 for none). The inbound messages and the replies are two topics
 # read by two handlers, and a channel can deliver a lead's messages out of order (a Meta retry,
-# a Gmail poll): these decide what a message or a reply read late does to it.
+# a Gmail poll): these rules decide what a message or a reply read late does to the wait, the
+# same whatever order they are read in. Waits written before these rules have no "replied_ms":
+# what replies preceded them is unknown, so they never move earlier.
+
+# Unanswered message times a wait keeps: past this, the earliest ones and the latest.
+UNANSWERED_KEPT = 16
 
 
-def _latest_ms(wait: dict[str, Any]) -> int:
-    return int(wait.get("latest_ms", wait["waiting_since_ms"]))
+def new_wait(occurred_ms: int, threshold_s: int, replied_ms: int | None) -> dict[str, Any]:
+    """The wait a message starts; `replied_ms`, the lead's latest reply before it, if known."""
+    return {"waiting_since_ms": occurred_ms, "due_ms": leak_due_ms(occurred_ms, threshold_s),
+            "fired": False, "replied_ms": -1 if replied_ms is None else replied_ms,
+            "unanswered_ms": [occurred_ms]}  # fmt: skip
 
 
-def with_message(wait: dict[str, Any], occurred_ms: int) -> dict[str, Any] | None:
-    """The wait after another unanswered message of the lead, or None when it is unchanged.
+def _unanswered(wait: dict[str, Any]) -> list[int]:
+    return list(wait.get("unanswered_ms", [wait["waiting_since_ms"]]))
 
-    An earlier message read after the one the wait started at is its start (left at the later
-    one, the leak fired late by the gap), unless the leak fired already or a reply is known to
-    have come after it. A later one is remembered: a reply read after it, but sent before it,
-    leaves it waited on (`after_reply`)."""
-    if occurred_ms > _latest_ms(wait):
-        return {**wait, "latest_ms": occurred_ms}
-    if wait["fired"] or occurred_ms >= wait["waiting_since_ms"]:
-        return None
+
+def _threshold_ms(wait: dict[str, Any]) -> int:
+    return int(wait["due_ms"] - wait["waiting_since_ms"])
+
+
+def with_message(wait: dict[str, Any], occurred_ms: int, now_ms: int) -> dict[str, Any] | None:
+    """The wait after another message of the lead, or None when it is unchanged (a message read
+    again, or one a reply known to precede the wait answered).
+
+    An earlier message read after the one the wait started at becomes its start: left at the
+    later one, the leak fired late by the gap. Not once the leak is due (it is being reported,
+    under ids of its due time: moved, a crash would report it again under others), nor for a
+    wait older than these rules."""
     if occurred_ms <= wait.get("replied_ms", -1):
-        return None  # answered: the reply before the wait came after it
-    threshold_ms = wait["due_ms"] - wait["waiting_since_ms"]
-    return {**wait, "waiting_since_ms": occurred_ms, "due_ms": occurred_ms + threshold_ms,
-            "latest_ms": _latest_ms(wait)}  # fmt: skip
+        return None
+    unanswered = _unanswered(wait)
+    if occurred_ms in unanswered:
+        return None
+    unanswered = sorted([*unanswered, occurred_ms])
+    if len(unanswered) > UNANSWERED_KEPT:
+        unanswered = [*unanswered[: UNANSWERED_KEPT - 1], unanswered[-1]]
+    changed = {**wait, "unanswered_ms": unanswered}
+    movable = "replied_ms" in wait and not wait["fired"] and now_ms < wait["due_ms"]
+    if movable and occurred_ms < wait["waiting_since_ms"]:
+        changed["waiting_since_ms"] = occurred_ms
+        changed["due_ms"] = occurred_ms + _threshold_ms(wait)
+    return changed
+
+
+def with_earlier_reply(wait: dict[str, Any], sent_ms: int) -> dict[str, Any] | None:
+    """The wait after a reply sent before it started (no answer to it, but to any earlier
+    message read later), or None when it is unchanged."""
+    if "replied_ms" not in wait or sent_ms <= wait["replied_ms"]:
+        return None
+    return {**wait, "replied_ms": sent_ms,
+            "unanswered_ms": [t for t in _unanswered(wait) if t > sent_ms]}  # fmt: skip
 
 
 def after_reply(wait: dict[str, Any], sent_ms: int) -> dict[str, Any] | None:
     """What is left of the wait after a reply sent at `sent_ms`, at or after its start: a wait
-    for the lead's message written after the reply but read before it, else None (answered).
-
-    That wait starts at the latest message, the only later one known: one between the reply
-    and it, read later, moves it earlier (`with_message`). Ended for good instead, the lead's
-    follow-up was never waited on, and never leaked."""
-    latest_ms = _latest_ms(wait)
-    if latest_ms <= sent_ms:
+    for the lead's messages written after the reply but read before it, from the earliest of
+    them, else None (all answered). Ended for good instead, the lead's follow-up was never
+    waited on, and never leaked."""
+    remaining = [t for t in _unanswered(wait) if t > sent_ms]
+    if not remaining:
         return None
-    threshold_ms = wait["due_ms"] - wait["waiting_since_ms"]
-    return {"waiting_since_ms": latest_ms, "due_ms": latest_ms + threshold_ms, "fired": False,
-            "replied_ms": sent_ms}  # fmt: skip
+    return {"waiting_since_ms": remaining[0], "due_ms": remaining[0] + _threshold_ms(wait),
+            "fired": False, "replied_ms": sent_ms, "unanswered_ms": remaining}  # fmt: skip

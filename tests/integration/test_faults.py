@@ -403,7 +403,7 @@ async def leaks_once(load: Load, settings: Settings, db: asyncpg.Connection) -> 
             continue
         event = LeadEvent.model_validate_json(value)
         if event.type == "leak_detected":
-            identities[(event.lead_id, str(event.data.get("waiting_since")))].add(event.event_id)
+            identities[(event.lead_id, str(event.data["waiting_since_ms"]))].add(event.event_id)
     assert {wait: ids for wait, ids in identities.items() if len(ids) > 1} == {}
     stored: int = await db.fetchval(
         "SELECT count(*) FROM lead_leakage_events WHERE lead_id = ANY($1::uuid[])", leads

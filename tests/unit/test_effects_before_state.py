@@ -80,6 +80,7 @@ def leak_actions(leakage: JournalTable, topic: JournalTopic) -> LeakActions:
         lead_events=cast(Any, topic), outbound_commands=cast(Any, topic),
         notifications=cast(Any, topic), gate=cast(Any, PausedGate()), meter=cast(Any, None),
         tenants=cast(Any, MailboxTenants(connected=True)),
+        scheduler=Scheduler(cast(Any, {}), DeadlineIndex()),
     )  # fmt: skip
 
 
@@ -127,6 +128,27 @@ async def test_a_wait_moved_to_an_earlier_message_during_its_leak_is_marked_fire
     actions = leak_actions(leakage, MovedMeanwhile(journal))
     await actions.on_leak(KEY, fired("leak", 6_000), SESSION)
     assert leakage[KEY] == {"waiting_since_ms": 500, "due_ms": 5_500, "fired": True}
+
+
+async def test_a_leak_fired_at_a_deadline_the_wait_has_left_is_set_to_its_due() -> None:
+    # The wait was left for a later message (a reply answered the first) and the move of its
+    # deadline lost in a crash: reported then, a rep answering the later message in time
+    # had a false leak.
+    journal: list[str] = []
+    leakage = JournalTable("leakage", journal)
+    dict.__setitem__(leakage, KEY, {"waiting_since_ms": 4_000, "due_ms": 9_000, "fired": False})
+    scheduler = Scheduler(cast(Any, {}), DeadlineIndex())
+    scheduler.set(KEY, {"leak": 6_000})
+    actions = LeakActions(
+        leakage=cast(Any, leakage), qualification=cast(Any, {}), router=cast(Any, None),
+        lead_events=cast(Any, JournalTopic(journal)), outbound_commands=cast(Any, None),
+        notifications=cast(Any, None), gate=cast(Any, PausedGate()), meter=cast(Any, None),
+        tenants=cast(Any, MailboxTenants(connected=True)), scheduler=scheduler,
+    )  # fmt: skip
+    await actions.on_leak(KEY, fired("leak", 6_000), SESSION)
+    assert journal == []
+    assert scheduler.pending(KEY) == {"leak": 9_000}
+    assert leakage[KEY]["fired"] is False
 
 
 async def test_a_scheduled_command_leaves_the_table_only_after_it_was_sent() -> None:
@@ -177,6 +199,7 @@ async def test_a_lead_reassigned_for_a_leak_is_the_new_sdrs_in_its_interview_too
         lead_events=cast(Any, topic), outbound_commands=cast(Any, topic),
         notifications=cast(Any, topic), gate=cast(Any, PausedGate()), meter=cast(Any, None),
         tenants=cast(Any, MailboxTenants(connected=True)),
+        scheduler=Scheduler(cast(Any, {}), DeadlineIndex()),
     )  # fmt: skip
     await actions.on_leak(KEY, fired("leak", 6_000), SESSION)
     assert interview[KEY] == {"score": 35.0, "sdr_id": "sdr-b", "turn": 3}

@@ -1,6 +1,15 @@
 import pytest
 
-from streams.rules.leakage import ACTIONS, after_reply, leak_due_ms, temperature, with_message
+from streams.rules.leakage import (
+    ACTIONS,
+    UNANSWERED_KEPT,
+    after_reply,
+    leak_due_ms,
+    new_wait,
+    temperature,
+    with_earlier_reply,
+    with_message,
+)
 
 
 @pytest.mark.parametrize(
@@ -28,18 +37,50 @@ def test_actions_and_deadline() -> None:
 
 
 def test_a_wait_takes_messages_and_replies_in_any_order() -> None:
-    wait = {"waiting_since_ms": 5_000, "due_ms": 65_000, "fired": False}
-    assert with_message(wait, 5_000) is None  # the same message read again
-    later = with_message(wait, 9_000)
-    assert later == {**wait, "latest_ms": 9_000}
-    earlier = with_message(later, 2_000)
-    assert earlier == {"waiting_since_ms": 2_000, "due_ms": 62_000, "fired": False,
-                       "latest_ms": 9_000}  # fmt: skip
-    # A fired leak stays as it was reported; a message a known reply answered moves nothing.
-    assert with_message({**wait, "fired": True}, 2_000) is None
-    assert with_message({**wait, "replied_ms": 3_000}, 2_000) is None
-    # A reply after the latest message answers it all; one before it leaves that one waited on.
+    now = 10_000
+    wait = new_wait(5_000, 60, None)
+    assert wait == {"waiting_since_ms": 5_000, "due_ms": 65_000, "fired": False,
+                    "replied_ms": -1, "unanswered_ms": [5_000]}  # fmt: skip
+    assert with_message(wait, 5_000, now) is None  # the same message read again
+    later = with_message(wait, 9_000, now)
+    assert later == {**wait, "unanswered_ms": [5_000, 9_000]}
+    earlier = with_message(later, 2_000, now)
+    assert earlier == {**wait, "waiting_since_ms": 2_000, "due_ms": 62_000,
+                       "unanswered_ms": [2_000, 5_000, 9_000]}  # fmt: skip
+    # A reply after the latest message answers them all; one between leaves the rest waited
+    # on, from the earliest.
     assert after_reply(earlier, 9_000) is None
-    assert after_reply(earlier, 4_000) == {"waiting_since_ms": 9_000, "due_ms": 69_000,
-                                           "fired": False, "replied_ms": 4_000}  # fmt: skip
-    assert after_reply(wait, 6_000) is None  # no later message known
+    assert after_reply(earlier, 4_000) == {"waiting_since_ms": 5_000, "due_ms": 65_000,
+                                           "fired": False, "replied_ms": 4_000,
+                                           "unanswered_ms": [5_000, 9_000]}  # fmt: skip
+
+
+def test_a_wait_does_not_move_once_due_fired_answered_or_older_than_the_rules() -> None:
+    wait = new_wait(5_000, 60, 3_000)
+    assert with_message(wait, 2_000, 10_000) is None  # the reply at 3_000 answered it
+    # Due (its leak being reported under its due time's ids), fired, or written before these
+    # rules (which replies preceded it is unknown): recorded, not moved.
+    for stays, now in [
+        (wait, 65_000),
+        ({**wait, "fired": True}, 10_000),
+        ({"waiting_since_ms": 5_000, "due_ms": 65_000, "fired": False}, 10_000),
+    ]:
+        changed = with_message(stays, 4_000, now)
+        assert changed is not None
+        assert (changed["waiting_since_ms"], changed["due_ms"]) == (5_000, 65_000)
+    # A reply before the wait: earlier messages are answered; an older wait learns nothing.
+    assert with_earlier_reply(wait, 4_000) == {**wait, "replied_ms": 4_000}
+    assert with_earlier_reply(wait, 2_000) is None
+    assert with_earlier_reply({"waiting_since_ms": 5_000, "due_ms": 65_000, "fired": False},
+                              4_000) is None  # fmt: skip
+
+
+def test_a_wait_keeps_its_earliest_and_latest_unanswered_messages() -> None:
+    wait = new_wait(0, 60, None)
+    for at in range(1, 40):
+        changed = with_message(wait, at * 10, 1)
+        assert changed is not None
+        wait = changed
+    assert len(wait["unanswered_ms"]) == UNANSWERED_KEPT
+    assert wait["unanswered_ms"][0] == 0
+    assert wait["unanswered_ms"][-1] == 390

@@ -21,7 +21,8 @@ from tests.fakes.topics import RecordingTopic
 LEAD = str(uuid.uuid4())
 KEY = LEAD.encode()
 TENANT = str(uuid.uuid4())
-AT = datetime(2026, 12, 4, 10, 0, tzinfo=UTC)
+# Recent: a wait moves earlier only before its leak is due.
+AT = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=10)
 
 
 @dataclass(frozen=True)
@@ -202,3 +203,42 @@ async def test_a_reply_read_after_the_leads_next_message_leaves_that_one_waited_
     await lane.handlers["leakage-replies"](reply(AT + timedelta(minutes=6)))
     assert scheduler.pending(KEY) == {}
     assert table[KEY] == ms(AT + timedelta(minutes=6))
+
+
+async def test_a_reply_between_messages_read_late_leaves_the_earliest_after_it_waited_on() -> None:
+    # :00, :03 and :05 read, then the reply at :02: :03 is the earliest unanswered message,
+    # whatever order the three were read in.
+    for order in ([0, 3, 5], [3, 0, 5], [5, 3, 0], [0, 5, 3]):
+        lane, table, scheduler, _ = waits()
+        for minute in order:
+            await lane.handlers["leakage-waits"](inbound(AT + timedelta(minutes=minute)))
+        await lane.handlers["leakage-replies"](reply(AT + timedelta(minutes=2)))
+        assert table[KEY]["waiting_since_ms"] == ms(AT + timedelta(minutes=3)), order
+        assert scheduler.pending(KEY) == {"leak": ms(AT + timedelta(minutes=3, seconds=1800))}
+
+
+async def test_one_reply_is_one_first_reply_event_whatever_wait_it_ended() -> None:
+    # Read before or after an earlier message that moves the wait, the reply's event is one.
+    ids = set()
+    answer = reply(AT + timedelta(minutes=7))
+    for reply_first in (True, False):
+        lane, _, _, events = waits()
+        await lane.handlers["leakage-waits"](inbound(AT + timedelta(minutes=5)))
+        if reply_first:
+            await lane.handlers["leakage-replies"](answer)
+        await lane.handlers["leakage-waits"](inbound(AT))
+        if not reply_first:
+            await lane.handlers["leakage-replies"](answer)
+        ids |= {json.loads(e)["event_id"] for e in events.sent}
+    assert len(ids) == 1
+
+
+async def test_a_message_read_again_sets_a_lost_deadline_move_right() -> None:
+    # A worker killed between the wait's move and its deadline's: the deadline was left at
+    # the later message's due (the leak late by the gap).
+    lane, _, scheduler, _ = waits()
+    await lane.handlers["leakage-waits"](inbound(AT + timedelta(minutes=5)))
+    await lane.handlers["leakage-waits"](inbound(AT))
+    scheduler.set(KEY, {"leak": ms(AT + timedelta(minutes=5, seconds=1800))})  # the lost move
+    await lane.handlers["leakage-waits"](inbound(AT))
+    assert scheduler.pending(KEY) == {"leak": ms(AT + timedelta(seconds=1800))}

@@ -64,6 +64,7 @@ def hot_leak(connected: bool) -> tuple[LeakActions, Records, Meter]:
         outbound_commands=cast(Any, records), notifications=cast(Any, records),
         gate=cast(Any, OpenGate()), meter=cast(Any, meter),
         tenants=cast(Any, MailboxTenants(connected)),
+        scheduler=Scheduler(cast(Any, {}), DeadlineIndex()),
     )  # fmt: skip
     return actions, records, meter
 
