@@ -211,12 +211,15 @@ class LeakActions:
         self, key: bytes, fired: DeadlineReached, session: dict[str, Any] | None
     ) -> None:
         waiting = _waiting(self._leakage.get(key))
-        if waiting is None or session is None or waiting["fired"]:
+        if waiting is None or waiting["fired"]:
             return
-        if fired.due_ms < waiting["due_ms"]:
-            # The wait was left for a later message (a reply answered the first) and the
-            # move of its deadline lost in a crash: it is due then, not now.
+        if fired.due_ms != waiting["due_ms"]:
+            # The wait moved (to an earlier message read late, or left for a later one a
+            # reply did not answer) and the move of its deadline was lost in a crash: it is
+            # reported at its own due, under that due's ids (twice under two dues otherwise).
             self._scheduler.set(key, {"leak": waiting["due_ms"]})
+            return
+        if session is None:
             return
         lead_id, tenant_id = fired.lead_id, session["tenant_id"]
         state = self._qualification.get(key) or {}

@@ -43,7 +43,7 @@ def temperature(score: float | None, followed_up: bool) -> str:
 # same whatever order they are read in. Waits written before these rules have no "replied_ms":
 # what replies preceded them is unknown, so they never move earlier.
 
-# Unanswered message times a wait keeps: past this, the earliest ones and the latest.
+# Unanswered message times a wait keeps (past this, the closest together are thinned out).
 UNANSWERED_KEPT = 16
 
 
@@ -77,7 +77,11 @@ def with_message(wait: dict[str, Any], occurred_ms: int, now_ms: int) -> dict[st
         return None
     unanswered = sorted([*unanswered, occurred_ms])
     if len(unanswered) > UNANSWERED_KEPT:
-        unanswered = [*unanswered[: UNANSWERED_KEPT - 1], unanswered[-1]]
+        # The inner time whose neighbours are nearest goes: a reply read late then leaves
+        # the wait late by at most the narrowest gap, never the first or the latest.
+        drop = min(range(1, len(unanswered) - 1),
+                   key=lambda i: unanswered[i + 1] - unanswered[i - 1])  # fmt: skip
+        del unanswered[drop]
     changed = {**wait, "unanswered_ms": unanswered}
     movable = "replied_ms" in wait and not wait["fired"] and now_ms < wait["due_ms"]
     if movable and occurred_ms < wait["waiting_since_ms"]:

@@ -130,7 +130,7 @@ async def test_a_wait_moved_to_an_earlier_message_during_its_leak_is_marked_fire
     assert leakage[KEY] == {"waiting_since_ms": 500, "due_ms": 5_500, "fired": True}
 
 
-async def test_a_leak_fired_at_a_deadline_the_wait_has_left_is_set_to_its_due() -> None:
+async def test_a_leak_fired_at_a_deadline_not_its_waits_is_set_to_its_due() -> None:
     # The wait was left for a later message (a reply answered the first) and the move of its
     # deadline lost in a crash: reported then, a rep answering the later message in time
     # had a false leak.
@@ -149,6 +149,12 @@ async def test_a_leak_fired_at_a_deadline_the_wait_has_left_is_set_to_its_due() 
     assert journal == []
     assert scheduler.pending(KEY) == {"leak": 9_000}
     assert leakage[KEY]["fired"] is False
+    # Moved earlier instead, and the later deadline fires first: reported at its own due
+    # (next tick), not under this one's ids as well.
+    scheduler.set(KEY, {"leak": 12_000})
+    await actions.on_leak(KEY, fired("leak", 12_000), SESSION)
+    assert journal == []
+    assert scheduler.pending(KEY) == {"leak": 9_000}
 
 
 async def test_a_scheduled_command_leaves_the_table_only_after_it_was_sent() -> None:

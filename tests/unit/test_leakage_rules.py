@@ -84,3 +84,17 @@ def test_a_wait_keeps_its_earliest_and_latest_unanswered_messages() -> None:
     assert len(wait["unanswered_ms"]) == UNANSWERED_KEPT
     assert wait["unanswered_ms"][0] == 0
     assert wait["unanswered_ms"][-1] == 390
+
+
+def test_past_the_cap_a_reply_read_late_still_leaves_the_next_message_waited_on() -> None:
+    # A lead writing every 30 s for 8 minutes, answered at 7:15 (a Gmail poll read the reply
+    # late): the wait is from 7:30, not from the latest message.
+    wait = new_wait(0, 1800, None)
+    for at in range(30_000, 480_001, 30_000):
+        changed = with_message(wait, at, 1)
+        assert changed is not None
+        wait = changed
+    assert len(wait["unanswered_ms"]) == UNANSWERED_KEPT
+    follow_up = after_reply(wait, 435_000)
+    assert follow_up is not None
+    assert follow_up["waiting_since_ms"] == 450_000
