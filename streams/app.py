@@ -359,6 +359,7 @@ def create_worker_app(settings: Settings) -> faust.App:
             meter=meter,
             tenants=tenants,
             scheduler=scheduler,
+            email_configured=settings.gmail_configured,
         )
         deadline_handlers |= leak_actions.handlers()
         dead_lettered |= leak_actions.dead_lettered()
@@ -377,6 +378,7 @@ def create_worker_app(settings: Settings) -> faust.App:
             meter=meter,
             template_configured=settings.whatsapp_template_name is not None,
             stale_after_ms=stale_after_ms,
+            email_configured=settings.gmail_configured,
         )
         recovery_agent.register(batch_lane, inbound=inbound, recovery=recovery, max_batch=lane_max)
         deadline_handlers |= recovery.handlers()

@@ -178,7 +178,10 @@ class LeakActions:
         meter: Meter,
         tenants: TenantSettings,
         scheduler: Scheduler,
+        email_configured: bool = True,
     ) -> None:
+        # Whether the Google OAuth client is set: without it no mailbox sends anything.
+        self._email_configured = email_configured
         self._scheduler = scheduler
         self._tenants = tenants
         self._gate = gate
@@ -232,7 +235,7 @@ class LeakActions:
         if (
             action == "ai_reengagement"
             and session["channel"] == "email"
-            and not await self._tenants.mailbox_connected(tenant_id)
+            and not (self._email_configured and await self._tenants.mailbox_connected(tenant_id))
         ):
             # The tenant's Gmail disconnected: the message could only fail, so it is neither
             # sent nor charged. The alerts below still go.

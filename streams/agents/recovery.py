@@ -73,7 +73,10 @@ class Recovery:
         meter: Meter,
         template_configured: bool = False,
         stale_after_ms: int = 0,
+        email_configured: bool = True,
     ) -> None:
+        # Whether the Google OAuth client is set: without it no mailbox sends anything.
+        self._email_configured = email_configured
         self._stale_after_ms = stale_after_ms
         # Whether a WhatsApp lead can be written to outside its 24-hour window.
         self._template_configured = template_configured
@@ -215,8 +218,8 @@ class Recovery:
                         session.get("channel"))  # fmt: skip
             del self._table[key]
             return
-        if session.get("channel") == "email" and not await self._tenants.mailbox_connected(
-            tenant_id
+        if session.get("channel") == "email" and not (
+            self._email_configured and await self._tenants.mailbox_connected(tenant_id)
         ):
             # The tenant's Gmail disconnected (or never connected): charged, the step could only
             # fail. Tried again later (and at the local hour), as a reconnect does not start the

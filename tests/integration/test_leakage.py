@@ -22,7 +22,8 @@ from flexoraa.settings import Settings
 from schemas.events import DeadLetter, InboundMessage
 from schemas.messaging import DeadlineReached
 from schemas.topics import TopicNames
-from tests.conftest import MakeTenant, ManagedProcess, StartProcess, start_worker
+from tests.conftest import MakeTenant, ManagedProcess, StartProcess, free_port, start_worker
+from tests.fakes.gmail_api import GmailFake
 from tests.fakes.graph_api import GraphApiFake
 from tests.integration.conftest import ApiFactory, read_records, send_records
 from tests.integration.test_pipeline import eventually, post
@@ -33,11 +34,26 @@ THRESHOLD_S = 2
 
 
 @pytest.fixture(scope="module")
-def worker(processes: StartProcess, test_settings: Settings, graph: GraphApiFake) -> ManagedProcess:
+async def gmail() -> AsyncIterator[GmailFake]:
+    fake = GmailFake()
+    await fake.start(free_port())
+    yield fake
+    await fake.stop()
+
+
+@pytest.fixture(scope="module")
+def worker(
+    processes: StartProcess, test_settings: Settings, graph: GraphApiFake, gmail: GmailFake
+) -> ManagedProcess:
     return start_worker(
         processes,
         test_settings,
         name="leakage-worker",
+        # E-mail leads' messages go through their tenant's mailbox on the Gmail API's fake.
+        GMAIL_CLIENT_ID="123-fake.apps.googleusercontent.com",
+        GMAIL_CLIENT_SECRET="GOCSPX-fake",
+        GMAIL_TOKEN_URL=f"{gmail.url}/token",
+        GMAIL_API_URL=f"{gmail.url}/",
         LEAK_THRESHOLD_S=str(THRESHOLD_S),
         TIMER_TICK_MS="100",
         RECOVERY_SILENCE_S="3",
@@ -138,18 +154,22 @@ async def test_a_reply_before_the_deadline_cancels_the_leak(
     assert stats["leaks"] == 0
 
 
-async def with_mailbox(db: asyncpg.Connection, settings: Settings, tenant_id: str) -> None:
+async def with_mailbox(
+    db: asyncpg.Connection, settings: Settings, gmail: GmailFake, tenant_id: str
+) -> None:
     """A connected Gmail mailbox for the tenant (never polled: no poll state): its e-mail
-    leads can be written to, so recovery sends and charges its steps. The worker has no Gmail
-    client, so each send is reported failed."""
+    leads can be written to, so recovery sends and charges its steps."""
+    email = f"sales-{uuid.uuid4().hex[:6]}@acme.test"
+    gmail.add_mailbox(email)
+    access, refresh = gmail.grant(email)
     integration_id = str(uuid.uuid4())
     sealed = load_secret_box(settings).encrypt(
-        Tokens("ya29.t", "1//r", None).to_json(), f"{integration_id}:gmail_tokens"
+        Tokens(access, refresh, None).to_json(), f"{integration_id}:gmail_tokens"
     )
     await db.execute(
         "INSERT INTO integration_credentials (integration_id, tenant_id, provider, account,"
-        " encrypted_secret) VALUES ($1, $2, 'gmail', 'sales@acme.test', $3)",
-        uuid.UUID(integration_id), uuid.UUID(tenant_id), sealed,
+        " encrypted_secret) VALUES ($1, $2, 'gmail', $3, $4)",
+        uuid.UUID(integration_id), uuid.UUID(tenant_id), email, sealed,
     )  # fmt: skip
 
 
@@ -168,10 +188,10 @@ async def recovery_rows(db: asyncpg.Connection, lead_id: str, count: int) -> lis
 
 async def test_a_silent_cold_lead_gets_the_recovery_sequence_in_order(
     api: httpx.AsyncClient, make_tenant: MakeTenant, db: asyncpg.Connection,
-    test_settings: Settings,
+    test_settings: Settings, gmail: GmailFake,
 ) -> None:  # fmt: skip
     tenant = await make_tenant()
-    await with_mailbox(db, test_settings, tenant.tenant_id)
+    await with_mailbox(db, test_settings, gmail, tenant.tenant_id)
     # E-mail: it has no window (a lead on a channel nothing can reach ends its sequence).
     accepted = await post(api, tenant, channel="email",
                           contact=f"r-{uuid.uuid4().hex[:8]}@example.com",
@@ -182,10 +202,17 @@ async def test_a_silent_cold_lead_gets_the_recovery_sequence_in_order(
     ]  # fmt: skip
     await asyncio.sleep(2)
     assert len(await recovery_rows(db, accepted["lead_id"], 4)) == 4  # stops after the last step
-    texts = await db.fetch(
-        "SELECT body FROM messages WHERE lead_id = $1 AND sent_by = 'ai'", accepted["lead_id"]
-    )
-    assert len(texts) == 4  # each attempt went out as an outbound command
+
+    async def sent() -> Any:
+        rows = await db.fetch(
+            "SELECT send_status FROM messages WHERE lead_id = $1 AND sent_by = 'ai'",
+            accepted["lead_id"],
+        )
+        return rows if len(rows) == 4 else None
+
+    # Each attempt went out as an outbound command, through the tenant's mailbox.
+    rows = await eventually(sent, what="four recovery messages recorded")
+    assert [r["send_status"] for r in rows] == ["accepted"] * 4
 
 
 def recovery_counts(text: str) -> dict[tuple[str, str], float]:
@@ -202,13 +229,13 @@ def recovery_counts(text: str) -> dict[tuple[str, str], float]:
 
 async def test_a_reply_ends_recovery_as_a_success(
     api: httpx.AsyncClient, make_tenant: MakeTenant, db: asyncpg.Connection,
-    worker: ManagedProcess, test_settings: Settings,
+    worker: ManagedProcess, test_settings: Settings, gmail: GmailFake,
 ) -> None:  # fmt: skip
     metrics_url = f"http://127.0.0.1:{worker.ports['web']}/metrics"
     async with httpx.AsyncClient() as scraper:
         before = recovery_counts((await scraper.get(metrics_url)).text)
     tenant = await make_tenant()
-    await with_mailbox(db, test_settings, tenant.tenant_id)
+    await with_mailbox(db, test_settings, gmail, tenant.tenant_id)
     contact = f"r-{uuid.uuid4().hex[:8]}@example.com"
     accepted = await post(api, tenant, channel="email", contact=contact, text="hmm")
     await recovery_rows(db, accepted["lead_id"], 1)

@@ -55,7 +55,7 @@ class Meter:
         return 1
 
 
-def hot_leak(connected: bool) -> tuple[LeakActions, Records, Meter]:
+def hot_leak(connected: bool, configured: bool = True) -> tuple[LeakActions, Records, Meter]:
     records, meter = Records(), Meter()
     leakage = {KEY: {"waiting_since_ms": 1_000, "due_ms": 6_000, "fired": False}}
     actions = LeakActions(
@@ -64,20 +64,22 @@ def hot_leak(connected: bool) -> tuple[LeakActions, Records, Meter]:
         outbound_commands=cast(Any, records), notifications=cast(Any, records),
         gate=cast(Any, OpenGate()), meter=cast(Any, meter),
         tenants=cast(Any, MailboxTenants(connected)),
-        scheduler=Scheduler(cast(Any, {}), DeadlineIndex()),
+        scheduler=Scheduler(cast(Any, {}), DeadlineIndex()), email_configured=configured,
     )  # fmt: skip
     return actions, records, meter
 
 
 async def test_a_hot_leak_is_re_engaged_only_through_a_connected_mailbox() -> None:
-    actions, records, meter = hot_leak(connected=False)
-    await actions.on_leak(KEY, fired("leak", 6_000), EMAIL_SESSION)
-    (leak,) = [r for r in records.sent if r.get("type") == "leak_detected"]
-    assert leak["data"]["action"] == "ai_reengagement"
-    assert leak["data"]["ai_skipped"] == "no_mailbox"
-    assert not records.commands()
-    assert not meter.charges
-    assert any(r.get("audience") == "admins" for r in records.sent)  # alerted all the same
+    # No mailbox connected, or one connected but no Google OAuth client to send with.
+    for connected, configured in [(False, True), (True, False)]:
+        actions, records, meter = hot_leak(connected, configured)
+        await actions.on_leak(KEY, fired("leak", 6_000), EMAIL_SESSION)
+        (leak,) = [r for r in records.sent if r.get("type") == "leak_detected"]
+        assert leak["data"]["action"] == "ai_reengagement"
+        assert leak["data"]["ai_skipped"] == "no_mailbox"
+        assert not records.commands()
+        assert not meter.charges
+        assert any(r.get("audience") == "admins" for r in records.sent)  # alerted all the same
 
     actions, records, meter = hot_leak(connected=True)
     await actions.on_leak(KEY, fired("leak", 6_000), EMAIL_SESSION)
@@ -131,3 +133,22 @@ async def test_a_recovery_waiting_a_week_for_a_mailbox_ends_uncharged() -> None:
     assert "recovery" not in scheduler.pending(KEY)
     assert not records.commands()
     assert not meter.charges
+
+
+async def test_without_a_google_client_a_connected_mailbox_sends_nothing_either() -> None:
+    records, meter = Records(), Meter()
+    scheduler = Scheduler(cast(Any, {}), DeadlineIndex())
+    started_ms = int(time.time() * 1000) - 60_000
+    table = {KEY: {"step": 0, "started_ms": started_ms, "last_sent_ms": started_ms,
+                   "time_zone": "UTC", "silent_since_ms": 1_000}}  # fmt: skip
+    recovery = Recovery(
+        table=cast(Any, table), qualification=cast(Any, {}), scheduler=scheduler,
+        tenants=cast(Any, MailboxTenants(connected=True)), lead_events=cast(Any, records),
+        outbound_commands=cast(Any, records), silence_ms=1_000, delays_s=(0, 3_600),
+        local_hour=None, gate=cast(Any, OpenGate()), meter=cast(Any, meter),
+        email_configured=False,
+    )  # fmt: skip
+    await recovery.handlers()["recovery"](KEY, fired("recovery", started_ms), EMAIL_SESSION)
+    assert not records.commands()
+    assert not meter.charges
+    assert table[KEY]["step"] == 0
