@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from schemas.messaging import OutboundCommand
@@ -87,68 +88,66 @@ async def test_a_hot_leak_is_re_engaged_only_through_a_connected_mailbox() -> No
     assert [c["feature"] for c in meter.charges] == ["reengagement"]
 
 
-async def test_a_recovery_step_waits_for_a_connected_mailbox_uncharged() -> None:
-    records, meter, tenants = Records(), Meter(), MailboxTenants(connected=False)
-    scheduler = Scheduler(cast(Any, {}), DeadlineIndex())
-    started_ms = int(time.time() * 1000) - 60_000
-    table = {KEY: {"step": 0, "started_ms": started_ms, "last_sent_ms": started_ms,
-                   "time_zone": "UTC", "silent_since_ms": 1_000}}  # fmt: skip
-    recovery = Recovery(
-        table=cast(Any, table), qualification=cast(Any, {}), scheduler=scheduler,
-        tenants=cast(Any, tenants), lead_events=cast(Any, records),
-        outbound_commands=cast(Any, records), silence_ms=1_000, delays_s=(0, 3_600),
-        local_hour=None, gate=cast(Any, OpenGate()), meter=cast(Any, meter),
-    )  # fmt: skip
-    step = recovery.handlers()["recovery"]
-    before_ms = int(time.time() * 1000)
-    await step(KEY, fired("recovery", started_ms), EMAIL_SESSION)
-    assert not records.commands()
-    assert not meter.charges
-    assert table[KEY]["step"] == 0  # the sequence goes on, from the same step
-    assert scheduler.pending(KEY)["recovery"] >= before_ms + MAILBOX_RETRY_MS
+@dataclass
+class EmailRecovery:
+    """A recovery sequence of an e-mail lead at `step`, its step before sent at `last_sent_ms`."""
 
-    tenants.connected = True  # reconnected: the step goes out when it fires again
-    await step(KEY, fired("recovery", scheduler.pending(KEY)["recovery"]), EMAIL_SESSION)
-    assert [c.purpose for c in records.commands()] == ["recovery"]
-    assert [c["feature"] for c in meter.charges] == ["recovery"]
-    assert table[KEY]["step"] == 1
+    tenants: MailboxTenants
+    step: int = 0
+    last_sent_ms: int = field(default_factory=lambda: int(time.time() * 1000) - 60_000)
+    email_configured: bool = True
+    records: Records = field(default_factory=Records)
+    meter: Meter = field(default_factory=Meter)
+    scheduler: Scheduler = field(default_factory=lambda: Scheduler(cast(Any, {}), DeadlineIndex()))
+    table: dict[bytes, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.table[KEY] = {"step": self.step, "started_ms": self.last_sent_ms,
+                           "last_sent_ms": self.last_sent_ms, "time_zone": "UTC",
+                           "silent_since_ms": 1_000}  # fmt: skip
+        self.recovery = Recovery(
+            table=cast(Any, self.table), qualification=cast(Any, {}), scheduler=self.scheduler,
+            tenants=cast(Any, self.tenants), lead_events=cast(Any, self.records),
+            outbound_commands=cast(Any, self.records), silence_ms=1_000, delays_s=(0, 3_600),
+            local_hour=None, gate=cast(Any, OpenGate()), meter=cast(Any, self.meter),
+            email_configured=self.email_configured,
+        )  # fmt: skip
+
+    async def fire(self, due_ms: int) -> None:
+        await self.recovery.handlers()["recovery"](KEY, fired("recovery", due_ms), EMAIL_SESSION)
+
+
+async def test_a_recovery_step_waits_for_a_connected_mailbox_uncharged() -> None:
+    lead = EmailRecovery(MailboxTenants(connected=False))
+    before_ms = int(time.time() * 1000)
+    await lead.fire(lead.last_sent_ms)
+    assert not lead.records.commands()
+    assert not lead.meter.charges
+    assert lead.table[KEY]["step"] == 0  # the sequence goes on, from the same step
+    assert lead.scheduler.pending(KEY)["recovery"] >= before_ms + MAILBOX_RETRY_MS
+
+    lead.tenants.connected = True  # reconnected: the step goes out when it fires again
+    await lead.fire(lead.scheduler.pending(KEY)["recovery"])
+    assert [c.purpose for c in lead.records.commands()] == ["recovery"]
+    assert [c["feature"] for c in lead.meter.charges] == ["recovery"]
+    assert lead.table[KEY]["step"] == 1
 
 
 async def test_a_recovery_waiting_a_week_for_a_mailbox_ends_uncharged() -> None:
     # Waiting for good, a tenant that never connects Gmail kept every COLD e-mail lead's
     # sequence, and a mailbox connected months later sent each a stale step at once.
-    records, meter = Records(), Meter()
-    scheduler = Scheduler(cast(Any, {}), DeadlineIndex())
-    last_sent_ms = int(time.time() * 1000) - MAILBOX_WAIT_MS - 60_000
-    table = {KEY: {"step": 1, "started_ms": last_sent_ms, "last_sent_ms": last_sent_ms,
-                   "time_zone": "UTC", "silent_since_ms": 1_000}}  # fmt: skip
-    recovery = Recovery(
-        table=cast(Any, table), qualification=cast(Any, {}), scheduler=scheduler,
-        tenants=cast(Any, MailboxTenants(connected=False)), lead_events=cast(Any, records),
-        outbound_commands=cast(Any, records), silence_ms=1_000, delays_s=(0, 3_600),
-        local_hour=None, gate=cast(Any, OpenGate()), meter=cast(Any, meter),
-    )  # fmt: skip
-    await recovery.handlers()["recovery"](KEY, fired("recovery", last_sent_ms), EMAIL_SESSION)
-    assert KEY not in table
-    assert "recovery" not in scheduler.pending(KEY)
-    assert not records.commands()
-    assert not meter.charges
+    week_ago = int(time.time() * 1000) - MAILBOX_WAIT_MS - 60_000
+    lead = EmailRecovery(MailboxTenants(connected=False), step=1, last_sent_ms=week_ago)
+    await lead.fire(week_ago)
+    assert KEY not in lead.table
+    assert "recovery" not in lead.scheduler.pending(KEY)
+    assert not lead.records.commands()
+    assert not lead.meter.charges
 
 
 async def test_without_a_google_client_a_connected_mailbox_sends_nothing_either() -> None:
-    records, meter = Records(), Meter()
-    scheduler = Scheduler(cast(Any, {}), DeadlineIndex())
-    started_ms = int(time.time() * 1000) - 60_000
-    table = {KEY: {"step": 0, "started_ms": started_ms, "last_sent_ms": started_ms,
-                   "time_zone": "UTC", "silent_since_ms": 1_000}}  # fmt: skip
-    recovery = Recovery(
-        table=cast(Any, table), qualification=cast(Any, {}), scheduler=scheduler,
-        tenants=cast(Any, MailboxTenants(connected=True)), lead_events=cast(Any, records),
-        outbound_commands=cast(Any, records), silence_ms=1_000, delays_s=(0, 3_600),
-        local_hour=None, gate=cast(Any, OpenGate()), meter=cast(Any, meter),
-        email_configured=False,
-    )  # fmt: skip
-    await recovery.handlers()["recovery"](KEY, fired("recovery", started_ms), EMAIL_SESSION)
-    assert not records.commands()
-    assert not meter.charges
-    assert table[KEY]["step"] == 0
+    lead = EmailRecovery(MailboxTenants(connected=True), email_configured=False)
+    await lead.fire(lead.last_sent_ms)
+    assert not lead.records.commands()
+    assert not lead.meter.charges
+    assert lead.table[KEY]["step"] == 0
