@@ -170,6 +170,16 @@ def ensure_kafka_libs(settings: Settings) -> Path:
     return libs
 
 
+def new_cluster_id() -> str:
+    """A KRaft cluster id as Kafka's Uuid.randomUuid() makes one: URL-safe base64 of 16 random
+    bytes, without padding, and never starting with "-". One in 64 does, and the storage tool's
+    argument parser then read it as an option: formatting failed and the stack did not start."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
 def _kafka_properties(settings: Settings, data_dir: Path) -> str:
     port = settings.kafka_port
     ctrl = settings.kafka_controller_port
@@ -239,8 +249,7 @@ def start_kafka(settings: Settings) -> ServerStatus:
     log4j.write_text(_LOG4J_PROPERTIES)
     log_file = root / "kafka.log"
     if not (data_dir / "meta.properties").exists():
-        # Kafka's Uuid.toString(): URL-safe base64 of 16 random bytes, without padding.
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        cluster_id = new_cluster_id()
         formatted = subprocess.run(
             _java_command(
                 libs,
