@@ -8,6 +8,7 @@ decrypt there.
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import secrets
 from pathlib import Path
@@ -59,8 +60,24 @@ def load_secret_box(settings: Settings) -> SecretBox:
         raise SecretsKeyMissing("SECRETS_ENCRYPTION_KEY is required in production")
     path = Path(settings.stack_dir) / "secrets.key"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        _create_key_file(path)
+    return SecretBox(base64.b64decode(path.read_text().strip()))
+
+
+def _create_key_file(path: Path) -> None:
+    """Writes a new key to `path` unless another process got there first.
+
+    `flexoraa run` starts its processes at once on a new stack: each saw no key, and the
+    second to create it failed (FileExistsError), or read it half written. The key is written
+    aside and linked into place, which is atomic and fails if the file exists: every process
+    then reads the one whole key."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    aside = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    descriptor = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
         with os.fdopen(descriptor, "w") as handle:
             handle.write(base64.b64encode(secrets.token_bytes(32)).decode())
-    return SecretBox(base64.b64decode(path.read_text().strip()))
+        with contextlib.suppress(FileExistsError):
+            os.link(aside, path)
+    finally:
+        os.unlink(aside)

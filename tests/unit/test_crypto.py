@@ -38,3 +38,16 @@ def test_keys_from_settings_and_the_local_fallback(tmp_path: Path) -> None:
                 environment="production", kafka_bootstrap_servers="kafka:9092", stack_dir=tmp_path
             )
         )
+
+
+def test_processes_starting_at_once_share_the_one_local_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `flexoraa run` starts its processes together on a new stack: each saw no key file, and
+    # the second to create it failed (FileExistsError), so the API did not start (a CI run).
+    first = load_secret_box(Settings(stack_dir=tmp_path))
+    sealed = first.encrypt("token", "row")
+    monkeypatch.setattr(Path, "exists", lambda self: False)  # it looked before the first wrote
+    second = load_secret_box(Settings(stack_dir=tmp_path))
+    assert second.decrypt(sealed, "row") == "token"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["secrets.key"]  # nothing left aside
