@@ -377,6 +377,84 @@ async def write_due_report(store: SlaStore, settings: Settings, now_ms: int) -> 
     return written
 
 
+class UnsavedWindows:
+    """The windows changed since they were last saved to the changelog, per operation, and
+    when each key was last saved: a window is saved at most every `every_s` seconds (encoding
+    a sketch and producing it on every event made this agent the worker's bottleneck)."""
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
+        self._pending: dict[str, dict[str, MinuteWindow]] = {}
+        self._saved_at: dict[str, float] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._pending)
+
+    def add(self, operation: str, window: MinuteWindow) -> None:
+        self._pending.setdefault(operation, {})[window.key] = window
+
+    def forget(self, operation: str, key: str) -> None:
+        """An expired window: neither saved nor remembered."""
+        pending = self._pending.get(operation)
+        if pending is not None:
+            pending.pop(key, None)
+            if not pending:
+                del self._pending[operation]
+        self._saved_at.pop(key, None)
+
+    def keep(self, wanted: Callable[[MinuteWindow], bool]) -> None:
+        """Drops, unsaved, the pending windows that are not `wanted`."""
+        self._select(lambda window: not wanted(window))
+
+    def save_due(
+        self,
+        now_s: float,
+        save: Callable[[MinuteWindow], None],
+        *,
+        operation: str | None = None,
+    ) -> int:
+        """Saves (and forgets) each pending window (of `operation`) not saved within
+        `every_s`; returns how many."""
+
+        def due(window: MinuteWindow) -> bool:
+            return now_s - self._saved_at.get(window.key, -math.inf) >= self.every_s
+
+        return self._save(self._select(due, operation), now_s, save)
+
+    def save_all(
+        self, now_s: float, save: Callable[[MinuteWindow], None], partitions: set[int] | None
+    ) -> int:
+        """Saves (and forgets) every pending window of `partitions` (None: all)."""
+        chosen = self._select(lambda window: partitions is None or window.partition in partitions)
+        return self._save(chosen, now_s, save)
+
+    def _save(
+        self, windows: list[MinuteWindow], now_s: float, save: Callable[[MinuteWindow], None]
+    ) -> int:
+        for window in windows:
+            save(window)
+            self._saved_at[window.key] = now_s
+        return len(windows)
+
+    def _select(
+        self, chosen: Callable[[MinuteWindow], bool], operation: str | None = None
+    ) -> list[MinuteWindow]:
+        """Takes the chosen pending windows (of `operation`) out of the pending set."""
+        taken = []
+        operations = list(self._pending) if operation is None else [operation]
+        for name in operations:
+            pending = self._pending.get(name)
+            if pending is None:
+                continue
+            for key, window in list(pending.items()):
+                if chosen(window):
+                    taken.append(window)
+                    del pending[key]
+            if not pending:
+                del self._pending[name]
+        return taken
+
+
 def register(
     app: AppT,
     lane: BatchLane,
@@ -417,26 +495,12 @@ def register(
         windows.restore(state for state in table.values() if state)
         # A window kept from before the rebalance that the restore replaced by a newer saved
         # copy (its partition went to another worker and came back) must not be saved again.
-        for pending in unpersisted.values():
-            for key, window in list(pending.items()):
-                if windows.windows.get(key) is not window:
-                    del pending[key]
+        unsaved.keep(lambda window: windows.windows.get(window.key) is window)
         evaluator.dirty.update(windows.windows)
         evaluator.invalidate()
         logger.info("SLA windows restored: %d minute windows", len(windows.windows))
 
-    unpersisted: dict[str, dict[str, MinuteWindow]] = {}
-    persisted_at: dict[str, float] = {}
-
-    def save_due(
-        pending: dict[str, MinuteWindow], now_s: float, save: Callable[[MinuteWindow], None]
-    ) -> None:
-        """Saves (and forgets) each pending window not saved within PERSIST_EVERY_S."""
-        for key, window in list(pending.items()):
-            if now_s - persisted_at.get(key, float("-inf")) >= PERSIST_EVERY_S:
-                save(window)
-                persisted_at[key] = now_s
-                del pending[key]
+    unsaved = UnsavedWindows(PERSIST_EVERY_S)
 
     def save_current(window: MinuteWindow) -> None:
         # As the record's own write, on its partition (the current event's).
@@ -477,14 +541,12 @@ def register(
         # the worker's bottleneck (measured: 5 ms -> 8 s freshness at 200 messages/s), so a
         # window is persisted at most every PERSIST_EVERY_S; a crash loses at most that
         # much of the sketches, the in-memory windows serve every read.
-        pending = unpersisted.setdefault(measured.operation, {})
         for window in applied.changed:
-            pending[window.key] = window
+            unsaved.add(measured.operation, window)
             evaluator.dirty.add(window.key)
-        save_due(pending, time.monotonic(), save_current)
+        unsaved.save_due(time.monotonic(), save_current, operation=measured.operation)
         for key in applied.expired:
-            pending.pop(key, None)
-            persisted_at.pop(key, None)
+            unsaved.forget(measured.operation, key)
             if key in table:
                 del table[key]
             evaluator.dirty.discard(key)
@@ -498,18 +560,33 @@ def register(
         """Saves the windows an operation's last event changed within PERSIST_EVERY_S of the
         save before: they waited for the operation's next event, which for a quiet operation
         could be an hour away, and a crash lost that much of its sketches."""
-        if app.rebalancing or not unpersisted:
+        if app.rebalancing or not unsaved:
             return
         mine = owned()
-        now_s = time.monotonic()
-        for operation, pending in list(unpersisted.items()):
-            for key, window in list(pending.items()):
-                if window.partition not in mine:
-                    # Moved: its new owner restored the windows from the changelog.
-                    del pending[key]
-            save_due(pending, now_s, save_in_partition)
-            if not pending:
-                del unpersisted[operation]
+        # Moved (and saved as it left): its new owner restored the windows from the changelog.
+        unsaved.keep(lambda window: window.partition in mine)
+        unsaved.save_due(time.monotonic(), save_in_partition)
+
+    def save_leaving(partitions: set[int] | None) -> None:
+        """Saves now every unsaved window of `partitions` (None: all): the worker that reads
+        them next restores them from the changelog, and lost up to PERSIST_EVERY_S of each
+        operation's events (a rolling deploy lost a second of every operation's latencies)."""
+        saved = unsaved.save_all(time.monotonic(), save_in_partition, partitions)
+        if saved:
+            logger.info("SLA windows saved before leaving their partitions: %d", saved)
+
+    # mode's handler type spells the `signal` argument's type as a string no signature matches.
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
+    async def save_before_revocation(sender: Any, revoked: set[Any], **kwargs: Any) -> None:
+        save_leaving({tp.partition for tp in revoked if tp.topic == latency_name})
+        # The app's own flush may have run before this receiver.
+        await app.producer.flush()
+
+    @app.on_before_shutdown.connect  # type: ignore[arg-type]
+    async def save_before_shutdown(sender: Any, **kwargs: Any) -> None:
+        # Faust stops the consumer (every agent done) before this signal and flushes the
+        # producer after it.
+        save_leaving(None)
 
     @app.timer(interval=settings.sla_evaluate_interval_s)
     async def evaluate_sla() -> None:

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import asyncpg
 import httpx
@@ -717,3 +717,65 @@ def test_promtool_accepts_the_alert_rules_and_their_unit_tests() -> None:
         [promtool, "test", "rules", *tests], capture_output=True, text=True, check=False
     )
     assert tested.returncode == 0, tested.stdout + tested.stderr
+
+
+def _counted(metrics: str, operation: str) -> float:
+    pattern = rf'^flexoraa_latency_events_total\{{operation="{operation}",outcome="ok"\}} (\S+)$'
+    found = re.search(pattern, metrics, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+async def test_a_stopping_worker_saves_the_windows_it_has_not_saved_yet(
+    processes: StartProcess, test_settings: Settings, worker: ManagedProcess, api_port: int
+) -> None:
+    """A window changed within a second of its last save waits for the next one; a worker
+    stopped (a deploy) or losing the partition meanwhile lost those events to the worker that
+    restores the window from the changelog. Last in the module: it moves partitions twice."""
+    leaving = start_worker(
+        processes, test_settings, "sla-worker-leaving", None, ENABLE_AI_QUALIFICATION="false",
+        SLA_PROBE_API_URL=f"http://127.0.0.1:{api_port}", **SLA_ENV,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{leaving.ports['web']}"
+    changelog = TopicNames(test_settings.topic_prefix).changelog("sla_windows")
+
+    def owned_by_leaving() -> set[int] | None:
+        status, metadata = http_get_json(f"{url}/router/")
+        if status != 200 or not isinstance(metadata, dict):
+            return None
+        mine = {p for u, topics in metadata.items() if u.rstrip("/") == url
+                for p in topics.get(changelog, [])}  # fmt: skip
+        others = {p for u, topics in metadata.items() if u.rstrip("/") != url
+                  for p in topics.get(changelog, [])}  # fmt: skip
+        return mine if mine and others else None
+
+    partitions: set[int] = set()
+
+    def both_own_partitions() -> bool:
+        partitions.update(owned_by_leaving() or ())
+        return bool(partitions)
+
+    wait_until(both_own_partitions, 120, "both workers to own SLA partitions")
+    operation = next(
+        (op for op in get_args(Operation)
+         if partition_of(op.encode(), test_settings.kafka_partitions) in partitions),
+        None,
+    )  # fmt: skip
+    assert operation is not None, f"no operation is on the partitions {partitions}"
+    async with httpx.AsyncClient() as client:
+        before = _counted((await client.get(f"{url}/metrics")).text, operation)
+        tenant_id = str(uuid.uuid4())
+        # The first event's window is saved at once, the other four wait for the next second.
+        await produce(
+            test_settings,
+            [(operation.encode(), latency_event(tenant_id, operation, 9)) for _ in range(5)],
+        )
+        deadline = time.monotonic() + 30
+        while _counted((await client.get(f"{url}/metrics")).text, operation) < before + 5:
+            assert time.monotonic() < deadline, "the leaving worker did not count the events"
+            await asyncio.sleep(0.02)
+    assert leaving.stop() == 0
+
+    records = await read_records(test_settings, changelog, 1.0)
+    saved = [json.loads(value)["calls"] for _, value in records
+             if json.loads(value)["tenant_key"] == tenant_id]  # fmt: skip
+    assert saved[-1:] == [5]

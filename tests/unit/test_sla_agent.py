@@ -14,13 +14,14 @@ from prometheus_client import REGISTRY
 
 from api.sla_gauges import SlaGauges, _publish
 from flexoraa.settings import Settings
-from streams.agents.sla import Evaluator, UptimeRecorder
+from streams.agents.sla import Evaluator, UnsavedWindows, UptimeRecorder
 from streams.agents.sla_probes import Prober
 from streams.agents.sla_store import SlaStore
 from streams.rules.sla import (
     MINUTE_MS,
     PLATFORM,
     MinuteRow,
+    MinuteWindow,
     Observation,
     SlaWindows,
     Transition,
@@ -180,3 +181,53 @@ async def test_the_apis_gauges_show_empty_once_postgres_is_down_for_long() -> No
     p90 = REGISTRY.get_sample_value("flexoraa_sla_latency_p90_seconds", labels)
     assert p90 is not None
     assert math.isnan(p90)
+
+
+def _window(operation: str, partition: int, minute: int = 0) -> MinuteWindow:
+    return MinuteWindow(operation, "t1", T0 + minute * MINUTE_MS, partition)
+
+
+def test_a_window_is_saved_at_once_then_at_most_every_period() -> None:
+    unsaved, saved = UnsavedWindows(every_s=1.0), []
+    window = _window("routing", 3)
+    unsaved.add("routing", window)
+    assert unsaved.save_due(10.0, saved.append, operation="routing") == 1
+    unsaved.add("routing", window)
+    assert unsaved.save_due(10.5, saved.append, operation="routing") == 0
+    assert unsaved  # waits for the next period
+    assert unsaved.save_due(11.0, saved.append) == 1
+    assert saved == [window, window]
+    assert not unsaved
+
+
+def test_the_windows_of_partitions_leaving_the_worker_are_saved_at_once() -> None:
+    # A window changed within a second of its last save waited for the next one; on a
+    # rebalance or a stop its events were lost to the worker restoring it from the changelog.
+    unsaved, saved = UnsavedWindows(every_s=1.0), []
+    leaving, staying = _window("routing", 3), _window("ai_reply", 5)
+    for operation, window in (("routing", leaving), ("ai_reply", staying)):
+        unsaved.add(operation, window)
+        unsaved.save_due(10.0, saved.append, operation=operation)
+        window.calls += 1
+        unsaved.add(operation, window)
+    saved.clear()
+    assert unsaved.save_all(10.1, saved.append, {3}) == 1
+    assert saved == [leaving]
+    assert unsaved.save_all(10.2, saved.append, None) == 1
+    assert saved == [leaving, staying]
+    assert not unsaved
+
+
+def test_expired_and_moved_windows_are_not_saved() -> None:
+    unsaved, saved = UnsavedWindows(every_s=1.0), []
+    expired, moved, kept = (
+        _window("routing", 1, 0),
+        _window("routing", 2, 1),
+        _window("routing", 1, 2),
+    )
+    for window in (expired, moved, kept):
+        unsaved.add("routing", window)
+    unsaved.forget("routing", expired.key)
+    unsaved.keep(lambda window: window.partition == 1)
+    assert unsaved.save_all(10.0, saved.append, None) == 1
+    assert saved == [kept]
