@@ -188,7 +188,8 @@ def _window(operation: str, partition: int, minute: int = 0) -> MinuteWindow:
 
 
 def test_a_window_is_saved_at_once_then_at_most_every_period() -> None:
-    unsaved, saved = UnsavedWindows(every_s=1.0), []
+    unsaved = UnsavedWindows(every_s=1.0)
+    saved: list[MinuteWindow] = []
     window = _window("routing", 3)
     unsaved.add("routing", window)
     assert unsaved.save_due(10.0, saved.append, operation="routing") == 1
@@ -203,7 +204,8 @@ def test_a_window_is_saved_at_once_then_at_most_every_period() -> None:
 def test_the_windows_of_partitions_leaving_the_worker_are_saved_at_once() -> None:
     # A window changed within a second of its last save waited for the next one; on a
     # rebalance or a stop its events were lost to the worker restoring it from the changelog.
-    unsaved, saved = UnsavedWindows(every_s=1.0), []
+    unsaved = UnsavedWindows(every_s=1.0)
+    saved: list[MinuteWindow] = []
     leaving, staying = _window("routing", 3), _window("ai_reply", 5)
     for operation, window in (("routing", leaving), ("ai_reply", staying)):
         unsaved.add(operation, window)
@@ -219,7 +221,8 @@ def test_the_windows_of_partitions_leaving_the_worker_are_saved_at_once() -> Non
 
 
 def test_expired_and_moved_windows_are_not_saved() -> None:
-    unsaved, saved = UnsavedWindows(every_s=1.0), []
+    unsaved = UnsavedWindows(every_s=1.0)
+    saved: list[MinuteWindow] = []
     expired, moved, kept = (
         _window("routing", 1, 0),
         _window("routing", 2, 1),
