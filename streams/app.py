@@ -330,6 +330,7 @@ def create_worker_app(settings: Settings) -> faust.App:
                 gate,
                 meter,
                 stale_after_ms=stale_after_ms,
+                email_configured=settings.gmail_configured,
             ),
             gate=gate,
             max_batch=lane_max,

@@ -66,8 +66,10 @@ class Interviewer:
         gate: AiGate,
         meter: Meter,
         stale_after_ms: int = 0,
+        email_configured: bool = True,
     ) -> None:
         self._stale_after_ms = stale_after_ms
+        self._email_configured = email_configured
         self._ai = ai
         self._router = router
         self._policy = policy
@@ -103,7 +105,10 @@ class Interviewer:
         # The model writes its question before the state machine picks the slot: for the one
         # it picks if this message answers the one asked. Told the slot just asked instead,
         # it asked the lead again what they had just answered.
-        next_slot = likely_next_slot(current)  # type: ignore[arg-type]
+        # No question for a lead nothing can reach: it failed at the send, and the model was
+        # paid to write it.
+        can_ask = await self._can_ask(message)
+        next_slot = likely_next_slot(current) if can_ask else None  # type: ignore[arg-type]
         extraction = await self._ai.extract(
             message.text, current["asked"] or "need", said_at, next_slot
         )
@@ -123,6 +128,7 @@ class Interviewer:
             event_id=message.event_id,
             now_ms=said_ms,
             policy=await self._policy_of(message.tenant_id),
+            can_ask=can_ask,
         )
         if step is None:
             return None
@@ -134,7 +140,9 @@ class Interviewer:
             assignment = await self._router.assign(message.tenant_id, message.lead_id, reason)
             if assignment is not None:
                 updated["sdr_id"] = assignment.sdr_id
-        await self._lead_event(message, "qualification_updated", updated, extraction.source, step)
+        await self._lead_event(
+            message, "qualification_updated", updated, extraction.source, step, can_ask=can_ask
+        )
         if step.escalate:
             await self._escalated(message, updated, assignment)
         # Also when the router had assigned the lead already but the state does not say so:
@@ -151,6 +159,13 @@ class Interviewer:
             await self._ask(message, question_for(step.question_slot, generated))
         QUALIFICATION_STEPS.labels(extraction.source, updated["status"]).inc()
         return updated
+
+    async def _can_ask(self, message: InboundMessage) -> bool:
+        """Whether a question can reach the lead: an e-mail lead needs the tenant's connected
+        mailbox and the platform's Google client (the other channels' sends decide there)."""
+        if message.channel != "email":
+            return True
+        return self._email_configured and await self._tenants.mailbox_connected(message.tenant_id)
 
     async def _policy_of(self, tenant_id: str) -> Policy:
         """The platform's policy with the tenant's own threshold and window, where set."""
@@ -173,7 +188,20 @@ class Interviewer:
         state: dict[str, Any],
         source: str,
         step: Step,
+        *,
+        can_ask: bool,
     ) -> None:
+        data = {
+            "turn": state["turn"],
+            "status": state["status"],
+            "facts": state["facts"],
+            "score": state["score"],
+            "sdr_id": state["sdr_id"],
+            "source": source,
+            "asked": step.question_slot,
+        }
+        if not can_ask and not step.completed:
+            data["question_skipped"] = "no_mailbox"
         await self._send(
             self._topics.lead_events,
             message.lead_id,
@@ -183,15 +211,7 @@ class Interviewer:
                 occurred_at=datetime.now(UTC),
                 lead_id=message.lead_id,
                 type=kind,
-                data={
-                    "turn": state["turn"],
-                    "status": state["status"],
-                    "facts": state["facts"],
-                    "score": state["score"],
-                    "sdr_id": state["sdr_id"],
-                    "source": source,
-                    "asked": step.question_slot,
-                },
+                data=data,
             ),
         )
 

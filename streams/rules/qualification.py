@@ -174,9 +174,14 @@ def advance(
     event_id: str,
     now_ms: int,
     policy: Policy,
+    can_ask: bool = True,
 ) -> Step | None:
     """The interview after one customer message; None when the message was already applied or
-    the interview is over."""
+    the interview is over.
+
+    Without `can_ask` (no way to reach the lead: an e-mail lead of a tenant with no mailbox),
+    the message's facts are kept and scored but no question is picked or counted: the
+    interview goes on when the lead writes again, and asks once it can."""
     if state["status"] != "in_progress" or event_id in state["recent_event_ids"]:
         return None
     facts = merge_facts(state["facts"], found)
@@ -186,16 +191,26 @@ def advance(
     # The missing slot asked least, then in interview order: a slot the lead does not answer
     # is asked again only once every other was asked (re-asking the budget used up the
     # questions, and the interview ended without the objections or the next step).
-    question = None if completed else min(missing, key=lambda s: (asks.get(s, 0), SLOTS.index(s)))
+    question = (
+        None
+        if completed or not can_ask
+        else min(missing, key=lambda s: (asks.get(s, 0), SLOTS.index(s)))
+    )
     if question is not None:
         asks[question] = asks.get(question, 0) + 1
     escalate = not state["escalated"] and is_high_value(facts, policy)
+    if question is not None:
+        turn, asked = SLOTS.index(question) + 1, question
+    elif completed:
+        turn, asked = MAX_QUESTIONS, None
+    else:  # nothing asked this time: the last question is still the one the lead saw
+        turn, asked = state["turn"], state["asked"]
     updated = QualificationState(
         lead_id=state["lead_id"],
         tenant_id=state["tenant_id"],
         status="completed" if completed else "in_progress",
-        turn=MAX_QUESTIONS if question is None else SLOTS.index(question) + 1,
-        asked=question,
+        turn=turn,
+        asked=asked,
         questions_asked=state["questions_asked"] + (1 if question else 0),
         facts=facts,
         score=score(facts, policy),

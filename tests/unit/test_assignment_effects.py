@@ -40,8 +40,14 @@ class Router:
 
 
 class Tenants:
+    def __init__(self, mailbox_connected: bool = True) -> None:
+        self.connected = mailbox_connected
+
     async def profile(self, tenant_id: str) -> TenantProfile:
         return TenantProfile(1800, "UTC", None, None)
+
+    async def mailbox_connected(self, tenant_id: str) -> bool:
+        return self.connected
 
 
 class Gate:

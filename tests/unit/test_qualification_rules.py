@@ -177,3 +177,22 @@ def test_a_state_written_before_asks_were_kept_goes_on() -> None:
     old: Any = {**new_state("l", "t", 0)}
     del old["slot_asks"]
     assert step(old, {"need": "a CRM"}, 1).question_slot == "budget"
+
+
+def test_a_lead_nothing_can_reach_is_asked_nothing_and_never_runs_out_of_questions() -> None:
+    state: Any = step(new_state("l", "t", 0), {}, 1).state  # "need" asked while reachable
+    for n in range(2, 20):
+        result = advance(state, {}, event_id=f"e{n}", now_ms=n, policy=POLICY, can_ask=False)
+        assert result is not None
+        assert result.question_slot is None
+        state = result.state
+    assert state["status"] == "in_progress"
+    assert (state["questions_asked"], state["asked"], state["turn"]) == (1, "need", 1)
+    found = {
+        "need": "crm", "budget": BUDGET, "timeline": LATER, "authority": BOSS,
+        "objections": ["none"], "next_step": {"action": "demo", "when": "friday", "text": "demo"},
+    }  # fmt: skip
+    done = advance(state, found, event_id="all", now_ms=30, policy=POLICY, can_ask=False)
+    assert done is not None
+    assert done.completed  # every slot answered unasked
+    assert done.state["asked"] is None
