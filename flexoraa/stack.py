@@ -323,15 +323,33 @@ def _terminate(pid: int, grace_s: float) -> None:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
+    if _wait_gone(pid, grace_s):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+    # Its data directory's lock goes with it: a start right after a stop must find it free.
+    _wait_gone(pid, 10.0)
+
+
+def _wait_gone(pid: int, timeout_s: float) -> bool:
+    """Whether `pid` exited within `timeout_s`. A child of this process (the broker a test
+    session or `stack up` in the same process started) is reaped here: unreaped, it stays a
+    zombie that `kill(pid, 0)` still finds, and every stop waited out its whole grace period
+    (30 s per broker restart in the fault tests)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return True
+        except ChildProcessError:
+            pass  # not ours: its parent reaps it
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            return
+            return True
+        if time.monotonic() >= deadline:
+            return False
         time.sleep(0.2)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)
 
 
 # --------------------------------------------------------------------------- PostgreSQL

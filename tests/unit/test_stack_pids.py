@@ -49,3 +49,14 @@ def test_a_cluster_id_never_starts_with_a_dash(monkeypatch: pytest.MonkeyPatch) 
     cluster_id = stack.new_cluster_id()
     assert cluster_id == base64.urlsafe_b64encode(b"\x10" * 16).rstrip(b"=").decode()
     assert len(cluster_id) == 22
+
+
+def test_a_broker_this_process_started_is_reaped_when_stopped() -> None:
+    # A test session starts the broker itself (and restarts it in the fault tests): stopped,
+    # it stayed a zombie, which `kill(pid, 0)` still finds, so each stop waited its whole
+    # grace period and then killed a process that had already exited.
+    broker = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True
+    )
+    stack._terminate(broker.pid, grace_s=30.0)
+    assert not Path(f"/proc/{broker.pid}").exists()
