@@ -51,20 +51,25 @@ def cmd_stack(args: argparse.Namespace) -> int:
         return 1
     print(stack.describe(statuses))
     if args.action == "up":
-        _migrate_and_create_topics(settings)
+        return _migrate_and_create_topics(settings)
     return 0
 
 
-def _migrate_and_create_topics(settings: Settings) -> None:
-    from flexoraa.kafka import ensure_topics
+def _migrate_and_create_topics(settings: Settings) -> int:
+    from flexoraa.kafka import TopicMismatch, TopicsNotCreated, ensure_topics
     from schemas.migrate import migrate
 
     applied = asyncio.run(migrate(settings.database_url))
-    topics = asyncio.run(ensure_topics(settings))
+    try:
+        topics = asyncio.run(ensure_topics(settings))
+    except (TopicMismatch, TopicsNotCreated) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     logger.info(
         "migrations applied: %s; topics created: %s; topics reconfigured: %s",
         applied or "none", topics.created or "none", topics.reconfigured or "none",
     )  # fmt: skip
+    return 0
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -76,9 +81,13 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_topics(args: argparse.Namespace) -> int:
-    from flexoraa.kafka import ensure_topics
+    from flexoraa.kafka import TopicMismatch, TopicsNotCreated, ensure_topics
 
-    topics = asyncio.run(ensure_topics(_settings(args)))
+    try:
+        topics = asyncio.run(ensure_topics(_settings(args)))
+    except (TopicMismatch, TopicsNotCreated) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     _print_json({"created": topics.created, "reconfigured": topics.reconfigured})
     return 0
 
@@ -335,25 +344,36 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     print(stack.describe(stack.stack_up(settings)), flush=True)
-    _migrate_and_create_topics(settings)
+    if _migrate_and_create_topics(settings):
+        return 1
     demo = ensure_demo_tenant(settings)
     python = [sys.executable, "-m", "flexoraa"]
-    children = {name: subprocess.Popen([*python, name]) for name in run_commands(settings)}
-    if settings.enable_gmail_polling and "gmail-poller" not in children:
-        print("Gmail polling is off: set GMAIL_CLIENT_ID and GMAIL_CLIENT_SECRET", flush=True)
+    children: dict[str, subprocess.Popen[bytes]] = {}
+    stopping = False
 
     def stop_children(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
         for child in children.values():
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
 
+    # Before the children start: a SIGTERM between their start and the handler left them
+    # running, orphaned, on the ports the next run needs.
     signal.signal(signal.SIGTERM, lambda *_: stop_children())
     try:
+        for name in run_commands(settings):
+            if stopping:
+                return 0
+            children[name] = subprocess.Popen([*python, name])
+        if settings.enable_gmail_polling and "gmail-poller" not in children:
+            print("Gmail polling is off: set GMAIL_CLIENT_ID and GMAIL_CLIENT_SECRET", flush=True)
         # Ready, not just up: tables are recovered and partitions assigned before we say so.
         worker_ready = f"http://127.0.0.1:{settings.worker_web_port}/ready"
         _wait_healthy(worker_ready, children["worker"], 180)
         base = f"http://127.0.0.1:{settings.api_port}"
-        _wait_healthy(f"{base}/health", children["api"], 60)
+        # Ready (Kafka's producer started, PostgreSQL answering), as the first request needs.
+        _wait_healthy(f"{base}/ready", children["api"], 60)
         print(
             "\n"
             f"  Flexoraa Streams is running.\n"
@@ -381,8 +401,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     finally:
         stop_children()
-        # One deadline for all: the children stop in parallel, and a stuck one is killed.
-        deadline = time.monotonic() + 20
+        # One deadline for all: the children stop in parallel, and a stuck one is killed. A
+        # worker may take its whole drain and grace: killed before that, it left its group
+        # without a word, and the next run waited out the session timeout for its partitions.
+        deadline = time.monotonic() + settings.worker_shutdown_drain_s + STOP_GRACE_S + 5
         for child in children.values():
             try:
                 child.wait(timeout=max(0.1, deadline - time.monotonic()))

@@ -15,7 +15,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.client import AIOKafkaClient
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 from aiokafka.partitioner import murmur2
 from prometheus_client import Counter, Gauge
 
@@ -171,6 +171,25 @@ class TopicMismatch(RuntimeError):
     """A topic exists with a partition count other than the co-partitioned one."""
 
 
+class TopicsNotCreated(RuntimeError):
+    """The broker refused to create topics (its answer names the reason per topic)."""
+
+
+def _creation_failures(topic_errors: Sequence[tuple[Any, ...]]) -> tuple[list[str], list[str]]:
+    """The topics a CreateTopics answer created, and "topic: error" for each it refused. The
+    admin client does not raise for these: a refused topic (a replication factor the cluster
+    cannot meet, a controller timing out) was reported created, and the worker then waited
+    for it until its start-up timed out."""
+    created, refused = [], []
+    for topic, code, *message in topic_errors:
+        if code == 0:
+            created.append(topic)
+        elif code != TopicAlreadyExistsError.errno:  # created meanwhile by another process
+            detail = f" ({message[0]})" if message and message[0] else ""
+            refused.append(f"{topic}: {for_code(code).__name__}{detail}")
+    return created, refused
+
+
 # DescribeConfigs' source of a value set on the topic itself (protocol versions 1 and up).
 _TOPIC_OVERRIDE = 1
 
@@ -217,8 +236,9 @@ async def ensure_topics(settings: Settings) -> TopicsEnsured:
                         f"KAFKA_PARTITIONS is {settings.kafka_partitions}"
                     )
         missing = [name for name in names if name not in existing]
+        created: list[str] = []
         if missing:
-            await admin.create_topics(
+            answer = await admin.create_topics(
                 [
                     NewTopic(
                         name=name,
@@ -229,10 +249,13 @@ async def ensure_topics(settings: Settings) -> TopicsEnsured:
                     for name in missing
                 ]
             )
+            created, refused = _creation_failures(answer.topic_errors)
+            if refused:
+                raise TopicsNotCreated("the broker refused to create " + "; ".join(refused))
         reconfigured = await _reconfigure(
             admin, [name for name in present if name in compacted], compacted_configs
         )
-        return TopicsEnsured(missing, reconfigured)
+        return TopicsEnsured(sorted(created, key=names.index), reconfigured)
     finally:
         await admin.close()
 

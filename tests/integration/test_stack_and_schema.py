@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -13,7 +15,14 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from flexoraa import stack
-from flexoraa.kafka import TopicMismatch, TopicsEnsured, delete_topics, ensure_topics
+from flexoraa.kafka import (
+    TopicMismatch,
+    TopicsEnsured,
+    TopicsNotCreated,
+    delete_topics,
+    ensure_topics,
+    missing_topics,
+)
 from flexoraa.settings import Settings
 from schemas.migrate import MigrationError, load_migrations, migrate
 from schemas.topics import TopicNames
@@ -166,6 +175,26 @@ async def test_a_topic_with_another_partition_count_is_an_error(test_settings: S
     other = test_settings.model_copy(update={"kafka_partitions": 3})
     with pytest.raises(TopicMismatch, match="partitions"):
         await ensure_topics(other)
+
+
+async def test_topics_the_broker_refuses_to_create_are_an_error(test_settings: Settings) -> None:
+    # A replication factor the single broker cannot meet: each topic is refused in the answer,
+    # which the admin client does not raise for; they were reported created.
+    other = test_settings.model_copy(
+        update={"topic_prefix": f"refused-{uuid.uuid4().hex[:8]}", "kafka_replication_factor": 2}
+    )
+    with pytest.raises(TopicsNotCreated, match="InvalidReplicationFactorError"):
+        await ensure_topics(other)
+    assert await missing_topics(other) == TopicNames(other.topic_prefix).all()
+    # `flexoraa topics create` says why, without a traceback.
+    env = settings_env(other, KAFKA_REPLICATION_FACTOR="2")
+    run = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "flexoraa", "topics", "create"], env=env,
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert run.returncode == 1
+    assert run.stderr.startswith("error: the broker refused to create ")
+    assert "Traceback" not in run.stderr
 
 
 async def test_a_worker_started_before_its_topics_waits_for_them_and_says_so(
