@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
 from flexoraa.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -63,6 +65,8 @@ log4j.appender.stdout.layout.ConversionPattern=[%d] %p %m (%c)%n
 """
 
 _READY_TIMEOUT_S = 120.0
+# Maven Central over a CI network: a transient failure of one of 57 downloads failed the run.
+_MAVEN_ATTEMPTS = 3
 
 
 class StackError(RuntimeError):
@@ -135,7 +139,14 @@ def kafka_libs_dir(settings: Settings) -> Path:
 
 
 def ensure_kafka_libs(settings: Settings) -> Path:
-    """Resolve the broker's jars from Maven Central once; later calls reuse the cache."""
+    """Resolve the broker's jars from Maven Central once; later calls reuse the cache.
+
+    The jars are copied into a directory of this process's own and moved into place whole,
+    the marker inside: an interrupted copy left a truncated jar that the next resolution kept
+    (Maven overwrites a release jar only when its source is newer), and the broker failed at
+    every start until someone deleted the cache. Checksums are enforced, and a failed
+    resolution is tried again, forcing Maven past the failure it remembers in ~/.m2.
+    """
     libs = kafka_libs_dir(settings)
     marker = libs / ".complete"
     if marker.exists():
@@ -145,17 +156,46 @@ def ensure_kafka_libs(settings: Settings) -> Path:
         raise StackError("Maven (mvn) is needed to fetch Apache Kafka from Maven Central")
     work = libs.parent
     work.mkdir(parents=True, exist_ok=True)
-    (work / "pom.xml").write_text(_POM_TEMPLATE.format(version=settings.kafka_version))
+    pom = work / f"pom-{os.getpid()}.xml"
+    pom.write_text(_POM_TEMPLATE.format(version=settings.kafka_version))
+    partial = work / f"libs.partial-{os.getpid()}"
     logger.info("resolving Apache Kafka %s from Maven Central", settings.kafka_version)
+    try:
+        for attempt in Retrying(
+            stop=stop_after_attempt(_MAVEN_ATTEMPTS),
+            wait=wait_exponential(multiplier=5, max=30),
+            retry=retry_if_exception_type(StackError),
+            reraise=True,
+        ):
+            with attempt:
+                shutil.rmtree(partial, ignore_errors=True)
+                _resolve_kafka(mvn, pom, partial, force=attempt.retry_state.attempt_number > 1)
+        (partial / ".complete").write_text(settings.kafka_version)
+        if not marker.exists():
+            # A directory without its marker is an interrupted copy of an older version.
+            shutil.rmtree(libs, ignore_errors=True)
+        with contextlib.suppress(OSError):  # another process moved its own copy first
+            partial.rename(libs)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+        pom.unlink(missing_ok=True)
+    if not marker.exists():
+        raise StackError(f"the Kafka jars could not be moved into {libs}")
+    return libs
+
+
+def _resolve_kafka(mvn: str, pom: Path, into: Path, *, force: bool) -> None:
     result = subprocess.run(
         [
             mvn,
             "-q",
             "-B",
+            "-C",  # a checksum that does not match fails, not a warning
+            *(["-U"] if force else []),
             "-f",
-            str(work / "pom.xml"),
+            str(pom),
             "dependency:copy-dependencies",
-            f"-DoutputDirectory={libs}",
+            f"-DoutputDirectory={into}",
             "-DincludeScope=runtime",
         ],
         capture_output=True,
@@ -166,8 +206,6 @@ def ensure_kafka_libs(settings: Settings) -> Path:
         raise StackError(
             f"mvn could not resolve Kafka:\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
         )
-    marker.write_text(settings.kafka_version)
-    return libs
 
 
 def new_cluster_id() -> str:

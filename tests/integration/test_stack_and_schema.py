@@ -54,6 +54,24 @@ def test_stack_up_is_idempotent(running_stack: Settings) -> None:
     assert [s.pid for s in again] == [s.pid for s in before]
 
 
+def test_an_interrupted_copy_of_the_kafka_jars_is_replaced(
+    running_stack: Settings, tmp_path: Path
+) -> None:
+    """A copy cut short left a truncated jar that the next resolution kept (Maven overwrites a
+    release jar only when its source is newer): the broker failed at every start. Resolved
+    from ~/.m2, which the running stack filled."""
+    settings = running_stack.model_copy(update={"cache_dir": tmp_path})
+    good = stack.kafka_libs_dir(running_stack)
+    libs = stack.kafka_libs_dir(settings)
+    libs.mkdir(parents=True)
+    jar = f"kafka_2.13-{settings.kafka_version}.jar"
+    (libs / jar).write_bytes((good / jar).read_bytes()[:100_000])
+    assert stack.ensure_kafka_libs(settings) == libs
+    assert (libs / jar).read_bytes() == (good / jar).read_bytes()
+    assert sorted(p.name for p in libs.iterdir()) == sorted(p.name for p in good.iterdir())
+    assert [p.name for p in libs.parent.iterdir()] == ["libs"]  # nothing of the work left
+
+
 async def test_migrations_apply_once_and_in_order(running_stack: Settings) -> None:
     database = f"flexoraa_migrate_{uuid.uuid4().hex[:8]}"
     admin = await asyncpg.connect(
