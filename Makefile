@@ -4,7 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
-APT_INSTALL := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends
+# A new VM's apt-daily or unattended-upgrades often holds the package lock for minutes: wait
+# for it rather than fail the set-up.
+APT := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get -o DPkg::Lock::Timeout=600
+APT_INSTALL := $(APT) install -y -qq --no-install-recommends
 PYTEST_ARGS ?=
 
 .PHONY: setup system-deps run test lint typecheck unit integration e2e stack stack-stop \
@@ -14,7 +17,7 @@ setup: $(INSTALLED) system-deps
 
 $(INSTALLED): pyproject.toml
 	@# Debian's Python has no venv module (ensurepip) without its own package.
-	@$(PYTHON) -c "import ensurepip" 2>/dev/null || { $(SUDO) apt-get update -qq \
+	@$(PYTHON) -c "import ensurepip" 2>/dev/null || { $(APT) update -qq \
 		&& $(APT_INSTALL) $(notdir $(PYTHON))-venv; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
@@ -28,7 +31,7 @@ $(INSTALLED): pyproject.toml
 system-deps:
 	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ! command -v docker-compose >/dev/null \
 	    || ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then \
-		$(SUDO) apt-get update -qq && $(APT_INSTALL) postgresql docker-compose prometheus; \
+		$(APT) update -qq && $(APT_INSTALL) postgresql docker-compose prometheus; \
 	fi
 
 stack: setup
@@ -78,7 +81,7 @@ eval-extractor: $(INSTALLED)
 
 # Benchmarks against the real local broker; results (with machine facts) in bench/results/.
 bench: setup
-	@command -v wrk >/dev/null || ($(SUDO) apt-get update -qq && $(APT_INSTALL) wrk)
+	@command -v wrk >/dev/null || ($(APT) update -qq && $(APT_INSTALL) wrk)
 	$(BIN)/python -m bench.freshness --workers 1 --rate 200 --seconds 20
 	$(BIN)/python -m bench.freshness --workers 1 --rate 400 600 800 1000 --seconds 20
 	$(BIN)/python -m bench.freshness --workers 2 --rate 200 --seconds 20

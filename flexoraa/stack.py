@@ -412,9 +412,11 @@ def ensure_postgres_installed() -> Path:
     prefix = [] if os.geteuid() == 0 else ["sudo", "-n"]
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     logger.info("installing PostgreSQL from Debian packages")
+    # A new VM's apt-daily often holds the package lock for minutes: wait for it, not fail.
+    apt_get = [*prefix, apt, "-qq", "-o", "DPkg::Lock::Timeout=600"]
     for command in (
-        [*prefix, apt, "-qq", "update"],
-        [*prefix, apt, "-qq", "install", "-y", "--no-install-recommends", "postgresql"],
+        [*apt_get, "update"],
+        [*apt_get, "install", "-y", "--no-install-recommends", "postgresql"],
     ):
         done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
         if done.returncode != 0:
