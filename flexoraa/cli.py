@@ -307,8 +307,14 @@ def ensure_demo_tenant(settings: Settings) -> dict[str, str]:
             await conn.close()
         saved = {"tenant_id": tenant.tenant_id, "api_key": tenant.api_key}
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(saved))
-        path.chmod(0o600)
+        # Written aside, private from its first byte, and moved into place whole: a cut-short
+        # write was unreadable JSON at every later run, and the key was readable by anyone
+        # until the chmod.
+        aside = path.with_name(f".{path.name}.{os.getpid()}")
+        descriptor = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(json.dumps(saved))
+        os.replace(aside, path)
         return saved
 
     return asyncio.run(ensure())

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ import socket
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -561,14 +563,27 @@ def stop_postgres(settings: Settings) -> ServerStatus:
 # --------------------------------------------------------------------------- the stack
 
 
+@contextlib.contextmanager
+def _one_at_a_time(settings: Settings) -> Iterator[None]:
+    """Holds the stack directory's lock: two starts at once (`make run` beside a test session)
+    rewrote the broker's configuration under each other, both started a broker on one data
+    directory, and both created the role and the database (the second failed)."""
+    settings.stack_dir.mkdir(parents=True, exist_ok=True)
+    with (settings.stack_dir / ".lock").open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 def stack_up(settings: Settings) -> list[ServerStatus]:
-    return [start_kafka(settings), start_postgres(settings)]
+    with _one_at_a_time(settings):
+        return [start_kafka(settings), start_postgres(settings)]
 
 
 def stack_down(settings: Settings) -> list[ServerStatus]:
     """Stops both; raises StackError if either still answers (`make clean` deletes their data
     right after)."""
-    statuses = [stop_kafka(settings), stop_postgres(settings)]
+    with _one_at_a_time(settings):
+        statuses = [stop_kafka(settings), stop_postgres(settings)]
     running = [status.name for status in statuses if status.running]
     if running:
         names = ", ".join(running)

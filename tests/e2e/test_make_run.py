@@ -62,6 +62,10 @@ def test_run_serves_the_inbound_path_and_runs_again(
     processes: StartProcess, run_settings: Settings
 ) -> None:
     run, api_key = start_run(processes, run_settings, "run-1")
+    # The demo key is the tenant's credential: private to the user from its first byte.
+    saved = run_settings.stack_dir / "demo-tenant.json"
+    assert saved.stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in saved.parent.glob(".demo-tenant.json.*")] == []
     base = f"http://127.0.0.1:{run_settings.api_port}"
     headers = {"Authorization": f"Bearer {api_key}"}
     with httpx.Client(base_url=base, headers=headers, timeout=10) as client:
