@@ -123,7 +123,10 @@ class Account:
 @dataclass(frozen=True, slots=True)
 class Outcome:
     account: Account
-    # Thresholds (percent) this event crossed for the first time in the cycle.
+    # The threshold (percent) to alert for this event: the highest it crossed for the first
+    # time in the cycle. The lower ones it passed on the way are marked alerted with it but
+    # not sent: a top-up's whole cycle spent by one action, or a refund that emptied the
+    # balance, sent the 50, 80 and 100 % alerts at once, two of them already out of date.
     alerts: tuple[int, ...] = field(default=())
 
 
@@ -150,7 +153,7 @@ def spend(account: Account, tokens: int) -> Outcome:
         cycles=account.cycles,
         debited=account.debited,
     )
-    return Outcome(updated, crossed)
+    return Outcome(updated, crossed[-1:])
 
 
 def credit(account: Account, tokens: int) -> Outcome:
@@ -188,7 +191,7 @@ def debit(account: Account, tokens: int) -> Outcome:
     )
     if crossed:
         updated = replace(updated, alerted=account.alerted + crossed)
-    return Outcome(updated, crossed)
+    return Outcome(updated, crossed[-1:])
 
 
 def refund_debit(order_tokens: int, order_amount: int, refunded_before: int, refunded: int) -> int:

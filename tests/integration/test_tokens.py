@@ -860,9 +860,10 @@ async def test_usage_pauses_the_tenant_at_zero_and_a_top_up_resumes_the_intervie
                 " AND kind = 'token_threshold' AND recipient = 'admins'",
                 tenant.tenant_id,
             )
-            return sorted(int(r["percent"]) for r in rows) if len(rows) >= 3 else None
+            return sorted(int(r["percent"]) for r in rows) if len(rows) >= 2 else None
 
-        assert await eventually(alerts, what="threshold alerts") == [50, 80, 100]
+        # 2 of 3 crossed 50 %; the third crossed 80 and 100 %: the 100 % alone is sent.
+        assert await eventually(alerts, what="threshold alerts") == [50, 100]
 
         async def turn() -> int:
             response = await api.get(f"/api/leads/{lead_id}", headers=tenant.headers)

@@ -71,8 +71,11 @@ def test_a_top_up_starts_a_new_cycle_against_the_tokens_then_available() -> None
     assert outcome.account.cycle_percent == 50.0
 
 
-def test_one_event_can_cross_several_thresholds() -> None:
-    assert spend(credit(Account(), 10).account, 10).alerts == (50, 80, 100)
+def test_an_event_crossing_several_thresholds_alerts_the_highest_once() -> None:
+    outcome = spend(credit(Account(), 10).account, 10)
+    assert outcome.alerts == (100,)
+    assert outcome.account.alerted == (50, 80, 100)  # none of them again this cycle
+    assert spend(outcome.account, 1).alerts == ()
 
 
 def test_account_round_trips_through_the_table_encoding() -> None:
@@ -104,7 +107,8 @@ def test_a_debit_takes_tokens_back_and_shrinks_the_cycle() -> None:
     emptied = refund.account
     assert (emptied.balance, emptied.cycle_base, emptied.paused) == (-20, 0, True)
     # Paused by the refund: its alerts now, or never (paused, nothing is used to cross them).
-    assert refund.alerts == (50, 80, 100)
+    assert refund.alerts == (100,)
+    assert emptied.alerted == (50, 80, 100)
     # A credit after a debit measures its cycle from the balance then available.
     assert credit(emptied, 70).account.cycle_base == 50
 
