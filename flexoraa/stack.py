@@ -466,12 +466,18 @@ def start_postgres(settings: Settings) -> ServerStatus:
         if os.geteuid() == 0:
             shutil.chown(root, "postgres", "postgres")
         if not (data_dir / "PG_VERSION").exists():
+            # Into a directory of its own, moved into place once complete: initdb writes
+            # PG_VERSION first, so one cut short left a cluster every later start took for
+            # made, and PostgreSQL failed to start until someone deleted it.
+            fresh = root / "data.initdb"
+            shutil.rmtree(fresh, ignore_errors=True)
+            shutil.rmtree(data_dir, ignore_errors=True)  # begun before a version was written
             initdb = subprocess.run(
                 _as_server_user(
                     [
                         str(bin_dir / "initdb"),
                         "-D",
-                        str(data_dir),
+                        str(fresh),
                         "-U",
                         "postgres",
                         "--auth=trust",
@@ -488,6 +494,7 @@ def start_postgres(settings: Settings) -> ServerStatus:
                     f"initdb failed (is {root} reachable by the postgres user?):\n"
                     f"{initdb.stderr[-3000:]}"
                 )
+            fresh.rename(data_dir)
         options = (
             f"-p {settings.postgres_port} -c listen_addresses=127.0.0.1 "
             f"-c unix_socket_directories={root} -c max_connections=200 -c fsync=on"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from flexoraa.kafka import (
 from flexoraa.settings import Settings
 from schemas.migrate import MigrationError, load_migrations, migrate
 from schemas.topics import TopicNames
-from tests.conftest import process_starter, settings_env, start_worker
+from tests.conftest import free_port, process_starter, settings_env, start_worker
 from tests.integration.test_pipeline import eventually
 
 SEED_TABLES = {
@@ -70,6 +71,28 @@ def test_an_interrupted_copy_of_the_kafka_jars_is_replaced(
     assert (libs / jar).read_bytes() == (good / jar).read_bytes()
     assert sorted(p.name for p in libs.iterdir()) == sorted(p.name for p in good.iterdir())
     assert [p.name for p in libs.parent.iterdir()] == ["libs"]  # nothing of the work left
+
+
+def test_a_cluster_whose_initdb_was_cut_short_is_made_again(running_stack: Settings) -> None:
+    """initdb writes PG_VERSION first: one cut short left a cluster every later start took for
+    made, and PostgreSQL failed to start until someone deleted it."""
+    settings = running_stack.model_copy(
+        update={
+            "stack_dir": running_stack.stack_dir / f"pg-{uuid.uuid4().hex[:8]}",
+            "postgres_port": free_port(),
+        }
+    )
+    root = stack.postgres_dir(settings)
+    try:
+        (root / "data.initdb").mkdir(parents=True)  # what a killed initdb leaves now
+        (root / "data.initdb" / "PG_VERSION").write_text("17\n")
+        (root / "data").mkdir()  # and one killed before it wrote PG_VERSION
+        (root / "data" / "global").mkdir()
+        assert stack.start_postgres(settings).running
+        assert not (root / "data.initdb").exists()
+    finally:
+        stack.stop_postgres(settings)
+        shutil.rmtree(settings.stack_dir, ignore_errors=True)
 
 
 async def test_migrations_apply_once_and_in_order(running_stack: Settings) -> None:
