@@ -31,12 +31,19 @@ from flexoraa.kafka import delete_topics, ensure_topics
 from flexoraa.settings import Settings
 from schemas.migrate import migrate
 
+_PORTS_GIVEN: set[int] = set()
+
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A port free now and not given before in this session: the kernel hands a port just
+    released out again, and two calls in a row (an API's and a worker's) could get the same."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+        if port not in _PORTS_GIVEN:
+            _PORTS_GIVEN.add(port)
+            return port
 
 
 def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
