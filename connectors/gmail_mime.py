@@ -27,6 +27,12 @@ class ParsedMail:
     attachments: tuple[str, ...] = field(default=())
     # Why a machine sent it (an auto-reply, a bounce, a mailing list), or None for a person's.
     automated: str | None = None
+    # The one Reply-To address (lower-case) and its name, when there is exactly one.
+    reply_to: str | None = None
+    reply_to_name: str | None = None
+    # The From address (lower-case) as written: `sender` is the Reply-To person's for a
+    # form's or platform's notice.
+    from_address: str = ""
 
 
 class _HtmlText(HTMLParser):
@@ -123,11 +129,13 @@ def parse_message(raw: bytes) -> ParsedMail:
     message = message_from_bytes(raw, policy=policy.default)
     assert isinstance(message, EmailMessage)
     name, address = parseaddr(_header_text(message, "From"))
+    from_address = address.strip().lower()
     # A web form's or a lead platform's notice comes from its no-reply address with the
     # person in Reply-To: the lead is the person, and replies go to them. Only from such an
     # address: Reply-To is not authenticated (DMARC checks From), and trusted on any mail, a
     # stranger's mail would have joined another lead's history.
     replies_to = getaddresses([_header_text(message, "Reply-To")])
+    one_reply_to = replies_to[0] if len(replies_to) == 1 and "@" in replies_to[0][1] else None
     if (
         len(replies_to) == 1
         and "@" in replies_to[0][1]
@@ -166,6 +174,9 @@ def parse_message(raw: bytes) -> ParsedMail:
         references=_header(message, "References"),
         attachments=attachments,
         automated=_automated(message, address.strip().lower()),
+        reply_to=one_reply_to[1].strip().lower() if one_reply_to else None,
+        reply_to_name=(one_reply_to[0].strip() or None) if one_reply_to else None,
+        from_address=from_address,
     )
 
 

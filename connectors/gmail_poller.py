@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -48,6 +49,10 @@ from streams.rules.identity import (
 )
 
 logger = logging.getLogger(__name__)
+# Gmail's own clients (web, apps) end every Message-ID so: mail a person wrote in Gmail.
+_GMAIL_CLIENT_MESSAGE_ID = "@mail.gmail.com>"
+# Mailbox domains shared by everyone: a visitor's address on one is no colleague's.
+_CONSUMER_DOMAINS = frozenset({"gmail.com", "googlemail.com"})
 # PostgreSQL or Kafka away for a moment: a pass gives up and the next one tries again.
 _PASS_ERRORS: tuple[type[BaseException], ...] = (*DB_ERRORS, PublishUnavailable)
 _NOTIFY_NAMESPACE = uuid.UUID("0c6f2d7e-4b1a-4e8f-a3d5-9e2b7c1f6a40")
@@ -174,7 +179,10 @@ class GmailPoller:
                 logger.exception("message %s of %s cannot be parsed; skipped", message_id,
                                  row.email)  # fmt: skip
                 continue
-            if "SENT" in labels:
+            if _form_notice_sent_as_the_mailbox(row.email, labels, mail):
+                assert mail.reply_to is not None
+                mail = replace(mail, sender=mail.reply_to, sender_name=mail.reply_to_name)
+            elif "SENT" in labels:
                 # A rep's reply written in Gmail; what the pipeline sent it recorded already,
                 # and the mailbox's own automatic answers (a vacation responder) answer no one.
                 if not composed_here(mail.message_id) and mail.automated is None:
@@ -310,3 +318,31 @@ def _mail_time(fetched: dict[str, Any]) -> datetime:
     at = datetime.fromtimestamp(int(fetched.get("internalDate", 0)) / 1000, UTC)
     # Imported mail can carry any date; an event cannot (schemas.events).
     return at if is_supported_time(at) else datetime.now(UTC)
+
+
+def _form_notice_sent_as_the_mailbox(mailbox: str, labels: list[str], mail: ParsedMail) -> bool:
+    """A web form's notice sent through the mailbox's own account (a site's form plugin
+    mailing through Gmail, From and To the mailbox, the visitor in Reply-To): the visitor's
+    message, and the visitor the lead. Skipped as the mailbox's own mail (and, in SENT, as no
+    rep's reply to a lead), the lead was lost. Reply-To is trusted here only because SENT
+    says the account itself sent it: from outside, anyone can write From the mailbox.
+
+    Not a note a rep wrote to the mailbox in Gmail itself (its clients' Message-ID), nor one
+    whose Reply-To is on the business's own domain (an account set to answer to sales@)."""
+    return (
+        "SENT" in labels
+        and mail.from_address == mailbox
+        and bool(mail.to)
+        and all(address == mailbox for address in mail.to)
+        and mail.reply_to is not None
+        and mail.reply_to != mailbox
+        and mail.automated is None
+        and not composed_here(mail.message_id)
+        and not (mail.message_id or "").lower().endswith(_GMAIL_CLIENT_MESSAGE_ID)
+        and not _same_business_domain(mailbox, mail.reply_to)
+    )
+
+
+def _same_business_domain(mailbox: str, address: str) -> bool:
+    domain = mailbox.rpartition("@")[2]
+    return domain not in _CONSUMER_DOMAINS and address.rpartition("@")[2] == domain

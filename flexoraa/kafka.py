@@ -175,21 +175,35 @@ class TopicsNotCreated(RuntimeError):
     """The broker refused to create topics (its answer names the reason per topic)."""
 
 
-def _creation_failures(topic_errors: Sequence[tuple[Any, ...]]) -> tuple[list[str], list[str]]:
-    """The topics a CreateTopics answer created, and "topic: error" for each it refused. The
-    admin client does not raise for these: a refused topic (a replication factor the cluster
-    cannot meet, a controller timing out) was reported created, and the worker then waited
-    for it until its start-up timed out."""
-    created, refused = [], []
+@dataclass(frozen=True, slots=True)
+class _CreationAnswer:
+    created: list[str]
+    # Refused for now (a controller timing out or moving): they may exist in a moment.
+    pending: list[str]
+    # "topic: error" for each refused for good (a replication factor the cluster cannot meet).
+    refused: list[str]
+
+
+def _creation_answer(topic_errors: Sequence[tuple[Any, ...]]) -> _CreationAnswer:
+    """What a CreateTopics answer did per topic. The admin client does not raise for these: a
+    refused topic was reported created, and the worker then waited for it until its start-up
+    timed out."""
+    answer = _CreationAnswer([], [], [])
     for topic, code, *message in topic_errors:
         if code == 0:
-            created.append(topic)
-        elif code != TopicAlreadyExistsError.errno:  # created meanwhile by another process
+            answer.created.append(topic)
+        elif code == TopicAlreadyExistsError.errno:  # created meanwhile by another process
+            continue
+        elif for_code(code).retriable:
+            answer.pending.append(topic)
+        else:
             detail = f" ({message[0]})" if message and message[0] else ""
-            refused.append(f"{topic}: {for_code(code).__name__}{detail}")
-    return created, refused
+            answer.refused.append(f"{topic}: {for_code(code).__name__}{detail}")
+    return answer
 
 
+# How long topics whose creation timed out (or met a moving controller) may take to appear.
+_CREATION_WAIT_S = 30.0
 # DescribeConfigs' source of a value set on the topic itself (protocol versions 1 and up).
 _TOPIC_OVERRIDE = 1
 
@@ -249,15 +263,30 @@ async def ensure_topics(settings: Settings) -> TopicsEnsured:
                     for name in missing
                 ]
             )
-            created, refused = _creation_failures(answer.topic_errors)
-            if refused:
-                raise TopicsNotCreated("the broker refused to create " + "; ".join(refused))
+            outcome = _creation_answer(answer.topic_errors)
+            if outcome.refused:
+                raise TopicsNotCreated("the broker refused to create " + "; ".join(outcome.refused))
+            created = outcome.created + await _appeared(admin, outcome.pending)
         reconfigured = await _reconfigure(
             admin, [name for name in present if name in compacted], compacted_configs
         )
         return TopicsEnsured(sorted(created, key=names.index), reconfigured)
     finally:
         await admin.close()
+
+
+async def _appeared(admin: AIOKafkaAdminClient, pending: list[str]) -> list[str]:
+    """`pending` once the broker lists them all (a timed-out creation usually completes),
+    waiting up to _CREATION_WAIT_S; raises TopicsNotCreated for any still missing then."""
+    deadline = time.monotonic() + _CREATION_WAIT_S
+    while pending:
+        missing = sorted(set(pending) - set(await admin.list_topics()))
+        if not missing:
+            break
+        if time.monotonic() >= deadline:
+            raise TopicsNotCreated(f"topics not created within {_CREATION_WAIT_S:.0f} s: {missing}")
+        await asyncio.sleep(0.5)
+    return pending
 
 
 async def missing_topics(settings: Settings) -> list[str]:

@@ -66,6 +66,7 @@ from typing import Any, cast
 import faust
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
+from aiokafka.protocol.commit import OffsetCommitRequest
 from faust.exceptions import ProducerSendError
 from faust.stores.memory import Store as MemoryStore
 from faust.streams import current_event
@@ -86,6 +87,8 @@ from streams.pacing import FetchPacer, record_bytes
 from streams.replay import ReplayingRecovery
 
 logger = logging.getLogger(__name__)
+# The coordinator's generation of a consumer it no longer counts a member.
+_NO_GENERATION = OffsetCommitRequest.DEFAULT_GENERATION_ID
 
 # Held writes published between two turns of the event loop (about 10 ms of work).
 RELEASE_SLICE = 500
@@ -633,6 +636,14 @@ class AcknowledgedOnlyConsumer(AiokafkaConsumer):
             _apply_in_aiokafka, consumer, tps, fetching, frozenset(self.app.tables.changelog_topics)
         )
 
+    def still_a_member(self) -> bool:
+        """Whether the group still counts this worker a member: a worker the coordinator has
+        dropped (a missed heartbeat) is told to revoke partitions that are already another
+        worker's, and must not write their tables then."""
+        consumer = self._thread._consumer
+        coordinator = getattr(consumer, "_coordinator", None)
+        return coordinator is None or coordinator.generation != _NO_GENERATION
+
     def is_current(self, generation: int | None) -> bool:
         """Whether a record of this consumer generation may be handled and acknowledged now."""
         app = self.app
@@ -772,6 +783,9 @@ class WorkerApp(faust.App):
     # How much of its recent reading a fetch waits for (streams.pacing; 0: none); set by the
     # composition root.
     fetch_pacing_s: float = 0.0
+    # Set when a rebalance came while the worker stopped: it left its group then, and its
+    # partitions may be another worker's by its shutdown.
+    left_group_stopping: bool = False
     _drain_deadline: float | None = None
 
     def drain_deadline(self) -> float:
@@ -809,6 +823,17 @@ class WorkerApp(faust.App):
                 self.shutdown_drain_s,
                 self.agents.human_tracebacks(),
             )
+
+    async def _on_partitions_revoked(self, revoked: set[TP]) -> None:
+        """A rebalance while the worker stops: Faust leaves the group at once, without the
+        revocation signal, and whatever its receivers save as partitions leave (the SLA
+        windows) was lost, or written at shutdown after another worker had taken the
+        partitions and saved newer copies. Until it leaves, the partitions are still this
+        worker's: the signal goes out first."""
+        if self.should_stop and not self.left_group_stopping:
+            self.left_group_stopping = True
+            await self.on_partitions_revoked.send(revoked)
+        await super()._on_partitions_revoked(revoked)
 
     def _new_producer(self) -> ProducerT:
         return EffectsFirstProducer(self.transport, loop=self.loop, beacon=self.beacon)

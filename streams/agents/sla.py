@@ -54,7 +54,7 @@ from streams.agents.sla_probes import Prober
 from streams.agents.sla_store import PoolFactory, SlaStore
 from streams.batches import BatchLane, SourceRecord
 from streams.dead_letters import dead_letter_record, decode_or_dead_letter
-from streams.producer import put_in_partition
+from streams.producer import AcknowledgedOnlyConsumer, put_in_partition
 from streams.rules.sla import (
     PLATFORM,
     WINDOWS_MIN,
@@ -487,6 +487,10 @@ def register(
     SLA_TARGET_UPTIME.set(targets.uptime)
     SLA_MIN_CALLS.set(targets.min_calls)
 
+    def still_a_member() -> bool:
+        consumer = app.consumer
+        return not isinstance(consumer, AcknowledgedOnlyConsumer) or consumer.still_a_member()
+
     def owned() -> set[int]:
         return {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == latency_name}
 
@@ -578,15 +582,23 @@ def register(
     # mode's handler type spells the `signal` argument's type as a string no signature matches.
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def save_before_revocation(sender: Any, revoked: set[Any], **kwargs: Any) -> None:
-        save_leaving({tp.partition for tp in revoked if tp.topic == latency_name})
+        leaving = {tp.partition for tp in revoked if tp.topic == latency_name}
+        if not still_a_member():
+            # Dropped by the coordinator: the partitions are another worker's already, and
+            # this worker's copies would overwrite the newer windows it saved.
+            unsaved.keep(lambda window: window.partition not in leaving)
+            return
+        save_leaving(leaving)
         # The app's own flush may have run before this receiver.
         await app.producer.flush()
 
     @app.on_before_shutdown.connect  # type: ignore[arg-type]
     async def save_before_shutdown(sender: Any, **kwargs: Any) -> None:
         # Faust stops the consumer (every agent done) before this signal and flushes the
-        # producer after it.
-        save_leaving(None)
+        # producer after it. A worker that left its group while stopping saved its windows
+        # then (WorkerApp._on_partitions_revoked), while they were still its own.
+        if not getattr(app, "left_group_stopping", False):
+            save_leaving(None)
 
     @app.timer(interval=settings.sla_evaluate_interval_s)
     async def evaluate_sla() -> None:

@@ -42,6 +42,9 @@ class QualificationState(TypedDict):
     recent_event_ids: list[str]
     # Questions asked per slot (absent in states written before it was kept).
     slot_asks: NotRequired[dict[str, int]]
+    # Messages applied when no question could reach the lead (absent when none): they count
+    # against the six as questions do, or such a lead's every message paid for an extraction.
+    unasked_turns: NotRequired[int]
 
 
 @dataclass(frozen=True)
@@ -161,7 +164,7 @@ def likely_next_slot(state: QualificationState) -> str | None:
     message. Its question is used only when `advance` does pick this slot."""
     asked = state["asked"] or "need"
     missing = [slot for slot in SLOTS if slot not in state["facts"] and slot != asked]
-    if not missing or state["questions_asked"] >= MAX_QUESTIONS:
+    if not missing or _turns_taken(state) >= MAX_QUESTIONS:
         return None
     asks = state.get("slot_asks", {})
     return min(missing, key=lambda s: (asks.get(s, 0), SLOTS.index(s)))
@@ -186,7 +189,7 @@ def advance(
         return None
     facts = merge_facts(state["facts"], found)
     missing = [slot for slot in SLOTS if slot not in facts]
-    completed = not missing or state["questions_asked"] >= MAX_QUESTIONS
+    completed = not missing or _turns_taken(state) >= MAX_QUESTIONS
     asks = dict(state.get("slot_asks", {}))
     # The missing slot asked least, then in interview order: a slot the lead does not answer
     # is asked again only once every other was asked (re-asking the budget used up the
@@ -221,4 +224,11 @@ def advance(
         recent_event_ids=[*state["recent_event_ids"], event_id][-RECENT_IDS_KEPT:],
         slot_asks=asks,
     )
+    unasked_turns = state.get("unasked_turns", 0) + (0 if can_ask or completed else 1)
+    if unasked_turns:
+        updated["unasked_turns"] = unasked_turns
     return Step(updated, question, escalate, completed)
+
+
+def _turns_taken(state: QualificationState) -> int:
+    return state["questions_asked"] + state.get("unasked_turns", 0)

@@ -342,6 +342,77 @@ async def test_a_reps_reply_written_in_gmail_is_the_leads_outbound_message(
     assert [e.text for e in await outbound_events(gmail_settings, hal)] == ["Tuesday?"]
 
 
+async def test_a_form_notice_sent_through_the_mailboxs_own_account_is_the_visitors_mail(
+    gmail: GmailFake,
+    gmail_settings: Settings,
+    store: GmailStore,
+    publisher: EventPublisher,
+    make_tenant: MakeTenant,
+) -> None:
+    """A site's form plugin mailing through the business's Gmail account: From and To the
+    mailbox, the visitor in Reply-To, labelled SENT and INBOX. It was skipped as the mailbox's
+    own mail, and the lead was lost."""
+    tenant = await make_tenant()
+    email, _ = await connected(gmail, store, tenant.tenant_id)
+
+    def notice(reply_to: str, to: str = "", extra: str = "") -> bytes:
+        headers = (f"From: Acme <{email}>\nTo: {to or email}\nReply-To: {reply_to}\n{extra}"
+                   f"Subject: New enquiry from the website\n"
+                   f"Message-ID: <{uuid.uuid4().hex}@acme.test>\n")  # fmt: skip
+        return f"{headers}Content-Type: text/plain; charset=utf-8\n\nWe need 20 seats.\n".encode()
+
+    form = gmail.deliver(email, notice("Vera Visitor <Vera@Example.com>"),
+                         labels=("SENT", "INBOX", "UNREAD"))  # fmt: skip
+    # Not a visitor's: a rep's mail to a colleague with a Reply-To, a note to itself without
+    # one, the mailbox's auto-answer to itself, and a stranger's mail claiming to be From the
+    # mailbox (not SENT: anyone can write that From).
+    gmail.deliver(email, notice("vera@example.com", to="boss@acme.test"), labels=("SENT",))
+    gmail.deliver(email, rep_mail(email, email, "note to self"), labels=("SENT", "INBOX"))
+    gmail.deliver(email, notice("vera@example.com", extra="Auto-Submitted: auto-replied\n"),
+                  labels=("SENT", "INBOX"))  # fmt: skip
+    gmail.deliver(email, notice("mallory@example.com"), labels=("INBOX",))
+    # A note a rep wrote in Gmail to the mailbox, the account set to answer to a colleague's
+    # address (Gmail's "reply-to address"), or to anyone (its clients' Message-ID).
+    note = rep_mail(email, email, "call the bank").replace(
+        b"Subject:", b"Reply-To: x@acme.test\nSubject:"
+    )
+    gmail.deliver(email, note, labels=("SENT", "INBOX"))
+    note = rep_mail(email, email, "call the bank").replace(
+        b"Subject:", b"Reply-To: me@example.com\nSubject:"
+    )
+    gmail.deliver(email, note, labels=("SENT", "INBOX"))
+    await GmailPoller(gmail_settings, store, publisher).poll_due()
+    (event,) = await inbound_events(gmail_settings, tenant.tenant_id)
+    assert (event.contact, event.contact_name, event.channel_message_id) == (
+        "vera@example.com", "Vera Visitor", form,
+    )  # fmt: skip
+    assert event.text == "We need 20 seats."
+    assert event.lead_id == lead_id_for(tenant.tenant_id, "email", "vera@example.com")
+    # Nor is it a rep's reply to the visitor.
+    assert not await outbound_events(gmail_settings, event.lead_id)
+
+
+async def test_a_form_notice_sent_through_a_forms_mailbox_is_the_visitors_mail(
+    gmail: GmailFake,
+    gmail_settings: Settings,
+    store: GmailStore,
+    publisher: EventPublisher,
+    make_tenant: MakeTenant,
+) -> None:
+    # A mailbox named like a form's address (forms@): its notices' sender was already taken
+    # from Reply-To, and the check for mail From the mailbox missed them.
+    tenant = await make_tenant()
+    email, _ = await connected(
+        gmail, store, tenant.tenant_id, f"forms-{uuid.uuid4().hex[:6]}@acme.test"
+    )
+    headers = f"From: {email}\nTo: {email}\nReply-To: Ola <ola@example.com>\nSubject: Enquiry\n"
+    raw = f"{headers}Message-ID: <{uuid.uuid4().hex}@acme.test>\n\nA quote for 5 seats.\n"
+    gmail.deliver(email, raw.encode(), labels=("SENT", "INBOX"))
+    await GmailPoller(gmail_settings, store, publisher).poll_due()
+    (event,) = await inbound_events(gmail_settings, tenant.tenant_id)
+    assert (event.contact, event.contact_name) == ("ola@example.com", "Ola")
+
+
 async def test_the_workers_know_whether_a_tenants_e_mail_leads_can_be_written_to(
     gmail: GmailFake,
     gmail_settings: Settings,

@@ -179,20 +179,31 @@ def test_a_state_written_before_asks_were_kept_goes_on() -> None:
     assert step(old, {"need": "a CRM"}, 1).question_slot == "budget"
 
 
-def test_a_lead_nothing_can_reach_is_asked_nothing_and_never_runs_out_of_questions() -> None:
+def test_a_lead_nothing_can_reach_is_asked_nothing_and_its_messages_count_as_turns() -> None:
+    # Each message still pays for an extraction: the six turns bound them as questions did.
     state: Any = step(new_state("l", "t", 0), {}, 1).state  # "need" asked while reachable
+    steps = []
     for n in range(2, 20):
         result = advance(state, {}, event_id=f"e{n}", now_ms=n, policy=POLICY, can_ask=False)
-        assert result is not None
-        assert result.question_slot is None
+        if result is None:
+            break
+        steps.append(result)
         state = result.state
-    assert state["status"] == "in_progress"
-    assert (state["questions_asked"], state["asked"], state["turn"]) == (1, "need", 1)
+    assert [s.question_slot for s in steps] == [None] * 6
+    assert [s.completed for s in steps] == [False] * 5 + [True]
+    assert (state["questions_asked"], state["unasked_turns"]) == (1, 5)
+    assert steps[-2].state["asked"] == "need"  # the last question the lead saw
+    assert state["status"] == "completed"
+
+
+def test_a_lead_nothing_can_reach_completes_once_every_slot_is_answered() -> None:
     found = {
         "need": "crm", "budget": BUDGET, "timeline": LATER, "authority": BOSS,
         "objections": ["none"], "next_step": {"action": "demo", "when": "friday", "text": "demo"},
     }  # fmt: skip
-    done = advance(state, found, event_id="all", now_ms=30, policy=POLICY, can_ask=False)
+    done = advance(new_state("l", "t", 0), found, event_id="all", now_ms=30, policy=POLICY,
+                   can_ask=False)  # fmt: skip
     assert done is not None
-    assert done.completed  # every slot answered unasked
+    assert done.completed
     assert done.state["asked"] is None
+    assert "unasked_turns" not in done.state
