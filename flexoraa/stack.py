@@ -278,6 +278,16 @@ def kafka_status(settings: Settings) -> ServerStatus:
 def start_kafka(settings: Settings) -> ServerStatus:
     status = kafka_status(settings)
     if status.running:
+        # Accepting connections is not ready: a broker another process just started may
+        # still be electing its controller, and creating topics on it failed.
+        deadline = time.monotonic() + _READY_TIMEOUT_S
+        while not _kafka_answers_metadata(settings):
+            if time.monotonic() >= deadline:
+                raise StackError(
+                    f"Kafka on {status.address} accepts connections but does not answer "
+                    f"metadata requests after {_READY_TIMEOUT_S:.0f}s"
+                )
+            time.sleep(0.3)
         return status
     libs = ensure_kafka_libs(settings)
     root = kafka_dir(settings)
