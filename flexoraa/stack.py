@@ -587,7 +587,11 @@ def _one_at_a_time(settings: Settings) -> Iterator[None]:
     directory, and both created the role and the database (the second failed)."""
     settings.stack_dir.mkdir(parents=True, exist_ok=True)
     with (settings.stack_dir / ".lock").open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("waiting for another start or stop of the stack in %s", settings.stack_dir)
+            fcntl.flock(handle, fcntl.LOCK_EX)
         yield
 
 

@@ -7,12 +7,14 @@ import base64
 import os
 import subprocess
 import sys
+import threading
 import uuid
 from pathlib import Path
 
 import pytest
 
 from flexoraa import stack
+from flexoraa.settings import Settings
 from flexoraa.stack import KAFKA_MAIN_CLASS, _read_pid
 
 
@@ -60,3 +62,21 @@ def test_a_broker_this_process_started_is_reaped_when_stopped() -> None:
     )
     stack._terminate(broker.pid, grace_s=30.0)
     assert not Path(f"/proc/{broker.pid}").exists()
+
+
+def test_one_start_or_stop_of_a_stack_at_a_time(tmp_path: Path) -> None:
+    # Two starts at once (`make run` beside a test session) rewrote the broker's configuration
+    # under each other and both started a broker on one data directory.
+    settings = Settings(stack_dir=tmp_path)
+    entered = threading.Event()
+
+    def second() -> None:
+        with stack._one_at_a_time(settings):
+            entered.set()
+
+    with stack._one_at_a_time(settings):
+        waiting = threading.Thread(target=second)
+        waiting.start()
+        assert not entered.wait(0.5)
+    waiting.join(10)
+    assert entered.is_set()
