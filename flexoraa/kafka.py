@@ -250,23 +250,16 @@ async def ensure_topics(settings: Settings) -> TopicsEnsured:
                         f"KAFKA_PARTITIONS is {settings.kafka_partitions}"
                     )
         missing = [name for name in names if name not in existing]
-        created: list[str] = []
-        if missing:
-            answer = await admin.create_topics(
-                [
-                    NewTopic(
-                        name=name,
-                        num_partitions=settings.kafka_partitions,
-                        replication_factor=settings.kafka_replication_factor,
-                        topic_configs=compacted_configs if name in compacted else {},
-                    )
-                    for name in missing
-                ]
+        specs = {
+            name: NewTopic(
+                name=name,
+                num_partitions=settings.kafka_partitions,
+                replication_factor=settings.kafka_replication_factor,
+                topic_configs=compacted_configs if name in compacted else {},
             )
-            outcome = _creation_answer(answer.topic_errors)
-            if outcome.refused:
-                raise TopicsNotCreated("the broker refused to create " + "; ".join(outcome.refused))
-            created = outcome.created + await _appeared(admin, outcome.pending)
+            for name in missing
+        }
+        created = await _create(admin, specs) if specs else []
         reconfigured = await _reconfigure(
             admin, [name for name in present if name in compacted], compacted_configs
         )
@@ -275,18 +268,29 @@ async def ensure_topics(settings: Settings) -> TopicsEnsured:
         await admin.close()
 
 
-async def _appeared(admin: AIOKafkaAdminClient, pending: list[str]) -> list[str]:
-    """`pending` once the broker lists them all (a timed-out creation usually completes),
-    waiting up to _CREATION_WAIT_S; raises TopicsNotCreated for any still missing then."""
+async def _create(admin: AIOKafkaAdminClient, specs: dict[str, NewTopic]) -> list[str]:
+    """Creates the topics, asking again for those refused for now (a controller timing out or
+    still being elected: the request may never have reached one) until _CREATION_WAIT_S has
+    passed; returns those created. Raises TopicsNotCreated for a refusal for good, or for
+    topics still refused at the deadline."""
     deadline = time.monotonic() + _CREATION_WAIT_S
-    while pending:
-        missing = sorted(set(pending) - set(await admin.list_topics()))
-        if not missing:
-            break
+    created: list[str] = []
+    wanted = list(specs)
+    while True:
+        answer = _creation_answer(
+            (await admin.create_topics([specs[name] for name in wanted])).topic_errors
+        )
+        if answer.refused:
+            raise TopicsNotCreated("the broker refused to create " + "; ".join(answer.refused))
+        created += answer.created
+        if not answer.pending:
+            return created
         if time.monotonic() >= deadline:
-            raise TopicsNotCreated(f"topics not created within {_CREATION_WAIT_S:.0f} s: {missing}")
+            raise TopicsNotCreated(
+                f"topics not created within {_CREATION_WAIT_S:.0f} s: {answer.pending}"
+            )
+        wanted = answer.pending
         await asyncio.sleep(0.5)
-    return pending
 
 
 async def missing_topics(settings: Settings) -> list[str]:

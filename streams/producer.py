@@ -830,10 +830,14 @@ class WorkerApp(faust.App):
         windows) was lost, or written at shutdown after another worker had taken the
         partitions and saved newer copies. Until it leaves, the partitions are still this
         worker's: the signal goes out first."""
-        if self.should_stop and not self.left_group_stopping:
-            self.left_group_stopping = True
-            await self.on_partitions_revoked.send(revoked)
-        await super()._on_partitions_revoked(revoked)
+        try:
+            if self.should_stop and not self.left_group_stopping:
+                self.left_group_stopping = True
+                await self.on_partitions_revoked.send(revoked)
+        finally:
+            # Leaves the group whatever a receiver raised: a stopping worker that stayed took
+            # partitions in the next generation and sat on them until it closed.
+            await super()._on_partitions_revoked(revoked)
 
     def _new_producer(self) -> ProducerT:
         return EffectsFirstProducer(self.transport, loop=self.loop, beacon=self.beacon)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any, cast
 
+import pytest
 from faust.types import TP
 
 from streams.producer import AcknowledgedOnlyConsumer, WorkerApp
@@ -44,3 +45,18 @@ def test_a_consumer_the_coordinator_dropped_is_no_member() -> None:
     # and then revokes the partitions it had: another worker's by then.
     assert AcknowledgedOnlyConsumer.still_a_member(_consumer_of_generation(7))
     assert not AcknowledgedOnlyConsumer.still_a_member(_consumer_of_generation(-1))
+
+
+async def test_a_stopping_worker_leaves_the_group_even_if_a_receiver_fails() -> None:
+    app = WorkerApp("leaving-failing", broker="kafka://127.0.0.1:1")
+    left: list[bool] = []
+
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
+    async def fail(sender: Any, revoked: set[TP], **kwargs: Any) -> None:
+        raise RuntimeError("flush failed")
+
+    app._on_rebalance_when_stopped = lambda: left.append(True)  # type: ignore[method-assign]
+    app._stopped.set()
+    with pytest.raises(RuntimeError):
+        await app._on_partitions_revoked({TP("flexoraa.latency", 3)})
+    assert left == [True]
