@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import time
 from collections import deque
@@ -76,11 +77,13 @@ from faust.transport.drivers.aiokafka import Consumer as AiokafkaConsumer
 from faust.transport.drivers.aiokafka import Producer as AiokafkaProducer
 from faust.types import TP, CodecArg, ConsumerT, Message, ProducerT, StoreT, TableT
 from faust.types.tuples import FutureMessage, RecordMetadata, ack_lock
-from mode import Service
+from mode import Seconds, Service
+from mode.services import WaitArgT, WaitResults
 from mode.utils.futures import maybe_async, notify
 
 from flexoraa.kafka import back_off_failed_metadata_updates
 from streams.batches import BatchLane
+from streams.eager import Delivery, first_step, marking_deliveries
 from streams.metrics import FETCH_MIN_BYTES, FETCHED_PARTITIONS, PRODUCER_BLOCKED
 from streams.monitor import LeanPrometheusMonitor
 from streams.pacing import FetchPacer, record_bytes
@@ -550,6 +553,8 @@ class AcknowledgedOnlyConsumer(AiokafkaConsumer):
         # Where reading starts in a source partition nothing was committed for yet.
         self._start_offsets: dict[TP, int] = {}
         self._read_offset = self._read_marks = ReadOffsets(self.app.topics.acks_enabled_for)
+        # Delivered at once when nothing waits (streams.eager, `wait_first`).
+        self.callback = marking_deliveries(self.callback)
 
     def _new_consumer_thread(self) -> AIOKafkaConsumerThread:
         return MainLoopConsumerThread(self, loop=self.loop, beacon=self.beacon)
@@ -697,6 +702,33 @@ class AcknowledgedOnlyConsumer(AiokafkaConsumer):
         finally:
             self._waiting_for_ack = None
 
+    async def wait_first(
+        self,
+        *coros: WaitArgT,
+        timeout: Seconds | None = None,  # noqa: ASYNC109 (mode's signature)
+    ) -> WaitResults:
+        """Faust's fetch loop delivers each record with `wait_first(callback(message),
+        suspend_flow.wait())`: a delivery (`streams.eager.Delivery`) is run at once as far as it
+        goes, and only one that waits is raced against the suspended flow, as Faust races it."""
+        if (
+            coros
+            and isinstance(coros[0], Delivery)
+            and not self.suspend_flow.is_set()
+            and not self.should_stop
+        ):
+            delivery, others = coros[0], coros[1:]
+            try:
+                finished, outcome = first_step(delivery)
+            except BaseException:
+                _close_unstarted(others)
+                raise
+            if finished:
+                _close_unstarted(others)
+                return WaitResults([delivery], [outcome], False)
+            coros = (outcome, *others)
+        # mode's own default is None, its annotation notwithstanding.
+        return await super().wait_first(*coros, timeout=cast(Seconds, timeout))
+
     async def getmany(self, timeout: float) -> AsyncIterator[tuple[TP, Message]]:  # noqa: ASYNC109 (Faust's signature)
         async for tp, message in super().getmany(timeout):
             self._read_marks.being_read = message
@@ -752,6 +784,14 @@ class AcknowledgedOnlyConsumer(AiokafkaConsumer):
 
     def _head_acknowledged(self, tp: TP, head: int) -> bool:
         return head in self._acked_index[tp] or bool(self._gap[tp].overlaps(head))
+
+
+def _close_unstarted(awaitables: Iterable[WaitArgT]) -> None:
+    # The coroutines `wait_first` was given and never started (Faust's `suspend_flow.wait()`):
+    # closed, not left to warn that they were never awaited.
+    for awaitable in awaitables:
+        if inspect.iscoroutine(awaitable):
+            awaitable.close()
 
 
 def _apply_in_aiokafka(
