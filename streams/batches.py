@@ -1,16 +1,16 @@
 """Whole fetches of some topics, handed to their handlers past Faust's per-record path.
 
-Faust delivers every record on its own: two tasks per record in the fetch loop, a queue per
-stream, an acknowledgement per record. On this machine that path alone tops out at about
-6,300 records/s for an agent that does nothing (a bare Faust app, one `take_events` agent),
-well below the 20,000 usage events/s a worker must fold into the token accounts; the
-account agent behind it did 1,968/s; and each inbound message went through that path once
-for each of the five agents reading it. So the consumer takes the records of the lane's
-topics (inbound messages, the token topics, the sent messages, the latency events, and the
-topics only a PostgreSQL sink reads: delivery statuses, lead events) out of each fetch and
-gives them to their handlers (the inbound agents, the leakage replies, the SLA windows, the
-account fold, the sinks) a fetch at a time, and this module does for them what Faust did for
-its streams:
+Faust delivers every record on its own: two tasks per record in the fetch loop (before
+streams.eager), a queue per stream, an acknowledgement per record. On this machine that path
+alone topped out at about 6,300 records/s for an agent that does nothing (a bare Faust app,
+one `take_events` agent), well below the 20,000 usage events/s a worker must fold into the
+token accounts; the account agent behind it did 1,968/s; and each inbound message went through
+that path once for each of the five agents reading it. So the consumer takes the records of
+the lane's topics (inbound messages, the token topics, the sent messages, the latency events,
+and the topics only a PostgreSQL sink reads: delivery statuses, lead events) out of each fetch
+and gives them to their handlers (the inbound agents, the leakage replies, the SLA windows,
+the account fold, the sinks) a fetch at a time, and this module does for them what Faust did
+for its streams:
 
 - backpressure: a handler's queue holds a few fetches and the fetch loop waits while it is
   full (a lingering handler, see `BatchLane.add_handler`, also holds up to a batch of
