@@ -11,14 +11,25 @@ fetch was dispatched (p50 30-60 ms from the API's 202 to the session, bench.fres
 A delivery almost never waits (it waits for flow control during a rebalance, for Faust's
 producer buffer, or for a full stream buffer), so its first step is run here: done, it cost no
 future and no turn; waiting, the rest goes through `wait_first` as before, abandoned as before
-when the flow is suspended. Python 3.12's eager tasks do the same for tasks in general.
+when the flow is suspended. Each delivery runs in a context of its own, as in a task of its own.
+
+Unlike a task of its own, the first step runs while the fetch loop's task is the current task.
+On Python 3.11 nothing a delivery may do in it asks for the current task (Faust's producer
+buffer waits with `asyncio.wait_for`, which in 3.11 runs the wait as a task of its own); from
+3.12 `wait_for` is built on `asyncio.timeout`, which would cancel the current task: the fetch
+loop. So deliveries are run in place on 3.11 only (`STEP_IN_PLACE`); a later Python would
+start them as eager tasks (3.12's `eager_start`) instead.
 """
 
 from __future__ import annotations
 
+import contextvars
 import inspect
+import sys
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any
+
+STEP_IN_PLACE = sys.version_info < (3, 12)
 
 
 class Delivery:
@@ -43,30 +54,35 @@ def marking_deliveries(callback: Callable[[Any], Awaitable[Any]]) -> Callable[[A
 
 
 class Resumed:
-    """An awaitable continuing a coroutine whose first step already ran and waits on
-    `waiting_on`: the task awaiting it waits on that in its place, then every value, result
-    and exception (a cancellation too) passes through, as `yield from` would pass them."""
+    """An awaitable continuing a coroutine whose first step already ran (in `context`) and
+    waits on `waiting_on`: the task awaiting it waits on that in its place, then every value,
+    result and exception (a cancellation too) passes through, as `yield from` would pass them,
+    each step run in the same context as the first.
 
-    __slots__ = ("coroutine", "waiting_on")
+    It must be awaited (by a task that runs it at once, as `wait_first`'s does): left alone,
+    the coroutine stays suspended half way, with whatever it held (a lock's turn) held."""
 
-    def __init__(self, coroutine: Any, waiting_on: Any) -> None:
+    __slots__ = ("context", "coroutine", "waiting_on")
+
+    def __init__(self, coroutine: Any, waiting_on: Any, context: contextvars.Context) -> None:
         self.coroutine = coroutine
         self.waiting_on = waiting_on
+        self.context = context
 
     def __await__(self) -> Generator[Any, Any, Any]:
-        coroutine, waiting_on = self.coroutine, self.waiting_on
+        coroutine, waiting_on, run = self.coroutine, self.waiting_on, self.context.run
         while True:
             try:
                 sent = yield waiting_on
             # Thrown in by the awaiting task (a cancellation too): the coroutine's to handle.
             except BaseException as exc:  # noqa: BLE001
                 try:
-                    waiting_on = coroutine.throw(exc)
+                    waiting_on = run(coroutine.throw, exc)
                 except StopIteration as done:
                     return done.value
             else:
                 try:
-                    waiting_on = coroutine.send(sent)
+                    waiting_on = run(coroutine.send, sent)
                 except StopIteration as done:
                     return done.value
 
@@ -81,8 +97,10 @@ def first_step(delivery: Delivery) -> Step:
     coroutine = delivery.awaitable
     if not inspect.iscoroutine(coroutine):
         return False, coroutine
+    # Its own context, as a task's: what it sets stays its own, in every step.
+    context = contextvars.copy_context()
     try:
-        waiting_on = coroutine.send(None)
+        waiting_on = context.run(coroutine.send, None)
     except StopIteration as done:
         return True, done.value
-    return False, Resumed(coroutine, waiting_on)
+    return False, Resumed(coroutine, waiting_on, context)

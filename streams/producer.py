@@ -83,7 +83,7 @@ from mode.utils.futures import maybe_async, notify
 
 from flexoraa.kafka import back_off_failed_metadata_updates
 from streams.batches import BatchLane
-from streams.eager import Delivery, first_step, marking_deliveries
+from streams.eager import STEP_IN_PLACE, Delivery, first_step, marking_deliveries
 from streams.metrics import FETCH_MIN_BYTES, FETCHED_PARTITIONS, PRODUCER_BLOCKED
 from streams.monitor import LeanPrometheusMonitor
 from streams.pacing import FetchPacer, record_bytes
@@ -711,7 +711,8 @@ class AcknowledgedOnlyConsumer(AiokafkaConsumer):
         suspend_flow.wait())`: a delivery (`streams.eager.Delivery`) is run at once as far as it
         goes, and only one that waits is raced against the suspended flow, as Faust races it."""
         if (
-            coros
+            STEP_IN_PLACE
+            and coros
             and isinstance(coros[0], Delivery)
             and not self.suspend_flow.is_set()
             and not self.should_stop
@@ -725,7 +726,9 @@ class AcknowledgedOnlyConsumer(AiokafkaConsumer):
             if finished:
                 _close_unstarted(others)
                 return WaitResults([delivery], [outcome], False)
-            coros = (outcome, *others)
+            raced = await super().wait_first(outcome, *others, timeout=cast(Seconds, timeout))
+            done = [delivery if winner is outcome else winner for winner in raced.done]
+            return WaitResults(done, raced.results, raced.stopped)
         # mode's own default is None, its annotation notwithstanding.
         return await super().wait_first(*coros, timeout=cast(Seconds, timeout))
 

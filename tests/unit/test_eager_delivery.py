@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import gc
 import warnings
 
@@ -50,9 +51,8 @@ async def test_a_delivery_that_waits_finishes_once_what_it_waits_for_is_there() 
         steps.append("put")
         return "queued"
 
-    waiting = asyncio.ensure_future(
-        consumer.wait_first(Delivery(deliver()), consumer.suspend_flow.wait())
-    )
+    delivery = Delivery(deliver())
+    waiting = asyncio.ensure_future(consumer.wait_first(delivery, consumer.suspend_flow.wait()))
     await asyncio.sleep(0.01)
     assert steps == ["started"]
     assert not waiting.done()
@@ -60,6 +60,7 @@ async def test_a_delivery_that_waits_finishes_once_what_it_waits_for_is_there() 
     results = await waiting
     assert steps == ["started", "put"]
     assert results.results == ["queued"]
+    assert results.done == [delivery]
 
 
 async def test_a_waiting_delivery_is_abandoned_when_the_flow_is_suspended() -> None:
@@ -138,3 +139,49 @@ def test_the_consumer_marks_the_deliveries_of_its_callback() -> None:
     delivery = consumer.callback(message)
     assert isinstance(delivery, Delivery)
     delivery.awaitable.close()  # type: ignore[attr-defined]
+
+
+async def test_a_timed_wait_in_the_first_step_does_not_cancel_the_fetch_loop() -> None:
+    # Faust's producer buffer, over its limit, waits with `wait_for(..., timeout=0.1)` while a
+    # record is being delivered; the fetch loop (the task calling `wait_first`) must go on.
+    consumer = new_consumer()
+
+    async def deliver() -> str:
+        try:
+            await asyncio.wait_for(asyncio.get_running_loop().create_future(), 0.02)
+        except TimeoutError:
+            return "flushed what it could"
+        return "not reached"
+
+    results = await consumer.wait_first(Delivery(deliver()), consumer.suspend_flow.wait())
+    assert results.results == ["flushed what it could"]
+    await asyncio.sleep(0.05)  # a cancellation aimed at this task would land here
+
+
+_marker: contextvars.ContextVar[str] = contextvars.ContextVar("marker", default="fetch loop")
+
+
+async def test_a_delivery_keeps_its_context_variables_to_itself() -> None:
+    consumer = new_consumer()
+    room = asyncio.get_running_loop().create_future()
+    seen: list[str] = []
+
+    async def deliver() -> None:
+        token = _marker.set("delivery")
+        await room  # suspends: the rest runs in the task wait_first makes
+        seen.append(_marker.get())
+        _marker.reset(token)  # a token of another context would raise here
+
+    async def deliver_at_once() -> None:
+        _marker.set("delivery")
+
+    await consumer.wait_first(Delivery(deliver_at_once()), consumer.suspend_flow.wait())
+    assert _marker.get() == "fetch loop"
+    waiting = asyncio.ensure_future(
+        consumer.wait_first(Delivery(deliver()), consumer.suspend_flow.wait())
+    )
+    await asyncio.sleep(0.01)
+    room.set_result(None)
+    await waiting
+    assert seen == ["delivery"]
+    assert _marker.get() == "fetch loop"
