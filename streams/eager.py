@@ -13,12 +13,14 @@ producer buffer, or for a full stream buffer), so its first step is run here: do
 future and no turn; waiting, the rest goes through `wait_first` as before, abandoned as before
 when the flow is suspended. Each delivery runs in a context of its own, as in a task of its own.
 
-Unlike a task of its own, the first step runs while the fetch loop's task is the current task.
-On Python 3.11 nothing a delivery may do in it asks for the current task (Faust's producer
-buffer waits with `asyncio.wait_for`, which in 3.11 runs the wait as a task of its own); from
-3.12 `wait_for` is built on `asyncio.timeout`, which would cancel the current task: the fetch
-loop. So deliveries are run in place on 3.11 only (`STEP_IN_PLACE`); a later Python would
-start them as eager tasks (3.12's `eager_start`) instead.
+Unlike a task of its own, the first step runs while the fetch loop's task is the current task:
+whatever acts on the current task there (`asyncio.timeout`, `timeout_at`, a `TaskGroup`) would
+act on the fetch loop, a timeout cancelling it. What a delivery runs is Faust's conductor
+(`on_message`: flow control, its lock, decoding, the stream queues) and, when Faust's producer
+buffer is over its limit, its flush, which waits with `asyncio.wait_for`: on Python 3.11 that
+runs the wait as a task of its own and none of it uses the current task. From 3.12 `wait_for`
+is built on `asyncio.timeout`, so deliveries are run in place on 3.11 only (`STEP_IN_PLACE`);
+a later Python would start them as eager tasks (3.12's `eager_start`) instead.
 """
 
 from __future__ import annotations
