@@ -35,6 +35,8 @@ CLIENTS_FAILING = Gauge(
 )
 # Set on a client once its updates back off: wrapping twice would double the backoff.
 _BACKS_OFF = "_flexoraa_backs_off"
+# Set on a producer's accumulator once it drains whole nodes.
+_DRAINS_WHOLE_NODES = "_flexoraa_drains_whole_nodes"
 
 
 # Kafka's Java client's `retry.backoff.max.ms` default: an outage's attempts settle at about
@@ -134,6 +136,55 @@ def back_off_failed_metadata_updates(client: AIOKafkaClient) -> AIOKafkaClient:
     client.close = close_and_forget
     setattr(client, _BACKS_OFF, True)
     return client
+
+
+def drain_whole_nodes(producer: AIOKafkaProducer) -> AIOKafkaProducer:
+    """Makes a request to a broker carry every partition's batch for it, once one is due.
+
+    aiokafka sends each partition's batch when its own linger is over. A worker's round of
+    records spreads over dozens of partitions, each batch made a little later than the one
+    before, so its first batch went alone and the rest a request or two later: at 200
+    messages a second the worker made 483 produce requests a second, 3.9 partitions each.
+    Kafka's Java client drains a broker's batches together once any of them is due (its
+    `RecordAccumulator.drain`), and so does this: 158 requests a second, 11.8 partitions
+    each, the worker's CPU 0.49 -> 0.42 of a core and the broker's 0.25 -> 0.21
+    (bench.freshness at 200/s, request counts from the broker's request log). The records
+    taken early wait less, never longer; a partition with a request in flight (muted) waits
+    for its answer, as before, so records stay in order.
+    """
+    accumulator = producer._message_accumulator
+    if getattr(accumulator, _DRAINS_WHOLE_NODES, False):
+        return producer
+    drain_due = accumulator.drain_by_nodes
+
+    def drain_by_nodes(
+        ignore_nodes: Any, muted_partitions: Any = frozenset()
+    ) -> tuple[dict[int, dict[Any, Any]], bool]:
+        nodes, unknown_leaders_exist = drain_due(ignore_nodes, muted_partitions)
+        if not nodes:
+            return nodes, unknown_leaders_exist
+        cluster = accumulator._cluster
+        for tp in list(accumulator._batches):
+            if tp in muted_partitions:
+                continue
+            leader = cluster.leader_for_partition(tp)
+            if leader not in nodes or tp in nodes[leader]:
+                continue
+            batch = accumulator._pop_batch(tp)
+            if batch.is_empty():
+                batch.done_noack()  # as aiokafka's drain does with one
+            else:
+                nodes[leader][tp] = batch
+        # The wake-up aiokafka set for the next batch due is for nothing when none is left.
+        if not accumulator._batches and accumulator._wakeup_handle is not None:
+            accumulator._wakeup_handle.cancel()
+            accumulator._wakeup_handle = None
+        return nodes, unknown_leaders_exist
+
+    # Per instance: the producer's sender calls `self._message_accumulator.drain_by_nodes`.
+    accumulator.drain_by_nodes = drain_by_nodes
+    setattr(accumulator, _DRAINS_WHOLE_NODES, True)
+    return producer
 
 
 # Each remembered key costs about 200 bytes: 65,536 of them about 13 MB.
@@ -381,6 +432,7 @@ def acknowledged_producer(
         **options,
     )
     back_off_failed_metadata_updates(producer.client)
+    drain_whole_nodes(producer)
     return producer
 
 

@@ -81,7 +81,7 @@ from mode import Seconds, Service
 from mode.services import WaitArgT, WaitResults
 from mode.utils.futures import maybe_async, notify
 
-from flexoraa.kafka import back_off_failed_metadata_updates
+from flexoraa.kafka import back_off_failed_metadata_updates, drain_whole_nodes
 from streams.batches import BatchLane
 from streams.eager import STEP_IN_PLACE, Delivery, first_step, marking_deliveries
 from streams.metrics import FETCH_MIN_BYTES, FETCHED_PARTITIONS, PRODUCER_BLOCKED
@@ -134,6 +134,7 @@ class EffectsFirstProducer(AiokafkaProducer):
     def _new_producer(self, transactional_id: str | None = None) -> AIOKafkaProducer:
         producer = super()._new_producer(transactional_id)
         back_off_failed_metadata_updates(producer.client)
+        drain_whole_nodes(producer)
         return producer
 
     def send_soon(self, fut: FutureMessage) -> None:

@@ -1,0 +1,166 @@
+"""Once one batch for a broker is due, a produce request carries every batch for that broker.
+
+aiokafka sends each partition's batch when its own linger is over, so a worker's round of
+records, spread over dozens of partitions, went out in several requests a few hundred
+microseconds apart. The producers the project builds drain a broker's batches together, as
+Kafka's Java client does. These tests drive aiokafka's own accumulator with a controlled clock
+and partition leaders; nothing connects to a broker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import faust
+import pytest
+from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.producer import message_accumulator
+
+from flexoraa.kafka import acknowledged_producer, drain_whole_nodes
+from flexoraa.settings import Settings
+
+P0, P1, P2 = (TopicPartition("leads", partition) for partition in range(3))
+# P0 and P1 are led by broker 1, P2 by broker 2.
+LEADERS = {P0: 1, P1: 1, P2: 2}
+LINGER_S = 1.0
+
+
+class Clock:
+    """What aiokafka's accumulator reads as `time.monotonic()`: moved by the test only."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+class Leaders:
+    """The cluster metadata aiokafka's drain asks for each partition's leader."""
+
+    def leader_for_partition(self, tp: TopicPartition) -> int:
+        return LEADERS[tp]
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    fake = Clock()
+    monkeypatch.setattr(message_accumulator, "time", fake)
+    return fake
+
+
+async def add(producer: AIOKafkaProducer, tp: TopicPartition) -> None:
+    await producer._message_accumulator.add_message(tp, b"key", b"value", timeout=1)
+
+
+def drain(producer: AIOKafkaProducer, muted: frozenset[TopicPartition] = frozenset()) -> Any:
+    nodes, _ = producer._message_accumulator.drain_by_nodes(
+        ignore_nodes=set(), muted_partitions=muted
+    )
+    return {node: set(batches) for node, batches in nodes.items()}
+
+
+def unstarted(producer: AIOKafkaProducer) -> AIOKafkaProducer:
+    """The producer, its accumulator given the test's leaders (it is never started)."""
+    producer._message_accumulator._cluster = Leaders()
+    if producer._txn_manager is not None:
+        # An idempotent producer's id, which its sender would ask the broker for first.
+        producer._txn_manager.set_pid_and_epoch(1, 0)
+    return producer
+
+
+@pytest.fixture
+async def lingering() -> AsyncIterator[AIOKafkaProducer]:
+    producer = unstarted(AIOKafkaProducer(linger_ms=int(LINGER_S * 1000)))
+    yield producer
+    await producer.stop()
+
+
+async def one_due_two_fresh(producer: AIOKafkaProducer, clock: Clock) -> None:
+    """P0's batch is due; P1's (same broker) and P2's (another) were just made."""
+    await add(producer, P0)
+    clock.now += LINGER_S
+    await add(producer, P1)
+    await add(producer, P2)
+
+
+async def test_a_due_batch_takes_its_brokers_other_batches_along(
+    clock: Clock, lingering: AIOKafkaProducer
+) -> None:
+    producer = drain_whole_nodes(lingering)
+    await one_due_two_fresh(producer, clock)
+    # P2's broker has nothing due: its batch lingers on.
+    assert drain(producer) == {1: {P0, P1}}
+    clock.now += LINGER_S
+    assert drain(producer) == {2: {P2}}
+
+
+async def test_without_it_each_batch_waits_out_its_own_linger(
+    clock: Clock, lingering: AIOKafkaProducer
+) -> None:
+    # What aiokafka does alone, and the reason for the change.
+    producer = lingering
+    await one_due_two_fresh(producer, clock)
+    assert drain(producer) == {1: {P0}}
+
+
+async def test_nothing_due_sends_nothing(clock: Clock, lingering: AIOKafkaProducer) -> None:
+    producer = drain_whole_nodes(lingering)
+    await add(producer, P0)
+    await add(producer, P1)
+    assert drain(producer) == {}
+    clock.now += LINGER_S
+    assert drain(producer) == {1: {P0, P1}}
+
+
+async def test_a_partition_with_a_request_in_flight_is_left_for_the_next(
+    clock: Clock, lingering: AIOKafkaProducer
+) -> None:
+    # A muted partition's batch waits for the answer to the one before it: kept in order.
+    producer = drain_whole_nodes(lingering)
+    await one_due_two_fresh(producer, clock)
+    assert drain(producer, muted=frozenset({P1})) == {1: {P0}}
+    assert P1 in producer._message_accumulator._batches
+
+
+async def test_the_wake_up_for_batches_taken_early_is_cancelled(
+    clock: Clock, lingering: AIOKafkaProducer
+) -> None:
+    producer = drain_whole_nodes(lingering)
+    accumulator = producer._message_accumulator
+    await add(producer, P0)
+    clock.now += LINGER_S
+    await add(producer, P1)
+    drain(producer)
+    assert accumulator._wakeup_handle is None  # nothing is left to wake the sender for
+    await add(producer, P0)
+    clock.now += LINGER_S
+    await add(producer, P2)
+    drain(producer)
+    assert accumulator._wakeup_handle is not None  # P2's broker still has it coming
+
+
+async def test_wrapping_twice_drains_as_once(clock: Clock, lingering: AIOKafkaProducer) -> None:
+    producer = drain_whole_nodes(drain_whole_nodes(lingering))
+    await one_due_two_fresh(producer, clock)
+    assert drain(producer) == {1: {P0, P1}}
+
+
+async def test_the_workers_and_the_apis_producers_drain_whole_brokers(
+    clock: Clock, worker_app: faust.App
+) -> None:
+    built = [
+        worker_app.producer._new_producer(),  # type: ignore[attr-defined]
+        acknowledged_producer(Settings(), linger_ms=int(LINGER_S * 1000)),
+    ]
+    for producer in built:
+        assert isinstance(producer, AIOKafkaProducer)
+        unstarted(producer)
+        # The worker's linger is a setting: the clock moves past whichever it is.
+        linger_s = producer._message_accumulator._linger_time
+        await add(producer, P0)
+        clock.now += linger_s + 0.001  # past it, whatever the floats round to
+        await add(producer, P1)
+        assert drain(producer) == {1: {P0, P1}}
+        await producer.stop()
