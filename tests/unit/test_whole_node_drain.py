@@ -54,9 +54,13 @@ async def add(producer: AIOKafkaProducer, tp: TopicPartition) -> None:
     await producer._message_accumulator.add_message(tp, b"key", b"value", timeout=1)
 
 
-def drain(producer: AIOKafkaProducer, muted: frozenset[TopicPartition] = frozenset()) -> Any:
+def drain(
+    producer: AIOKafkaProducer,
+    muted: frozenset[TopicPartition] = frozenset(),
+    in_flight: frozenset[int] = frozenset(),
+) -> Any:
     nodes, _ = producer._message_accumulator.drain_by_nodes(
-        ignore_nodes=set(), muted_partitions=muted
+        ignore_nodes=set(in_flight), muted_partitions=muted
     )
     return {node: set(batches) for node, batches in nodes.items()}
 
@@ -122,6 +126,38 @@ async def test_a_partition_with_a_request_in_flight_is_left_for_the_next(
     await one_due_two_fresh(producer, clock)
     assert drain(producer, muted=frozenset({P1})) == {1: {P0}}
     assert P1 in producer._message_accumulator._batches
+
+
+async def test_a_broker_with_a_request_in_flight_gets_nothing(
+    clock: Clock, lingering: AIOKafkaProducer
+) -> None:
+    producer = drain_whole_nodes(lingering)
+    await one_due_two_fresh(producer, clock)
+    assert drain(producer, in_flight=frozenset({1})) == {}
+    assert drain(producer) == {1: {P0, P1}}
+
+
+async def test_batches_taken_early_are_numbered_in_order(clock: Clock) -> None:
+    # An idempotent producer numbers a partition's records as its batches leave: a batch
+    # taken early must move the partition's next number on by its records, as any other.
+    producer = drain_whole_nodes(
+        unstarted(AIOKafkaProducer(linger_ms=int(LINGER_S * 1000), enable_idempotence=True))
+    )
+    next_number = producer._txn_manager.sequence_number
+    try:
+        await add(producer, P0)
+        await add(producer, P0)
+        clock.now += LINGER_S
+        await add(producer, P1)
+        assert drain(producer) == {1: {P0, P1}}  # P1's taken early
+        assert (next_number(P0), next_number(P1)) == (2, 1)
+        await add(producer, P1)
+        clock.now += LINGER_S
+        await add(producer, P0)
+        assert drain(producer) == {1: {P0, P1}}  # now P0's
+        assert (next_number(P0), next_number(P1)) == (3, 2)
+    finally:
+        await producer.stop()
 
 
 async def test_the_wake_up_for_batches_taken_early_is_cancelled(
