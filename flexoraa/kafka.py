@@ -37,6 +37,8 @@ CLIENTS_FAILING = Gauge(
 _BACKS_OFF = "_flexoraa_backs_off"
 # Set on a producer's accumulator once it drains whole nodes.
 _DRAINS_WHOLE_NODES = "_flexoraa_drains_whole_nodes"
+# ...and once its records linger only while the producer is busy.
+_LINGERS_WHILE_BUSY = "_flexoraa_lingers_while_busy"
 
 
 # Kafka's Java client's `retry.backoff.max.ms` default: an outage's attempts settle at about
@@ -188,6 +190,38 @@ def drain_whole_nodes(producer: AIOKafkaProducer) -> AIOKafkaProducer:
     # Per instance: the producer's sender calls `self._message_accumulator.drain_by_nodes`.
     accumulator.drain_by_nodes = drain_by_nodes
     setattr(accumulator, _DRAINS_WHOLE_NODES, True)
+    return producer
+
+
+def linger_while_busy(producer: AIOKafkaProducer, linger_ms: int) -> AIOKafkaProducer:
+    """Makes a record linger `linger_ms` only when the record before it was sent less than
+    that long ago; a record after a quiet spell is sent at once.
+
+    Without a linger each record the API accepts is a produce request of its own unless one
+    is already in flight: at 1,000 messages a second, 730 requests a second of 1.4 records,
+    each a loopback send the API and the broker both pay for. A fixed linger batches them,
+    but makes a lone request wait it out too (2 ms of linger cost a quiet API 3.7 ms at p50).
+    Under load the wait is what the next record's arrival takes anyway, and with
+    `drain_whole_nodes` a request carries every partition's batch once one is due.
+    """
+    accumulator = producer._message_accumulator
+    if getattr(accumulator, _LINGERS_WHILE_BUSY, False):
+        return producer
+    linger_s = linger_ms / 1000
+    add = accumulator.add_message
+    previous_send = -float("inf")
+
+    async def add_message(*args: Any, **kwargs: Any) -> Any:
+        nonlocal previous_send
+        now = time.monotonic()
+        # Read when a partition's batch is made: a record joining a batch keeps its linger.
+        accumulator._linger_time = linger_s if now - previous_send < linger_s else 0.0
+        previous_send = now
+        return await add(*args, **kwargs)
+
+    # Per instance, as drain_whole_nodes: the producer calls `self._message_accumulator`'s.
+    accumulator.add_message = add_message
+    setattr(accumulator, _LINGERS_WHILE_BUSY, True)
     return producer
 
 
@@ -489,11 +523,15 @@ class EventPublisher:
         # attempt to the others, and its outcome is still recorded.
         return await asyncio.shield(self._starting)
 
+    def _new_producer(self) -> AIOKafkaProducer:
+        """An unstarted producer whose records linger only under load (API_PRODUCER_LINGER_MS)."""
+        return linger_while_busy(
+            acknowledged_producer(self._settings, linger_ms=0, partitioner=KeyPartitioner()),
+            self._settings.api_producer_linger_ms,
+        )
+
     async def _start(self) -> AIOKafkaProducer:
-        # No linger: a lone request would wait it out (measured: 2 ms of linger cost 3.7 ms at
-        # p50), and under load requests already share batches while the previous one is in
-        # flight.
-        producer = acknowledged_producer(self._settings, linger_ms=0, partitioner=KeyPartitioner())
+        producer = self._new_producer()
         try:
             try:
                 await asyncio.wait_for(producer.start(), self._timeout_s)

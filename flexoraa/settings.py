@@ -197,6 +197,14 @@ class Settings(BaseSettings):
     api_host: str = Field("127.0.0.1", description="host the API binds")
     api_port: int = Field(8000, description="port of the API")
     max_body_bytes: int = Field(65536, ge=1024, description="largest accepted request body")
+    api_producer_linger_ms: int = Field(
+        2,
+        ge=0,
+        le=100,
+        description="under load (a record sent within this long of the one before) the API's "
+        "producer gathers records this long, so concurrent requests share a produce request; "
+        "a lone request's record is sent at once; 0 sends every record at once",
+    )
     request_body_timeout_s: float = Field(
         10.0, gt=0, description="time a client has to send a whole request body (else 408)"
     )

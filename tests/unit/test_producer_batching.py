@@ -1,10 +1,15 @@
-"""Once one batch for a broker is due, a produce request carries every batch for that broker.
+"""How the project's producers gather records into produce requests.
 
-aiokafka sends each partition's batch when its own linger is over, so a worker's round of
-records, spread over dozens of partitions, went out in several requests a few hundred
-microseconds apart. The producers the project builds drain a broker's batches together, as
-Kafka's Java client does. These tests drive aiokafka's own accumulator with a controlled clock
-and partition leaders; nothing connects to a broker.
+- Once one batch for a broker is due, a produce request carries every batch for that broker
+  (`drain_whole_nodes`). aiokafka sends each partition's batch when its own linger is over,
+  so a worker's round of records, spread over dozens of partitions, went out in several
+  requests a few hundred microseconds apart; Kafka's Java client drains a broker's batches
+  together.
+- The API's records linger only under load (`linger_while_busy`): a lone request's record is
+  sent at once, one that follows another closely waits for more to share its request.
+
+These tests drive aiokafka's own accumulator with a controlled clock and partition leaders;
+nothing connects to a broker.
 """
 
 from __future__ import annotations
@@ -17,7 +22,13 @@ import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.producer import message_accumulator
 
-from flexoraa.kafka import acknowledged_producer, drain_whole_nodes
+from flexoraa import kafka
+from flexoraa.kafka import (
+    EventPublisher,
+    acknowledged_producer,
+    drain_whole_nodes,
+    linger_while_busy,
+)
 from flexoraa.settings import Settings
 
 P0, P1, P2 = (TopicPartition("leads", partition) for partition in range(3))
@@ -27,7 +38,8 @@ LINGER_S = 1.0
 
 
 class Clock:
-    """What aiokafka's accumulator reads as `time.monotonic()`: moved by the test only."""
+    """What aiokafka's accumulator and flexoraa.kafka read as `time.monotonic()`: moved by the
+    test only."""
 
     def __init__(self) -> None:
         self.now = 1000.0
@@ -47,6 +59,7 @@ class Leaders:
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     fake = Clock()
     monkeypatch.setattr(message_accumulator, "time", fake)
+    monkeypatch.setattr(kafka, "time", fake)
     return fake
 
 
@@ -199,4 +212,107 @@ async def test_the_workers_and_the_apis_producers_drain_whole_brokers(
         clock.now += linger_s + 0.001  # past it, whatever the floats round to
         await add(producer, P1)
         assert drain(producer) == {1: {P0, P1}}
+        await producer.stop()
+
+
+# --- Records linger only while the producer is busy ---
+
+
+def busy_lingering(linger_s: float = LINGER_S) -> AIOKafkaProducer:
+    """A producer as the API builds it: no linger of its own, lingering only under load."""
+    return linger_while_busy(unstarted(AIOKafkaProducer(linger_ms=0)), int(linger_s * 1000))
+
+
+async def test_a_lone_record_is_sent_at_once(clock: Clock) -> None:
+    producer = busy_lingering()
+    try:
+        await add(producer, P0)
+        assert drain(producer) == {1: {P0}}
+        clock.now += 2 * LINGER_S  # a quiet spell: the next is alone again
+        await add(producer, P1)
+        assert drain(producer) == {1: {P1}}
+    finally:
+        await producer.stop()
+
+
+async def test_a_record_close_behind_another_lingers_for_the_ones_after_it(
+    clock: Clock,
+) -> None:
+    producer = drain_whole_nodes(busy_lingering())
+    try:
+        await add(producer, P0)
+        assert drain(producer) == {1: {P0}}
+        clock.now += LINGER_S / 2
+        await add(producer, P1)
+        assert drain(producer) == {}  # lingers
+        clock.now += LINGER_S / 2
+        await add(producer, P0)
+        clock.now += LINGER_S / 2
+        # P1's linger is over: P0's batch, made after it, shares its request.
+        assert drain(producer) == {1: {P0, P1}}
+    finally:
+        await producer.stop()
+
+
+async def test_without_it_a_record_close_behind_another_is_sent_at_once(clock: Clock) -> None:
+    # What the API's producer did before (linger 0), and the reason for the change.
+    producer = unstarted(AIOKafkaProducer(linger_ms=0))
+    try:
+        await add(producer, P0)
+        assert drain(producer) == {1: {P0}}
+        clock.now += LINGER_S / 2
+        await add(producer, P1)
+        assert drain(producer) == {1: {P1}}
+    finally:
+        await producer.stop()
+
+
+async def test_a_record_joining_a_batch_keeps_that_batchs_linger(clock: Clock) -> None:
+    producer = busy_lingering()
+    try:
+        await add(producer, P0)
+        await add(producer, P0)  # close behind: it joins the batch due at once
+        assert drain(producer) == {1: {P0}}
+        assert not producer._message_accumulator._batches
+    finally:
+        await producer.stop()
+
+
+async def test_no_linger_sends_every_record_at_once(clock: Clock) -> None:
+    producer = busy_lingering(linger_s=0)
+    try:
+        await add(producer, P0)
+        await add(producer, P1)
+        assert drain(producer) == {1: {P0, P1}}
+    finally:
+        await producer.stop()
+
+
+async def test_wrapping_twice_lingers_as_once(clock: Clock) -> None:
+    producer = linger_while_busy(busy_lingering(), int(LINGER_S * 1000))
+    try:
+        await add(producer, P0)
+        clock.now += LINGER_S / 2
+        await add(producer, P1)
+        assert drain(producer) == {1: {P0}}
+        clock.now += LINGER_S
+        assert drain(producer) == {1: {P1}}
+    finally:
+        await producer.stop()
+
+
+async def test_the_apis_publisher_lingers_only_while_busy(clock: Clock) -> None:
+    linger_s = 0.1  # the setting's most
+    publisher = EventPublisher(Settings(api_producer_linger_ms=int(linger_s * 1000)))
+    producer = unstarted(publisher._new_producer())
+    try:
+        await add(producer, P0)
+        assert drain(producer) == {1: {P0}}
+        clock.now += linger_s / 2
+        await add(producer, P1)
+        await add(producer, P2)
+        assert drain(producer) == {}
+        clock.now += linger_s
+        assert drain(producer) == {1: {P1}, 2: {P2}}
+    finally:
         await producer.stop()
