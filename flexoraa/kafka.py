@@ -8,6 +8,7 @@ import logging
 import random
 import time
 from collections.abc import Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -195,32 +196,47 @@ def drain_whole_nodes(producer: AIOKafkaProducer) -> AIOKafkaProducer:
 
 def linger_while_busy(producer: AIOKafkaProducer, linger_ms: int) -> AIOKafkaProducer:
     """Makes a record linger `linger_ms` only when the record before it was sent less than
-    that long ago; a record after a quiet spell is sent at once.
+    that long ago; a record after a quiet spell is sent at once (unless it joins a batch
+    already lingering, or its broker has a request in flight, as any record would).
 
     Without a linger each record the API accepts is a produce request of its own unless one
     is already in flight: at 1,000 messages a second, 730 requests a second of 1.4 records,
     each a loopback send the API and the broker both pay for. A fixed linger batches them,
     but makes a lone request wait it out too (2 ms of linger cost a quiet API 3.7 ms at p50).
-    Under load the wait is what the next record's arrival takes anyway, and with
-    `drain_whole_nodes` a request carries every partition's batch once one is due.
+    Under load a record now waits up to `linger_ms` for the ones after it, and with
+    `drain_whole_nodes` a request carries every partition's batch once one is due: at 800
+    messages a second the 202's p50 was 2.2 ms against 0.93, for 0.48 ms of API CPU per
+    request against 0.52 (bench.ingest).
     """
     accumulator = producer._message_accumulator
     if getattr(accumulator, _LINGERS_WHILE_BUSY, False):
         return producer
     linger_s = linger_ms / 1000
-    add = accumulator.add_message
+    add, append_batch = accumulator.add_message, accumulator._append_batch
     previous_send = -float("inf")
+    # The linger of the record being added, decided when it came: a record whose partition's
+    # batch is full waits for that batch to leave before making its own, and meanwhile other
+    # records come and go. Batches made outside `add_message` (`send_batch`) linger none.
+    record_linger: ContextVar[float] = ContextVar("record_linger", default=0.0)
 
     async def add_message(*args: Any, **kwargs: Any) -> Any:
         nonlocal previous_send
         now = time.monotonic()
-        # Read when a partition's batch is made: a record joining a batch keeps its linger.
-        accumulator._linger_time = linger_s if now - previous_send < linger_s else 0.0
+        decided = record_linger.set(linger_s if now - previous_send < linger_s else 0.0)
         previous_send = now
-        return await add(*args, **kwargs)
+        try:
+            return await add(*args, **kwargs)
+        finally:
+            record_linger.reset(decided)
+
+    def append_batch_lingering(builder: Any, tp: Any) -> Any:
+        # aiokafka copies the accumulator's linger into each batch it makes, here only.
+        accumulator._linger_time = record_linger.get()
+        return append_batch(builder, tp)
 
     # Per instance, as drain_whole_nodes: the producer calls `self._message_accumulator`'s.
     accumulator.add_message = add_message
+    accumulator._append_batch = append_batch_lingering
     setattr(accumulator, _LINGERS_WHILE_BUSY, True)
     return producer
 

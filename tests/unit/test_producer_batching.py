@@ -14,6 +14,7 @@ nothing connects to a broker.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -274,6 +275,60 @@ async def test_a_record_joining_a_batch_keeps_that_batchs_linger(clock: Clock) -
         await add(producer, P0)  # close behind: it joins the batch due at once
         assert drain(producer) == {1: {P0}}
         assert not producer._message_accumulator._batches
+    finally:
+        await producer.stop()
+
+
+async def test_a_gap_of_exactly_the_linger_is_a_quiet_spell(clock: Clock) -> None:
+    producer = busy_lingering()
+    try:
+        await add(producer, P0)
+        clock.now += LINGER_S
+        await add(producer, P1)
+        assert drain(producer) == {1: {P0, P1}}
+    finally:
+        await producer.stop()
+
+
+async def test_a_record_waiting_for_a_full_batch_keeps_the_linger_it_came_with(
+    clock: Clock,
+) -> None:
+    # A partition's batch holds one of these; the next waits for it to leave, and makes its
+    # own batch then, after other records set theirs.
+    value = b"v" * 10_000
+    producer = linger_while_busy(
+        unstarted(AIOKafkaProducer(linger_ms=0, max_batch_size=16_384)), int(LINGER_S * 1000)
+    )
+    accumulator = producer._message_accumulator
+    try:
+        await accumulator.add_message(P0, b"key", value, timeout=60)  # alone: due at once
+        clock.now += LINGER_S / 2
+        # Close behind: it lingers, but first waits for P0's full batch to leave.
+        waiting = asyncio.create_task(accumulator.add_message(P0, b"key", value, timeout=60))
+        await asyncio.sleep(0)
+        clock.now += 2 * LINGER_S
+        await add(producer, P1)  # after a quiet spell: due at once
+        assert drain(producer) == {1: {P0, P1}}
+        await waiting  # its batch is made now
+        assert drain(producer) == {}
+        clock.now += LINGER_S
+        assert drain(producer) == {1: {P0}}
+    finally:
+        await producer.stop()
+
+
+async def test_a_lingering_batch_wakes_the_sender_when_its_linger_is_over() -> None:
+    # On the real clock and event loop: the sender, asleep on the accumulator's waiter after
+    # a drain that found nothing due, is woken for the lingering batch.
+    producer = busy_lingering(linger_s=0.02)
+    accumulator = producer._message_accumulator
+    try:
+        await add(producer, P0)
+        await add(producer, P1)  # close behind: lingers
+        assert drain(producer) == {1: {P0}}
+        assert not accumulator.waiter().done()
+        await asyncio.wait_for(accumulator.waiter(), timeout=5)
+        assert drain(producer) == {1: {P1}}
     finally:
         await producer.stop()
 
