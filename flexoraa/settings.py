@@ -323,6 +323,14 @@ class Settings(BaseSettings):
         "(tenants.leak_threshold_s overrides it per tenant)",
     )
 
+    tenant_settings_ttl_s: float = Field(
+        60.0,
+        ge=0,
+        description="how long a worker keeps a tenant's settings (leak threshold, time zone, "
+        "qualification budget, connected mailbox) before reading them again: a change "
+        "reaches the workers within this long; 0 reads them for every message",
+    )
+
     inbound_stale_after_s: int = Field(
         86_400, ge=0, description="a customer message read this long after it was written (a "
         "mailbox's history imported on connect, a channel's retries after a long outage) is "

@@ -306,7 +306,7 @@ def create_worker_app(settings: Settings) -> faust.App:
     stale_after_ms = settings.inbound_stale_after_s * 1000
     qualification = app.Table("qualification", key_type=bytes, partitions=settings.kafka_partitions)
     router = SdrRouter(pool)
-    tenants = TenantSettings(pool, settings.leak_threshold_s)
+    tenants = TenantSettings(pool, settings.leak_threshold_s, ttl_s=settings.tenant_settings_ttl_s)
     if settings.enable_ai_qualification:
         qualification_agent.register(
             batch_lane,

@@ -149,7 +149,8 @@ async def tenant_settings(principal: PrincipalDep, services: ServicesDep) -> Ten
 async def change_tenant_settings(
     body: TenantSettingsBody, principal: AdminDep, services: ServicesDep
 ) -> TenantSettingsBody:
-    """Workers pick the change up within a minute (they cache tenant settings)."""
+    """Workers pick the change up within TENANT_SETTINGS_TTL_S (a minute by default: they
+    cache tenant settings)."""
     async with services.pool.acquire() as conn, conn.transaction():
         await conn.execute(
             "UPDATE tenants SET time_zone = $2, leak_threshold_s = $3,"

@@ -122,8 +122,14 @@ def register(
         if sent is None or sent.status != "accepted":
             return
         key = sent.lead_id.encode()
-        entry = leakage.get(key)
         sent_ms = int(sent.occurred_at.timestamp() * 1000)
+        threshold_s = None
+        if _leaves_follow_up(leakage.get(key), sent_ms):
+            # The lead wrote again after this reply: that message's wait is a new one, with
+            # the tenant's threshold as it is now. Asked before deciding anything, and the
+            # entry read again after it (the waits' handler may have changed it meanwhile).
+            threshold_s = await while_unreachable(tenants.leak_threshold_s, sent.tenant_id)
+        entry = leakage.get(key)
         waiting = _waiting(entry)
         if waiting is None:
             if not isinstance(entry, int) or entry < sent_ms:
@@ -136,7 +142,7 @@ def register(
                 leakage[key] = waiting = changed
             _keep_deadline(key, waiting)
             return
-        if (follow_up := after_reply(waiting, sent_ms)) is not None:
+        if (follow_up := after_reply(waiting, sent_ms, threshold_s)) is not None:
             # The lead wrote again after this reply, and that message was read first.
             leakage[key] = follow_up
             scheduler.set(key, {"leak": follow_up["due_ms"]})
@@ -155,6 +161,15 @@ def register(
             data={"waited_ms": waited_ms, "sent_by": sent.sent_by, "leaked": waiting["fired"]},
         )
         await lead_events.send(key=key, value=reply.model_dump_json().encode())
+
+    def _leaves_follow_up(entry: Any, sent_ms: int) -> bool:
+        """Whether a reply sent at `sent_ms` leaves a follow-up wait, as the entry stands."""
+        waiting = _waiting(entry)
+        return (
+            waiting is not None
+            and sent_ms >= waiting["waiting_since_ms"]
+            and after_reply(waiting, sent_ms) is not None
+        )
 
     # The sent messages' sink reads them on the lane too (it dead-letters undecodable ones).
     lane.add_record_handler(

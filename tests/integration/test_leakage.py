@@ -25,9 +25,10 @@ from schemas.topics import TopicNames
 from tests.conftest import MakeTenant, ManagedProcess, StartProcess, free_port, start_worker
 from tests.fakes.gmail_api import GmailFake
 from tests.fakes.graph_api import GraphApiFake
+from tests.fakes.meta_payloads import whatsapp_change, whatsapp_message, whatsapp_payload
 from tests.integration.conftest import ApiFactory, read_records, send_records
-from tests.integration.test_pipeline import eventually, post
-from tests.integration.test_whatsapp import inbound, outbound_rows, register, reply
+from tests.integration.test_pipeline import eventually, lead_state, post
+from tests.integration.test_whatsapp import deliver, inbound, outbound_rows, register, reply
 
 pytestmark = pytest.mark.integration
 THRESHOLD_S = 2
@@ -55,6 +56,8 @@ def worker(
         GMAIL_TOKEN_URL=f"{gmail.url}/token",
         GMAIL_API_URL=f"{gmail.url}/",
         LEAK_THRESHOLD_S=str(THRESHOLD_S),
+        # A tenant's changed threshold is read at once (see the follow-up test).
+        TENANT_SETTINGS_TTL_S="0",
         TIMER_TICK_MS="100",
         RECOVERY_SILENCE_S="3",
         RECOVERY_DELAYS_S="0,1,2,3",
@@ -152,6 +155,49 @@ async def test_a_reply_before_the_deadline_cancels_the_leak(
     stats = (await api.get("/api/monitoring/leakage/stats", headers=business.tenant.headers)).json()
     assert stats["first_replies"] == 1
     assert stats["leaks"] == 0
+
+
+async def test_a_follow_up_wait_takes_the_tenants_threshold_as_it_is_then(
+    api: httpx.AsyncClient, make_tenant: MakeTenant, db: asyncpg.Connection
+) -> None:
+    """A reply read after the lead's next message leaves that message waited on: a new wait,
+    with the threshold the tenant has by then, not the answered wait's. (Both thresholds end
+    before the module's 3 s recovery silence, whose first message would answer the wait.)"""
+    tenant = await make_tenant()
+
+    async def threshold(seconds: int) -> None:
+        response = await api.put("/api/tenant/settings", headers=tenant.headers,
+                                 json={"leak_threshold_s": seconds})  # fmt: skip
+        assert response.status_code == 200, response.text
+
+    await threshold(2)
+    business = await register(api, tenant)
+    contact, first_s = "919866620001", int(time.time())
+    lead_id = await inbound(api, business, contact, first_s, "wamid.F1")
+    # The lead's next message is written after the reply below (3 s on) but read before it.
+    follow_up_s = first_s + 3
+    payload = whatsapp_payload(
+        [whatsapp_change(business.phone_number_id,
+                         [whatsapp_message("wamid.F2", contact, follow_up_s)])]
+    )  # fmt: skip
+    assert (await deliver(api, payload, business.app_secret)).status_code == 200
+    await lead_state(api, tenant, lead_id, 2)
+    await threshold(1)
+    await reply(api, business, lead_id, "Hi! Happy to help.")
+    follow_up_at = datetime.fromtimestamp(follow_up_s, UTC)
+
+    async def follow_up_leak() -> Any:
+        return await db.fetchrow(
+            "SELECT * FROM lead_leakage_events WHERE lead_id = $1 AND waiting_since = $2",
+            lead_id, follow_up_at,
+        )  # fmt: skip
+
+    row = await eventually(follow_up_leak, timeout_s=20, what="the follow-up's leak")
+    assert (row["deadline_at"] - row["waiting_since"]).total_seconds() == 1
+    sent = next(row for row in await outbound_rows(api, business, lead_id)
+                if row["sent_by"] == "sdr")  # fmt: skip
+    # The reply left between the two messages (else the test shows nothing).
+    assert first_s <= datetime.fromisoformat(sent["occurred_at"]).timestamp() < follow_up_s
 
 
 async def with_mailbox(

@@ -98,3 +98,16 @@ def test_past_the_cap_a_reply_read_late_still_leaves_the_next_message_waited_on(
     follow_up = after_reply(wait, 435_000)
     assert follow_up is not None
     assert follow_up["waiting_since_ms"] == 450_000
+
+
+def test_a_follow_up_wait_takes_the_threshold_given() -> None:
+    # A wait started with a 60 s threshold; the tenant has 30 s by the time a reply leaves
+    # the lead's next message waited on: that wait is a new one.
+    wait = with_message(new_wait(5_000, 60, None), 9_000, 10_000)
+    assert wait is not None
+    assert after_reply(wait, 6_000, 30) == {"waiting_since_ms": 9_000, "due_ms": 39_000,
+                                            "fired": False, "replied_ms": 6_000,
+                                            "unanswered_ms": [9_000]}  # fmt: skip
+    follow_up = after_reply(wait, 6_000)  # none given: the answered wait's
+    assert follow_up is not None
+    assert follow_up["due_ms"] == 69_000
