@@ -6,12 +6,13 @@ import asyncio
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -20,6 +21,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+from aiokafka.admin import AIOKafkaAdminClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from api.tenants import create_tenant
@@ -30,6 +32,45 @@ from schemas.migrate import migrate
 
 RESULTS = PROJECT_ROOT / "bench" / "results"
 LOGS = RESULTS / "logs"
+# Each run's directory (the workers' stores, its secrets key) and the pid of the run owning it.
+RUNS_DIR = PROJECT_ROOT / ".stack"
+OWNER_FILE = "owner.pid"
+# A run's names: its topic prefix, Faust's topics after it, its directory and its database.
+_RUN_NAME = re.compile(r"^(?:bench-|flexoraa_bench_)([0-9a-f]{8})(?:$|[.-])")
+
+
+def run_id_of(name: str) -> str | None:
+    """The bench run a topic, database or directory name belongs to, or None."""
+    found = _RUN_NAME.match(name)
+    return found.group(1) if found else None
+
+
+def abandoned(names: Iterable[str], live_runs: set[str]) -> list[str]:
+    """The names that belong to bench runs no longer running."""
+    return [name for name in names if (run := run_id_of(name)) is not None and run not in live_runs]
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def live_runs(runs_dir: Path = RUNS_DIR) -> set[str]:
+    """Runs whose owning process still runs: their directory names a live pid."""
+    live = set()
+    for directory in runs_dir.glob("bench-*"):
+        try:
+            pid = int((directory / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if (run := run_id_of(directory.name)) is not None and _running(pid):
+            live.add(run)
+    return live
 
 
 def machine_facts() -> dict[str, Any]:
@@ -202,6 +243,44 @@ def wait_ready(url: str, timeout_s: float = 180) -> None:
     raise RuntimeError(f"{url} not ready after {timeout_s}s")
 
 
+def sweep_abandoned_runs(base: Settings, superuser: Any, runs_dir: Path = RUNS_DIR) -> list[str]:
+    """Removes what runs that were killed left behind (a run cleans up only when it ends):
+    their databases, topics and directories. Left, a killed run's 26 topics of 8 partitions
+    stayed on the broker, which every later run's fetches and the broker's own work paid for.
+    Runs still going (their directory names a live pid) are left alone. Returns what went."""
+    live = live_runs(runs_dir)
+    removed = asyncio.run(_drop_abandoned(base, superuser, live))
+    for directory in abandoned((d.name for d in runs_dir.glob("bench-*")), live):
+        shutil.rmtree(runs_dir / directory, ignore_errors=True)
+        removed.append(str(runs_dir / directory))
+    return removed
+
+
+async def _drop_abandoned(base: Settings, superuser: Any, live: set[str]) -> list[str]:
+    removed: list[str] = []
+    admin = await superuser()
+    try:
+        databases = [row["datname"] for row in await admin.fetch(
+            # `_` matches any character here: the names are checked by `abandoned`.
+            "SELECT datname FROM pg_database WHERE datname LIKE 'flexoraa_bench_%'"
+        )]  # fmt: skip
+        for database in abandoned(databases, live):
+            await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+            removed.append(database)
+    finally:
+        await admin.close()
+    kafka = AIOKafkaAdminClient(bootstrap_servers=base.kafka_bootstrap_servers)
+    await kafka.start()
+    try:
+        topics = await kafka.list_topics()
+    finally:
+        await kafka.close()
+    runs = {run for name in abandoned(topics, live) if (run := run_id_of(name)) is not None}
+    for run in sorted(runs):
+        removed += await delete_topics(base.model_copy(update={"topic_prefix": f"bench-{run}"}))
+    return removed
+
+
 @contextmanager
 def bench_environment(
     api_port: int = 18000, worker_port: int = 16066
@@ -251,6 +330,11 @@ def bench_environment(
             shutil.rmtree(settings.stack_dir, ignore_errors=True)
             await delete_topics(settings)
 
+    if swept := sweep_abandoned_runs(base, superuser):
+        print(f"removed {len(swept)} databases, topics and directories of killed bench runs")
+    # Owned before anything is made: a run killed from here on is swept by the next.
+    settings.stack_dir.mkdir(parents=True, exist_ok=True)
+    (settings.stack_dir / OWNER_FILE).write_text(str(os.getpid()))
     tenant_id, api_key = asyncio.run(prepare())
     environment = BenchEnvironment(settings, tenant_id, api_key, database)
     try:
