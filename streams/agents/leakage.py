@@ -34,6 +34,7 @@ from streams.rules.leakage import (
     temperature,
     with_earlier_reply,
     with_message,
+    with_threshold,
 )
 from streams.rules.session import read_too_late
 from streams.timers import Scheduler
@@ -123,12 +124,6 @@ def register(
             return
         key = sent.lead_id.encode()
         sent_ms = int(sent.occurred_at.timestamp() * 1000)
-        threshold_s = None
-        if _leaves_follow_up(leakage.get(key), sent_ms):
-            # The lead wrote again after this reply: that message's wait is a new one, with
-            # the tenant's threshold as it is now. Asked before deciding anything, and the
-            # entry read again after it (the waits' handler may have changed it meanwhile).
-            threshold_s = await while_unreachable(tenants.leak_threshold_s, sent.tenant_id)
         entry = leakage.get(key)
         waiting = _waiting(entry)
         if waiting is None:
@@ -142,7 +137,7 @@ def register(
                 leakage[key] = waiting = changed
             _keep_deadline(key, waiting)
             return
-        if (follow_up := after_reply(waiting, sent_ms, threshold_s)) is not None:
+        if (follow_up := after_reply(waiting, sent_ms)) is not None:
             # The lead wrote again after this reply, and that message was read first.
             leakage[key] = follow_up
             scheduler.set(key, {"leak": follow_up["due_ms"]})
@@ -161,15 +156,23 @@ def register(
             data={"waited_ms": waited_ms, "sent_by": sent.sent_by, "leaked": waiting["fired"]},
         )
         await lead_events.send(key=key, value=reply.model_dump_json().encode())
+        if follow_up is not None:
+            await _retime_follow_up(key, follow_up, sent.tenant_id)
 
-    def _leaves_follow_up(entry: Any, sent_ms: int) -> bool:
-        """Whether a reply sent at `sent_ms` leaves a follow-up wait, as the entry stands."""
-        waiting = _waiting(entry)
-        return (
-            waiting is not None
-            and sent_ms >= waiting["waiting_since_ms"]
-            and after_reply(waiting, sent_ms) is not None
-        )
+    async def _retime_follow_up(key: bytes, follow_up: dict[str, Any], tenant_id: str) -> None:
+        """A follow-up wait is a new one: it takes the tenant's threshold as it is now, not
+        the answered wait's. Asked once the reply is applied: the lookup waits for PostgreSQL
+        on a cache miss (and while it is down), and the answered wait must not leak meanwhile.
+        Applied only to that same wait, still unfired and not yet due."""
+        threshold_s = await while_unreachable(tenants.leak_threshold_s, tenant_id)
+        current = _waiting(leakage.get(key))
+        if current is None or any(
+            current.get(field) != follow_up[field] for field in ("waiting_since_ms", "replied_ms")
+        ):
+            return  # answered or moved meanwhile: no longer the wait this reply left
+        if (retimed := with_threshold(current, threshold_s, _now_ms())) is not None:
+            leakage[key] = retimed
+            scheduler.set(key, {"leak": retimed["due_ms"]})
 
     # The sent messages' sink reads them on the lane too (it dead-letters undecodable ones).
     lane.add_record_handler(

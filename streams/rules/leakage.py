@@ -99,19 +99,23 @@ def with_earlier_reply(wait: dict[str, Any], sent_ms: int) -> dict[str, Any] | N
             "unanswered_ms": [t for t in _unanswered(wait) if t > sent_ms]}  # fmt: skip
 
 
-def after_reply(
-    wait: dict[str, Any], sent_ms: int, threshold_s: int | None = None
-) -> dict[str, Any] | None:
+def after_reply(wait: dict[str, Any], sent_ms: int) -> dict[str, Any] | None:
     """What is left of the wait after a reply sent at `sent_ms`, at or after its start: a wait
     for the lead's messages written after the reply but read before it, from the earliest of
     them, else None (all answered). Ended for good instead, the lead's follow-up was never
-    waited on, and never leaked.
-
-    That wait is a new one, so it takes the tenant's threshold as it is now (`threshold_s`),
-    as a wait its message started would have; None keeps the answered wait's."""
+    waited on, and never leaked. It keeps the answered wait's threshold until the tenant's
+    current one is known (`with_threshold`)."""
     remaining = [t for t in _unanswered(wait) if t > sent_ms]
     if not remaining:
         return None
-    threshold_ms = _threshold_ms(wait) if threshold_s is None else threshold_s * 1000
-    return {"waiting_since_ms": remaining[0], "due_ms": remaining[0] + threshold_ms,
+    return {"waiting_since_ms": remaining[0], "due_ms": remaining[0] + _threshold_ms(wait),
             "fired": False, "replied_ms": sent_ms, "unanswered_ms": remaining}  # fmt: skip
+
+
+def with_threshold(wait: dict[str, Any], threshold_s: int, now_ms: int) -> dict[str, Any] | None:
+    """The wait due `threshold_s` after its start, or None when unchanged; not once it fired
+    or is due (its leak is being reported under its due time's ids, see `with_message`)."""
+    due_ms = wait["waiting_since_ms"] + threshold_s * 1000
+    if wait["fired"] or now_ms >= wait["due_ms"] or due_ms == wait["due_ms"]:
+        return None
+    return {**wait, "due_ms": due_ms}

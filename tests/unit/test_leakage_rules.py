@@ -9,6 +9,7 @@ from streams.rules.leakage import (
     temperature,
     with_earlier_reply,
     with_message,
+    with_threshold,
 )
 
 
@@ -100,14 +101,16 @@ def test_past_the_cap_a_reply_read_late_still_leaves_the_next_message_waited_on(
     assert follow_up["waiting_since_ms"] == 450_000
 
 
-def test_a_follow_up_wait_takes_the_threshold_given() -> None:
-    # A wait started with a 60 s threshold; the tenant has 30 s by the time a reply leaves
-    # the lead's next message waited on: that wait is a new one.
+def test_a_wait_takes_a_new_threshold_until_it_fired_or_is_due() -> None:
+    # A reply left the lead's next message waited on with the answered wait's 60 s; the
+    # tenant has 30 s by then: the follow-up is a new wait, due 30 s after its message.
     wait = with_message(new_wait(5_000, 60, None), 9_000, 10_000)
     assert wait is not None
-    assert after_reply(wait, 6_000, 30) == {"waiting_since_ms": 9_000, "due_ms": 39_000,
-                                            "fired": False, "replied_ms": 6_000,
-                                            "unanswered_ms": [9_000]}  # fmt: skip
-    follow_up = after_reply(wait, 6_000)  # none given: the answered wait's
+    follow_up = after_reply(wait, 6_000)
     assert follow_up is not None
     assert follow_up["due_ms"] == 69_000
+    assert with_threshold(follow_up, 30, 12_000) == {**follow_up, "due_ms": 39_000}
+    assert with_threshold(follow_up, 60, 12_000) is None  # unchanged
+    # Fired, or due already (its leak being reported under its due time's ids): left be.
+    assert with_threshold({**follow_up, "fired": True}, 30, 12_000) is None
+    assert with_threshold(follow_up, 30, 69_000) is None

@@ -242,3 +242,56 @@ async def test_a_message_read_again_sets_a_lost_deadline_move_right() -> None:
     scheduler.set(KEY, {"leak": ms(AT + timedelta(minutes=5, seconds=1800))})  # the lost move
     await lane.handlers["leakage-waits"](inbound(AT))
     assert scheduler.pending(KEY) == {"leak": ms(AT + timedelta(seconds=1800))}
+
+
+class Thresholds:
+    """The tenant's threshold, changed by the test; a lookup can be held (a cache miss)."""
+
+    def __init__(self, seconds: int) -> None:
+        self.seconds = seconds
+        self.held: asyncio.Event | None = None
+        self.asked = asyncio.Event()
+
+    async def leak_threshold_s(self, tenant_id: str) -> int:
+        self.asked.set()
+        if self.held is not None:
+            await self.held.wait()
+        return self.seconds
+
+
+async def test_a_follow_up_wait_takes_the_tenants_threshold_as_it_is_then() -> None:
+    # :00 waited on with 30 minutes; by the reply at :02 (read after the lead's :05) the
+    # tenant has 10: the wait for :05 is a new one, due at :15, not :35.
+    tenants = Thresholds(1800)
+    lane, table, scheduler, _ = waits(tenants=tenants)
+    await lane.handlers["leakage-waits"](inbound(AT))
+    await lane.handlers["leakage-waits"](inbound(AT + timedelta(minutes=5)))
+    tenants.seconds = 600
+    await lane.handlers["leakage-replies"](reply(AT + timedelta(minutes=2)))
+    assert table[KEY]["waiting_since_ms"] == ms(AT + timedelta(minutes=5))
+    assert scheduler.pending(KEY) == {"leak": ms(AT + timedelta(minutes=15))}
+    assert table[KEY]["due_ms"] == ms(AT + timedelta(minutes=15))
+
+
+async def test_a_reply_ends_its_wait_before_a_slow_threshold_lookup_returns() -> None:
+    # The lookup waits for PostgreSQL on a cache miss (and while it is down): the answered
+    # wait must not stay due meanwhile, and a wait changed meanwhile is not retimed.
+    tenants = Thresholds(1800)
+    lane, table, scheduler, events = waits(tenants=tenants)
+    await lane.handlers["leakage-waits"](inbound(AT))
+    await lane.handlers["leakage-waits"](inbound(AT + timedelta(minutes=5)))
+    tenants.seconds, tenants.held = 600, asyncio.Event()
+    tenants.asked.clear()  # asked for the wait :00 started
+    replying = asyncio.ensure_future(
+        lane.handlers["leakage-replies"](reply(AT + timedelta(minutes=2)))
+    )
+    await asyncio.wait_for(tenants.asked.wait(), timeout=5)
+    # Applied already: :00 answered (its first reply sent), :05 waited on.
+    assert [json.loads(e)["type"] for e in events.sent] == ["first_reply"]
+    assert table[KEY]["waiting_since_ms"] == ms(AT + timedelta(minutes=5))
+    # Answered too before the lookup returns: nothing brings the wait back.
+    await lane.handlers["leakage-replies"](reply(AT + timedelta(minutes=6)))
+    tenants.held.set()
+    await replying
+    assert table[KEY] == ms(AT + timedelta(minutes=6))
+    assert scheduler.pending(KEY) == {}
