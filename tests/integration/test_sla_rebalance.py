@@ -5,6 +5,8 @@ hold every call exactly once."""
 from __future__ import annotations
 
 import asyncio
+import uuid
+from datetime import UTC, datetime
 from typing import Any, get_args
 
 import asyncpg
@@ -12,7 +14,7 @@ import pytest
 
 from flexoraa.kafka import partition_of
 from flexoraa.settings import Settings
-from schemas.latency import Operation
+from schemas.latency import LatencyEvent, Operation
 from tests.conftest import (
     MakeTenant,
     ManagedProcess,
@@ -22,7 +24,7 @@ from tests.conftest import (
     wait_until,
 )
 from tests.integration.test_pipeline import eventually
-from tests.integration.test_sla import SLA_ENV, latency_event, produce
+from tests.integration.test_sla import SLA_ENV, produce
 
 pytestmark = pytest.mark.integration
 
@@ -54,13 +56,17 @@ def owned_windows(worker: ManagedProcess) -> set[int] | None:
     }
 
 
-async def stored_calls(db: asyncpg.Connection, tenant_id: str) -> dict[str, int]:
+async def stored_calls(db: asyncpg.Connection, tenant_id: str) -> dict[tuple[str, datetime], int]:
     rows = await db.fetch(
-        "SELECT operation, sum(calls)::int AS calls FROM sla_metrics WHERE tenant_key = $1"
-        " GROUP BY operation",
-        tenant_id,
+        "SELECT operation, minute, calls FROM sla_metrics WHERE tenant_key = $1", tenant_id
     )
-    return {row["operation"]: row["calls"] for row in rows}
+    return {(row["operation"], row["minute"]): row["calls"] for row in rows}
+
+
+def latency_at(tenant_id: str, operation: Operation, at: datetime) -> bytes:
+    event = LatencyEvent(event_id=str(uuid.uuid4()), tenant_id=tenant_id, occurred_at=at,
+                         operation=operation, duration_ms=50.0, outcome="ok")  # fmt: skip
+    return event.model_dump_json().encode()
 
 
 async def test_windows_moved_to_a_second_worker_count_on_from_the_first(
@@ -71,17 +77,22 @@ async def test_windows_moved_to_a_second_worker_count_on_from_the_first(
     db: asyncpg.Connection,
 ) -> None:
     tenant = (await make_tenant("Moving windows")).tenant_id
+    # Every call in one minute, before the move and after it: the moved windows must carry
+    # the first worker's calls on (a window started afresh would be a row of 10, not 30).
+    at = datetime.now(UTC)
+    minute = at.replace(second=0, microsecond=0)
 
     async def send(calls_each: int) -> None:
         await produce(test_settings, [
-            (operation.encode(), latency_event(tenant, operation, 50.0))
+            (operation.encode(), latency_at(tenant, operation, at))
             for operation in OPERATIONS
             for _ in range(calls_each)
         ])  # fmt: skip
 
     def stored(calls_each: int) -> Any:
         async def check() -> bool:
-            return await stored_calls(db, tenant) == dict.fromkeys(OPERATIONS, calls_each)
+            expected = {(operation, minute): calls_each for operation in OPERATIONS}
+            return await stored_calls(db, tenant) == expected
 
         return check
 
@@ -109,5 +120,5 @@ async def test_windows_moved_to_a_second_worker_count_on_from_the_first(
 
     await send(10)
     await eventually(stored(30), what="30 calls of each operation stored after the move")
-    await asyncio.sleep(2)  # four more evaluations: nothing stored twice, or taken back
-    assert await stored_calls(db, tenant) == dict.fromkeys(OPERATIONS, 30)
+    await asyncio.sleep(2)  # four more evaluations: nothing counted twice
+    assert await stored_calls(db, tenant) == {(operation, minute): 30 for operation in OPERATIONS}
