@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import platform
@@ -12,7 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -21,7 +22,6 @@ from typing import Any
 
 import asyncpg
 import httpx
-from aiokafka.admin import AIOKafkaAdminClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from api.tenants import create_tenant
@@ -35,19 +35,9 @@ LOGS = RESULTS / "logs"
 # Each run's directory (the workers' stores, its secrets key) and the pid of the run owning it.
 RUNS_DIR = PROJECT_ROOT / ".stack"
 OWNER_FILE = "owner.pid"
-# A run's names: its topic prefix, Faust's topics after it, its directory and its database.
-_RUN_NAME = re.compile(r"^(?:bench-|flexoraa_bench_)([0-9a-f]{8})(?:$|[.-])")
-
-
-def run_id_of(name: str) -> str | None:
-    """The bench run a topic, database or directory name belongs to, or None."""
-    found = _RUN_NAME.match(name)
-    return found.group(1) if found else None
-
-
-def abandoned(names: Iterable[str], live_runs: set[str]) -> list[str]:
-    """The names that belong to bench runs no longer running."""
-    return [name for name in names if (run := run_id_of(name)) is not None and run not in live_runs]
+_RUN_DIR = re.compile(r"^bench-([0-9a-f]{8})$")
+# Held while runs are swept, and while a run claims its directory.
+_RUNS_LOCK = ".bench-runs.lock"
 
 
 def _running(pid: int) -> bool:
@@ -60,17 +50,78 @@ def _running(pid: int) -> bool:
     return True
 
 
-def live_runs(runs_dir: Path = RUNS_DIR) -> set[str]:
-    """Runs whose owning process still runs: their directory names a live pid."""
-    live = set()
-    for directory in runs_dir.glob("bench-*"):
-        try:
-            pid = int((directory / OWNER_FILE).read_text())
-        except (OSError, ValueError):
+def dead_runs(runs_dir: Path = RUNS_DIR) -> list[str]:
+    """Runs of this checkout whose process is gone: their directory names a pid that no
+    longer runs, or none (a run killed before it wrote one; it writes it under the runs'
+    lock, whole, so a sweep never reads one half-written)."""
+    dead = []
+    for directory in sorted(runs_dir.glob("bench-*")):
+        if (found := _RUN_DIR.match(directory.name)) is None or not directory.is_dir():
             continue
-        if (run := run_id_of(directory.name)) is not None and _running(pid):
-            live.add(run)
-    return live
+        try:
+            pid: int | None = int((directory / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            pid = None
+        if pid is None or not _running(pid):
+            dead.append(found.group(1))
+    return dead
+
+
+@contextmanager
+def _runs_lock(runs_dir: Path) -> Iterator[None]:
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    with (runs_dir / _RUNS_LOCK).open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def claim_run(run_dir: Path) -> None:
+    """Marks `run_dir` as this process's run (call under the runs' lock)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    written = run_dir / f"{OWNER_FILE}.new"
+    written.write_text(str(os.getpid()))
+    written.replace(run_dir / OWNER_FILE)
+
+
+def sweep_and_claim(
+    base: Settings, superuser: Any, run_dir: Path | None = None, runs_dir: Path = RUNS_DIR
+) -> list[str]:
+    """Removes what bench runs of this checkout that were killed left behind (a run cleans up
+    only when it ends): their databases, topics and directories. Left, a killed run's 26
+    topics of 8 partitions stayed on the broker, which every later run's fetches and the
+    broker's own work paid for. Only runs with a directory here whose process is gone are
+    touched: a run still going, or one of another checkout sharing the stack, is not. Then
+    claims `run_dir`, under the same lock, so no sweep takes a run that is starting. Returns
+    what went."""
+    with _runs_lock(runs_dir):
+        dead = dead_runs(runs_dir)
+        removed = asyncio.run(_drop_runs(base, superuser, dead)) if dead else []
+        for run in dead:
+            shutil.rmtree(runs_dir / f"bench-{run}", ignore_errors=True)
+            removed.append(str(runs_dir / f"bench-{run}"))
+        if run_dir is not None:
+            claim_run(run_dir)
+    return removed
+
+
+async def _drop_runs(base: Settings, superuser: Any, runs: list[str]) -> list[str]:
+    """The runs' databases and topics, dropped; returns their names."""
+    removed: list[str] = []
+    admin = await superuser()
+    try:
+        for run in runs:
+            database = f"flexoraa_bench_{run}"
+            if await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", database):
+                await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+                removed.append(database)
+    finally:
+        await admin.close()
+    for run in runs:
+        removed += await delete_topics(base.model_copy(update={"topic_prefix": f"bench-{run}"}))
+    return removed
 
 
 def machine_facts() -> dict[str, Any]:
@@ -243,44 +294,6 @@ def wait_ready(url: str, timeout_s: float = 180) -> None:
     raise RuntimeError(f"{url} not ready after {timeout_s}s")
 
 
-def sweep_abandoned_runs(base: Settings, superuser: Any, runs_dir: Path = RUNS_DIR) -> list[str]:
-    """Removes what runs that were killed left behind (a run cleans up only when it ends):
-    their databases, topics and directories. Left, a killed run's 26 topics of 8 partitions
-    stayed on the broker, which every later run's fetches and the broker's own work paid for.
-    Runs still going (their directory names a live pid) are left alone. Returns what went."""
-    live = live_runs(runs_dir)
-    removed = asyncio.run(_drop_abandoned(base, superuser, live))
-    for directory in abandoned((d.name for d in runs_dir.glob("bench-*")), live):
-        shutil.rmtree(runs_dir / directory, ignore_errors=True)
-        removed.append(str(runs_dir / directory))
-    return removed
-
-
-async def _drop_abandoned(base: Settings, superuser: Any, live: set[str]) -> list[str]:
-    removed: list[str] = []
-    admin = await superuser()
-    try:
-        databases = [row["datname"] for row in await admin.fetch(
-            # `_` matches any character here: the names are checked by `abandoned`.
-            "SELECT datname FROM pg_database WHERE datname LIKE 'flexoraa_bench_%'"
-        )]  # fmt: skip
-        for database in abandoned(databases, live):
-            await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-            removed.append(database)
-    finally:
-        await admin.close()
-    kafka = AIOKafkaAdminClient(bootstrap_servers=base.kafka_bootstrap_servers)
-    await kafka.start()
-    try:
-        topics = await kafka.list_topics()
-    finally:
-        await kafka.close()
-    runs = {run for name in abandoned(topics, live) if (run := run_id_of(name)) is not None}
-    for run in sorted(runs):
-        removed += await delete_topics(base.model_copy(update={"topic_prefix": f"bench-{run}"}))
-    return removed
-
-
 @contextmanager
 def bench_environment(
     api_port: int = 18000, worker_port: int = 16066
@@ -317,8 +330,10 @@ def bench_environment(
         return tenant.tenant_id, tenant.api_key
 
     async def cleanup() -> None:
-        # The database and the directory first, topics last: a broker that did not come back
-        # (bench.outage stops it) must not leave the run's database behind.
+        # The database first, then the topics: a broker that did not come back (bench.outage
+        # stops it) must not leave the run's database behind. The directory (the workers'
+        # stores, the run's secrets key, its owner) goes last, once both went: kept, it has
+        # the next run sweep what is left.
         try:
             admin = await superuser()
             try:
@@ -326,15 +341,12 @@ def bench_environment(
             finally:
                 await admin.close()
         finally:
-            # The workers' table stores and the run's secrets key (each run has its own).
-            shutil.rmtree(settings.stack_dir, ignore_errors=True)
             await delete_topics(settings)
+        shutil.rmtree(settings.stack_dir, ignore_errors=True)
 
-    if swept := sweep_abandoned_runs(base, superuser):
+    # Claimed before anything is made: a run killed from here on is swept by the next.
+    if swept := sweep_and_claim(base, superuser, settings.stack_dir):
         print(f"removed {len(swept)} databases, topics and directories of killed bench runs")
-    # Owned before anything is made: a run killed from here on is swept by the next.
-    settings.stack_dir.mkdir(parents=True, exist_ok=True)
-    (settings.stack_dir / OWNER_FILE).write_text(str(os.getpid()))
     tenant_id, api_key = asyncio.run(prepare())
     environment = BenchEnvironment(settings, tenant_id, api_key, database)
     try:
