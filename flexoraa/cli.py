@@ -455,7 +455,7 @@ def cmd_dead_letters_list(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     prefix = f"{settings.topic_prefix}."
-    letters = asyncio.run(read_letters(settings, _letter_filter(args)))[: args.limit]
+    letters = asyncio.run(read_letters(settings, _letter_filter(args), limit=args.limit))
     for stored in letters:
         letter = stored.letter
         if args.json:
@@ -579,7 +579,9 @@ def build_parser() -> argparse.ArgumentParser:
         letters_command.add_argument("--reason", help="a part of the reason, any case")
         letters_command.add_argument("--source", help="the source topic, e.g. inbound-messages")
         letters_command.add_argument("--key", help="the record's key: a lead or tenant id")
-    listing.add_argument("--limit", type=_positive, help="show at most this many")
+    listing.add_argument(
+        "--limit", type=_positive, help="only this many, the oldest (oldest first)"
+    )
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
     listing.set_defaults(func=cmd_dead_letters_list)
     replaying.add_argument("--all", action="store_true", help="every dead letter, no filter")

@@ -121,11 +121,19 @@ def decoded_key(letter: DeadLetter) -> bytes | None:
     return base64.b64decode(letter.key_base64) if letter.key_base64 is not None else None
 
 
-async def read_letters(settings: Settings, letter_filter: LetterFilter) -> list[StoredLetter]:
+async def read_letters(
+    settings: Settings, letter_filter: LetterFilter, limit: int | None = None
+) -> list[StoredLetter]:
     """The dead letters matching `letter_filter`, up to the end of the topic when called, in
-    offset order per partition, each with when it was replayed, if it was."""
+    offset order per partition, each with when it was replayed, if it was.
+
+    With `limit`, the `limit` oldest of them (by when they were set aside), oldest first. A
+    partition's letters come in the order they were set aside, so each partition is read
+    only until `limit` of its letters matched, not to its end: a month of letters is not read
+    (and held) to print a few."""
     names = TopicNames(settings.topic_prefix)
     matched: list[StoredLetter] = []
+    matched_in: Counter[int] = Counter()
     replayed: dict[tuple[int, int, datetime], datetime] = {}
 
     def take(topic: str, partition: int, offset: int, value: bytes | None) -> None:
@@ -143,10 +151,26 @@ async def read_letters(settings: Settings, letter_filter: LetterFilter) -> list[
             return
         if letter_filter.matches(letter, names):
             matched.append(StoredLetter(partition, offset, letter))
+            matched_in[partition] += 1
+
+    def enough(tp: TopicPartition) -> bool:
+        # The marks are read whole: any letter listed may have one.
+        return (
+            limit is not None
+            and tp.topic == names.dead_letters
+            and matched_in[tp.partition] >= limit
+        )
 
     await _read_to_end(
-        settings, {names.dead_letters: letter_filter.since, names.dead_letters_replayed: None}, take
+        settings,
+        {names.dead_letters: letter_filter.since, names.dead_letters_replayed: None},
+        take,
+        enough,
     )
+    if limit is not None:
+        matched = sorted(matched, key=lambda s: (s.letter.dead_lettered_at, s.partition, s.offset))[
+            :limit
+        ]
     return [
         StoredLetter(s.partition, s.offset, s.letter,
                      replayed.get((s.partition, s.offset, s.letter.dead_lettered_at)))
@@ -158,9 +182,11 @@ async def _read_to_end(
     settings: Settings,
     topics: dict[str, datetime | None],
     take: Callable[[str, int, int, bytes | None], None],
+    enough: Callable[[TopicPartition], bool] = lambda tp: False,
 ) -> None:
     """Every record of `topics` (each from its first record, or from the first produced at or
-    after its time) up to their ends when called, to `take`, in offset order per partition."""
+    after its time) up to their ends when called, to `take`, in offset order per partition;
+    a partition is left as soon as `enough` says so."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap_servers,
         group_id=None,
@@ -195,10 +221,12 @@ async def _read_to_end(
             for tp, records in fetched.items():
                 progressed_at = time.monotonic()
                 for record in records:
-                    if record.offset >= ends[tp]:
+                    if record.offset >= ends[tp] or enough(tp):
                         break
                     take(tp.topic, tp.partition, record.offset, record.value)
-            remaining = {tp for tp in remaining if await consumer.position(tp) < ends[tp]}
+            remaining = {
+                tp for tp in remaining if not enough(tp) and await consumer.position(tp) < ends[tp]
+            }
             if remaining and time.monotonic() - progressed_at > READ_STALL_S:
                 unread = ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(remaining))
                 raise TimeoutError(f"unreadable: {unread}")

@@ -8,10 +8,12 @@ import base64
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 import pytest
 
+from flexoraa import dead_letters
 from flexoraa.kafka import partition_of
 from flexoraa.settings import Settings
 from schemas.events import REPLAY_FOR_HEADER, DeadLetter
@@ -113,6 +115,65 @@ async def test_letters_are_listed_by_filter_and_replayed_onto_their_keys_partiti
     }
     again = flexoraa(test_settings, "dead-letters", "replay", "--key", lead, "--again")
     assert json.loads(again.stdout)["replayed"] == {names.lead_events: 2}
+
+
+async def test_a_limit_lists_the_oldest_letters_across_partitions(
+    test_settings: Settings,
+) -> None:
+    names = TopicNames(test_settings.topic_prefix)
+    token = uuid.uuid4().hex
+    # Leads on two partitions; the oldest letters are on the one produced to last.
+    first, second = (str(uuid.uuid4()) for _ in range(2))
+    while partition_of(second.encode(), test_settings.kafka_partitions) == partition_of(
+        first.encode(), test_settings.kafka_partitions
+    ):
+        second = str(uuid.uuid4())
+    ages = {first: (3, 2, 1), second: (6, 5, 4)}  # days
+    for lead, days in ages.items():
+        await send_records(test_settings, names.dead_letters, [
+            (lead.encode(), letter(names.deadlines, lead, b"{}",
+                                   f"processing failed: {token} {age}", timedelta(days=age)))
+            for age in days
+        ])  # fmt: skip
+
+    oldest = listed(test_settings, "--reason", token, "--limit", "4")
+    assert [entry["reason"] for entry in oldest] == [
+        f"processing failed: {token} {age}" for age in (6, 5, 4, 3)
+    ]
+    assert len(listed(test_settings, "--reason", token)) == 6
+
+
+async def test_a_limit_reads_each_partition_only_until_enough_of_its_letters_matched(
+    test_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    names = TopicNames(test_settings.topic_prefix)
+    # From now on (the letters' produce time, and when they say they were set aside: a few
+    # seconds ahead): only this test's letters are read.
+    token, since = uuid.uuid4().hex, datetime.now(UTC)
+    leads = [str(uuid.uuid4())]
+    while len({partition_of(lead.encode(), test_settings.kafka_partitions) for lead in leads}) < 2:
+        leads.append(str(uuid.uuid4()))
+    leads = [leads[0], leads[-1]]  # on two partitions
+    for lead in leads:
+        await send_records(test_settings, names.dead_letters, [
+            (lead.encode(), letter(names.deadlines, lead, b"{}",
+                                   f"processing failed: {token}", timedelta(seconds=-ahead)))
+            for ahead in (1, 2, 3)
+        ])  # fmt: skip
+    decoded = 0
+
+    class Counted(DeadLetter):
+        @classmethod
+        def model_validate_json(cls, *args: Any, **kwargs: Any) -> Any:
+            nonlocal decoded
+            decoded += 1
+            return DeadLetter.model_validate_json(*args, **kwargs)
+
+    monkeypatch.setattr(dead_letters, "DeadLetter", Counted)
+    letter_filter = dead_letters.LetterFilter(since=since, reason=token)
+    assert len(await dead_letters.read_letters(test_settings, letter_filter, limit=1)) == 1
+    assert decoded == 2  # one a partition, not all six
+    assert len(await dead_letters.read_letters(test_settings, letter_filter)) == 6
 
 
 async def test_a_record_refused_for_its_key_and_copies_of_one_record_are_not_replayed_twice(
