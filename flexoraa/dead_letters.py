@@ -27,6 +27,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import heapq
 import time
 import uuid
 from collections import Counter
@@ -121,6 +122,17 @@ def decoded_key(letter: DeadLetter) -> bytes | None:
     return base64.b64decode(letter.key_base64) if letter.key_base64 is not None else None
 
 
+# How far out of order a partition's letters may arrive: several workers and API processes,
+# each on its own clock, write to one partition, and a send retried after an outage lands
+# after letters set aside later.
+SET_ASIDE_SKEW = timedelta(minutes=5)
+
+
+def _aware(at: datetime) -> datetime:
+    """A letter's time with a zone (letters of older versions may have none: UTC)."""
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+
+
 async def read_letters(
     settings: Settings, letter_filter: LetterFilter, limit: int | None = None
 ) -> list[StoredLetter]:
@@ -128,12 +140,14 @@ async def read_letters(
     offset order per partition, each with when it was replayed, if it was.
 
     With `limit`, the `limit` oldest of them (by when they were set aside), oldest first. A
-    partition's letters come in the order they were set aside, so each partition is read
-    only until `limit` of its letters matched, not to its end: a month of letters is not read
-    (and held) to print a few."""
+    partition's letters come about in the order they were set aside (within SET_ASIDE_SKEW),
+    so a partition is read only until its letters are that far past the `limit`-th oldest
+    found so far, not to its end: a month of letters is not read to print a few."""
     names = TopicNames(settings.topic_prefix)
     matched: list[StoredLetter] = []
-    matched_in: Counter[int] = Counter()
+    # The `limit` oldest times matched so far, negated: the latest of them on top.
+    oldest: list[float] = []
+    latest_read: dict[int, datetime] = {}
     replayed: dict[tuple[int, int, datetime], datetime] = {}
 
     def take(topic: str, partition: int, offset: int, value: bytes | None) -> None:
@@ -149,17 +163,22 @@ async def read_letters(
             letter = DeadLetter.model_validate_json(value)
         except ValidationError:
             return
+        at = _aware(letter.dead_lettered_at)
+        latest_read[partition] = max(at, latest_read.get(partition, at))
         if letter_filter.matches(letter, names):
             matched.append(StoredLetter(partition, offset, letter))
-            matched_in[partition] += 1
+            if limit is not None:
+                heapq.heappush(oldest, -at.timestamp())
+                if len(oldest) > limit:
+                    heapq.heappop(oldest)
 
     def enough(tp: TopicPartition) -> bool:
         # The marks are read whole: any letter listed may have one.
-        return (
-            limit is not None
-            and tp.topic == names.dead_letters
-            and matched_in[tp.partition] >= limit
-        )
+        if limit is None or tp.topic != names.dead_letters or len(oldest) < limit:
+            return False
+        latest = latest_read.get(tp.partition)
+        past = -oldest[0] + SET_ASIDE_SKEW.total_seconds()
+        return latest is not None and latest.timestamp() > past
 
     await _read_to_end(
         settings,
@@ -168,9 +187,8 @@ async def read_letters(
         enough,
     )
     if limit is not None:
-        matched = sorted(matched, key=lambda s: (s.letter.dead_lettered_at, s.partition, s.offset))[
-            :limit
-        ]
+        matched.sort(key=lambda s: (_aware(s.letter.dead_lettered_at), s.partition, s.offset))
+        matched = matched[:limit]
     return [
         StoredLetter(s.partition, s.offset, s.letter,
                      replayed.get((s.partition, s.offset, s.letter.dead_lettered_at)))

@@ -143,22 +143,22 @@ async def test_a_limit_lists_the_oldest_letters_across_partitions(
     assert len(listed(test_settings, "--reason", token)) == 6
 
 
-async def test_a_limit_reads_each_partition_only_until_enough_of_its_letters_matched(
+async def test_a_limit_reads_each_partition_only_until_it_is_past_the_oldest_found(
     test_settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     names = TopicNames(test_settings.topic_prefix)
-    # From now on (the letters' produce time, and when they say they were set aside: a few
-    # seconds ahead): only this test's letters are read.
+    # From now on (the letters' produce time, and when they say they were set aside: ahead,
+    # minutes apart): only this test's letters are read.
     token, since = uuid.uuid4().hex, datetime.now(UTC)
     leads = [str(uuid.uuid4())]
     while len({partition_of(lead.encode(), test_settings.kafka_partitions) for lead in leads}) < 2:
         leads.append(str(uuid.uuid4()))
     leads = [leads[0], leads[-1]]  # on two partitions
-    for lead in leads:
+    for index, lead in enumerate(leads):
         await send_records(test_settings, names.dead_letters, [
-            (lead.encode(), letter(names.deadlines, lead, b"{}",
-                                   f"processing failed: {token}", timedelta(seconds=-ahead)))
-            for ahead in (1, 2, 3)
+            (lead.encode(), letter(names.deadlines, lead, b"{}", f"processing failed: {token}",
+                                   -timedelta(minutes=ahead, seconds=index)))
+            for ahead in (0, 10, 20)
         ])  # fmt: skip
     decoded = 0
 
@@ -171,8 +171,11 @@ async def test_a_limit_reads_each_partition_only_until_enough_of_its_letters_mat
 
     monkeypatch.setattr(dead_letters, "DeadLetter", Counted)
     letter_filter = dead_letters.LetterFilter(since=since, reason=token)
-    assert len(await dead_letters.read_letters(test_settings, letter_filter, limit=1)) == 1
-    assert decoded == 2  # one a partition, not all six
+    (oldest,) = await dead_letters.read_letters(test_settings, letter_filter, limit=1)
+    assert dead_letters.key_text(oldest.letter) == leads[0]  # its letter 0 minutes ahead
+    # Each partition read to its letter 10 minutes on (past the oldest by over
+    # SET_ASIDE_SKEW), not to the one 20 minutes on.
+    assert decoded == 4
     assert len(await dead_letters.read_letters(test_settings, letter_filter)) == 6
 
 
