@@ -121,26 +121,29 @@ async def test_a_limit_lists_the_oldest_letters_across_partitions(
     test_settings: Settings,
 ) -> None:
     names = TopicNames(test_settings.topic_prefix)
-    token = uuid.uuid4().hex
+    # From now on (the letters' produce time, and when they say they were set aside: ahead):
+    # only this test's letters, each partition's in the order they were set aside.
+    token, since = uuid.uuid4().hex, datetime.now(UTC)
     # Leads on two partitions; the oldest letters are on the one produced to last.
     first, second = (str(uuid.uuid4()) for _ in range(2))
     while partition_of(second.encode(), test_settings.kafka_partitions) == partition_of(
         first.encode(), test_settings.kafka_partitions
     ):
         second = str(uuid.uuid4())
-    ages = {first: (3, 2, 1), second: (6, 5, 4)}  # days
-    for lead, days in ages.items():
+    ahead = {first: (30, 31, 32), second: (10, 11, 12)}  # minutes
+    for lead, minutes in ahead.items():
         await send_records(test_settings, names.dead_letters, [
             (lead.encode(), letter(names.deadlines, lead, b"{}",
-                                   f"processing failed: {token} {age}", timedelta(days=age)))
-            for age in days
+                                   f"processing failed: {token} {at}", -timedelta(minutes=at)))
+            for at in minutes
         ])  # fmt: skip
 
-    oldest = listed(test_settings, "--reason", token, "--limit", "4")
+    filters = ("--reason", token, "--since", since.isoformat())
+    oldest = listed(test_settings, *filters, "--limit", "4")
     assert [entry["reason"] for entry in oldest] == [
-        f"processing failed: {token} {age}" for age in (6, 5, 4, 3)
+        f"processing failed: {token} {at}" for at in (10, 11, 12, 30)
     ]
-    assert len(listed(test_settings, "--reason", token)) == 6
+    assert len(listed(test_settings, *filters)) == 6
 
 
 async def test_a_limit_reads_each_partition_only_until_it_is_past_the_oldest_found(
