@@ -123,8 +123,8 @@ def register(
         if sent is None or sent.status != "accepted":
             return
         key = sent.lead_id.encode()
-        sent_ms = int(sent.occurred_at.timestamp() * 1000)
         entry = leakage.get(key)
+        sent_ms = int(sent.occurred_at.timestamp() * 1000)
         waiting = _waiting(entry)
         if waiting is None:
             if not isinstance(entry, int) or entry < sent_ms:
